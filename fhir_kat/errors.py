@@ -37,7 +37,9 @@ class Issue:
 
 def issue(code: str, diagnostics: str, *expression: str, severity: str = "error") -> Issue:
     """Shorthand used across the package: ``issue("required", "missing", "Task.status")``."""
-    return Issue(code=code, diagnostics=diagnostics, expression=tuple(expression), severity=severity)
+    return Issue(
+        code=code, diagnostics=diagnostics, expression=tuple(expression), severity=severity
+    )
 
 
 def operation_outcome(issues: Iterable[Issue]) -> dict[str, Any]:

@@ -1,0 +1,160 @@
+"""The ``/fhir`` blueprint: FHIR R4 RESTful API (JSON only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+
+from fhir_kat.api.body import FHIR_JSON, read_json
+from fhir_kat.errors import NotAcceptable, issue
+from fhir_kat.services.bundles import RawBundle
+from fhir_kat.services.capability import capability_statement
+from fhir_kat.services.fhir_rest import FhirService, WriteResult
+from fhir_kat.store.store import StoredResource, dumps, format_instant
+
+bp = Blueprint("fhir", __name__, url_prefix="/fhir")
+
+
+def service() -> FhirService:
+    svc: FhirService = current_app.extensions["fhir_kat"].fhir
+    return svc
+
+
+def fhir_base() -> str:
+    configured: str = current_app.config["KAT_PUBLIC_BASE_URL"]
+    return configured or request.host_url.rstrip("/") + "/fhir"
+
+
+def _prefer(name: str) -> str | None:
+    for header in request.headers.getlist("Prefer"):
+        for part in header.split(";"):
+            key, _, value = part.strip().partition("=")
+            if key.strip() == name:
+                return value.strip().strip('"')
+    return None
+
+
+@bp.before_request
+def _negotiate() -> None:
+    fmt = request.args.get("_format")
+    if fmt and "json" not in fmt:
+        raise NotAcceptable(issue("not-supported", "only JSON is supported", "_format"))
+    if "Accept" in request.headers and not request.accept_mimetypes.best_match(
+        ["application/fhir+json", "application/json"]
+    ):
+        raise NotAcceptable(issue("not-supported", "only application/fhir+json is available"))
+
+
+def json_response(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    response = Response(body, status=status, content_type=FHIR_JSON)
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def resource_response(stored: StoredResource, status: int = 200) -> Response:
+    return json_response(stored.content, status, _version_headers(stored))
+
+
+def _version_headers(stored: StoredResource) -> dict[str, str]:
+    return {
+        "ETag": stored.etag,
+        "Last-Modified": stored.last_updated.strftime("%a, %d %b %Y %H:%M:%S GMT"),
+    }
+
+
+def bundle_response(bundle: RawBundle) -> Response:
+    return json_response(bundle.to_json())
+
+
+def write_response(result: WriteResult) -> Response:
+    stored = result.stored
+    headers = _version_headers(stored)
+    headers["Location"] = f"{fhir_base()}/{stored.type}/{stored.id}/_history/{stored.version_id}"
+    status = 201 if result.created else 200
+    preference = _prefer("return")
+    if preference == "minimal":
+        return Response(status=status, headers=headers)
+    if preference == "OperationOutcome":
+        outcome = {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {
+                    "severity": "information",
+                    "code": "informational",
+                    "diagnostics": "created" if result.created else "ok",
+                }
+            ],
+        }
+        return json_response(dumps(outcome), status, headers)
+    return json_response(stored.content, status, headers)
+
+
+def _strict() -> bool:
+    return _prefer("handling") == "strict"
+
+
+@bp.get("/metadata")
+def metadata() -> Response:
+    security = current_app.extensions["fhir_kat"].capability_security
+    return json_response(dumps(capability_statement(fhir_base(), security)))
+
+
+@bp.post("")
+@bp.post("/")
+def system_bundle() -> Response:
+    bundle = read_json(request)
+    return bundle_response(service().process_bundle(bundle, fhir_base()))
+
+
+@bp.get("/<rtype>")
+def search(rtype: str) -> Response:
+    pairs = list(request.args.items(multi=True))
+    return bundle_response(service().search(rtype, pairs, fhir_base(), strict=_strict()))
+
+
+@bp.post("/<rtype>/_search")
+def search_post(rtype: str) -> Response:
+    pairs = list(request.args.items(multi=True)) + list(request.form.items(multi=True))
+    return bundle_response(service().search(rtype, pairs, fhir_base(), strict=_strict()))
+
+
+@bp.post("/<rtype>")
+def create(rtype: str) -> Response:
+    body: Any = read_json(request)
+    result = service().create(rtype, body, if_none_exist=request.headers.get("If-None-Exist"))
+    return write_response(result)
+
+
+@bp.get("/<rtype>/<rid>")
+def read(rtype: str, rid: str) -> Response:
+    return resource_response(service().read(rtype, rid))
+
+
+@bp.put("/<rtype>/<rid>")
+def update(rtype: str, rid: str) -> Response:
+    body: Any = read_json(request)
+    result = service().update(rtype, rid, body, if_match=request.headers.get("If-Match"))
+    return write_response(result)
+
+
+@bp.delete("/<rtype>/<rid>")
+def delete(rtype: str, rid: str) -> Response:
+    stored = service().delete(rtype, rid)
+    headers = {"ETag": stored.etag} if stored else {}
+    return Response(status=204, headers=headers)
+
+
+@bp.get("/<rtype>/<rid>/_history")
+def history(rtype: str, rid: str) -> Response:
+    count = request.args.get("_count", type=int)
+    return bundle_response(service().history(rtype, rid, fhir_base(), count))
+
+
+@bp.get("/<rtype>/<rid>/_history/<vid>")
+def vread(rtype: str, rid: str, vid: str) -> Response:
+    return resource_response(service().vread(rtype, rid, vid))
+
+
+__all__ = ["bp", "bundle_response", "fhir_base", "format_instant", "json_response"]

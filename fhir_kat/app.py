@@ -1,0 +1,98 @@
+"""The application factory: ``create_app(settings)`` wires settings, store, services and
+blueprints. State lives in ``app.extensions["fhir_kat"]``, never in module globals."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from fhir_kat.api.errors import register_error_handlers
+from fhir_kat.logging import configure_logging
+from fhir_kat.services.fhir_rest import FhirService
+from fhir_kat.settings import Settings, load_settings
+from fhir_kat.store import Store
+
+log = logging.getLogger("fhir_kat.http")
+
+
+@dataclass
+class KatState:
+    settings: Settings
+    store: Store
+    fhir: FhirService
+    capability_security: dict[str, Any] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    clock: Any = None,
+) -> Flask:
+    settings = settings or load_settings()
+    configure_logging(settings.log_level)
+    if settings.uses_sqlite and not settings.database_url:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.effective_database_url, clock=clock)
+    store.create_schema()
+    fhir = FhirService(
+        store,
+        default_page_size=settings.default_page_size,
+        max_page_size=settings.max_page_size,
+    )
+
+    app = Flask("fhir_kat")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["KAT_MAX_JSON_DEPTH"] = settings.max_json_depth
+    app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
+    app.extensions["fhir_kat"] = KatState(settings=settings, store=store, fhir=fhir)
+
+    from fhir_kat.api.fhir import bp as fhir_bp
+    from fhir_kat.api.health import bp as health_bp
+
+    app.register_blueprint(fhir_bp)
+    app.register_blueprint(health_bp)
+    register_error_handlers(app)
+    _install_request_logging(app)
+    return app
+
+
+def _install_request_logging(app: Flask) -> None:
+    @app.before_request
+    def _start() -> None:
+        g.kat_started = time.perf_counter()
+        g.kat_request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("kat_request_id", "")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        # The route pattern, never the URL: query strings and paths can carry identifiers.
+        rule = request.url_rule.rule if request.url_rule else "<unmatched>"
+        elapsed = (time.perf_counter() - g.get("kat_started", time.perf_counter())) * 1000
+        log.info(
+            "request",
+            extra={
+                "request_id": g.get("kat_request_id"),
+                "method": request.method,
+                "route": rule,
+                "status": response.status_code,
+                "ms": round(elapsed, 1),
+            },
+        )
+        return response
+
+
+def utcnow() -> datetime:
+    from datetime import UTC
+
+    return datetime.now(UTC)

@@ -1,0 +1,447 @@
+"""Search parameters as data: definitions, write-time index extraction and query parsing.
+
+Owns: what each search parameter means (``parameters.yaml``), how index rows are pulled out of a
+resource, and turning a query string into a ``SearchQuery``. Must not: touch SQL (``store`` turns a
+``SearchQuery`` into one) or flask.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from fhir_kat.errors import BadRequest, Issue, issue
+
+PARAM_TYPES = ("token", "reference", "date", "string", "uri")
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    name: str
+    type: str
+    paths: tuple[tuple[str, ...], ...]
+    targets: frozenset[str] = frozenset()
+
+
+@cache
+def all_params() -> dict[str, dict[str, ParamDef]]:
+    text = resources.files("fhir_kat.search").joinpath("parameters.yaml").read_text("utf-8")
+    raw = yaml.safe_load(text)
+    out: dict[str, dict[str, ParamDef]] = {}
+    for rtype, params in raw.items():
+        out[rtype] = {}
+        for name, spec in params.items():
+            if spec["type"] not in PARAM_TYPES:
+                raise ValueError(f"{rtype}.{name}: unknown parameter type {spec['type']}")
+            out[rtype][name] = ParamDef(
+                name=name,
+                type=spec["type"],
+                paths=tuple(tuple(p.split(".")) for p in spec["path"]),
+                targets=frozenset(spec.get("target", ())),
+            )
+    return out
+
+
+def params_for(resource_type: str) -> dict[str, ParamDef]:
+    return all_params().get(resource_type, {})
+
+
+# --------------------------------------------------------------------------- index extraction
+
+
+@dataclass
+class IndexRows:
+    tokens: list[tuple[str, str, str]] = field(default_factory=list)  # param, system, code
+    references: list[tuple[str, str, str]] = field(default_factory=list)  # param, type, id
+    dates: list[tuple[str, datetime, datetime]] = field(default_factory=list)  # param, low, high
+    strings: list[tuple[str, str]] = field(default_factory=list)  # param, normalised value
+
+
+def _walk(node: Any, path: tuple[str, ...]) -> Iterator[Any]:
+    if isinstance(node, list):
+        for item in node:
+            yield from _walk(item, path)
+        return
+    if not path:
+        yield node
+        return
+    if not isinstance(node, dict):
+        return
+    head, rest = path[0], path[1:]
+    if head.endswith("[x]"):
+        stem = head[:-3]
+        for key, value in node.items():
+            if key.startswith(stem) and key[len(stem) : len(stem) + 1].isupper():
+                yield from _walk(value, rest)
+    elif head in node:
+        yield from _walk(node[head], rest)
+
+
+def split_reference(ref: str) -> tuple[str, str] | None:
+    """``Patient/1``, ``http://x/fhir/Patient/1`` or ``Patient/1/_history/2`` -> (type, id)."""
+    if not ref or ref.startswith(("#", "urn:")):
+        return None
+    parts = ref.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) < 2 or not parts[-2][:1].isupper():
+        return None
+    return parts[-2], parts[-1]
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def extract_index(resource: dict[str, Any]) -> IndexRows:
+    rows = IndexRows()
+    for param in params_for(resource["resourceType"]).values():
+        for path in param.paths:
+            for value in _walk(resource, path):
+                _index_value(rows, param, value)
+    return rows
+
+
+def _index_value(rows: IndexRows, param: ParamDef, value: Any) -> None:
+    name = param.name
+    if param.type == "token":
+        if isinstance(value, bool):
+            rows.tokens.append((name, "", "true" if value else "false"))
+        elif isinstance(value, str):
+            rows.tokens.append((name, "", value))
+        elif isinstance(value, dict):
+            if "coding" in value or ("text" in value and "system" not in value):
+                for coding in value.get("coding", []):
+                    if coding.get("code"):
+                        rows.tokens.append((name, coding.get("system", ""), coding["code"]))
+            elif "value" in value and "code" not in value:  # Identifier
+                rows.tokens.append((name, value.get("system", ""), str(value["value"])))
+            elif value.get("code"):  # Coding
+                rows.tokens.append((name, value.get("system", ""), value["code"]))
+    elif param.type == "reference":
+        ref = value.get("reference") if isinstance(value, dict) else value
+        if isinstance(ref, str):
+            target = split_reference(ref)
+            if target and (not param.targets or target[0] in param.targets):
+                rows.references.append((name, target[0], target[1]))
+    elif param.type == "date":
+        for low, high in _date_ranges(value):
+            rows.dates.append((name, low, high))
+    elif param.type == "string":
+        if isinstance(value, str):
+            rows.strings.append((name, _normalise(value)))
+        elif isinstance(value, dict):  # HumanName / Address: every part is searchable
+            for part in ("text", "family", "given", "prefix", "suffix", "line", "city"):
+                got = value.get(part)
+                for text in got if isinstance(got, list) else [got]:
+                    if isinstance(text, str):
+                        rows.strings.append((name, _normalise(text)))
+    elif param.type == "uri" and isinstance(value, str):
+        rows.strings.append((name, value))
+
+
+def _date_ranges(value: Any) -> Iterable[tuple[datetime, datetime]]:
+    if isinstance(value, str):
+        parsed = parse_date_range(value)
+        if parsed:
+            yield parsed
+    elif isinstance(value, dict) and ("start" in value or "end" in value):  # Period
+        start = parse_date_range(value["start"]) if "start" in value else None
+        end = parse_date_range(value["end"]) if "end" in value else None
+        yield (start[0] if start else datetime.min, end[1] if end else datetime.max)
+
+
+_DATE_RE = re.compile(
+    r"^(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"
+    r"(?:T(?P<H>\d{2}):(?P<M>\d{2})(?::(?P<S>\d{2})(?:\.(?P<f>\d+))?)?"
+    r"(?P<tz>Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+
+
+def parse_date_range(text: str) -> tuple[datetime, datetime] | None:
+    """A FHIR date/dateTime/instant as the inclusive UTC range its precision implies.
+
+    Values without a time zone are taken as UTC (the program runs in one jurisdiction and the
+    service stores UTC); the returned datetimes are naive UTC so SQLite and PostgreSQL compare
+    them the same way.
+    """
+    match = _DATE_RE.match(text.strip())
+    if not match:
+        return None
+    g = match.groupdict()
+    try:
+        year = int(g["y"])
+        if g["m"] is None:
+            low = datetime(year, 1, 1)
+            high = datetime(year + 1, 1, 1)
+        elif g["d"] is None:
+            month = int(g["m"])
+            low = datetime(year, month, 1)
+            high = datetime(year + month // 12, month % 12 + 1, 1)
+        elif g["H"] is None:
+            low = datetime(year, int(g["m"]), int(g["d"]))
+            high = low + timedelta(days=1)
+        else:
+            fraction = g["f"] or ""
+            micro = int((fraction + "000000")[:6]) if fraction else 0
+            low = datetime(
+                year, int(g["m"]), int(g["d"]), int(g["H"]), int(g["M"]), int(g["S"] or 0), micro
+            )
+            if fraction:
+                step = timedelta(microseconds=10 ** max(0, 6 - len(fraction)))
+            elif g["S"] is not None:
+                step = timedelta(seconds=1)
+            else:
+                step = timedelta(minutes=1)
+            high = low + step
+            tz = g["tz"]
+            if tz and tz != "Z":
+                sign = 1 if tz[0] == "+" else -1
+                offset = timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])) * sign
+                low, high = low - offset, high - offset
+    except ValueError:
+        return None
+    return low, high - timedelta(microseconds=1)
+
+
+def utc_naive(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+# --------------------------------------------------------------------------- query parsing
+
+RESULT_PARAMS = {
+    "_count",
+    "_sort",
+    "_include",
+    "_revinclude",
+    "_summary",
+    "_total",
+    "_format",
+    "_pretty",
+    "_cursor",
+}
+DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
+MODIFIERS = {
+    "token": {"", "not", "missing"},
+    "reference": {"", "missing"},
+    "date": {"", "missing"},
+    "string": {"", "exact", "contains", "missing"},
+    "uri": {"", "missing"},
+}
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One AND-ed search criterion; ``values`` are OR-ed."""
+
+    name: str  # parameter name, or "_id" / "_lastUpdated"
+    type: str
+    modifier: str
+    values: tuple[Any, ...]
+    raw: str  # the query-string pair, for the self link
+
+
+@dataclass(frozen=True)
+class Include:
+    source_type: str
+    param: str
+    target_type: str | None
+    reverse: bool
+    raw: str
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    resource_type: str
+    criteria: tuple[Criterion, ...] = ()
+    count: int = 50
+    sort_desc: bool = False
+    includes: tuple[Include, ...] = ()
+    summary_count: bool = False
+    cursor: int | None = None
+    ignored: tuple[str, ...] = ()
+
+    def self_params(self) -> list[tuple[str, str]]:
+        """The parameters actually used, in canonical form (for Bundle.link[self])."""
+        out: list[tuple[str, str]] = []
+        for c in self.criteria:
+            key, _, value = c.raw.partition("=")
+            out.append((key, value))
+        for inc in self.includes:
+            key, _, value = inc.raw.partition("=")
+            out.append((key, value))
+        if self.sort_desc:
+            out.append(("_sort", "-_lastUpdated"))
+        if self.summary_count:
+            out.append(("_summary", "count"))
+        out.append(("_count", str(self.count)))
+        return out
+
+
+def _split_values(text: str) -> list[str]:
+    parts = re.split(r"(?<!\\),", text)
+    return [p.replace("\\,", ",") for p in parts]
+
+
+def parse_search(
+    resource_type: str,
+    pairs: Iterable[tuple[str, str]],
+    *,
+    strict: bool,
+    default_count: int,
+    max_count: int,
+) -> SearchQuery:
+    """Parse query-string pairs. Problems with known parameters are always 400; unknown
+    parameters are 400 under ``Prefer: handling=strict`` and otherwise ignored (and left out of
+    the self link), as the FHIR search page specifies."""
+    defs = params_for(resource_type)
+    criteria: list[Criterion] = []
+    includes: list[Include] = []
+    problems: list[Issue] = []
+    ignored: list[str] = []
+    count = default_count
+    sort_desc = False
+    summary_count = False
+    cursor: int | None = None
+
+    for key, value in pairs:
+        name, _, modifier = key.partition(":")
+        raw = f"{key}={value}"
+        if name == "_count":
+            if not value.isdigit():
+                problems.append(issue("value", "_count must be a non-negative integer", "_count"))
+            else:
+                count = min(int(value), max_count)
+        elif name == "_sort":
+            if value in ("_lastUpdated", "-_lastUpdated"):
+                sort_desc = value.startswith("-")
+            else:
+                problems.append(
+                    issue("not-supported", "only _sort=_lastUpdated or -_lastUpdated", "_sort")
+                )
+        elif name in ("_include", "_revinclude"):
+            inc = _parse_include(value, reverse=name == "_revinclude", raw=raw)
+            if isinstance(inc, Issue):
+                problems.append(inc)
+            elif not inc.reverse and inc.source_type != resource_type:
+                problems.append(issue("value", f"{name} must start with {resource_type}", name))
+            else:
+                includes.append(inc)
+        elif name == "_summary":
+            if value == "count":
+                summary_count = True
+            elif value != "false":
+                problems.append(issue("not-supported", "only _summary=count is supported", name))
+        elif name == "_cursor":
+            if not value.isdigit():
+                problems.append(issue("value", "invalid paging cursor", "_cursor"))
+            else:
+                cursor = int(value)
+        elif name in RESULT_PARAMS:
+            continue  # _format, _pretty, _total: accepted, no effect on the result set
+        elif name == "_id":
+            criteria.append(Criterion("_id", "id", modifier, tuple(_split_values(value)), raw))
+        elif name == "_lastUpdated":
+            parsed = [_parse_date_value(v, key) for v in _split_values(value)]
+            bad = [p for p in parsed if isinstance(p, Issue)]
+            problems.extend(bad)
+            if not bad:
+                criteria.append(Criterion(name, "lastUpdated", modifier, tuple(parsed), raw))
+        elif name in defs:
+            param = defs[name]
+            if modifier and modifier not in MODIFIERS[param.type]:
+                if param.type == "reference" and modifier[:1].isupper():
+                    pass  # reference type modifier, e.g. subject:Patient=123
+                else:
+                    problems.append(
+                        issue("not-supported", f"modifier :{modifier} is not supported", key)
+                    )
+                    continue
+            criterion = _parse_criterion(param, modifier, value, raw)
+            if isinstance(criterion, Issue):
+                problems.append(criterion)
+            else:
+                criteria.append(criterion)
+        elif strict:
+            problems.append(
+                issue("not-supported", f"unknown search parameter {name} for {resource_type}", key)
+            )
+        else:
+            ignored.append(key)
+    if problems:
+        raise BadRequest(problems)
+    return SearchQuery(
+        resource_type=resource_type,
+        criteria=tuple(criteria),
+        count=count,
+        sort_desc=sort_desc,
+        includes=tuple(includes),
+        summary_count=summary_count,
+        cursor=cursor,
+        ignored=tuple(ignored),
+    )
+
+
+def _parse_include(value: str, *, reverse: bool, raw: str) -> Include | Issue:
+    parts = value.split(":")
+    key = "_revinclude" if reverse else "_include"
+    if len(parts) not in (2, 3):
+        return issue("value", f"{key} must be Type:parameter[:targetType]", key)
+    source, param = parts[0], parts[1]
+    target = parts[2] if len(parts) == 3 else None
+    definition = params_for(source).get(param)
+    if definition is None or definition.type != "reference":
+        return issue("not-supported", f"{key}={source}:{param} is not a supported reference", key)
+    return Include(source, param, target, reverse, raw)
+
+
+def _parse_date_value(value: str, key: str) -> tuple[str, datetime, datetime] | Issue:
+    prefix = value[:2] if value[:2] in DATE_PREFIXES else "eq"
+    text = value[2:] if value[:2] in DATE_PREFIXES else value
+    parsed = parse_date_range(text)
+    if parsed is None:
+        return issue("value", f"{key}: not a FHIR date, dateTime or instant", key)
+    return prefix, parsed[0], parsed[1]
+
+
+def _parse_criterion(param: ParamDef, modifier: str, value: str, raw: str) -> Criterion | Issue:
+    values = _split_values(value)
+    if modifier == "missing":
+        if value not in ("true", "false"):
+            return issue("value", f"{param.name}:missing must be true or false", raw.split("=")[0])
+        return Criterion(param.name, param.type, modifier, (value == "true",), raw)
+    parsed: list[Any] = []
+    for v in values:
+        if param.type == "token":
+            if "|" in v:
+                system, _, code = v.partition("|")
+                parsed.append((system if system else "", code, True))
+            else:
+                parsed.append((None, v, False))
+        elif param.type == "reference":
+            target = split_reference(v)
+            if target is None:
+                if "/" in v or not v:
+                    return issue("value", f"{param.name}: not a reference", param.name)
+                ttype = modifier if modifier[:1].isupper() else None
+                parsed.append((ttype, v))
+            else:
+                parsed.append(target)
+        elif param.type == "date":
+            got = _parse_date_value(v, param.name)
+            if isinstance(got, Issue):
+                return got
+            parsed.append(got)
+        elif param.type == "string":
+            parsed.append(v if modifier == "exact" else _normalise(v))
+        else:
+            parsed.append(v)
+    return Criterion(param.name, param.type, modifier, tuple(parsed), raw)

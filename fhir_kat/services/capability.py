@@ -1,0 +1,89 @@
+"""The CapabilityStatement: exactly what this server implements, derived from the same tables
+the code runs on (supported types, search parameters), so it cannot drift from the behaviour."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhir_kat import FHIR_VERSION, __version__
+from fhir_kat.search import params_for
+from fhir_kat.validation.resource import SUPPORTED_TYPES
+
+_SPEC = "http://hl7.org/fhir/SearchParameter"
+#: Extra operations other modules register (name, definition canonical, resource type or None).
+_OPERATIONS: list[tuple[str, str, str | None]] = []
+
+
+def register_operation(name: str, definition: str, resource_type: str | None = None) -> None:
+    if (name, definition, resource_type) not in _OPERATIONS:
+        _OPERATIONS.append((name, definition, resource_type))
+
+
+def capability_statement(base: str, security: dict[str, Any] | None = None) -> dict[str, Any]:
+    resources = []
+    for rtype in SUPPORTED_TYPES:
+        params = params_for(rtype)
+        interactions = ["read", "vread", "update", "history-instance", "create", "search-type"]
+        if rtype != "AuditEvent":
+            interactions.insert(3, "delete")
+        entry: dict[str, Any] = {
+            "type": rtype,
+            "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
+            "interaction": [{"code": code} for code in interactions],
+            "versioning": "versioned-update",
+            "readHistory": True,
+            "updateCreate": True,
+            "conditionalCreate": True,
+            "conditionalRead": "not-supported",
+            "conditionalUpdate": False,
+            "conditionalDelete": "not-supported",
+            "searchInclude": sorted(
+                f"{rtype}:{n}" for n, p in params.items() if p.type == "reference"
+            ),
+            "searchRevInclude": sorted(
+                f"{other}:{n}"
+                for other in SUPPORTED_TYPES
+                for n, p in params_for(other).items()
+                if p.type == "reference" and (not p.targets or rtype in p.targets)
+            ),
+            "searchParam": [
+                {"name": "_id", "definition": f"{_SPEC}/Resource-id", "type": "token"},
+                {
+                    "name": "_lastUpdated",
+                    "definition": f"{_SPEC}/Resource-lastUpdated",
+                    "type": "date",
+                },
+            ]
+            + [
+                {"name": n, "definition": f"{_SPEC}/{rtype}-{n}", "type": p.type}
+                for n, p in sorted(params.items())
+            ],
+        }
+        ops = [o for o in _OPERATIONS if o[2] == rtype]
+        if ops:
+            entry["operation"] = [{"name": n, "definition": d} for n, d, _ in ops]
+        resources.append(entry)
+    rest: dict[str, Any] = {
+        "mode": "server",
+        "documentation": "Search results page with _count and a next link; _sort supports "
+        "_lastUpdated only. Unknown parameters are ignored unless Prefer: handling=strict.",
+        "resource": resources,
+        "interaction": [{"code": "transaction"}, {"code": "batch"}],
+    }
+    system_ops = [o for o in _OPERATIONS if o[2] is None]
+    if system_ops:
+        rest["operation"] = [{"name": n, "definition": d} for n, d, _ in system_ops]
+    if security:
+        rest["security"] = security
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-22",
+        "publisher": "fhir_kat",
+        "kind": "instance",
+        "software": {"name": "fhir_kat", "version": __version__},
+        "implementation": {"description": "fhir_kat FHIR R4 service", "url": base},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["application/fhir+json", "json"],
+        "rest": [rest],
+    }

@@ -1,0 +1,655 @@
+"""The FHIR RESTful interactions: read, vread, history, create, update, delete, search,
+conditional create, transaction and batch.
+
+Owns: the semantics of each interaction (status codes, versioning, conditional logic, Bundle
+processing order, reference resolution inside transactions). Must not: parse HTTP (the api layer
+hands it plain values) or build SQL (the store does).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from sqlalchemy.exc import IntegrityError
+
+from fhir_kat.errors import (
+    BadRequest,
+    Conflict,
+    FhirError,
+    Gone,
+    Issue,
+    MethodNotAllowed,
+    NotFound,
+    PreconditionFailed,
+    Unprocessable,
+    issue,
+)
+from fhir_kat.search import SearchQuery, parse_search, split_reference
+from fhir_kat.services.bundles import RawBundle, RawEntry
+from fhir_kat.store import Store, StoredResource, Tx
+from fhir_kat.store.store import ConcurrentUpdate, format_instant
+from fhir_kat.validation.resource import SUPPORTED_TYPES, is_valid_id, validate_resource
+
+#: A hook run inside the write transaction after each stored version (outbox, audit, ...).
+WriteHook = Callable[[Tx, StoredResource, bool], None]
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    stored: StoredResource
+    created: bool  # 201 vs 200
+    changed: bool = True  # False: conditional create matched, or identical re-send
+
+
+def require_type(resource_type: str) -> None:
+    if resource_type not in SUPPORTED_TYPES:
+        raise NotFound(
+            issue("not-supported", f"resource type {resource_type} is not supported", resource_type)
+        )
+
+
+def require_id(resource_id: str) -> None:
+    if not is_valid_id(resource_id):
+        raise BadRequest(issue("value", "invalid resource id", "id"))
+
+
+def parse_etag(value: str) -> int:
+    """``W/"3"`` or ``"3"`` -> 3."""
+    text = value.strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    text = text.strip('"')
+    if not text.isdigit():
+        raise BadRequest(issue("value", 'If-Match must be an ETag like W/"3"', "If-Match"))
+    return int(text)
+
+
+class FhirService:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        default_page_size: int,
+        max_page_size: int,
+        write_hooks: Iterable[WriteHook] = (),
+    ) -> None:
+        self.store = store
+        self.default_page_size = default_page_size
+        self.max_page_size = max_page_size
+        self.write_hooks = list(write_hooks)
+
+    # ---------------------------------------------------------------- reads
+
+    def read(self, rtype: str, rid: str) -> StoredResource:
+        require_type(rtype)
+        with self.store.read() as tx:
+            return self._read(tx, rtype, rid)
+
+    def _read(self, tx: Tx, rtype: str, rid: str) -> StoredResource:
+        found = tx.get(rtype, rid)
+        if found is None:
+            raise NotFound(issue("not-found", f"{rtype}/{rid} is not known", rtype))
+        if found.deleted:
+            raise Gone(issue("deleted", f"{rtype}/{rid} has been deleted", rtype))
+        return found
+
+    def vread(self, rtype: str, rid: str, version: str) -> StoredResource:
+        require_type(rtype)
+        if not version.isdigit():
+            raise NotFound(issue("not-found", "no such version", f"{rtype}.meta.versionId"))
+        with self.store.read() as tx:
+            found = tx.vread(rtype, rid, int(version))
+        if found is None:
+            raise NotFound(issue("not-found", f"{rtype}/{rid} has no version {version}", rtype))
+        if found.deleted:
+            raise Gone(issue("deleted", f"version {version} of {rtype}/{rid} is a deletion", rtype))
+        return found
+
+    def history(self, rtype: str, rid: str, base: str, count: int | None = None) -> RawBundle:
+        require_type(rtype)
+        limit = min(count or self.max_page_size, self.max_page_size)
+        with self.store.read() as tx:
+            versions = tx.history(rtype, rid, limit)
+        if not versions:
+            raise NotFound(issue("not-found", f"{rtype}/{rid} is not known", rtype))
+        bundle = RawBundle(
+            {
+                "resourceType": "Bundle",
+                "id": str(uuid.uuid4()),
+                "type": "history",
+                "total": len(versions),
+                "link": [{"relation": "self", "url": f"{base}/{rtype}/{rid}/_history"}],
+            }
+        )
+        for stored, method in versions:
+            fields: dict[str, Any] = {
+                "fullUrl": f"{base}/{rtype}/{rid}",
+                "request": {
+                    "method": method,
+                    "url": rtype if method == "POST" else f"{rtype}/{rid}",
+                },
+                "response": {
+                    "status": {"POST": "201 Created", "PUT": "200 OK", "DELETE": "204 No Content"}[
+                        method
+                    ],
+                    "etag": stored.etag,
+                    "lastModified": format_instant(stored.last_updated),
+                },
+            }
+            bundle.entries.append(RawEntry(fields, None if stored.deleted else stored.content))
+        return bundle
+
+    # ---------------------------------------------------------------- search
+
+    def parse_query(
+        self, rtype: str, pairs: Iterable[tuple[str, str]], *, strict: bool
+    ) -> SearchQuery:
+        require_type(rtype)
+        return parse_search(
+            rtype,
+            pairs,
+            strict=strict,
+            default_count=self.default_page_size,
+            max_count=self.max_page_size,
+        )
+
+    def search(
+        self, rtype: str, pairs: Iterable[tuple[str, str]], base: str, *, strict: bool
+    ) -> RawBundle:
+        query = self.parse_query(rtype, pairs, strict=strict)
+        with self.store.read() as tx:
+            return self._search(tx, query, base)
+
+    def _search(self, tx: Tx, query: SearchQuery, base: str) -> RawBundle:
+        rows, total, has_more = tx.search(query)
+        rtype = query.resource_type
+        params = query.self_params()
+        self_params = list(params)
+        if query.cursor is not None:
+            self_params.append(("_cursor", str(query.cursor)))
+        links = [{"relation": "self", "url": f"{base}/{rtype}?{urlencode(self_params)}"}]
+        if has_more and rows:
+            next_params = [*params, ("_cursor", str(rows[-1].seq))]
+            links.append({"relation": "next", "url": f"{base}/{rtype}?{urlencode(next_params)}"})
+        bundle = RawBundle(
+            {
+                "resourceType": "Bundle",
+                "id": str(uuid.uuid4()),
+                "type": "searchset",
+                "total": total,
+                "link": links,
+            }
+        )
+        for row in rows:
+            bundle.entries.append(
+                RawEntry(
+                    {"fullUrl": f"{base}/{row.type}/{row.id}", "search": {"mode": "match"}},
+                    row.content,
+                )
+            )
+        for included in self._includes(tx, query, rows):
+            bundle.entries.append(
+                RawEntry(
+                    {
+                        "fullUrl": f"{base}/{included.type}/{included.id}",
+                        "search": {"mode": "include"},
+                    },
+                    included.content,
+                )
+            )
+        return bundle
+
+    def _includes(
+        self, tx: Tx, query: SearchQuery, rows: list[StoredResource]
+    ) -> list[StoredResource]:
+        if not query.includes or not rows:
+            return []
+        seen = {(r.type, r.id) for r in rows}
+        wanted: list[tuple[str, str]] = []
+        ids = [r.id for r in rows]
+        for inc in query.includes:
+            if inc.reverse:
+                keys = tx.referencing(inc.source_type, inc.param, query.resource_type, ids)
+            else:
+                keys = tx.references_from(inc.source_type, ids, inc.param, inc.target_type)
+            for key in keys:
+                if key not in seen:
+                    seen.add(key)
+                    wanted.append(key)
+        found = {(r.type, r.id): r for r in tx.get_many(wanted)}
+        return [found[k] for k in wanted if k in found]
+
+    # ---------------------------------------------------------------- writes
+
+    def create(self, rtype: str, resource: Any, *, if_none_exist: str | None = None) -> WriteResult:
+        require_type(rtype)
+        problems = validate_resource(resource, rtype)
+        if problems:
+            raise _status_for(problems)(problems)
+        with self._write() as tx:
+            return self._create(tx, resource, if_none_exist)
+
+    def _create(self, tx: Tx, resource: dict[str, Any], if_none_exist: str | None) -> WriteResult:
+        rtype = resource["resourceType"]
+        if if_none_exist:
+            existing = self._conditional_match(tx, rtype, if_none_exist)
+            if existing is not None:
+                return WriteResult(existing, created=False, changed=False)
+        body = dict(resource)
+        body["id"] = str(uuid.uuid4())  # the server assigns ids on create (FHIR R4 3.1.0.4)
+        stored, _ = tx.put(body, current=None)
+        self._after_write(tx, stored, True)
+        return WriteResult(stored, created=True)
+
+    def _conditional_match(self, tx: Tx, rtype: str, criteria: str) -> StoredResource | None:
+        pairs = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
+        if not pairs:
+            raise BadRequest(
+                issue("value", "If-None-Exist has no search criteria", "If-None-Exist")
+            )
+        query = parse_search(
+            rtype, pairs, strict=True, default_count=2, max_count=2
+        )  # unknown criteria would match everything: always strict here
+        # Serialise conditional creates with the same criteria (PostgreSQL advisory lock):
+        # without it two parallel requests both see "no match" and both create.
+        tx.lock(f"conditional-create|{rtype}|{sorted(query.self_params())}")
+        rows, total, _ = tx.search(query)
+        if total and total > 1:
+            raise PreconditionFailed(
+                issue(
+                    "multiple-matches",
+                    f"If-None-Exist matched {total} {rtype} resources",
+                    "If-None-Exist",
+                )
+            )
+        return rows[0] if rows else None
+
+    def update(
+        self,
+        rtype: str,
+        rid: str,
+        resource: Any,
+        *,
+        if_match: str | None = None,
+        skip_if_unchanged: bool = False,
+    ) -> WriteResult:
+        require_type(rtype)
+        require_id(rid)
+        problems = validate_resource(resource, rtype)
+        if not problems and resource.get("id") != rid:
+            problems = [
+                issue("value", "the resource id must equal the id in the URL", f"{rtype}.id")
+            ]
+        if problems:
+            raise _status_for(problems)(problems)
+        expected = parse_etag(if_match) if if_match else None
+        with self._write() as tx:
+            return self._update(tx, resource, expected, skip_if_unchanged)
+
+    def _update(
+        self,
+        tx: Tx,
+        resource: dict[str, Any],
+        expected_version: int | None,
+        skip_if_unchanged: bool,
+    ) -> WriteResult:
+        rtype, rid = resource["resourceType"], resource["id"]
+        current = tx.get(rtype, rid, for_update=True)
+        if expected_version is not None:
+            if current is None:
+                raise PreconditionFailed(
+                    issue(
+                        "not-found", f"If-Match given but {rtype}/{rid} does not exist", "If-Match"
+                    )
+                )
+            if current.version_id != expected_version:
+                raise PreconditionFailed(
+                    issue(
+                        "conflict",
+                        f"version conflict: current version is {current.version_id}",
+                        "If-Match",
+                    )
+                )
+        stored, changed = tx.put(resource, current=current, skip_if_unchanged=skip_if_unchanged)
+        created = current is None or current.deleted
+        if changed:
+            self._after_write(tx, stored, created)
+        return WriteResult(stored, created=created, changed=changed)
+
+    def delete(self, rtype: str, rid: str) -> StoredResource | None:
+        require_type(rtype)
+        with self._write() as tx:
+            return self._delete(tx, rtype, rid)
+
+    def _delete(self, tx: Tx, rtype: str, rid: str) -> StoredResource | None:
+        if rtype == "AuditEvent":
+            raise MethodNotAllowed(
+                issue("not-supported", "audit records cannot be deleted", "AuditEvent")
+            )
+        current = tx.get(rtype, rid, for_update=True)
+        if current is None or current.deleted:
+            return None  # deleting what is not there succeeds (FHIR R4 3.1.0.7)
+        stored = tx.delete(current)
+        self._after_write(tx, stored, False)
+        return stored
+
+    def _after_write(self, tx: Tx, stored: StoredResource, created: bool) -> None:
+        for hook in self.write_hooks:
+            hook(tx, stored, created)
+
+    def _write(self) -> Any:
+        return _WriteContext(self.store)
+
+    # ---------------------------------------------------------------- bundles
+
+    def process_bundle(self, bundle: Any, base: str) -> RawBundle:
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise BadRequest(issue("invalid", "POST to the base needs a Bundle", "Bundle"))
+        btype = bundle.get("type")
+        if btype not in ("transaction", "batch"):
+            raise BadRequest(
+                issue("value", "Bundle.type must be transaction or batch", "Bundle.type")
+            )
+        entries = bundle.get("entry", [])
+        if not isinstance(entries, list):
+            raise BadRequest(issue("structure", "Bundle.entry must be an array", "Bundle.entry"))
+        if btype == "transaction":
+            return self.transaction(entries, base)
+        return self.batch(entries, base)
+
+    def transaction(self, entries: list[Any], base: str) -> RawBundle:
+        """All or nothing (FHIR R4 3.1.0.11.2): any failing entry rolls back every entry."""
+        plans = [_plan_entry(i, e, base) for i, e in enumerate(entries)]
+        problems = [p for plan in plans for p in plan.problems]
+        full_urls = [p.full_url for p in plans if p.full_url]
+        if len(full_urls) != len(set(full_urls)):
+            problems.append(issue("duplicate", "two entries share one fullUrl", "Bundle.entry"))
+        if problems:
+            raise _status_for(problems)(problems)
+        results: list[dict[str, Any] | None] = [None] * len(plans)
+        with self._write() as tx:
+            id_map = self._assign_ids(tx, plans)
+            unresolved: list[Issue] = []
+            for plan in plans:
+                if plan.resource is not None:
+                    _rewrite_references(plan.resource, id_map, plan.where, unresolved)
+            if unresolved:
+                raise Unprocessable(unresolved)
+            for plan in sorted(plans, key=lambda p: _ORDER[p.method]):
+                try:
+                    results[plan.index] = self._execute(tx, plan, base)
+                except FhirError as exc:
+                    located = [
+                        Issue(i.code, f"entry {plan.index}: {i.diagnostics}", i.expression)
+                        for i in exc.issues
+                    ]
+                    raise type(exc)(located, headers=exc.headers) from None
+        return _response_bundle("transaction-response", results)
+
+    def batch(self, entries: list[Any], base: str) -> RawBundle:
+        """Each entry on its own (FHIR R4 3.1.0.11.1): one failing entry does not stop others."""
+        results: list[dict[str, Any] | None] = []
+        for i, entry in enumerate(entries):
+            plan = _plan_entry(i, entry, base)
+            try:
+                if plan.problems:
+                    raise _status_for(plan.problems)(plan.problems)
+                if plan.resource is not None:
+                    unresolved: list[Issue] = []
+                    _rewrite_references(plan.resource, {}, plan.where, unresolved)
+                    if unresolved:
+                        raise Unprocessable(unresolved)
+                with self._write() as tx:
+                    if plan.method == "POST":
+                        plan.new_id = str(uuid.uuid4())
+                    results.append(self._execute(tx, plan, base))
+            except FhirError as exc:
+                results.append(
+                    {
+                        "response": {
+                            "status": str(exc.status),
+                            "outcome": exc.outcome(),
+                        }
+                    }
+                )
+        return _response_bundle("batch-response", results)
+
+    def _assign_ids(self, tx: Tx, plans: list[_EntryPlan]) -> dict[str, str]:
+        id_map: dict[str, str] = {}
+        for plan in plans:
+            if plan.method == "POST" and plan.resource is not None:
+                if plan.if_none_exist:
+                    match = self._conditional_match(tx, plan.rtype, plan.if_none_exist)
+                    if match is not None:
+                        plan.existing = match
+                        if plan.full_url:
+                            id_map[plan.full_url] = f"{match.type}/{match.id}"
+                        continue
+                plan.new_id = str(uuid.uuid4())
+                if plan.full_url:
+                    id_map[plan.full_url] = f"{plan.rtype}/{plan.new_id}"
+            elif plan.method == "PUT" and plan.full_url and plan.rid:
+                id_map[plan.full_url] = f"{plan.rtype}/{plan.rid}"
+        return id_map
+
+    def _execute(self, tx: Tx, plan: _EntryPlan, base: str) -> dict[str, Any]:
+        if plan.method == "GET":
+            if plan.rid:
+                found = self._read(tx, plan.rtype, plan.rid)
+                return {"resource": found.json(), "response": _response_of(found, "200 OK")}
+            query = self.parse_query(plan.rtype, plan.query, strict=False)
+            return {
+                "resource": self._search(tx, query, base).to_dict(),
+                "response": {"status": "200 OK"},
+            }
+        if plan.method == "DELETE":
+            self._delete(tx, plan.rtype, plan.rid or "")
+            return {"response": {"status": "204 No Content"}}
+        assert plan.resource is not None
+        if plan.method == "POST":
+            if plan.existing is not None:
+                return {"response": _response_of(plan.existing, "200 OK", base)}
+            body = dict(plan.resource)
+            body["id"] = plan.new_id
+            stored, _ = tx.put(body, current=None)
+            self._after_write(tx, stored, True)
+            return {"response": _response_of(stored, "201 Created", base)}
+        body = dict(plan.resource)
+        if body.get("id") != plan.rid:
+            raise BadRequest(
+                issue("value", "resource id must match request.url", f"{plan.where}.id")
+            )
+        expected = parse_etag(plan.if_match) if plan.if_match else None
+        result = self._update(tx, body, expected, skip_if_unchanged=False)
+        status = "201 Created" if result.created else "200 OK"
+        return {"response": _response_of(result.stored, status, base)}
+
+
+class _WriteContext:
+    """``store.write()`` that turns lost races into FHIR errors instead of 500s."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cm: Any = None
+
+    def __enter__(self) -> Tx:
+        self._cm = self.store.write()
+        tx: Tx = self._cm.__enter__()
+        return tx
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        try:
+            self._cm.__exit__(exc_type, exc, tb)
+        except (IntegrityError, ConcurrentUpdate):
+            raise Conflict(
+                issue("conflict", "the resource was changed concurrently; retry the request")
+            ) from None
+        if isinstance(exc, IntegrityError | ConcurrentUpdate):
+            raise Conflict(
+                issue("conflict", "the resource was changed concurrently; retry the request")
+            ) from None
+        return False
+
+
+_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
+
+
+@dataclass
+class _EntryPlan:
+    index: int
+    method: str
+    rtype: str = ""
+    rid: str | None = None
+    query: list[tuple[str, str]] | None = None
+    full_url: str | None = None
+    resource: dict[str, Any] | None = None
+    if_none_exist: str | None = None
+    if_match: str | None = None
+    problems: tuple[Issue, ...] = ()
+    new_id: str | None = None
+    existing: StoredResource | None = None
+
+    @property
+    def where(self) -> str:
+        return f"Bundle.entry[{self.index}].resource"
+
+
+def _plan_entry(index: int, entry: Any, base: str) -> _EntryPlan:
+    where = f"Bundle.entry[{index}]"
+    if not isinstance(entry, dict):
+        return _EntryPlan(
+            index, "GET", problems=(issue("structure", "entry must be an object", where),)
+        )
+    request = entry.get("request")
+    if not isinstance(request, dict) or not isinstance(request.get("method"), str):
+        return _EntryPlan(
+            index,
+            "GET",
+            problems=(issue("required", "entry.request.method is required", f"{where}.request"),),
+        )
+    method = request["method"]
+    url = request.get("url")
+    if method not in _ORDER:
+        return _EntryPlan(
+            index,
+            "GET",
+            problems=(
+                issue(
+                    "not-supported",
+                    f"request.method {method} is not supported",
+                    f"{where}.request.method",
+                ),
+            ),
+        )
+    if not isinstance(url, str) or not url:
+        return _EntryPlan(
+            index,
+            method,
+            problems=(issue("required", "request.url is required", f"{where}.request.url"),),
+        )
+    if url.startswith(base + "/"):
+        url = url[len(base) + 1 :]
+    path, _, qs = url.partition("?")
+    parts = [p for p in path.split("/") if p]
+    plan = _EntryPlan(
+        index,
+        method,
+        rtype=parts[0] if parts else "",
+        rid=parts[1] if len(parts) > 1 else None,
+        query=parse_qsl(qs, keep_blank_values=True),
+        full_url=entry.get("fullUrl") if isinstance(entry.get("fullUrl"), str) else None,
+        if_none_exist=request.get("ifNoneExist"),
+        if_match=request.get("ifMatch"),
+    )
+    problems: list[Issue] = []
+    if plan.rtype not in SUPPORTED_TYPES:
+        problems.append(
+            issue(
+                "not-supported",
+                f"resource type {plan.rtype} is not supported",
+                f"{where}.request.url",
+            )
+        )
+    elif method in ("PUT", "DELETE") and (not plan.rid or qs):
+        problems.append(
+            issue(
+                "not-supported",
+                f"{method} needs Type/id (conditional {method} is not supported)",
+                f"{where}.request.url",
+            )
+        )
+    elif method == "POST" and (plan.rid or qs):
+        problems.append(
+            issue("value", "POST request.url must be the resource type", f"{where}.request.url")
+        )
+    if method in ("POST", "PUT"):
+        resource = entry.get("resource")
+        problems.extend(validate_resource(resource, plan.rtype or None, prefix=f"{where}.resource"))
+        if isinstance(resource, dict):
+            plan.resource = resource
+    plan.problems = tuple(problems)
+    return plan
+
+
+def _status_for(problems: list[Issue]) -> type[FhirError]:
+    """400 when the content is not valid FHIR (structure, cardinality, types, required
+    bindings); 422 when it is valid FHIR that breaks a rule of this service (FHIR R4 http.html,
+    "Create": 400 vs 422)."""
+    return BadRequest if any(p.code in _STRUCTURAL for p in problems) else Unprocessable
+
+
+_STRUCTURAL = frozenset(
+    {"structure", "required", "value", "invalid", "code-invalid", "not-supported", "duplicate"}
+)
+
+
+def _walk_references(node: Any, path: str) -> Iterator[tuple[dict[str, Any], str]]:
+    if isinstance(node, dict):
+        if isinstance(node.get("reference"), str):
+            yield node, f"{path}.reference"
+        for key, value in node.items():
+            if key in ("contained",):
+                continue
+            yield from _walk_references(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _walk_references(item, f"{path}[{i}]")
+
+
+def _rewrite_references(
+    resource: dict[str, Any], id_map: dict[str, str], where: str, unresolved: list[Issue]
+) -> None:
+    for holder, path in _walk_references(resource, where):
+        ref = holder["reference"]
+        if ref in id_map:
+            holder["reference"] = id_map[ref]
+        elif ref.startswith(("urn:uuid:", "urn:oid:")):
+            unresolved.append(
+                issue("not-found", "reference to an entry that is not in this Bundle", path)
+            )
+
+
+def _response_of(stored: StoredResource, status: str, base: str = "") -> dict[str, Any]:
+    location = f"{stored.type}/{stored.id}/_history/{stored.version_id}"
+    return {
+        "status": status,
+        "location": f"{base}/{location}" if base else location,
+        "etag": stored.etag,
+        "lastModified": format_instant(stored.last_updated),
+    }
+
+
+def _response_bundle(btype: str, results: list[dict[str, Any] | None]) -> RawBundle:
+    bundle = RawBundle({"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": btype})
+    for result in results:
+        assert result is not None
+        resource = result.pop("resource", None)
+        bundle.entries.append(RawEntry(result, resource=resource))
+    return bundle
+
+
+__all__ = ["FhirService", "WriteHook", "WriteResult", "parse_etag", "split_reference"]

@@ -1,0 +1,151 @@
+"""Service settings: one frozen value built from ``FHIR_KAT_*`` variables and an optional TOML file.
+
+Owns: defaults, parsing and validation of every setting, with one clear message listing every bad
+value. Must not: import flask or the store, or read settings anywhere but here (the app factory
+receives a ``Settings``; nothing reads the environment behind its back).
+
+Precedence: environment variable > TOML file named by ``FHIR_KAT_CONFIG`` > default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """Raised at start-up with every problem found, one per line."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: SQLAlchemy URL. Empty = the embedded SQLite file ``<data_dir>/fhir_kat.sqlite3``.
+    database_url: str = ""
+    #: Where the embedded database and local secrets live (created on first start).
+    data_dir: Path = Path("var")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Public base URL of the FHIR endpoint (e.g. behind a reverse proxy). Empty = from the request.
+    public_base_url: str = ""
+    #: Largest request body accepted, in bytes (413 above it).
+    max_body_bytes: int = 8 * 1024 * 1024
+    #: Deepest JSON nesting accepted (FHIR resources rarely exceed 15; 400 above it).
+    max_json_depth: int = 48
+    default_page_size: int = 50
+    max_page_size: int = 1000
+    #: Program protocol (sessions, routes, dose ranges). Empty = the shipped default.
+    program_protocol: str = ""
+    log_level: str = "INFO"
+    #: Raw ``[clients.*]``/``[partners.*]`` tables from the TOML file, validated by their owners.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'fhir_kat.sqlite3').resolve()}"
+
+    @property
+    def uses_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+
+_INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "port": (1, 65535),
+    "max_body_bytes": (1024, 1024 * 1024 * 1024),
+    "max_json_depth": (8, 1000),
+    "default_page_size": (1, 10_000),
+    "max_page_size": (1, 100_000),
+}
+_LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
+_SECTIONS = {"clients", "partners", "program", "security", "exchange"}
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from the environment (default ``os.environ``), the TOML file and overrides."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    problems: list[str] = []
+    extra: dict[str, Any] = {}
+
+    config_path = env.get("FHIR_KAT_CONFIG", "")
+    if config_path:
+        try:
+            with open(config_path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except FileNotFoundError:
+            raise SettingsError(f"FHIR_KAT_CONFIG: file not found: {config_path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"FHIR_KAT_CONFIG: not valid TOML ({exc})") from None
+        for key, value in doc.get("service", {}).items():
+            raw[key] = value
+        for key, value in doc.items():
+            if key == "service":
+                continue
+            if key in _SECTIONS:
+                extra[key] = value
+            else:
+                problems.append(f"{config_path}: unknown section [{key}]")
+
+    known = {f.name for f in fields(Settings)} - {"extra"}
+    for key in list(raw):
+        if key not in known:
+            problems.append(f"[service].{key}: unknown setting")
+            raw.pop(key)
+    for name in known:
+        env_name = f"FHIR_KAT_{name.upper()}"
+        if env_name in env:
+            raw[name] = env[env_name]
+    raw.update(overrides)
+
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name not in raw or f.name == "extra":
+            continue
+        value = raw[f.name]
+        try:
+            values[f.name] = _coerce(f.name, value)
+        except ValueError as exc:
+            problems.append(f"{f.name} (FHIR_KAT_{f.name.upper()}): {exc}")
+    if problems:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
+    settings = replace(Settings(), **values, extra=extra)
+    if settings.default_page_size > settings.max_page_size:
+        raise SettingsError("invalid settings:\n  default_page_size exceeds max_page_size")
+    return settings
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name in _INT_BOUNDS:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a whole number, got {value!r}") from None
+        low, high = _INT_BOUNDS[name]
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}, got {number}")
+        return number
+    if name == "data_dir":
+        return Path(str(value))
+    if name == "log_level":
+        level = str(value).upper()
+        if level not in _LOG_LEVELS:
+            raise ValueError(f"must be one of {sorted(_LOG_LEVELS)}, got {value!r}")
+        return level
+    if name == "database_url":
+        url = str(value)
+        if url and not url.startswith(("sqlite", "postgresql")):
+            raise ValueError("only sqlite:/// and postgresql+psycopg:// URLs are supported")
+        if url.startswith("postgresql://") or url.startswith("postgresql+psycopg2"):
+            raise ValueError("use the psycopg 3 driver: postgresql+psycopg://...")
+        return url
+    if name == "public_base_url":
+        url = str(value).rstrip("/")
+        if url and not url.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return url
+    return str(value)

@@ -1,0 +1,106 @@
+"""Database tables: current resources, every version, and the search index.
+
+Owns: the table definitions (SQLAlchemy Core). Must not: hold queries (``store.py`` does).
+
+One row per resource in ``resources`` (the current version, served as stored), one per version
+in ``resource_versions`` (its ``seq`` is the global write order used for stable paging), and the
+four ``search_*`` tables written in the same transaction as the resource they index.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# SQLite only makes INTEGER PRIMARY KEY an auto-incrementing rowid alias.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+resources = Table(
+    "resources",
+    metadata,
+    Column("res_type", String(64), primary_key=True),
+    Column("res_id", String(64), primary_key=True),
+    Column("version_id", Integer, nullable=False),
+    Column("last_updated", DateTime, nullable=False),
+    Column("seq", SeqType, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    Column("content", Text, nullable=False),
+    Index("ix_resources_type_seq", "res_type", "seq"),
+    Index("ix_resources_type_updated", "res_type", "last_updated"),
+)
+
+resource_versions = Table(
+    "resource_versions",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("version_id", Integer, nullable=False),
+    Column("last_updated", DateTime, nullable=False),
+    Column("method", String(8), nullable=False),
+    Column("content", Text, nullable=True),
+    UniqueConstraint("res_type", "res_id", "version_id", name="uq_resource_version"),
+)
+
+search_token = Table(
+    "search_token",
+    metadata,
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("system", String(255), nullable=False),
+    Column("code", String(255), nullable=False),
+    Index("ix_token_lookup", "res_type", "param", "code", "system"),
+    Index("ix_token_owner", "res_type", "res_id"),
+)
+
+search_reference = Table(
+    "search_reference",
+    metadata,
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("target_type", String(64), nullable=False),
+    Column("target_id", String(64), nullable=False),
+    Index("ix_reference_lookup", "res_type", "param", "target_id", "target_type"),
+    Index("ix_reference_owner", "res_type", "res_id"),
+)
+
+search_date = Table(
+    "search_date",
+    metadata,
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("low", DateTime, nullable=False),
+    Column("high", DateTime, nullable=False),
+    Index("ix_date_low", "res_type", "param", "low"),
+    Index("ix_date_high", "res_type", "param", "high"),
+    Index("ix_date_owner", "res_type", "res_id"),
+)
+
+search_string = Table(
+    "search_string",
+    metadata,
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("value", String(512), nullable=False),
+    Index("ix_string_lookup", "res_type", "param", "value"),
+    Index("ix_string_owner", "res_type", "res_id"),
+)
+
+INDEX_TABLES = (search_token, search_reference, search_date, search_string)

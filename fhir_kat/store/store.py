@@ -1,0 +1,526 @@
+"""The resource store: SQLAlchemy Core over SQLite (embedded default) or PostgreSQL.
+
+Writes run in ``Store.write()``: on SQLite that is ``BEGIN IMMEDIATE`` (one writer at a time, so a
+conditional create's search and insert cannot interleave); on PostgreSQL, row locks
+(``SELECT … FOR UPDATE``) and transaction-scoped advisory locks (``Tx.lock``) give the same
+guarantee across processes. The resource row, its version row and its index rows are written in
+one transaction, so a search never sees a half-written resource.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    and_,
+    create_engine,
+    delete,
+    event,
+    exists,
+    false,
+    func,
+    insert,
+    not_,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from fhir_kat.search import Criterion, SearchQuery, extract_index, params_for
+from fhir_kat.store.schema import (
+    INDEX_TABLES,
+    metadata,
+    resource_versions,
+    resources,
+    search_date,
+    search_reference,
+    search_string,
+    search_token,
+)
+
+Clock = Callable[[], datetime]
+
+
+def dumps(resource: dict[str, Any]) -> str:
+    return json.dumps(resource, separators=(",", ":"), ensure_ascii=False)
+
+
+def format_instant(moment: datetime) -> str:
+    """FHIR ``instant`` in UTC with millisecond precision (``2024-01-02T03:04:05.678Z``)."""
+    moment = moment.astimezone(UTC) if moment.tzinfo else moment
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class StoredResource:
+    type: str
+    id: str
+    version_id: int
+    last_updated: datetime  # naive UTC
+    content: str  # the JSON text served, meta included; "" for a deletion
+    deleted: bool = False
+    seq: int = 0
+
+    @property
+    def etag(self) -> str:
+        return f'W/"{self.version_id}"'
+
+    def json(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = json.loads(self.content)
+        return loaded
+
+
+class Store:
+    def __init__(self, url: str, clock: Clock | None = None) -> None:
+        self.url = url
+        self.clock: Clock = clock or (lambda: datetime.now(UTC))
+        self.is_sqlite = url.startswith("sqlite")
+        self.engine: Engine = self._make_engine(url)
+
+    def _make_engine(self, url: str) -> Engine:
+        if not self.is_sqlite:
+            return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
+            # Take transaction control from pysqlite so BEGIN IMMEDIATE is ours to issue.
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            mode = conn.get_execution_options().get("kat_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if mode else "BEGIN")
+
+        return engine
+
+    def create_schema(self) -> None:
+        metadata.create_all(self.engine)
+
+    def drop_schema(self) -> None:
+        metadata.drop_all(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def write(self) -> Iterator[Tx]:
+        with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
+            yield Tx(conn, self)
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        with self.engine.connect() as conn, conn.begin():
+            yield Tx(conn, self)
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+
+def _row_to_stored(row: Any) -> StoredResource:
+    return StoredResource(
+        type=row.res_type,
+        id=row.res_id,
+        version_id=row.version_id,
+        last_updated=row.last_updated,
+        content=row.content or "",
+        deleted=bool(getattr(row, "deleted", False)),
+        seq=row.seq,
+    )
+
+
+class Tx:
+    """One database transaction; every method runs inside it."""
+
+    def __init__(self, conn: Connection, store: Store) -> None:
+        self.conn = conn
+        self.store = store
+
+    # ------------------------------------------------------------------ locking
+
+    def lock(self, key: str) -> None:
+        """Serialise writers on ``key`` until this transaction ends (PostgreSQL advisory lock;
+        on SQLite ``BEGIN IMMEDIATE`` already serialises every writer)."""
+        if self.store.is_sqlite:
+            return
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        number = int.from_bytes(digest, "big", signed=True)
+        self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": number})
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, rtype: str, rid: str, *, for_update: bool = False) -> StoredResource | None:
+        stmt = select(resources).where(resources.c.res_type == rtype, resources.c.res_id == rid)
+        if for_update and not self.store.is_sqlite:
+            stmt = stmt.with_for_update()
+        row = self.conn.execute(stmt).first()
+        return _row_to_stored(row) if row else None
+
+    def get_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]:
+        if not keys:
+            return []
+        by_type: dict[str, list[str]] = {}
+        for rtype, rid in keys:
+            by_type.setdefault(rtype, []).append(rid)
+        out: list[StoredResource] = []
+        for rtype, ids in by_type.items():
+            stmt = select(resources).where(
+                resources.c.res_type == rtype,
+                resources.c.res_id.in_(ids),
+                resources.c.deleted == false(),
+            )
+            out.extend(_row_to_stored(r) for r in self.conn.execute(stmt))
+        return out
+
+    def vread(self, rtype: str, rid: str, version_id: int) -> StoredResource | None:
+        stmt = select(resource_versions).where(
+            resource_versions.c.res_type == rtype,
+            resource_versions.c.res_id == rid,
+            resource_versions.c.version_id == version_id,
+        )
+        row = self.conn.execute(stmt).first()
+        if row is None:
+            return None
+        return StoredResource(
+            type=row.res_type,
+            id=row.res_id,
+            version_id=row.version_id,
+            last_updated=row.last_updated,
+            content=row.content or "",
+            deleted=row.method == "DELETE",
+            seq=row.seq,
+        )
+
+    def history(self, rtype: str, rid: str, count: int) -> list[tuple[StoredResource, str]]:
+        stmt = (
+            select(resource_versions)
+            .where(resource_versions.c.res_type == rtype, resource_versions.c.res_id == rid)
+            .order_by(resource_versions.c.version_id.desc())
+            .limit(count)
+        )
+        return [
+            (
+                StoredResource(
+                    type=r.res_type,
+                    id=r.res_id,
+                    version_id=r.version_id,
+                    last_updated=r.last_updated,
+                    content=r.content or "",
+                    deleted=r.method == "DELETE",
+                    seq=r.seq,
+                ),
+                r.method,
+            )
+            for r in self.conn.execute(stmt)
+        ]
+
+    # ------------------------------------------------------------------ writes
+
+    def put(
+        self,
+        resource: dict[str, Any],
+        *,
+        current: StoredResource | None,
+        skip_if_unchanged: bool = False,
+    ) -> tuple[StoredResource, bool]:
+        """Write ``resource`` as the next version after ``current`` (None = create).
+
+        Sets ``meta.versionId``/``meta.lastUpdated``. Returns the stored resource and whether a
+        new version was written (False when ``skip_if_unchanged`` found identical content).
+        """
+        rtype, rid = resource["resourceType"], resource["id"]
+        if (
+            skip_if_unchanged
+            and current is not None
+            and not current.deleted
+            and _without_server_meta(current.json()) == _without_server_meta(resource)
+        ):
+            return current, False
+        version_id = (current.version_id + 1) if current else 1
+        now = self.store.clock()
+        now_naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
+        meta = dict(resource.get("meta", {}))
+        meta["versionId"] = str(version_id)
+        meta["lastUpdated"] = format_instant(now_naive)
+        stored_json = dict(resource)
+        stored_json["meta"] = meta
+        # Keep resourceType and id first: readers (and people) expect them at the top.
+        ordered = {"resourceType": rtype, "id": rid}
+        ordered.update((k, v) for k, v in stored_json.items() if k not in ordered)
+        content = dumps(ordered)
+        method = "PUT" if current else "POST"
+        seq = self._insert_version(rtype, rid, version_id, now_naive, method, content)
+        values = {
+            "version_id": version_id,
+            "last_updated": now_naive,
+            "seq": seq,
+            "deleted": False,
+            "content": content,
+        }
+        if current is None:
+            self.conn.execute(insert(resources).values(res_type=rtype, res_id=rid, **values))
+        else:
+            self._update_current(rtype, rid, current.version_id, values)
+            self._clear_index(rtype, rid)
+        self._write_index(ordered)
+        stored = StoredResource(rtype, rid, version_id, now_naive, content, False, seq)
+        return stored, True
+
+    def delete(self, current: StoredResource) -> StoredResource:
+        now = self.store.clock()
+        now_naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
+        version_id = current.version_id + 1
+        seq = self._insert_version(current.type, current.id, version_id, now_naive, "DELETE", None)
+        self._update_current(
+            current.type,
+            current.id,
+            current.version_id,
+            {"version_id": version_id, "last_updated": now_naive, "seq": seq, "deleted": True},
+        )
+        self._clear_index(current.type, current.id)
+        return StoredResource(current.type, current.id, version_id, now_naive, "", True, seq)
+
+    def _insert_version(
+        self, rtype: str, rid: str, vid: int, when: datetime, method: str, content: str | None
+    ) -> int:
+        result = self.conn.execute(
+            insert(resource_versions)
+            .values(
+                res_type=rtype,
+                res_id=rid,
+                version_id=vid,
+                last_updated=when,
+                method=method,
+                content=content,
+            )
+            .returning(resource_versions.c.seq)
+        )
+        return int(result.scalar_one())
+
+    def _update_current(
+        self, rtype: str, rid: str, expected_version: int, values: dict[str, Any]
+    ) -> None:
+        result = self.conn.execute(
+            update(resources)
+            .where(
+                resources.c.res_type == rtype,
+                resources.c.res_id == rid,
+                resources.c.version_id == expected_version,
+            )
+            .values(**values)
+        )
+        if result.rowcount != 1:
+            # Another writer got there first; the unique (type, id, version) constraint on the
+            # version table normally catches this earlier. Callers map it to 409/412.
+            raise ConcurrentUpdate(rtype, rid)
+
+    def _clear_index(self, rtype: str, rid: str) -> None:
+        for table in INDEX_TABLES:
+            self.conn.execute(delete(table).where(table.c.res_type == rtype, table.c.res_id == rid))
+
+    def _write_index(self, resource: dict[str, Any]) -> None:
+        rtype, rid = resource["resourceType"], resource["id"]
+        rows = extract_index(resource)
+        base = {"res_type": rtype, "res_id": rid}
+        if rows.tokens:
+            self.conn.execute(
+                insert(search_token),
+                [
+                    {**base, "param": p, "system": s[:255], "code": c[:255]}
+                    for p, s, c in set(rows.tokens)
+                ],
+            )
+        if rows.references:
+            self.conn.execute(
+                insert(search_reference),
+                [
+                    {**base, "param": p, "target_type": t, "target_id": i[:64]}
+                    for p, t, i in set(rows.references)
+                ],
+            )
+        if rows.dates:
+            self.conn.execute(
+                insert(search_date),
+                [{**base, "param": p, "low": lo, "high": hi} for p, lo, hi in set(rows.dates)],
+            )
+        if rows.strings:
+            self.conn.execute(
+                insert(search_string),
+                [{**base, "param": p, "value": v[:512]} for p, v in set(rows.strings)],
+            )
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, query: SearchQuery) -> tuple[list[StoredResource], int | None, bool]:
+        """Matches for ``query`` (one page), the total, and whether another page follows."""
+        where = self._where(query)
+        total = int(
+            self.conn.execute(
+                select(func.count()).select_from(resources).where(*where)
+            ).scalar_one()
+        )
+        if query.summary_count or query.count == 0:
+            return [], total, False
+        page_where = list(where)
+        if query.cursor is not None:
+            page_where.append(
+                resources.c.seq < query.cursor
+                if query.sort_desc
+                else resources.c.seq > query.cursor
+            )
+        order = resources.c.seq.desc() if query.sort_desc else resources.c.seq.asc()
+        stmt = select(resources).where(*page_where).order_by(order).limit(query.count + 1)
+        rows = [_row_to_stored(r) for r in self.conn.execute(stmt)]
+        has_more = len(rows) > query.count
+        return rows[: query.count], total, has_more
+
+    def _where(self, query: SearchQuery) -> list[ColumnElement[bool]]:
+        clauses: list[ColumnElement[bool]] = [
+            resources.c.res_type == query.resource_type,
+            resources.c.deleted == false(),
+        ]
+        for criterion in query.criteria:
+            clauses.append(self._criterion(query.resource_type, criterion))
+        return clauses
+
+    def _criterion(self, rtype: str, c: Criterion) -> ColumnElement[bool]:
+        if c.type == "id":
+            return resources.c.res_id.in_(list(c.values))
+        if c.type == "lastUpdated":
+            col = resources.c.last_updated
+            return or_(*(_date_clause(col, col, v) for v in c.values))
+        table = {
+            "token": search_token,
+            "reference": search_reference,
+            "date": search_date,
+            "string": search_string,
+            "uri": search_string,
+        }[c.type]
+        owner = and_(
+            table.c.res_type == rtype,
+            table.c.res_id == resources.c.res_id,
+            table.c.param == c.name,
+        )
+        if c.modifier == "missing":
+            present = exists().where(owner)
+            return not_(present) if c.values[0] else present
+        alternatives: list[ColumnElement[bool]] = []
+        for value in c.values:
+            if c.type == "token":
+                system, code, has_pipe = value
+                conds = []
+                if code:
+                    conds.append(search_token.c.code == code)
+                if has_pipe:
+                    conds.append(search_token.c.system == (system or ""))
+                alternatives.append(and_(*conds))
+            elif c.type == "reference":
+                ttype, tid = value
+                conds = [search_reference.c.target_id == tid]
+                if ttype:
+                    conds.append(search_reference.c.target_type == ttype)
+                alternatives.append(and_(*conds))
+            elif c.type == "date":
+                alternatives.append(_date_clause(search_date.c.low, search_date.c.high, value))
+            elif c.type == "string":
+                if c.modifier == "exact":
+                    alternatives.append(search_string.c.value == " ".join(value.lower().split()))
+                elif c.modifier == "contains":
+                    alternatives.append(search_string.c.value.contains(value, autoescape=True))
+                else:
+                    alternatives.append(search_string.c.value.startswith(value, autoescape=True))
+            else:  # uri: exact match
+                alternatives.append(search_string.c.value == value)
+        matched = exists().where(owner, or_(*alternatives))
+        return not_(matched) if c.modifier == "not" else matched
+
+    def references_from(
+        self, rtype: str, ids: Sequence[str], param: str, target_type: str | None
+    ) -> list[tuple[str, str]]:
+        if not ids:
+            return []
+        stmt = select(search_reference.c.target_type, search_reference.c.target_id).where(
+            search_reference.c.res_type == rtype,
+            search_reference.c.res_id.in_(list(ids)),
+            search_reference.c.param == param,
+        )
+        if target_type:
+            stmt = stmt.where(search_reference.c.target_type == target_type)
+        return sorted({(r.target_type, r.target_id) for r in self.conn.execute(stmt)})
+
+    def referencing(
+        self, source_type: str, param: str, target_type: str, target_ids: Sequence[str]
+    ) -> list[tuple[str, str]]:
+        if not target_ids:
+            return []
+        stmt = select(search_reference.c.res_type, search_reference.c.res_id).where(
+            search_reference.c.res_type == source_type,
+            search_reference.c.param == param,
+            search_reference.c.target_type == target_type,
+            search_reference.c.target_id.in_(list(target_ids)),
+        )
+        return sorted({(r.res_type, r.res_id) for r in self.conn.execute(stmt)})
+
+
+class ConcurrentUpdate(Exception):
+    def __init__(self, rtype: str, rid: str) -> None:
+        super().__init__(f"{rtype}/{rid} changed concurrently")
+        self.rtype, self.rid = rtype, rid
+
+
+def _without_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
+    copy = dict(resource)
+    meta = dict(copy.get("meta", {}))
+    meta.pop("versionId", None)
+    meta.pop("lastUpdated", None)
+    if meta:
+        copy["meta"] = meta
+    else:
+        copy.pop("meta", None)
+    return copy
+
+
+def _date_clause(
+    low_col: Any, high_col: Any, value: tuple[str, datetime, datetime]
+) -> ColumnElement[bool]:
+    """FHIR date prefixes over ranges: the stored range [low_col, high_col] against the
+    parameter's implied range [low, high] (FHIR R4 search, "date" section)."""
+    prefix, low, high = value
+    clause: ColumnElement[bool]
+    if prefix == "eq":
+        clause = and_(low_col >= low, high_col <= high)
+    elif prefix == "ne":
+        clause = not_(and_(low_col >= low, high_col <= high))
+    elif prefix == "gt":
+        clause = high_col > high
+    elif prefix == "lt":
+        clause = low_col < low
+    elif prefix == "ge":
+        clause = high_col >= low
+    elif prefix == "le":
+        clause = low_col <= high
+    elif prefix == "sa":
+        clause = low_col > high
+    else:  # eb
+        clause = high_col < low
+    return clause
+
+
+__all__ = ["ConcurrentUpdate", "Store", "StoredResource", "Tx", "format_instant", "params_for"]
