@@ -21,7 +21,7 @@ def read_json(request: Request) -> Any:
         )
     if mimetype and mimetype not in JSON_TYPES:
         raise UnsupportedMediaType(
-            issue("not-supported", f"Content-Type must be application/fhir+json", "Content-Type")
+            issue("not-supported", "Content-Type must be application/fhir+json", "Content-Type")
         )
     limit: int = current_app.config["MAX_CONTENT_LENGTH"]
     if request.content_length is not None and request.content_length > limit:

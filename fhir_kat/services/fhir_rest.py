@@ -314,7 +314,9 @@ class FhirService:
                         "If-Match",
                     )
                 )
-        stored, changed = tx.put(resource, current=current, skip_if_unchanged=skip_if_unchanged)
+        stored, changed = tx.put(
+            resource, current=current, skip_if_unchanged=skip_if_unchanged, method="PUT"
+        )
         created = current is None or current.deleted
         if changed:
             self._after_write(tx, stored, created)

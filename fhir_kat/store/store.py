@@ -239,6 +239,7 @@ class Tx:
         *,
         current: StoredResource | None,
         skip_if_unchanged: bool = False,
+        method: str | None = None,
     ) -> tuple[StoredResource, bool]:
         """Write ``resource`` as the next version after ``current`` (None = create).
 
@@ -265,7 +266,7 @@ class Tx:
         ordered = {"resourceType": rtype, "id": rid}
         ordered.update((k, v) for k, v in stored_json.items() if k not in ordered)
         content = dumps(ordered)
-        method = "PUT" if current else "POST"
+        method = method or ("PUT" if current else "POST")
         seq = self._insert_version(rtype, rid, version_id, now_naive, method, content)
         values = {
             "version_id": version_id,
