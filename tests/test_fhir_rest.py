@@ -311,7 +311,7 @@ def test_include_and_revinclude(client: FlaskClient, seeded: dict[str, Any]) -> 
     ).get_json()
     assert ids(b, "include") == [seeded["a"]]
     assert b["total"] == 2  # includes are not counted
-    b = client.get(f"/fhir/ServiceRequest?_revinclude=Task:focus").get_json()
+    b = client.get("/fhir/ServiceRequest?_revinclude=Task:focus").get_json()
     assert ids(b, "include") == [seeded["task"]]
     r = client.get("/fhir/Task?_include=Task:nonsense")
     assert_outcome(r, 400)
