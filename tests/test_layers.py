@@ -25,6 +25,7 @@ LAYERS = {
     "errors": 0,
     "settings": 0,
     "logging": 0,
+    "wsgi": 8,
 }
 PURE = {"mapping", "terminology", "clinical", "artifacts", "search", "validation", "errors"}
 FORBIDDEN_IN_PURE = {"flask", "requests", "sqlalchemy", "fhir_kat.store", "fhir_kat.api"}
