@@ -6,14 +6,20 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, request
 
 from fhir_kat.api.errors import register_error_handlers
 from fhir_kat.logging import configure_logging
+from fhir_kat.security.clients import ClientRegistry, load_clients
+from fhir_kat.security.consent import ConsentDecisionPoint
+from fhir_kat.security.ratelimit import RateLimiter
+from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.settings import Settings, load_settings
 from fhir_kat.store import Store
@@ -26,6 +32,11 @@ class KatState:
     settings: Settings
     store: Store
     fhir: FhirService
+    clock: Callable[[], datetime]
+    clients: ClientRegistry
+    tokens: TokenService
+    consent: ConsentDecisionPoint
+    rate_limiter: RateLimiter
     capability_security: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -37,30 +48,69 @@ def create_app(
 ) -> Flask:
     settings = settings or load_settings()
     configure_logging(settings.log_level)
-    if settings.uses_sqlite and not settings.database_url:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(settings.effective_database_url, clock=clock)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    now: Callable[[], datetime] = clock or utcnow
+    store = Store(settings.effective_database_url, clock=now)
     store.create_schema()
     fhir = FhirService(
         store,
         default_page_size=settings.default_page_size,
         max_page_size=settings.max_page_size,
     )
+    clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
+    key_path = Path(settings.signing_key_file or settings.data_dir / "token-signing-key.pem")
+    tokens = TokenService(
+        load_signing_key(key_path),
+        issuer=settings.public_base_url or "urn:fhir-kat",
+        lifetime_seconds=settings.token_lifetime_seconds,
+        store=store,
+        clock=now,
+    )
 
     app = Flask("fhir_kat")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["KAT_MAX_JSON_DEPTH"] = settings.max_json_depth
     app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
-    app.extensions["fhir_kat"] = KatState(settings=settings, store=store, fhir=fhir)
+    app.extensions["fhir_kat"] = KatState(
+        settings=settings,
+        store=store,
+        fhir=fhir,
+        clock=now,
+        clients=clients,
+        tokens=tokens,
+        consent=ConsentDecisionPoint(),
+        rate_limiter=RateLimiter(settings.rate_limit_per_minute),
+        capability_security=_capability_security(),
+    )
 
+    from fhir_kat.api import auth
     from fhir_kat.api.fhir import bp as fhir_bp
     from fhir_kat.api.health import bp as health_bp
 
+    app.register_blueprint(auth.bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)
     register_error_handlers(app)
     _install_request_logging(app)
+    auth.install(app)
     return app
+
+
+def _capability_security() -> dict[str, Any]:
+    return {
+        "service": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }
+                ]
+            }
+        ],
+        "description": "SMART Backend Services (client credentials; private_key_jwt or client "
+        "secret). Discovery: /.well-known/smart-configuration.",
+    }
 
 
 def _install_request_logging(app: Flask) -> None:
@@ -93,6 +143,4 @@ def _install_request_logging(app: Flask) -> None:
 
 
 def utcnow() -> datetime:
-    from datetime import UTC
-
     return datetime.now(UTC)

@@ -40,6 +40,13 @@ class Settings:
     #: Program protocol (sessions, routes, dose ranges). Empty = the shipped default.
     program_protocol: str = ""
     log_level: str = "INFO"
+    #: PEM private key (EC P-256) signing access tokens. Empty = a key generated on first start
+    #: at ``<data_dir>/token-signing-key.pem``. Processes on several hosts must share one key.
+    signing_key_file: str = ""
+    #: Access-token lifetime; SMART Backend Services caps it at 300 s.
+    token_lifetime_seconds: int = 300
+    #: Requests per minute per client before 429 (per process); 0 disables the limit.
+    rate_limit_per_minute: int = 1200
     #: Raw ``[clients.*]``/``[partners.*]`` tables from the TOML file, validated by their owners.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -60,6 +67,8 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "max_json_depth": (8, 1000),
     "default_page_size": (1, 10_000),
     "max_page_size": (1, 100_000),
+    "token_lifetime_seconds": (30, 300),
+    "rate_limit_per_minute": (0, 1_000_000),
 }
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 _SECTIONS = {"clients", "partners", "program", "security", "exchange"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from sqlalchemy import create_engine, text
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from fhir_kat.app import create_app
+from fhir_kat.security.secrets import hash_secret
 from fhir_kat.settings import Settings, load_settings
 from fhir_kat.store.schema import metadata
 
@@ -80,9 +82,40 @@ class FakeClock:
         return self.now
 
 
+# Synthetic organisations the test clients act for.
+HA_ORG = "https://fhir-kat.example.org/fhir/sid/organization|HA-ISLAND"
+CLINIC_ORG = "https://fhir-kat.example.org/fhir/sid/organization|CLINIC-7"
+OTHER_CLINIC_ORG = "https://fhir-kat.example.org/fhir/sid/organization|CLINIC-8"
+FAST_HASH = 1000  # PBKDF2 rounds for test secrets only; production hashes use the default
+
+
+def _registration(role: str, scopes: list[str], secret: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "role": role,
+        "scopes": scopes,
+        "secret_hash": hash_secret(secret, iterations=FAST_HASH),
+        **extra,
+    }
+
+
+TEST_CLIENTS: dict[str, dict[str, Any]] = {
+    "staff": _registration("program-staff", ["system/*.cruds"], "staff-secret"),
+    "admin": _registration("admin", ["system/*.rs"], "admin-secret"),
+    "ha": _registration("health-authority", ["system/*.rs"], "ha-secret", organization=HA_ORG),
+    "referrer": _registration(
+        "referrer", ["system/*.cruds"], "referrer-secret", organization=CLINIC_ORG
+    ),
+    "other-referrer": _registration(
+        "referrer", ["system/*.cruds"], "other-secret", organization=OTHER_CLINIC_ORG
+    ),
+    "staff-readonly": _registration("program-staff", ["system/Patient.rs"], "ro-secret"),
+}
+
+
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
-    return load_settings({}, database_url=database_url, data_dir=str(tmp_path / "var"))
+    base = load_settings({}, database_url=database_url, data_dir=str(tmp_path / "var"))
+    return replace(base, extra={"clients": TEST_CLIENTS})
 
 
 @pytest.fixture
@@ -92,14 +125,32 @@ def app(settings: Settings) -> Iterator[Flask]:
     application.extensions["fhir_kat"].store.dispose()
 
 
+def token_for(app: Flask, client_id: str) -> str:
+    """An access token as /auth/token would issue it (tests of the endpoint itself use HTTP)."""
+    state = app.extensions["fhir_kat"]
+    client = state.clients.get(client_id)
+    token, _ = state.tokens.issue(client, client.scopes)
+    return str(token)
+
+
+def client_as(app: Flask, client_id: str | None) -> FlaskClient:
+    test_client = app.test_client()
+    if client_id:
+        test_client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(app, client_id)}"
+    return test_client
+
+
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+    """A test client acting as program staff (most tests); see ``client_as`` for other roles."""
+    return client_as(app, "staff")
 
 
 class LiveServer:
     def __init__(self, app: Flask) -> None:
         self.app = app
+        self.token = token_for(app, "staff")
+        self.headers = {"Authorization": f"Bearer {self.token}"}
         self.server: BaseWSGIServer = make_server("127.0.0.1", 0, app, threaded=True)
         self.port = self.server.server_port
         self.url = f"http://127.0.0.1:{self.port}"

@@ -15,7 +15,7 @@ from tests.conftest import LiveServer
 
 
 def test_fhirpy_create_read_search_page(live_server: LiveServer) -> None:
-    fhir = SyncFHIRClient(live_server.url + "/fhir")
+    fhir = SyncFHIRClient(live_server.url + "/fhir", authorization=f"Bearer {live_server.token}")
     created = []
     for i in range(5):
         p = fhir.resource(
@@ -70,6 +70,7 @@ def test_fhirclient_models_round_trip(live_server: LiveServer) -> None:
     smart = smart_client.FHIRClient(
         settings={"app_id": "fhir_kat_tests", "api_base": live_server.url + "/fhir"}
     )
+    smart.server.session.headers["Authorization"] = f"Bearer {live_server.token}"
     patient = FCPatient({"gender": "female", "birthDate": "1980-05-06", "active": True})
     created = patient.create(smart.server)
     assert created is not None

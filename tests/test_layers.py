@@ -15,6 +15,7 @@ LAYERS = {
     "cli": 8,
     "services": 5,
     "exchange": 4,
+    "security": 4,
     "store": 3,
     "artifacts": 2,
     "mapping": 2,

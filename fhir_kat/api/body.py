@@ -35,9 +35,11 @@ def read_json(request: Request) -> Any:
         document = json.loads(raw)
     except RecursionError:
         raise BadRequest(issue("structure", "JSON nesting is too deep")) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError:
+        raise BadRequest(issue("structure", "the body is not UTF-8")) from None
+    except json.JSONDecodeError as exc:
         # Position only: the message of JSONDecodeError can quote the document.
-        where = f" at line {exc.lineno} column {exc.colno}" if hasattr(exc, "lineno") else ""
+        where = f" at line {exc.lineno} column {exc.colno}"
         raise BadRequest(issue("structure", f"the body is not valid JSON{where}")) from None
     max_depth: int = current_app.config["KAT_MAX_JSON_DEPTH"]
     if json_depth(document, max_depth) > max_depth:

@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
+from fhir_kat.api.auth import audit_record, current_access
 from fhir_kat.api.body import FHIR_JSON, read_json
 from fhir_kat.errors import NotAcceptable, issue
 from fhir_kat.services.bundles import RawBundle
@@ -101,60 +102,112 @@ def metadata() -> Response:
     return json_response(dumps(capability_statement(fhir_base(), security)))
 
 
+def _audit(interaction: str, *entities: str, patient: str | None = None) -> None:
+    record = audit_record()
+    record.interaction = interaction
+    record.entities.extend(entities)
+    if patient:
+        record.patients.add(patient)
+
+
+def _audited_bundle(bundle: RawBundle) -> Response:
+    record = audit_record()
+    record.entities.extend(bundle.disclosed)
+    record.patients |= bundle.patients
+    return bundle_response(bundle)
+
+
+def _audited_write(result: WriteResult) -> Response:
+    stored = result.stored
+    _audit(
+        "create" if result.created else "update",
+        f"{stored.type}/{stored.id}",
+        patient=stored.patient_id,
+    )
+    return write_response(result)
+
+
 @bp.post("")
 @bp.post("/")
 def system_bundle() -> Response:
     bundle = read_json(request)
-    return bundle_response(service().process_bundle(bundle, fhir_base()))
+    btype = bundle.get("type") if isinstance(bundle, dict) else None
+    _audit("batch" if btype == "batch" else "transaction")
+    return _audited_bundle(service().process_bundle(bundle, fhir_base(), current_access()))
 
 
 @bp.get("/<rtype>")
 def search(rtype: str) -> Response:
+    _audit("search-type")
     pairs = list(request.args.items(multi=True))
-    return bundle_response(service().search(rtype, pairs, fhir_base(), strict=_strict()))
+    return _audited_bundle(
+        service().search(rtype, pairs, fhir_base(), strict=_strict(), access=current_access())
+    )
 
 
 @bp.post("/<rtype>/_search")
 def search_post(rtype: str) -> Response:
+    _audit("search-type")
     pairs = list(request.args.items(multi=True)) + list(request.form.items(multi=True))
-    return bundle_response(service().search(rtype, pairs, fhir_base(), strict=_strict()))
+    return _audited_bundle(
+        service().search(rtype, pairs, fhir_base(), strict=_strict(), access=current_access())
+    )
 
 
 @bp.post("/<rtype>")
 def create(rtype: str) -> Response:
+    _audit("create")
     body: Any = read_json(request)
-    result = service().create(rtype, body, if_none_exist=request.headers.get("If-None-Exist"))
-    return write_response(result)
+    result = service().create(
+        rtype,
+        body,
+        if_none_exist=request.headers.get("If-None-Exist"),
+        access=current_access(),
+    )
+    return _audited_write(result)
 
 
 @bp.get("/<rtype>/<rid>")
 def read(rtype: str, rid: str) -> Response:
-    return resource_response(service().read(rtype, rid))
+    _audit("read", f"{rtype}/{rid}")
+    stored = service().read(rtype, rid, current_access())
+    _audit("read", patient=stored.patient_id)
+    return resource_response(stored)
 
 
 @bp.put("/<rtype>/<rid>")
 def update(rtype: str, rid: str) -> Response:
+    _audit("update", f"{rtype}/{rid}")
     body: Any = read_json(request)
-    result = service().update(rtype, rid, body, if_match=request.headers.get("If-Match"))
-    return write_response(result)
+    result = service().update(
+        rtype, rid, body, if_match=request.headers.get("If-Match"), access=current_access()
+    )
+    return _audited_write(result)
 
 
 @bp.delete("/<rtype>/<rid>")
 def delete(rtype: str, rid: str) -> Response:
-    stored = service().delete(rtype, rid)
+    _audit("delete", f"{rtype}/{rid}")
+    stored = service().delete(rtype, rid, current_access())
     headers = {"ETag": stored.etag} if stored else {}
     return Response(status=204, headers=headers)
 
 
 @bp.get("/<rtype>/<rid>/_history")
 def history(rtype: str, rid: str) -> Response:
+    _audit("history-instance", f"{rtype}/{rid}")
     count = request.args.get("_count", type=int)
-    return bundle_response(service().history(rtype, rid, fhir_base(), count))
+    return _audited_bundle(
+        service().history(rtype, rid, fhir_base(), count, access=current_access())
+    )
 
 
 @bp.get("/<rtype>/<rid>/_history/<vid>")
 def vread(rtype: str, rid: str, vid: str) -> Response:
-    return resource_response(service().vread(rtype, rid, vid))
+    _audit("vread", f"{rtype}/{rid}")
+    stored = service().vread(rtype, rid, vid, current_access())
+    _audit("vread", patient=stored.patient_id)
+    return resource_response(stored)
 
 
 __all__ = ["bp", "bundle_response", "fhir_base", "format_instant", "json_response"]

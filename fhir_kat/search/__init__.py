@@ -96,6 +96,20 @@ def split_reference(ref: str) -> tuple[str, str] | None:
     return parts[-2], parts[-1]
 
 
+def iter_references(node: Any, path: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """Every ``Reference``-like object under ``node`` (not inside ``contained``), with its
+    FHIRPath-style location (``<path>.subject.reference``)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("reference"), str):
+            yield node, f"{path}.reference"
+        for key, value in node.items():
+            if key != "contained":
+                yield from iter_references(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from iter_references(item, f"{path}[{i}]")
+
+
 def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -273,6 +287,8 @@ class SearchQuery:
         """The parameters actually used, in canonical form (for Bundle.link[self])."""
         out: list[tuple[str, str]] = []
         for c in self.criteria:
+            if not c.raw:
+                continue  # added by the server (access rules), not by the client
             key, _, value = c.raw.partition("=")
             out.append((key, value))
         for inc in self.includes:

@@ -23,6 +23,9 @@ class RawEntry:
 class RawBundle:
     head: dict[str, Any]
     entries: list[RawEntry] = field(default_factory=list)
+    #: What the bundle discloses, for the audit trail: "Type/id" and patient ids.
+    disclosed: list[str] = field(default_factory=list)
+    patients: set[str] = field(default_factory=set)
 
     def to_json(self) -> str:
         head = json.dumps(self.head, separators=(",", ":"), ensure_ascii=False)

@@ -9,9 +9,9 @@ hands it plain values) or build SQL (the store does).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
 from sqlalchemy.exc import IntegrityError
@@ -20,6 +20,7 @@ from fhir_kat.errors import (
     BadRequest,
     Conflict,
     FhirError,
+    Forbidden,
     Gone,
     Issue,
     MethodNotAllowed,
@@ -28,7 +29,9 @@ from fhir_kat.errors import (
     Unprocessable,
     issue,
 )
-from fhir_kat.search import SearchQuery, parse_search, split_reference
+from fhir_kat.search import SearchQuery, iter_references, parse_search, split_reference
+from fhir_kat.security.policy import role_allows
+from fhir_kat.services.access import Access
 from fhir_kat.services.bundles import RawBundle, RawEntry
 from fhir_kat.store import Store, StoredResource, Tx
 from fhir_kat.store.store import ConcurrentUpdate, format_instant
@@ -68,6 +71,28 @@ def parse_etag(value: str) -> int:
     return int(text)
 
 
+_LETTER = {"read": "r", "search": "s", "create": "c", "update": "u", "delete": "d"}
+
+
+def require_access(access: Access | None, rtype: str, interaction: str, where: str = "") -> None:
+    """403 unless the caller's role and scopes allow ``interaction`` on ``rtype``."""
+    if access is None or access.can(rtype, _LETTER[interaction]):
+        return
+    role_ok = role_allows(access.principal.role, rtype, _LETTER[interaction])
+    raise Forbidden(
+        issue(
+            "forbidden",
+            f"{interaction} on {rtype} is not allowed "
+            + ("by the granted scopes" if role_ok else f"for role {access.principal.role}"),
+            where or rtype,
+        ),
+        # RFC 6750 §3.1: a token that lacks the scope says so in WWW-Authenticate.
+        headers={"WWW-Authenticate": 'Bearer realm="fhir_kat", error="insufficient_scope"'}
+        if role_ok
+        else {},
+    )
+
+
 class FhirService:
     def __init__(
         self,
@@ -84,24 +109,34 @@ class FhirService:
 
     # ---------------------------------------------------------------- reads
 
-    def read(self, rtype: str, rid: str) -> StoredResource:
+    def read(self, rtype: str, rid: str, access: Access | None = None) -> StoredResource:
         require_type(rtype)
+        require_access(access, rtype, "read")
         with self.store.read() as tx:
-            return self._read(tx, rtype, rid)
+            return self._read(tx, rtype, rid, access)
 
-    def _read(self, tx: Tx, rtype: str, rid: str) -> StoredResource:
+    def _read(self, tx: Tx, rtype: str, rid: str, access: Access | None) -> StoredResource:
         found = tx.get(rtype, rid)
         if found is None:
             raise NotFound(issue("not-found", f"{rtype}/{rid} is not known", rtype))
+        if access is not None and not access.may_see(tx, found):
+            raise Forbidden(
+                issue("forbidden", "your role or the patient's consent does not permit this", rtype)
+            )
         if found.deleted:
             raise Gone(issue("deleted", f"{rtype}/{rid} has been deleted", rtype))
         return found
 
-    def vread(self, rtype: str, rid: str, version: str) -> StoredResource:
+    def vread(
+        self, rtype: str, rid: str, version: str, access: Access | None = None
+    ) -> StoredResource:
         require_type(rtype)
+        require_access(access, rtype, "read")
         if not version.isdigit():
             raise NotFound(issue("not-found", "no such version", f"{rtype}.meta.versionId"))
         with self.store.read() as tx:
+            if access is not None:
+                self._check_current(tx, rtype, rid, access)
             found = tx.vread(rtype, rid, int(version))
         if found is None:
             raise NotFound(issue("not-found", f"{rtype}/{rid} has no version {version}", rtype))
@@ -109,10 +144,27 @@ class FhirService:
             raise Gone(issue("deleted", f"version {version} of {rtype}/{rid} is a deletion", rtype))
         return found
 
-    def history(self, rtype: str, rid: str, base: str, count: int | None = None) -> RawBundle:
+    def _check_current(self, tx: Tx, rtype: str, rid: str, access: Access) -> None:
+        current = tx.get(rtype, rid)
+        if current is not None and not access.may_see(tx, current):
+            raise Forbidden(
+                issue("forbidden", "your role or the patient's consent does not permit this", rtype)
+            )
+
+    def history(
+        self,
+        rtype: str,
+        rid: str,
+        base: str,
+        count: int | None = None,
+        access: Access | None = None,
+    ) -> RawBundle:
         require_type(rtype)
+        require_access(access, rtype, "read")
         limit = min(count or self.max_page_size, self.max_page_size)
         with self.store.read() as tx:
+            if access is not None:
+                self._check_current(tx, rtype, rid, access)
             versions = tx.history(rtype, rid, limit)
         if not versions:
             raise NotFound(issue("not-found", f"{rtype}/{rid} is not known", rtype))
@@ -158,14 +210,28 @@ class FhirService:
         )
 
     def search(
-        self, rtype: str, pairs: Iterable[tuple[str, str]], base: str, *, strict: bool
+        self,
+        rtype: str,
+        pairs: Iterable[tuple[str, str]],
+        base: str,
+        *,
+        strict: bool,
+        access: Access | None = None,
     ) -> RawBundle:
+        require_type(rtype)
+        require_access(access, rtype, "search")
         query = self.parse_query(rtype, pairs, strict=strict)
         with self.store.read() as tx:
-            return self._search(tx, query, base)
+            return self._search(tx, query, base, access)
 
-    def _search(self, tx: Tx, query: SearchQuery, base: str) -> RawBundle:
-        rows, total, has_more = tx.search(query)
+    def _search(
+        self, tx: Tx, query: SearchQuery, base: str, access: Access | None = None
+    ) -> RawBundle:
+        visible = None
+        if access is not None:
+            query = access.restrict(tx, query)
+            visible = access.visible_patients(tx, query.resource_type)
+        rows, total, has_more = tx.search(query, visible)
         rtype = query.resource_type
         params = query.self_params()
         self_params = list(params)
@@ -185,6 +251,9 @@ class FhirService:
             }
         )
         for row in rows:
+            bundle.disclosed.append(f"{row.type}/{row.id}")
+            if row.patient_id:
+                bundle.patients.add(row.patient_id)
             bundle.entries.append(
                 RawEntry(
                     {"fullUrl": f"{base}/{row.type}/{row.id}", "search": {"mode": "match"}},
@@ -192,6 +261,11 @@ class FhirService:
                 )
             )
         for included in self._includes(tx, query, rows):
+            if access is not None and not access.may_see(tx, included):
+                continue  # never include what the caller could not read on its own
+            bundle.disclosed.append(f"{included.type}/{included.id}")
+            if included.patient_id:
+                bundle.patients.add(included.patient_id)
             bundle.entries.append(
                 RawEntry(
                     {
@@ -225,8 +299,16 @@ class FhirService:
 
     # ---------------------------------------------------------------- writes
 
-    def create(self, rtype: str, resource: Any, *, if_none_exist: str | None = None) -> WriteResult:
+    def create(
+        self,
+        rtype: str,
+        resource: Any,
+        *,
+        if_none_exist: str | None = None,
+        access: Access | None = None,
+    ) -> WriteResult:
         require_type(rtype)
+        require_access(access, rtype, "create")
         problems = validate_resource(resource, rtype)
         if problems:
             raise _status_for(problems)(problems)
@@ -276,8 +358,10 @@ class FhirService:
         *,
         if_match: str | None = None,
         skip_if_unchanged: bool = False,
+        access: Access | None = None,
     ) -> WriteResult:
         require_type(rtype)
+        require_access(access, rtype, "update")
         require_id(rid)
         problems = validate_resource(resource, rtype)
         if not problems and resource.get("id") != rid:
@@ -289,6 +373,24 @@ class FhirService:
         expected = parse_etag(if_match) if if_match else None
         with self._write() as tx:
             return self._update(tx, resource, expected, skip_if_unchanged)
+
+    def update_in(
+        self,
+        tx: Tx,
+        resource: dict[str, Any],
+        *,
+        if_match: int | None = None,
+        skip_if_unchanged: bool = False,
+    ) -> WriteResult:
+        """Update (or create with its id) inside a transaction another service opened."""
+        problems = validate_resource(resource, resource.get("resourceType"))
+        if problems:
+            raise _status_for(problems)(problems)
+        return self._update(tx, resource, if_match, skip_if_unchanged)
+
+    def write(self) -> Any:
+        """A write transaction whose lost races become 409 OperationOutcomes."""
+        return _WriteContext(self.store)
 
     def _update(
         self,
@@ -322,8 +424,9 @@ class FhirService:
             self._after_write(tx, stored, created)
         return WriteResult(stored, created=created, changed=changed)
 
-    def delete(self, rtype: str, rid: str) -> StoredResource | None:
+    def delete(self, rtype: str, rid: str, access: Access | None = None) -> StoredResource | None:
         require_type(rtype)
+        require_access(access, rtype, "delete")
         with self._write() as tx:
             return self._delete(tx, rtype, rid)
 
@@ -348,7 +451,7 @@ class FhirService:
 
     # ---------------------------------------------------------------- bundles
 
-    def process_bundle(self, bundle: Any, base: str) -> RawBundle:
+    def process_bundle(self, bundle: Any, base: str, access: Access | None = None) -> RawBundle:
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise BadRequest(issue("invalid", "POST to the base needs a Bundle", "Bundle"))
         btype = bundle.get("type")
@@ -360,12 +463,20 @@ class FhirService:
         if not isinstance(entries, list):
             raise BadRequest(issue("structure", "Bundle.entry must be an array", "Bundle.entry"))
         if btype == "transaction":
-            return self.transaction(entries, base)
-        return self.batch(entries, base)
+            return self.transaction(entries, base, access)
+        return self.batch(entries, base, access)
 
-    def transaction(self, entries: list[Any], base: str) -> RawBundle:
+    def transaction(self, entries: list[Any], base: str, access: Access | None = None) -> RawBundle:
         """All or nothing (FHIR R4 3.1.0.11.2): any failing entry rolls back every entry."""
         plans = [_plan_entry(i, e, base) for i, e in enumerate(entries)]
+        denied: list[Issue] = []
+        for plan in plans:
+            try:
+                _authorize_entry(access, plan)
+            except Forbidden as exc:
+                denied.extend(exc.issues)
+        if denied:
+            raise Forbidden(denied)
         problems = [p for plan in plans for p in plan.problems]
         full_urls = [p.full_url for p in plans if p.full_url]
         if len(full_urls) != len(set(full_urls)):
@@ -383,7 +494,7 @@ class FhirService:
                 raise Unprocessable(unresolved)
             for plan in sorted(plans, key=lambda p: _ORDER[p.method]):
                 try:
-                    results[plan.index] = self._execute(tx, plan, base)
+                    results[plan.index] = self._execute(tx, plan, base, access)
                 except FhirError as exc:
                     located = [
                         Issue(i.code, f"entry {plan.index}: {i.diagnostics}", i.expression)
@@ -392,12 +503,13 @@ class FhirService:
                     raise type(exc)(located, headers=exc.headers) from None
         return _response_bundle("transaction-response", results)
 
-    def batch(self, entries: list[Any], base: str) -> RawBundle:
+    def batch(self, entries: list[Any], base: str, access: Access | None = None) -> RawBundle:
         """Each entry on its own (FHIR R4 3.1.0.11.1): one failing entry does not stop others."""
         results: list[dict[str, Any] | None] = []
         for i, entry in enumerate(entries):
             plan = _plan_entry(i, entry, base)
             try:
+                _authorize_entry(access, plan)
                 if plan.problems:
                     raise _status_for(plan.problems)(plan.problems)
                 if plan.resource is not None:
@@ -408,7 +520,7 @@ class FhirService:
                 with self._write() as tx:
                     if plan.method == "POST":
                         plan.new_id = str(uuid.uuid4())
-                    results.append(self._execute(tx, plan, base))
+                    results.append(self._execute(tx, plan, base, access))
             except FhirError as exc:
                 results.append(
                     {
@@ -438,14 +550,16 @@ class FhirService:
                 id_map[plan.full_url] = f"{plan.rtype}/{plan.rid}"
         return id_map
 
-    def _execute(self, tx: Tx, plan: _EntryPlan, base: str) -> dict[str, Any]:
+    def _execute(
+        self, tx: Tx, plan: _EntryPlan, base: str, access: Access | None = None
+    ) -> dict[str, Any]:
         if plan.method == "GET":
             if plan.rid:
-                found = self._read(tx, plan.rtype, plan.rid)
+                found = self._read(tx, plan.rtype, plan.rid, access)
                 return {"resource": found.json(), "response": _response_of(found, "200 OK")}
-            query = self.parse_query(plan.rtype, plan.query, strict=False)
+            query = self.parse_query(plan.rtype, plan.query or [], strict=False)
             return {
-                "resource": self._search(tx, query, base).to_dict(),
+                "resource": self._search(tx, query, base, access).to_dict(),
                 "response": {"status": "200 OK"},
             }
         if plan.method == "DELETE":
@@ -483,7 +597,7 @@ class _WriteContext:
         tx: Tx = self._cm.__enter__()
         return tx
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Literal[False]:
         try:
             self._cm.__exit__(exc_type, exc, tb)
         except (IntegrityError, ConcurrentUpdate):
@@ -597,7 +711,19 @@ def _plan_entry(index: int, entry: Any, base: str) -> _EntryPlan:
     return plan
 
 
-def _status_for(problems: list[Issue]) -> type[FhirError]:
+def _authorize_entry(access: Access | None, plan: _EntryPlan) -> None:
+    if access is None or plan.rtype not in SUPPORTED_TYPES:
+        return
+    interaction = {
+        "POST": "create",
+        "PUT": "update",
+        "DELETE": "delete",
+        "GET": "read" if plan.rid else "search",
+    }[plan.method]
+    require_access(access, plan.rtype, interaction, f"Bundle.entry[{plan.index}].request")
+
+
+def _status_for(problems: Sequence[Issue]) -> type[FhirError]:
     """400 when the content is not valid FHIR (structure, cardinality, types, required
     bindings); 422 when it is valid FHIR that breaks a rule of this service (FHIR R4 http.html,
     "Create": 400 vs 422)."""
@@ -609,23 +735,10 @@ _STRUCTURAL = frozenset(
 )
 
 
-def _walk_references(node: Any, path: str) -> Iterator[tuple[dict[str, Any], str]]:
-    if isinstance(node, dict):
-        if isinstance(node.get("reference"), str):
-            yield node, f"{path}.reference"
-        for key, value in node.items():
-            if key in ("contained",):
-                continue
-            yield from _walk_references(value, f"{path}.{key}")
-    elif isinstance(node, list):
-        for i, item in enumerate(node):
-            yield from _walk_references(item, f"{path}[{i}]")
-
-
 def _rewrite_references(
     resource: dict[str, Any], id_map: dict[str, str], where: str, unresolved: list[Issue]
 ) -> None:
-    for holder, path in _walk_references(resource, where):
+    for holder, path in iter_references(resource, where):
         ref = holder["reference"]
         if ref in id_map:
             holder["reference"] = id_map[ref]

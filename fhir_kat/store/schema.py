@@ -38,7 +38,11 @@ resources = Table(
     Column("seq", SeqType, nullable=False),
     Column("deleted", Boolean, nullable=False),
     Column("content", Text, nullable=False),
+    # The Patient whose compartment the resource is in (None: not patient data). Consent
+    # filtering of searches and exports is one indexed predicate on this column.
+    Column("patient_id", String(64), nullable=True),
     Index("ix_resources_type_seq", "res_type", "seq"),
+    Index("ix_resources_type_patient", "res_type", "patient_id"),
     Index("ix_resources_type_updated", "res_type", "last_updated"),
 )
 
@@ -101,6 +105,15 @@ search_string = Table(
     Column("value", String(512), nullable=False),
     Index("ix_string_lookup", "res_type", "param", "value"),
     Index("ix_string_owner", "res_type", "res_id"),
+)
+
+# Client-assertion ids seen by the token endpoint, kept until they expire (replay protection).
+auth_jti = Table(
+    "auth_jti",
+    metadata,
+    Column("jti", String(255), primary_key=True),
+    Column("client_id", String(128), nullable=False),
+    Column("expires_at", DateTime, nullable=False, index=True),
 )
 
 INDEX_TABLES = (search_token, search_reference, search_date, search_string)

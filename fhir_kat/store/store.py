@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from fhir_kat.search import Criterion, SearchQuery, extract_index, params_for
+from fhir_kat.search import Criterion, IndexRows, SearchQuery, extract_index, params_for
 from fhir_kat.store.schema import (
     INDEX_TABLES,
     metadata,
@@ -71,6 +71,7 @@ class StoredResource:
     content: str  # the JSON text served, meta included; "" for a deletion
     deleted: bool = False
     seq: int = 0
+    patient_id: str | None = None
 
     @property
     def etag(self) -> str:
@@ -143,6 +144,7 @@ def _row_to_stored(row: Any) -> StoredResource:
         content=row.content or "",
         deleted=bool(getattr(row, "deleted", False)),
         seq=row.seq,
+        patient_id=getattr(row, "patient_id", None),
     )
 
 
@@ -268,20 +270,23 @@ class Tx:
         content = dumps(ordered)
         method = method or ("PUT" if current else "POST")
         seq = self._insert_version(rtype, rid, version_id, now_naive, method, content)
-        values = {
+        rows = extract_index(ordered)
+        patient_id = patient_of(ordered, rows)
+        values: dict[str, Any] = {
             "version_id": version_id,
             "last_updated": now_naive,
             "seq": seq,
             "deleted": False,
             "content": content,
+            "patient_id": patient_id,
         }
         if current is None:
             self.conn.execute(insert(resources).values(res_type=rtype, res_id=rid, **values))
         else:
             self._update_current(rtype, rid, current.version_id, values)
             self._clear_index(rtype, rid)
-        self._write_index(ordered)
-        stored = StoredResource(rtype, rid, version_id, now_naive, content, False, seq)
+        self._write_index(ordered, rows)
+        stored = StoredResource(rtype, rid, version_id, now_naive, content, False, seq, patient_id)
         return stored, True
 
     def delete(self, current: StoredResource) -> StoredResource:
@@ -336,9 +341,8 @@ class Tx:
         for table in INDEX_TABLES:
             self.conn.execute(delete(table).where(table.c.res_type == rtype, table.c.res_id == rid))
 
-    def _write_index(self, resource: dict[str, Any]) -> None:
+    def _write_index(self, resource: dict[str, Any], rows: IndexRows) -> None:
         rtype, rid = resource["resourceType"], resource["id"]
-        rows = extract_index(resource)
         base = {"res_type": rtype, "res_id": rid}
         if rows.tokens:
             self.conn.execute(
@@ -369,9 +373,22 @@ class Tx:
 
     # ------------------------------------------------------------------ search
 
-    def search(self, query: SearchQuery) -> tuple[list[StoredResource], int | None, bool]:
-        """Matches for ``query`` (one page), the total, and whether another page follows."""
+    def search(
+        self, query: SearchQuery, visible_patients: Collection[str] | None = None
+    ) -> tuple[list[StoredResource], int | None, bool]:
+        """Matches for ``query`` (one page), the total, and whether another page follows.
+
+        ``visible_patients`` (None = no restriction) hides patient data outside that set from
+        the matches *and* the total, so a count never leaks what a caller may not see.
+        """
         where = self._where(query)
+        if visible_patients is not None:
+            where.append(
+                or_(
+                    resources.c.patient_id.is_(None),
+                    resources.c.patient_id.in_(sorted(visible_patients)),
+                )
+            )
         total = int(
             self.conn.execute(
                 select(func.count()).select_from(resources).where(*where)
@@ -478,6 +495,21 @@ class Tx:
             search_reference.c.target_id.in_(list(target_ids)),
         )
         return sorted({(r.res_type, r.res_id) for r in self.conn.execute(stmt)})
+
+
+#: Search parameters that put a resource in a patient's compartment, in order of preference.
+_PATIENT_PARAMS = ("patient", "subject")
+
+
+def patient_of(resource: dict[str, Any], rows: IndexRows) -> str | None:
+    """The patient whose data ``resource`` is (its own id for a Patient)."""
+    if resource["resourceType"] == "Patient":
+        return str(resource["id"])
+    for wanted in _PATIENT_PARAMS:
+        for param, target_type, target_id in rows.references:
+            if param == wanted and target_type == "Patient":
+                return target_id
+    return None
 
 
 class ConcurrentUpdate(Exception):

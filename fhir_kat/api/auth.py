@@ -1,0 +1,264 @@
+"""Authentication at the edge: the OAuth token endpoint, SMART discovery, bearer-token checks,
+rate limits and the audit trail of every request.
+
+The token endpoint answers errors the OAuth way (RFC 6749 §5.2 JSON: ``error``,
+``error_description``) because OAuth clients parse exactly that; every other endpoint answers
+with OperationOutcomes (ADR 0003).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import Any
+from urllib.parse import unquote
+
+import jwt
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+
+from fhir_kat.api.errors import outcome_response
+from fhir_kat.errors import Issue
+from fhir_kat.security.audit import AuditRecord, build_audit_event, write_audit_event
+from fhir_kat.security.clients import Client
+from fhir_kat.security.scopes import Scope, covered_by, parse_scopes
+from fhir_kat.security.tokens import ASSERTION_TYPE, OAuthError
+from fhir_kat.services.access import Access
+
+log = logging.getLogger("fhir_kat.auth")
+bp = Blueprint("auth", __name__)
+
+#: Endpoints anyone may call (FHIR discovery, SMART discovery, health, the token endpoint).
+PUBLIC = {
+    "fhir.metadata",
+    "auth.token",
+    "auth.smart_configuration",
+    "auth.smart_configuration_base",
+    "health.healthz",
+}
+#: Public endpoints that leave no audit record (discovery and health checks disclose nothing).
+UNAUDITED = {
+    "fhir.metadata",
+    "auth.smart_configuration",
+    "auth.smart_configuration_base",
+    "health.healthz",
+    "static",
+}
+REALM = 'Bearer realm="fhir_kat"'
+
+
+def _state() -> Any:
+    return current_app.extensions["fhir_kat"]
+
+
+def token_url() -> str:
+    base: str = current_app.config["KAT_PUBLIC_BASE_URL"]
+    if base:
+        return base.rsplit("/fhir", 1)[0] + "/auth/token"
+    return request.host_url.rstrip("/") + "/auth/token"
+
+
+def audit_record() -> AuditRecord:
+    record: AuditRecord | None = g.get("kat_audit")
+    if record is None:
+        record = AuditRecord(address=request.remote_addr)
+        g.kat_audit = record
+    return record
+
+
+def current_access() -> Access:
+    access: Access = g.kat_access
+    return access
+
+
+# ---------------------------------------------------------------------------- discovery
+
+
+def _smart_configuration() -> Response:
+    return jsonify(
+        {
+            "issuer": _state().tokens.issuer,
+            "token_endpoint": token_url(),
+            "token_endpoint_auth_methods_supported": [
+                "private_key_jwt",
+                "client_secret_basic",
+                "client_secret_post",
+            ],
+            "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+            "grant_types_supported": ["client_credentials"],
+            "scopes_supported": ["system/*.rs", "system/*.cruds", "system/*.read"],
+            "capabilities": [
+                "client-confidential-asymmetric",
+                "client-confidential-symmetric",
+                "permission-v2",
+                "permission-v1",
+            ],
+        }
+    )
+
+
+@bp.get("/.well-known/smart-configuration")
+def smart_configuration() -> Response:
+    return _smart_configuration()
+
+
+@bp.get("/fhir/.well-known/smart-configuration")
+def smart_configuration_base() -> Response:
+    return _smart_configuration()
+
+
+# ---------------------------------------------------------------------------- token endpoint
+
+
+def _oauth_error(exc: OAuthError) -> Response:
+    response = jsonify({"error": exc.error, "error_description": exc.description})
+    response.status_code = exc.status
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = 'Basic realm="fhir_kat"'
+    return response
+
+
+@bp.post("/auth/token")
+def token() -> Response:
+    record = audit_record()
+    record.security = True
+    record.interaction = "operation"
+    try:
+        client, scopes = _authenticate_client()
+    except OAuthError as exc:
+        record.detail = f"token refused: {exc.error}"
+        return _oauth_error(exc)
+    record.client_id, record.role = client.client_id, client.role
+    access_token, expires_in = _state().tokens.issue(client, scopes)
+    record.detail = "token issued"
+    response = jsonify(
+        {
+            "access_token": access_token,
+            "token_type": "bearer",
+            "expires_in": expires_in,
+            "scope": " ".join(s.text for s in scopes),
+        }
+    )
+    response.headers["Pragma"] = "no-cache"
+    return response
+
+
+def _authenticate_client() -> tuple[Client, tuple[Scope, ...]]:
+    form = request.form
+    if form.get("grant_type") != "client_credentials":
+        raise OAuthError("unsupported_grant_type", "grant_type must be client_credentials")
+    registry = _state().clients
+    methods = []
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("basic "):
+        methods.append("basic")
+    if form.get("client_secret"):
+        methods.append("post")
+    if form.get("client_assertion"):
+        methods.append("jwt")
+    if len(methods) != 1:
+        raise OAuthError("invalid_request", "use exactly one client authentication method")
+    method = methods[0]
+    if method == "jwt":
+        if form.get("client_assertion_type") != ASSERTION_TYPE:
+            raise OAuthError("invalid_request", "client_assertion_type must be jwt-bearer")
+        assertion = form["client_assertion"]
+        try:
+            client_id = form.get("client_id") or jwt.decode(
+                assertion, options={"verify_signature": False}
+            ).get("iss", "")
+        except jwt.PyJWTError:
+            raise OAuthError("invalid_client", "client_assertion is not a JWT", 401) from None
+        client = registry.get(str(client_id))
+        if client is None:
+            raise OAuthError("invalid_client", "unknown client", 401)
+        _state().tokens.verify_assertion(assertion, client, token_url())
+    else:
+        if method == "basic":
+            try:
+                decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                raise OAuthError("invalid_client", "malformed Basic credentials", 401) from None
+            client_id, _, secret = decoded.partition(":")
+            client_id, secret = unquote(client_id), unquote(secret)
+        else:
+            client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        client = registry.get(client_id)
+        if client is None or not client.check_secret(secret):
+            raise OAuthError("invalid_client", "unknown client or wrong secret", 401)
+    return client, _grant_scopes(client, form.get("scope"))
+
+
+def _grant_scopes(client: Client, requested: str | None) -> tuple[Scope, ...]:
+    if not requested:
+        return client.scopes
+    scopes, bad = parse_scopes(requested.split())
+    if bad:
+        raise OAuthError("invalid_scope", f"not a SMART system scope: {' '.join(bad)}")
+    too_wide = [s.text for s in scopes if not covered_by(s, client.scopes)]
+    if too_wide:
+        raise OAuthError("invalid_scope", f"not allowed for this client: {' '.join(too_wide)}")
+    return tuple(scopes)
+
+
+# ---------------------------------------------------------------------------- every request
+
+
+def install(app: Flask) -> None:
+    @app.before_request
+    def _authenticate() -> Response | None:
+        record = audit_record()
+        if request.endpoint in PUBLIC:
+            return None
+        header = request.headers.get("Authorization", "")
+        if not header.lower().startswith("bearer "):
+            record.detail = "denied: no bearer token"
+            return _unauthorized("a bearer token is required", REALM)
+        state = _state()
+        try:
+            principal = state.tokens.verify(header[7:].strip())
+        except jwt.ExpiredSignatureError:
+            record.detail = "denied: expired token"
+            return _unauthorized("the access token has expired", f'{REALM}, error="invalid_token"')
+        except jwt.PyJWTError:
+            record.detail = "denied: invalid token"
+            return _unauthorized("the access token is not valid", f'{REALM}, error="invalid_token"')
+        record.client_id, record.role, record.purpose = (
+            principal.client_id,
+            principal.role,
+            principal.purpose,
+        )
+        wait = state.rate_limiter.check(principal.client_id)
+        if wait:
+            record.detail = "denied: rate limit"
+            return outcome_response(
+                429,
+                [Issue("throttled", "too many requests; retry later")],
+                {"Retry-After": str(int(wait))},
+            )
+        g.kat_access = Access(principal, state.consent, state.clock)
+        return None
+
+    @app.after_request
+    def _audit(response: Response) -> Response:
+        if request.endpoint in UNAUDITED:
+            return response
+        record = audit_record()
+        record.status = response.status_code
+        if request.query_string and record.interaction == "search-type":
+            record.query = request.full_path
+        state = _state()
+        try:
+            write_audit_event(state.store, build_audit_event(record, state.clock()))
+        except Exception:  # an audit failure must be visible, not crash the response
+            log.exception("audit write failed")
+            if request.method == "GET" and response.status_code < 400:
+                # No disclosure without a trace; a write already happened and is reported.
+                return outcome_response(
+                    503, [Issue("transient", "the audit trail is unavailable; retry later")]
+                )
+        return response
+
+
+def _unauthorized(text: str, challenge: str) -> Response:
+    return outcome_response(401, [Issue("login", text)], {"WWW-Authenticate": challenge})

@@ -1,0 +1,145 @@
+"""AuditEvents for every access, following the IHE Basic Audit Log Patterns (BALP).
+
+Owns: building the AuditEvent of one request and writing it. Audit records hold who (client),
+what (resource references, the search query), which patient(s), when and the outcome; they live
+in the protected store (admins only) and are never changed or deleted through the API. They are
+the one place where a search query is kept (base64, as BALP asks); logs never hold one.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from fhir_kat.store import Store
+from fhir_kat.store.store import format_instant
+
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+AUDIT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
+INTERACTION = "http://hl7.org/fhir/restful-interaction"
+ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
+SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
+PURPOSE = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+CLIENT_SYSTEM = "urn:fhir-kat:client-id"
+
+#: interaction -> BALP action code (C/R/U/D/E)
+ACTIONS = {
+    "create": "C",
+    "read": "R",
+    "vread": "R",
+    "history-instance": "R",
+    "search-type": "E",
+    "update": "U",
+    "delete": "D",
+    "transaction": "E",
+    "batch": "E",
+    "operation": "E",
+    "capabilities": "R",
+}
+
+
+@dataclass
+class AuditRecord:
+    """What one request did; filled in as the request runs."""
+
+    interaction: str = "operation"
+    client_id: str | None = None
+    role: str | None = None
+    purpose: str | None = None
+    address: str | None = None
+    entities: list[str] = field(default_factory=list)  # "Type/id"
+    patients: set[str] = field(default_factory=set)
+    query: str | None = None
+    status: int = 200
+    detail: str | None = None  # e.g. "token issued", "denied: no token"
+    security: bool = False  # authentication event (token endpoint, rejected token)
+
+
+def outcome_code(status: int) -> str:
+    if status < 400:
+        return "0"
+    if status < 500:
+        return "4"  # minor failure: the request was refused
+    return "8"
+
+
+def build_audit_event(record: AuditRecord, recorded: datetime) -> dict[str, Any]:
+    if record.security:
+        event_type = {"system": DCM, "code": "110114", "display": "User Authentication"}
+        subtype = [{"system": DCM, "code": "110122", "display": "Login"}]
+    else:
+        event_type = {"system": AUDIT_TYPE, "code": "rest", "display": "Restful Operation"}
+        subtype = [{"system": INTERACTION, "code": record.interaction}]
+    agent: dict[str, Any] = {
+        "type": {"coding": [{"system": DCM, "code": "110150", "display": "Application"}]},
+        "requestor": True,
+    }
+    if record.client_id:
+        agent["who"] = {"identifier": {"system": CLIENT_SYSTEM, "value": record.client_id}}
+        if record.role:
+            agent["who"]["display"] = f"{record.client_id} ({record.role})"
+    else:
+        agent["who"] = {"display": "unauthenticated client"}
+    if record.address:
+        agent["network"] = {"address": record.address, "type": "2"}
+    if record.purpose:
+        agent["purposeOfUse"] = [{"coding": [{"system": PURPOSE, "code": record.purpose}]}]
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": str(uuid.uuid4()),
+        "type": event_type,
+        "subtype": subtype,
+        "action": ACTIONS.get(record.interaction, "E"),
+        "recorded": format_instant(recorded),
+        "outcome": outcome_code(record.status),
+        "agent": [agent],
+        "source": {
+            "observer": {"display": "fhir_kat"},
+            "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
+        },
+    }
+    if record.detail or record.status >= 400:
+        event["outcomeDesc"] = record.detail or f"HTTP {record.status}"
+    entities: list[dict[str, Any]] = [
+        {
+            "what": {"reference": f"Patient/{patient}"},
+            "type": {"system": ENTITY_TYPE, "code": "1", "display": "Person"},
+            "role": {"system": OBJECT_ROLE, "code": "1", "display": "Patient"},
+        }
+        for patient in sorted(record.patients)
+    ]
+    entities += [
+        {
+            "what": {"reference": ref},
+            "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+            "role": {"system": OBJECT_ROLE, "code": "4", "display": "Domain Resource"},
+        }
+        for ref in _unique(record.entities)
+        if not (ref.startswith("Patient/") and ref[8:] in record.patients)
+    ]
+    if record.query:
+        entities.append(
+            {
+                "type": {"system": ENTITY_TYPE, "code": "2", "display": "System Object"},
+                "role": {"system": OBJECT_ROLE, "code": "24", "display": "Query"},
+                "query": base64.b64encode(record.query.encode()).decode(),
+            }
+        )
+    if entities:
+        event["entity"] = entities
+    return event
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def write_audit_event(store: Store, event: dict[str, Any]) -> None:
+    """Audit writes bypass the API (no client may write AuditEvents) but not the store."""
+    with store.write() as tx:
+        tx.put(event, current=None)

@@ -1,0 +1,210 @@
+"""Access tokens and client assertions (SMART Backend Services, OAuth 2.0 client credentials).
+
+Owns: the server's signing key, issuing and verifying access tokens (JWT, ES256, ≤ 300 s), and
+verifying ``private_key_jwt`` client assertions (RS384/ES384 against the client's registered
+JWKS; ``aud`` = the token URL; ``exp`` at most 5 minutes ahead; ``jti`` never reused). All
+cryptography is PyJWT's and ``cryptography``'s; nothing here is hand-rolled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlalchemy import delete, insert
+from sqlalchemy.exc import IntegrityError
+
+from fhir_kat.security.clients import Client
+from fhir_kat.security.scopes import Scope, parse_scopes
+from fhir_kat.store import Store
+from fhir_kat.store.schema import auth_jti
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ASSERTION_ALGORITHMS = ("RS384", "ES384")
+MAX_ASSERTION_LIFETIME = timedelta(minutes=5)
+ACCESS_ALGORITHM = "ES256"
+
+
+class OAuthError(Exception):
+    """An RFC 6749 §5.2 error: ``error`` is the OAuth code, ``status`` the HTTP status."""
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.error, self.description, self.status = error, description, status
+
+
+@dataclass(frozen=True)
+class Principal:
+    client_id: str
+    role: str
+    scopes: tuple[Scope, ...]
+    organization: str | None
+    purpose: str
+    token_id: str
+
+
+def load_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """Load the EC P-256 signing key, creating it (mode 0600) on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path}: the token signing key must be an EC P-256 private key")
+    return loaded
+
+
+class TokenService:
+    def __init__(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        *,
+        issuer: str,
+        lifetime_seconds: int,
+        store: Store,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.key = key
+        self.public_key = key.public_key()
+        self.issuer = issuer
+        self.lifetime = lifetime_seconds
+        self.store = store
+        self.clock = clock
+
+    # ------------------------------------------------------------------ access tokens
+
+    def issue(self, client: Client, scopes: tuple[Scope, ...]) -> tuple[str, int]:
+        now = self.clock()
+        claims = {
+            "iss": self.issuer,
+            "aud": self.issuer,
+            "sub": client.client_id,
+            "iat": int(now.timestamp()),
+            "exp": int(now.timestamp()) + self.lifetime,
+            "jti": str(uuid.uuid4()),
+            "scope": " ".join(s.text for s in scopes),
+            "role": client.role,
+            "org": client.organization,
+            "pou": client.purpose,
+        }
+        return jwt.encode(claims, self.key, algorithm=ACCESS_ALGORITHM), self.lifetime
+
+    def verify(self, token: str) -> Principal:
+        """The principal of a valid token; raises ``jwt.PyJWTError`` for anything else."""
+        claims = jwt.decode(
+            token,
+            self.public_key,
+            algorithms=[ACCESS_ALGORITHM],
+            audience=self.issuer,
+            issuer=self.issuer,
+            options={"require": ["exp", "iat", "sub", "jti"]},
+            leeway=0,
+            # PyJWT checks exp against the real clock; our clock matters for tests only
+        )
+        scopes, _ = parse_scopes(str(claims.get("scope", "")).split())
+        return Principal(
+            client_id=claims["sub"],
+            role=claims["role"],
+            scopes=tuple(scopes),
+            organization=claims.get("org"),
+            purpose=claims.get("pou", "TREAT"),
+            token_id=claims["jti"],
+        )
+
+    # ------------------------------------------------------------------ client assertions
+
+    def verify_assertion(self, assertion: str, client: Client, token_url: str) -> None:
+        if not client.jwks:
+            raise OAuthError("invalid_client", "client has no registered JWKS", 401)
+        try:
+            header = jwt.get_unverified_header(assertion)
+        except jwt.PyJWTError:
+            raise OAuthError("invalid_client", "client_assertion is not a JWT", 401) from None
+        alg = header.get("alg")
+        if alg not in ASSERTION_ALGORITHMS:
+            raise OAuthError("invalid_client", "client_assertion must be RS384 or ES384", 401)
+        key = _find_key(client.jwks, header.get("kid"), alg)
+        if key is None:
+            raise OAuthError("invalid_client", "no registered key matches the assertion kid", 401)
+        try:
+            claims = jwt.decode(
+                assertion,
+                key,
+                algorithms=[alg],
+                audience=token_url,
+                issuer=client.client_id,
+                options={"require": ["exp", "jti", "iss", "sub", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise OAuthError("invalid_client", "client_assertion has expired", 401) from None
+        except jwt.InvalidAudienceError:
+            raise OAuthError(
+                "invalid_client", "client_assertion aud must be the token URL", 401
+            ) from None
+        except jwt.PyJWTError:
+            raise OAuthError("invalid_client", "client_assertion is invalid", 401) from None
+        if claims["sub"] != client.client_id:
+            raise OAuthError("invalid_client", "client_assertion sub must equal iss", 401)
+        now = datetime.now(UTC)
+        expires = datetime.fromtimestamp(int(claims["exp"]), UTC)
+        if expires - now > MAX_ASSERTION_LIFETIME + timedelta(seconds=5):
+            raise OAuthError(
+                "invalid_client", "client_assertion exp is more than 5 minutes ahead", 401
+            )
+        self._remember_jti(str(claims["jti"]), client.client_id, expires, now)
+
+    def _remember_jti(self, jti: str, client_id: str, expires: datetime, now: datetime) -> None:
+        naive_now = now.replace(tzinfo=None)
+        try:
+            with self.store.write() as tx:
+                tx.conn.execute(delete(auth_jti).where(auth_jti.c.expires_at < naive_now))
+                tx.conn.execute(
+                    insert(auth_jti).values(
+                        jti=f"{client_id}:{jti}"[:255],
+                        client_id=client_id,
+                        expires_at=expires.replace(tzinfo=None),
+                    )
+                )
+        except IntegrityError:
+            raise OAuthError(
+                "invalid_client", "client_assertion jti was already used", 401
+            ) from None
+
+
+def _find_key(jwks: Any, kid: str | None, alg: str) -> Any:
+    for jwk in jwks.get("keys", []):
+        if kid is not None and jwk.get("kid") != kid:
+            continue
+        if jwk.get("alg") not in (None, alg):
+            continue
+        expected_kty = "RSA" if alg.startswith("RS") else "EC"
+        if jwk.get("kty") != expected_kty:
+            continue
+        try:
+            return jwt.PyJWK(jwk, algorithm=alg).key
+        except jwt.PyJWTError:
+            continue
+    return None
+
+
+def public_jwk(key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    return data

@@ -1,0 +1,149 @@
+"""Per-request access: role + scopes + consent + referrer ownership, in one place.
+
+Owns: ``Access``, built from the caller's token for one request; FhirService asks it whether a
+type/interaction is allowed, which patients' data may be shown, and which extra criteria narrow a
+search (a referrer sees only what its organisation sent). Must not: parse HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from functools import cached_property
+
+from fhir_kat.search import Criterion, SearchQuery
+from fhir_kat.security.consent import Actor, ConsentDecisionPoint
+from fhir_kat.security.policy import OUTSIDE_PROGRAM, role_allows
+from fhir_kat.security.scopes import allows
+from fhir_kat.security.tokens import Principal
+from fhir_kat.store import StoredResource, Tx
+
+#: Types a referrer sees when its organisation sent them (the requester of the referral).
+REFERRER_OWNED = {"Task": "requester", "ServiceRequest": "requester"}
+
+
+class Access:
+    def __init__(
+        self,
+        principal: Principal,
+        consent: ConsentDecisionPoint,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.principal = principal
+        self.consent = consent
+        self.clock = clock
+        self._visible: dict[str, set[str] | None] = {}
+        self._actor: Actor | None = None
+        self._owners: list[tuple[str, str]] | None = None
+
+    @cached_property
+    def now(self) -> datetime:
+        return self.clock()
+
+    def can(self, rtype: str, letter: str) -> bool:
+        p = self.principal
+        return role_allows(p.role, rtype, letter) and allows(p.scopes, rtype, letter)
+
+    # ------------------------------------------------------------------ consent
+
+    def actor(self, tx: Tx) -> Actor:
+        if self._actor is None:
+            org = self.principal.organization
+            refs: set[str] = set()
+            identifiers: set[str] = set()
+            if org:
+                identifiers.add(org)
+                refs |= {f"Organization/{oid}" for oid in self._organization_ids(tx)}
+            self._actor = Actor(frozenset(refs), frozenset(identifiers))
+        return self._actor
+
+    def _organization_ids(self, tx: Tx) -> list[str]:
+        org = self.principal.organization or ""
+        system, _, value = org.partition("|")
+        query = SearchQuery(
+            "Organization",
+            criteria=(Criterion("identifier", "token", "", ((system, value, True),), ""),),
+            count=100,
+        )
+        rows, _, _ = tx.search(query)
+        return [r.id for r in rows]
+
+    def visible_patients(self, tx: Tx, rtype: str) -> set[str] | None:
+        """None = no restriction; otherwise the patients whose ``rtype`` data may be shown."""
+        if self.principal.role not in OUTSIDE_PROGRAM or (
+            self.principal.role == "referrer" and rtype in REFERRER_OWNED
+        ):
+            return None
+        if rtype not in self._visible:
+            self._visible[rtype] = self.consent.visible_patients(
+                tx, self.actor(tx), self.principal.purpose, rtype, self.now
+            )
+        return self._visible[rtype]
+
+    def permits_patient(self, tx: Tx, patient_id: str, rtype: str) -> bool:
+        visible = self.visible_patients(tx, rtype)
+        return visible is None or patient_id in visible
+
+    # ------------------------------------------------------------------ ownership
+
+    def owner_references(self, tx: Tx) -> list[tuple[str, str]]:
+        """The references a referrer's own referrals carry as requester: its Organization(s)
+        and the PractitionerRoles in them."""
+        if self._owners is None:
+            org_ids = self._organization_ids(tx)
+            owners = [("Organization", oid) for oid in org_ids]
+            if org_ids:
+                roles = SearchQuery(
+                    "PractitionerRole",
+                    criteria=(
+                        Criterion(
+                            "organization",
+                            "reference",
+                            "",
+                            tuple(("Organization", oid) for oid in org_ids),
+                            "",
+                        ),
+                    ),
+                    count=1000,
+                )
+                rows, _, _ = tx.search(roles)
+                owners += [("PractitionerRole", r.id) for r in rows]
+            self._owners = owners
+        return self._owners
+
+    def restrict(self, tx: Tx, query: SearchQuery) -> SearchQuery:
+        if self.principal.role != "referrer" or query.resource_type not in REFERRER_OWNED:
+            return query
+        param = REFERRER_OWNED[query.resource_type]
+        owners = tuple(self.owner_references(tx))
+        forced = (
+            Criterion(param, "reference", "", owners, "")
+            if owners
+            else Criterion("_id", "id", "", (), "")  # owns nothing: matches nothing
+        )
+        return SearchQuery(
+            query.resource_type,
+            criteria=(*query.criteria, forced),
+            count=query.count,
+            sort_desc=query.sort_desc,
+            includes=query.includes,
+            summary_count=query.summary_count,
+            cursor=query.cursor,
+            ignored=query.ignored,
+        )
+
+    def may_see(self, tx: Tx, stored: StoredResource) -> bool:
+        if not self.can(stored.type, "r"):
+            return False
+        if stored.patient_id and not self.permits_patient(tx, stored.patient_id, stored.type):
+            return False
+        if self.principal.role == "referrer" and stored.type in REFERRER_OWNED:
+            probe = self.restrict(
+                tx,
+                SearchQuery(
+                    stored.type, criteria=(Criterion("_id", "id", "", (stored.id,), ""),), count=1
+                ),
+            )
+            _, total, _ = tx.search(probe)
+            return bool(total)
+        return True
