@@ -37,12 +37,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at emit time (a redirected or captured stderr
+    included), like the logging module's own last-resort handler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO") -> None:
     logger = logging.getLogger("fhir_kat")
     logger.setLevel(level)
-    if not any(getattr(h, "_kat", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(JsonFormatter())
-        handler._kat = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.propagate = False
