@@ -24,6 +24,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port:
         overrides["port"] = args.port
     settings = load_settings(**overrides)
+    from fhir_kat.security.clients import ensure_local_clients
+
+    notes = ensure_local_clients(  # before create_app loads the registry
+        settings.data_dir, f"http://{settings.host}:{settings.port}/auth/token"
+    )
     app = create_app(settings)
     where = settings.effective_database_url.split("@")[-1]  # never print a password
     print(
@@ -31,7 +36,7 @@ def _serve(args: argparse.Namespace) -> int:
         f"(database: {where})",
         file=sys.stderr,
     )
-    for line in app.extensions["fhir_kat"].extras.get("startup_notes", []):
+    for line in notes:
         print(line, file=sys.stderr)
     app.run(host=settings.host, port=settings.port, threaded=True, use_reloader=False)
     return 0
@@ -53,7 +58,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.set_defaults(func=_serve)
+
+    hashed = sub.add_parser(
+        "hash-secret",
+        help="print the stored form of a client secret for the TOML file",
+        description="Reads a client secret from standard input and prints its PBKDF2 hash for "
+        "secret_hash in a [clients.<id>] table. The secret itself never goes into a file.",
+        epilog='Example: printf %s "$SECRET" | fhir-kat hash-secret',
+    )
+    hashed.set_defaults(func=_hash_secret)
     return parser
+
+
+def _hash_secret(args: argparse.Namespace) -> int:
+    from fhir_kat.security.secrets import hash_secret
+
+    secret = sys.stdin.read().strip()
+    if not secret:
+        print("fhir-kat: no secret on standard input", file=sys.stderr)
+        return 2
+    print(hash_secret(secret))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -56,3 +56,18 @@ def test_cli_exits_2_with_a_clear_message(
     monkeypatch.setenv("FHIR_KAT_PORT", "99999")
     assert main(["serve"]) == 2
     assert "port" in capsys.readouterr().err
+
+
+def test_hash_secret_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    from fhir_kat.security.secrets import verify_secret
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("s3cret-value\n"))
+    assert main(["hash-secret"]) == 0
+    stored = capsys.readouterr().out.strip()
+    assert stored.startswith("pbkdf2_sha256$") and verify_secret("s3cret-value", stored)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["hash-secret"]) == 2

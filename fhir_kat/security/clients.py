@@ -152,7 +152,9 @@ def _client(
     )
 
 
-def ensure_local_clients(data_dir: Path) -> list[str]:
+def ensure_local_clients(
+    data_dir: Path, token_url: str = "http://127.0.0.1:8080/auth/token"
+) -> list[str]:
     """On a new data directory, create a local admin and a local program-staff client with
     random secrets; the secrets go to a file only this user can read. Returns lines to print."""
     registry = data_dir / LOCAL_CLIENTS
@@ -177,5 +179,5 @@ def ensure_local_clients(data_dir: Path) -> list[str]:
     return [
         f"Created local clients; their secrets are in {credentials} (readable only by you).",
         "Get a token:  curl -s -u local-staff:<secret> -d grant_type=client_credentials "
-        "-d scope='system/*.cruds' http://127.0.0.1:8080/auth/token",
+        f"-d scope='system/*.cruds' {token_url}",
     ]
