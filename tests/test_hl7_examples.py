@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from tools.hl7_packages import ensure
 
 from fhir_kat.validation.resource import SUPPORTED_TYPES
-from tools.hl7_packages import ensure
 
 REFUSALS: dict[str, str] = json.loads(
     (Path(__file__).parent / "expected_refusals.json").read_text()

@@ -153,7 +153,8 @@ def _client(
 
 
 def ensure_local_clients(
-    data_dir: Path, token_url: str = "http://127.0.0.1:8080/auth/token"
+    data_dir: Path,
+    token_url: str = "http://127.0.0.1:8080/auth/token",  # noqa: S107 (a URL)
 ) -> list[str]:
     """On a new data directory, create a local admin and a local program-staff client with
     random secrets; the secrets go to a file only this user can read. Returns lines to print."""
