@@ -20,6 +20,7 @@ from fhir_kat.security.clients import ClientRegistry, load_clients
 from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.security.ratelimit import RateLimiter
 from fhir_kat.security.tokens import TokenService, load_signing_key
+from fhir_kat.services.export import ExportService
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.settings import Settings, load_settings
 from fhir_kat.store import Store
@@ -37,6 +38,7 @@ class KatState:
     tokens: TokenService
     consent: ConsentDecisionPoint
     rate_limiter: RateLimiter
+    export: ExportService
     capability_security: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -80,14 +82,19 @@ def create_app(
         tokens=tokens,
         consent=ConsentDecisionPoint(),
         rate_limiter=RateLimiter(settings.rate_limit_per_minute),
+        export=ExportService(
+            store, Path(settings.export_dir or settings.data_dir / "exports"), now
+        ),
         capability_security=_capability_security(),
     )
 
     from fhir_kat.api import auth
+    from fhir_kat.api.export import bp as export_bp
     from fhir_kat.api.fhir import bp as fhir_bp
     from fhir_kat.api.health import bp as health_bp
 
     app.register_blueprint(auth.bp)
+    app.register_blueprint(export_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)
     register_error_handlers(app)

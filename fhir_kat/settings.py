@@ -45,6 +45,8 @@ class Settings:
     signing_key_file: str = ""
     #: Access-token lifetime; SMART Backend Services caps it at 300 s.
     token_lifetime_seconds: int = 300
+    #: Where Bulk $export writes NDJSON files (shared by all processes). Empty = <data_dir>/exports.
+    export_dir: str = ""
     #: Requests per minute per client before 429 (per process); 0 disables the limit.
     rate_limit_per_minute: int = 1200
     #: Raw ``[clients.*]``/``[partners.*]`` tables from the TOML file, validated by their owners.

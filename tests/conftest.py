@@ -122,6 +122,7 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 def app(settings: Settings) -> Iterator[Flask]:
     application = create_app(settings)
     yield application
+    application.extensions["fhir_kat"].export.shutdown()
     application.extensions["fhir_kat"].store.dispose()
 
 

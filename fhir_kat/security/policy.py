@@ -75,9 +75,9 @@ FHIR_RULES: dict[str, dict[str, str]] = {
 #: Native API areas and FHIR operations per role.
 AREAS: dict[str, frozenset[str]] = {
     "referrer": frozenset({"artifacts:referrals"}),
-    "program-staff": frozenset({"artifacts:*", "operations:clinical"}),
+    "program-staff": frozenset({"artifacts:*", "operations:*"}),
     "health-authority": frozenset({"operations:export", "operations:measure"}),
-    "admin": frozenset({"deliveries", "audit", "operations:export"}),
+    "admin": frozenset({"deliveries", "audit"}),
 }
 
 #: Who counts as outside the program (disclosure to them needs the patient's consent).

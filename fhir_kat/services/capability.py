@@ -10,16 +10,21 @@ from fhir_kat.search import params_for
 from fhir_kat.validation.resource import SUPPORTED_TYPES
 
 _SPEC = "http://hl7.org/fhir/SearchParameter"
-#: Extra operations other modules register (name, definition canonical, resource type or None).
-_OPERATIONS: list[tuple[str, str, str | None]] = []
+#: An operation the server implements: (name, canonical definition, resource type or None).
+Operation = tuple[str, str, str | None]
+BULK_EXPORT = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition"
+OPERATIONS: tuple[Operation, ...] = (
+    ("export", f"{BULK_EXPORT}/export", None),
+    ("export", f"{BULK_EXPORT}/patient-export", "Patient"),
+    ("export", f"{BULK_EXPORT}/group-export", "Group"),
+)
 
 
-def register_operation(name: str, definition: str, resource_type: str | None = None) -> None:
-    if (name, definition, resource_type) not in _OPERATIONS:
-        _OPERATIONS.append((name, definition, resource_type))
-
-
-def capability_statement(base: str, security: dict[str, Any] | None = None) -> dict[str, Any]:
+def capability_statement(
+    base: str,
+    security: dict[str, Any] | None = None,
+    operations: tuple[Operation, ...] = OPERATIONS,
+) -> dict[str, Any]:
     resources = []
     for rtype in SUPPORTED_TYPES:
         params = params_for(rtype)
@@ -59,7 +64,7 @@ def capability_statement(base: str, security: dict[str, Any] | None = None) -> d
                 for n, p in sorted(params.items())
             ],
         }
-        ops = [o for o in _OPERATIONS if o[2] == rtype]
+        ops = [o for o in operations if o[2] == rtype]
         if ops:
             entry["operation"] = [{"name": n, "definition": d} for n, d, _ in ops]
         resources.append(entry)
@@ -70,7 +75,7 @@ def capability_statement(base: str, security: dict[str, Any] | None = None) -> d
         "resource": resources,
         "interaction": [{"code": "transaction"}, {"code": "batch"}],
     }
-    system_ops = [o for o in _OPERATIONS if o[2] is None]
+    system_ops = [o for o in operations if o[2] is None]
     if system_ops:
         rest["operation"] = [{"name": n, "definition": d} for n, d, _ in system_ops]
     if security:

@@ -116,4 +116,21 @@ auth_jti = Table(
     Column("expires_at", DateTime, nullable=False, index=True),
 )
 
+# Bulk Data $export jobs. Files live in the export directory; any process can answer a poll.
+export_jobs = Table(
+    "export_jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("client_id", String(128), nullable=False),
+    Column("status", String(16), nullable=False),  # accepted|in-progress|completed|error|cancelled
+    Column("request_url", Text, nullable=False),
+    Column("params", Text, nullable=False),  # JSON: level, group, types, since, type filters
+    Column("created_at", DateTime, nullable=False),
+    Column("heartbeat_at", DateTime, nullable=False),
+    Column("transaction_time", String(40), nullable=False),
+    Column("progress", String(255), nullable=True),
+    Column("manifest", Text, nullable=True),
+    Column("error", Text, nullable=True),
+)
+
 INDEX_TABLES = (search_token, search_reference, search_date, search_string)

@@ -409,6 +409,39 @@ class Tx:
         has_more = len(rows) > query.count
         return rows[: query.count], total, has_more
 
+    def scan(
+        self,
+        query: SearchQuery,
+        *,
+        after_seq: int,
+        limit: int,
+        since: datetime | None = None,
+        visible_patients: Collection[str] | None = None,
+        patients: Collection[str] | None = None,
+    ) -> list[tuple[int, str, str | None]]:
+        """One batch of (seq, stored JSON, patient id) in write order, for streaming exports:
+        keyset paging keeps memory flat and never re-reads a row."""
+        where = self._where(query)
+        where.append(resources.c.seq > after_seq)
+        if since is not None:
+            where.append(resources.c.last_updated > since)
+        if visible_patients is not None:
+            where.append(
+                or_(
+                    resources.c.patient_id.is_(None),
+                    resources.c.patient_id.in_(sorted(visible_patients)),
+                )
+            )
+        if patients is not None:
+            where.append(resources.c.patient_id.in_(sorted(patients)))
+        stmt = (
+            select(resources.c.seq, resources.c.content, resources.c.patient_id)
+            .where(*where)
+            .order_by(resources.c.seq)
+            .limit(limit)
+        )
+        return [(int(r.seq), r.content, r.patient_id) for r in self.conn.execute(stmt)]
+
     def _where(self, query: SearchQuery) -> list[ColumnElement[bool]]:
         clauses: list[ColumnElement[bool]] = [
             resources.c.res_type == query.resource_type,

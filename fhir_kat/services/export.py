@@ -1,0 +1,320 @@
+"""Bulk Data ``$export`` (FHIR Bulk Data Access IG, async pattern): kick-off, status, cancel,
+NDJSON files.
+
+Owns: export jobs (a table any process can answer polls from), the runner that streams stored
+JSON to one NDJSON file per type in bounded batches (memory does not grow with the export), and
+consent filtering per patient — the same decision point as searches. Must not: parse HTTP.
+
+``transactionTime`` is the kick-off instant; resources changed while the export runs may appear
+with their newer version (an export never silently drops a resource that was updated).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from sqlalchemy import insert, select, update
+
+from fhir_kat.errors import BadRequest, Forbidden, NotFound, ServerError, issue
+from fhir_kat.search import SearchQuery, parse_date_range, parse_search, utc_naive
+from fhir_kat.services.access import Access
+from fhir_kat.store import Store
+from fhir_kat.store.schema import export_jobs
+from fhir_kat.store.store import format_instant
+from fhir_kat.validation.resource import SUPPORTED_TYPES
+
+log = logging.getLogger("fhir_kat.export")
+
+BATCH = 1000
+#: Never exported: the audit trail and subscriptions are operational, not clinical data.
+NOT_EXPORTED = frozenset({"AuditEvent", "Subscription"})
+OUTPUT_FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
+STALE_AFTER = timedelta(minutes=2)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    status: str
+    progress: str | None = None
+    manifest: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class ExportService:
+    def __init__(
+        self,
+        store: Store,
+        export_dir: Path,
+        clock: Callable[[], datetime],
+        *,
+        workers: int = 2,
+    ) -> None:
+        self.store = store
+        self.export_dir = export_dir
+        self.clock = clock
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="export")
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ kick-off
+
+    def kick_off(
+        self,
+        *,
+        level: str,
+        group_id: str | None,
+        pairs: Iterable[tuple[str, str]],
+        access: Access,
+        request_url: str,
+        file_base: str,
+    ) -> str:
+        params = self._parse(level, pairs, access)
+        if level == "group":
+            params["group"] = group_id
+            self._group_members(group_id or "", access)  # 404/403 now, not later
+        job_id = str(uuid.uuid4())
+        now = utc_naive(self.clock())
+        with self.store.write() as tx:
+            tx.conn.execute(
+                insert(export_jobs).values(
+                    id=job_id,
+                    client_id=access.principal.client_id,
+                    status="accepted",
+                    request_url=request_url,
+                    params=json.dumps(params),
+                    created_at=now,
+                    heartbeat_at=now,
+                    transaction_time=format_instant(now),
+                )
+            )
+        self.executor.submit(self._run_safely, job_id, params, access, file_base)
+        return job_id
+
+    def _parse(
+        self, level: str, pairs: Iterable[tuple[str, str]], access: Access
+    ) -> dict[str, Any]:
+        problems = []
+        types: list[str] | None = None
+        since: str | None = None
+        filters: list[str] = []
+        for key, value in pairs:
+            if key == "_outputFormat":
+                if value not in OUTPUT_FORMATS:
+                    problems.append(issue("not-supported", "_outputFormat must be ndjson", key))
+            elif key == "_type":
+                types = (types or []) + [t for t in value.split(",") if t]
+            elif key == "_since":
+                if parse_date_range(value) is None or "T" not in value:
+                    problems.append(issue("value", "_since must be a FHIR instant", key))
+                since = value
+            elif key == "_typeFilter":
+                filters += [f for f in value.split(",") if f]
+            else:
+                problems.append(issue("not-supported", f"unsupported $export parameter {key}", key))
+        allowed = [t for t in SUPPORTED_TYPES if t not in NOT_EXPORTED and access.can(t, "r")]
+        if types is not None:
+            for t in types:
+                if t not in SUPPORTED_TYPES or t in NOT_EXPORTED:
+                    problems.append(
+                        issue("not-supported", f"_type {t} cannot be exported", "_type")
+                    )
+                elif not access.can(t, "r"):
+                    problems.append(issue("forbidden", f"you may not read {t}", "_type"))
+        for f in filters:
+            rtype, _, query = f.partition("?")
+            if rtype not in SUPPORTED_TYPES or not query:
+                problems.append(issue("value", "_typeFilter must be Type?search", "_typeFilter"))
+                continue
+            try:
+                parse_search(rtype, parse_qsl(query), strict=True, default_count=1, max_count=1)
+            except BadRequest as exc:
+                problems.extend(exc.issues)
+        if problems:
+            raise (Forbidden if all(p.code == "forbidden" for p in problems) else BadRequest)(
+                problems
+            )
+        return {"level": level, "types": types or allowed, "since": since, "filters": filters}
+
+    def _group_members(self, group_id: str, access: Access) -> set[str]:
+        with self.store.read() as tx:
+            group = tx.get("Group", group_id)
+            if group is None or group.deleted:
+                raise NotFound(issue("not-found", "no such Group", "Group"))
+            if not access.can("Group", "r"):
+                raise Forbidden(issue("forbidden", "you may not read Groups", "Group"))
+            members = set()
+            for member in group.json().get("member", []):
+                ref = member.get("entity", {}).get("reference", "")
+                if ref.startswith("Patient/") and not member.get("inactive", False):
+                    members.add(ref.split("/", 1)[1])
+            return members
+
+    # ------------------------------------------------------------------ status, cancel, files
+
+    def _job(self, job_id: str, access: Access) -> Any:
+        with self.store.read() as tx:
+            row = tx.conn.execute(select(export_jobs).where(export_jobs.c.id == job_id)).first()
+        if row is None or row.status == "cancelled":
+            raise NotFound(issue("not-found", "no such export job", "job"))
+        if row.client_id != access.principal.client_id:
+            raise Forbidden(issue("forbidden", "this export belongs to another client", "job"))
+        return row
+
+    def status(self, job_id: str, access: Access) -> JobStatus:
+        row = self._job(job_id, access)
+        if row.status in ("accepted", "in-progress"):
+            if utc_naive(self.clock()) - row.heartbeat_at > STALE_AFTER:
+                self._finish(job_id, "error", error="the export stopped (its process ended)")
+                raise ServerError(issue("exception", "the export stopped; start a new one"))
+            return JobStatus(row.status, progress=row.progress)
+        if row.status == "error":
+            raise ServerError(issue("exception", row.error or "the export failed"))
+        return JobStatus("completed", manifest=json.loads(row.manifest))
+
+    def cancel(self, job_id: str, access: Access) -> None:
+        self._job(job_id, access)
+        with self._lock:
+            self._cancelled.add(job_id)
+        self._finish(job_id, "cancelled")
+        shutil.rmtree(self.export_dir / job_id, ignore_errors=True)
+
+    def file(self, job_id: str, name: str, access: Access) -> Path:
+        row = self._job(job_id, access)
+        if row.status != "completed":
+            raise NotFound(issue("not-found", "the export is not complete", "job"))
+        path = (self.export_dir / job_id / name).resolve()
+        if path.parent != (self.export_dir / job_id).resolve() or not path.is_file():
+            raise NotFound(issue("not-found", "no such export file", "file"))
+        return path
+
+    # ------------------------------------------------------------------ runner
+
+    def _run_safely(self, job_id: str, params: dict[str, Any], access: Access, base: str) -> None:
+        try:
+            self._run(job_id, params, access, base)
+        except Exception:
+            log.exception("export failed", extra={"job": job_id})
+            self._finish(job_id, "error", error="the export failed; see the server log")
+
+    def _run(self, job_id: str, params: dict[str, Any], access: Access, base: str) -> None:
+        self._update(job_id, status="in-progress", progress="starting")
+        folder = self.export_dir / job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        since = None
+        if params["since"]:
+            parsed = parse_date_range(params["since"])
+            since = parsed[0] if parsed else None
+        patients = None
+        if params["level"] == "group":
+            patients = self._group_members(params["group"], access)
+        filters: dict[str, list[SearchQuery]] = {}
+        for f in params["filters"]:
+            rtype, _, query = f.partition("?")
+            filters.setdefault(rtype, []).append(
+                parse_search(rtype, parse_qsl(query), strict=True, default_count=1, max_count=1)
+            )
+        output = []
+        types = params["types"]
+        for index, rtype in enumerate(types):
+            if self._is_cancelled(job_id):
+                return
+            queries = filters.get(rtype) or [SearchQuery(rtype)]
+            count = 0
+            path = folder / f"{rtype}.ndjson"
+            with path.open("w", encoding="utf-8") as out:
+                for query in queries:  # _typeFilter queries are OR-ed, duplicates dropped
+                    count += self._write_type(
+                        out,
+                        query,
+                        access,
+                        since,
+                        patients,
+                        params["level"],
+                        job_id,
+                        seen=set() if len(queries) > 1 else None,
+                    )
+            if count:
+                output.append(
+                    {"type": rtype, "url": f"{base}/{job_id}/{rtype}.ndjson", "count": count}
+                )
+            else:
+                path.unlink()
+            self._update(job_id, progress=f"{index + 1} of {len(types)} types")
+        with self.store.read() as tx:
+            row = tx.conn.execute(select(export_jobs).where(export_jobs.c.id == job_id)).one()
+        manifest = {
+            "transactionTime": row.transaction_time,
+            "request": row.request_url,
+            "requiresAccessToken": True,
+            "output": output,
+            "error": [],
+        }
+        if not self._is_cancelled(job_id):
+            self._finish(job_id, "completed", manifest=manifest)
+
+    def _write_type(
+        self,
+        out: Any,
+        query: SearchQuery,
+        access: Access,
+        since: datetime | None,
+        patients: set[str] | None,
+        level: str,
+        job_id: str,
+        seen: set[int] | None,
+    ) -> int:
+        count = 0
+        after = 0
+        while True:
+            with self.store.read() as tx:
+                visible = access.visible_patients(tx, query.resource_type)
+                batch = tx.scan(
+                    query,
+                    after_seq=after,
+                    limit=BATCH,
+                    since=since,
+                    visible_patients=visible,
+                    patients=patients,
+                )
+            for seq, content, patient_id in batch:
+                if level != "system" and patient_id is None:
+                    continue  # patient-level exports hold patient-compartment data only
+                if seen is not None:
+                    if seq in seen:
+                        continue
+                    seen.add(seq)
+                out.write(content)
+                out.write("\n")
+                count += 1
+            if len(batch) < BATCH or self._is_cancelled(job_id):
+                return count
+            after = batch[-1][0]
+            self._update(job_id)  # heartbeat
+
+    def _is_cancelled(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._cancelled
+
+    def _update(self, job_id: str, **values: Any) -> None:
+        values["heartbeat_at"] = utc_naive(self.clock())
+        with self.store.write() as tx:
+            tx.conn.execute(update(export_jobs).where(export_jobs.c.id == job_id).values(**values))
+
+    def _finish(self, job_id: str, status: str, **values: Any) -> None:
+        if "manifest" in values:
+            values["manifest"] = json.dumps(values["manifest"])
+        self._update(job_id, status=status, **values)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
