@@ -20,6 +20,7 @@ LAYERS = {
     "artifacts": 2,
     "mapping": 2,
     "clinical": 2,
+    "workflow": 2,
     "terminology": 1,
     "search": 1,
     "validation": 1,
@@ -28,7 +29,16 @@ LAYERS = {
     "logging": 0,
     "wsgi": 8,
 }
-PURE = {"mapping", "terminology", "clinical", "artifacts", "search", "validation", "errors"}
+PURE = {
+    "mapping",
+    "terminology",
+    "clinical",
+    "artifacts",
+    "search",
+    "validation",
+    "errors",
+    "workflow",
+}
 FORBIDDEN_IN_PURE = {"flask", "requests", "sqlalchemy", "fhir_kat.store", "fhir_kat.api"}
 
 

@@ -1,0 +1,37 @@
+"""The referral Task state machine (``referral-task.yaml``): which status changes are allowed and
+which need a reason."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FILE = Path(__file__).resolve().parents[2] / "mappings" / "workflow" / "referral-task.yaml"
+
+
+@cache
+def machine(path: Path = FILE) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return data
+
+
+def allowed(current: str, new: str) -> bool:
+    return new == current or new in machine()["transitions"].get(current, [])
+
+
+def needs_reason(status: str) -> bool:
+    return status in machine()["needs_reason"]
+
+
+def business_status(code: str) -> dict[str, Any]:
+    m = machine()
+    entry = m["business_status"][code]
+    return {
+        "coding": [
+            {"system": m["business_status_system"], "code": code, "display": entry["display"]}
+        ],
+        "text": entry["display"],
+    }
