@@ -15,6 +15,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from fhir_kat.api.errors import register_error_handlers
+from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.logging import configure_logging
 from fhir_kat.security.clients import ClientRegistry, load_clients
 from fhir_kat.security.consent import ConsentDecisionPoint
@@ -22,6 +23,7 @@ from fhir_kat.security.ratelimit import RateLimiter
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.fhir_rest import FhirService
+from fhir_kat.services.outcomes import OutcomeService
 from fhir_kat.settings import Settings, load_settings
 from fhir_kat.store import Store
 
@@ -39,6 +41,7 @@ class KatState:
     consent: ConsentDecisionPoint
     rate_limiter: RateLimiter
     export: ExportService
+    outcomes: OutcomeService
     capability_security: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -73,6 +76,9 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["KAT_MAX_JSON_DEPTH"] = settings.max_json_depth
     app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
+    program = settings.extra.get("program", {})
+    outcomes = OutcomeService(store, load_catalogue(program.get("instruments", {})), now)
+    outcomes.install_measure()
     app.extensions["fhir_kat"] = KatState(
         settings=settings,
         store=store,
@@ -85,6 +91,7 @@ def create_app(
         export=ExportService(
             store, Path(settings.export_dir or settings.data_dir / "exports"), now
         ),
+        outcomes=outcomes,
         capability_security=_capability_security(),
     )
 
@@ -92,9 +99,11 @@ def create_app(
     from fhir_kat.api.export import bp as export_bp
     from fhir_kat.api.fhir import bp as fhir_bp
     from fhir_kat.api.health import bp as health_bp
+    from fhir_kat.api.measure import bp as measure_bp
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(export_bp)
+    app.register_blueprint(measure_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)
     register_error_handlers(app)

@@ -20,6 +20,7 @@ LAYERS = {
     "artifacts": 2,
     "mapping": 2,
     "clinical": 2,
+    "instruments": 2,
     "workflow": 2,
     "terminology": 1,
     "search": 1,
@@ -38,6 +39,7 @@ PURE = {
     "validation",
     "errors",
     "workflow",
+    "instruments",
 }
 FORBIDDEN_IN_PURE = {"flask", "requests", "sqlalchemy", "fhir_kat.store", "fhir_kat.api"}
 

@@ -17,6 +17,11 @@ OPERATIONS: tuple[Operation, ...] = (
     ("export", f"{BULK_EXPORT}/export", None),
     ("export", f"{BULK_EXPORT}/patient-export", "Patient"),
     ("export", f"{BULK_EXPORT}/group-export", "Group"),
+    (
+        "evaluate-measure",
+        "http://hl7.org/fhir/OperationDefinition/Measure-evaluate-measure",
+        "Measure",
+    ),
 )
 
 

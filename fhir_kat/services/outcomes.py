@@ -1,0 +1,125 @@
+"""``$evaluate-measure`` for the program-outcome Measure, and keeping the shipped Measure stored.
+
+Owns: reading total-score Observations (status final/amended/corrected, effective in the period,
+optionally only a cohort Group's members) and handing them to ``instruments.outcomes``. The
+report is aggregate, so consent filtering does not apply (issue: "aggregate MeasureReports
+always"); it discloses counts and means only.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+
+from fhir_kat.errors import BadRequest, NotFound, issue
+from fhir_kat.instruments.definitions import Catalogue, Instrument
+from fhir_kat.instruments.outcomes import (
+    MEASURE_ID,
+    ScorePoint,
+    evaluate,
+    measure_report,
+    measure_resource,
+)
+from fhir_kat.search import Criterion, SearchQuery, parse_date_range, split_reference
+from fhir_kat.store import Store, Tx
+from fhir_kat.store.store import format_instant
+
+FINAL = ("final", "amended", "corrected")
+BATCH = 2000
+
+
+class OutcomeService:
+    def __init__(self, store: Store, catalogue: Catalogue, clock: Callable[[], datetime]) -> None:
+        self.store = store
+        self.catalogue = catalogue
+        self.clock = clock
+
+    def install_measure(self) -> None:
+        """Store the Measure generated from the definitions (a new version only on change)."""
+        resource = measure_resource(self.catalogue)
+        with self.store.write() as tx:
+            tx.put(resource, current=tx.get("Measure", MEASURE_ID), skip_if_unchanged=True)
+
+    def evaluate_measure(
+        self,
+        measure_id: str,
+        period_start: str | None,
+        period_end: str | None,
+        subject: str | None,
+    ) -> dict[str, object]:
+        if measure_id != MEASURE_ID:
+            raise NotFound(issue("not-found", "only Measure/kat-program-outcomes is evaluated"))
+        problems = []
+        if not period_start or parse_date_range(period_start) is None:
+            problems.append(issue("required", "periodStart must be a date", "periodStart"))
+        if not period_end or parse_date_range(period_end) is None:
+            problems.append(issue("required", "periodEnd must be a date", "periodEnd"))
+        if problems:
+            raise BadRequest(problems)
+        assert period_start and period_end
+        start = parse_date_range(period_start)
+        end = parse_date_range(period_end)
+        assert start and end
+        with self.store.read() as tx:
+            members = self._members(tx, subject) if subject else None
+            results = [
+                evaluate(inst, self._points(tx, inst, start[0], end[1], members))
+                for inst in self.catalogue.instruments.values()
+            ]
+        report = measure_report(
+            results,
+            period_start=period_start,
+            period_end=period_end,
+            date=format_instant(self.clock()),
+            subject=subject,
+        )
+        report["id"] = str(uuid.uuid4())
+        return report
+
+    def _members(self, tx: Tx, subject: str) -> set[str]:
+        target = split_reference(subject)
+        if target is None or target[0] != "Group":
+            raise BadRequest(issue("value", "subject must be Group/<id>", "subject"))
+        group = tx.get(*target)
+        if group is None or group.deleted:
+            raise NotFound(issue("not-found", "no such Group", "subject"))
+        return {
+            m["entity"]["reference"].split("/", 1)[1]
+            for m in group.json().get("member", [])
+            if m.get("entity", {}).get("reference", "").startswith("Patient/")
+            and not m.get("inactive", False)
+        }
+
+    def _points(
+        self, tx: Tx, inst: Instrument, low: datetime, high: datetime, members: set[str] | None
+    ) -> Iterator[ScorePoint]:
+        query = SearchQuery(
+            "Observation",
+            criteria=(
+                Criterion(
+                    "code", "token", "", ((inst.total["system"], inst.total["code"], True),), ""
+                ),
+                Criterion("status", "token", "", tuple((None, s, False) for s in FINAL), ""),
+                # Two criteria, AND-ed (values inside one criterion are OR-ed).
+                Criterion("date", "date", "", (("ge", low, low),), ""),
+                Criterion("date", "date", "", (("le", high, high),), ""),
+            ),
+        )
+        after = 0
+        while True:
+            batch = tx.scan(query, after_seq=after, limit=BATCH, patients=members)
+            for _, content, patient in batch:
+                if patient is None:
+                    continue
+                obs = json.loads(content)
+                value = obs.get("valueQuantity", {}).get("value", obs.get("valueInteger"))
+                when = obs.get("effectiveDateTime")
+                parsed = parse_date_range(when) if isinstance(when, str) else None
+                if value is None or parsed is None:
+                    continue
+                yield ScorePoint(patient, parsed[0], float(value))
+            if len(batch) < BATCH:
+                return
+            after = batch[-1][0]
