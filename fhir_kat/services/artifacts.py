@@ -16,9 +16,8 @@ from datetime import datetime
 from typing import Any
 
 from fhir_kat.clinical.protocol import ProgramProtocol
-from fhir_kat.mapping import MappingContext, map_artifact
-
 from fhir_kat.errors import Issue, Unprocessable, issue
+from fhir_kat.mapping import MappingContext, map_artifact
 from fhir_kat.search import iter_references, split_reference
 from fhir_kat.services.bundles import RawBundle, RawEntry
 from fhir_kat.services.fhir_rest import FhirService, WriteResult
