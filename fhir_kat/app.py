@@ -24,6 +24,7 @@ from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.services.outcomes import OutcomeService
+from fhir_kat.services.referrals import task_transition_rule
 from fhir_kat.settings import Settings, load_settings
 from fhir_kat.store import Store
 
@@ -61,6 +62,7 @@ def create_app(
         store,
         default_page_size=settings.default_page_size,
         max_page_size=settings.max_page_size,
+        write_rules=[task_transition_rule],
     )
     clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
     key_path = Path(settings.signing_key_file or settings.data_dir / "token-signing-key.pem")

@@ -37,8 +37,11 @@ from fhir_kat.store import Store, StoredResource, Tx
 from fhir_kat.store.store import ConcurrentUpdate, format_instant
 from fhir_kat.validation.resource import SUPPORTED_TYPES, is_valid_id, validate_resource
 
-#: A hook run inside the write transaction after each stored version (outbox, audit, ...).
+#: A hook run inside the write transaction after each stored version (outbox, workflow, ...).
 WriteHook = Callable[[Tx, StoredResource, bool], None]
+#: A rule checked inside the write transaction before a version is stored: (tx, the new
+#: resource, the current version or None). It raises a FhirError to refuse the write.
+WriteRule = Callable[[Tx, dict[str, Any], StoredResource | None], None]
 
 
 @dataclass(frozen=True)
@@ -101,11 +104,13 @@ class FhirService:
         default_page_size: int,
         max_page_size: int,
         write_hooks: Iterable[WriteHook] = (),
+        write_rules: Iterable[WriteRule] = (),
     ) -> None:
         self.store = store
         self.default_page_size = default_page_size
         self.max_page_size = max_page_size
         self.write_hooks = list(write_hooks)
+        self.write_rules = list(write_rules)
 
     # ---------------------------------------------------------------- reads
 
@@ -323,9 +328,27 @@ class FhirService:
                 return WriteResult(existing, created=False, changed=False)
         body = dict(resource)
         body["id"] = str(uuid.uuid4())  # the server assigns ids on create (FHIR R4 3.1.0.4)
-        stored, _ = tx.put(body, current=None)
-        self._after_write(tx, stored, True)
+        stored, _ = self._put(tx, body, None, method="POST")
         return WriteResult(stored, created=True)
+
+    def _put(
+        self,
+        tx: Tx,
+        body: dict[str, Any],
+        current: StoredResource | None,
+        *,
+        method: str,
+        skip_if_unchanged: bool = False,
+    ) -> tuple[StoredResource, bool]:
+        """The one path every version takes: rules, store, hooks."""
+        for rule in self.write_rules:
+            rule(tx, body, current)
+        stored, changed = tx.put(
+            body, current=current, skip_if_unchanged=skip_if_unchanged, method=method
+        )
+        if changed:
+            self._after_write(tx, stored, current is None or current.deleted)
+        return stored, changed
 
     def _conditional_match(self, tx: Tx, rtype: str, criteria: str) -> StoredResource | None:
         pairs = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
@@ -416,12 +439,10 @@ class FhirService:
                         "If-Match",
                     )
                 )
-        stored, changed = tx.put(
-            resource, current=current, skip_if_unchanged=skip_if_unchanged, method="PUT"
+        stored, changed = self._put(
+            tx, resource, current, method="PUT", skip_if_unchanged=skip_if_unchanged
         )
         created = current is None or current.deleted
-        if changed:
-            self._after_write(tx, stored, created)
         return WriteResult(stored, created=created, changed=changed)
 
     def delete(self, rtype: str, rid: str, access: Access | None = None) -> StoredResource | None:
@@ -571,8 +592,7 @@ class FhirService:
                 return {"response": _response_of(plan.existing, "200 OK", base)}
             body = dict(plan.resource)
             body["id"] = plan.new_id
-            stored, _ = tx.put(body, current=None)
-            self._after_write(tx, stored, True)
+            stored, _ = self._put(tx, body, None, method="POST")
             return {"response": _response_of(stored, "201 Created", base)}
         body = dict(plan.resource)
         if body.get("id") != plan.rid:
