@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from fhir_kat.settings import SettingsError, load_settings
 
@@ -67,7 +68,93 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='Example: printf %s "$SECRET" | fhir-kat hash-secret',
     )
     hashed.set_defaults(func=_hash_secret)
+
+    validate = sub.add_parser(
+        "validate",
+        help="check FHIR JSON files the way the service would",
+        description="Validates each file (a resource or a Bundle) with the R4B models and the "
+        "required bindings of HL7's R4 definitions. Exit 1 when any file is refused; the "
+        "OperationOutcome of each refused file goes to stderr.",
+        epilog="Example: fhir-kat validate examples/*.json",
+    )
+    validate.add_argument("files", nargs="+", help="FHIR R4 JSON files")
+    validate.set_defaults(func=_validate)
+
+    outcomes = sub.add_parser(
+        "outcomes",
+        help="print the program-outcome table (and write a chart)",
+        description="Evaluates Measure/kat-program-outcomes over the configured database for a "
+        "period (and optionally a cohort Group) and prints the table; --chart writes an SVG of "
+        "mean baseline vs post per instrument.",
+        epilog="Example: fhir-kat outcomes --start 2026-01-01 --end 2026-12-31 --chart out.svg",
+    )
+    outcomes.add_argument("--start", required=True, help="period start (FHIR date)")
+    outcomes.add_argument("--end", required=True, help="period end (FHIR date)")
+    outcomes.add_argument("--group", help="cohort Group id")
+    outcomes.add_argument("--chart", help="write an SVG chart to this file")
+    outcomes.set_defaults(func=_outcomes)
     return parser
+
+
+def _validate(args: argparse.Namespace) -> int:
+    import json
+
+    from fhir_kat.errors import operation_outcome
+    from fhir_kat.validation.resource import validate_document
+
+    refused = 0
+    for name in args.files:
+        try:
+            with open(name, encoding="utf-8") as fh:
+                document = json.load(fh)
+        except (OSError, ValueError) as exc:
+            print(f"{name}: cannot read JSON ({type(exc).__name__})", file=sys.stderr)
+            refused += 1
+            continue
+        problems = validate_document(document)
+        if problems:
+            refused += 1
+            print(f"{name}: refused", file=sys.stderr)
+            print(json.dumps(operation_outcome(problems), indent=2), file=sys.stderr)
+        else:
+            print(f"{name}: ok")
+    return 1 if refused else 0
+
+
+def _outcomes(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fhir_kat.errors import FhirError
+    from fhir_kat.instruments.chart import outcome_chart_svg, outcome_table
+    from fhir_kat.instruments.definitions import load_catalogue
+    from fhir_kat.services.outcomes import OutcomeService
+    from fhir_kat.store import Store
+
+    settings = load_settings()
+    store = Store(settings.effective_database_url)
+    program = settings.extra.get("program", {})
+    service = OutcomeService(store, load_catalogue(program.get("instruments", {})), _now)
+    try:
+        results = service.results(
+            args.start, args.end, f"Group/{args.group}" if args.group else None
+        )
+    except FhirError as exc:
+        print(f"fhir-kat: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        store.dispose()
+    print(outcome_table(results))
+    if args.chart:
+        title = f"Mean scores before and after, {args.start} to {args.end}"
+        Path(args.chart).write_text(outcome_chart_svg(results, title), encoding="utf-8")
+        print(f"chart written to {args.chart}", file=sys.stderr)
+    return 0
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)
 
 
 def _hash_secret(args: argparse.Namespace) -> int:

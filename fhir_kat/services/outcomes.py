@@ -17,6 +17,7 @@ from fhir_kat.errors import BadRequest, NotFound, issue
 from fhir_kat.instruments.definitions import Catalogue, Instrument
 from fhir_kat.instruments.outcomes import (
     MEASURE_ID,
+    GroupResult,
     ScorePoint,
     evaluate,
     measure_report,
@@ -42,6 +43,24 @@ class OutcomeService:
         with self.store.write() as tx:
             tx.put(resource, current=tx.get("Measure", MEASURE_ID), skip_if_unchanged=True)
 
+    def results(self, period_start: str, period_end: str, subject: str | None) -> list[GroupResult]:
+        """One result per instrument for the period (and the cohort Group, if given)."""
+        start = parse_date_range(period_start)
+        end = parse_date_range(period_end)
+        problems = []
+        if start is None:
+            problems.append(issue("required", "periodStart must be a date", "periodStart"))
+        if end is None:
+            problems.append(issue("required", "periodEnd must be a date", "periodEnd"))
+        if problems or start is None or end is None:
+            raise BadRequest(problems)
+        with self.store.read() as tx:
+            members = self._members(tx, subject) if subject else None
+            return [
+                evaluate(inst, self._points(tx, inst, start[0], end[1], members))
+                for inst in self.catalogue.instruments.values()
+            ]
+
     def evaluate_measure(
         self,
         measure_id: str,
@@ -51,27 +70,11 @@ class OutcomeService:
     ) -> dict[str, object]:
         if measure_id != MEASURE_ID:
             raise NotFound(issue("not-found", "only Measure/kat-program-outcomes is evaluated"))
-        problems = []
-        if not period_start or parse_date_range(period_start) is None:
-            problems.append(issue("required", "periodStart must be a date", "periodStart"))
-        if not period_end or parse_date_range(period_end) is None:
-            problems.append(issue("required", "periodEnd must be a date", "periodEnd"))
-        if problems:
-            raise BadRequest(problems)
-        assert period_start and period_end
-        start = parse_date_range(period_start)
-        end = parse_date_range(period_end)
-        assert start and end
-        with self.store.read() as tx:
-            members = self._members(tx, subject) if subject else None
-            results = [
-                evaluate(inst, self._points(tx, inst, start[0], end[1], members))
-                for inst in self.catalogue.instruments.values()
-            ]
+        start, end = period_start or "", period_end or ""
         report = measure_report(
-            results,
-            period_start=period_start,
-            period_end=period_end,
+            self.results(start, end, subject),
+            period_start=start,
+            period_end=end,
             date=format_instant(self.clock()),
             subject=subject,
         )

@@ -163,6 +163,20 @@ def validate_resource(
     return problems
 
 
+def validate_document(document: Any) -> list[Issue]:
+    """A resource of a supported type, or a Bundle of them (any Bundle type), checked the way
+    the service checks what it stores; used by ``fhir-kat validate``."""
+    from fhir_kat.validation.bindings import check_required_bindings
+
+    if isinstance(document, dict) and document.get("resourceType") == "Bundle":
+        problems = structure_issues(document) or check_required_bindings(document)
+        for i, entry in enumerate(document.get("entry", [])):
+            if isinstance(entry, dict) and "resource" in entry:
+                problems += _service_rules(entry["resource"], f"Bundle.entry[{i}].resource")
+        return problems
+    return validate_resource(document)
+
+
 def _service_rules(resource: dict[str, Any], where: str) -> list[Issue]:
     """Rules the models and HL7's machine-checkable invariants leave to us."""
     problems: list[Issue] = []
