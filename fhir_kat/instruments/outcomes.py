@@ -139,7 +139,14 @@ def measure_resource(catalogue: Catalogue) -> dict[str, object]:
                     {
                         "code": {"coding": [{"system": POPULATION, "code": code}]},
                         "description": text,
-                        "criteria": {"language": "text/plain", "expression": text},
+                        # The data the population is drawn from, as a FHIR query; the rule
+                        # itself is the group's description (this server evaluates it).
+                        "criteria": {
+                            "language": "application/x-fhir-query",
+                            "expression": f"Observation?code={inst.total['system']}|"
+                            f"{inst.total['code']}&status=final,amended,corrected",
+                            "description": text,
+                        },
                     }
                     for code, text in (
                         ("initial-population", f"positive {inst.title} at baseline"),
