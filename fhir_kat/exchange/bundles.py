@@ -1,0 +1,220 @@
+"""The wire form of a delivery: which resources a partner gets, as which transaction Bundle.
+
+Owns: turning an artifact's resources (each with our deterministic ``id`` and a business
+identifier) into the transaction Bundle a partner receives, in the partner's ``write_mode``:
+
+- ``conditional-create``: every entry is ``POST`` with ``ifNoneExist: identifier=<system>|<value>``
+  from the resource's first identifier, ``fullUrl`` a ``urn:uuid:`` derived from our id, and
+  references between entries rewritten to those ``urn:uuid:``s (the partner assigns its own ids
+  and resolves them). Sending the same Bundle twice creates nothing the second time.
+- ``put``: every entry is ``PUT <Type>/<our id>`` (for partners that accept client ids); sending
+  twice writes the same content as a new version, never a second resource.
+
+Must not: touch the database or the network, read a clock, or invent a missing identifier (a
+resource without one cannot be delivered exactly once, so it is refused).
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote
+
+from fhir_kat.errors import Issue, Unprocessable, issue
+from fhir_kat.exchange.partners import PartnerConfig, WriteMode
+
+# uuid5 namespace for the urn:uuid fullUrls of outbound entries. Fixed forever: changing it
+# would change every Bundle we send (harmless for conditional create, noisy in diffs).
+FULLURL_NAMESPACE = uuid.UUID("6f1d2b53-5d8a-4c4e-9a57-0c7e3e5b9a01")
+
+
+def full_url_for(resource_type: str, resource_id: str) -> str:
+    return f"urn:uuid:{uuid.uuid5(FULLURL_NAMESPACE, f'{resource_type}/{resource_id}')}"
+
+
+def search_escape(value: str) -> str:
+    """FHIR search escaping (R4 search, "Escaping search parameters"): ``\\``, ``,``, ``$``
+    and ``|`` inside a value are preceded by ``\\``."""
+    out = value.replace("\\", "\\\\")
+    for char in (",", "$", "|"):
+        out = out.replace(char, "\\" + char)
+    return out
+
+
+def identifier_query(resource: Mapping[str, Any]) -> str | None:
+    """``identifier=<system>|<value>`` from the first identifier with both, URL-encoded."""
+    for ident in _identifiers(resource):
+        system, value = ident.get("system"), ident.get("value")
+        if isinstance(system, str) and system and isinstance(value, str) and value:
+            token = f"{search_escape(system)}|{search_escape(value)}"
+            # ':' and '/' are legal in a query; everything else that could end the parameter
+            # ('&', '#', '+', '%', spaces) is percent-encoded.
+            return "identifier=" + quote(token, safe=":/|")
+    return None
+
+
+def _identifiers(resource: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    idents = resource.get("identifier")
+    if isinstance(idents, Mapping):  # a few resources (e.g. Bundle) have a single identifier
+        return [idents]
+    if isinstance(idents, list):
+        return [i for i in idents if isinstance(i, Mapping)]
+    return []
+
+
+def resources_of(artifact: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The resources of a Bundle (any type) or of a plain list of resources."""
+    if isinstance(artifact, Mapping):
+        if artifact.get("resourceType") != "Bundle":
+            return [dict(artifact)]
+        return [dict(e["resource"]) for e in artifact.get("entry", []) if "resource" in e]
+    return [dict(r) for r in artifact]
+
+
+def to_transaction(
+    artifact: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    write_mode: WriteMode,
+    *,
+    partner_base_url: str = "",
+    resource_types: frozenset[str] | None = None,
+) -> dict[str, Any]:
+    """The transaction Bundle for ``artifact``; ``Unprocessable`` lists every resource that
+    cannot be sent (no id, no identifier, a reference to a resource the filter removed)."""
+    resources = resources_of(artifact)
+    problems: list[Issue] = []
+    keys: list[tuple[str, str]] = []
+    for i, res in enumerate(resources):
+        rtype, rid = res.get("resourceType"), res.get("id")
+        if not isinstance(rtype, str) or not isinstance(rid, str) or not rid:
+            problems.append(
+                issue("required", "every resource needs resourceType and id", f"entry[{i}]")
+            )
+            continue
+        keys.append((rtype, rid))
+    if problems:
+        raise Unprocessable(problems)
+
+    kept = [
+        (k, r)
+        for k, r in zip(keys, resources, strict=True)
+        if resource_types is None or k[0] in resource_types
+    ]
+    kept_keys = {k for k, _ in kept}
+    if not kept:
+        raise Unprocessable(
+            issue("business-rule", "no resource of this artifact is accepted by the partner")
+        )
+
+    # Every spelling by which an entry may refer to another entry of the same Bundle.
+    spellings: dict[str, tuple[str, str]] = {}
+    for rtype, rid in keys:
+        spellings[f"{rtype}/{rid}"] = (rtype, rid)
+        spellings[full_url_for(rtype, rid)] = (rtype, rid)
+    if isinstance(artifact, Mapping) and artifact.get("resourceType") == "Bundle":
+        for entry in artifact.get("entry", []):
+            res = entry.get("resource") or {}
+            full = entry.get("fullUrl")
+            key = (res.get("resourceType"), res.get("id"))
+            if isinstance(full, str) and key in set(keys):
+                spellings[full] = (str(key[0]), str(key[1]))
+
+    entries: list[dict[str, Any]] = []
+    for index, ((rtype, rid), res) in enumerate(kept):
+        body = copy.deepcopy(res)
+        expr = f"Bundle.entry[{index}].resource"
+        for ref in _references(body):
+            value = ref["reference"]
+            target = spellings.get(value) or spellings.get(_tail(value))
+            if target is None:
+                continue  # outside the Bundle: the partner must already know it
+            if target not in kept_keys:
+                problems.append(
+                    issue(
+                        "business-rule",
+                        f"refers to a {target[0]} that this partner does not accept",
+                        expr,
+                    )
+                )
+            elif write_mode == "conditional-create":
+                ref["reference"] = full_url_for(*target)
+            else:
+                ref["reference"] = f"{target[0]}/{target[1]}"
+        body.get("meta", {}).pop("versionId", None)
+        body.get("meta", {}).pop("lastUpdated", None)
+        if not body.get("meta", True):
+            body.pop("meta")
+        if write_mode == "conditional-create":
+            query = identifier_query(body)
+            if query is None:
+                problems.append(
+                    issue(
+                        "required",
+                        "conditional create needs an identifier with system and value",
+                        f"{expr}.identifier",
+                    )
+                )
+                continue
+            body.pop("id", None)
+            entries.append(
+                {
+                    "fullUrl": full_url_for(rtype, rid),
+                    "resource": body,
+                    "request": {"method": "POST", "url": rtype, "ifNoneExist": query},
+                }
+            )
+        else:
+            base = partner_base_url.rstrip("/")
+            entries.append(
+                {
+                    "fullUrl": f"{base}/{rtype}/{rid}" if base else full_url_for(rtype, rid),
+                    "resource": body,
+                    "request": {"method": "PUT", "url": f"{rtype}/{rid}"},
+                }
+            )
+    if problems:
+        raise Unprocessable(problems)
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def for_partner(
+    partner: PartnerConfig, artifact: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    return to_transaction(
+        artifact,
+        partner.write_mode,
+        partner_base_url=partner.base_url,
+        resource_types=partner.resource_types,
+    )
+
+
+def _tail(reference: str) -> str:
+    """``Type/id`` from an absolute or versioned reference (``…/Patient/1/_history/2``)."""
+    parts = reference.split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    return "/".join(parts[-2:])
+
+
+def _references(node: Any) -> Iterator[dict[str, Any]]:
+    """Every Reference (a dict with a string ``reference``) inside ``node``."""
+    if isinstance(node, dict):
+        if isinstance(node.get("reference"), str):
+            yield node
+        for value in node.values():
+            yield from _references(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _references(item)
+
+
+__all__ = [
+    "FULLURL_NAMESPACE",
+    "for_partner",
+    "full_url_for",
+    "identifier_query",
+    "resources_of",
+    "search_escape",
+    "to_transaction",
+]

@@ -1,0 +1,44 @@
+"""Routing: which partners receive an artifact, and the delivery each one gets.
+
+Owns: ``enqueue_artifact``, the one call the artifact service makes after storing an artifact,
+inside the same write transaction. Must not: send anything, or swallow an artifact that cannot
+be delivered exactly once (a resource without an identifier, a partner filter that cuts a
+reference): that raises ``Unprocessable`` and the caller's transaction rolls back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fhir_kat.exchange.bundles import for_partner, resources_of
+from fhir_kat.exchange.outbox import enqueue
+from fhir_kat.exchange.partners import PartnerConfig
+from fhir_kat.store import Tx
+
+
+def enqueue_artifact(
+    tx: Tx,
+    partners: Mapping[str, PartnerConfig],
+    artifact_kind: str,
+    artifact: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    patient_key: str | None,
+    consent_check: Mapping[str, Any] | None = None,
+) -> dict[str, int]:
+    """Queue ``artifact`` (a Bundle or a list of resources with our ids and identifiers) for
+    every enabled partner whose ``artifact_kinds`` include ``artifact_kind`` and which accepts
+    at least one of its resource types; returns ``{partner: delivery id}``."""
+    types = {r.get("resourceType") for r in resources_of(artifact)}
+    queued: dict[str, int] = {}
+    for name in sorted(partners):
+        partner = partners[name]
+        if not partner.wants(artifact_kind):
+            continue
+        if not any(isinstance(t, str) and partner.accepts_type(t) for t in types):
+            continue
+        bundle = for_partner(partner, artifact)
+        queued[name] = enqueue(tx, name, "bundle", bundle, patient_key, consent_check)
+    return queued
+
+
+__all__ = ["enqueue_artifact"]

@@ -1,0 +1,370 @@
+"""The delivery worker: claims due deliveries, checks consent, sends, records the outcome.
+
+Owns: the send loop (``DeliveryWorker.run_once``/``run``), the mapping from a ``SendResult`` to an
+outbox transition, pausing a failing partner for the rest of a batch, and the ``main(argv)`` entry
+point for a ``fhir-kat worker`` command. Several workers (threads or processes, on one or several
+hosts) may run at once: the outbox's claims keep them apart.
+
+Must not: hold a database transaction during a network call, decide consent itself (the injected
+``consent_gate`` does), sleep or read the clock except through what it was given, or log anything
+about a delivery beyond its id, partner, status and attempt count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+from fhir_kat.exchange import outbox
+from fhir_kat.exchange.client import Delivered, PartnerClient, Permanent, Retryable
+from fhir_kat.exchange.outbox import Delivery, RetryPolicy
+from fhir_kat.exchange.partners import PartnerConfig, load_partners
+from fhir_kat.settings import SettingsError, load_settings
+from fhir_kat.store import Store
+
+log = logging.getLogger("fhir_kat.exchange.worker")
+
+#: ``consent_gate(delivery.consent_check) -> bool``: may this delivery be sent now?
+ConsentGate = Callable[[dict[str, Any]], bool]
+Clock = Callable[[], datetime]
+Sleep = Callable[[float], Any]
+
+
+class ConsentUnavailable(Exception):
+    """The consent decision could not be made now; the delivery is retried later."""
+
+
+def unavailable_consent_gate(_check: dict[str, Any]) -> bool:
+    """The gate a worker uses until the real consent decision point is wired: it never says
+    yes or no, so deliveries that need a consent check wait (and retry) rather than leak or
+    get blocked for good."""
+    raise ConsentUnavailable("no consent decision point is configured for the worker")
+
+
+@dataclass
+class RunReport:
+    claimed: int = 0
+    delivered: int = 0
+    retried: int = 0
+    dead: int = 0
+    blocked: int = 0
+    released: int = 0
+    lost: int = 0  # another worker took the lease over meanwhile
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        store: Store,
+        partners: Mapping[str, PartnerConfig],
+        consent_gate: ConsentGate,
+        clock: Clock | None = None,
+        sleep: Sleep | None = None,
+        *,
+        worker_id: str | None = None,
+        batch_size: int = 10,
+        lease_seconds: float | None = None,
+        idle_seconds: float = 2.0,
+        clients: Mapping[str, PartnerClient] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.store = store
+        self.partners = {name: p for name, p in partners.items() if p.enabled}
+        self.consent_gate = consent_gate
+        self.clock: Clock = clock or (lambda: datetime.now(UTC))
+        self._sleep = sleep
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.batch_size = batch_size
+        # One send can take a token request plus two tries (401 → re-auth): three timeouts,
+        # and the lease is renewed right before each send, so that is all it must outlast.
+        longest = max((p.timeout_seconds for p in self.partners.values()), default=30.0)
+        minimum = 3 * longest + 2
+        if lease_seconds is not None and lease_seconds < minimum:
+            raise ValueError(
+                f"lease_seconds must be at least {minimum:g} (3 x the longest partner timeout + 2)"
+            )
+        self.lease_seconds = lease_seconds if lease_seconds is not None else max(120.0, minimum)
+        self.idle_seconds = idle_seconds
+        self.rng = rng or random.Random()  # noqa: S311 - backoff jitter, not a secret
+        epoch_clock = self._epoch
+        self.clients: dict[str, PartnerClient] = dict(clients or {})
+        for name, partner in self.partners.items():
+            self.clients.setdefault(name, PartnerClient(partner, clock=epoch_clock))
+
+    def _epoch(self) -> float:
+        return self.clock().timestamp()
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, stop_event: threading.Event, max_iterations: int | None = None) -> int:
+        """Work until ``stop_event`` is set (or ``max_iterations`` batches); returns the number
+        of batches run. A database error is logged and retried after a pause, never fatal."""
+        sleep = self._sleep or stop_event.wait
+        iterations = 0
+        failures = 0
+        while not stop_event.is_set() and (max_iterations is None or iterations < max_iterations):
+            iterations += 1
+            try:
+                report = self.run_once()
+                failures = 0
+            except Exception as exc:  # the database is down or similar: wait and try again
+                failures += 1
+                log.error(
+                    "delivery batch failed",
+                    extra={"worker": self.worker_id, "exc_type": type(exc).__name__},
+                )
+                sleep(min(60.0, self.idle_seconds * 2 ** min(failures, 6)))
+                continue
+            if report.claimed == 0:
+                sleep(self.idle_seconds)
+        return iterations
+
+    def run_once(self) -> RunReport:
+        """Claim one batch, send each delivery, record each outcome."""
+        report = RunReport()
+        batch = outbox.claim(
+            self.store,
+            self.worker_id,
+            self.batch_size,
+            lease_seconds=self.lease_seconds,
+            partners=list(self.partners),
+            now=self.clock(),
+        )
+        report.claimed = len(batch)
+        # Partners that failed in a way that will fail the rest of this batch too (down,
+        # throttling, token endpoint refusing): their remaining deliveries go back unsent.
+        paused: dict[str, datetime] = {}
+        for index, delivery in enumerate(batch):
+            if delivery.partner in paused:
+                if outbox.release(self.store, delivery, paused[delivery.partner], self.clock()):
+                    report.released += 1
+                continue
+            held = outbox.renew(self.store, batch[index:], self.clock())
+            if delivery.id not in held:
+                report.lost += 1
+                continue
+            try:
+                self._process(delivery, report, paused)
+            except Exception as exc:  # a bug must not take the worker (or the batch) down
+                log.error(
+                    "delivery failed unexpectedly",
+                    extra={
+                        "partner": delivery.partner,
+                        "delivery_id": delivery.id,
+                        "exc_type": type(exc).__name__,
+                    },
+                )
+                self._retry(delivery, f"internal error: {type(exc).__name__}", None, report)
+        return report
+
+    def _process(self, delivery: Delivery, report: RunReport, paused: dict[str, datetime]) -> None:
+        partner = self.partners[delivery.partner]
+        if delivery.attempts > partner.max_attempts:
+            # Only reachable when earlier claims ended without an outcome (a worker killed
+            # mid-send, again and again): a delivery that keeps killing workers stops here.
+            self._record(
+                outbox.mark_dead(
+                    self.store,
+                    delivery,
+                    f"gave up after {delivery.attempts - 1} attempts without an outcome",
+                    self.clock(),
+                ),
+                delivery,
+                "dead",
+                report,
+            )
+            return
+        if delivery.consent_check is not None:
+            try:
+                allowed = self.consent_gate(delivery.consent_check)
+            except Exception as exc:
+                self._retry(
+                    delivery, f"consent decision unavailable: {type(exc).__name__}", None, report
+                )
+                return
+            if not allowed:
+                self._record(
+                    outbox.mark_blocked(
+                        self.store,
+                        delivery,
+                        "consent does not permit this disclosure now",
+                        self.clock(),
+                    ),
+                    delivery,
+                    "blocked-consent",
+                    report,
+                )
+                return
+        result = self.clients[delivery.partner].send(delivery.kind, delivery.payload, delivery.id)
+        if isinstance(result, Delivered):
+            self._record(
+                outbox.mark_delivered(self.store, delivery, result.entries, self.clock()),
+                delivery,
+                "delivered",
+                report,
+            )
+        elif isinstance(result, Permanent):
+            self._record(
+                outbox.mark_dead(self.store, delivery, result.outcome, self.clock()),
+                delivery,
+                "dead",
+                report,
+            )
+        else:
+            decision = self._retry(delivery, result.reason, result, report)
+            if result.status != 409 and decision is not None:
+                # 409 is about this resource; everything else retryable is about the partner.
+                paused[delivery.partner] = decision
+
+    def _retry(
+        self,
+        delivery: Delivery,
+        reason: str,
+        result: Retryable | None,
+        report: RunReport,
+    ) -> datetime | None:
+        partner = self.partners[delivery.partner]
+        code = "throttled" if result is not None and result.status == 429 else "transient"
+        error = {
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": "error", "code": code, "diagnostics": reason[:500]}],
+        }
+        decision = outbox.mark_retry(
+            self.store,
+            delivery,
+            error,
+            policy=RetryPolicy.for_partner(partner),
+            retry_after=result.retry_after if result is not None else None,
+            rng=self.rng,
+            now=self.clock(),
+        )
+        self._record(bool(decision.status), delivery, decision.status or "retry", report)
+        if decision.next_attempt_at is None:
+            return None
+        return decision.next_attempt_at.replace(tzinfo=UTC)
+
+    def _record(self, ok: bool, delivery: Delivery, status: str, report: RunReport) -> None:
+        if not ok:
+            report.lost += 1
+            log.warning(
+                "lease lost before the outcome was recorded",
+                extra={"partner": delivery.partner, "delivery_id": delivery.id},
+            )
+            return
+        if status == "delivered":
+            report.delivered += 1
+        elif status == "dead":
+            report.dead += 1
+        elif status == "blocked-consent":
+            report.blocked += 1
+        else:
+            report.retried += 1
+        log.info(
+            "delivery outcome",
+            extra={
+                "partner": delivery.partner,
+                "delivery_id": delivery.id,
+                "status": status,
+                "attempts": delivery.attempts,
+            },
+        )
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fhir-kat worker",
+        description="Deliver queued artifacts to the partners in [partners.*] "
+        "(FHIR_KAT_CONFIG). Runs until SIGTERM/SIGINT.",
+        epilog="Example: FHIR_KAT_CONFIG=kat.toml fhir-kat worker --batch-size 20",
+    )
+    parser.add_argument("--batch-size", type=int, default=10, help="deliveries per claim")
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=None,
+        help="after this long a claimed delivery is taken over by another worker "
+        "(default: max(120, 3 x the longest partner timeout + 2))",
+    )
+    parser.add_argument("--idle-seconds", type=float, default=2.0, help="pause when nothing is due")
+    parser.add_argument("--worker-id", default=None, help="name in claims and logs")
+    parser.add_argument("--once", action="store_true", help="run one batch and exit")
+    parser.add_argument(
+        "--max-iterations", type=int, default=None, help="stop after this many batches"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, consent_gate: ConsentGate | None = None) -> int:
+    """``fhir-kat worker``: 0 after a clean stop, 2 for a usage or configuration error."""
+    from fhir_kat.logging import configure_logging
+
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        partners = load_partners(settings)
+    except SettingsError as exc:
+        print(f"fhir-kat worker: {exc}", file=sys.stderr)
+        return 2
+    if not any(p.enabled for p in partners.values()):
+        print("fhir-kat worker: no enabled [partners.*] in the configuration", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    store = Store(settings.effective_database_url)
+    try:
+        store.create_schema()
+        worker = DeliveryWorker(
+            store,
+            partners,
+            consent_gate or unavailable_consent_gate,
+            worker_id=args.worker_id,
+            batch_size=args.batch_size,
+            lease_seconds=args.lease_seconds,
+            idle_seconds=args.idle_seconds,
+        )
+    except ValueError as exc:
+        store.dispose()
+        print(f"fhir-kat worker: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def _stop(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log.info(
+        "worker started",
+        extra={"worker": worker.worker_id, "partners": sorted(worker.partners)},
+    )
+    try:
+        worker.run(stop, max_iterations=1 if args.once else args.max_iterations)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        worker.close()
+        store.dispose()
+    log.info("worker stopped", extra={"worker": worker.worker_id})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
