@@ -1,0 +1,73 @@
+"""The wire form: deterministic transaction Bundles for conditional create and PUT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fhir_kat.errors import Unprocessable
+from fhir_kat.exchange.bundles import full_url_for, identifier_query, to_transaction
+
+from .conftest import OBS_SYSTEM, PID_SYSTEM, artifact
+
+
+def test_conditional_create_entries() -> None:
+    bundle = to_transaction(artifact(7), "conditional-create")
+    assert bundle["type"] == "transaction"
+    patient, obs, _ = bundle["entry"]
+    assert patient["request"] == {
+        "method": "POST",
+        "url": "Patient",
+        "ifNoneExist": f"identifier={PID_SYSTEM}|P0007",
+    }
+    assert patient["fullUrl"] == full_url_for("Patient", "pt-0007")
+    assert "id" not in patient["resource"]
+    # The reference to the Patient now points at its entry, for the partner to resolve.
+    assert obs["resource"]["subject"]["reference"] == patient["fullUrl"]
+    assert obs["request"]["ifNoneExist"] == f"identifier={OBS_SYSTEM}|O0007-0"
+
+
+def test_the_same_artifact_always_gives_the_same_bundle() -> None:
+    first = json.dumps(to_transaction(artifact(3), "conditional-create"), sort_keys=True)
+    again = json.dumps(to_transaction(artifact(3), "conditional-create"), sort_keys=True)
+    assert first == again
+
+
+def test_put_mode_keeps_our_ids() -> None:
+    bundle = to_transaction(artifact(1), "put", partner_base_url="https://ehr.example.test/fhir")
+    patient, obs, _ = bundle["entry"]
+    assert patient["request"] == {"method": "PUT", "url": "Patient/pt-0001"}
+    assert patient["fullUrl"] == "https://ehr.example.test/fhir/Patient/pt-0001"
+    assert patient["resource"]["id"] == "pt-0001"
+    assert obs["resource"]["subject"]["reference"] == "Patient/pt-0001"
+
+
+def test_identifier_query_escapes_and_encodes() -> None:
+    resource = {"identifier": [{"value": "no-system"}, {"system": "urn:x", "value": "a|b,c&d e"}]}
+    assert identifier_query(resource) == "identifier=urn:x|a%5C|b%5C%2Cc%26d%20e"
+    assert identifier_query({"identifier": [{"system": "urn:x"}]}) is None
+
+
+def test_resources_without_identifier_or_id_are_refused() -> None:
+    art = artifact(2)
+    del art["entry"][1]["resource"]["identifier"]
+    with pytest.raises(Unprocessable) as err:
+        to_transaction(art, "conditional-create")
+    assert err.value.issues[0].expression == ("Bundle.entry[1].resource.identifier",)
+    del art["entry"][0]["resource"]["id"]
+    with pytest.raises(Unprocessable):
+        to_transaction(art, "put")
+
+
+def test_a_filter_that_cuts_a_reference_is_refused() -> None:
+    only_obs = frozenset({"Observation"})
+    with pytest.raises(Unprocessable) as err:
+        to_transaction(artifact(4), "conditional-create", resource_types=only_obs)
+    assert "Patient that this partner does not accept" in str(err.value)
+    with pytest.raises(Unprocessable):
+        to_transaction(artifact(4), "put", resource_types=frozenset({"Consent"}))
+    patients_only = to_transaction(
+        artifact(4), "conditional-create", resource_types=frozenset({"Patient"})
+    )
+    assert [e["request"]["url"] for e in patients_only["entry"]] == ["Patient"]

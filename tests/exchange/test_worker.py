@@ -1,0 +1,216 @@
+"""The worker against ``responses`` partners, on SQLite and PostgreSQL: outcomes become the
+right outbox states, a failing partner is paused for the rest of the batch, consent is
+checked at send time, and the loop is bounded."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import responses
+
+from fhir_kat.exchange import outbox as ob
+from fhir_kat.exchange.bundles import to_transaction
+from fhir_kat.exchange.worker import DeliveryWorker, RunReport, main
+from fhir_kat.store import Store
+
+from .conftest import BASE, ManualClock, artifact, make_partner
+
+OUTCOME = {
+    "resourceType": "OperationOutcome",
+    "issue": [{"severity": "error", "code": "processing", "diagnostics": "rule 7"}],
+}
+
+
+def ok_response(request: Any) -> tuple[int, dict[str, str], str]:
+    sent = json.loads(request.body)
+    entries = [
+        {"response": {"status": "201 Created", "location": f"{e['request']['url']}/{i}/_history/1"}}
+        for i, e in enumerate(sent["entry"])
+    ]
+    body = {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
+    return 200, {"Content-Type": "application/fhir+json"}, json.dumps(body)
+
+
+@pytest.fixture
+def rsps() -> Iterator[responses.RequestsMock]:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+def fill(store: Store, n: int, partner: str = "ehr", start: int = 0, **kw: Any) -> list[int]:
+    ids = []
+    with store.write() as tx:
+        for i in range(start, start + n):
+            bundle = to_transaction(artifact(i), "conditional-create")
+            ids.append(ob.enqueue(tx, partner, "bundle", bundle, f"pt-{i}", **kw))
+    return ids
+
+
+def worker(store: Store, clock: ManualClock, gate: Any = None, **kw: Any) -> DeliveryWorker:
+    partners = {"ehr": make_partner(max_attempts=3, backoff_base_seconds=1, backoff_cap_seconds=4)}
+    return DeliveryWorker(
+        store, partners, gate or (lambda _c: True), clock, lambda _s: None, worker_id="t", **kw
+    )
+
+
+def test_delivers_and_records_partner_ids(
+    store: Store, clock: ManualClock, rsps: responses.RequestsMock
+) -> None:
+    ids = fill(store, 4)
+    rsps.add_callback(responses.POST, BASE, callback=ok_response)
+    report = worker(store, clock).run_once()
+    assert report == RunReport(claimed=4, delivered=4)
+    info = ob.get_delivery(store, ids[0])
+    assert info.status == "delivered" and info.partner_response is not None
+    assert info.partner_response[0]["type"] == "Patient"
+    assert info.partner_response[0]["fullUrl"].startswith("urn:uuid:")
+    assert len(rsps.calls) == 4
+
+
+def test_an_outage_pauses_the_partner_for_the_rest_of_the_batch(
+    store: Store, clock: ManualClock, rsps: responses.RequestsMock
+) -> None:
+    ids = fill(store, 5)
+    rsps.post(BASE, status=503)
+    report = worker(store, clock).run_once()
+    assert report == RunReport(claimed=5, retried=1, released=4)
+    assert len(rsps.calls) == 1  # one timeout's worth, not five
+    infos = {i: ob.get_delivery(store, i) for i in ids}
+    assert infos[ids[0]].attempts == 1
+    assert all(infos[i].attempts == 0 and infos[i].status == "pending" for i in ids[1:])
+    # They all wait for the same moment, then go.
+    assert len({infos[i].next_attempt_at for i in ids}) == 1
+    rsps.replace(responses.POST, BASE, status=200)
+    rsps.add_callback(responses.POST, BASE, callback=ok_response)
+    clock.advance(2)
+    assert worker(store, clock).run_once().delivered == 5
+
+
+def test_429_waits_as_long_as_the_partner_says(
+    store: Store, clock: ManualClock, rsps: responses.RequestsMock
+) -> None:
+    (did,) = fill(store, 1)
+    rsps.post(BASE, status=429, headers={"Retry-After": "600"})
+    worker(store, clock).run_once()
+    info = ob.get_delivery(store, did)
+    assert info.status == "pending"
+    assert (info.next_attempt_at - clock.now.replace(tzinfo=None)).total_seconds() == 600
+    assert info.last_error is not None and info.last_error["issue"][0]["code"] == "throttled"
+
+
+@pytest.mark.parametrize("status", [400, 412, 422])
+def test_refusals_are_dead_lettered_with_the_outcome(
+    store: Store, clock: ManualClock, rsps: responses.RequestsMock, status: int
+) -> None:
+    (did,) = fill(store, 1)
+    rsps.post(BASE, status=status, json=OUTCOME)
+    assert worker(store, clock).run_once().dead == 1
+    info = ob.get_delivery(store, did)
+    assert info.status == "dead" and info.last_error == OUTCOME and info.attempts == 1
+
+
+def test_transient_failures_end_dead_after_max_attempts(
+    store: Store, clock: ManualClock, rsps: responses.RequestsMock
+) -> None:
+    (did,) = fill(store, 1)
+    rsps.post(BASE, status=500)
+    w = worker(store, clock)
+    for _ in range(3):
+        w.run_once()
+        clock.advance(10)
+    assert ob.get_delivery(store, did).status == "dead"
+    assert len(rsps.calls) == 3
+
+
+def test_consent_gate_at_send_time(
+    store: Store, clock: ManualClock, rsps: responses.RequestsMock
+) -> None:
+    check = {"patient": "pt-0", "actor": "org|HA-ISLAND", "purpose": "TREAT"}
+    denied, allowed = fill(store, 2, consent_check=check)
+    (unchecked,) = fill(store, 1, start=2)
+    rsps.add_callback(responses.POST, BASE, callback=ok_response)
+    seen: list[dict[str, Any]] = []
+
+    def gate(c: dict[str, Any]) -> bool:
+        seen.append(c)
+        return len(seen) > 1
+
+    report = worker(store, clock, gate).run_once()
+    assert report == RunReport(claimed=3, delivered=2, blocked=1)
+    assert seen == [check, check]
+    assert ob.get_delivery(store, denied).status == "blocked-consent"
+    assert ob.get_delivery(store, allowed).status == "delivered"
+    assert ob.get_delivery(store, unchecked).status == "delivered"
+    assert len(rsps.calls) == 2
+
+
+def test_an_unavailable_consent_decision_retries_and_sends_nothing(
+    store: Store, clock: ManualClock, rsps: responses.RequestsMock
+) -> None:
+    (did,) = fill(store, 1, consent_check={"patient": "pt-0"})
+
+    def broken(_c: dict[str, Any]) -> bool:
+        raise ConnectionError("consent service down")
+
+    assert worker(store, clock, broken).run_once().retried == 1
+    assert ob.get_delivery(store, did).status == "pending"
+    assert len(rsps.calls) == 0
+
+
+def test_run_is_bounded_and_sleeps_when_idle(store: Store, clock: ManualClock) -> None:
+    import threading
+
+    sleeps: list[float] = []
+    w = DeliveryWorker(
+        store,
+        {"ehr": make_partner()},
+        lambda _c: True,
+        clock,
+        sleeps.append,
+        idle_seconds=0.5,
+    )
+    assert w.run(threading.Event(), max_iterations=3) == 3
+    assert sleeps == [0.5, 0.5, 0.5]
+    stop = threading.Event()
+    stop.set()
+    assert w.run(stop) == 0
+
+
+def test_lease_must_outlast_a_send(store: Store, clock: ManualClock) -> None:
+    with pytest.raises(ValueError, match="lease_seconds"):
+        worker(store, clock, lease_seconds=30)
+
+
+def test_main_runs_one_batch_from_the_configuration(
+    database_url: str,
+    store: Store,
+    tmp_path: Path,
+    rsps: responses.RequestsMock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fill(store, 3)
+    cfg = tmp_path / "kat.toml"
+    cfg.write_text(f'[partners.ehr]\nbase_url = "{BASE}"\n')
+    monkeypatch.setenv("FHIR_KAT_CONFIG", str(cfg))
+    monkeypatch.setenv("FHIR_KAT_DATABASE_URL", database_url)
+    monkeypatch.setattr("fhir_kat.logging.configure_logging", lambda _level: None)
+    rsps.add_callback(responses.POST, BASE, callback=ok_response)
+    assert main(["--once", "--worker-id", "cli"]) == 0
+    assert ob.stats(store).pending == 0 and len(rsps.calls) == 3
+
+
+def test_main_refuses_a_bad_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "kat.toml"
+    cfg.write_text('[partners.ehr]\nbase_url = "ftp://nope"\n')
+    monkeypatch.setenv("FHIR_KAT_CONFIG", str(cfg))
+    assert main(["--once"]) == 2
+    assert "[partners.ehr].base_url" in capsys.readouterr().err
+    cfg.write_text("[service]\n")
+    assert main(["--once"]) == 2
+    assert "no enabled [partners.*]" in capsys.readouterr().err
