@@ -15,12 +15,14 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from fhir_kat.api.errors import register_error_handlers
+from fhir_kat.clinical.protocol import load_protocol
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.logging import configure_logging
 from fhir_kat.security.clients import ClientRegistry, load_clients
 from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.security.ratelimit import RateLimiter
 from fhir_kat.security.tokens import TokenService, load_signing_key
+from fhir_kat.services.artifacts import ArtifactService
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.services.outcomes import OutcomeService
@@ -43,6 +45,7 @@ class KatState:
     rate_limiter: RateLimiter
     export: ExportService
     outcomes: OutcomeService
+    artifacts: ArtifactService
     capability_security: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -81,6 +84,8 @@ def create_app(
     program = settings.extra.get("program", {})
     outcomes = OutcomeService(store, load_catalogue(program.get("instruments", {})), now)
     outcomes.install_measure()
+    protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
+    artifacts = ArtifactService(fhir, protocol, now)
     app.extensions["fhir_kat"] = KatState(
         settings=settings,
         store=store,
@@ -94,10 +99,12 @@ def create_app(
             store, Path(settings.export_dir or settings.data_dir / "exports"), now
         ),
         outcomes=outcomes,
+        artifacts=artifacts,
         capability_security=_capability_security(),
     )
 
     from fhir_kat.api import auth
+    from fhir_kat.api.artifacts import bp as artifacts_bp
     from fhir_kat.api.export import bp as export_bp
     from fhir_kat.api.fhir import bp as fhir_bp
     from fhir_kat.api.health import bp as health_bp
@@ -105,6 +112,7 @@ def create_app(
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(export_bp)
+    app.register_blueprint(artifacts_bp)
     app.register_blueprint(measure_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)

@@ -41,7 +41,8 @@ def postgres_url(worker_id: str) -> Iterator[str]:
     if postgres_disabled():
         pytest.skip("FHIR_KAT_TEST_POSTGRES=off")
     admin_url = os.environ.get("FHIR_KAT_TEST_POSTGRES_URL", PG_DEFAULT)
-    name = f"fhir_kat_test_{worker_id}".replace("-", "_")
+    # Unique per process: two test runs on one machine (or one PostgreSQL) never collide.
+    name = f"fhir_kat_test_{worker_id}_{os.getpid()}".replace("-", "_")
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:

@@ -186,7 +186,7 @@ class ExportService:
         self._job(job_id, access)
         with self._lock:
             self._cancelled.add(job_id)
-        self._finish(job_id, "cancelled")
+        self._update(job_id, force=True, status="cancelled")
         shutil.rmtree(self.export_dir / job_id, ignore_errors=True)
 
     def file(self, job_id: str, name: str, access: Access) -> Path:
@@ -306,10 +306,13 @@ class ExportService:
         with self._lock:
             return job_id in self._cancelled
 
-    def _update(self, job_id: str, **values: Any) -> None:
+    def _update(self, job_id: str, *, force: bool = False, **values: Any) -> None:
         values["heartbeat_at"] = utc_naive(self.clock())
+        stmt = update(export_jobs).where(export_jobs.c.id == job_id)
+        if not force:  # a cancelled job stays cancelled, whatever its runner does next
+            stmt = stmt.where(export_jobs.c.status != "cancelled")
         with self.store.write() as tx:
-            tx.conn.execute(update(export_jobs).where(export_jobs.c.id == job_id).values(**values))
+            tx.conn.execute(stmt.values(**values))
 
     def _finish(self, job_id: str, status: str, **values: Any) -> None:
         if "manifest" in values:

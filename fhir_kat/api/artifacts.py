@@ -1,0 +1,64 @@
+"""The native artifact API: ``POST /api/v1/<kind>`` stores, ``POST /api/v1/<kind>/$transform``
+returns the FHIR transaction Bundle it would store, ``GET /api/v1/schemas/<kind>.json`` serves the
+artifact's JSON Schema so program systems can validate before sending."""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, current_app, request
+
+from fhir_kat.api.auth import audit_record, current_access
+from fhir_kat.api.body import read_json
+from fhir_kat.api.fhir import json_response
+from fhir_kat.artifacts import KINDS, json_schema
+from fhir_kat.errors import Forbidden, NotFound, issue
+from fhir_kat.security.policy import area_allowed
+from fhir_kat.services.artifacts import ArtifactService
+
+bp = Blueprint("artifacts", __name__, url_prefix="/api/v1")
+
+
+def _service() -> ArtifactService:
+    svc: ArtifactService = current_app.extensions["fhir_kat"].artifacts
+    return svc
+
+
+def _kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise NotFound(
+            issue("not-found", f"unknown artifact kind; use one of: {', '.join(KINDS)}", "kind")
+        )
+    access = current_access()
+    if not area_allowed(access.principal.role, f"artifacts:{kind}"):
+        raise Forbidden(
+            issue("forbidden", f"role {access.principal.role} may not submit {kind}", "kind")
+        )
+    return kind
+
+
+@bp.post("/<kind>")
+def submit(kind: str) -> Response:
+    kind = _kind(kind)
+    record = audit_record()
+    record.interaction = "create"
+    result = _service().submit(kind, read_json(request), current_access().principal.client_id)
+    record.entities.extend(
+        e.fields["response"]["location"].split("/_history")[0] for e in result.bundle.entries
+    )
+    return json_response(result.bundle.to_json(), 201 if result.created else 200)
+
+
+@bp.post("/<kind>/$transform")
+def transform(kind: str) -> Response:
+    kind = _kind(kind)
+    audit_record().interaction = "operation"
+    bundle = _service().transform(kind, read_json(request), current_access().principal.client_id)
+    return json_response(json.dumps(bundle, separators=(",", ":"), ensure_ascii=False))
+
+
+@bp.get("/schemas/<kind>.json")
+def schema(kind: str) -> Response:
+    if kind not in KINDS:
+        raise NotFound(issue("not-found", "unknown artifact kind", "kind"))
+    return Response(json.dumps(json_schema(kind), indent=2), content_type="application/schema+json")

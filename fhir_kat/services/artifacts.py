@@ -1,0 +1,166 @@
+"""Storing program artifacts: validate + map (pure ``mapping`` layer), then one transaction that
+checks identity and references and writes every resulting resource, or nothing.
+
+Owns: the clinical storage rules around a mapped artifact — one PHN, one Patient (conflicting
+demographics refused, never merged); every reference resolves (to the artifact's own resources
+or to stored ones); idempotent re-sends (no new version when nothing changed). Must not: know
+mapping rules (``mapping``) or HTTP (``api``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from fhir_kat.clinical.protocol import ProgramProtocol
+from fhir_kat.errors import Issue, Unprocessable, issue
+from fhir_kat.mapping import MappingContext, map_artifact
+from fhir_kat.search import iter_references, split_reference
+from fhir_kat.services.bundles import RawBundle, RawEntry
+from fhir_kat.services.fhir_rest import FhirService, WriteResult
+from fhir_kat.store import Tx
+from fhir_kat.store.store import format_instant
+
+#: Demographics that identify a person: a PHN re-used with different values is a conflict.
+IDENTITY_ELEMENTS = ("birthDate", "gender")
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    bundle: RawBundle
+    created: bool  # any resource new
+    changed: bool  # any resource new or changed
+
+
+class ArtifactService:
+    def __init__(
+        self, fhir: FhirService, protocol: ProgramProtocol, clock: Callable[[], datetime]
+    ) -> None:
+        self.fhir = fhir
+        self.protocol = protocol
+        self.clock = clock
+
+    def transform(self, kind: str, payload: Any, submitter: str) -> dict[str, Any]:
+        """The transaction Bundle the artifact would become (dry run: nothing is stored)."""
+        bundle: dict[str, Any] = map_artifact(
+            kind, _require_object(payload), self._context(submitter)
+        )
+        return bundle
+
+    def submit(self, kind: str, payload: Any, submitter: str) -> SubmitResult:
+        bundle = self.transform(kind, payload, submitter)
+        entries: list[dict[str, Any]] = bundle.get("entry", [])
+        with self.fhir.write() as tx:
+            self._check_identity(tx, entries)
+            self._check_references(tx, entries)
+            results: list[tuple[dict[str, Any], WriteResult]] = []
+            provenance: list[dict[str, Any]] = []
+            for entry in entries:
+                resource = entry["resource"]
+                if resource["resourceType"] == "Provenance":
+                    provenance.append(resource)
+                    continue
+                results.append((entry, self.fhir.update_in(tx, resource, skip_if_unchanged=True)))
+            changed = any(r.changed for _, r in results)
+            if changed:  # an identical re-send leaves no new trace
+                for resource in provenance:
+                    results.append(({"resource": resource}, self.fhir.update_in(tx, resource)))
+        response = RawBundle(
+            {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "transaction-response"}
+        )
+        for _, result in results:
+            stored = result.stored
+            status = "201 Created" if result.created else "200 OK"
+            response.entries.append(
+                RawEntry(
+                    {
+                        "response": {
+                            "status": status,
+                            "location": f"{stored.type}/{stored.id}/_history/{stored.version_id}",
+                            "etag": stored.etag,
+                            "lastModified": format_instant(stored.last_updated),
+                        }
+                    }
+                )
+            )
+        return SubmitResult(response, created=any(r.created for _, r in results), changed=changed)
+
+    def _context(self, submitter: str) -> MappingContext:
+        return MappingContext(now=self.clock(), submitter=submitter, protocol=self.protocol)
+
+    def _check_identity(self, tx: Tx, entries: list[dict[str, Any]]) -> None:
+        problems: list[Issue] = []
+        for entry in entries:
+            resource = entry["resource"]
+            if resource["resourceType"] != "Patient":
+                continue
+            stored = tx.get("Patient", resource["id"])
+            if stored is None or stored.deleted:
+                continue
+            known = stored.json()
+            for element in IDENTITY_ELEMENTS:
+                if element in known and element in resource and known[element] != resource[element]:
+                    problems.append(
+                        issue(
+                            "business-rule",
+                            f"this PHN already belongs to a patient with a different {element}; "
+                            "resolve the identity before re-sending (records are never merged "
+                            "automatically)",
+                            f"Patient.{element}",
+                        )
+                    )
+            if (
+                _family_names(known)
+                and _family_names(resource)
+                and not (_family_names(known) & _family_names(resource))
+            ):
+                problems.append(
+                    issue(
+                        "business-rule",
+                        "this PHN already belongs to a patient with a different family name",
+                        "Patient.name.family",
+                    )
+                )
+        if problems:
+            raise Unprocessable(problems)
+
+    def _check_references(self, tx: Tx, entries: list[dict[str, Any]]) -> None:
+        local = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in entries}
+        missing: dict[str, str] = {}
+        for i, entry in enumerate(entries):
+            for holder, path in iter_references(entry["resource"], f"Bundle.entry[{i}].resource"):
+                ref = holder["reference"]
+                target = split_reference(ref)
+                if target is None or ref in local or ref in missing:
+                    continue
+                found = tx.get(*target)
+                if found is None or found.deleted:
+                    missing[ref] = path
+        if missing:
+            raise Unprocessable(
+                [
+                    issue(
+                        "not-found",
+                        f"{ref.split('/')[0]} referenced by the artifact is not stored",
+                        path,
+                    )
+                    for ref, path in missing.items()
+                ]
+            )
+
+
+def _require_object(payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise Unprocessable(issue("structure", "an artifact must be a JSON object", "$"))
+    return payload
+
+
+def _family_names(patient: dict[str, Any]) -> set[str]:
+    return {
+        n["family"].strip().lower()
+        for n in patient.get("name", [])
+        if isinstance(n.get("family"), str) and n.get("use", "official") in ("official", "usual")
+    }
