@@ -59,6 +59,7 @@ _KNOWN_KEYS = {
     "backoff_base_seconds",
     "backoff_cap_seconds",
     "enabled",
+    "organization",
 }
 
 
@@ -89,6 +90,8 @@ class PartnerConfig:
     backoff_base_seconds: float = 2.0
     backoff_cap_seconds: float = 3600.0
     enabled: bool = True
+    #: The receiving organisation as ``system|value``: the actor a consent decision names.
+    organization: str | None = None
 
     def wants(self, artifact_kind: str) -> bool:
         return self.enabled and (
@@ -164,6 +167,13 @@ def _parse_one(
     if not isinstance(enabled, bool):
         problems.append(f"{where}.enabled: must be true or false")
 
+    organization = table.get("organization")
+    if organization is not None and (
+        not isinstance(organization, str)
+        or organization.count("|") != 1
+        or "|" in (organization[0], organization[-1])
+    ):
+        problems.append(f"{where}.organization: must be an identifier as system|value")
     resource_types = _name_set(table, "resource_types", where, problems)
     artifact_kinds = _name_set(table, "artifact_kinds", where, problems)
     auth = _parse_auth(table, env, base_dir, where, problems)
@@ -182,6 +192,7 @@ def _parse_one(
         backoff_base_seconds=base,
         backoff_cap_seconds=cap,
         enabled=bool(enabled),
+        organization=organization,
     )
 
 

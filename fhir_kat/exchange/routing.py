@@ -23,11 +23,18 @@ def enqueue_artifact(
     artifact_kind: str,
     artifact: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     patient_key: str | None,
-    consent_check: Mapping[str, Any] | None = None,
+    consent_purpose: str | None = None,
 ) -> dict[str, int]:
     """Queue ``artifact`` (a Bundle or a list of resources with our ids and identifiers) for
     every enabled partner whose ``artifact_kinds`` include ``artifact_kind`` and which accepts
-    at least one of its resource types; returns ``{partner: delivery id}``."""
+    at least one of its resource types; returns ``{partner: delivery id}``.
+
+    With ``consent_purpose`` (a v3 PurposeOfUse code such as ``TREAT``) each delivery carries
+    the consent question to ask again at send time: ``{"patient": patient_key, "partner":
+    name, "actor": partner.organization, "purpose": consent_purpose}``.
+    """
+    if consent_purpose is not None and patient_key is None:
+        raise ValueError("a consent check needs the patient_key")
     types = {r.get("resourceType") for r in resources_of(artifact)}
     queued: dict[str, int] = {}
     for name in sorted(partners):
@@ -37,7 +44,15 @@ def enqueue_artifact(
         if not any(isinstance(t, str) and partner.accepts_type(t) for t in types):
             continue
         bundle = for_partner(partner, artifact)
-        queued[name] = enqueue(tx, name, "bundle", bundle, patient_key, consent_check)
+        check = None
+        if consent_purpose is not None:
+            check = {
+                "patient": patient_key,
+                "partner": name,
+                "actor": partner.organization,
+                "purpose": consent_purpose,
+            }
+        queued[name] = enqueue(tx, name, "bundle", bundle, patient_key, check)
     return queued
 
 
