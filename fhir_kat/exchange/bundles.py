@@ -10,15 +10,17 @@ identifier) into the transaction Bundle a partner receives, in the partner's ``w
 - ``put``: every entry is ``PUT <Type>/<our id>`` (for partners that accept client ids); sending
   twice writes the same content as a new version, never a second resource.
 
-Must not: touch the database or the network, read a clock, or invent a missing identifier (a
-resource without one cannot be delivered exactly once, so it is refused).
+Must not: touch the database or the network, read a clock, or invent a business identifier.
+A resource without one cannot be delivered exactly once by conditional create, so it is refused
+— unless the partner names a ``source_identifier_system``: then it travels with the identifier
+``<that system>|<our id>`` (our deterministic id, stated as such, not a guessed business value).
 """
 
 from __future__ import annotations
 
 import copy
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -28,6 +30,17 @@ from fhir_kat.exchange.partners import PartnerConfig, WriteMode
 # uuid5 namespace for the urn:uuid fullUrls of outbound entries. Fixed forever: changing it
 # would change every Bundle we send (harmless for conditional create, noisy in diffs).
 FULLURL_NAMESPACE = uuid.UUID("6f1d2b53-5d8a-4c4e-9a57-0c7e3e5b9a01")
+
+
+# R4 resources whose ``identifier`` is 0..1 (a single Identifier, not a list), and some that have
+# no ``identifier`` at all (conditional create by identifier is impossible for them).
+SINGLE_IDENTIFIER = frozenset({"QuestionnaireResponse", "AdverseEvent", "Bundle", "Composition"})
+NO_IDENTIFIER = frozenset(
+    {"Provenance", "MessageHeader", "Binary", "Parameters", "OperationOutcome", "Subscription"}
+)
+
+
+Resolve = Callable[[str, str], Mapping[str, Any] | None]
 
 
 def full_url_for(resource_type: str, resource_id: str) -> str:
@@ -79,9 +92,17 @@ def to_transaction(
     *,
     partner_base_url: str = "",
     resource_types: frozenset[str] | None = None,
+    source_identifier_system: str | None = None,
+    resolve: Resolve | None = None,
 ) -> dict[str, Any]:
     """The transaction Bundle for ``artifact``; ``Unprocessable`` lists every resource that
-    cannot be sent (no id, no identifier, a reference to a resource the filter removed)."""
+    cannot be sent (no id, no identifier, a reference to a resource the filter removed).
+
+    ``resolve(type, id)`` returns a stored resource (or ``None``). In conditional-create mode a
+    reference ``Type/id`` to a resource outside the artifact becomes the conditional reference
+    ``Type?identifier=…`` with the identifier that resource was (or will be) sent under, since
+    the partner knows it by that identifier, not by our id.
+    """
     resources = resources_of(artifact)
     problems: list[Issue] = []
     keys: list[tuple[str, str]] = []
@@ -128,7 +149,11 @@ def to_transaction(
             value = ref["reference"]
             target = spellings.get(value) or spellings.get(_tail(value))
             if target is None:
-                continue  # outside the Bundle: the partner must already know it
+                if write_mode == "conditional-create" and resolve is not None:
+                    conditional = _conditional_reference(value, resolve, source_identifier_system)
+                    if conditional is not None:
+                        ref["reference"] = conditional
+                continue  # otherwise outside the Bundle: the partner must already know it
             if target not in kept_keys:
                 problems.append(
                     issue(
@@ -147,11 +172,18 @@ def to_transaction(
             body.pop("meta")
         if write_mode == "conditional-create":
             query = identifier_query(body)
+            if query is None and source_identifier_system and rtype not in NO_IDENTIFIER:
+                _add_identifier(body, rtype, {"system": source_identifier_system, "value": rid})
+                query = identifier_query(body)
             if query is None:
                 problems.append(
                     issue(
                         "required",
-                        "conditional create needs an identifier with system and value",
+                        f"{rtype} has no identifier element: send it in put mode or leave it "
+                        "out with resource_types"
+                        if rtype in NO_IDENTIFIER
+                        else "conditional create needs an identifier with system and value "
+                        "(or the partner's source_identifier_system)",
                         f"{expr}.identifier",
                     )
                 )
@@ -179,14 +211,44 @@ def to_transaction(
 
 
 def for_partner(
-    partner: PartnerConfig, artifact: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+    partner: PartnerConfig,
+    artifact: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    resolve: Resolve | None = None,
 ) -> dict[str, Any]:
     return to_transaction(
         artifact,
         partner.write_mode,
         partner_base_url=partner.base_url,
         resource_types=partner.resource_types,
+        source_identifier_system=partner.source_identifier_system,
+        resolve=resolve,
     )
+
+
+def _conditional_reference(
+    reference: str, resolve: Resolve, source_identifier_system: str | None
+) -> str | None:
+    parts = reference.split("/")
+    if len(parts) != 2 or not parts[0][:1].isupper() or reference.startswith(("urn:", "#")):
+        return None  # absolute, versioned, contained or logical: leave it as it is
+    stored = resolve(parts[0], parts[1])
+    if stored is None:
+        return None
+    query = identifier_query(stored)
+    if query is None and source_identifier_system and parts[0] not in NO_IDENTIFIER:
+        query = identifier_query(
+            {"identifier": [{"system": source_identifier_system, "value": parts[1]}]}
+        )
+    return f"{parts[0]}?{query}" if query is not None else None
+
+
+def _add_identifier(resource: dict[str, Any], rtype: str, identifier: dict[str, str]) -> None:
+    if rtype in SINGLE_IDENTIFIER:
+        # A single identifier without system or value is kept, never overwritten: the
+        # resource is then refused and a person decides.
+        resource.setdefault("identifier", identifier)
+    else:
+        resource["identifier"] = [*_identifiers(resource), identifier]
 
 
 def _tail(reference: str) -> str:

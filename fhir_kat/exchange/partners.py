@@ -60,6 +60,7 @@ _KNOWN_KEYS = {
     "backoff_cap_seconds",
     "enabled",
     "organization",
+    "source_identifier_system",
 }
 
 
@@ -92,6 +93,10 @@ class PartnerConfig:
     enabled: bool = True
     #: The receiving organisation as ``system|value``: the actor a consent decision names.
     organization: str | None = None
+    #: Conditional create: the identifier system under which a resource without a business
+    #: identifier is sent, with our (deterministic) id as the value. ``None``: such a
+    #: resource is refused when queued.
+    source_identifier_system: str | None = None
 
     def wants(self, artifact_kind: str) -> bool:
         return self.enabled and (
@@ -174,6 +179,13 @@ def _parse_one(
         or "|" in (organization[0], organization[-1])
     ):
         problems.append(f"{where}.organization: must be an identifier as system|value")
+    source_system = table.get("source_identifier_system")
+    if source_system is not None and (
+        not isinstance(source_system, str)
+        or not source_system.startswith(("https://", "http://", "urn:"))
+        or "|" in source_system
+    ):
+        problems.append(f"{where}.source_identifier_system: must be an absolute URI without '|'")
     resource_types = _name_set(table, "resource_types", where, problems)
     artifact_kinds = _name_set(table, "artifact_kinds", where, problems)
     auth = _parse_auth(table, env, base_dir, where, problems)
@@ -193,6 +205,7 @@ def _parse_one(
         backoff_cap_seconds=cap,
         enabled=bool(enabled),
         organization=organization,
+        source_identifier_system=source_system,
     )
 
 

@@ -1,7 +1,8 @@
 """Routing: which partners receive an artifact, and the delivery each one gets.
 
 Owns: ``enqueue_artifact``, the one call the artifact service makes after storing an artifact,
-inside the same write transaction. Must not: send anything, or swallow an artifact that cannot
+inside the same write transaction (which also resolves references to resources stored
+earlier into conditional references). Must not: send anything, or swallow an artifact that cannot
 be delivered exactly once (a resource without an identifier, a partner filter that cuts a
 reference): that raises ``Unprocessable`` and the caller's transaction rolls back.
 """
@@ -36,6 +37,11 @@ def enqueue_artifact(
     if consent_purpose is not None and patient_key is None:
         raise ValueError("a consent check needs the patient_key")
     types = {r.get("resourceType") for r in resources_of(artifact)}
+
+    def resolve(rtype: str, rid: str) -> dict[str, Any] | None:
+        stored = tx.get(rtype, rid)
+        return stored.json() if stored is not None and not stored.deleted else None
+
     queued: dict[str, int] = {}
     for name in sorted(partners):
         partner = partners[name]
@@ -43,7 +49,7 @@ def enqueue_artifact(
             continue
         if not any(isinstance(t, str) and partner.accepts_type(t) for t in types):
             continue
-        bundle = for_partner(partner, artifact)
+        bundle = for_partner(partner, artifact, resolve)
         check = None
         if consent_purpose is not None:
             check = {

@@ -71,3 +71,54 @@ def test_a_filter_that_cuts_a_reference_is_refused() -> None:
         artifact(4), "conditional-create", resource_types=frozenset({"Patient"})
     )
     assert [e["request"]["url"] for e in patients_only["entry"]] == ["Patient"]
+
+
+def test_source_identifier_system_covers_resources_without_a_business_identifier() -> None:
+    system = "https://fhir-kat.example.org/fhir/sid/resource"
+    resources = [
+        {"resourceType": "Encounter", "id": "enc-1", "status": "finished"},
+        {"resourceType": "QuestionnaireResponse", "id": "qr-1", "status": "completed"},
+        {"resourceType": "Observation", "id": "o-1", "identifier": [{"value": "no-system"}]},
+    ]
+    bundle = to_transaction(resources, "conditional-create", source_identifier_system=system)
+    enc, qr, obs = (e["resource"] for e in bundle["entry"])
+    assert enc["identifier"] == [{"system": system, "value": "enc-1"}]
+    assert qr["identifier"] == {"system": system, "value": "qr-1"}  # 0..1 in R4
+    assert obs["identifier"] == [{"value": "no-system"}, {"system": system, "value": "o-1"}]
+    assert bundle["entry"][1]["request"]["ifNoneExist"] == f"identifier={system}|qr-1"
+    # A business identifier, where there is one, stays the one matched on.
+    assert to_transaction(artifact(5), "conditional-create", source_identifier_system=system) == (
+        to_transaction(artifact(5), "conditional-create")
+    )
+    provenance = {"resourceType": "Provenance", "id": "prov-1", "recorded": "2026-01-01T00:00:00Z"}
+    with pytest.raises(Unprocessable, match="Provenance has no identifier element"):
+        to_transaction([provenance], "conditional-create", source_identifier_system=system)
+    assert to_transaction([provenance], "put")["entry"][0]["request"]["url"] == "Provenance/prov-1"
+
+
+def test_references_to_stored_resources_become_conditional_references() -> None:
+    system = "https://fhir-kat.example.org/fhir/sid/resource"
+    stored = {
+        ("Patient", "pt-0001"): artifact(1)["entry"][0]["resource"],
+        ("Encounter", "enc-1"): {"resourceType": "Encounter", "id": "enc-1"},
+    }
+    obs = {
+        "resourceType": "Observation",
+        "id": "o-9",
+        "identifier": [{"system": OBS_SYSTEM, "value": "O9"}],
+        "subject": {"reference": "Patient/pt-0001"},
+        "encounter": {"reference": "Encounter/enc-1"},
+        "performer": [{"reference": "Practitioner/unknown"}],
+    }
+    bundle = to_transaction(
+        [obs],
+        "conditional-create",
+        resolve=lambda t, i: stored.get((t, i)),
+        source_identifier_system=system,
+    )
+    sent = bundle["entry"][0]["resource"]
+    assert sent["subject"] == {"reference": f"Patient?identifier={PID_SYSTEM}|P0001"}
+    assert sent["encounter"] == {"reference": f"Encounter?identifier={system}|enc-1"}
+    assert sent["performer"] == [{"reference": "Practitioner/unknown"}]  # not ours: as it was
+    put = to_transaction([obs], "put", resolve=lambda t, i: stored.get((t, i)))
+    assert put["entry"][0]["resource"]["subject"] == {"reference": "Patient/pt-0001"}

@@ -93,7 +93,7 @@ def test_every_problem_is_reported(tmp_path: Path, key_files: dict[str, Path]) -
         "f": {"base_url": BASE, "resource_types": "Patient", "backoff_cap_seconds": 1},
         "g": "not a table",
         "h": {"base_url": BASE, "auth": "smart_backend", "private_key_file": "/nonexistent.pem"},
-        "i": {"base_url": BASE, "organization": "HA-ISLAND"},
+        "i": {"base_url": BASE, "organization": "HA-ISLAND", "source_identifier_system": "x|y"},
     }
     with pytest.raises(SettingsError) as err:
         parse_partners(raw, environ={})
@@ -116,6 +116,7 @@ def test_every_problem_is_reported(tmp_path: Path, key_files: dict[str, Path]) -
         "[partners.g]: must be a table",
         "[partners.h].private_key_file: cannot read /nonexistent.pem",
         "[partners.i].organization: must be an identifier as system|value",
+        "[partners.i].source_identifier_system",
     ]
     missing = [fragment for fragment in expected if fragment not in text]
     assert not missing, text

@@ -16,7 +16,7 @@ from fhir_kat.exchange import outbox as ob
 from fhir_kat.exchange.partners import PartnerConfig, parse_partners
 from fhir_kat.exchange.routing import enqueue_artifact
 from fhir_kat.exchange.worker import DeliveryWorker
-from fhir_kat.store import Store
+from fhir_kat.store import Store, Tx
 
 from .conftest import (
     OBS_SYSTEM,
@@ -36,11 +36,21 @@ def partner(base_url: str, **table: Any) -> dict[str, PartnerConfig]:
     return parse_partners({"ehr": raw})
 
 
+def store_and_enqueue(tx: Tx, partners: dict[str, PartnerConfig], bundle: dict[str, Any]) -> None:
+    """What the artifact service does: store the artifact, queue it, in one transaction."""
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        tx.put(resource, current=tx.get(resource["resourceType"], resource["id"]))
+    patient = bundle["entry"][0]["resource"]
+    key = patient["id"] if patient["resourceType"] == "Patient" else patient["subject"]["reference"]
+    queued = enqueue_artifact(tx, partners, "screening", bundle, key.removeprefix("Patient/"))
+    assert list(queued) == ["ehr"]
+
+
 def enqueue_artifacts(store: Store, partners: dict[str, PartnerConfig], numbers: range) -> None:
     with store.write() as tx:
         for i in numbers:
-            queued = enqueue_artifact(tx, partners, "screening", artifact(i), f"pt-{i:04d}")
-            assert list(queued) == ["ehr"]
+            store_and_enqueue(tx, partners, artifact(i))
 
 
 def finished(store: Store) -> bool:
@@ -126,6 +136,26 @@ def test_transaction_bundles_arrive_once_and_resending_changes_nothing(
     for info in replayed:
         assert info.partner_response is not None
         assert {e["status"] for e in info.partner_response} == {"200 OK"}
+
+    # A later artifact refers to a Patient stored (and delivered) earlier: the partner knows
+    # that Patient by its identifier, so the reference travels as a conditional reference.
+    with real_store.write() as tx:
+        for i in range(ARTIFACTS):
+            later = artifact(i)["entry"][1]
+            later["resource"] = {
+                **later["resource"],
+                "id": f"obs-{i:04d}-later",
+                "identifier": [{"system": OBS_SYSTEM, "value": f"O{i:04d}-later"}],
+            }
+            store_and_enqueue(tx, partners, {"resourceType": "Bundle", "entry": [later]})
+    with background_worker(real_store, partners, batch_size=5):
+        wait_for(lambda: finished(real_store), 60, "later deliveries", step=0.05)
+    for i in range(ARTIFACTS):
+        found = sekmet.get("Observation", identifier=f"{OBS_SYSTEM}|O{i:04d}-later")
+        assert found["total"] == 1
+        subject = found["entry"][0]["resource"]["subject"]
+        assert subject == {"reference": f"Patient/{ids[f'pt-{i:04d}']}"}
+    assert len(sekmet.search_all("Patient")) == ARTIFACTS
 
 
 def test_smart_backend_and_put_mode_against_a_real_token_endpoint(
