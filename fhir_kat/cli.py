@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from fhir_kat.settings import SettingsError, load_settings
@@ -93,7 +94,67 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument("--group", help="cohort Group id")
     outcomes.add_argument("--chart", help="write an SVG chart to this file")
     outcomes.set_defaults(func=_outcomes)
+
+    mappings = sub.add_parser(
+        "mappings",
+        help="work with the declarative mapping files",
+        description="lint: check every mappings/<kind>/*.yaml (source fields, FHIR types, "
+        "ConceptMaps, CodeSystems, references, functions).",
+        epilog="Example: fhir-kat mappings lint",
+    )
+    mappings.add_argument("action", choices=["lint"])
+    mappings.set_defaults(func=_mappings)
+
+    map_cmd = sub.add_parser(
+        "map",
+        help="map an artifact file to FHIR (stdout), without storing it",
+        description="Artifact JSON in, FHIR transaction Bundle out. Exit 1 with the "
+        "OperationOutcome on stderr when the artifact is refused.",
+        epilog="Example: fhir-kat map referrals docs/examples/referrals.json",
+    )
+    map_cmd.add_argument("kind")
+    map_cmd.add_argument("file")
+    map_cmd.set_defaults(func=_map)
     return parser
+
+
+def _mappings(args: argparse.Namespace) -> int:
+    from fhir_kat.mapping import lint_mappings
+
+    problems = lint_mappings()
+    for p in problems:
+        print(f"{', '.join(p.expression)}: {p.diagnostics}", file=sys.stderr)
+    if not problems:
+        print("mappings: ok")
+    return 1 if problems else 0
+
+
+def _map(args: argparse.Namespace) -> int:
+    import json
+
+    from fhir_kat.artifacts import KINDS
+    from fhir_kat.clinical.protocol import load_protocol
+    from fhir_kat.errors import FhirError
+    from fhir_kat.mapping import MappingContext, map_artifact
+
+    if args.kind not in KINDS:
+        print(f"fhir-kat: kind must be one of {', '.join(KINDS)}", file=sys.stderr)
+        return 2
+    try:
+        with open(args.file, encoding="utf-8") as fh:
+            payload = json.load(fh)
+    except (OSError, ValueError) as exc:
+        print(f"fhir-kat: cannot read {args.file} ({type(exc).__name__})", file=sys.stderr)
+        return 2
+    settings = load_settings()
+    protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
+    try:
+        bundle = map_artifact(args.kind, payload, MappingContext(_now(), "cli", protocol))
+    except FhirError as exc:
+        print(json.dumps(exc.outcome(), indent=2), file=sys.stderr)
+        return 1
+    print(json.dumps(bundle, indent=2, ensure_ascii=False))
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -31,6 +31,14 @@ from fhir_kat.store.schema import metadata
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        help="rewrite tests/golden/**/*.expected.json from the current mappings",
+    )
+
+
 def postgres_disabled() -> bool:
     return os.environ.get("FHIR_KAT_TEST_POSTGRES", "").lower() == "off"
 

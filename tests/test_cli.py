@@ -77,3 +77,14 @@ def test_every_command_has_help_with_an_example() -> None:
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, command in sub.choices.items():  # type: ignore[union-attr]
         assert command.epilog and "Example" in command.epilog, name
+
+
+def test_map_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[1] / "docs" / "examples" / "consents.json"
+    assert main(["map", "consents", str(example)]) == 0
+    assert json.loads(capsys.readouterr().out)["type"] == "transaction"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"source_id": "x"}))
+    assert main(["map", "consents", str(bad)]) == 1
+    assert "OperationOutcome" in capsys.readouterr().err
+    assert main(["map", "unicorns", str(bad)]) == 2

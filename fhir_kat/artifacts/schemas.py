@@ -10,6 +10,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from fhir_kat.errors import Issue, Unprocessable, issue
+from fhir_kat.terminology import load_terminology
 
 # Ten digits. The BC check-digit rule is not verified here, so it is not enforced (never guess).
 PHN_RE = re.compile(r"^\d{10}$")
@@ -165,7 +166,9 @@ class ConsentSchema(_Strict):
     session_number = fields.Integer(validate=validate.Range(min=1, max=12))
     permitted_party = fields.Nested(OrganizationSchema)
     purposes = fields.List(
-        fields.String(validate=validate.OneOf(["TREAT", "HOPERAT", "PUBHLTH", "HRESCH"])),
+        fields.String(
+            validate=validate.OneOf(load_terminology().value_set_codes("kat-purpose-of-use"))
+        ),
         load_default=list,
     )
     form = fields.Nested(AttachmentSchema)

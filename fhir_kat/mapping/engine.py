@@ -42,6 +42,16 @@ ROOT = Path(__file__).resolve().parents[2] / "mappings"
 NAMESPACE = uuid.UUID("6f1d3c52-7a0e-5b8e-9d4e-6b6174000001")
 OPS = ("$path", "$const", "$fn", "$map", "$cs", "$ref", "$each", "$if")
 BASE = "https://fhir-kat.example.org/fhir"
+_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+#: The codes the engine itself writes (into each Provenance).
+ACTIVITY = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+    "code": "CREATE",
+    "display": "create",
+}
+AUTHOR = {"system": _PARTICIPANT, "code": "author", "display": "Author"}
+ASSEMBLER = {"system": _PARTICIPANT, "code": "assembler", "display": "Assembler"}
+ENGINE_CODES = (ACTIVITY, AUTHOR, ASSEMBLER)
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,7 @@ def map_artifact(kind: str, payload: Mapping[str, Any], ctx: MappingContext) -> 
                 resource.update(body)
             entries.append(resource)
     problems += env.issues
+    entries = _dedupe(entries, problems)
     if problems:
         raise Unprocessable(problems)
     entries.append(_provenance(kind, artifact, entries, ctx, [t for t, _ in plan]))
@@ -135,6 +146,26 @@ def map_artifact(kind: str, payload: Mapping[str, Any], ctx: MappingContext) -> 
             for r in entries
         ],
     }
+
+
+def _dedupe(entries: list[dict[str, Any]], problems: list[Issue]) -> list[dict[str, Any]]:
+    """Two targets may describe the same resource (the administering clinician who is also the
+    overriding one): identical copies merge; differing ones are a conflict in the artifact."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    out = []
+    for resource in entries:
+        key = (resource["resourceType"], resource["id"])
+        if key in seen:
+            if seen[key] != resource:
+                problems.append(
+                    issue(
+                        "business-rule", f"two different {key[0]} records share one identifier", "$"
+                    )
+                )
+            continue
+        seen[key] = resource
+        out.append(resource)
+    return out
 
 
 def _instances(target: Target, env: _Env) -> list[tuple[int, Any]]:
@@ -333,27 +364,11 @@ def _provenance(
         },
         "agent": [
             {
-                "type": {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                            "code": "author",
-                            "display": "Author",
-                        }
-                    ]
-                },
+                "type": {"coding": [dict(AUTHOR)]},
                 "who": {"identifier": {"system": "urn:fhir-kat:client-id", "value": ctx.submitter}},
             },
             {
-                "type": {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
-                            "code": "assembler",
-                            "display": "Assembler",
-                        }
-                    ]
-                },
+                "type": {"coding": [dict(ASSEMBLER)]},
                 "who": {"display": "fhir_kat mapping engine"},
             },
         ],

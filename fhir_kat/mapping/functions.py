@@ -136,15 +136,6 @@ def _override_note(_: Any, reason: str | None, ratio: float | None) -> str | Non
     return f"Dose outside the protocol range{dose}; clinician override: {reason}"
 
 
-def _consent_scope(_: Any, kind: str) -> str:
-    return "treatment" if kind == "treatment" else "patient-privacy"
-
-
-def _consent_category(_: Any, kind: str) -> str:
-    # LOINC 59284-0 patient consent; 64292-6 release of information consent (DOMAIN.md).
-    return "59284-0" if kind == "treatment" else "64292-6"
-
-
 def _encounter_status(_: Any, end: str | None) -> str:
     return "finished" if end else "in-progress"
 
@@ -167,11 +158,12 @@ def _ref_to(_: Any, resource_type: str, *parts: Any) -> dict[str, str] | None:
     return {"reference": f"{resource_type}/{deterministic_id(resource_type, *parts)}"}
 
 
-#: Vital signs the session sheet records: field, LOINC code and display, UCUM unit (DOMAIN.md).
+#: Vital signs the session sheet records: field, UCUM code and unit text. Their LOINC codes
+#: come from ConceptMap kat-vital-sign-to-loinc (DOMAIN.md).
 VITALS = (
-    ("heart_rate_per_min", "8867-4", "Heart rate", "/min", "beats/minute"),
-    ("spo2_percent", "59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry", "%", "%"),
-    ("respiratory_rate_per_min", "9279-1", "Respiratory rate", "/min", "breaths/minute"),
+    ("heart_rate_per_min", "/min", "beats/minute"),
+    ("spo2_percent", "%", "%"),
+    ("respiratory_rate_per_min", "/min", "breaths/minute"),
 )
 
 
@@ -183,13 +175,12 @@ def _vital_sign_items(
     for phase, vitals in (("before", before), ("after", after)):
         if not vitals:
             continue
-        for fname, code, display, ucum, unit in VITALS:
+        for fname, ucum, unit in VITALS:
             if vitals.get(fname) is not None:
                 out.append(
                     {
                         "phase": phase,
-                        "code": code,
-                        "display": display,
+                        "field": fname,
                         "ucum": ucum,
                         "unit": unit,
                         "value": vitals[fname],
@@ -226,8 +217,6 @@ REGISTRY: dict[str, Callable[..., Any]] = {
     "mg_per_kg": _mg_per_kg,
     "join": _join,
     "override_note": _override_note,
-    "consent_scope": _consent_scope,
-    "consent_category": _consent_category,
     "encounter_status": _encounter_status,
     "submitter": _submitter,
     "program_key": _program_key,

@@ -37,10 +37,15 @@ class Terminology:
     code_systems: dict[str, dict[str, str]]  # url -> code -> display
     concept_maps: dict[str, dict[str, list[dict[str, str]]]]  # url -> code -> targets
     unmatched: dict[str, dict[str, str]]  # url -> code -> comment
+    value_sets: dict[str, frozenset[tuple[str, str]]]  # url -> (system, code), enumerated only
     resources: tuple[dict[str, Any], ...]
 
     def display(self, system: str, code: str) -> str | None:
         return self.code_systems.get(system, {}).get(code)
+
+    def value_set_codes(self, name: str) -> list[str]:
+        url = name if name.startswith("http") else f"{BASE}/ValueSet/{name}"
+        return sorted(code for _, code in self.value_sets[url])
 
     def has_code(self, system: str, code: str) -> bool:
         return code in self.code_systems.get(system, {})
@@ -65,11 +70,18 @@ def load_terminology(folder: Path = FOLDER) -> Terminology:
     code_systems: dict[str, dict[str, str]] = {}
     maps: dict[str, dict[str, list[dict[str, str]]]] = {}
     unmatched: dict[str, dict[str, str]] = {}
+    value_sets: dict[str, frozenset[tuple[str, str]]] = {}
     docs = []
     for path in sorted(folder.glob("*.json")):
         doc = json.loads(path.read_text(encoding="utf-8"))
         docs.append(doc)
-        if doc["resourceType"] == "CodeSystem":
+        if doc["resourceType"] == "ValueSet":
+            value_sets[doc["url"]] = frozenset(
+                (inc["system"], c["code"])
+                for inc in doc["compose"]["include"]
+                for c in inc.get("concept", [])
+            )
+        elif doc["resourceType"] == "CodeSystem":
             code_systems[doc["url"]] = {c["code"]: c.get("display", "") for c in doc["concept"]}
         elif doc["resourceType"] == "ConceptMap":
             table: dict[str, list[dict[str, str]]] = {}
@@ -86,4 +98,4 @@ def load_terminology(folder: Path = FOLDER) -> Terminology:
                         table.setdefault(element["code"], []).append(coding)
             maps[doc["url"]] = table
             unmatched[doc["url"]] = misses
-    return Terminology(code_systems, maps, unmatched, tuple(docs))
+    return Terminology(code_systems, maps, unmatched, value_sets, tuple(docs))
