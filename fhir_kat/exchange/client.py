@@ -160,7 +160,8 @@ class PartnerClient:
             self._log(delivery_id, status, "failed")
             if status == 401:
                 # Credentials, not the resource: retrying after an operator's fix will work.
-                return Retryable("HTTP 401" + (" after re-authentication" * reauthenticated), 401)
+                reason = "HTTP 401 after re-authentication" if reauthenticated else "HTTP 401"
+                return Retryable(reason, 401)
             if status in (408, 409, 429) or status >= 500:
                 return Retryable(f"HTTP {status}", status, self._retry_after(response))
             if 300 <= status < 400:
