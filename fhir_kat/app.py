@@ -18,6 +18,7 @@ from fhir_kat.api.errors import register_error_handlers
 from fhir_kat.clinical.protocol import load_protocol
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.logging import configure_logging
+from fhir_kat.mapping.functions import all_questionnaires
 from fhir_kat.security.clients import ClientRegistry, load_clients
 from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.security.ratelimit import RateLimiter
@@ -25,6 +26,7 @@ from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.fhir_rest import FhirService
+from fhir_kat.services.instruments import InstrumentService
 from fhir_kat.services.outcomes import OutcomeService
 from fhir_kat.services.referrals import task_transition_rule
 from fhir_kat.settings import Settings, load_settings
@@ -46,6 +48,7 @@ class KatState:
     export: ExportService
     outcomes: OutcomeService
     artifacts: ArtifactService
+    instruments: InstrumentService
     capability_security: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -84,6 +87,10 @@ def create_app(
     program = settings.extra.get("program", {})
     outcomes = OutcomeService(store, load_catalogue(program.get("instruments", {})), now)
     outcomes.install_measure()
+    instruments = InstrumentService(fhir, outcomes.catalogue, all_questionnaires(), now)
+    fhir.write_rules.append(instruments.check_rule)
+    fhir.write_hooks.append(instruments.on_write)
+    instruments.install_questionnaires()
     protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
     artifacts = ArtifactService(fhir, protocol, now)
     app.extensions["fhir_kat"] = KatState(
@@ -100,6 +107,7 @@ def create_app(
         ),
         outcomes=outcomes,
         artifacts=artifacts,
+        instruments=instruments,
         capability_security=_capability_security(),
     )
 
@@ -108,12 +116,14 @@ def create_app(
     from fhir_kat.api.export import bp as export_bp
     from fhir_kat.api.fhir import bp as fhir_bp
     from fhir_kat.api.health import bp as health_bp
+    from fhir_kat.api.instruments import bp as instruments_bp
     from fhir_kat.api.measure import bp as measure_bp
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(export_bp)
     app.register_blueprint(artifacts_bp)
     app.register_blueprint(measure_bp)
+    app.register_blueprint(instruments_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)
     register_error_handlers(app)

@@ -17,7 +17,7 @@ import requests
 
 from fhir_kat.security.secrets import hash_secret
 
-WORKERS = 3
+WORKERS = 2
 REQUESTS = 12
 
 
@@ -59,6 +59,8 @@ def gunicorn_url(postgres_url: str, tmp_path: Path) -> str:
             "gunicorn",
             "--workers",
             str(WORKERS),
+            "--timeout",
+            "120",  # a loaded CI machine boots workers slowly: do not kill them
             "--threads",
             "4",
             "--bind",

@@ -38,6 +38,8 @@ class Instrument:
     post_negative: bool
     safety: Mapping[str, Any]
     band_system: str
+    questionnaire: str = ""
+    score_partial: bool = False
 
     def band(self, score: float) -> Band:
         chosen = self.bands[0]
@@ -66,6 +68,10 @@ class Catalogue:
     version: int
     local_system: str
     instruments: Mapping[str, Instrument]
+
+    def by_questionnaire(self, canonical: str) -> Instrument | None:
+        url = canonical.split("|")[0]
+        return next((i for i in self.instruments.values() if i.questionnaire == url), None)
 
     def by_total_code(self, system: str, code: str) -> Instrument | None:
         for inst in self.instruments.values():
@@ -126,5 +132,7 @@ def _build(
             post_negative=bool(improvement.get("post_negative", False)),
             safety=spec.get("safety", {}),
             band_system=data["band_system"],
+            questionnaire=spec.get("questionnaire", ""),
+            score_partial=bool(spec.get("score_partial", False)),
         )
     return Catalogue(int(data["version"]), data["local_system"], instruments)

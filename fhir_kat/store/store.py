@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -88,6 +89,9 @@ class Store:
         self.clock: Clock = clock or (lambda: datetime.now(UTC))
         self.is_sqlite = url.startswith("sqlite")
         self.engine: Engine = self._make_engine(url)
+        self._writes = 0
+        self._next_analyze = 64
+        self._stats_lock = threading.Lock()
 
     def _make_engine(self, url: str) -> Engine:
         if not self.is_sqlite:
@@ -124,6 +128,29 @@ class Store:
     def write(self) -> Iterator[Tx]:
         with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
             yield Tx(conn, self)
+        self._after_commit()
+
+    def _after_commit(self) -> None:
+        """PostgreSQL plans the search joins from table statistics. A new database has none
+        until autovacuum's first ANALYZE (a minute or more), and meanwhile picks nested scans
+        that grow with the data. So, while a process's write count doubles from 64 up to
+        65,536, it refreshes them itself; after that autovacuum keeps up."""
+        if self.is_sqlite:
+            return
+        with self._stats_lock:
+            self._writes += 1
+            due = self._writes >= self._next_analyze and self._next_analyze <= 65_536
+            if due:
+                self._next_analyze *= 2
+        if due:
+            with self.engine.connect() as conn:
+                conn.execute(
+                    text(
+                        "ANALYZE resources, search_token, search_reference, "
+                        "search_date, search_string"
+                    )
+                )
+                conn.commit()
 
     @contextmanager
     def read(self) -> Iterator[Tx]:

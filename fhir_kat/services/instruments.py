@@ -1,0 +1,218 @@
+"""Instrument responses become scores, Observations and safety Flags.
+
+Owns: serving the shipped Questionnaires, checking QuestionnaireResponses against them (a write
+rule: 422 naming the item), SDC observation-based extraction when a response is stored (a write
+hook: same transaction, so a response never exists without its Observations), ``$extract``
+(the same Bundle, not stored — as SDC defines it), and safety Flags: PHQ-9 item 9 above 0, or a
+rise between consecutive responses (PHQ-9 ≥ 5, PCL-5 ≥ 10; instruments.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from fhir_kat.errors import Unprocessable
+from fhir_kat.instruments.definitions import Catalogue, Instrument
+from fhir_kat.instruments.scoring import check_response, extract, score
+from fhir_kat.search import Criterion, SearchQuery, parse_date_range
+from fhir_kat.services.fhir_rest import FhirService
+from fhir_kat.store import StoredResource, Tx
+from fhir_kat.store.store import format_instant
+
+SAFETY = "https://fhir-kat.example.org/fhir/CodeSystem/kat-safety"
+FLAG_CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category"
+NAMESPACE = uuid.UUID("6f1d3c52-7a0e-5b8e-9d4e-6b6174000003")
+#: Called with (tx, flag) for each new Flag, inside the transaction (outbound notification).
+FlagListener = Callable[[Tx, dict[str, Any]], None]
+
+
+class InstrumentService:
+    def __init__(
+        self,
+        fhir: FhirService,
+        catalogue: Catalogue,
+        questionnaires: Iterable[dict[str, Any]],
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.fhir = fhir
+        self.catalogue = catalogue
+        self.questionnaires = {q["url"]: q for q in questionnaires}
+        self.clock = clock
+        self.flag_listeners: list[FlagListener] = []
+
+    def install_questionnaires(self) -> None:
+        with self.fhir.write() as tx:
+            for q in self.questionnaires.values():
+                self.fhir.update_in(tx, dict(q), skip_if_unchanged=True)
+
+    def _questionnaire(self, qr: dict[str, Any]) -> tuple[dict[str, Any], Instrument] | None:
+        canonical = str(qr.get("questionnaire", "")).split("|")[0]
+        q = self.questionnaires.get(canonical)
+        instrument = self.catalogue.by_questionnaire(canonical)
+        return (q, instrument) if q and instrument else None
+
+    # ------------------------------------------------------------------ write rule and hook
+
+    def check_rule(self, tx: Tx, body: dict[str, Any], current: StoredResource | None) -> None:
+        if body.get("resourceType") != "QuestionnaireResponse":
+            return
+        found = self._questionnaire(body)
+        if found is None:
+            return  # not one of the program's instruments: stored as any other response
+        problems = check_response(body, found[0])
+        if problems:
+            raise Unprocessable(problems)
+
+    def on_write(self, tx: Tx, stored: StoredResource, created: bool) -> None:
+        if stored.type != "QuestionnaireResponse" or stored.deleted:
+            return
+        qr = stored.json()
+        found = self._questionnaire(qr)
+        if found is None or "subject" not in qr or "authored" not in qr:
+            return
+        questionnaire, instrument = found
+        result = score(qr, questionnaire, instrument)
+        observations = extract(qr, questionnaire, instrument, result)
+        for obs in observations:
+            self.fhir.update_in(tx, obs, skip_if_unchanged=True)
+        if observations:
+            self.fhir.update_in(tx, self._provenance(qr, observations), skip_if_unchanged=True)
+        for flag in self._flags(tx, qr, instrument, result.item_values, result.total):
+            written = self.fhir.update_in(tx, flag, skip_if_unchanged=True)
+            if written.created:
+                for listener in self.flag_listeners:
+                    listener(tx, flag)
+
+    def extract_bundle(self, qr: dict[str, Any]) -> dict[str, Any]:
+        """``$extract``: the Observations a response yields, as a transaction Bundle."""
+        found = self._questionnaire(qr)
+        if found is None:
+            raise Unprocessable(
+                "the response is not for one of the program's Questionnaires",
+                expression="QuestionnaireResponse.questionnaire",
+            )
+        problems = check_response(qr, found[0])
+        if problems:
+            raise Unprocessable(problems)
+        qr = dict(qr)
+        qr.setdefault("id", str(uuid.uuid4()))
+        observations = extract(qr, found[0], found[1], score(qr, found[0], found[1]))
+        return {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {
+                    "fullUrl": f"urn:uuid:{o['id']}",
+                    "resource": o,
+                    "request": {"method": "PUT", "url": f"Observation/{o['id']}"},
+                }
+                for o in observations
+            ],
+        }
+
+    # ------------------------------------------------------------------ flags
+
+    def _flags(
+        self,
+        tx: Tx,
+        qr: dict[str, Any],
+        instrument: Instrument,
+        items: Mapping[str, float],
+        total: float | None,
+    ) -> list[dict[str, Any]]:
+        reasons = []
+        item_rule = instrument.safety.get("item_positive")
+        if item_rule and items.get(item_rule["link_id"], 0) > item_rule["above"]:
+            reasons.append(f"{instrument.key}-item9-positive")
+        rise = instrument.safety.get("rise")
+        if rise is not None and total is not None:
+            previous = self._previous_total(tx, qr, instrument)
+            if previous is not None and total - previous >= rise:
+                reasons.append(f"{instrument.key}-rise")
+        return [self._flag(qr, reason) for reason in reasons]
+
+    def _previous_total(self, tx: Tx, qr: dict[str, Any], instrument: Instrument) -> float | None:
+        patient = qr["subject"]["reference"].split("/")[-1]
+        authored = parse_date_range(qr["authored"])
+        if authored is None:
+            return None
+        query = SearchQuery(
+            "Observation",
+            criteria=(
+                Criterion("patient", "reference", "", (("Patient", patient),), ""),
+                Criterion(
+                    "code",
+                    "token",
+                    "",
+                    ((instrument.total["system"], instrument.total["code"], True),),
+                    "",
+                ),
+                Criterion("date", "date", "", (("lt", authored[0], authored[0]),), ""),
+            ),
+            count=1000,
+        )
+        rows, _, _ = tx.search(query)
+        best: tuple[datetime, float] | None = None
+        for row in rows:
+            obs = json.loads(row.content)
+            when = parse_date_range(obs.get("effectiveDateTime", ""))
+            value = obs.get("valueQuantity", {}).get("value")
+            if when and value is not None and (best is None or when[0] > best[0]):
+                best = (when[0], float(value))
+        return best[1] if best else None
+
+    def _flag(self, qr: dict[str, Any], reason: str) -> dict[str, Any]:
+        from fhir_kat.terminology import load_terminology
+
+        display = load_terminology().display(SAFETY, reason) or reason
+        return {
+            "resourceType": "Flag",
+            "id": str(uuid.uuid5(NAMESPACE, f"QuestionnaireResponse/{qr['id']}|{reason}")),
+            "status": "active",
+            "category": [
+                {"coding": [{"system": FLAG_CATEGORY, "code": "clinical", "display": "Clinical"}]}
+            ],
+            "code": {
+                "coding": [{"system": SAFETY, "code": reason, "display": display}],
+                "text": display,
+            },
+            "subject": qr["subject"],
+            "period": {"start": qr["authored"]},
+        }
+
+    def _provenance(self, qr: dict[str, Any], observations: list[dict[str, Any]]) -> dict[str, Any]:
+        qr_ref = f"QuestionnaireResponse/{qr['id']}"
+        return {
+            "resourceType": "Provenance",
+            "id": str(uuid.uuid5(NAMESPACE, f"{qr_ref}|extraction")),
+            "target": [{"reference": f"Observation/{o['id']}"} for o in observations],
+            "recorded": format_instant(self.clock()),
+            "activity": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                        "code": "DERIVE",
+                        "display": "derive",
+                    }
+                ]
+            },
+            "agent": [
+                {
+                    "type": {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                "code": "assembler",
+                                "display": "Assembler",
+                            }
+                        ]
+                    },
+                    "who": {"display": "fhir_kat SDC observation-based extraction"},
+                }
+            ],
+            "entity": [{"role": "source", "what": {"reference": qr_ref}}],
+        }
