@@ -16,6 +16,7 @@ from flask import Flask, Response, g, request
 
 from fhir_kat.api.errors import register_error_handlers
 from fhir_kat.clinical.protocol import load_protocol
+from fhir_kat.exchange import PartnerConfig, load_partners
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.logging import configure_logging
 from fhir_kat.mapping.functions import all_questionnaires
@@ -24,13 +25,14 @@ from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.security.ratelimit import RateLimiter
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
+from fhir_kat.services.delivery import queue_artifact
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.services.instruments import InstrumentService
 from fhir_kat.services.outcomes import OutcomeService
 from fhir_kat.services.referrals import task_transition_rule
 from fhir_kat.settings import Settings, load_settings
-from fhir_kat.store import Store
+from fhir_kat.store import Store, Tx
 
 log = logging.getLogger("fhir_kat.http")
 
@@ -49,6 +51,7 @@ class KatState:
     outcomes: OutcomeService
     artifacts: ArtifactService
     instruments: InstrumentService
+    partners: dict[str, PartnerConfig]
     capability_security: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -63,7 +66,8 @@ def create_app(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     now: Callable[[], datetime] = clock or utcnow
     store = Store(settings.effective_database_url, clock=now)
-    store.create_schema()
+    store.create_schema()  # fhir_kat.exchange (imported above) adds the outbox table
+    partners = load_partners(settings)
     fhir = FhirService(
         store,
         default_page_size=settings.default_page_size,
@@ -92,7 +96,15 @@ def create_app(
     fhir.write_hooks.append(instruments.on_write)
     instruments.install_questionnaires()
     protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
-    artifacts = ArtifactService(fhir, protocol, now)
+    artifacts = ArtifactService(fhir, protocol, now, partners)
+
+    def notify_care_team(tx: Tx, flag: dict[str, Any]) -> None:
+        # A safety Flag reaches the partners configured for "safety-flags" (the care team's
+        # endpoint) through the same outbox as every other outbound message.
+        queue_artifact(tx, partners, "safety-flags", [flag], flag["subject"]["reference"][8:])
+
+    instruments.flag_listeners.append(notify_care_team)
+
     app.extensions["fhir_kat"] = KatState(
         settings=settings,
         store=store,
@@ -108,11 +120,13 @@ def create_app(
         outcomes=outcomes,
         artifacts=artifacts,
         instruments=instruments,
+        partners=partners,
         capability_security=_capability_security(),
     )
 
     from fhir_kat.api import auth
     from fhir_kat.api.artifacts import bp as artifacts_bp
+    from fhir_kat.api.deliveries import bp as deliveries_bp
     from fhir_kat.api.export import bp as export_bp
     from fhir_kat.api.fhir import bp as fhir_bp
     from fhir_kat.api.health import bp as health_bp
@@ -122,6 +136,7 @@ def create_app(
     app.register_blueprint(auth.bp)
     app.register_blueprint(export_bp)
     app.register_blueprint(artifacts_bp)
+    app.register_blueprint(deliveries_bp)
     app.register_blueprint(measure_bp)
     app.register_blueprint(instruments_bp)
     app.register_blueprint(fhir_bp)

@@ -115,7 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
     map_cmd.add_argument("kind")
     map_cmd.add_argument("file")
     map_cmd.set_defaults(func=_map)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run the delivery worker (outbox -> partners)",
+        description="Sends queued deliveries to the configured [partners.*], checking each "
+        "patient's consent at send time. Several workers may share one PostgreSQL.",
+        epilog="Example: FHIR_KAT_CONFIG=kat.toml fhir-kat worker",
+        add_help=False,
+    )
+    worker.set_defaults(func=_worker)
     return parser
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from fhir_kat.exchange.worker import main as worker_main
+    from fhir_kat.security.consent import ConsentDecisionPoint
+    from fhir_kat.services.delivery import make_consent_gate
+    from fhir_kat.store import Store
+
+    settings = load_settings()
+    store = Store(settings.effective_database_url)
+    try:
+        gate = make_consent_gate(store, ConsentDecisionPoint(), _now)
+        return worker_main(args.worker_args, consent_gate=gate)
+    finally:
+        store.dispose()
 
 
 def _mappings(args: argparse.Namespace) -> int:
@@ -231,7 +256,11 @@ def _hash_secret(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "worker":
+        args.worker_args = extra  # the worker has its own options (see fhir-kat worker --help)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func: Command = args.func
     try:
         return func(args)

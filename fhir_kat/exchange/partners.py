@@ -29,6 +29,7 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from fhir_kat.artifacts import KINDS
 from fhir_kat.settings import Settings, SettingsError
 
 AuthKind = Literal["none", "client_credentials", "smart_backend"]
@@ -62,6 +63,9 @@ _KNOWN_KEYS = {
     "organization",
     "source_identifier_system",
 }
+
+#: What a partner can ask for: the artifact kinds of /api/v1, and safety Flags.
+DELIVERABLE_KINDS = frozenset(KINDS) | {"safety-flags"}
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,11 @@ def _parse_one(
         problems.append(f"{where}.source_identifier_system: must be an absolute URI without '|'")
     resource_types = _name_set(table, "resource_types", where, problems)
     artifact_kinds = _name_set(table, "artifact_kinds", where, problems)
+    for unknown in sorted((artifact_kinds or frozenset()) - DELIVERABLE_KINDS):
+        problems.append(
+            f"{where}.artifact_kinds: unknown kind {unknown!r} "
+            f"(one of {', '.join(sorted(DELIVERABLE_KINDS))})"
+        )
     auth = _parse_auth(table, env, base_dir, where, problems)
 
     if len(problems) > before or auth is None:

@@ -10,16 +10,18 @@ mapping rules (``mapping``) or HTTP (``api``).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from fhir_kat.clinical.protocol import ProgramProtocol
 from fhir_kat.errors import Issue, Unprocessable, issue
+from fhir_kat.exchange import PartnerConfig
 from fhir_kat.mapping import MappingContext, map_artifact
 from fhir_kat.search import iter_references, split_reference
 from fhir_kat.services.bundles import RawBundle, RawEntry
+from fhir_kat.services.delivery import queue_artifact
 from fhir_kat.services.fhir_rest import FhirService, WriteResult
 from fhir_kat.store import Tx
 from fhir_kat.store.store import format_instant
@@ -37,11 +39,16 @@ class SubmitResult:
 
 class ArtifactService:
     def __init__(
-        self, fhir: FhirService, protocol: ProgramProtocol, clock: Callable[[], datetime]
+        self,
+        fhir: FhirService,
+        protocol: ProgramProtocol,
+        clock: Callable[[], datetime],
+        partners: Mapping[str, PartnerConfig] | None = None,
     ) -> None:
         self.fhir = fhir
         self.protocol = protocol
         self.clock = clock
+        self.partners = dict(partners or {})
 
     def transform(self, kind: str, payload: Any, submitter: str) -> dict[str, Any]:
         """The transaction Bundle the artifact would become (dry run: nothing is stored)."""
@@ -65,9 +72,14 @@ class ArtifactService:
                     continue
                 results.append((entry, self.fhir.update_in(tx, resource, skip_if_unchanged=True)))
             changed = any(r.changed for _, r in results)
-            if changed:  # an identical re-send leaves no new trace
+            if changed:  # an identical re-send leaves no new trace and sends nothing again
                 for resource in provenance:
                     results.append(({"resource": resource}, self.fhir.update_in(tx, resource)))
+                patient = next(
+                    (r.stored.patient_id for _, r in results if r.stored.patient_id), None
+                )
+                # The outbox row commits with the artifact, or neither does (ADR 0004).
+                queue_artifact(tx, self.partners, kind, [e["resource"] for e in entries], patient)
         response = RawBundle(
             {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "transaction-response"}
         )

@@ -127,12 +127,12 @@ def test_settings_table_from_toml(tmp_path: Path) -> None:
     cfg.write_text(
         '[partners.island]\nbase_url = "https://ehr.example.test/fhir"\n'
         'write_mode = "put"\nresource_types = ["Patient", "Observation"]\n'
-        'artifact_kinds = ["screening"]\n'
+        'artifact_kinds = ["screenings"]\n'
     )
     settings = load_settings({"FHIR_KAT_CONFIG": str(cfg)})
     partner = load_partners(settings)["island"]
     assert partner.write_mode == "put"
     assert partner.accepts_type("Patient") and not partner.accepts_type("Consent")
-    assert partner.wants("screening") and not partner.wants("referral")
-    assert not replace(partner, enabled=False).wants("screening")
+    assert partner.wants("screenings") and not partner.wants("referrals")
+    assert not replace(partner, enabled=False).wants("screenings")
     assert load_partners(Settings()) == {}

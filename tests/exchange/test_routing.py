@@ -15,7 +15,7 @@ from .conftest import BASE, artifact
 PARTNERS = parse_partners(
     {
         "ha": {"base_url": BASE, "organization": "https://example.org/sid/org|HA-ISLAND"},
-        "screening-only": {"base_url": BASE, "artifact_kinds": ["screening"]},
+        "screening-only": {"base_url": BASE, "artifact_kinds": ["screenings"]},
         "consents-only": {"base_url": BASE, "resource_types": ["Consent"]},
         "off": {"base_url": BASE, "enabled": False},
         "registry": {"base_url": BASE, "write_mode": "put"},
@@ -25,7 +25,7 @@ PARTNERS = parse_partners(
 
 def test_each_interested_partner_gets_its_own_wire_form(store: Store) -> None:
     with store.write() as tx:
-        queued = enqueue_artifact(tx, PARTNERS, "screening", artifact(1), "pt-0001", "TREAT")
+        queued = enqueue_artifact(tx, PARTNERS, "screenings", artifact(1), "pt-0001", "TREAT")
     assert sorted(queued) == ["ha", "registry", "screening-only"]
     batch = {d.partner: d for d in ob.claim(store, "w", 10)}
     assert batch["ha"].payload["entry"][0]["request"]["method"] == "POST"
@@ -39,7 +39,9 @@ def test_each_interested_partner_gets_its_own_wire_form(store: Store) -> None:
     assert batch["registry"].consent_check is not None
     assert batch["registry"].consent_check["actor"] is None
     with store.write() as tx:
-        assert sorted(enqueue_artifact(tx, PARTNERS, "administration", artifact(2), None)) == [
+        assert sorted(
+            enqueue_artifact(tx, PARTNERS, "medication-administrations", artifact(2), None)
+        ) == [
             "ha",
             "registry",
         ]
@@ -49,7 +51,7 @@ def test_an_undeliverable_artifact_rolls_the_whole_write_back(store: Store) -> N
     broken = artifact(3)
     del broken["entry"][2]["resource"]["identifier"]
     with pytest.raises(Unprocessable), store.write() as tx:
-        enqueue_artifact(tx, PARTNERS, "screening", broken, "pt-0003")
+        enqueue_artifact(tx, PARTNERS, "screenings", broken, "pt-0003")
     assert ob.stats(store).pending == 0
     with pytest.raises(ValueError, match="patient_key"), store.write() as tx:
-        enqueue_artifact(tx, PARTNERS, "screening", artifact(4), None, "TREAT")
+        enqueue_artifact(tx, PARTNERS, "screenings", artifact(4), None, "TREAT")

@@ -43,7 +43,7 @@ def store_and_enqueue(tx: Tx, partners: dict[str, PartnerConfig], bundle: dict[s
         tx.put(resource, current=tx.get(resource["resourceType"], resource["id"]))
     patient = bundle["entry"][0]["resource"]
     key = patient["id"] if patient["resourceType"] == "Patient" else patient["subject"]["reference"]
-    queued = enqueue_artifact(tx, partners, "screening", bundle, key.removeprefix("Patient/"))
+    queued = enqueue_artifact(tx, partners, "screenings", bundle, key.removeprefix("Patient/"))
     assert list(queued) == ["ehr"]
 
 

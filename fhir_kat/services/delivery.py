@@ -1,0 +1,66 @@
+"""Outbound delivery wiring: what the artifact service queues, and the consent gate the
+delivery worker asks at send time — the same decision point as reads, searches and $export.
+
+Owns: ``consent_gate`` (a patient's active privacy Consents must permit the partner's
+Organization for the purpose, now) and ``queue_artifact``. Must not: send anything (the worker
+in ``fhir_kat.exchange`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from fhir_kat.exchange import PartnerConfig, enqueue_artifact
+from fhir_kat.search import Criterion, SearchQuery
+from fhir_kat.security.consent import Actor, ConsentDecisionPoint
+from fhir_kat.store import Store, Tx
+
+#: Deliveries to health-authority EHRs serve the quality-improvement project: healthcare
+#: operations (v3 PurposeOfUse HOPERAT, DOMAIN.md). A patient's sharing consent must name it.
+DELIVERY_PURPOSE = "HOPERAT"
+
+
+def actor_for(tx: Tx, organization: str | None) -> Actor | None:
+    """The partner as a Consent actor: its identifier and the stored Organizations having it."""
+    if not organization:
+        return None
+    system, _, value = organization.partition("|")
+    query = SearchQuery(
+        "Organization",
+        criteria=(Criterion("identifier", "token", "", ((system, value, True),), ""),),
+        count=100,
+    )
+    rows, _, _ = tx.search(query)
+    return Actor(frozenset(f"Organization/{r.id}" for r in rows), frozenset({organization}))
+
+
+def make_consent_gate(
+    store: Store, consent: ConsentDecisionPoint, clock: Callable[[], datetime]
+) -> Callable[[dict[str, Any]], bool]:
+    def gate(check: dict[str, Any]) -> bool:
+        with store.read() as tx:
+            actor = actor_for(tx, check.get("actor"))
+            if actor is None:
+                return False  # a partner with no Organization can be named by no consent
+            return consent.permits(
+                tx, str(check["patient"]), actor, str(check["purpose"]), "Patient", clock()
+            )
+
+    return gate
+
+
+def queue_artifact(
+    tx: Tx,
+    partners: Mapping[str, PartnerConfig],
+    kind: str,
+    resources: list[dict[str, Any]],
+    patient_id: str | None,
+) -> dict[str, int]:
+    """Queue a stored artifact for every partner that wants it, in the caller's transaction.
+    Patient data is consent-checked again at send time; data about no patient is not."""
+    if not partners:
+        return {}
+    purpose = DELIVERY_PURPOSE if patient_id else None
+    return enqueue_artifact(tx, partners, kind, resources, patient_id, consent_purpose=purpose)
