@@ -30,7 +30,7 @@ from fhir_kat.services.export import ExportService
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.services.instruments import InstrumentService
 from fhir_kat.services.outcomes import OutcomeService
-from fhir_kat.services.referrals import task_transition_rule
+from fhir_kat.services.referrals import ReferralWorkflow, task_transition_rule
 from fhir_kat.settings import Settings, load_settings
 from fhir_kat.store import Store, Tx
 
@@ -65,16 +65,20 @@ def create_app(
     configure_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     now: Callable[[], datetime] = clock or utcnow
+    # Every configuration problem is found before anything opens a database connection.
+    partners = load_partners(settings)
+    clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
+    program = settings.extra.get("program", {})
+    catalogue = load_catalogue(program.get("instruments", {}))
+    protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
     store = Store(settings.effective_database_url, clock=now)
     store.create_schema()  # fhir_kat.exchange (imported above) adds the outbox table
-    partners = load_partners(settings)
     fhir = FhirService(
         store,
         default_page_size=settings.default_page_size,
         max_page_size=settings.max_page_size,
         write_rules=[task_transition_rule],
     )
-    clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
     key_path = Path(settings.signing_key_file or settings.data_dir / "token-signing-key.pem")
     tokens = TokenService(
         load_signing_key(key_path),
@@ -88,14 +92,13 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["KAT_MAX_JSON_DEPTH"] = settings.max_json_depth
     app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
-    program = settings.extra.get("program", {})
-    outcomes = OutcomeService(store, load_catalogue(program.get("instruments", {})), now)
+    outcomes = OutcomeService(store, catalogue, now)
     outcomes.install_measure()
+    fhir.write_hooks.append(ReferralWorkflow(fhir).on_write)
     instruments = InstrumentService(fhir, outcomes.catalogue, all_questionnaires(), now)
     fhir.write_rules.append(instruments.check_rule)
     fhir.write_hooks.append(instruments.on_write)
     instruments.install_questionnaires()
-    protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
     artifacts = ArtifactService(fhir, protocol, now, partners)
 
     def notify_care_team(tx: Tx, flag: dict[str, Any]) -> None:

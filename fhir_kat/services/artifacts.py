@@ -23,6 +23,7 @@ from fhir_kat.search import iter_references, split_reference
 from fhir_kat.services.bundles import RawBundle, RawEntry
 from fhir_kat.services.delivery import queue_artifact
 from fhir_kat.services.fhir_rest import FhirService, WriteResult
+from fhir_kat.services.referrals import is_referral_task, keep_workflow_state
 from fhir_kat.store import Tx
 from fhir_kat.store.store import format_instant
 
@@ -70,6 +71,10 @@ class ArtifactService:
                 if resource["resourceType"] == "Provenance":
                     provenance.append(resource)
                     continue
+                if is_referral_task(resource):
+                    current = tx.get("Task", resource["id"])
+                    if current is not None and not current.deleted:
+                        resource = keep_workflow_state(current.json(), resource)
                 results.append((entry, self.fhir.update_in(tx, resource, skip_if_unchanged=True)))
             changed = any(r.changed for _, r in results)
             if changed:  # an identical re-send leaves no new trace and sends nothing again

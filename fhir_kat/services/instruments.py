@@ -46,6 +46,7 @@ class InstrumentService:
 
     def install_questionnaires(self) -> None:
         with self.fhir.write() as tx:
+            tx.lock("install-definitions")  # processes starting together take turns
             for q in self.questionnaires.values():
                 self.fhir.update_in(tx, dict(q), skip_if_unchanged=True)
 

@@ -41,6 +41,7 @@ class OutcomeService:
         """Store the Measure generated from the definitions (a new version only on change)."""
         resource = measure_resource(self.catalogue)
         with self.store.write() as tx:
+            tx.lock("install-definitions")  # processes starting together take turns
             tx.put(resource, current=tx.get("Measure", MEASURE_ID), skip_if_unchanged=True)
 
     def results(self, period_start: str, period_end: str, subject: str | None) -> list[GroupResult]:

@@ -1,18 +1,44 @@
-"""The referral workflow (HL7 BSeR / Gravity pattern): Task status changes only along the
-program's state machine (``mappings/workflow/referral-task.yaml``).
+"""The referral workflow (HL7 BSeR / Gravity pattern): triage, intake steps, state machine.
 
-Owns: the write rule that guards referral Tasks (code ``fulfill``). Must not: parse HTTP.
+Owns: the write rule that guards referral Tasks (code ``fulfill``) to the state machine of
+``mappings/workflow/referral-task.yaml``; the write hooks that (1) give a referral
+ServiceRequest its Task when the referrer sent none, (2) triage a new referral from its coded
+data (``mappings/workflow/eligibility.yaml``) at the end of its transaction, (3) move the Task
+as intake steps are recorded, and (4) mark it in progress at the participant's first KaT
+session. Must not: parse HTTP. Every change goes through ``FhirService.update_in``, so the
+same rules, audit and outbox apply.
 """
 
 from __future__ import annotations
 
+import json
+import uuid
 from typing import Any
 
 from fhir_kat.errors import Conflict, Unprocessable, issue
+from fhir_kat.search import Criterion, SearchQuery, split_reference
+from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.store import StoredResource, Tx
-from fhir_kat.workflow.states import allowed, machine, needs_reason
+from fhir_kat.workflow.states import allowed, business_status, machine, needs_reason
+from fhir_kat.workflow.triage import Coding, ReferralFacts, triage
 
 TASK_CODES = "http://hl7.org/fhir/CodeSystem/task-code"
+SERVICE = "https://fhir-kat.example.org/fhir/CodeSystem/kat-service"
+INTAKE = "https://fhir-kat.example.org/fhir/CodeSystem/kat-intake"
+#: Referral facts (kat-intake codes) -> the flag names eligibility.yaml reads.
+FACT_FLAGS = {
+    "prior-treatment-failure": "prior_treatment_failure",
+    "extreme-emotional-lability": "extreme_emotional_lability",
+    "recent-mood-medication-change": "recent_mood_medication_change",
+    "uncontrolled-hypertension": "uncontrolled",
+    "aneurysm": "aneurysm",
+}
+STEP_CLEARED = {
+    "nurse-intake": "nurse-intake-cleared",
+    "psychiatrist-clearance": "psychiatrist-cleared",
+    "contraindication-check": "contraindications-cleared",
+}
+NAMESPACE = uuid.UUID("6f1d3c52-7a0e-5b8e-9d4e-6b6174000001")  # the mapping engine's
 
 
 def is_referral_task(resource: dict[str, Any]) -> bool:
@@ -21,6 +47,17 @@ def is_referral_task(resource: dict[str, Any]) -> bool:
     return any(
         c.get("system") == TASK_CODES and c.get("code") == "fulfill"
         for c in resource.get("code", {}).get("coding", [])
+    )
+
+
+def is_program_referral(resource: dict[str, Any]) -> bool:
+    return (
+        resource.get("resourceType") == "ServiceRequest"
+        and resource.get("intent") == "order"
+        and any(
+            c.get("system") == SERVICE and c.get("code") == "kat-program"
+            for c in resource.get("code", {}).get("coding", [])
+        )
     )
 
 
@@ -48,3 +85,203 @@ def task_transition_rule(tx: Tx, body: dict[str, Any], current: StoredResource |
         raise Unprocessable(
             issue("required", f"a {new} referral needs a statusReason", "Task.statusReason")
         )
+
+
+class ReferralWorkflow:
+    def __init__(self, fhir: FhirService) -> None:
+        self.fhir = fhir
+
+    def on_write(self, tx: Tx, stored: StoredResource, created: bool) -> None:
+        if stored.deleted:
+            return
+        if stored.type == "ServiceRequest" and created:
+            resource = stored.json()
+            if is_program_referral(resource):
+                tx.defer(f"referral-task:{stored.id}", lambda t: self._ensure_task(t, stored.id))
+        elif stored.type == "Task" and created:
+            resource = stored.json()
+            if is_referral_task(resource) and resource.get("status") == "requested":
+                tx.defer(f"triage:{stored.id}", lambda t: self._triage(t, stored.id))
+        elif stored.type == "Observation":
+            self._intake_step(tx, stored.json())
+        elif stored.type == "MedicationAdministration" and created:
+            self._first_session(tx, stored.json())
+
+    # ------------------------------------------------------------------ task and triage
+
+    def _ensure_task(self, tx: Tx, sr_id: str) -> None:
+        if self._tasks_for(tx, "focus", ("ServiceRequest", sr_id)):
+            return
+        sr = tx.get("ServiceRequest", sr_id)
+        if sr is None:
+            return
+        body = sr.json()
+        task: dict[str, Any] = {
+            "resourceType": "Task",
+            "id": str(uuid.uuid5(NAMESPACE, f"Task|ServiceRequest/{sr_id}")),
+            "identifier": body.get("identifier", []),
+            "basedOn": [{"reference": f"ServiceRequest/{sr_id}"}],
+            "status": "requested",
+            "businessStatus": business_status("received"),
+            "intent": "order",
+            "code": {"coding": [{"system": TASK_CODES, "code": "fulfill"}]},
+            "focus": {"reference": f"ServiceRequest/{sr_id}"},
+            "for": body.get("subject"),
+            "authoredOn": body.get("authoredOn"),
+            "requester": body.get("requester"),
+            "owner": (body.get("performer") or [None])[0],
+        }
+        self.fhir.update_in(tx, {k: v for k, v in task.items() if v not in (None, [], {})})
+
+    def _tasks_for(self, tx: Tx, param: str, target: tuple[str, str]) -> list[StoredResource]:
+        query = SearchQuery(
+            "Task", criteria=(Criterion(param, "reference", "", (target,), ""),), count=50
+        )
+        rows, _, _ = tx.search(query)
+        return [r for r in rows if is_referral_task(r.json())]
+
+    def facts(self, tx: Tx, sr: dict[str, Any]) -> ReferralFacts:
+        conditions: list[Coding] = []
+        uncoded = 0
+        allergies: list[Coding] = []
+        flags: dict[str, bool | None] = {}
+        refs = [
+            r.get("reference", "")
+            for r in sr.get("reasonReference", []) + sr.get("supportingInfo", [])
+        ]
+        for ref in refs:
+            target = split_reference(ref)
+            found = tx.get(*target) if target else None
+            if found is None or found.deleted:
+                continue
+            res = found.json()
+            codings = [
+                Coding(c.get("system", ""), c.get("code", ""))
+                for c in res.get("code", {}).get("coding", [])
+            ]
+            if res["resourceType"] == "Condition":
+                if codings:
+                    conditions += codings
+                else:
+                    uncoded += 1
+            elif res["resourceType"] == "AllergyIntolerance":
+                allergies += codings
+            elif res["resourceType"] == "Observation":
+                for c in codings:
+                    if c.system == INTAKE and c.code in FACT_FLAGS:
+                        flags[FACT_FLAGS[c.code]] = res.get("valueBoolean")
+        for concept in sr.get("reasonCode", []):
+            coded = [
+                Coding(c.get("system", ""), c.get("code", "")) for c in concept.get("coding", [])
+            ]
+            conditions += coded
+        return ReferralFacts(tuple(conditions), uncoded, tuple(allergies), flags)
+
+    def _triage(self, tx: Tx, task_id: str) -> None:
+        stored = tx.get("Task", task_id)
+        if stored is None or stored.deleted:
+            return
+        task = stored.json()
+        if task.get("status") != "requested":
+            return
+        focus = split_reference(task.get("focus", {}).get("reference", ""))
+        sr = tx.get(*focus) if focus else None
+        if sr is None:
+            return
+        decision = triage(self.facts(tx, sr.json()))
+        updated = dict(
+            task, status=decision.outcome, businessStatus=business_status(decision.business_status)
+        )
+        if decision.findings:
+            reasons = "; ".join(f.text for f in decision.findings)
+            label = {
+                "rejected": "Not eligible",
+                "on-hold": "Needs clinician review",
+                "accepted": "Eligible",
+            }[decision.outcome]
+            updated["statusReason"] = {"text": f"{label}: {reasons}"[:1000]}
+        else:
+            updated.pop("statusReason", None)
+        updated.pop("meta", None)
+        self.fhir.update_in(tx, updated)
+
+    # ------------------------------------------------------------------ intake and sessions
+
+    def _intake_step(self, tx: Tx, obs: dict[str, Any]) -> None:
+        steps = [
+            c.get("code")
+            for c in obs.get("code", {}).get("coding", [])
+            if c.get("system") == INTAKE and c.get("code") in STEP_CLEARED
+        ]
+        if not steps:
+            return
+        decisions = [
+            c.get("code")
+            for c in obs.get("valueCodeableConcept", {}).get("coding", [])
+            if c.get("system") == INTAKE
+        ]
+        for focus in obs.get("focus", []):
+            target = split_reference(focus.get("reference", ""))
+            if target is None or target[0] != "Task":
+                continue
+            stored = tx.get(*target)
+            if stored is None or stored.deleted:
+                continue
+            task = stored.json()
+            task.pop("meta", None)
+            step = steps[0]
+            if "declined" in decisions:
+                new = dict(
+                    task,
+                    status="rejected",
+                    businessStatus=business_status("intake-declined"),
+                    statusReason={"text": f"Declined at intake step {step}"},
+                )
+            elif "needs-review" in decisions:
+                new = dict(
+                    task,
+                    status="on-hold",
+                    businessStatus=business_status("needs-review"),
+                    statusReason={"text": f"Needs clinician review after {step}"},
+                )
+            else:
+                status = (
+                    "accepted" if task.get("status") in ("requested", "on-hold") else task["status"]
+                )
+                new = dict(task, status=status, businessStatus=business_status(STEP_CLEARED[step]))
+                if status == "accepted":
+                    new.pop("statusReason", None)
+            if new != task and allowed(task.get("status", ""), new["status"]):
+                self.fhir.update_in(tx, new)
+
+    def _first_session(self, tx: Tx, ma: dict[str, Any]) -> None:
+        subject = split_reference(ma.get("subject", {}).get("reference", ""))
+        if subject is None:
+            return
+        for stored in self._tasks_for(tx, "patient", subject):
+            task = stored.json()
+            if task.get("status") == "accepted":
+                task.pop("meta", None)
+                self.fhir.update_in(
+                    tx,
+                    dict(
+                        task, status="in-progress", businessStatus=business_status("participating")
+                    ),
+                )
+
+
+def keep_workflow_state(current: dict[str, Any], mapped: dict[str, Any]) -> dict[str, Any]:
+    """A re-sent referral must not reset its Task's workflow: status, businessStatus,
+    statusReason and output belong to the workflow, not to the artifact."""
+    merged = dict(mapped)
+    for key in ("status", "businessStatus", "statusReason", "output"):
+        if key in current:
+            merged[key] = current[key]
+        else:
+            merged.pop(key, None)
+    return merged
+
+
+def stored_json(stored: StoredResource) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(stored.content)
+    return loaded

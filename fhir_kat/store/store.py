@@ -116,7 +116,19 @@ class Store:
         return engine
 
     def create_schema(self) -> None:
-        metadata.create_all(self.engine)
+        """Create missing tables. Several processes starting at once (gunicorn workers) take
+        turns through an advisory lock: concurrent CREATE TABLEs collide on PostgreSQL."""
+        if self.is_sqlite:
+            metadata.create_all(self.engine)
+            return
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(7301)"))
+            try:
+                metadata.create_all(conn)
+                conn.commit()
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(7301)"))
+                conn.commit()
 
     def drop_schema(self) -> None:
         metadata.drop_all(self.engine)
@@ -127,7 +139,9 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[Tx]:
         with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
-            yield Tx(conn, self)
+            tx = Tx(conn, self)
+            yield tx
+            tx.run_deferred()
         self._after_commit()
 
     def _after_commit(self) -> None:
@@ -181,6 +195,17 @@ class Tx:
     def __init__(self, conn: Connection, store: Store) -> None:
         self.conn = conn
         self.store = store
+        self._deferred: dict[str, Callable[[Tx], None]] = {}
+
+    def defer(self, key: str, action: Callable[[Tx], None]) -> None:
+        """Run ``action`` once, at the end of this transaction, before it commits: for rules
+        that need every entry of a transaction Bundle written first (referral triage)."""
+        self._deferred.setdefault(key, action)
+
+    def run_deferred(self) -> None:
+        while self._deferred:
+            key = next(iter(self._deferred))
+            self._deferred.pop(key)(self)
 
     # ------------------------------------------------------------------ locking
 
