@@ -131,14 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _worker(args: argparse.Namespace) -> int:
     from fhir_kat.exchange.worker import main as worker_main
     from fhir_kat.security.consent import ConsentDecisionPoint
-    from fhir_kat.services.delivery import make_consent_gate
+    from fhir_kat.services.delivery import make_consent_gate, make_delivery_audit
     from fhir_kat.store import Store
 
     settings = load_settings()
     store = Store(settings.effective_database_url)
     try:
         gate = make_consent_gate(store, ConsentDecisionPoint(), _now)
-        return worker_main(args.worker_args, consent_gate=gate)
+        return worker_main(
+            args.worker_args, consent_gate=gate, on_outcome=make_delivery_audit(store, _now)
+        )
     finally:
         store.dispose()
 

@@ -17,7 +17,7 @@ from werkzeug.serving import make_server
 
 from fhir_kat.app import create_app
 from fhir_kat.exchange.worker import DeliveryWorker
-from fhir_kat.services.delivery import make_consent_gate
+from fhir_kat.services.delivery import make_consent_gate, make_delivery_audit
 from fhir_kat.settings import Settings
 from fhir_kat.validation.resource import SUPPORTED_TYPES
 from tests.conftest import HA_ORG, TEST_CLIENTS, client_as
@@ -99,6 +99,7 @@ def run_worker(app: Flask) -> dict[str, int]:
         state.partners,
         make_consent_gate(state.store, state.consent, state.clock),
         sleep=lambda _: None,
+        on_outcome=make_delivery_audit(state.store, state.clock),
     )
     totals = {"blocked": 0, "delivered": 0}
     for _ in range(20):
@@ -135,6 +136,10 @@ def test_consent_decides_at_send_time(kat: Flask, receiver: Receiver) -> None:
     assert "QuestionnaireResponse" in sent_types and "Observation" in sent_types
     assert all(e["request"]["method"] == "PUT" for b in receiver.bundles for e in b["entry"])
     assert {d["status"] for d in deliveries(kat)} == {"delivered"}
+    audit = client_as(kat, "admin").get("/fhir/AuditEvent?_count=200").get_json()["entry"]
+    trail = [e["resource"].get("outcomeDesc", "") for e in audit]
+    assert any("to island-ehr: delivered" in t for t in trail)
+    assert any("to island-ehr: blocked-consent" in t for t in trail)
 
 
 def test_identical_resend_queues_nothing_and_admin_tools(kat: Flask) -> None:

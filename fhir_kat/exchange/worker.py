@@ -37,6 +37,8 @@ log = logging.getLogger("fhir_kat.exchange.worker")
 
 #: ``consent_gate(delivery.consent_check) -> bool``: may this delivery be sent now?
 ConsentGate = Callable[[dict[str, Any]], bool]
+#: ``on_outcome(delivery, status)`` after a final outcome is recorded (delivered, dead, blocked).
+OutcomeHook = Callable[[Delivery, str], None]
 Clock = Callable[[], datetime]
 Sleep = Callable[[float], Any]
 
@@ -77,6 +79,7 @@ class DeliveryWorker:
         lease_seconds: float | None = None,
         idle_seconds: float = 2.0,
         clients: Mapping[str, PartnerClient] | None = None,
+        on_outcome: OutcomeHook | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if batch_size < 1:
@@ -100,6 +103,7 @@ class DeliveryWorker:
         self.idle_seconds = idle_seconds
         self.rng = rng or random.Random()  # noqa: S311 - backoff jitter, not a secret
         epoch_clock = self._epoch
+        self.on_outcome = on_outcome
         self.clients: dict[str, PartnerClient] = dict(clients or {})
         for name, partner in self.partners.items():
             self.clients.setdefault(name, PartnerClient(partner, clock=epoch_clock))
@@ -268,6 +272,8 @@ class DeliveryWorker:
                 extra={"partner": delivery.partner, "delivery_id": delivery.id},
             )
             return
+        if self.on_outcome is not None and status in ("delivered", "dead", "blocked-consent"):
+            self.on_outcome(delivery, status)  # e.g. the audit trail of every disclosure
         if status == "delivered":
             report.delivered += 1
         elif status == "dead":
@@ -314,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, consent_gate: ConsentGate | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    consent_gate: ConsentGate | None = None,
+    on_outcome: OutcomeHook | None = None,
+) -> int:
     """``fhir-kat worker``: 0 after a clean stop, 2 for a usage or configuration error."""
     from fhir_kat.logging import configure_logging
 
@@ -340,6 +350,7 @@ def main(argv: Sequence[str] | None = None, consent_gate: ConsentGate | None = N
             batch_size=args.batch_size,
             lease_seconds=args.lease_seconds,
             idle_seconds=args.idle_seconds,
+            on_outcome=on_outcome,
         )
     except ValueError as exc:
         store.dispose()

@@ -12,8 +12,9 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from fhir_kat.exchange import PartnerConfig, enqueue_artifact
+from fhir_kat.exchange import Delivery, PartnerConfig, enqueue_artifact
 from fhir_kat.search import Criterion, SearchQuery
+from fhir_kat.security.audit import AuditRecord, build_audit_event, write_audit_event
 from fhir_kat.security.consent import Actor, ConsentDecisionPoint
 from fhir_kat.store import Store, Tx
 
@@ -49,6 +50,27 @@ def make_consent_gate(
             )
 
     return gate
+
+
+def make_delivery_audit(
+    store: Store, clock: Callable[[], datetime]
+) -> Callable[[Delivery, str], None]:
+    """An AuditEvent for every delivery outcome: a disclosure to a partner leaves a trace like
+    any read (IHE BALP; the partner is the recipient, the patient the subject)."""
+
+    def record(delivery: Delivery, status: str) -> None:
+        audit = AuditRecord(
+            interaction="operation",
+            client_id=f"partner:{delivery.partner}",
+            role="partner",
+            status={"delivered": 200, "blocked-consent": 403}.get(status, 502),
+            detail=f"delivery {delivery.id} to {delivery.partner}: {status}",
+        )
+        if delivery.patient_key:
+            audit.patients.add(delivery.patient_key)
+        write_audit_event(store, build_audit_event(audit, clock()))
+
+    return record
 
 
 def queue_artifact(
