@@ -22,7 +22,13 @@ from typing import Any
 
 from sqlalchemy import false, func, select
 
-from fhir_kat.search import parse_date_range, split_reference, utc_naive
+from fhir_kat.search import (
+    Criterion,
+    SearchQuery,
+    parse_date_range,
+    split_reference,
+    utc_naive,
+)
 from fhir_kat.store import Tx
 from fhir_kat.store.schema import resources
 
@@ -37,6 +43,27 @@ class Actor:
 
     references: frozenset[str]
     identifiers: frozenset[str]
+
+
+def organization_ids(tx: Tx, organization: str) -> list[str]:
+    """Ids of the stored Organizations carrying the identifier ``system|value``."""
+    system, _, value = organization.partition("|")
+    query = SearchQuery(
+        "Organization",
+        criteria=(Criterion("identifier", "token", "", ((system, value, True),), ""),),
+        count=100,
+    )
+    rows, _, _ = tx.search(query)
+    return [r.id for r in rows]
+
+
+def actor_for(tx: Tx, organization: str | None) -> Actor | None:
+    """A party (client or partner) as a Consent actor: its Organization identifier and the
+    stored Organizations that carry it; None when it names no Organization."""
+    if not organization:
+        return None
+    refs = frozenset(f"Organization/{oid}" for oid in organization_ids(tx, organization))
+    return Actor(refs, frozenset({organization}))
 
 
 def applies(

@@ -12,7 +12,12 @@ from datetime import datetime
 from functools import cached_property
 
 from fhir_kat.search import Criterion, SearchQuery
-from fhir_kat.security.consent import Actor, ConsentDecisionPoint
+from fhir_kat.security.consent import (
+    Actor,
+    ConsentDecisionPoint,
+    actor_for,
+    organization_ids,
+)
 from fhir_kat.security.policy import OUTSIDE_PROGRAM, role_allows
 from fhir_kat.security.scopes import allows
 from fhir_kat.security.tokens import Principal
@@ -48,25 +53,14 @@ class Access:
 
     def actor(self, tx: Tx) -> Actor:
         if self._actor is None:
-            org = self.principal.organization
-            refs: set[str] = set()
-            identifiers: set[str] = set()
-            if org:
-                identifiers.add(org)
-                refs |= {f"Organization/{oid}" for oid in self._organization_ids(tx)}
-            self._actor = Actor(frozenset(refs), frozenset(identifiers))
+            self._actor = actor_for(tx, self.principal.organization) or Actor(
+                frozenset(), frozenset()
+            )
         return self._actor
 
     def _organization_ids(self, tx: Tx) -> list[str]:
-        org = self.principal.organization or ""
-        system, _, value = org.partition("|")
-        query = SearchQuery(
-            "Organization",
-            criteria=(Criterion("identifier", "token", "", ((system, value, True),), ""),),
-            count=100,
-        )
-        rows, _, _ = tx.search(query)
-        return [r.id for r in rows]
+        org = self.principal.organization
+        return organization_ids(tx, org) if org else []
 
     def visible_patients(self, tx: Tx, rtype: str) -> set[str] | None:
         """None = no restriction; otherwise the patients whose ``rtype`` data may be shown."""

@@ -13,28 +13,13 @@ from datetime import datetime
 from typing import Any
 
 from fhir_kat.exchange import Delivery, PartnerConfig, enqueue_artifact
-from fhir_kat.search import Criterion, SearchQuery
 from fhir_kat.security.audit import AuditRecord, build_audit_event, write_audit_event
-from fhir_kat.security.consent import Actor, ConsentDecisionPoint
+from fhir_kat.security.consent import ConsentDecisionPoint, actor_for
 from fhir_kat.store import Store, Tx
 
 #: Deliveries to health-authority EHRs serve the quality-improvement project: healthcare
 #: operations (v3 PurposeOfUse HOPERAT, DOMAIN.md). A patient's sharing consent must name it.
 DELIVERY_PURPOSE = "HOPERAT"
-
-
-def actor_for(tx: Tx, organization: str | None) -> Actor | None:
-    """The partner as a Consent actor: its identifier and the stored Organizations having it."""
-    if not organization:
-        return None
-    system, _, value = organization.partition("|")
-    query = SearchQuery(
-        "Organization",
-        criteria=(Criterion("identifier", "token", "", ((system, value, True),), ""),),
-        count=100,
-    )
-    rows, _, _ = tx.search(query)
-    return Actor(frozenset(f"Organization/{r.id}" for r in rows), frozenset({organization}))
 
 
 def make_consent_gate(
