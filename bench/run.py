@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--out", help="also write the report (Markdown) to this file")
     args = parser.parse_args(argv)
-    measure_sizes = [1_000, 10_000] + ([100_000] if args.full else [])
-    search_sizes = [10_000, 100_000] + ([1_000_000] if args.full else [])
+    measure_sizes = [1_000, 3_000] + ([10_000, 100_000] if args.full else [])
+    search_sizes = [3_000, 10_000] + ([100_000, 1_000_000] if args.full else [])
     lines = [
         "# Benchmarks",
         "",
