@@ -23,7 +23,7 @@ from fhir_kat.instruments.outcomes import (
     measure_report,
     measure_resource,
 )
-from fhir_kat.search import parse_date_range, split_reference
+from fhir_kat.search import Criterion, SearchQuery, parse_date_range, split_reference
 from fhir_kat.store import Store, Tx
 from fhir_kat.store.store import format_instant
 
@@ -99,27 +99,29 @@ class OutcomeService:
     def _points(
         self, tx: Tx, inst: Instrument, low: datetime, high: datetime, members: set[str] | None
     ) -> Iterator[ScorePoint]:
-        # One pass over the instrument's total scores (an index join); status, period and
-        # cohort are checked here rather than as SQL criteria re-evaluated for every batch.
+        query = SearchQuery(
+            "Observation",
+            criteria=(
+                Criterion(
+                    "code", "token", "", ((inst.total["system"], inst.total["code"], True),), ""
+                ),
+                Criterion("status", "token", "", tuple((None, s, False) for s in FINAL), ""),
+                # Two criteria, AND-ed (values inside one criterion are OR-ed).
+                Criterion("date", "date", "", (("ge", low, low),), ""),
+                Criterion("date", "date", "", (("le", high, high),), ""),
+            ),
+        )
         after = 0
         while True:
-            batch = tx.scan_by_code(
-                "Observation",
-                inst.total["system"],
-                inst.total["code"],
-                after_seq=after,
-                limit=BATCH,
-            )
+            batch = tx.scan(query, after_seq=after, limit=BATCH, patients=members)
             for _, content, patient in batch:
-                if patient is None or (members is not None and patient not in members):
+                if patient is None:
                     continue
                 obs = json.loads(content)
-                if obs.get("status") not in FINAL:
-                    continue
                 value = obs.get("valueQuantity", {}).get("value", obs.get("valueInteger"))
                 when = obs.get("effectiveDateTime")
                 parsed = parse_date_range(when) if isinstance(when, str) else None
-                if value is None or parsed is None or not (low <= parsed[0] <= high):
+                if value is None or parsed is None:
                     continue
                 yield ScorePoint(patient, parsed[0], float(value))
             if len(batch) < BATCH:

@@ -493,33 +493,6 @@ class Tx:
         )
         return [(int(r.seq), r.content, r.patient_id) for r in self.conn.execute(stmt)]
 
-    def scan_by_code(
-        self, rtype: str, system: str, code: str, *, after_seq: int, limit: int
-    ) -> list[tuple[int, str, str | None]]:
-        """(seq, JSON, patient id) of every current ``rtype`` with ``code``, in write order: one
-        join from the token index, for aggregate reports over large cohorts."""
-        stmt = (
-            select(resources.c.seq, resources.c.content, resources.c.patient_id)
-            .join(
-                search_token,
-                and_(
-                    search_token.c.res_type == resources.c.res_type,
-                    search_token.c.res_id == resources.c.res_id,
-                ),
-            )
-            .where(
-                resources.c.res_type == rtype,
-                resources.c.deleted == false(),
-                resources.c.seq > after_seq,
-                search_token.c.param == "code",
-                search_token.c.code == code,
-                search_token.c.system == system,
-            )
-            .order_by(resources.c.seq)
-            .limit(limit)
-        )
-        return [(int(r.seq), r.content, r.patient_id) for r in self.conn.execute(stmt)]
-
     def _where(self, query: SearchQuery) -> list[ColumnElement[bool]]:
         clauses: list[ColumnElement[bool]] = [
             resources.c.res_type == query.resource_type,
