@@ -1,19 +1,29 @@
-"""Artifact schemas. Error paths are dotted field paths into the artifact with list indexes in
-brackets (``patient.phn``, ``diagnoses[1].code``), the same convention the mapping layer uses."""
+"""Artifact schemas (marshmallow, ``unknown=RAISE``), the program-local codes they carry, and the
+JSON Schema of each kind.
+
+Owns: the shape of each kind and ``validate_artifact`` — every schema problem, then every code
+outside its ValueSet, as Issues, together with the part of the artifact that is valid (so the
+mapping layer can report its own problems in the same answer). Must not: know FHIR output,
+store, or echo submitted values in diagnostics (field paths, rules and code-shaped codes only).
+
+Error paths (``Issue.expression``) are field paths into the artifact: dotted names, list indexes
+in brackets, no root prefix — ``patient.phn``, ``diagnoses[1].code``,
+``vital_signs_before.systolic_mmhg``, ``answers[0].answer``; ``$`` is the artifact itself.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from fhir_kat.errors import Issue, Unprocessable, issue
-from fhir_kat.terminology import load_terminology
+from fhir_kat.terminology import UnmappedCode, canonical, load_terminology, safe_code
 
-# Ten digits. The BC check-digit rule is not verified here, so it is not enforced (never guess).
-PHN_RE = re.compile(r"^\d{10}$")
 #: BC PHN issuers accepted on input; output always uses the Infoway naming system (DOMAIN.md).
 PHN_SYSTEMS = (
     "https://fhir.infoway-inforoute.ca/NamingSystem/ca-bc-patient-healthcare-id",
@@ -21,6 +31,49 @@ PHN_SYSTEMS = (
 )
 ONE_LINE = validate.Length(min=1, max=200)
 FREE_TEXT = validate.Length(min=1, max=4000)
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+#: BC PHN check-digit weights for digits 2-9 (powers of 2 mod 11). Source: BC Ministry of
+#: Health, Professional and Software Conformance Standards, Vol. 4B (client registry), as
+#: implemented by python-stdnum ``stdnum.ca.bc_phn`` (2023). The first digit is always 9.
+PHN_WEIGHTS = (2, 4, 8, 5, 10, 9, 7, 3)
+
+
+def bc_phn_check_digit(first_nine: str) -> int | None:
+    """The check digit of a PHN's first nine digits; None when no valid PHN starts with them
+    (remainder 1 would need a check digit of 10)."""
+    total = sum(int(d) * w for d, w in zip(first_nine[1:9], PHN_WEIGHTS, strict=True))
+    digit = (11 - total % 11) % 11
+    # Remainder 0 → check digit 0, as python-stdnum computes it. Another reading ("11 is
+    # invalid") would reject those PHNs; accepting them only forgoes a check, never refuses a
+    # PHN that one of the two readings considers valid.
+    return None if digit == 10 else digit
+
+
+def bc_phn_valid(value: str) -> bool:
+    if len(value) != 10 or not value.isascii() or not value.isdigit() or value[0] != "9":
+        return False
+    return bc_phn_check_digit(value[:9]) == int(value[9])
+
+
+class Phn(fields.String):
+    """A BC Personal Health Number: 10 digits, first digit 9, Mod 11 check digit."""
+
+    default_error_messages = {  # noqa: RUF012 (marshmallow's own class-level convention)
+        "phn": "must be a BC PHN: 10 digits starting with 9, with a valid check digit"
+    }
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not bc_phn_valid(text):
+            raise self.make_error("phn")
+        return text
+
+
+def local_code(value_set: str, **kwargs: Any) -> fields.String:
+    """A program-local code: any string here; membership of ``value_set`` (a ValueSet in
+    ``mappings/terminology/``) is checked by ``validate_artifact`` so the issue can name the
+    ValueSet, and the JSON Schema lists the ValueSet's codes as its ``enum``."""
+    return fields.String(validate=ONE_LINE, metadata={"value_set": value_set}, **kwargs)
 
 
 class _Strict(Schema):
@@ -44,12 +97,10 @@ class ContactSchema(_Strict):
 
 
 class PatientSchema(PersonNameSchema):
-    phn = fields.String(
-        required=True, validate=validate.Regexp(PHN_RE, error="must be a 10-digit BC PHN")
-    )
+    phn = Phn(required=True)
     phn_system = fields.String(load_default=PHN_SYSTEMS[0], validate=validate.OneOf(PHN_SYSTEMS))
     birth_date = fields.Date(required=True)
-    sex = fields.String(required=True)
+    sex = local_code("kat-sex", required=True)
     contact = fields.Nested(ContactSchema)
 
 
@@ -59,20 +110,23 @@ class OrganizationSchema(_Strict):
 
 
 class ReferrerSchema(PersonNameSchema):
+    #: CPSBC licence number (system ca-bc-license-physician, DOMAIN.md)
     licence_number = fields.String(required=True, validate=validate.Regexp(r"^[A-Za-z0-9-]{2,20}$"))
     organization = fields.Nested(OrganizationSchema, required=True)
     fhir_endpoint = fields.Url(schemes={"https", "http"}, require_tld=False)
     contact = fields.Nested(ContactSchema)
 
 
-class CodeSchema(_Strict):
-    code = fields.String(required=True, validate=ONE_LINE)
+class DiagnosisSchema(_Strict):
+    code = local_code("kat-diagnosis", required=True)
+
+
+class ContraindicationSchema(_Strict):
+    code = local_code("kat-contraindication", required=True)
 
 
 class FlagSchema(_Strict):
-    #: a code of CodeSystem kat-intake: extreme-emotional-lability, recent-mood-medication-change,
-    #: uncontrolled-hypertension, aneurysm
-    code = fields.String(required=True, validate=ONE_LINE)
+    code = local_code("kat-referral-flag", required=True)
     value = fields.Boolean(required=True)
 
 
@@ -83,11 +137,12 @@ class ReferralSchema(_Strict):
     patient = fields.Nested(PatientSchema, required=True)
     referrer = fields.Nested(ReferrerSchema, required=True)
     reason = fields.String(validate=FREE_TEXT)
-    diagnoses = fields.List(fields.Nested(CodeSchema), load_default=list)
+    diagnoses = fields.List(fields.Nested(DiagnosisSchema), load_default=list)
     prior_treatment_failure = fields.Boolean(allow_none=True, load_default=None)
-    contraindications = fields.List(fields.Nested(CodeSchema), load_default=list)
+    contraindications = fields.List(fields.Nested(ContraindicationSchema), load_default=list)
     ketamine_hypersensitivity = fields.Boolean(allow_none=True, load_default=None)
     flags = fields.List(fields.Nested(FlagSchema), load_default=list)
+    # FHIR request-priority codes (ServiceRequest.priority's required binding), not local codes.
     urgency = fields.String(
         load_default="routine", validate=validate.OneOf(["routine", "urgent", "asap", "stat"])
     )
@@ -99,7 +154,7 @@ class PractitionerSchema(PersonNameSchema):
 
 
 class FindingSchema(_Strict):
-    criterion = fields.String(required=True, validate=ONE_LINE)
+    criterion = local_code("kat-eligibility-criterion", required=True)
     met = fields.Boolean(required=True)
     note = fields.String(validate=FREE_TEXT)
 
@@ -107,20 +162,11 @@ class FindingSchema(_Strict):
 class ScreeningSchema(_Strict):
     source_id = fields.String(required=True, validate=ONE_LINE)
     referral_identifier = fields.Nested(IdentifierSchema, required=True)
-    patient_phn = fields.String(
-        required=True, validate=validate.Regexp(PHN_RE, error="must be a 10-digit BC PHN")
-    )
-    step = fields.String(
-        required=True,
-        validate=validate.OneOf(
-            ["nurse-intake", "psychiatrist-clearance", "contraindication-check"]
-        ),
-    )
+    patient_phn = Phn(required=True)
+    step = local_code("kat-intake-step", required=True)
     performer = fields.Nested(PractitionerSchema, required=True)
     date = fields.AwareDateTime(required=True)
-    decision = fields.String(
-        required=True, validate=validate.OneOf(["cleared", "declined", "needs-review"])
-    )
+    decision = local_code("kat-intake-decision", required=True)
     findings = fields.List(fields.Nested(FindingSchema), load_default=list)
     notes = fields.String(validate=FREE_TEXT)
 
@@ -129,9 +175,9 @@ class PeriodSchema(_Strict):
     start = fields.Date(required=True)
     end = fields.Date()
 
-    @validates_schema
+    @validates_schema(skip_on_field_errors=False)  # reads only valid fields
     def _ordered(self, data: Mapping[str, Any], **_: Any) -> None:
-        if data.get("end") and data["end"] < data["start"]:
+        if data.get("end") and data.get("start") and data["end"] < data["start"]:
             raise ValidationError("must not be before start", "end")
 
 
@@ -149,15 +195,21 @@ class AttachmentSchema(_Strict):
             raise ValidationError("give exactly one of url and data_base64", "url")
 
 
+def _privacy_consent(kind: Any) -> bool:
+    """Does this consent kind map to scope patient-privacy (a data-sharing consent)?"""
+    try:
+        scopes = load_terminology().translate("kat-consent-kind-to-scope", str(kind))
+    except UnmappedCode:
+        return False  # an unknown kind is reported on its own
+    return any(c["code"] == "patient-privacy" for c in scopes)
+
+
 class ConsentSchema(_Strict):
     source_id = fields.String(required=True, validate=ONE_LINE)
-    patient_phn = fields.String(
-        required=True, validate=validate.Regexp(PHN_RE, error="must be a 10-digit BC PHN")
-    )
-    kind = fields.String(
-        required=True,
-        validate=validate.OneOf(["treatment", "share-health-authority", "share-referrer"]),
-    )
+    # Required for every kind: R4's "a privacy consent needs a patient" never fires by itself.
+    patient_phn = Phn(required=True)
+    kind = local_code("kat-consent-kind", required=True)
+    # FHIR consent-state-codes the program uses, not local codes.
     status = fields.String(
         load_default="active", validate=validate.OneOf(["active", "inactive", "rejected"])
     )
@@ -165,17 +217,14 @@ class ConsentSchema(_Strict):
     period = fields.Nested(PeriodSchema)
     session_number = fields.Integer(validate=validate.Range(min=1, max=12))
     permitted_party = fields.Nested(OrganizationSchema)
-    purposes = fields.List(
-        fields.String(
-            validate=validate.OneOf(load_terminology().value_set_codes("kat-purpose-of-use"))
-        ),
-        load_default=list,
-    )
+    purposes = fields.List(local_code("kat-purpose-of-use"), load_default=list)
     form = fields.Nested(AttachmentSchema)
 
     @validates_schema
     def _party(self, data: Mapping[str, Any], **_: Any) -> None:
-        sharing = data.get("kind", "").startswith("share-")
+        if "kind" not in data:
+            return
+        sharing = _privacy_consent(data["kind"])
         if sharing and "permitted_party" not in data:
             raise ValidationError(
                 "a data-sharing consent names the permitted party", "permitted_party"
@@ -201,7 +250,7 @@ class VitalsSchema(_Strict):
 
 
 class AdverseEventSchema(_Strict):
-    kind = fields.String(required=True, validate=ONE_LINE)
+    kind = local_code("kat-adverse-event", required=True)
     description = fields.String(validate=FREE_TEXT)
     serious = fields.Boolean(load_default=False)
     onset = fields.AwareDateTime()
@@ -214,9 +263,7 @@ class OverrideSchema(_Strict):
 
 class MedicationAdministrationSchema(_Strict):
     source_id = fields.String(required=True, validate=ONE_LINE)
-    patient_phn = fields.String(
-        required=True, validate=validate.Regexp(PHN_RE, error="must be a 10-digit BC PHN")
-    )
+    patient_phn = Phn(required=True)
     session_number = fields.Integer(required=True, validate=validate.Range(min=1, max=12))
     start = fields.AwareDateTime(required=True)
     end = fields.AwareDateTime()
@@ -224,14 +271,14 @@ class MedicationAdministrationSchema(_Strict):
     dose_mg = fields.Float(
         required=True, validate=validate.Range(min=0, min_inclusive=False, max=1000)
     )
-    route = fields.String(required=True, validate=ONE_LINE)
+    route = local_code("kat-route", required=True)
     administered_by = fields.Nested(PractitionerSchema, required=True)
     vital_signs_before = fields.Nested(VitalsSchema)
     vital_signs_after = fields.Nested(VitalsSchema)
     adverse_events = fields.List(fields.Nested(AdverseEventSchema), load_default=list)
     dose_override = fields.Nested(OverrideSchema)
 
-    @validates_schema
+    @validates_schema(skip_on_field_errors=False)  # reads only valid fields
     def _times(self, data: Mapping[str, Any], **_: Any) -> None:
         if data.get("end") and data.get("start") and data["end"] < data["start"]:
             raise ValidationError("must not be before start", "end")
@@ -239,14 +286,15 @@ class MedicationAdministrationSchema(_Strict):
 
 class AnswerSchema(_Strict):
     item = fields.String(required=True, validate=ONE_LINE)
-    answer = fields.Raw(required=True)
+    # Any JSON here: the Questionnaire decides the type, so that a wrong one is refused naming
+    # the item (``mapping.functions.questionnaire_issues``), not as a bare schema error.
+    answer = fields.Raw(required=True, metadata={"json_schema": {"type": "string"}})
 
 
 class QuestionnaireResponseSchema(_Strict):
     source_id = fields.String(required=True, validate=ONE_LINE)
-    patient_phn = fields.String(
-        required=True, validate=validate.Regexp(PHN_RE, error="must be a 10-digit BC PHN")
-    )
+    patient_phn = Phn(required=True)
+    # Keys of the shipped Questionnaires (mappings/questionnaires/), not terminology.
     instrument = fields.String(
         required=True, validate=validate.OneOf(["phq9", "gad7", "pcl5", "bipf"])
     )
@@ -264,18 +312,93 @@ SCHEMAS: dict[str, type[Schema]] = {
     "medication-administrations": MedicationAdministrationSchema,
     "questionnaire-responses": QuestionnaireResponseSchema,
 }
-KINDS = tuple(SCHEMAS)
+#: The five kinds, as they appear in URLs (``POST /api/v1/<kind>``).
+KINDS: tuple[str, ...] = tuple(SCHEMAS)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class Validated:
+    """An artifact after validation: ``data`` holds only the values that passed (a field with
+    a problem is left out, a list item with a problem becomes None, so indexes keep their
+    meaning); ``invalid`` names every field path with a problem (and each of its parents)."""
+
+    data: dict[str, Any]
+    issues: list[Issue] = field(default_factory=list)
+    invalid: frozenset[str] = frozenset()
+
+
+def validate_artifact(kind: str, payload: Any) -> Validated:
+    """Schema problems first (marshmallow), then codes outside their ValueSets."""
+    if not isinstance(payload, dict):
+        return Validated({}, [issue("structure", "an artifact must be a JSON object", "$")])
+    schema = _schema(kind)
+    try:
+        data: dict[str, Any] = schema.load(payload)
+        problems: list[Issue] = []
+    except ValidationError as exc:
+        messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+        problems = _issues(messages)
+        valid = exc.valid_data if isinstance(exc.valid_data, dict) else {}
+        data = _without_invalid(valid, payload, messages)
+    problems += _code_issues(type(schema), data, "")
+    invalid = {p for i in problems for e in i.expression for p in _parents(e)}
+    return Validated(data, problems, frozenset(invalid))
+
+
+@cache
+def _schema(kind: str) -> Schema:
+    """One instance per kind: loading keeps no state on the instance, and building one costs
+    more than loading a typical artifact."""
+    return SCHEMAS[kind]()
 
 
 def load_artifact(kind: str, payload: Any) -> dict[str, Any]:
     """The validated artifact (dates parsed), or one Unprocessable listing every problem."""
-    if not isinstance(payload, dict):
-        raise Unprocessable(issue("structure", "an artifact must be a JSON object", "$"))
-    try:
-        loaded: dict[str, Any] = SCHEMAS[kind]().load(payload)
-    except ValidationError as exc:
-        raise Unprocessable(_issues(exc.messages)) from None
-    return loaded
+    result = validate_artifact(kind, payload)
+    if result.issues:
+        raise Unprocessable(result.issues)
+    return result.data
+
+
+def _parents(path: str) -> list[str]:
+    """``a.b[2].c`` → ``a``, ``a.b``, ``a.b[2]``, ``a.b[2].c``."""
+    out, current = [], ""
+    for token in re.findall(r"\[\d+\]|[^.\[\]]+", path):
+        current = current + token if token.startswith("[") or not current else f"{current}.{token}"
+        out.append(current)
+    return out
+
+
+def _without_invalid(valid: Any, raw: Any, messages: Mapping[Any, Any]) -> Any:
+    if not isinstance(valid, dict):
+        return valid
+    out = dict(valid)
+    for key, message in messages.items():
+        if key == "_schema" or key not in out:
+            continue
+        if isinstance(message, list):
+            del out[key]
+        elif isinstance(out[key], list):
+            raw_list = raw.get(key) if isinstance(raw, dict) else None
+            if not isinstance(raw_list, list) or len(raw_list) != len(out[key]):
+                del out[key]  # items were dropped: the indexes no longer line up
+                continue
+            items = list(out[key])
+            for index, item_message in message.items():
+                if isinstance(index, int) and 0 <= index < len(items):
+                    items[index] = (
+                        None
+                        if isinstance(item_message, list)
+                        else _without_invalid(items[index], raw_list[index], item_message)
+                    )
+            out[key] = items
+        else:
+            sub_raw = raw.get(key) if isinstance(raw, dict) else None
+            out[key] = _without_invalid(out[key], sub_raw, message)
+    return out
 
 
 def _issues(messages: Any, path: str = "") -> list[Issue]:
@@ -285,30 +408,71 @@ def _issues(messages: Any, path: str = "") -> list[Issue]:
             if key == "_schema":
                 out += _issues(value, path)
                 continue
-            sub = (
-                f"{path}[{key}]"
-                if isinstance(key, int)
-                else (f"{path}.{key}" if path else str(key))
-            )
+            if isinstance(key, int):
+                sub = f"{path}[{key}]"
+            else:
+                # An unknown key is the sender's text: named only when it looks like a field.
+                name = key if _FIELD_NAME.match(str(key)) else "<field>"
+                sub = f"{path}.{name}" if path else name
             out += _issues(value, sub)
     elif isinstance(messages, list):
         for message in messages:
             if isinstance(message, str):
-                code = (
-                    "required"
-                    if "required" in message.lower()
-                    else ("structure" if message == "Unknown field." else "value")
-                )
-                # marshmallow's messages name the rule, not the value (e.g. "Not a valid date.")
+                if message == "Unknown field.":
+                    out.append(issue("structure", "unknown field", path or "$"))
+                    continue
+                code = "required" if message == "Missing data for required field." else "value"
+                # marshmallow's messages name the rule, never the value ("Not a valid date.")
                 out.append(issue(code, message, path or "$"))
             else:
                 out += _issues(message, path)
     return out
 
 
+def _code_issues(schema_cls: type[Schema], data: Any, path: str) -> list[Issue]:
+    """Every value of a ``local_code(...)`` field that is not in its ValueSet (``data`` holds
+    only values that passed the schema, so nothing is reported twice)."""
+    if not isinstance(data, Mapping):
+        return []
+    out: list[Issue] = []
+    for name, fld in schema_cls._declared_fields.items():
+        where = f"{path}.{name}" if path else name
+        if name not in data:
+            continue
+        value = data[name]
+        if isinstance(fld, fields.List):
+            inner = fld.inner
+            for i, item in enumerate(value or []):
+                out += _field_code_issues(inner, item, f"{where}[{i}]")
+        else:
+            out += _field_code_issues(fld, value, where)
+    return out
+
+
+def _field_code_issues(fld: Any, value: Any, where: str) -> list[Issue]:
+    if value is None:
+        return []
+    if isinstance(fld, fields.Nested):
+        return _code_issues(type(fld.schema), value, where)
+    value_set = fld.metadata.get("value_set")
+    if not value_set or load_terminology().validate_code(value_set, None, str(value)):
+        return []
+    return [issue("code-invalid", _not_in_value_set(str(value), value_set), where)]
+
+
+def _not_in_value_set(value: str, value_set: str) -> str:
+    """Names the code, the ValueSet and the ConceptMaps that translate its codes."""
+    url = canonical("ValueSet", value_set)
+    maps = sorted(
+        m.url for m in load_terminology().concept_maps.values() if m.source_value_set == url
+    )
+    via = f" (the source of ConceptMap {', '.join(maps)})" if maps else ""
+    return f"code '{safe_code(value)}' is not in ValueSet {url}{via}"
+
+
 # ---------------------------------------------------------------------------- JSON Schema
 
-_SIMPLE = {
+_SIMPLE: dict[type[fields.Field[Any]], dict[str, Any]] = {
     fields.String: {"type": "string"},
     fields.Integer: {"type": "integer"},
     fields.Float: {"type": "number"},
@@ -320,18 +484,25 @@ _SIMPLE = {
 }
 
 
-def _field_schema(field: fields.Field[Any]) -> dict[str, Any]:
-    if isinstance(field, fields.Nested):
-        nested = field.schema
-        return _object_schema(type(nested))
-    if isinstance(field, fields.List):
-        return {"type": "array", "items": _field_schema(field.inner)}
-    out: dict[str, Any] = {}
-    for cls in type(field).__mro__:
-        if cls in _SIMPLE:
+def _field_schema(fld: fields.Field[Any]) -> dict[str, Any]:
+    if isinstance(fld, fields.Nested):
+        return _object_schema(type(fld.schema))
+    if isinstance(fld, fields.List):
+        return {"type": "array", "items": _field_schema(fld.inner)}
+    out: dict[str, Any] = dict(fld.metadata.get("json_schema", {}))
+    for cls in type(fld).__mro__:
+        if cls in _SIMPLE and not out:
             out = dict(_SIMPLE[cls])
             break
-    for v in field.validators:
+    if isinstance(fld, Phn):
+        out["pattern"] = r"^9\d{9}$"
+        out["description"] = "BC PHN (the Mod 11 check digit is verified on receipt)"
+    if fld.metadata.get("value_set"):
+        out["enum"] = load_terminology().value_set_codes(fld.metadata["value_set"])
+        out["description"] = (
+            f"a code of ValueSet {canonical('ValueSet', fld.metadata['value_set'])}"
+        )
+    for v in fld.validators:
         if isinstance(v, validate.OneOf):
             out["enum"] = list(v.choices)
         elif isinstance(v, validate.Regexp):
@@ -346,7 +517,7 @@ def _field_schema(field: fields.Field[Any]) -> dict[str, Any]:
                 out["minimum" if v.min_inclusive else "exclusiveMinimum"] = v.min
             if v.max is not None:
                 out["maximum" if v.max_inclusive else "exclusiveMaximum"] = v.max
-    if getattr(field, "allow_none", False) and "type" in out:
+    if fld.allow_none and "type" in out:
         out["type"] = [out["type"], "null"]
     return out
 
@@ -362,6 +533,9 @@ def _object_schema(schema_cls: type[Schema]) -> dict[str, Any]:
 
 
 def json_schema(kind: str) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a kind, derived from its marshmallow schema. It is the
+    contract for program systems; rules across fields (a dose range, a consent's party) are
+    checked on receipt and are not all expressible here."""
     body = _object_schema(SCHEMAS[kind])
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -1,56 +1,157 @@
-"""Dose safety for a KaT session: route allowed for the session, body weight present for a
-weight-based route, and mg/kg inside the protocol range unless a clinician overrides with a
-reason (the override is then recorded on the MedicationAdministration)."""
+"""Dose safety for one KaT dosing session, against the program protocol.
+
+Owns: the rules — the route must be one the protocol allows for the session number; a
+weight-based route needs the session's body weight; a dose outside the route's range, or on a
+route with no configured range, needs an explicit clinician override with a reason; an override
+on a dose that needs none is refused (it would record a false statement). Must not: guess a
+weight, a range or a dose, store, call HTTP, or read the clock.
+
+Arithmetic is exact (``Fraction`` of the decimal values as sent): 105 mg / 70 kg is 1.5 mg/kg
+and inside a 1-1.5 range, with no float rounding at the boundary.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Literal
 
-from fhir_kat.clinical.protocol import ProgramProtocol
+from fhir_kat.clinical.protocol import DoseRange, ProgramProtocol
 from fhir_kat.errors import Issue, issue
+
+#: in-range: no override needed; out-of-range / no-range: an override is required;
+#: unknown: the inputs are missing or invalid (reported elsewhere), nothing can be said.
+Verdict = Literal["in-range", "out-of-range", "no-range", "unknown"]
+
+DOSE_INPUTS = (
+    "session_number",
+    "route",
+    "dose_mg",
+    "body_weight_kg",
+    "dose_override",
+)
+
+
+def _exact(value: float | int) -> Fraction:
+    return Fraction(str(value))
 
 
 def mg_per_kg(dose_mg: float, weight_kg: float) -> float:
-    return round(dose_mg / weight_kg, 3)
+    """mg/kg for display and the record, rounded to 3 decimals (checks use exact values)."""
+    return round(float(_exact(dose_mg) / _exact(weight_kg)), 3)
 
 
-def dose_issues(session: Mapping[str, Any], protocol: ProgramProtocol) -> list[Issue]:
-    """Every dose problem of one medication-administration artifact (already schema-valid)."""
+@dataclass(frozen=True)
+class DoseAssessment:
+    verdict: Verdict
+    route: str | None
+    range: DoseRange | None = None
+    mg_per_kg: float | None = None
+
+    @property
+    def needs_override(self) -> bool:
+        return self.verdict in ("out-of-range", "no-range")
+
+
+def assess(session: Mapping[str, Any], protocol: ProgramProtocol) -> DoseAssessment:
+    """Where the session's dose stands against the protocol's limits for its route."""
+    route, dose, weight = (session.get(k) for k in ("route", "dose_mg", "body_weight_kg"))
+    limits = protocol.dose_limits.get(route) if isinstance(route, str) else None
+    ratio = mg_per_kg(dose, weight) if dose is not None and weight else None
+    if limits is None or dose is None:
+        return DoseAssessment("unknown", route, mg_per_kg=ratio)
+    if limits.mg_per_kg is not None:
+        if not weight:
+            return DoseAssessment("unknown", route, limits.mg_per_kg)
+        value = _exact(dose) / _exact(weight)
+        rng = limits.mg_per_kg
+    elif limits.mg is not None:
+        value, rng = _exact(dose), limits.mg
+    else:
+        return DoseAssessment("no-range", route, mg_per_kg=ratio)
+    inside = _exact(rng.min) <= value <= _exact(rng.max)
+    return DoseAssessment("in-range" if inside else "out-of-range", route, rng, ratio)
+
+
+def dose_issues(
+    session: Mapping[str, Any], protocol: ProgramProtocol, *, invalid: Collection[str] = ()
+) -> list[Issue]:
+    """Every dose problem of one medication-administration artifact.
+
+    ``invalid`` names fields that already failed the schema: rules depending on them are not
+    evaluated (their problem is already reported, and a second, derived one would mislead)."""
+    if any(f in invalid for f in ("session_number", "route", "dose_mg")):
+        return []
     problems: list[Issue] = []
-    number = session["session_number"]
-    route = session["route"]
-    allowed = protocol.session_routes.get(number)
-    if allowed is None:
+    number, route = session.get("session_number"), session.get("route")
+    rule = protocol.sessions.get(number) if number is not None else None
+    if number is not None and rule is None:
         problems.append(
             issue("business-rule", f"the protocol has no session {number}", "session_number")
         )
-    elif route not in allowed:
+    elif rule is not None and route is not None and route not in rule.routes:
         problems.append(
             issue(
                 "business-rule",
-                f"session {number} is given by {', '.join(allowed)} in the protocol",
+                f"session {number} is given by {', '.join(rule.routes)} in the protocol",
                 "route",
             )
         )
-    dose_range = protocol.dose_ranges.get(route)
-    if dose_range is None:
-        return problems  # no weight-based range for this route: recorded as given
-    weight = session.get("body_weight_kg")
-    if weight is None:
-        problems.append(
-            issue("required", f"a body weight is required for the {route} route", "body_weight_kg")
-        )
+    limits = protocol.dose_limits.get(route) if route is not None else None
+    if route is None or session.get("dose_mg") is None:
         return problems
-    ratio = mg_per_kg(session["dose_mg"], weight)
-    if not dose_range.min <= ratio <= dose_range.max and not session.get("dose_override"):
+    if limits is None:
+        if not problems:  # the session rule has not already named the route
+            problems.append(
+                issue("business-rule", f"the protocol has no dose limits for {route}", "route")
+            )
+        return problems
+    if limits.weight_based and session.get("body_weight_kg") is None:
+        if "body_weight_kg" not in invalid:
+            problems.append(
+                issue(
+                    "required",
+                    f"a body weight is required for the {route} route (dose in mg/kg)",
+                    "body_weight_kg",
+                )
+            )
+        return problems
+    if "body_weight_kg" in invalid or "dose_override" in invalid:
+        return problems
+    verdict = assess(session, protocol)
+    override = session.get("dose_override")
+    if verdict.verdict == "out-of-range" and not override:
+        shown = (
+            f"{verdict.mg_per_kg:g} mg/kg"
+            if limits.weight_based and verdict.mg_per_kg is not None
+            else f"{session['dose_mg']:g} mg"
+        )
         problems.append(
             issue(
                 "business-rule",
-                f"{ratio:g} mg/kg is outside the protocol range {dose_range.min:g}-"
-                f"{dose_range.max:g} mg/kg for {route}; a clinician override with a reason is "
-                "required",
+                f"{shown} is outside the protocol range "
+                f"{verdict.range.text() if verdict.range else ''} for {route}; a clinician "
+                "override with a reason is required",
                 "dose_mg",
+            )
+        )
+    elif verdict.verdict == "no-range" and not override:
+        problems.append(
+            issue(
+                "business-rule",
+                f"the protocol configures no dose range for {route}; every dose on this route "
+                "needs a clinician override with a reason",
+                "dose_override",
+            )
+        )
+    elif verdict.verdict == "in-range" and override:
+        problems.append(
+            issue(
+                "business-rule",
+                "the dose is inside the protocol range, so there is nothing to override; remove "
+                "dose_override or correct the dose or weight",
+                "dose_override",
             )
         )
     return problems

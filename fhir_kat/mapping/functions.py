@@ -1,20 +1,39 @@
 """The registered functions mapping files may call (``$fn``), and the clinical checks run on an
-artifact before it is mapped. A closed list: lint refuses any other name."""
+artifact before its resources are built.
+
+Owns: ``REGISTRY`` — a closed list (lint refuses any other name); each function is pure, takes
+the ``MappingContext`` first, and tolerates missing inputs (None) because the engine also runs on
+the valid part of a refused artifact to report every problem at once. Must not: read the clock
+(``ctx.now`` only), store, call HTTP, or create codes (codes come from mapping files and
+``mappings/terminology/``).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from datetime import date, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from fhir_kat.clinical.dose import dose_issues, mg_per_kg
+from fhir_kat.clinical.dose import assess, dose_issues
 from fhir_kat.clinical.protocol import ProgramProtocol
 from fhir_kat.errors import Issue, issue
+from fhir_kat.terminology import safe_code
 
 QUESTIONNAIRES = Path(__file__).resolve().parents[2] / "mappings" / "questionnaires"
+#: The artifact's ``instrument`` -> the file (and id) of the Questionnaire it answers.
 INSTRUMENT_FILES = {"phq9": "phq-9", "gad7": "gad-7", "pcl5": "pcl-5", "bipf": "b-ipf"}
+#: Answer types the artifact may carry per item type (JSON types; bool is not an int here).
+_ANSWER_TYPES: dict[str, tuple[type, ...]] = {
+    "choice": (str,),
+    "string": (str,),
+    "text": (str,),
+    "integer": (int,),
+    "decimal": (int, float),
+    "boolean": (bool,),
+}
 
 
 @cache
@@ -29,69 +48,105 @@ def all_questionnaires() -> tuple[dict[str, Any], ...]:
     return tuple(questionnaire(k) for k in INSTRUMENT_FILES)
 
 
-def _answerable(q: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    return {item["linkId"]: item for item in q["item"] if not item.get("readOnly")}
+@cache
+def _answerable(instrument: str) -> dict[str, dict[str, Any]]:
+    """linkId -> item, for the items a person answers (calculated totals are read-only)."""
+    return {
+        item["linkId"]: item
+        for item in questionnaire(instrument)["item"]
+        if not item.get("readOnly")
+    }
 
 
-def questionnaire_issues(artifact: Mapping[str, Any]) -> list[Issue]:
-    """Unknown linkId, an answer outside the option set, a wrong type, a repeated item."""
-    items = _answerable(questionnaire(artifact["instrument"]))
+def _type_ok(value: Any, item_type: str) -> bool:
+    if isinstance(value, bool) and item_type != "boolean":
+        return False  # JSON true is not the integer 1 here
+    return isinstance(value, _ANSWER_TYPES.get(item_type, (str,)))
+
+
+def questionnaire_issues(artifact: Mapping[str, Any], invalid: Collection[str] = ()) -> list[Issue]:
+    """Unknown linkId, an answer of the wrong type or outside the item's options, an item
+    answered twice, a required item missing from a completed response — each naming the item."""
+    instrument = artifact.get("instrument")
+    if instrument not in INSTRUMENT_FILES:
+        return []
+    items = _answerable(instrument)
     problems = []
     seen: set[str] = set()
-    for i, answer in enumerate(artifact["answers"]):
+    whole = True  # every answer passed the schema: only then can missing items be named
+    for i, answer in enumerate(artifact.get("answers") or []):
+        if answer is None or "item" not in answer or "answer" not in answer:
+            whole = False
+            continue  # this answer's own schema problem is already reported
         where = f"answers[{i}]"
         link = answer["item"]
         if link not in items:
             problems.append(
-                issue("value", f"item '{link}' is not in the questionnaire", f"{where}.item")
+                issue(
+                    "value",
+                    f"item '{safe_code(link)}' is not in the questionnaire",
+                    f"{where}.item",
+                )
             )
             continue
         if link in seen:
-            problems.append(issue("value", f"item '{link}' is answered twice", f"{where}.item"))
+            problems.append(issue("duplicate", f"item '{link}' is answered twice", f"{where}.item"))
         seen.add(link)
-        value = answer["answer"]
-        if not isinstance(value, str):
-            problems.append(
-                issue("value", f"item '{link}' takes an answer code (a string)", f"{where}.answer")
-            )
+        value, item = answer["answer"], items[link]
+        if not _type_ok(value, item["type"]):
+            expected = "an answer code (a string)" if item["type"] == "choice" else item["type"]
+            problems.append(issue("value", f"item '{link}' takes {expected}", f"{where}.answer"))
             continue
-        codes = {o["valueCoding"]["code"] for o in items[link]["answerOption"]}
-        if value not in codes:
+        options = {o["valueCoding"]["code"] for o in item.get("answerOption", [])}
+        if item["type"] == "choice" and value not in options:
             problems.append(
                 issue(
-                    "value", f"the answer to '{link}' is not one of its options", f"{where}.answer"
+                    "code-invalid",
+                    f"the answer to '{link}' is not one of its options",
+                    f"{where}.answer",
                 )
             )
-    if artifact.get("status") == "completed":
-        missing = [
-            link for link, item in items.items() if item.get("required") and link not in seen
-        ]
-        for link in missing:
-            problems.append(issue("required", f"a completed response answers '{link}'", "answers"))
+    if artifact.get("status") == "completed" and whole and "answers" not in invalid:
+        for link, item in items.items():
+            if item.get("required") and link not in seen:
+                problems.append(
+                    issue("required", f"a completed response answers '{link}'", "answers")
+                )
     return problems
 
 
 def clinical_checks(
-    kind: str, artifact: Mapping[str, Any], protocol: ProgramProtocol
+    kind: str,
+    artifact: Mapping[str, Any],
+    protocol: ProgramProtocol,
+    invalid: Collection[str] = (),
 ) -> list[Issue]:
+    """The rules beyond the schema that refuse an artifact. ``invalid`` names fields that
+    already failed validation (rules depending on them are skipped, not reported twice)."""
     if kind == "medication-administrations":
-        return dose_issues(artifact, protocol)
+        return dose_issues(artifact, protocol, invalid=invalid)
     if kind == "questionnaire-responses":
-        return questionnaire_issues(artifact)
+        return questionnaire_issues(artifact, invalid)
     return []
 
 
 # ---------------------------------------------------------------------------- registered
 
 
-def _qr_items(_: Any, instrument: str, answers: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    q = questionnaire(instrument)
-    items = _answerable(q)
-    given = {a["item"]: a["answer"] for a in answers}
+def _qr_items(_: Any, instrument: str | None, answers: list[Any] | None) -> list[dict[str, Any]]:
+    """The answered items in the Questionnaire's order, each with the option's full Coding."""
+    if instrument not in INSTRUMENT_FILES:
+        return []
+    given = {a["item"]: a["answer"] for a in answers or [] if a and "item" in a and "answer" in a}
     out = []
-    for link, item in items.items():  # questionnaire order, whatever order answers came in
+    for link, item in _answerable(instrument).items():
         option = next(
-            (o for o in item["answerOption"] if o["valueCoding"]["code"] == given.get(link)), None
+            (
+                o
+                for o in item.get("answerOption", [])
+                if o["valueCoding"]["code"] == given.get(link)
+            ),
+            None,
         )
         if option is None:
             continue  # unanswered, or refused by questionnaire_issues before the Bundle is used
@@ -105,7 +160,9 @@ def _qr_items(_: Any, instrument: str, answers: list[Mapping[str, Any]]) -> list
     return out
 
 
-def _questionnaire_url(_: Any, instrument: str) -> str:
+def _questionnaire_url(_: Any, instrument: str | None) -> str | None:
+    if instrument not in INSTRUMENT_FILES:
+        return None
     q = questionnaire(instrument)
     return f"{q['url']}|{q['version']}"
 
@@ -119,29 +176,49 @@ def _program_name(ctx: Any) -> str:
     return str(ctx.protocol.program_name)
 
 
-def _mg_per_kg(_: Any, dose: float | None, weight: float | None) -> float | None:
-    if dose is None or weight is None:
+def _program_key(ctx: Any) -> str:
+    return f"{ctx.protocol.program_org_system}|{ctx.protocol.program_org_value}"
+
+
+def _dose_fields(route: Any, dose: Any, weight: Any) -> dict[str, Any]:
+    return {"route": route, "dose_mg": dose, "body_weight_kg": weight}
+
+
+def _mg_per_kg(ctx: Any, route: Any, dose: Any, weight: Any) -> float | None:
+    return assess(_dose_fields(route, dose, weight), ctx.protocol).mg_per_kg
+
+
+def _dose_check(ctx: Any, route: Any, dose: Any, weight: Any) -> str | None:
+    """Why the dose needed an override (a code of kat-dose-check), None when it did not."""
+    verdict = assess(_dose_fields(route, dose, weight), ctx.protocol)
+    return verdict.verdict if verdict.needs_override else None
+
+
+def _override_note(ctx: Any, route: Any, dose: Any, weight: Any, reason: Any) -> str | None:
+    """The human-readable record of a clinician override, naming the protocol version."""
+    if not reason:
         return None
-    return mg_per_kg(dose, weight)
+    verdict = assess(_dose_fields(route, dose, weight), ctx.protocol)
+    given = f"; given {verdict.mg_per_kg:g} mg/kg" if verdict.mg_per_kg is not None else ""
+    if verdict.verdict == "out-of-range" and verdict.range is not None:
+        why = f"Dose outside the protocol range {verdict.range.text()} for {route}{given}"
+    elif verdict.verdict == "no-range":
+        why = f"No protocol dose range is configured for {route}{given}"
+    else:
+        return None  # refused by dose_issues: an override without a reason to override
+    return f"{why}. Protocol {ctx.protocol.reference}. Clinician override: {reason}"
+
+
+def _protocol_reference(ctx: Any) -> str:
+    return str(ctx.protocol.reference)
 
 
 def _join(_: Any, separator: str, *parts: Any) -> str:
     return separator.join(str(p) for p in parts if p not in (None, ""))
 
 
-def _override_note(_: Any, reason: str | None, ratio: float | None) -> str | None:
-    if not reason:
-        return None
-    dose = f" ({ratio:g} mg/kg)" if ratio is not None else ""
-    return f"Dose outside the protocol range{dose}; clinician override: {reason}"
-
-
-def _encounter_status(_: Any, end: str | None) -> str:
+def _encounter_status(_: Any, end: Any) -> str:
     return "finished" if end else "in-progress"
-
-
-def _program_key(ctx: Any) -> str:
-    return f"{ctx.protocol.program_org_system}|{ctx.protocol.program_org_value}"
 
 
 def _is_set(_: Any, value: Any) -> bool:
@@ -149,8 +226,8 @@ def _is_set(_: Any, value: Any) -> bool:
 
 
 def _ref_to(_: Any, resource_type: str, *parts: Any) -> dict[str, str] | None:
-    """A reference to a resource another artifact created, by the same deterministic id its
-    own mapping gives it (e.g. the Patient of a PHN, the Task of a referral identifier)."""
+    """A reference to a resource another artifact creates, by the same deterministic id its own
+    mapping gives it (the Patient of a PHN, the Task of a referral identifier)."""
     from fhir_kat.mapping.engine import deterministic_id
 
     if any(p is None for p in parts):
@@ -158,8 +235,12 @@ def _ref_to(_: Any, resource_type: str, *parts: Any) -> dict[str, str] | None:
     return {"reference": f"{resource_type}/{deterministic_id(resource_type, *parts)}"}
 
 
-#: Vital signs the session sheet records: field, UCUM code and unit text. Their LOINC codes
-#: come from ConceptMap kat-vital-sign-to-loinc (DOMAIN.md).
+def _instant(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, (datetime, date)) else value
+
+
+#: Vital signs the session sheet records besides blood pressure: field, UCUM code, unit text.
+#: Their LOINC codes come from ConceptMap kat-vital-sign-to-loinc (DOMAIN.md).
 VITALS = (
     ("heart_rate_per_min", "/min", "beats/minute"),
     ("spo2_percent", "%", "%"),
@@ -167,13 +248,11 @@ VITALS = (
 )
 
 
-def _vital_sign_items(
-    _: Any, before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
-) -> list[dict[str, Any]]:
+def _vital_sign_items(_: Any, before: Any, after: Any) -> list[dict[str, Any]]:
     """One item per measured value, before and after the session (for a ``repeat``)."""
     out = []
     for phase, vitals in (("before", before), ("after", after)):
-        if not vitals:
+        if not isinstance(vitals, Mapping) or vitals.get("measured_at") is None:
             continue
         for fname, ucum, unit in VITALS:
             if vitals.get(fname) is not None:
@@ -184,29 +263,26 @@ def _vital_sign_items(
                         "ucum": ucum,
                         "unit": unit,
                         "value": vitals[fname],
-                        "measured_at": vitals["measured_at"].isoformat(),
+                        "measured_at": _instant(vitals["measured_at"]),
                     }
                 )
     return out
 
 
-def _blood_pressures(
-    _: Any, before: Mapping[str, Any] | None, after: Mapping[str, Any] | None
-) -> list[dict[str, Any]]:
+def _blood_pressures(_: Any, before: Any, after: Any) -> list[dict[str, Any]]:
     return [
         {
             "phase": phase,
             "systolic": v["systolic_mmhg"],
             "diastolic": v["diastolic_mmhg"],
-            "measured_at": v["measured_at"].isoformat(),
+            "measured_at": _instant(v["measured_at"]),
         }
         for phase, v in (("before", before), ("after", after))
-        if v and v.get("systolic_mmhg") is not None
+        if isinstance(v, Mapping)
+        and v.get("measured_at") is not None
+        and v.get("systolic_mmhg") is not None
+        and v.get("diastolic_mmhg") is not None
     ]
-
-
-def _submitter(ctx: Any) -> str:
-    return str(ctx.submitter)
 
 
 REGISTRY: dict[str, Callable[..., Any]] = {
@@ -214,12 +290,13 @@ REGISTRY: dict[str, Callable[..., Any]] = {
     "questionnaire_url": _questionnaire_url,
     "program_identifier": _program_identifier,
     "program_name": _program_name,
-    "mg_per_kg": _mg_per_kg,
-    "join": _join,
-    "override_note": _override_note,
-    "encounter_status": _encounter_status,
-    "submitter": _submitter,
     "program_key": _program_key,
+    "protocol_reference": _protocol_reference,
+    "mg_per_kg": _mg_per_kg,
+    "dose_check": _dose_check,
+    "override_note": _override_note,
+    "join": _join,
+    "encounter_status": _encounter_status,
     "is_set": _is_set,
     "ref_to": _ref_to,
     "vital_sign_items": _vital_sign_items,
