@@ -1,31 +1,56 @@
-"""Invariants of every mapped output (FHIR-Converter's habit): valid R4B, conformant to HL7's R4
-definitions, every reference resolves, ids unique, no empty elements, deterministic, and every
-coded value traces to a ConceptMap/CodeSystem of ours, a code DOMAIN.md names, or a constant of
-a mapping file."""
+"""Invariants of every mapped output (FHIR-Converter's habit), checked on every golden case:
+valid R4B, conformant to HL7's R4 definitions, every reference resolves, ids unique, no empty
+elements, deterministic, every coded value traces to our terminology or a mapping file's
+constant — plus the identity rules across kinds and the refusal paths' robustness.
+
+References that leave the bundle are allowed only where an artifact points at data another
+artifact stored (by the same deterministic id): ``EXTERNAL`` lists them. A screening's Task and
+ServiceRequest are the referral's (the store refuses the screening with 422 when they are not
+stored); a session's Patient is the referral's; the program Organization is the referral's.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from fhir.resources.R4B import get_fhir_model_class
 
-from fhir_kat.mapping import lint_mappings
-from fhir_kat.mapping.engine import ENGINE_CODES
+from fhir_kat.errors import Unprocessable
+from fhir_kat.mapping import map_artifact
+from fhir_kat.mapping.engine import ENGINE_CODES, deterministic_id
 from fhir_kat.terminology import load_terminology
 from fhir_kat.validation.resource import structure_issues
 from tests.support.conformance import assert_conformant
-from tests.test_golden import CASES, run
+from tests.test_golden import CASES, CONTEXT, GOLDEN, case_id, run
 
 MAPPED = [p for p in CASES if not p.name.startswith("refused-")]
+REFUSED = [p for p in CASES if p.name.startswith("refused-")]
 #: References that point at stored data another artifact created (by deterministic id).
 EXTERNAL = {
     "screenings": {"Patient", "Task", "ServiceRequest"},
     "consents": {"Patient", "Organization"},
     "medication-administrations": {"Patient", "Organization"},
     "questionnaire-responses": {"Patient"},
+}
+#: Input fields whose values are PHI or free text: never in a diagnostic.
+PHI_KEYS = {
+    "phn",
+    "patient_phn",
+    "family_name",
+    "given_names",
+    "birth_date",
+    "phone",
+    "email",
+    "reason",
+    "notes",
+    "note",
+    "description",
+    "title",
 }
 
 
@@ -65,92 +90,218 @@ def _empty(node: Any) -> bool:
     return False
 
 
+def _phi_values(node: Any, key: str = "") -> set[str]:
+    out: set[str] = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out |= _phi_values(v, k)
+    elif isinstance(node, list):
+        for v in node:
+            out |= _phi_values(v, key)
+    elif isinstance(node, str) and key in PHI_KEYS and len(node) >= 3:
+        out.add(node)
+    return out
+
+
 @pytest.fixture(scope="module")
 def constant_codes() -> set[tuple[str, str]]:
     """(system, code) pairs written as constants in mapping files or shipped Questionnaires."""
     root = Path(__file__).resolve().parents[1] / "mappings"
     found: set[tuple[str, str]] = set()
-    for path in root.glob("*/*.yaml"):
-        found |= {
-            (c["system"], c["code"])
-            for c in _codings(yaml.safe_load(path.read_text()))
-            if isinstance(c.get("system"), str)
-        }
+    for kind in EXTERNAL.keys() | {"referrals"}:
+        for path in (root / kind).glob("*.yaml"):
+            found |= {
+                (c["system"], c["code"])
+                for c in _codings(yaml.safe_load(path.read_text()))
+                if isinstance(c.get("system"), str)
+            }
     for path in root.glob("questionnaires/*.json"):
         found |= {(c["system"], c["code"]) for c in _codings(json.loads(path.read_text()))}
     return found | {(c["system"], c["code"]) for c in ENGINE_CODES}
 
 
-@pytest.mark.parametrize("path", MAPPED, ids=[f"{p.parent.name}/{p.name[:-11]}" for p in MAPPED])
-def test_output_invariants(path: Path, constant_codes: set[tuple[str, str]]) -> None:
-    bundle = run(path)
-    assert bundle == run(path), "mapping is not deterministic"
-    resources = [e["resource"] for e in bundle["entry"]]
-    keys = [f"{r['resourceType']}/{r['id']}" for r in resources]
-    assert len(keys) == len(set(keys)), "ids are not unique"
+@pytest.fixture(scope="module")
+def terminology_codes() -> set[tuple[str, str]]:
     term = load_terminology()
     mapped = {
         (c["system"], c["code"])
-        for targets in term.concept_maps.values()
-        for codings in targets.values()
+        for table in term.concept_maps.values()
+        for codings in table.targets.values()
         for c in codings
     }
     local = {(system, code) for system, codes in term.code_systems.items() for code in codes}
-    local |= {pair for codes in term.value_sets.values() for pair in codes}
+    return mapped | local | {pair for members in term.value_sets.values() for pair in members}
+
+
+@pytest.mark.parametrize("path", MAPPED, ids=[case_id(p) for p in MAPPED])
+def test_output_invariants(
+    path: Path, constant_codes: set[tuple[str, str]], terminology_codes: set[tuple[str, str]]
+) -> None:
+    bundle = run(path)
+    again = run(path)
+    assert json.dumps(bundle) == json.dumps(again), "mapping is not deterministic"
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
+    resources = [e["resource"] for e in bundle["entry"]]
+    keys = [f"{r['resourceType']}/{r['id']}" for r in resources]
+    assert len(keys) == len(set(keys)), "ids are not unique"
     external = EXTERNAL.get(path.parent.name, set())
     for entry, resource in zip(bundle["entry"], resources, strict=True):
-        assert entry["request"] == {
-            "method": "PUT",
-            "url": f"{resource['resourceType']}/{resource['id']}",
-        }
+        rtype, rid = resource["resourceType"], resource["id"]
+        assert entry["fullUrl"] == f"urn:uuid:{rid}"
+        assert entry["request"] == {"method": "PUT", "url": f"{rtype}/{rid}"}
+        get_fhir_model_class(rtype).model_validate(resource)
         assert not structure_issues(resource), structure_issues(resource)
         assert_conformant(resource)
-        assert not _empty(resource), f"empty element in {resource['resourceType']}"
+        assert not _empty(resource), f"empty element in {rtype}"
         for ref in _refs(resource):
             assert ref in keys or ref.split("/")[0] in external, f"dangling {ref}"
         for coding in _codings(resource):
             pair = (coding["system"], coding["code"])
-            if coding["system"] in ("http://unitsofmeasure.org",):
-                continue
-            assert pair in mapped | local | constant_codes, f"untraceable code {pair}"
+            if coding["system"] == "http://unitsofmeasure.org":
+                continue  # UCUM units are written in the mapping files, not coded concepts
+            assert pair in terminology_codes | constant_codes, f"untraceable code {pair}"
 
 
-def test_lint_passes_on_the_repository() -> None:
-    assert lint_mappings() == []
+@pytest.mark.parametrize("path", MAPPED, ids=[case_id(p) for p in MAPPED])
+def test_provenance_covers_the_bundle(path: Path) -> None:
+    bundle = run(path)
+    resources = [e["resource"] for e in bundle["entry"]]
+    provenance = [r for r in resources if r["resourceType"] == "Provenance"]
+    assert len(provenance) == 1
+    prov = provenance[0]
+    targets = {t["reference"] for t in prov["target"]}
+    assert targets == {f"{r['resourceType']}/{r['id']}" for r in resources if r is not prov}
+    assert prov["recorded"] == CONTEXT.now.isoformat()
+    assert prov["agent"][0]["who"]["identifier"]["value"] == CONTEXT.submitter
+    assert all("#v" in p for p in prov["policy"])
+    assert any(f"mappings/{path.parent.name}/" in p for p in prov["policy"])
 
 
-def test_lint_catches_broken_mappings(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[1] / "mappings"
-    for kind in (
-        "referrals",
-        "screenings",
-        "consents",
-        "medication-administrations",
-        "questionnaire-responses",
-    ):
-        (tmp_path / kind).mkdir()
-        for f in (root / kind).glob("*.yaml"):
-            (tmp_path / kind / f.name).write_text(f.read_text())
-    (tmp_path / "referrals" / "Broken.yaml").write_text(
-        "resourceType: Unicorn\nid: [x]\nresource:\n"
-        "  a: {$path: patient.shoe_size}\n  b: {$map: {map: no-such-map, code: x}}\n"
-        "  c: {$ref: Nowhere}\n  d: {$fn: {teleport: []}}\n  e: {$cs: {system: nope, code: x}}\n"
+@pytest.mark.parametrize("path", REFUSED, ids=[case_id(p) for p in REFUSED])
+def test_refusals_name_fields_never_phi(path: Path) -> None:
+    outcome = run(path)
+    payload = json.loads(path.read_text())
+    text = json.dumps(outcome["issue"])
+    for value in _phi_values(payload):
+        assert value not in text, f"{case_id(path)} echoes an input value"
+
+
+def _leaf_paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix] if prefix else []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out += _leaf_paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            out += _leaf_paths(value, (*prefix, index))
+    return out
+
+
+def _replace(node: Any, path: tuple[Any, ...], value: Any) -> Any:
+    changed = copy.deepcopy(node)
+    holder = changed
+    for step in path[:-1]:
+        holder = holder[step]
+    if value is _REMOVE:
+        del holder[path[-1]]
+    else:
+        holder[path[-1]] = value
+    return changed
+
+
+_REMOVE = object()
+
+
+@pytest.mark.parametrize("path", MAPPED, ids=[case_id(p) for p in MAPPED])
+def test_broken_fields_are_refused_never_crash(path: Path) -> None:
+    """Every field at every depth removed or given a wrong type: a 422 or a Bundle, never a
+    crash — the engine runs on the valid part of a refused artifact to report every problem at
+    once, so it must tolerate any hole in it."""
+    kind = path.parent.name
+    payload = json.loads(path.read_text())
+    for where in _leaf_paths(payload):
+        for broken in (_REMOVE, None, 12345, "x", {"x": 1}, [None]):
+            try:
+                map_artifact(kind, _replace(payload, where, broken), CONTEXT)
+            except Unprocessable as exc:
+                assert exc.issues and all(i.expression for i in exc.issues), where
+
+
+def _bundle(kind: str, case: str) -> dict[str, Any]:
+    return run(GOLDEN / kind / f"{case}.input.json")
+
+
+def _ids(bundle: dict[str, Any], rtype: str) -> set[str]:
+    return {e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == rtype}
+
+
+def test_one_phn_is_one_patient_across_kinds_and_issuers() -> None:
+    referral = _bundle("referrals", "complete")
+    legacy = _bundle("referrals", "legacy-phn-system")
+    (patient_id,) = _ids(referral, "Patient")
+    assert _ids(legacy, "Patient") == {patient_id} == {deterministic_id("Patient", "9999999998")}
+    patient = next(e["resource"] for e in legacy["entry"] if e["resource"]["id"] == patient_id)
+    (phn,) = patient["identifier"]
+    assert (
+        phn["system"]
+        == "https://fhir.infoway-inforoute.ca/NamingSystem/ca-bc-patient-healthcare-id"
     )
-    problems = {i.diagnostics for i in lint_mappings(tmp_path)}
-    for fragment in (
-        "missing 'version'",
-        "unknown FHIR resource type",
-        "shoe_size",
-        "no ConceptMap",
-        "no target",
-        "teleport",
-        "no CodeSystem",
+    assert phn["type"]["coding"][0]["code"] == "JHN"
+    for kind, case in (
+        ("screenings", "complete"),
+        ("consents", "complete"),
+        ("medication-administrations", "complete"),
+        ("questionnaire-responses", "complete-phq9"),
     ):
-        assert any(fragment in p for p in problems), (fragment, problems)
+        refs = {r for e in _bundle(kind, case)["entry"] for r in _refs(e["resource"])}
+        assert f"Patient/{patient_id}" in refs, kind
 
 
-def test_mappings_lint_command(capsys: pytest.CaptureFixture[str]) -> None:
-    from fhir_kat.cli import main
+def test_a_screening_points_at_its_referrals_task() -> None:
+    referral = _bundle("referrals", "complete")
+    screening = _bundle("screenings", "complete")
+    (task,) = _ids(referral, "Task")
+    (request,) = _ids(referral, "ServiceRequest")
+    refs = {r for e in screening["entry"] for r in _refs(e["resource"])}
+    assert f"Task/{task}" in refs and f"ServiceRequest/{request}" in refs
 
-    assert main(["mappings", "lint"]) == 0
-    assert "ok" in capsys.readouterr().out
+
+def test_a_changed_artifact_keeps_its_ids() -> None:
+    path = GOLDEN / "referrals" / "complete.input.json"
+    payload = json.loads(path.read_text())
+    changed = copy.deepcopy(payload)
+    changed["notes"] = "Changed synthetic note"
+    changed["urgency"] = "urgent"
+    first, second = run(path), map_artifact("referrals", changed, CONTEXT)
+    assert [e["fullUrl"] for e in first["entry"]] == [e["fullUrl"] for e in second["entry"]]
+    assert first != second
+
+
+def test_privacy_consents_have_a_patient_and_a_permitted_party() -> None:
+    for path in MAPPED:
+        if path.parent.name != "consents":
+            continue
+        for entry in run(path)["entry"]:
+            consent = entry["resource"]
+            if consent["resourceType"] != "Consent":
+                continue
+            scope = {c["code"] for c in consent["scope"]["coding"]}
+            assert consent.get("patient"), case_id(path)
+            if "patient-privacy" in scope:
+                assert consent["provision"]["actor"], case_id(path)
+                assert consent["provision"]["purpose"], case_id(path)
+
+
+def test_override_is_recorded_on_the_administration() -> None:
+    for case, check in (("override-accepted", "out-of-range"), ("oral-with-override", "no-range")):
+        bundle = _bundle("medication-administrations", case)
+        (ma,) = [
+            e["resource"]
+            for e in bundle["entry"]
+            if e["resource"]["resourceType"] == "MedicationAdministration"
+        ]
+        (ext,) = ma["extension"]
+        parts = {x["url"]: x for x in ext["extension"]}
+        assert parts["check"]["valueCoding"]["code"] == check
+        assert parts["reason"]["valueString"] and parts["clinician"]["valueReference"]
+        assert "Clinician override" in ma["note"][0]["text"]
