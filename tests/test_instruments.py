@@ -11,6 +11,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from fhir_kat.artifacts import bc_phn_check_digit
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.instruments.scoring import score
 from fhir_kat.mapping.functions import questionnaire
@@ -18,6 +19,10 @@ from tests.conftest import client_as
 from tests.support.conformance import assert_conformant
 
 CAT = load_catalogue()
+#: Synthetic BC PHNs that pass the Mod 11 check digit.
+PHNS = [
+    f"{b}{d}" for n in range(100) if (d := bc_phn_check_digit(b := f"9000000{n:02d}")) is not None
+]
 PHN = "9999999998"
 PHQ = ["LA6568-5", "LA6569-3", "LA6570-1", "LA6571-9"]
 ANSWERS = {
@@ -159,11 +164,11 @@ def test_safety_flags(client: FlaskClient) -> None:
         for e in client.get(f"/fhir/Flag?patient={pid}").get_json()["entry"]
     )
     assert codes == ["phq9-item9-positive", "phq9-rise"]  # 9 -> 14: +5
-    pcl_patient = patient(client, "9999999997")
-    send(client, qr_artifact("pcl5", [1] * 20, "P1", "2026-01-05T10:00:00Z", phn="9999999997"))
+    pcl_patient = patient(client, "9999999973")
+    send(client, qr_artifact("pcl5", [1] * 20, "P1", "2026-01-05T10:00:00Z", phn="9999999973"))
     send(
         client,
-        qr_artifact("pcl5", [1] * 10 + [2] * 10, "P2", "2026-02-05T10:00:00Z", phn="9999999997"),
+        qr_artifact("pcl5", [1] * 10 + [2] * 10, "P2", "2026-02-05T10:00:00Z", phn="9999999973"),
     )
     flags = client.get(f"/fhir/Flag?patient={pcl_patient}").get_json()
     assert [e["resource"]["code"]["coding"][0]["code"] for e in flags["entry"]] == ["pcl5-rise"]
@@ -236,7 +241,7 @@ def test_measure_from_responses_sent_over_http(app: Flask) -> None:
     staff = client_as(app, "staff")
     truth = {"phq9": [0, 0, 0], "pcl5": [0, 0, 0]}
     for i in range(24):
-        phn = f"90000000{i:02d}"
+        phn = PHNS[i]
         patient(staff, phn)
         for inst, n, top in (("phq9", 9, 3), ("pcl5", 20, 4)):
             before = [rng.randint(0, top) for _ in range(n)]
