@@ -146,6 +146,10 @@ def create_app(
     app.register_blueprint(health_bp)
     register_error_handlers(app)
     _install_request_logging(app)
+    # The web pages' session check (fhir_kat/web) must run before auth.install's bearer check.
+    from fhir_kat.web import register as register_web
+
+    register_web(app)
     auth.install(app)
     return app
 

@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fhir_kat"
 # Higher number = higher layer. A module may import its own layer or lower ones.
 LAYERS = {
     "api": 6,
+    "web": 6,
     "app": 7,
     "cli": 8,
     "services": 5,

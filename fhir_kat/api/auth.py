@@ -35,6 +35,9 @@ PUBLIC = {
     "auth.smart_configuration",
     "auth.smart_configuration_base",
     "health.healthz",
+    "web.login",  # browser sign-in (fhir_kat/web/session.py) and the pages' static files
+    "web.login_submit",
+    "web.static",
 }
 #: Public endpoints that leave no audit record (discovery and health checks disclose nothing).
 UNAUDITED = {
@@ -43,6 +46,8 @@ UNAUDITED = {
     "auth.smart_configuration_base",
     "health.healthz",
     "static",
+    "web.login",
+    "web.static",
 }
 REALM = 'Bearer realm="fhir_kat"'
 
