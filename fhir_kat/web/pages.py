@@ -28,6 +28,7 @@ from werkzeug.wrappers import Response
 from fhir_kat.api.auth import audit_record, current_access
 from fhir_kat.artifacts import json_schema
 from fhir_kat.errors import NotFound, issue
+from fhir_kat.terminology import BASE
 from fhir_kat.web import session as browser
 from fhir_kat.web.forms import referral_fields
 
@@ -159,7 +160,7 @@ def referral_new() -> str:
         "referral.html",
         sections=referral_fields(json_schema("referrals")),
         defaults={
-            "referral_identifier.system": f"urn:fhir-kat:referral-form:{client_id}",
+            "referral_identifier.system": f"{BASE}/sid/referral-form/{client_id}",
             "referrer.organization.identifier.system": org_system,
             "referrer.organization.identifier.value": org_value,
             "urgency": "routine",
