@@ -92,16 +92,22 @@ def read_ticket(ticket: str) -> tuple[BrowserSession, Client] | None:
             algorithms=[ALGORITHM],
             audience=_audience(),
             issuer=state.tokens.issuer,
-            options={"require": ["exp", "iat", "sub", "auth_time", "csrf", "cfp"]},
+            # Times are checked below against the service's clock, like everything else.
+            options={
+                "require": ["exp", "iat", "sub", "auth_time", "csrf", "cfp"],
+                "verify_exp": False,
+                "verify_iat": False,
+            },
         )
     except jwt.PyJWTError:
+        return None
+    now = _now()
+    if int(claims["exp"]) <= now or int(claims["auth_time"]) + ABSOLUTE_SECONDS < now:
         return None
     client: Client | None = state.clients.get(str(claims["sub"]))
     if client is None or not hmac.compare_digest(
         str(claims["cfp"]), credential_fingerprint(client)
     ):
-        return None
-    if int(claims["auth_time"]) + ABSOLUTE_SECONDS < _now():
         return None
     session = BrowserSession(
         client.client_id, str(claims["csrf"]), int(claims["iat"]), int(claims["auth_time"])
