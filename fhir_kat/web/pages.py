@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import date
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from flask import (
     Blueprint,
@@ -71,7 +71,8 @@ def _session_first() -> Response | None:
         and not request.headers.get("Authorization")
     ):
         audit_record().detail = "denied: no browser session"
-        return redirect(f"/app/login?next={_local_next(request.path)}", 303)
+        target = quote(_local_next(request.full_path.rstrip("?")), safe="/")
+        return redirect(f"/app/login?next={target}", 303)
     return None
 
 
@@ -89,7 +90,7 @@ def _local_next(value: str | None) -> str:
     parts = urlsplit(value)
     if parts.scheme or parts.netloc or not parts.path.startswith("/app/") or "//" in value:
         return "/app/"
-    return parts.path
+    return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
 def _page(template: str, **context: Any) -> str:

@@ -57,7 +57,7 @@
     Kat.clearErrors(summary);
     result.textContent = "";
     const found = problems();
-    if (found.length) { Kat.showErrors(summary, found, "Please answer " + found.length + (found.length === 1 ? " question" : " questions")); return; }
+    if (found.length) { Kat.showErrors(summary, found, "Please complete the form: " + found.length + (found.length === 1 ? " answer is" : " answers are") + " missing"); return; }
     const button = document.getElementById("submit-questionnaire");
     button.disabled = true;
     result.textContent = "Saving…";

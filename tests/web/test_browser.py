@@ -1,0 +1,309 @@
+"""The pages in a real browser: Debian's chromium, headless, driven by Playwright against a live
+server on loopback. Few and quick: fill and submit the referral form and follow its status,
+check the dashboard's figures against ``$evaluate-measure``, complete a PHQ-9.
+
+Chromium is required: without it these tests fail (CI installs it, see .ci/run). Only an
+explicit FHIR_KAT_TEST_BROWSER=off skips them, for a machine without a browser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from tests.conftest import LiveServer, client_as
+
+try:  # imported lazily so the failure below names the missing piece
+    from playwright.sync_api import Browser, Page, expect, sync_playwright
+except ImportError:  # pragma: no cover - the dev dependencies include playwright
+    sync_playwright = None
+
+STEP_MS = 15_000  # upper bound for one page step; nothing here should come near it
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """The pages are what is tested here: one backend (SQLite) keeps the browser tests fast."""
+    return f"sqlite:///{tmp_path / 'web.sqlite3'}"
+
+
+def chromium_path() -> str:
+    path = os.environ.get("FHIR_KAT_CHROMIUM") or shutil.which("chromium") or ""
+    return path if path and Path(path).exists() else ""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if os.environ.get("FHIR_KAT_TEST_BROWSER", "").lower() == "off":
+        pytest.skip("FHIR_KAT_TEST_BROWSER=off")
+    if sync_playwright is None:
+        pytest.fail("the playwright package is missing: ./run.sh installs the dev dependencies")
+    path = chromium_path()
+    if not path:
+        pytest.fail("chromium not found (apt-get install chromium, or set FHIR_KAT_CHROMIUM)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=path,
+            headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def server(app: Flask) -> Iterator[LiveServer]:
+    with LiveServer(app) as live:
+        yield live
+
+
+def page_as(browser: Browser, server: LiveServer, path: str, client_id: str) -> Page:
+    """A fresh browser context signed in through the sign-in page, then at ``path``."""
+    context = browser.new_context()
+    context.set_default_timeout(STEP_MS)
+    page = context.new_page()
+    page.on("pageerror", lambda exc: pytest.fail(f"script error on the page: {exc}"))
+    page.goto(server.url + path)
+    assert "/app/login" in page.url
+    page.get_by_label("Client id").fill(client_id)
+    page.get_by_label("Secret").fill(f"{client_id}-secret")
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(server.url + path.split("?")[0] + "*")
+    return page
+
+
+def test_referral_form_submits_and_follows_the_status(
+    browser: Browser, server: LiveServer, app: Flask
+) -> None:
+    page = page_as(browser, server, "/app/referrals/new", "referrer")
+    # Inline validation from the JSON Schema before anything is sent.
+    page.locator("#f-patient-phn").fill("12345")
+    page.locator("#f-patient-phn").blur()
+    expect(page.locator("#f-patient-phn-error")).to_have_text(
+        "Personal Health Number (PHN) is not in the expected format"
+    )
+    expect(page.locator("#f-patient-phn")).to_have_attribute("aria-invalid", "true")
+    page.get_by_role("button", name="Send referral").click()
+    summary = page.locator("#error-summary")
+    expect(summary).to_contain_text("Please correct")
+    expect(summary).to_contain_text("Date of birth is required")
+
+    page.locator("#f-referral-identifier-value").fill("R-BROWSER-1")
+    page.locator("#f-patient-family-name").fill("Testcase")
+    page.locator("#f-patient-given-names").fill("Avery Jo")
+    page.locator("#f-patient-phn").fill("9999999999")  # right shape, wrong check digit
+    page.locator("#f-patient-birth-date").fill("1984-03-02")
+    page.locator("#f-patient-sex").select_option("female")
+    page.locator("#f-referrer-family-name").fill("Example")
+    page.locator("#f-referrer-licence-number").fill("99001")
+    page.locator("#f-referrer-organization-name").fill("Example Family Practice")
+    page.get_by_label("Post-traumatic stress disorder").check()
+    page.get_by_role("group", name="Prior treatment failed?").get_by_label("Yes").check()
+    page.get_by_role("button", name="Send referral").click()
+    # The service's OperationOutcome, shown next to the field it names.
+    expect(summary).to_contain_text("The service did not accept the referral")
+    expect(page.locator("#f-patient-phn-error")).to_contain_text("check digit")
+
+    page.locator("#f-patient-phn").fill("9999999998")
+    page.get_by_role("button", name="Send referral").click()
+    page.wait_for_url("**/app/referrals/*?submitted=1")
+    expect(page.locator("#status-live")).to_have_text(
+        "Referral status: Accepted — Eligible - intake can start"
+    )
+    task_id = page.url.split("/app/referrals/")[1].split("?")[0]
+
+    # Staff move the referral on and attach a feedback document: the open page follows.
+    staff = client_as(app, "staff")
+    composition = staff.post(
+        "/fhir/Composition",
+        json={
+            "resourceType": "Composition",
+            "status": "final",
+            "type": {"text": "Referral feedback"},
+            "date": "2026-02-01",
+            "author": [{"display": "KaT program"}],
+            "title": "Feedback on your referral",
+            "section": [
+                {
+                    "title": "Intake",
+                    "text": {
+                        "status": "generated",
+                        "div": '<div xmlns="http://www.w3.org/1999/xhtml">Intake completed.</div>',
+                    },
+                }
+            ],
+        },
+    ).get_json()
+    task = staff.get(f"/fhir/Task/{task_id}").get_json()
+    task["status"] = "in-progress"
+    task["output"] = [
+        {
+            "type": {"text": "feedback"},
+            "valueReference": {"reference": f"Composition/{composition['id']}"},
+        }
+    ]
+    r = staff.put(f"/fhir/Task/{task_id}", json=task)
+    assert r.status_code == 200, r.data[:300]
+    expect(page.locator("#task-status")).to_have_text("In progress")
+    # A referrer may not read Compositions here: the page says so instead of failing.
+    expect(page.locator("#task-outputs")).to_contain_text("is not available to you")
+
+    staff_page = page_as(browser, server, f"/app/referrals/{task_id}", "staff")
+    expect(staff_page.locator("#task-outputs h3")).to_have_text("Feedback on your referral")
+    expect(staff_page.locator("#task-outputs")).to_contain_text("Intake completed.")
+
+
+def _cohort(app: Flask) -> None:
+    """Six participants with PHQ-9 and GAD-7 totals at baseline and follow-up; four in a
+    cohort Group. Scores are chosen so some improve, some do not, one has no post value."""
+    scores = {  # pid: {instrument total LOINC: (baseline, post or None)}
+        "p1": {"44261-6": (20, 8), "70274-6": (15, 5)},
+        "p2": {"44261-6": (14, 13), "70274-6": (12, 11)},
+        "p3": {"44261-6": (18, None), "70274-6": (4, 2)},
+        "p4": {"44261-6": (11, 4), "70274-6": (16, 6)},
+        "p5": {"44261-6": (3, 2), "70274-6": (11, 10)},
+        "p6": {"44261-6": (25, 9), "70274-6": (20, 19)},
+    }
+    entries: list[dict[str, Any]] = []
+    for pid, per in scores.items():
+        entries.append(
+            {
+                "resource": {"resourceType": "Patient", "id": pid},
+                "request": {"method": "PUT", "url": f"Patient/{pid}"},
+            }
+        )
+        for code, (baseline, post) in per.items():
+            for when, value in (("2026-01-10", baseline), ("2026-04-20", post)):
+                if value is None:
+                    continue
+                entries.append(
+                    {
+                        "resource": {
+                            "resourceType": "Observation",
+                            "status": "final",
+                            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+                            "subject": {"reference": f"Patient/{pid}"},
+                            "effectiveDateTime": when,
+                            "valueQuantity": {"value": value, "unit": "{score}"},
+                        },
+                        "request": {"method": "POST", "url": "Observation"},
+                    }
+                )
+    entries.append(
+        {
+            "resource": {
+                "resourceType": "Group",
+                "id": "cohort-a",
+                "name": "Cohort A",
+                "type": "person",
+                "actual": True,
+                "member": [{"entity": {"reference": f"Patient/p{i}"}} for i in (1, 2, 3, 4)],
+            },
+            "request": {"method": "PUT", "url": "Group/cohort-a"},
+        }
+    )
+    r = client_as(app, "staff").post(
+        "/fhir",
+        data=json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries}),
+        content_type="application/fhir+json",
+    )
+    assert r.status_code == 200, r.data[:500]
+
+
+def _expected_rows(app: Flask, cohort: str, subject: str = "") -> list[list[str]]:
+    query = "periodStart=2000-01-01&periodEnd=2026-12-31" + (
+        f"&subject={subject}" if subject else ""
+    )
+    report = (
+        client_as(app, "ha")
+        .get(f"/fhir/Measure/kat-program-outcomes/$evaluate-measure?{query}")
+        .get_json()
+    )
+    titles = {
+        i.panel["code"]: i.title
+        for i in app.extensions["fhir_kat"].outcomes.catalogue.instruments.values()
+    }
+    rows = []
+    for g in report["group"]:
+        counts = {p["code"]["coding"][0]["code"]: p["count"] for p in g["population"]}
+        score = g.get("measureScore", {}).get("value")
+        rows.append(
+            [
+                cohort,
+                titles[g["code"]["coding"][0]["code"]],
+                str(counts["initial-population"]),
+                str(counts["denominator"]),
+                str(counts["numerator"]),
+                "—" if score is None else f"{round(score * 1000) / 10:.1f} %",
+            ]
+        )
+    return rows
+
+
+def test_dashboard_figures_match_evaluate_measure(
+    browser: Browser, server: LiveServer, app: Flask
+) -> None:
+    _cohort(app)
+    expected = _expected_rows(app, "All participants") + _expected_rows(
+        app, "Cohort A", "Group/cohort-a"
+    )
+    assert any(row[3] != "0" for row in expected)  # the seeded data really yields figures
+    page = page_as(browser, server, "/app/dashboard", "ha")
+    page.locator("#period-end").fill("2026-12-31")
+    page.get_by_role("button", name="Show").click()
+    expect(page.locator("#dashboard-status")).to_have_text(
+        "Figures for 2000-01-01 to 2026-12-31 loaded."
+    )
+    rows = page.locator("#outcomes tbody tr")
+    shown = [
+        [c.strip() for c in rows.nth(i).locator("th, td").all_inner_texts()]
+        for i in range(rows.count())
+    ]
+    assert shown == expected
+    chart = page.locator("#chart svg")
+    expect(chart).to_have_attribute("role", "img")
+    assert chart.locator("rect").count() > 2  # bars besides the legend
+    expect(page.locator('#funnel td[data-stage="received"]')).to_have_text("0")
+    assert page.locator("#flags").count() == 0  # open safety Flags are for staff only
+
+
+def test_phq9_completed_in_the_browser_is_stored_with_its_score(
+    browser: Browser, server: LiveServer, app: Flask
+) -> None:
+    staff = client_as(app, "staff")
+    patient = staff.post("/fhir/Patient", json={"resourceType": "Patient"}).get_json()["id"]
+    page = page_as(browser, server, f"/app/questionnaires/phq-9?patient={patient}", "staff")
+    page.get_by_role("button", name="Submit answers").click()
+    expect(page.locator("#error-summary")).to_contain_text(
+        "Please complete the form: 9 answers are missing"
+    )
+    answers = [1, 2, 0, 3, 1, 0, 2, 1, 0]  # item 9 = 0: no safety flag
+    for i, choice in enumerate(answers, start=1):
+        page.locator(f"#q-phq9-{i} input[type=radio]").nth(choice).check()
+    page.get_by_role("group", name="If you checked off any problems").get_by_label(
+        "Somewhat difficult"
+    ).check()
+    page.get_by_role("button", name="Submit answers").click()
+    expect(page.locator("#total-score")).to_have_attribute("data-value", str(sum(answers)))
+    qr_id = page.locator("#saved-as").get_attribute("data-id")
+
+    stored = staff.get(f"/fhir/QuestionnaireResponse/{qr_id}").get_json()
+    assert stored["status"] == "completed"
+    assert stored["subject"] == {"reference": f"Patient/{patient}"}
+    assert stored["questionnaire"].startswith(
+        "https://fhir-kat.example.org/fhir/Questionnaire/phq-9"
+    )
+    assert [i["linkId"] for i in stored["item"]] == [f"phq9-{n}" for n in range(1, 10)] + [
+        "phq9-difficulty"
+    ]
+    totals = staff.get(
+        f"/fhir/Observation?derived-from=QuestionnaireResponse/{qr_id}&code=http://loinc.org|44261-6"
+    ).get_json()
+    assert [e["resource"]["valueQuantity"]["value"] for e in totals["entry"]] == [sum(answers)]
