@@ -18,7 +18,6 @@ from flask import (
     Blueprint,
     Flask,
     current_app,
-    g,
     redirect,
     render_template,
     request,
@@ -132,7 +131,6 @@ def login_submit() -> Response | tuple[str, int]:
     record.detail = "browser sign-in"
     response = redirect(target, 303)
     browser.set_cookie(response, browser.ticket_for(client))
-    g.kat_new_session = True
     return response
 
 

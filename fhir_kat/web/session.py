@@ -179,7 +179,7 @@ def authenticate_from_cookie() -> Response | None:
 def renew_cookie(response: Response) -> Response:
     """Slide the idle expiry (never past the absolute one); drop a dead cookie."""
     session = current_session()
-    if g.get("kat_clear_session") and not g.get("kat_new_session"):
+    if g.get("kat_clear_session"):
         clear_cookie(response)
     elif session is not None and _now() - session.issued_at >= RENEW_AFTER_SECONDS:
         client = _state().clients.get(session.client_id)

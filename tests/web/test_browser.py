@@ -285,7 +285,13 @@ def test_phq9_completed_in_the_browser_is_stored_with_its_score(
         "Please complete the form: 9 answers are missing"
     )
     answers = [1, 2, 0, 3, 1, 0, 2, 1, 0]  # item 9 = 0: no safety flag
-    for i, choice in enumerate(answers, start=1):
+    # Keyboard only for the first question: Tab into the radio group, arrow to the answer.
+    page.locator("#patient").focus()
+    page.keyboard.press("Tab")
+    expect(page.locator("#q-phq9-1 input[type=radio]").first).to_be_focused()
+    page.keyboard.press("ArrowDown")
+    expect(page.locator("#q-phq9-1 input[type=radio]").nth(1)).to_be_checked()
+    for i, choice in enumerate(answers[1:], start=2):
         page.locator(f"#q-phq9-{i} input[type=radio]").nth(choice).check()
     page.get_by_role("group", name="If you checked off any problems").get_by_label(
         "Somewhat difficult"
