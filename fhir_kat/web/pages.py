@@ -18,6 +18,7 @@ from flask import (
     Blueprint,
     Flask,
     current_app,
+    g,
     redirect,
     render_template,
     request,
@@ -26,7 +27,8 @@ from werkzeug.wrappers import Response
 
 from fhir_kat.api.auth import audit_record, current_access
 from fhir_kat.artifacts import json_schema
-from fhir_kat.errors import NotFound, issue
+from fhir_kat.errors import FhirError, Forbidden, NotFound, issue
+from fhir_kat.security.policy import area_allowed
 from fhir_kat.terminology import BASE
 from fhir_kat.web import session as browser
 from fhir_kat.web.forms import referral_fields
@@ -80,6 +82,28 @@ def _after(response: Response) -> Response:
     if request.blueprint == "web":
         response.headers["Content-Security-Policy"] = CSP
     return browser.renew_cookie(response)
+
+
+@bp.errorhandler(FhirError)
+def _page_error(exc: FhirError) -> tuple[str, int]:
+    """People get the OperationOutcome's issues as a page, not JSON."""
+    access = g.get("kat_access")
+    session = browser.current_session()
+    page = render_template(
+        "error.html",
+        status=exc.status,
+        messages=[i.diagnostics for i in exc.issues],
+        role=access.principal.role if access else "",
+        client_id=access.principal.client_id if access else "",
+        csrf=session.csrf if session else "",
+    )
+    return page, exc.status
+
+
+def _require_area(area: str, what: str) -> None:
+    role = current_access().principal.role
+    if not area_allowed(role, area):
+        raise Forbidden(issue("forbidden", f"your role ({role}) may not {what}"))
 
 
 def _local_next(value: str | None) -> str:
@@ -152,6 +176,7 @@ def home() -> str:
 
 @bp.get("/referrals/new")
 def referral_new() -> str:
+    _require_area("artifacts:referrals", "send referrals")
     organization = current_access().principal.organization or ""
     org_system, _, org_value = organization.rpartition("|")
     client_id = current_access().principal.client_id
@@ -174,6 +199,7 @@ def referral_status(task_id: str) -> str:
 
 @bp.get("/dashboard")
 def dashboard() -> str:
+    _require_area("operations:measure", "see program outcomes")
     instruments = [
         {
             "code": inst.panel["code"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,10 +80,18 @@ def page_as(browser: Browser, server: LiveServer, path: str, client_id: str) -> 
     return page
 
 
+def assert_every_control_labelled(page: Page) -> None:
+    controls = page.locator("main input:not([type=hidden]), main select, main textarea")
+    assert controls.count() > 5
+    for i in range(controls.count()):
+        expect(controls.nth(i)).to_have_accessible_name(re.compile(r"\S"))
+
+
 def test_referral_form_submits_and_follows_the_status(
     browser: Browser, server: LiveServer, app: Flask
 ) -> None:
     page = page_as(browser, server, "/app/referrals/new", "referrer")
+    assert_every_control_labelled(page)
     # Inline validation from the JSON Schema before anything is sent.
     page.locator("#f-patient-phn").fill("12345")
     page.locator("#f-patient-phn").blur()
@@ -280,6 +289,7 @@ def test_phq9_completed_in_the_browser_is_stored_with_its_score(
     staff = client_as(app, "staff")
     patient = staff.post("/fhir/Patient", json={"resourceType": "Patient"}).get_json()["id"]
     page = page_as(browser, server, f"/app/questionnaires/phq-9?patient={patient}", "staff")
+    assert_every_control_labelled(page)
     page.get_by_role("button", name="Submit answers").click()
     expect(page.locator("#error-summary")).to_contain_text(
         "Please complete the form: 9 answers are missing"

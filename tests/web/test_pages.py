@@ -188,4 +188,18 @@ def test_questionnaire_page_renders_the_services_questionnaire(app: Flask) -> No
     assert 'data-code="LA6568-5"' in page and 'value="p-1"' in page
     assert "phq9-total" not in page.split("<form", 1)[1]  # the calculated total is not asked
     r = web.get("/app/questionnaires/unknown")
-    assert r.status_code == 404 and r.get_json()["resourceType"] == "OperationOutcome"
+    assert r.status_code == 404 and "no such questionnaire page" in r.get_data(as_text=True)
+
+
+def test_pages_follow_the_roles(app: Flask) -> None:
+    staff, _ = signed_in(app, "staff", "staff-secret")
+    ha, _ = signed_in(app, "ha", "ha-secret")
+    referrer, _ = signed_in(app, "referrer", "referrer-secret")
+    assert 'id="flags"' in staff.get("/app/dashboard").get_data(as_text=True)
+    page = ha.get("/app/dashboard")
+    assert page.status_code == 200 and 'id="flags"' not in page.get_data(as_text=True)
+    refused = ha.get("/app/referrals/new")
+    assert refused.status_code == 403
+    assert "your role (health-authority) may not send referrals" in refused.get_data(as_text=True)
+    assert referrer.get("/app/dashboard").status_code == 403
+    assert referrer.get("/app/referrals/new").status_code == 200
