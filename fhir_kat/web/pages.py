@@ -60,8 +60,8 @@ def _state() -> Any:
 @bp.before_app_request
 def _session_first() -> Response | None:
     """Runs before the bearer check (app.py registers this blueprint before ``auth.install``)."""
-    if request.endpoint == "web.login_submit":
-        return None  # signing in again checks its own origin; no session is needed
+    if request.endpoint in ("web.login_submit", "web.static"):
+        return None  # signing in checks its own origin; static files need no session
     refused = browser.authenticate_from_cookie()
     if refused is not None:
         return refused

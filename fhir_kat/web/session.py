@@ -115,21 +115,26 @@ def read_ticket(ticket: str) -> tuple[BrowserSession, Client] | None:
     return session, client
 
 
+def _secure() -> bool:
+    """HTTPS here, or at the proxy in front (FHIR_KAT_PUBLIC_BASE_URL)."""
+    base = current_app.config.get("KAT_PUBLIC_BASE_URL") or ""
+    return request.is_secure or base.startswith("https://")
+
+
 def set_cookie(response: Response, ticket: str) -> None:
     response.set_cookie(
         COOKIE,
         ticket,
         max_age=IDLE_SECONDS,
         path="/",
-        secure=request.is_secure,
+        secure=_secure(),
         httponly=True,
         samesite="Strict",
     )
 
 
 def clear_cookie(response: Response) -> None:
-    response.delete_cookie(COOKIE, path="/", secure=request.is_secure, httponly=True,
-                           samesite="Strict")  # fmt: skip
+    response.delete_cookie(COOKIE, path="/", secure=_secure(), httponly=True, samesite="Strict")
 
 
 def same_origin() -> bool:

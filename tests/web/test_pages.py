@@ -191,6 +191,25 @@ def test_questionnaire_page_renders_the_services_questionnaire(app: Flask) -> No
     assert r.status_code == 404 and "no such questionnaire page" in r.get_data(as_text=True)
 
 
+@pytest.mark.parametrize("name", ["phq-9", "gad-7", "pcl-5", "b-ipf"])
+def test_every_instrument_has_its_form(app: Flask, name: str) -> None:
+    web, _ = signed_in(app, "staff", "staff-secret")
+    questionnaire = web.get(f"/fhir/Questionnaire/{name}").get_json()
+    asked = [i for i in questionnaire["item"] if not i.get("readOnly")]
+    page = web.get(f"/app/questionnaires/{name}").get_data(as_text=True)
+    assert page.count('class="question"') == len(asked)
+    options = sum(len(i["answerOption"]) for i in asked)
+    assert page.count('type="radio"') == options
+
+
+def test_cookies_are_secure_behind_an_https_proxy(app: Flask) -> None:
+    app.config["KAT_PUBLIC_BASE_URL"] = "https://kat.example.org/fhir"
+    r = app.test_client().post(
+        "/app/login", data={"client_id": "staff", "client_secret": "staff-secret"}
+    )
+    assert "Secure" in r.headers["Set-Cookie"]
+
+
 def test_pages_follow_the_roles(app: Flask) -> None:
     staff, _ = signed_in(app, "staff", "staff-secret")
     ha, _ = signed_in(app, "ha", "ha-secret")
