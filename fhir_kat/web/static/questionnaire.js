@@ -68,12 +68,14 @@
       result.replaceChildren(Kat.el("p", "Saved as QuestionnaireResponse/" + stored.id + ".", { id: "saved-as", "data-id": stored.id }));
       if (total) {
         const value = total.valueQuantity ? total.valueQuantity.value : total.valueInteger;
+        const unit = total.valueQuantity && total.valueQuantity.unit && !total.valueQuantity.unit.startsWith("{") ? " " + total.valueQuantity.unit : "";
         const band = (total.interpretation || []).map(Kat.codingText).filter(Boolean).join(", ");
-        result.append(Kat.el("p", "Total score: " + value + (band ? " (" + band + ")" : ""), { id: "total-score", "data-value": String(value) }));
+        result.append(Kat.el("p", "Total score: " + value + unit + (band ? " (" + band + ")" : ""), { id: "total-score", "data-value": String(value) }));
       } else {
         result.append(Kat.el("p", "No total score: not every scored question was answered."));
       }
       form.reset();
+      result.scrollIntoView({ block: "center" });
     } catch (e) {
       result.textContent = "";
       Kat.showErrors(summary, e.messages || [{ text: String(e) }], "The answers were not saved");
