@@ -217,6 +217,7 @@ def test_pages_follow_the_roles(app: Flask) -> None:
     assert 'id="flags"' in staff.get("/app/dashboard").get_data(as_text=True)
     page = ha.get("/app/dashboard")
     assert page.status_code == 200 and 'id="flags"' not in page.get_data(as_text=True)
+    assert "consented to sharing with your organisation" in page.get_data(as_text=True)
     refused = ha.get("/app/referrals/new")
     assert refused.status_code == 403
     assert "your role (health-authority) may not send referrals" in refused.get_data(as_text=True)
