@@ -59,25 +59,39 @@ def browser() -> Iterator[Browser]:
         b.close()
 
 
+class Pages:
+    """Opens pages signed in as a client, each in its own browser context; any script error
+    on any of them fails the test at teardown."""
+
+    def __init__(self, browser: Browser, server: LiveServer) -> None:
+        self.browser, self.server = browser, server
+        self.errors: list[str] = []
+        self.contexts: list[Any] = []
+
+    def open(self, path: str, client_id: str) -> Page:
+        context = self.browser.new_context()
+        self.contexts.append(context)
+        context.set_default_timeout(STEP_MS)
+        page = context.new_page()
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        page.goto(self.server.url + path)
+        assert "/app/login" in page.url
+        page.get_by_label("Client id").fill(client_id)
+        page.get_by_label("Secret").fill(f"{client_id}-secret")
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(self.server.url + path.split("?")[0] + "*")
+        return page
+
+
 @pytest.fixture
-def server(app: Flask) -> Iterator[LiveServer]:
-    with LiveServer(app) as live:
-        yield live
-
-
-def page_as(browser: Browser, server: LiveServer, path: str, client_id: str) -> Page:
-    """A fresh browser context signed in through the sign-in page, then at ``path``."""
-    context = browser.new_context()
-    context.set_default_timeout(STEP_MS)
-    page = context.new_page()
-    page.on("pageerror", lambda exc: pytest.fail(f"script error on the page: {exc}"))
-    page.goto(server.url + path)
-    assert "/app/login" in page.url
-    page.get_by_label("Client id").fill(client_id)
-    page.get_by_label("Secret").fill(f"{client_id}-secret")
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(server.url + path.split("?")[0] + "*")
-    return page
+def pages(browser: Browser, app: Flask) -> Iterator[Pages]:
+    expect.set_options(timeout=STEP_MS)
+    with LiveServer(app) as server:
+        opened = Pages(browser, server)
+        yield opened
+        for context in opened.contexts:
+            context.close()
+    assert not opened.errors, f"script errors on the pages: {opened.errors}"
 
 
 def assert_every_control_labelled(page: Page) -> None:
@@ -87,10 +101,8 @@ def assert_every_control_labelled(page: Page) -> None:
         expect(controls.nth(i)).to_have_accessible_name(re.compile(r"\S"))
 
 
-def test_referral_form_submits_and_follows_the_status(
-    browser: Browser, server: LiveServer, app: Flask
-) -> None:
-    page = page_as(browser, server, "/app/referrals/new", "referrer")
+def test_referral_form_submits_and_follows_the_status(pages: Pages, app: Flask) -> None:
+    page = pages.open("/app/referrals/new", "referrer")
     assert_every_control_labelled(page)
     # Inline validation from the JSON Schema before anything is sent.
     page.locator("#f-patient-phn").fill("12345")
@@ -164,7 +176,7 @@ def test_referral_form_submits_and_follows_the_status(
     # A referrer may not read Compositions here: the page says so instead of failing.
     expect(page.locator("#task-outputs")).to_contain_text("is not available to you")
 
-    staff_page = page_as(browser, server, f"/app/referrals/{task_id}", "staff")
+    staff_page = pages.open(f"/app/referrals/{task_id}", "staff")
     expect(staff_page.locator("#task-outputs h3")).to_have_text("Feedback on your referral")
     expect(staff_page.locator("#task-outputs")).to_contain_text("Intake completed.")
 
@@ -256,15 +268,13 @@ def _expected_rows(app: Flask, cohort: str, subject: str = "") -> list[list[str]
     return rows
 
 
-def test_dashboard_figures_match_evaluate_measure(
-    browser: Browser, server: LiveServer, app: Flask
-) -> None:
+def test_dashboard_figures_match_evaluate_measure(pages: Pages, app: Flask) -> None:
     _cohort(app)
     expected = _expected_rows(app, "All participants") + _expected_rows(
         app, "Cohort A", "Group/cohort-a"
     )
     assert any(row[3] != "0" for row in expected)  # the seeded data really yields figures
-    page = page_as(browser, server, "/app/dashboard", "ha")
+    page = pages.open("/app/dashboard", "ha")
     page.locator("#period-end").fill("2026-12-31")
     page.get_by_role("button", name="Show").click()
     expect(page.locator("#dashboard-status")).to_have_text(
@@ -283,12 +293,10 @@ def test_dashboard_figures_match_evaluate_measure(
     assert page.locator("#flags").count() == 0  # open safety Flags are for staff only
 
 
-def test_phq9_completed_in_the_browser_is_stored_with_its_score(
-    browser: Browser, server: LiveServer, app: Flask
-) -> None:
+def test_phq9_completed_in_the_browser_is_stored_with_its_score(pages: Pages, app: Flask) -> None:
     staff = client_as(app, "staff")
     patient = staff.post("/fhir/Patient", json={"resourceType": "Patient"}).get_json()["id"]
-    page = page_as(browser, server, f"/app/questionnaires/phq-9?patient={patient}", "staff")
+    page = pages.open(f"/app/questionnaires/phq-9?patient={patient}", "staff")
     assert_every_control_labelled(page)
     page.get_by_role("button", name="Submit answers").click()
     expect(page.locator("#error-summary")).to_contain_text(
