@@ -166,10 +166,9 @@ def authenticate_from_cookie() -> Response | None:
         return None
     session, client = found
     if request.method not in SAFE_METHODS:
-        sent = request.headers.get(CSRF_HEADER) or (
-            request.form.get("csrf_token", "") if request.mimetype.endswith("form-urlencoded")
-            else ""
-        )  # fmt: skip
+        sent = request.headers.get(CSRF_HEADER, "")
+        if not sent and request.mimetype == "application/x-www-form-urlencoded":
+            sent = request.form.get("csrf_token", "")  # the sign-out form
         if not same_origin() or not hmac.compare_digest(sent, session.csrf):
             return outcome_response(
                 403, [Issue("forbidden", "cross-site request refused: reload the page")]
