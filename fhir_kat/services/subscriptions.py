@@ -129,6 +129,13 @@ def check_subscription(body: dict[str, Any]) -> list[Issue]:
                 "Subscription.channel.type",
             )
         )
+    else:
+        problems.extend(_check_rest_hook(channel))
+    return problems
+
+
+def _check_rest_hook(channel: dict[str, Any]) -> list[Issue]:
+    problems: list[Issue] = []
     endpoint = channel.get("endpoint")
     parts = urlsplit(endpoint) if isinstance(endpoint, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
