@@ -66,11 +66,15 @@ class Access:
         org = self.principal.organization
         return organization_ids(tx, org) if org else []
 
+    def consent_applies(self, rtype: str) -> bool:
+        """Whether the patients' consent decides what ``rtype`` data this caller sees."""
+        return self.principal.role in OUTSIDE_PROGRAM and not (
+            self.principal.role == "referrer" and rtype in REFERRER_OWNED
+        )
+
     def visible_patients(self, tx: Tx, rtype: str) -> set[str] | None:
         """None = no restriction; otherwise the patients whose ``rtype`` data may be shown."""
-        if self.principal.role not in OUTSIDE_PROGRAM or (
-            self.principal.role == "referrer" and rtype in REFERRER_OWNED
-        ):
+        if not self.consent_applies(rtype):
             return None
         if rtype not in self._visible:
             self._visible[rtype] = self.consent.visible_patients(

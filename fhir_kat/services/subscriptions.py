@@ -19,12 +19,15 @@ write without a caller (``bind_caller``) is refused.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+from sqlalchemy import false, select
 
 from fhir_kat.errors import BadRequest, Forbidden, Issue, Unprocessable, issue
 from fhir_kat.exchange.outbox import enqueue
@@ -40,11 +43,12 @@ from fhir_kat.exchange.subscriptions import (
 )
 from fhir_kat.search import Criterion, SearchQuery, parse_search
 from fhir_kat.security.clients import ClientRegistry
-from fhir_kat.security.consent import ConsentDecisionPoint
+from fhir_kat.security.consent import ConsentDecisionPoint, decide
 from fhir_kat.security.scopes import parse_scopes
 from fhir_kat.security.tokens import Principal
 from fhir_kat.services.access import Access
 from fhir_kat.store import StoredResource, Tx
+from fhir_kat.store.schema import resources
 
 #: What a Subscription may watch (issue #7): the program's outcome and workflow resources.
 SUBSCRIBABLE = ("Observation", "Task", "MeasureReport", "Flag", "QuestionnaireResponse")
@@ -277,12 +281,14 @@ class SubscriptionService:
                 rtype, criteria=(*query.criteria, Criterion("_id", "id", "", (rid,), "")), count=1
             )
             probe = access.restrict(tx, probe)
-            visible = access.visible_patients(tx, rtype)
-            _, total, _ = tx.search(probe, visible)
+            consent_applies = bool(current.patient_id) and access.consent_applies(rtype)
+            if consent_applies and not self._permits(tx, access, str(current.patient_id), rtype):
+                continue
+            _, total, _ = tx.search(probe)
             if not total:
                 continue
             check = None
-            if visible is not None and current.patient_id:
+            if consent_applies:
                 check = {
                     "patient": current.patient_id,
                     "partner": partner_name(sub.id),
@@ -299,6 +305,20 @@ class SubscriptionService:
             }
             queued.append(enqueue(tx, partner_name(sub.id), "rest-hook", payload, ORDER_KEY, check))
         return queued
+
+    def _permits(self, tx: Tx, access: Access, patient_id: str, rtype: str) -> bool:
+        """The patient's consent, read in this transaction: the decision point's cache is
+        keyed on committed state, and this write may itself have changed a Consent."""
+        rows = tx.conn.execute(
+            select(resources.c.content).where(
+                resources.c.res_type == "Consent",
+                resources.c.patient_id == patient_id,
+                resources.c.deleted == false(),
+            )
+        )
+        consents = [json.loads(content) for (content,) in rows]
+        principal = access.principal
+        return decide(consents, access.actor(tx), principal.purpose, rtype, self.clock())
 
     def _subscriptions_on(self, tx: Tx, rtype: str) -> Iterator[StoredResource]:
         # ``criteria`` is a string parameter: a prefix match; the exact type is checked after.
