@@ -666,3 +666,59 @@ def test_a_consent_that_arrives_later_releases_blocked_deliveries(
     worker.close()
     assert statuses(app, f"subscription:{sub}") == ["delivered"]
     assert subscriber.paths() == ["POST /hook", "POST /hook"]
+
+
+# ------------------------------------------------------------------------------ issue 5 (b)
+
+
+def test_the_referrer_hears_every_status_change_of_its_referral_in_order(
+    app: Flask, subscriber: Subscriber
+) -> None:
+    from tests.test_referral_workflow import example, send
+
+    referrer, staff = client_as(app, "referrer"), client_as(app, "staff")
+    fulfil = "Task?code=http://hl7.org/fhir/CodeSystem/task-code|fulfill"
+    created(
+        referrer,
+        "/fhir/Subscription",
+        subscription(fulfil, subscriber.url, payload="application/fhir+json"),
+    )
+    # another clinic's subscription on the same criteria hears nothing about this referral
+    other = created(
+        client_as(app, "other-referrer"), "/fhir/Subscription", subscription(fulfil, subscriber.url)
+    )
+    assert send(referrer, "referrals", example("referrals")).status_code == 201
+    screening = example("screenings")
+    assert send(staff, "screenings", screening).status_code == 201
+    for step in ("psychiatrist-clearance", "contraindication-check"):
+        assert (
+            send(
+                staff, "screenings", screening | {"step": step, "source_id": f"S-{step}"}
+            ).status_code
+            == 201
+        )
+    assert (
+        send(staff, "medication-administrations", example("medication-administrations")).status_code
+        == 201
+    )
+    worker = make_worker(app, Clock())
+    drain(worker)
+    worker.close()
+
+    (task,) = [e["resource"] for e in referrer.get(f"/fhir/{fulfil}").get_json()["entry"]]
+    history = referrer.get(f"/fhir/Task/{task['id']}/_history").get_json()["entry"]
+    versions = sorted((e["resource"] for e in history), key=lambda t: int(t["meta"]["versionId"]))
+    got = [json.loads(body) for _, _, body, _ in subscriber.received]
+    # Version 1 ("received") and its triage (version 2) commit together: only what a reader
+    # could ever see is notified; every later change is, in order, exactly as stored.
+    assert versions[0]["status"] == "requested"
+    assert subscriber.paths() == [f"PUT /hook/Task/{task['id']}"] * (len(versions) - 1)
+    assert got == versions[1:]
+    assert [(t["status"], t["businessStatus"]["coding"][0]["code"]) for t in got] == [
+        ("accepted", "eligible"),
+        ("accepted", "nurse-intake-cleared"),
+        ("accepted", "psychiatrist-cleared"),
+        ("accepted", "contraindications-cleared"),
+        ("in-progress", "participating"),
+    ]
+    assert queued(app, other["id"]) == []
