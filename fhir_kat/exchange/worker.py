@@ -89,7 +89,7 @@ class DeliveryWorker:
         rng: random.Random | None = None,
         subscriptions: bool = True,
         subscription_policy: RetryPolicy | None = None,
-        subscription_timeout_seconds: float = 10.0,
+        subscription_timeout_seconds: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -104,10 +104,12 @@ class DeliveryWorker:
         # and the lease is renewed right before each send, so that is all it must outlast.
         self.subscriptions = subscriptions
         self.subscription_policy = subscription_policy or RetryPolicy()
-        self.subscription_timeout = subscription_timeout_seconds
         timeouts = [p.timeout_seconds for p in self.partners.values()]
+        # A subscriber gets the longest partner timeout (10 s without partners), so serving
+        # Subscriptions does not lengthen the lease a deployment already chose.
+        self.subscription_timeout = subscription_timeout_seconds or max(timeouts, default=10.0)
         if subscriptions:
-            timeouts.append(subscription_timeout_seconds)
+            timeouts.append(self.subscription_timeout)
         longest = max(timeouts, default=30.0)
         minimum = 3 * longest + 2
         if lease_seconds is not None and lease_seconds < minimum:

@@ -44,7 +44,7 @@ from fhir_kat.exchange.subscriptions import (
 from fhir_kat.search import Criterion, SearchQuery, parse_search
 from fhir_kat.security.clients import ClientRegistry
 from fhir_kat.security.consent import ConsentDecisionPoint, decide
-from fhir_kat.security.scopes import parse_scopes
+from fhir_kat.security.scopes import covered_by, parse_scopes
 from fhir_kat.security.tokens import Principal
 from fhir_kat.services.access import Access
 from fhir_kat.store import StoredResource, Tx
@@ -342,11 +342,13 @@ class SubscriptionService:
         owner = get_owner(tx, sid)
         if owner is None:
             return None
+        scopes, _ = parse_scopes(owner.scopes)
         if self.clients is not None:
             client = self.clients.get(owner.client_id)
             if client is None or client.role != owner.role:
                 return None  # the owner lost its registration (or its role): nothing more
-        scopes, _ = parse_scopes(owner.scopes)
+            # The scopes granted then, as far as the registration still allows them now.
+            scopes = [s for s in scopes if covered_by(s, client.scopes)]
         principal = Principal(
             client_id=owner.client_id,
             role=owner.role,
