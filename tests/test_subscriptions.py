@@ -26,6 +26,7 @@ from fhir_kat.services.delivery import make_consent_gate, make_delivery_audit
 from fhir_kat.settings import Settings
 from fhir_kat.store import Store
 from tests.conftest import HA_ORG, TEST_CLIENTS, _registration, client_as
+from tests.support.conformance import assert_conformant
 
 PHQ9 = "44261-6"  # PHQ-9 total score (DOMAIN.md)
 GAD7 = "70274-6"  # GAD-7 total score (DOMAIN.md)
@@ -274,6 +275,7 @@ def test_a_requested_subscription_becomes_active(app: Flask, subscriber: Subscri
     r = post(ha, "/fhir/Subscription", subscription(f"Observation?code={PHQ9}", subscriber.url))
     assert r.status_code == 201
     assert r.get_json()["status"] == "active"
+    assert_conformant(r.get_json())
     # ... and "off" stays off (a subscriber may pause itself)
     off = dict(r.get_json(), status="off")
     assert put(ha, f"/fhir/Subscription/{off['id']}", off).get_json()["status"] == "off"
@@ -722,3 +724,20 @@ def test_the_referrer_hears_every_status_change_of_its_referral_in_order(
         ("in-progress", "participating"),
     ]
     assert queued(app, other["id"]) == []
+
+
+def test_an_owner_that_loses_its_registration_or_scopes_is_not_notified(
+    app: Flask, world: dict[str, Any]
+) -> None:
+    sid = created(
+        world["ha"], "/fhir/Subscription", subscription("Observation", "https://s.example/h")
+    )["id"]
+    registry = app.extensions["fhir_kat"].clients.clients
+    created(world["staff"], "/fhir/Observation", observation(None))
+    assert len(queued(app, sid)) == 1
+    # the registration now grants Patient reads only: the old token's Observation scope is gone
+    registry["ha-sub"] = replace(registry["ha-sub"], scopes=registry["staff-readonly"].scopes)
+    created(world["staff"], "/fhir/Observation", observation(None))
+    del registry["ha-sub"]
+    created(world["staff"], "/fhir/Observation", observation(None))
+    assert len(queued(app, sid)) == 1
