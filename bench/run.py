@@ -181,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true", help="add the large sizes")
     parser.add_argument("--out", help="also write the report (Markdown) to this file")
+    parser.add_argument(
+        "--delivery",
+        action="store_true",
+        help="add outbox deliveries per second (bench/delivery.py)",
+    )
     args = parser.parse_args(argv)
     measure_sizes = [1_000, 3_000] + ([10_000, 100_000] if args.full else [])
     search_sizes = [3_000, 10_000] + ([100_000, 1_000_000] if args.full else [])
@@ -205,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         *bench_search(search_sizes),
         "",
     ]
+    if args.delivery:
+        from bench.delivery import bench_delivery
+
+        lines += ["## Delivery: outbox to a loopback partner", "", *bench_delivery(), ""]
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -25,12 +25,13 @@ from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.security.ratelimit import RateLimiter
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
-from fhir_kat.services.delivery import queue_artifact
+from fhir_kat.services.delivery import queue_artifact, requeue_on_consent
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.services.instruments import InstrumentService
 from fhir_kat.services.outcomes import OutcomeService
 from fhir_kat.services.referrals import ReferralWorkflow, task_transition_rule
+from fhir_kat.services.subscriptions import SubscriptionService
 from fhir_kat.settings import Settings, load_settings
 from fhir_kat.store import Store, Tx
 
@@ -107,6 +108,13 @@ def create_app(
         queue_artifact(tx, partners, "safety-flags", [flag], flag["subject"]["reference"][8:])
 
     instruments.flag_listeners.append(notify_care_team)
+    consent = ConsentDecisionPoint()
+    # R4 rest-hook Subscriptions: checked on write, notified through the outbox in the same
+    # transaction; a Consent write releases the deliveries that waited for it.
+    subscriptions = SubscriptionService(consent, now, clients)
+    fhir.write_rules.append(subscriptions.check_rule)
+    fhir.write_hooks.append(subscriptions.on_write)
+    fhir.write_hooks.append(requeue_on_consent)
 
     app.extensions["fhir_kat"] = KatState(
         settings=settings,
@@ -115,7 +123,7 @@ def create_app(
         clock=now,
         clients=clients,
         tokens=tokens,
-        consent=ConsentDecisionPoint(),
+        consent=consent,
         rate_limiter=RateLimiter(settings.rate_limit_per_minute),
         export=ExportService(
             store, Path(settings.export_dir or settings.data_dir / "exports"), now
@@ -125,6 +133,7 @@ def create_app(
         instruments=instruments,
         partners=partners,
         capability_security=_capability_security(),
+        extras={"subscriptions": subscriptions},
     )
 
     from fhir_kat.api import auth

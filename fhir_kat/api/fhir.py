@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 
 from fhir_kat.api.auth import audit_record, current_access
 from fhir_kat.api.body import FHIR_JSON, read_json
@@ -12,6 +12,7 @@ from fhir_kat.errors import NotAcceptable, issue
 from fhir_kat.services.bundles import RawBundle
 from fhir_kat.services.capability import capability_statement
 from fhir_kat.services.fhir_rest import FhirService, WriteResult
+from fhir_kat.services.subscriptions import reset_caller, set_caller
 from fhir_kat.store.store import StoredResource, dumps, format_instant
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
@@ -45,6 +46,20 @@ def _negotiate() -> None:
         ["application/fhir+json", "application/json"]
     ):
         raise NotAcceptable(issue("not-supported", "only application/fhir+json is available"))
+
+
+@bp.before_request
+def _bind_caller() -> None:
+    # Subscription writes record (and check) their owner inside the write transaction.
+    access = g.get("kat_access")
+    g.kat_caller_token = set_caller(access.principal if access is not None else None)
+
+
+@bp.teardown_request
+def _unbind_caller(_exc: BaseException | None) -> None:
+    token = g.pop("kat_caller_token", None)
+    if token is not None:
+        reset_caller(token)
 
 
 def json_response(body: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:

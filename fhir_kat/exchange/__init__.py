@@ -5,7 +5,8 @@ Owns: everything between "an artifact was stored" and "the partner has it exactl
 Must not: import the api or services layers, or build FHIR content (services and mapping do;
 ``bundles.py`` only reshapes finished resources into a partner's transaction form).
 
-Importing this package registers the ``outbox`` table on the store's ``MetaData``. The worker
+Importing this package registers the ``outbox`` and ``subscription_owner`` tables on the
+store's ``MetaData``. The worker
 lives in ``fhir_kat.exchange.worker`` (not re-exported, so ``python -m`` can run it cleanly).
 """
 
@@ -27,6 +28,7 @@ from fhir_kat.exchange.outbox import (
 )
 from fhir_kat.exchange.partners import AuthConfig, PartnerConfig, load_partners, parse_partners
 from fhir_kat.exchange.routing import enqueue_artifact
+from fhir_kat.exchange.subscriptions import subscription_owner
 
 __all__ = [
     "AuthConfig",
@@ -52,5 +54,6 @@ __all__ = [
     "requeue",
     "retry_dead",
     "stats",
+    "subscription_owner",
     "to_transaction",
 ]

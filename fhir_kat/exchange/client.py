@@ -118,14 +118,42 @@ class PartnerClient:
             return self._delivered(result, payload, kind, delivery_id)
         return result
 
+    def notify(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        delivery_id: int | str,
+        headers: Mapping[str, str] | None = None,
+    ) -> SendResult:
+        """One R4 rest-hook notification: an empty ``POST`` (id-only ping) or a ``PUT`` of the
+        resource; ``headers`` are the subscriber's ``channel.header`` values. Answers mean what
+        they mean for a partner (2xx delivered; 408/409/429/5xx and network errors retryable;
+        any other 4xx permanent)."""
+        result = self._exchange(method, url, body, delivery_id, headers)
+        if isinstance(result, requests.Response):
+            status = result.status_code
+            result.close()
+            self._log(delivery_id, status, "delivered")
+            return Delivered(status, [])
+        return result
+
     def _exchange(
-        self, method: str, url: str, body: bytes, delivery_id: int | str
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        delivery_id: int | str,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> requests.Response | Retryable | Permanent:
         """The one place an HTTP outcome gets its meaning (cf. fhirpy's ``_do_request``)."""
         reauthenticated = False
         while True:
             try:
                 headers = self._headers(delivery_id)
+                if body is None:
+                    del headers["Content-Type"]  # an empty rest-hook ping has no content
+                headers.update(extra_headers or {})
             except TokenError as exc:
                 self._log(delivery_id, None, "token-failed")
                 return Retryable(exc.reason, None, exc.retry_after)

@@ -12,7 +12,9 @@ States::
        │   retry/release  │  └─────▶ blocked-consent  (the consent gate said no at send time)
        └──────────────────┘
     pending | dead | blocked-consent ──cancel──▶ cancelled
+    in-flight ──────────────────────────────────▶ cancelled   (its destination is gone)
     dead | blocked-consent | cancelled ──requeue──▶ pending
+    blocked-consent ──a Consent for the patient is written──▶ pending
 
 Must not: make HTTP calls or decide what a partner's answer means (``client.py`` does), hold a
 database transaction open across a network call, or put PHI into ``last_error`` beyond the
@@ -34,6 +36,7 @@ from typing import Any
 
 from sqlalchemy import (
     Column,
+    ColumnElement,
     DateTime,
     Index,
     Integer,
@@ -63,7 +66,10 @@ BLOCKED_CONSENT = "blocked-consent"
 STATUSES = (PENDING, IN_FLIGHT, DELIVERED, DEAD, CANCELLED, BLOCKED_CONSENT)
 #: States a later delivery for the same partner and patient waits behind.
 ACTIVE = (PENDING, IN_FLIGHT)
-KINDS = ("bundle", "notification")
+#: ``rest-hook``: an R4 Subscription notification; its partner is ``subscription:<id>``.
+KINDS = ("bundle", "notification", "rest-hook")
+#: Partner names of dynamic destinations (resolved at send time, not configured).
+SUBSCRIPTION_PREFIX = "subscription:"
 #: Largest ``last_error`` kept; a partner's OperationOutcome beyond it is summarised.
 MAX_ERROR_CHARS = 32_000
 
@@ -242,8 +248,12 @@ def claim(
     lease_seconds: float = 300.0,
     partners: Collection[str] | None = None,
     now: datetime | None = None,
+    partner_prefixes: Collection[str] = (),
 ) -> list[Delivery]:
     """Take up to ``limit`` due deliveries for ``worker_id`` (in id order).
+
+    ``partners`` (None = any) and ``partner_prefixes`` (e.g. ``subscription:``) together name
+    the destinations this worker serves.
 
     Due: ``pending`` with ``next_attempt_at`` reached, or ``in-flight`` whose lease (started at
     the claim) is older than ``lease_seconds`` — a worker that died mid-send. Never a delivery
@@ -254,9 +264,9 @@ def claim(
     if limit < 1:
         return []
     if isinstance(target, Tx):
-        return _claim(target, worker_id, limit, lease_seconds, partners, now)
+        return _claim(target, worker_id, limit, lease_seconds, partners, now, partner_prefixes)
     with target.write() as tx:
-        return _claim(tx, worker_id, limit, lease_seconds, partners, now)
+        return _claim(tx, worker_id, limit, lease_seconds, partners, now, partner_prefixes)
 
 
 def _claim(
@@ -266,6 +276,7 @@ def _claim(
     lease_seconds: float,
     partners: Collection[str] | None,
     now: datetime | None,
+    partner_prefixes: Collection[str] = (),
 ) -> list[Delivery]:
     moment = _naive(now) if now is not None else _now(tx.store)
     row, earlier = outbox.alias("o"), outbox.alias("earlier")
@@ -284,9 +295,13 @@ def _claim(
     )
     stmt = select(row.c.id).where(due, ~waits).order_by(row.c.id).limit(limit)
     if partners is not None:
-        if not partners:
+        if not partners and not partner_prefixes:
             return []
-        stmt = stmt.where(row.c.partner.in_(sorted(partners)))
+        served: list[ColumnElement[bool]] = (
+            [row.c.partner.in_(sorted(partners))] if partners else []
+        )
+        served += [row.c.partner.startswith(p, autoescape=True) for p in sorted(partner_prefixes)]
+        stmt = stmt.where(or_(*served))
     if not tx.store.is_sqlite:
         stmt = stmt.with_for_update(skip_locked=True)
     ids = [int(r.id) for r in tx.conn.execute(stmt)]
@@ -396,6 +411,20 @@ def mark_blocked(
     )
 
 
+def mark_cancelled(
+    store: Store, delivery: Delivery, reason: str, now: datetime | None = None
+) -> bool:
+    """The destination no longer exists (a deleted or switched-off Subscription): never sent."""
+    moment = _naive(now) if now is not None else _now(store)
+    return _finish(
+        store,
+        delivery,
+        status=CANCELLED,
+        last_error=_error_text(_outcome("not-found", reason)),
+        updated_at=moment,
+    )
+
+
 def backoff_delay(
     attempts: int,
     policy: RetryPolicy,
@@ -501,6 +530,33 @@ def retry_dead(store: Store, *, partner: str | None = None, now: datetime | None
         stmt = stmt.where(outbox.c.partner == partner)
     with store.write() as tx:
         return int(tx.conn.execute(stmt).rowcount)
+
+
+def requeue_blocked(tx: Tx, patient_id: str) -> int:
+    """Send again, now, every delivery the consent gate blocked for ``patient_id``; returns
+    how many. Runs in the transaction that writes a Consent for that patient, so a consent that
+    arrives later releases what waited for it; the worker asks the gate again at send time."""
+    moment = _now(tx.store)
+    rows = tx.conn.execute(
+        select(outbox.c.id, outbox.c.consent_check).where(
+            outbox.c.status == BLOCKED_CONSENT,
+            # Bundles are keyed by their patient; rest-hook notifications by their subscriber.
+            or_(outbox.c.patient_key == patient_id, outbox.c.kind == "rest-hook"),
+        )
+    )
+    ids = [
+        int(r.id)
+        for r in rows
+        if r.consent_check and json.loads(r.consent_check).get("patient") == patient_id
+    ]
+    if not ids:
+        return 0
+    tx.conn.execute(
+        update(outbox)
+        .where(outbox.c.id.in_(ids), outbox.c.status == BLOCKED_CONSENT)
+        .values(status=PENDING, attempts=0, next_attempt_at=moment, updated_at=moment)
+    )
+    return len(ids)
 
 
 def _transition(
@@ -651,6 +707,7 @@ __all__ = [
     "KINDS",
     "PENDING",
     "STATUSES",
+    "SUBSCRIPTION_PREFIX",
     "Delivery",
     "DeliveryInfo",
     "OutboxStats",
@@ -663,6 +720,7 @@ __all__ = [
     "get_delivery",
     "list_deliveries",
     "mark_blocked",
+    "mark_cancelled",
     "mark_dead",
     "mark_delivered",
     "mark_retry",
@@ -670,6 +728,7 @@ __all__ = [
     "release",
     "renew",
     "requeue",
+    "requeue_blocked",
     "retry_dead",
     "stats",
 ]

@@ -1,5 +1,9 @@
 """The delivery worker: claims due deliveries, checks consent, sends, records the outcome.
 
+Destinations are the configured partners and, unless ``subscriptions=False``, every R4
+rest-hook Subscription (partner ``subscription:<id>``, resolved from the stored Subscription at
+send time: a deleted or switched-off one gets its pending notifications cancelled).
+
 Owns: the send loop (``DeliveryWorker.run_once``/``run``), the mapping from a ``SendResult`` to an
 outbox transition, pausing a failing partner for the rest of a batch, and the ``main(argv)`` entry
 point for a ``fhir-kat worker`` command. Several workers (threads or processes, on one or several
@@ -27,9 +31,10 @@ from types import FrameType
 from typing import Any
 
 from fhir_kat.exchange import outbox
-from fhir_kat.exchange.client import Delivered, PartnerClient, Permanent, Retryable
-from fhir_kat.exchange.outbox import Delivery, RetryPolicy
+from fhir_kat.exchange.client import Delivered, PartnerClient, Permanent, Retryable, SendResult
+from fhir_kat.exchange.outbox import SUBSCRIPTION_PREFIX, Delivery, RetryPolicy
 from fhir_kat.exchange.partners import PartnerConfig, load_partners
+from fhir_kat.exchange.subscriptions import Notification, resolve
 from fhir_kat.settings import SettingsError, load_settings
 from fhir_kat.store import Store
 
@@ -62,6 +67,7 @@ class RunReport:
     dead: int = 0
     blocked: int = 0
     released: int = 0
+    cancelled: int = 0  # the Subscription it was for is gone or off
     lost: int = 0  # another worker took the lease over meanwhile
 
 
@@ -81,6 +87,9 @@ class DeliveryWorker:
         clients: Mapping[str, PartnerClient] | None = None,
         on_outcome: OutcomeHook | None = None,
         rng: random.Random | None = None,
+        subscriptions: bool = True,
+        subscription_policy: RetryPolicy | None = None,
+        subscription_timeout_seconds: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -93,7 +102,15 @@ class DeliveryWorker:
         self.batch_size = batch_size
         # One send can take a token request plus two tries (401 → re-auth): three timeouts,
         # and the lease is renewed right before each send, so that is all it must outlast.
-        longest = max((p.timeout_seconds for p in self.partners.values()), default=30.0)
+        self.subscriptions = subscriptions
+        self.subscription_policy = subscription_policy or RetryPolicy()
+        timeouts = [p.timeout_seconds for p in self.partners.values()]
+        # A subscriber gets the longest partner timeout (10 s without partners), so serving
+        # Subscriptions does not lengthen the lease a deployment already chose.
+        self.subscription_timeout = subscription_timeout_seconds or max(timeouts, default=10.0)
+        if subscriptions:
+            timeouts.append(self.subscription_timeout)
+        longest = max(timeouts, default=30.0)
         minimum = 3 * longest + 2
         if lease_seconds is not None and lease_seconds < minimum:
             raise ValueError(
@@ -107,6 +124,8 @@ class DeliveryWorker:
         self.clients: dict[str, PartnerClient] = dict(clients or {})
         for name, partner in self.partners.items():
             self.clients.setdefault(name, PartnerClient(partner, clock=epoch_clock))
+        # One client (connection pool) per subscriber, replaced when its endpoint changes.
+        self._hook_clients: dict[str, tuple[str, PartnerClient]] = {}
 
     def _epoch(self) -> float:
         return self.clock().timestamp()
@@ -114,6 +133,15 @@ class DeliveryWorker:
     def close(self) -> None:
         for client in self.clients.values():
             client.close()
+        for _, hook_client in self._hook_clients.values():
+            hook_client.close()
+        self._hook_clients.clear()
+
+    def _policy(self, delivery: Delivery) -> RetryPolicy:
+        partner = self.partners.get(delivery.partner)
+        if partner is not None:
+            return RetryPolicy.for_partner(partner)
+        return self.subscription_policy
 
     # ------------------------------------------------------------------ the loop
 
@@ -150,6 +178,7 @@ class DeliveryWorker:
             lease_seconds=self.lease_seconds,
             partners=list(self.partners),
             now=self.clock(),
+            partner_prefixes=(SUBSCRIPTION_PREFIX,) if self.subscriptions else (),
         )
         report.claimed = len(batch)
         # Partners that failed in a way that will fail the rest of this batch too (down,
@@ -179,8 +208,7 @@ class DeliveryWorker:
         return report
 
     def _process(self, delivery: Delivery, report: RunReport, paused: dict[str, datetime]) -> None:
-        partner = self.partners[delivery.partner]
-        if delivery.attempts > partner.max_attempts:
+        if delivery.attempts > self._policy(delivery).max_attempts:
             # Only reachable when earlier claims ended without an outcome (a worker killed
             # mid-send, again and again): a delivery that keeps killing workers stops here.
             self._record(
@@ -195,6 +223,15 @@ class DeliveryWorker:
                 report,
             )
             return
+        notification: Notification | None = None
+        if delivery.kind == "rest-hook":
+            with self.store.read() as tx:
+                resolved = resolve(tx, delivery.payload, self.clock())
+            if isinstance(resolved, str):
+                ok = outbox.mark_cancelled(self.store, delivery, resolved, self.clock())
+                self._record(ok, delivery, "cancelled", report)
+                return
+            notification = resolved
         if delivery.consent_check is not None:
             try:
                 allowed = self.consent_gate(delivery.consent_check)
@@ -216,7 +253,19 @@ class DeliveryWorker:
                     report,
                 )
                 return
-        result = self.clients[delivery.partner].send(delivery.kind, delivery.payload, delivery.id)
+        result: SendResult
+        if notification is not None:
+            result = self._hook_client(delivery.partner, notification.url).notify(
+                notification.method,
+                notification.url,
+                notification.body,
+                delivery.id,
+                notification.headers,
+            )
+        else:
+            result = self.clients[delivery.partner].send(
+                delivery.kind, delivery.payload, delivery.id
+            )
         if isinstance(result, Delivered):
             self._record(
                 outbox.mark_delivered(self.store, delivery, result.entries, self.clock()),
@@ -237,6 +286,19 @@ class DeliveryWorker:
                 # 409 is about this resource; everything else retryable is about the partner.
                 paused[delivery.partner] = decision
 
+    def _hook_client(self, partner: str, url: str) -> PartnerClient:
+        known = self._hook_clients.get(partner)
+        if known is not None and known[0] == url:
+            return known[1]
+        if known is not None:
+            known[1].close()
+        config = PartnerConfig(
+            name=partner, base_url=url, timeout_seconds=self.subscription_timeout
+        )
+        client = PartnerClient(config, clock=self._epoch)
+        self._hook_clients[partner] = (url, client)
+        return client
+
     def _retry(
         self,
         delivery: Delivery,
@@ -244,7 +306,6 @@ class DeliveryWorker:
         result: Retryable | None,
         report: RunReport,
     ) -> datetime | None:
-        partner = self.partners[delivery.partner]
         code = "throttled" if result is not None and result.status == 429 else "transient"
         error = {
             "resourceType": "OperationOutcome",
@@ -254,7 +315,7 @@ class DeliveryWorker:
             self.store,
             delivery,
             error,
-            policy=RetryPolicy.for_partner(partner),
+            policy=self._policy(delivery),
             retry_after=result.retry_after if result is not None else None,
             rng=self.rng,
             now=self.clock(),
@@ -280,6 +341,8 @@ class DeliveryWorker:
             report.dead += 1
         elif status == "blocked-consent":
             report.blocked += 1
+        elif status == "cancelled":
+            report.cancelled += 1
         else:
             report.retried += 1
         log.info(
@@ -300,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fhir-kat worker",
         description="Deliver queued artifacts to the partners in [partners.*] "
-        "(FHIR_KAT_CONFIG). Runs until SIGTERM/SIGINT.",
+        "(FHIR_KAT_CONFIG) and notifications to R4 rest-hook Subscriptions. "
+        "Runs until SIGTERM/SIGINT.",
         epilog="Example: FHIR_KAT_CONFIG=kat.toml fhir-kat worker --batch-size 20",
     )
     parser.add_argument("--batch-size", type=int, default=10, help="deliveries per claim")
@@ -313,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--idle-seconds", type=float, default=2.0, help="pause when nothing is due")
     parser.add_argument("--worker-id", default=None, help="name in claims and logs")
+    parser.add_argument(
+        "--no-subscriptions",
+        action="store_true",
+        help="leave R4 rest-hook Subscription notifications to other workers",
+    )
     parser.add_argument("--once", action="store_true", help="run one batch and exit")
     parser.add_argument(
         "--max-iterations", type=int, default=None, help="stop after this many batches"
@@ -335,8 +404,12 @@ def main(
     except SettingsError as exc:
         print(f"fhir-kat worker: {exc}", file=sys.stderr)
         return 2
-    if not any(p.enabled for p in partners.values()):
-        print("fhir-kat worker: no enabled [partners.*] in the configuration", file=sys.stderr)
+    if args.no_subscriptions and not any(p.enabled for p in partners.values()):
+        print(
+            "fhir-kat worker: no enabled [partners.*] in the configuration "
+            "and --no-subscriptions: nothing to deliver",
+            file=sys.stderr,
+        )
         return 2
     configure_logging(settings.log_level)
     store = Store(settings.effective_database_url)
@@ -351,6 +424,7 @@ def main(
             lease_seconds=args.lease_seconds,
             idle_seconds=args.idle_seconds,
             on_outcome=on_outcome,
+            subscriptions=not args.no_subscriptions,
         )
     except ValueError as exc:
         store.dispose()
@@ -364,7 +438,11 @@ def main(
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     log.info(
         "worker started",
-        extra={"worker": worker.worker_id, "partners": sorted(worker.partners)},
+        extra={
+            "worker": worker.worker_id,
+            "partners": sorted(worker.partners),
+            "subscriptions": worker.subscriptions,
+        },
     )
     try:
         worker.run(stop, max_iterations=1 if args.once else args.max_iterations)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import datetime
 from functools import cached_property
 
+from fhir_kat.exchange.subscriptions import owned_ids
 from fhir_kat.search import Criterion, SearchQuery
 from fhir_kat.security.consent import (
     Actor,
@@ -25,6 +26,9 @@ from fhir_kat.store import StoredResource, Tx
 
 #: Types a referrer sees when its organisation sent them (the requester of the referral).
 REFERRER_OWNED = {"Task": "requester", "ServiceRequest": "requester"}
+#: Roles that see every Subscription; the others see only those they created (an endpoint
+#: and its headers are the subscriber's business).
+SEES_ALL_SUBSCRIPTIONS = frozenset({"program-staff", "admin"})
 
 
 class Access:
@@ -62,11 +66,15 @@ class Access:
         org = self.principal.organization
         return organization_ids(tx, org) if org else []
 
+    def consent_applies(self, rtype: str) -> bool:
+        """Whether the patients' consent decides what ``rtype`` data this caller sees."""
+        return self.principal.role in OUTSIDE_PROGRAM and not (
+            self.principal.role == "referrer" and rtype in REFERRER_OWNED
+        )
+
     def visible_patients(self, tx: Tx, rtype: str) -> set[str] | None:
         """None = no restriction; otherwise the patients whose ``rtype`` data may be shown."""
-        if self.principal.role not in OUTSIDE_PROGRAM or (
-            self.principal.role == "referrer" and rtype in REFERRER_OWNED
-        ):
+        if not self.consent_applies(rtype):
             return None
         if rtype not in self._visible:
             self._visible[rtype] = self.consent.visible_patients(
@@ -106,15 +114,21 @@ class Access:
         return self._owners
 
     def restrict(self, tx: Tx, query: SearchQuery) -> SearchQuery:
-        if self.principal.role != "referrer" or query.resource_type not in REFERRER_OWNED:
+        if (
+            query.resource_type == "Subscription"
+            and self.principal.role not in SEES_ALL_SUBSCRIPTIONS
+        ):
+            forced = Criterion("_id", "id", "", tuple(owned_ids(tx, self.principal.client_id)), "")
+        elif self.principal.role != "referrer" or query.resource_type not in REFERRER_OWNED:
             return query
-        param = REFERRER_OWNED[query.resource_type]
-        owners = tuple(self.owner_references(tx))
-        forced = (
-            Criterion(param, "reference", "", owners, "")
-            if owners
-            else Criterion("_id", "id", "", (), "")  # owns nothing: matches nothing
-        )
+        else:
+            param = REFERRER_OWNED[query.resource_type]
+            owners = tuple(self.owner_references(tx))
+            forced = (
+                Criterion(param, "reference", "", owners, "")
+                if owners
+                else Criterion("_id", "id", "", (), "")  # owns nothing: matches nothing
+            )
         return SearchQuery(
             query.resource_type,
             criteria=(*query.criteria, forced),
@@ -131,6 +145,8 @@ class Access:
             return False
         if stored.patient_id and not self.permits_patient(tx, stored.patient_id, stored.type):
             return False
+        if stored.type == "Subscription" and self.principal.role not in SEES_ALL_SUBSCRIPTIONS:
+            return stored.id in owned_ids(tx, self.principal.client_id)
         if self.principal.role == "referrer" and stored.type in REFERRER_OWNED:
             probe = self.restrict(
                 tx,

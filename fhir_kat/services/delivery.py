@@ -2,7 +2,9 @@
 delivery worker asks at send time — the same decision point as reads, searches and $export.
 
 Owns: ``consent_gate`` (a patient's active privacy Consents must permit the partner's
-Organization for the purpose, now) and ``queue_artifact``. Must not: send anything (the worker
+Organization for the purpose, now), ``queue_artifact``, and ``requeue_on_consent`` (a Consent
+written for a patient releases that patient's consent-blocked deliveries, in the same
+transaction). Must not: send anything (the worker
 in ``fhir_kat.exchange`` does).
 """
 
@@ -13,9 +15,10 @@ from datetime import datetime
 from typing import Any
 
 from fhir_kat.exchange import Delivery, PartnerConfig, enqueue_artifact
+from fhir_kat.exchange.outbox import requeue_blocked
 from fhir_kat.security.audit import AuditRecord, build_audit_event, write_audit_event
 from fhir_kat.security.consent import ConsentDecisionPoint, actor_for
-from fhir_kat.store import Store, Tx
+from fhir_kat.store import Store, StoredResource, Tx
 
 #: Deliveries to health-authority EHRs serve the quality-improvement project: healthcare
 #: operations (v3 PurposeOfUse HOPERAT, DOMAIN.md). A patient's sharing consent must name it.
@@ -30,8 +33,10 @@ def make_consent_gate(
             actor = actor_for(tx, check.get("actor"))
             if actor is None:
                 return False  # a partner with no Organization can be named by no consent
+            # Subscription notifications name the type they disclose; bundles the Patient.
+            rtype = str(check.get("type", "Patient"))
             return consent.permits(
-                tx, str(check["patient"]), actor, str(check["purpose"]), "Patient", clock()
+                tx, str(check["patient"]), actor, str(check["purpose"]), rtype, clock()
             )
 
     return gate
@@ -51,8 +56,14 @@ def make_delivery_audit(
             status={"delivered": 200, "blocked-consent": 403}.get(status, 502),
             detail=f"delivery {delivery.id} to {delivery.partner}: {status}",
         )
-        if delivery.patient_key:
-            audit.patients.add(delivery.patient_key)
+        # A rest-hook notification is ordered per subscriber; its patient is in the payload.
+        patient = (
+            delivery.payload.get("patient")
+            if delivery.kind == "rest-hook"
+            else delivery.patient_key
+        )
+        if patient:
+            audit.patients.add(str(patient))
         write_audit_event(store, build_audit_event(audit, clock()))
 
     return record
@@ -71,3 +82,11 @@ def queue_artifact(
         return {}
     purpose = DELIVERY_PURPOSE if patient_id else None
     return enqueue_artifact(tx, partners, kind, resources, patient_id, consent_purpose=purpose)
+
+
+def requeue_on_consent(tx: Tx, stored: StoredResource, _created: bool) -> None:
+    """A write hook: a Consent created or updated for a patient sends that patient's
+    consent-blocked deliveries again (the gate decides again at send time, so a Consent that
+    still says no blocks them again, and one that says yes lets them through)."""
+    if stored.type == "Consent" and not stored.deleted and stored.patient_id:
+        requeue_blocked(tx, stored.patient_id)

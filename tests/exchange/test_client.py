@@ -297,3 +297,21 @@ def test_logs_name_partner_status_and_delivery_never_content(
     text = " ".join(str(r.__dict__) for r in exchange_log)
     for secret in ("P0001", "44261-6", "Observation.status", "female"):
         assert secret not in text
+
+
+def test_rest_hook_notifications(rsps: responses.RequestsMock) -> None:
+    hook = "https://subscriber.example.test/hook"
+    client = PartnerClient(make_partner(base_url=hook), clock=Clock())
+    rsps.add(responses.POST, hook, status=200)
+    result = client.notify("POST", hook, None, 7, {"Authorization": "Bearer sub"})
+    assert isinstance(result, Delivered)
+    sent = rsps.calls[-1].request
+    assert not sent.body and "Content-Type" not in sent.headers  # an empty ping
+    assert sent.headers["Authorization"] == "Bearer sub"
+    rsps.add(responses.PUT, f"{hook}/Task/t1", status=503, headers={"Retry-After": "7"})
+    retry = client.notify("PUT", f"{hook}/Task/t1", b"{}", 8)
+    assert isinstance(retry, Retryable) and retry.retry_after == 7
+    assert rsps.calls[-1].request.headers["Content-Type"] == "application/fhir+json"
+    rsps.add(responses.POST, hook, status=410, json=OUTCOME)
+    gone = client.notify("POST", hook, None, 9)
+    assert isinstance(gone, Permanent) and gone.status == 410 and gone.outcome == OUTCOME

@@ -252,3 +252,31 @@ def test_concurrent_claimers_take_disjoint_sets(store: Store) -> None:
     everything = [i for ids in claimed for i in ids]
     assert len(everything) == len(set(everything)) == total
     assert sum(1 for ids in claimed if ids) >= 2
+
+
+def test_claim_serves_partner_prefixes_and_in_flight_can_be_cancelled(store: Store) -> None:
+    put(store, partner="ehr", patient="x")
+    hook = put(store, partner="subscription:s1", patient="subscriber")
+    put(store, partner="subscriptionist", patient="x")  # a configured name, not a prefix match
+    got = ob.claim(store, "w", 5, partners=[], partner_prefixes=[ob.SUBSCRIPTION_PREFIX])
+    assert [d.id for d in got] == [hook]
+    assert ob.mark_cancelled(store, got[0], "the subscription no longer exists")
+    info = ob.get_delivery(store, hook)
+    assert info.status == ob.CANCELLED and info.last_error is not None
+    assert info.last_error["issue"][0]["code"] == "not-found"
+    assert not ob.mark_cancelled(store, got[0], "again")  # the lease is gone
+
+
+def test_requeue_blocked_releases_only_that_patients_deliveries(store: Store) -> None:
+    ids = {}
+    for patient in ("p1", "p2"):
+        check = {"patient": patient, "partner": "ehr", "actor": None, "purpose": "HOPERAT"}
+        ids[patient] = put(store, patient=patient, consent_check=check)
+    for d in ob.claim(store, "w", 5):
+        assert ob.mark_blocked(store, d, "no consent")
+    with store.write() as tx:
+        assert ob.requeue_blocked(tx, "p2") == 1
+        assert ob.requeue_blocked(tx, "p3") == 0
+    assert ob.get_delivery(store, ids["p1"]).status == ob.BLOCKED_CONSENT
+    again = ob.get_delivery(store, ids["p2"])
+    assert again.status == ob.PENDING and again.attempts == 0
