@@ -8,7 +8,9 @@ of one patient a deny wins over a permit. The same function serves reads, search
 $export, outbound deliveries and referrer feedback.
 
 Consents are read once and cached until a Consent is written again (the cache key is the
-newest Consent version's write sequence), so a revocation takes effect on the next request.
+newest Consent version's write sequence and the count), so a revocation takes effect on the next
+request. Only read transactions fill the cache: a write transaction may see Consents that roll
+back.
 """
 
 from __future__ import annotations
@@ -170,6 +172,11 @@ class ConsentDecisionPoint:
         )
         for patient_id, content in rows:
             by_patient.setdefault(patient_id, []).append(json.loads(content))
+        if tx.conn.get_execution_options().get("kat_write"):
+            # A write transaction sees its own uncommitted Consents. Were they cached, a rollback
+            # could leave them behind under a key a later commit reuses (SQLite hands out a
+            # rolled-back seq again), so only committed state seen by a reader is kept.
+            return by_patient
         with self._lock:
             self._version, self._by_patient = version, by_patient
         return by_patient
