@@ -1,12 +1,24 @@
 """The ``fhir-kat`` command line. Each sub-command is a thin shell over a service.
 
-Exit codes: 0 success, 1 the command ran and reported failure (e.g. a refused artifact),
-2 usage or configuration error.
+Exit codes (every command):
+
+- 0 success;
+- 1 the command ran and reported a failure: a refused artifact or file (``map``,
+  ``validate``), lint problems (``mappings lint``), a failed check (``sandbox-check``), an
+  export that failed or was refused (``export``), a demo step the service refused (``demo``);
+- 2 usage or configuration error: bad arguments, invalid settings or TOML, an unknown partner,
+  missing credentials, an unreadable input file, an output folder in the way;
+- 3 the service or partner could not be reached (``sandbox-check``, ``export``);
+- 130 interrupted (Ctrl-C).
+
+Progress of long operations goes to stderr (a bar on a terminal, a line per tenth otherwise);
+results go to stdout, so ``fhir-kat export … > log`` keeps both readable.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -125,6 +137,40 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     worker.set_defaults(func=_worker)
+
+    generate = sub.add_parser(
+        "generate",
+        help="write a reproducible synthetic program as artifact JSON files",
+        description="Generates N synthetic participants over three cohorts (referral, intake, "
+        "consents, baseline and post PHQ-9/GAD-7/PCL-5/B-IPF, the protocol's KaT sessions with "
+        "vital signs and adverse events; some exclusions, drop-outs and missing data) and "
+        "writes them as <out>/<kind>/<name>.json plus <out>/manifest.json (the order to send "
+        "them in). The same seed always writes byte-identical files.",
+        epilog="Example: fhir-kat generate --participants 94 --seed 7 --out synthetic/",
+    )
+    generate.add_argument("--participants", type=int, default=94, help="default 94")
+    generate.add_argument("--seed", type=int, default=1, help="default 1")
+    generate.add_argument("--out", required=True, help="folder to write (new or empty)")
+    generate.add_argument(
+        "--force", action="store_true", help="write into a folder that is not empty"
+    )
+    generate.set_defaults(func=_generate)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a synthetic program through the real API and print its outcomes",
+        description="Starts the service on a free loopback port over the embedded SQLite "
+        "database (a new temporary folder unless --data-dir), sends a synthetic program's "
+        "artifacts through POST /api/v1/<kind> over HTTP, puts each cohort in a Group, then "
+        "prints the outcome table from $evaluate-measure (overall and per cohort) and writes "
+        "the chart of mean baseline vs post scores. Ignores FHIR_KAT_* settings.",
+        epilog="Example: fhir-kat demo --participants 30 --seed 7 --chart demo.svg",
+    )
+    demo.add_argument("--participants", type=int, default=30, help="default 30")
+    demo.add_argument("--seed", type=int, default=1, help="default 1")
+    demo.add_argument("--data-dir", help="keep the database here (default: a temporary folder)")
+    demo.add_argument("--chart", help="SVG file to write (default: <data-dir>/outcomes.svg)")
+    demo.set_defaults(func=_demo)
     return parser
 
 
@@ -237,6 +283,323 @@ def _outcomes(args: argparse.Namespace) -> int:
         Path(args.chart).write_text(outcome_chart_svg(results, title), encoding="utf-8")
         print(f"chart written to {args.chart}", file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal; otherwise a line per tenth, so logs
+    stay readable. Never writes to stdout (results go there)."""
+
+    def __init__(self, total: int, label: str, stream: Any = None) -> None:
+        self.total, self.label, self.done = max(total, 0), label, 0
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_tenth = -1
+
+    def advance(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        if self.tty:
+            width = 30
+            filled = width * self.done // self.total if self.total else width
+            self.stream.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                f"{self.done}/{self.total} {note}".rstrip()
+            )
+            self.stream.flush()
+            return
+        tenth = 10 * self.done // self.total if self.total else 10
+        if tenth != self._last_tenth:
+            self._last_tenth = tenth
+            print(f"{self.label}: {self.done}/{self.total} {note}".rstrip(), file=self.stream)
+
+    def status(self, text: str) -> None:
+        """An indeterminate step (e.g. an export still running)."""
+        if self.tty:
+            self.stream.write(f"\r{self.label}: {text}\033[K")
+            self.stream.flush()
+        else:
+            print(f"{self.label}: {text}", file=self.stream)
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+def _write_json(path: Path, document: Any) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fhir_kat.synthetic import generate_program
+
+    if args.participants < 1 or args.participants > 100_000:
+        print("fhir-kat: --participants must be between 1 and 100000", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
+        print(f"fhir-kat: {out} exists and is not empty (use --force)", file=sys.stderr)
+        return 2
+    program = generate_program(args.participants, args.seed)
+    artifacts = list(program.artifacts())
+    progress = Progress(len(artifacts), "writing")
+    order = []
+    for artifact in artifacts:
+        relative = f"{artifact.kind}/{artifact.name}.json"
+        _write_json(out / relative, artifact.payload)
+        order.append({"kind": artifact.kind, "file": relative})
+        progress.advance()
+    progress.finish()
+    _write_json(
+        out / "manifest.json",
+        {
+            "generator": "fhir_kat.synthetic",
+            "seed": program.seed,
+            "participants": len(program.participants),
+            "outcomes": program.counts(),
+            "cohorts": {
+                str(c): [p.phn for p in program.participants if p.cohort == c]
+                for c in sorted({p.cohort for p in program.participants})
+            },
+            "send_order": order,
+        },
+    )
+    counts = program.counts()
+    print(
+        f"wrote {len(artifacts)} artifacts for {len(program.participants)} participants to "
+        f"{out} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import tempfile
+    import threading
+
+    import requests
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    from fhir_kat.app import create_app
+    from fhir_kat.instruments.chart import outcome_chart_svg, outcome_table
+    from fhir_kat.security.clients import LOCAL_CREDENTIALS, ensure_local_clients
+    from fhir_kat.synthetic import generate_program
+
+    if not 1 <= args.participants <= 2000:
+        print("fhir-kat: --participants must be between 1 and 2000", file=sys.stderr)
+        return 2
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="fhir-kat-demo-"))
+    if (data_dir / "fhir_kat.sqlite3").exists():
+        print(f"fhir-kat: {data_dir} already holds a database; give a new folder", file=sys.stderr)
+        return 2
+    # The embedded default, whatever FHIR_KAT_* says: the demo never touches a real database.
+    settings = load_settings({}, data_dir=str(data_dir), log_level="WARNING")
+    ensure_local_clients(data_dir)
+    secret = _credential_from_file(data_dir / LOCAL_CREDENTIALS, "local-staff")
+    app = create_app(settings)
+
+    class QuietHandler(WSGIRequestHandler):
+        def log(self, type: str, message: str, *args: Any) -> None:
+            pass  # the progress display is the demo's output; the service logs JSON itself
+
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietHandler)
+    base = f"http://127.0.0.1:{server.server_port}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    print(f"fhir-kat demo: service at {base}/fhir, database in {data_dir}", file=sys.stderr)
+    session = requests.Session()
+    try:
+        program = generate_program(args.participants, args.seed)
+        token = _client_credentials_token(session, f"{base}/auth/token", "local-staff", secret)
+        session.headers["Authorization"] = f"Bearer {token}"
+        return _run_demo(
+            session, base, program, data_dir, args.chart, outcome_table, outcome_chart_svg
+        )
+    except requests.RequestException as exc:
+        print(
+            f"fhir-kat: the demo service stopped answering ({type(exc).__name__})",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        session.close()
+        server.shutdown()
+        thread.join(timeout=10)
+        app.extensions["fhir_kat"].export.shutdown()
+        app.extensions["fhir_kat"].store.dispose()
+
+
+def _run_demo(
+    session: Any,
+    base: str,
+    program: Any,
+    data_dir: Path,
+    chart: str | None,
+    outcome_table: Callable[..., str],
+    outcome_chart_svg: Callable[..., str],
+) -> int:
+    import json
+
+    from fhir_kat.instruments.definitions import load_catalogue
+
+    artifacts = list(program.artifacts())
+    progress = Progress(len(artifacts), "sending artifacts")
+    patient_ids: dict[str, str] = {}  # PHN -> Patient id, from each referral's response
+    # One token serves the whole run: a demo of the sizes allowed finishes well within its
+    # 300 s lifetime.
+    for artifact in artifacts:
+        response = session.post(f"{base}/api/v1/{artifact.kind}", json=artifact.payload, timeout=60)
+        if response.status_code not in (200, 201):
+            progress.finish()
+            print(f"{artifact.name}: HTTP {response.status_code}", file=sys.stderr)
+            print(response.text[:2000], file=sys.stderr)
+            return 1
+        if artifact.kind == "referrals":
+            for entry in response.json().get("entry", []):
+                location = entry.get("response", {}).get("location", "")
+                if location.startswith("Patient/"):
+                    patient_ids[artifact.payload["patient"]["phn"]] = location.split("/")[1]
+        progress.advance(note=artifact.kind)
+    progress.finish()
+
+    cohorts: dict[int, list[str]] = {}
+    for p in program.participants:
+        if p.phn in patient_ids:
+            cohorts.setdefault(p.cohort, []).append(patient_ids[p.phn])
+    for number, members in sorted(cohorts.items()):
+        group = {
+            "resourceType": "Group",
+            "id": f"demo-cohort-{number}",
+            "type": "person",
+            "actual": True,
+            "name": f"Synthetic cohort {number}",
+            "quantity": len(members),
+            "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in members],
+        }
+        r = session.put(
+            f"{base}/fhir/Group/demo-cohort-{number}",
+            data=json.dumps(group),
+            headers={"Content-Type": "application/fhir+json"},
+            timeout=60,
+        )
+        if r.status_code not in (200, 201):
+            print(f"Group for cohort {number}: HTTP {r.status_code}", file=sys.stderr)
+            return 1
+
+    start, end = program.period()
+    catalogue = load_catalogue({})
+    sections = [("all cohorts", None)] + [
+        (f"cohort {n}", f"Group/demo-cohort-{n}") for n in sorted(cohorts)
+    ]
+    overall: list[Any] = []
+    counts = program.counts()
+    print(
+        f"Synthetic program: {len(program.participants)} participants "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}), "
+        f"{len(artifacts)} artifacts sent, period {start} to {end}"
+    )
+    for title, subject in sections:
+        params = {"periodStart": start, "periodEnd": end}
+        if subject:
+            params["subject"] = subject
+        r = session.get(
+            f"{base}/fhir/Measure/kat-program-outcomes/$evaluate-measure",
+            params=params,
+            timeout=60,
+        )
+        if r.status_code != 200:
+            print(f"$evaluate-measure ({title}): HTTP {r.status_code}", file=sys.stderr)
+            return 1
+        results = results_from_report(r.json(), catalogue)
+        if subject is None:
+            overall = results
+        print(f"\n{title}\n{outcome_table(results)}")
+    path = Path(chart) if chart else data_dir / "outcomes.svg"
+    path.write_text(
+        outcome_chart_svg(
+            overall, f"Synthetic program: mean scores before and after ({start} to {end})"
+        ),
+        encoding="utf-8",
+    )
+    print(f"\nchart: {path}")
+    return 0
+
+
+def results_from_report(report: Any, catalogue: Any) -> list[Any]:
+    """The MeasureReport of $evaluate-measure back as ``GroupResult``s (for the table and
+    the chart), matched to the catalogue's instruments by panel code."""
+    from fhir_kat.instruments.outcomes import GroupResult
+
+    by_panel = {(i.panel["system"], i.panel["code"]): i for i in catalogue.instruments.values()}
+    out = []
+    for group in report.get("group", []):
+        coding = group["code"]["coding"][0]
+        instrument = by_panel[(coding["system"], coding["code"])]
+        counts = {
+            p["code"]["coding"][0]["code"]: int(p.get("count", 0))
+            for p in group.get("population", [])
+        }
+        means = {
+            e["url"].rsplit("/", 1)[-1]: float(e["valueQuantity"]["value"])
+            for e in group.get("extension", [])
+        }
+        out.append(
+            GroupResult(
+                instrument,
+                counts.get("initial-population", 0),
+                counts.get("denominator", 0),
+                counts.get("numerator", 0),
+                means.get("mean-baseline"),
+                means.get("mean-post"),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- credentials
+
+
+def _credential_from_file(path: Path, client_id: str) -> str:
+    """A secret from a file: either ``fhir-kat serve``'s ``local-credentials.txt`` (lines of
+    ``client_id secret``) or a file holding only the secret."""
+    text = path.read_text(encoding="utf-8")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == client_id:
+            return parts[1]
+    if len(lines) == 1 and len(lines[0].split()) == 1:
+        return lines[0]
+    raise ValueError(f"no secret for {client_id} in {path}")
+
+
+def _client_credentials_token(session: Any, token_url: str, client_id: str, secret: str) -> str:
+    """An access token by OAuth client credentials (client_secret_basic)."""
+    r = session.post(
+        token_url,
+        data={"grant_type": "client_credentials"},
+        auth=(client_id, secret),
+        headers={"Accept": "application/json"},
+        timeout=30,
+    )
+    if r.status_code != 200:
+        error = ""
+        with contextlib.suppress(ValueError):
+            error = str(r.json().get("error", ""))[:64]
+        raise PermissionError(f"token endpoint refused ({r.status_code} {error})".strip())
+    token: str = r.json()["access_token"]
+    return token
 
 
 def _now() -> Any:
