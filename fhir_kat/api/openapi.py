@@ -282,10 +282,10 @@ def _path_and_params(rule: str) -> tuple[str, list[dict[str, Any]], str | None]:
 def build_openapi(app: Flask, server_url: str = "") -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     schemas: dict[str, Any] = dict(_COMPONENTS)
-    for kind in KINDS:
-        schema = json_schema(kind)
+    for name in KINDS:
+        schema = json_schema(name)
         schema.pop("$schema", None)  # OpenAPI 3.1's dialect is JSON Schema 2020-12 already
-        schemas[_schema_name(kind)] = schema
+        schemas[_schema_name(name)] = schema
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
         if not (rule.rule.startswith("/api/v1/") or rule.endpoint == "auth.token"):
             continue
