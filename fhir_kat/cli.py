@@ -171,6 +171,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", help="keep the database here (default: a temporary folder)")
     demo.add_argument("--chart", help="SVG file to write (default: <data-dir>/outcomes.svg)")
     demo.set_defaults(func=_demo)
+
+    export = sub.add_parser(
+        "export",
+        help="Bulk Data $export client: NDJSON files into a folder",
+        description="Starts a Bulk Data export (Prefer: respond-async), polls its status "
+        "honouring Retry-After while showing progress, then downloads every NDJSON file of the "
+        "manifest with the access token into --out (plus manifest.json). Credentials: "
+        "--client-id or FHIR_KAT_CLIENT_ID; the secret from --client-secret-file or "
+        "FHIR_KAT_CLIENT_SECRET_FILE (a file with just the secret, or 'fhir-kat serve''s "
+        "local-credentials.txt), or FHIR_KAT_CLIENT_SECRET — never on the command line.",
+        epilog="Example: FHIR_KAT_CLIENT_ID=local-staff fhir-kat export "
+        "--client-secret-file var/local-credentials.txt --type Patient,Observation "
+        "--since 2026-01-01 --out export/",
+    )
+    export.add_argument(
+        "--url",
+        default=None,
+        help="FHIR base URL (default FHIR_KAT_URL or http://127.0.0.1:8080/fhir)",
+    )
+    export.add_argument("--out", required=True, help="folder for the NDJSON files (new or empty)")
+    export.add_argument(
+        "--type", action="append", default=[], help="resource types (repeat or comma-separate)"
+    )
+    export.add_argument("--since", help="only resources changed since this FHIR instant")
+    export.add_argument("--type-filter", action="append", default=[], help="_typeFilter query")
+    export.add_argument("--group", help="export one Group's members (Group/<id>/$export)")
+    export.add_argument("--client-id", help="OAuth client id (default FHIR_KAT_CLIENT_ID)")
+    export.add_argument("--client-secret-file", help="file holding the client secret")
+    export.add_argument("--token-url", help="default: from .well-known/smart-configuration")
+    export.add_argument(
+        "--timeout", type=float, default=3600.0, help="give up after this many seconds"
+    )
+    export.set_defaults(func=_export)
     return parser
 
 
@@ -567,6 +600,125 @@ def results_from_report(report: Any, catalogue: Any) -> list[Any]:
     return out
 
 
+# ---------------------------------------------------------------------------- export
+
+
+def _export(args: argparse.Namespace) -> int:
+    import os
+
+    import requests
+
+    from fhir_kat.exchange.bulk import BulkClient, BulkError, Downloaded, Unreachable
+
+    base = (args.url or os.environ.get("FHIR_KAT_URL") or "http://127.0.0.1:8080/fhir").rstrip("/")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"fhir-kat: {out} exists and is not empty", file=sys.stderr)
+        return 2
+    try:
+        client_id, secret = _client_credentials(args)
+    except ValueError as exc:
+        print(f"fhir-kat: {exc}", file=sys.stderr)
+        return 2
+    session = requests.Session()
+    try:
+        token_url = args.token_url or _discover_token_url(session, base)
+        tokens = _TokenCache(session, token_url, client_id, secret)
+        client = BulkClient(base, tokens, session=session)
+        types = [t for group in args.type for t in group.split(",") if t]
+        status_url = client.kick_off(
+            types=types, since=args.since, type_filters=args.type_filter, group=args.group
+        )
+        progress = Progress(0, "export")
+        progress.status("started")
+        manifest = client.wait(status_url, on_progress=progress.status, budget_seconds=args.timeout)
+        progress.status("complete")
+        progress.finish()
+        files = Progress(len(manifest.get("output") or []), "downloading")
+
+        def shown(done: Downloaded) -> None:
+            files.advance(note=done.path.name)
+
+        result = client.download(manifest, out, on_file=shown)
+        files.finish()
+    except PermissionError as exc:
+        print(f"fhir-kat: {exc}", file=sys.stderr)
+        return 2
+    except Unreachable as exc:
+        print(f"fhir-kat: cannot reach the service ({exc})", file=sys.stderr)
+        return 3
+    except BulkError as exc:
+        print(f"fhir-kat: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        session.close()
+    for f in result.files:
+        print(f"{f.type}\t{f.lines}\t{f.path}")
+    for f in result.errors:
+        print(f"errors\t{f.lines}\t{f.path}")
+    total = sum(f.lines for f in result.files)
+    print(f"exported {total} resources in {len(result.files)} files to {out}", file=sys.stderr)
+    return 1 if result.errors else 0
+
+
+class _TokenCache:
+    """Client-credentials tokens for the export client: one at a time, renewed on request."""
+
+    def __init__(self, session: Any, token_url: str, client_id: str, secret: str) -> None:
+        self.session, self.token_url = session, token_url
+        self.client_id, self._secret = client_id, secret
+        self._token: str | None = None
+
+    def __call__(self, renew: bool) -> str:
+        if self._token is None or renew:
+            self._token = _client_credentials_token(
+                self.session, self.token_url, self.client_id, self._secret
+            )
+        return self._token
+
+
+def _discover_token_url(session: Any, base: str) -> str:
+    """The token endpoint from SMART discovery, or ``<origin>/auth/token`` (fhir_kat's own)."""
+    import requests
+
+    from fhir_kat.exchange.bulk import Unreachable
+
+    try:
+        r = session.get(f"{base}/.well-known/smart-configuration", timeout=30)
+    except requests.RequestException as exc:
+        raise Unreachable(type(exc).__name__) from None
+    if r.status_code == 200:
+        try:
+            url = r.json().get("token_endpoint")
+        except ValueError:
+            url = None
+        if isinstance(url, str) and url:
+            return url
+    return base.rsplit("/fhir", 1)[0] + "/auth/token"
+
+
+def _client_credentials(args: argparse.Namespace) -> tuple[str, str]:
+    """Client id and secret from arguments, files and environment — never a literal secret."""
+    import os
+
+    client_id = args.client_id or os.environ.get("FHIR_KAT_CLIENT_ID", "")
+    if not client_id:
+        raise ValueError("give --client-id or FHIR_KAT_CLIENT_ID")
+    secret_file = args.client_secret_file or os.environ.get("FHIR_KAT_CLIENT_SECRET_FILE")
+    if secret_file:
+        try:
+            return client_id, _credential_from_file(Path(secret_file), client_id)
+        except OSError as exc:
+            raise ValueError(f"cannot read {secret_file} ({exc.strerror})") from None
+    secret = os.environ.get("FHIR_KAT_CLIENT_SECRET", "")
+    if not secret:
+        raise ValueError(
+            "give the secret in --client-secret-file, FHIR_KAT_CLIENT_SECRET_FILE or "
+            "FHIR_KAT_CLIENT_SECRET"
+        )
+    return client_id, secret
+
+
 # ---------------------------------------------------------------------------- credentials
 
 
@@ -632,6 +784,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"fhir-kat: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fhir-kat: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
