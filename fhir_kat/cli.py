@@ -204,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=3600.0, help="give up after this many seconds"
     )
     export.set_defaults(func=_export)
+
+    sandbox = sub.add_parser(
+        "sandbox-check",
+        help="check a configured partner FHIR server (e.g. a vendor sandbox)",
+        description="Reads the partner's CapabilityStatement and reports whether it supports "
+        "the resource types and interactions fhir_kat will use with it (from its "
+        "[partners.<name>] table: artifact_kinds, resource_types, write_mode), then does a "
+        "create -> search -> read round trip with a synthetic Patient and deletes it where the "
+        "server allows. Exit 0 pass, 1 a check failed, 2 configuration error (unknown "
+        "partner, bad TOML, missing secret), 3 the server could not be reached.",
+        epilog="Example: FHIR_KAT_CONFIG=kat.toml fhir-kat sandbox-check island-ehr",
+    )
+    sandbox.add_argument("partner", help="name of a [partners.<name>] table")
+    sandbox.set_defaults(func=_sandbox_check)
     return parser
 
 
@@ -598,6 +612,34 @@ def results_from_report(report: Any, catalogue: Any) -> list[Any]:
             )
         )
     return out
+
+
+# ---------------------------------------------------------------------------- sandbox-check
+
+
+def _sandbox_check(args: argparse.Namespace) -> int:
+    from fhir_kat.exchange.partners import load_partners
+    from fhir_kat.exchange.sandbox import check_partner
+
+    partners = load_partners(load_settings())  # SettingsError → 2 in main
+    partner = partners.get(args.partner)
+    if partner is None:
+        known = ", ".join(sorted(partners)) or "none (set FHIR_KAT_CONFIG to a TOML file)"
+        print(f"fhir-kat: no partner {args.partner!r}; configured: {known}", file=sys.stderr)
+        return 2
+    print(f"checking {partner.name} at {partner.base_url} ...", file=sys.stderr)
+    report = check_partner(partner)
+    width = max((len(c.name) for c in report.checks), default=10)
+    print(f"sandbox-check {partner.name} ({partner.base_url})")
+    for check in report.checks:
+        print(f"  {check.outcome.upper():<5} {check.name:<{width}}  {check.detail}")
+    failed = sum(c.outcome == "fail" for c in report.checks)
+    warned = sum(c.outcome in ("warn", "skip") for c in report.checks)
+    verdict = "PASS" if report.passed else "FAIL"
+    print(f"{verdict}: {len(report.checks)} checks, {failed} failed, {warned} warnings")
+    if report.unreachable:
+        return 3
+    return 0 if report.passed else 1
 
 
 # ---------------------------------------------------------------------------- export
