@@ -387,10 +387,10 @@ def _write_json(path: Path, document: Any) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from fhir_kat.synthetic import generate_program
+    from fhir_kat.synthetic import MAX_PARTICIPANTS, generate_program
 
-    if args.participants < 1 or args.participants > 100_000:
-        print("fhir-kat: --participants must be between 1 and 100000", file=sys.stderr)
+    if not 1 <= args.participants <= MAX_PARTICIPANTS:
+        print(f"fhir-kat: --participants must be between 1 and {MAX_PARTICIPANTS}", file=sys.stderr)
         return 2
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):

@@ -10,8 +10,10 @@ Realism, by design and only as far as a demo needs: baseline scores mostly above
 cut-offs, most participants improving after the program and a few worsening; some referrals
 excluded at triage (a coded contraindication) or declined at intake; some drop-outs; missing
 post responses and skipped items; common adverse events (dissociation, nausea, occasional
-vomiting or a blood-pressure rise). Names are invented; PHNs are ``9`` + random digits with a
-valid Mod 11 check digit, so they pass validation but belong to nobody known.
+vomiting or a blood-pressure rise). Names are invented; PHNs come from the ``9999…`` range the
+project's examples use, with a valid Mod 11 check digit so they pass validation. No PHN range is
+officially reserved for testing (none was found), so these are kept to one narrow range and must
+never be sent to a production system.
 
 Must not: invent clinical codes (every code comes from the ValueSets, the shipped
 Questionnaires and the protocol), store, call HTTP or read the clock.
@@ -185,10 +187,18 @@ def _when(artifact: Artifact) -> str:
     return str(moment or p.get("authored", ""))
 
 
+#: Every synthetic PHN starts with this (docs/examples use 9999999998).
+PHN_PREFIX = "9999"
+#: How many distinct synthetic PHNs the range holds (about 10/11 of the 5-digit space).
+MAX_PARTICIPANTS = 50_000
+
+
 def valid_phn(rng: random.Random, taken: set[str]) -> str:
-    """A random 10-digit BC PHN (leading 9) with a valid Mod 11 check digit, unused so far."""
+    """A random BC PHN in the synthetic range with a valid Mod 11 check digit, unused so far."""
     while True:
-        first_nine = "9" + "".join(str(rng.randrange(10)) for _ in range(8))
+        first_nine = PHN_PREFIX + "".join(
+            str(rng.randrange(10)) for _ in range(9 - len(PHN_PREFIX))
+        )
         digit = bc_phn_check_digit(first_nine)
         if digit is None:
             continue
@@ -206,8 +216,8 @@ def generate_program(
     protocol: ProgramProtocol | None = None,
 ) -> Program:
     """A synthetic program of ``participants`` referrals spread over three cohorts."""
-    if participants < 1:
-        raise ValueError("participants must be at least 1")
+    if not 1 <= participants <= MAX_PARTICIPANTS:
+        raise ValueError(f"participants must be between 1 and {MAX_PARTICIPANTS}")
     rng = random.Random(seed)  # noqa: S311 (reproducible synthetic data, not a secret)
     proto = protocol or load_protocol()
     taken: set[str] = set()

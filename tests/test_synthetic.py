@@ -34,7 +34,7 @@ def test_every_artifact_is_valid_and_maps() -> None:
 def test_phns_are_unique_and_pass_the_check_digit() -> None:
     phns = [p.phn for p in PROGRAM.participants]
     assert len(set(phns)) == len(phns)
-    assert all(bc_phn_valid(phn) for phn in phns)
+    assert all(bc_phn_valid(phn) and phn.startswith("9999") for phn in phns)
 
 
 def test_program_shape() -> None:

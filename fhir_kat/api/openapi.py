@@ -357,15 +357,11 @@ def _operation(
     if op.public:
         out["security"] = []
     if op.body == "artifact" and kind:
-        out["requestBody"] = {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {"$ref": f"#/components/schemas/{_schema_name(kind)}"},
-                    "example": _example(kind),
-                }
-            },
-        }
+        media: dict[str, Any] = {"schema": {"$ref": f"#/components/schemas/{_schema_name(kind)}"}}
+        example = _example(kind)
+        if example is not None:  # the examples ship with the repository, not the wheel
+            media["example"] = example
+        out["requestBody"] = {"required": True, "content": {"application/json": media}}
     elif op.body == "token":
         out["requestBody"] = {
             "required": True,
@@ -376,8 +372,11 @@ def _operation(
             },
         }
     responses: dict[str, Any] = {}
-    for status, text, media, schema in op.responses:
-        responses[str(status)] = {"description": text, "content": {media: {"schema": schema}}}
+    for status, text, media_type, schema in op.responses:
+        responses[str(status)] = {
+            "description": text,
+            "content": {media_type: {"schema": schema}},
+        }
     out["responses"] = responses
     return out
 
