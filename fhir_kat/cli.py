@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fhir-kat",
         description="FHIR R4 adapter for ketamine-assisted therapy programs.",
-        epilog="Example: fhir-kat serve --port 8080",
+        epilog="Examples: fhir-kat demo | fhir-kat serve --port 8080 | fhir-kat <command> --help. "
+        "Exit codes: 0 success, 1 the command reported a failure, 2 usage or configuration "
+        "error, 3 service or partner unreachable, 130 interrupted. Integrators: "
+        "docs/integrators.md.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
@@ -179,8 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         "honouring Retry-After while showing progress, then downloads every NDJSON file of the "
         "manifest with the access token into --out (plus manifest.json). Credentials: "
         "--client-id or FHIR_KAT_CLIENT_ID; the secret from --client-secret-file or "
-        "FHIR_KAT_CLIENT_SECRET_FILE (a file with just the secret, or 'fhir-kat serve''s "
-        "local-credentials.txt), or FHIR_KAT_CLIENT_SECRET — never on the command line.",
+        "FHIR_KAT_CLIENT_SECRET_FILE (a file with just the secret, or the local-credentials.txt "
+        "that fhir-kat serve writes), or FHIR_KAT_CLIENT_SECRET — never on the command line.",
         epilog="Example: FHIR_KAT_CLIENT_ID=local-staff fhir-kat export "
         "--client-secret-file var/local-credentials.txt --type Patient,Observation "
         "--since 2026-01-01 --out export/",
@@ -457,6 +460,8 @@ def _demo(args: argparse.Namespace) -> int:
     app = create_app(settings)
 
     class QuietHandler(WSGIRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: one connection for the whole run
+
         def log(self, type: str, message: str, *args: Any) -> None:
             pass  # the progress display is the demo's output; the service logs JSON itself
 

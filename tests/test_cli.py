@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import xml.etree.ElementTree as ET
 from datetime import datetime
@@ -131,7 +132,7 @@ def test_demo_runs_a_program_through_the_http_api(
         [
             "demo",
             "--participants",
-            "6",
+            "4",
             "--seed",
             "2",
             "--data-dir",
@@ -159,3 +160,32 @@ def test_demo_runs_a_program_through_the_http_api(
     assert sum(r.initial_population for r in results) > 0
     # A second run on the same folder is refused instead of mixing two programs.
     assert main(["demo", "--participants", "3", "--data-dir", str(data_dir)]) == 2
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_is_a_bar_on_a_terminal_and_tenths_otherwise() -> None:
+    from fhir_kat.cli import Progress
+
+    bar = _Stream(tty=True)
+    progress = Progress(4, "sending", bar)
+    for _ in range(4):
+        progress.advance(note="referrals")
+    progress.finish()
+    assert bar.getvalue().count("\r") == 4
+    assert "[" + "#" * 30 + "] 4/4 referrals\n" in bar.getvalue()
+
+    log = _Stream(tty=False)
+    progress = Progress(100, "sending", log)
+    for _ in range(100):
+        progress.advance()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 11 and lines[-1] == "sending: 100/100"  # 1, 10, 20, … 100
+    assert "\r" not in log.getvalue()

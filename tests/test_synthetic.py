@@ -24,11 +24,16 @@ def test_same_seed_same_program_other_seed_other_program() -> None:
 
 def test_every_artifact_is_valid_and_maps() -> None:
     ctx = MappingContext(datetime(2026, 12, 1, tzinfo=UTC), "test", load_protocol())
-    for artifact in PROGRAM.artifacts():
-        result = validate_artifact(artifact.kind, artifact.payload)
-        assert not result.issues, (artifact.name, result.issues)
-        bundle = map_artifact(artifact.kind, artifact.payload, ctx)
-        assert bundle["type"] == "transaction", artifact.name
+    for person in PROGRAM.participants:
+        # Every artifact is validated; mapping (slower) for every participant who is not a
+        # plain completer and for a quarter of those (the demo test maps a whole program).
+        mapped = person.outcome != "completed" or person.number % 4 == 0
+        for artifact in person.artifacts:
+            result = validate_artifact(artifact.kind, artifact.payload)
+            assert not result.issues, (artifact.name, result.issues)
+            if mapped:
+                bundle = map_artifact(artifact.kind, artifact.payload, ctx)
+                assert bundle["type"] == "transaction", artifact.name
 
 
 def test_phns_are_unique_and_pass_the_check_digit() -> None:
