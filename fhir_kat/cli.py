@@ -549,6 +549,7 @@ def _run_demo(
             print(f"Group for cohort {number}: HTTP {r.status_code}", file=sys.stderr)
             return 1
 
+    print(_fhir_summary(session, base), file=sys.stderr)
     start, end = program.period()
     catalogue = load_catalogue({})
     sections = [("all cohorts", None)] + [
@@ -586,6 +587,36 @@ def _run_demo(
     )
     print(f"\nchart: {path}")
     return 0
+
+
+#: What the demo counts in the FHIR store afterwards (type, status filter or None).
+_SUMMARY = (
+    ("Patient", None),
+    ("Task", "requested"),
+    ("Task", "accepted"),
+    ("Task", "on-hold"),
+    ("Task", "rejected"),
+    ("Task", "in-progress"),
+    ("QuestionnaireResponse", None),
+    ("Observation", None),
+    ("MedicationAdministration", None),
+    ("AdverseEvent", None),
+    ("Flag", "active"),
+)
+
+
+def _fhir_summary(session: Any, base: str) -> str:
+    """What the artifacts became, counted with FHIR searches (``_summary=count``)."""
+    parts = []
+    for rtype, status in _SUMMARY:
+        params = {"_summary": "count"}
+        if status:
+            params["status"] = status
+        r = session.get(f"{base}/fhir/{rtype}", params=params, timeout=60)
+        total = r.json().get("total", "?") if r.status_code == 200 else f"HTTP {r.status_code}"
+        label = f"{rtype} {status}" if status else rtype
+        parts.append(f"{label}: {total}")
+    return "FHIR resources: " + ", ".join(parts)
 
 
 def results_from_report(report: Any, catalogue: Any) -> list[Any]:

@@ -144,6 +144,7 @@ def test_demo_runs_a_program_through_the_http_api(
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "sending artifacts" in out.err and "all cohorts" in out.out
+    assert "FHIR resources: Patient: 4," in out.err  # one Patient per referral, via search
     assert ET.fromstring(chart.read_text()).tag.endswith("svg")  # noqa: S314 (our own output)
     # The table printed from $evaluate-measure over HTTP equals the service's own arithmetic
     # over the demo's database.
