@@ -178,3 +178,29 @@ def test_no_delete_leaves_the_patient_and_says_so(
     assert "SKIP  cleanup" in out and "Patient/p1 left" in out
     assert not any(c.request.method == "DELETE" for c in responses.calls)
     assert "sandbox-check" in sent["query"]
+
+
+@responses.activate
+def test_a_refused_token_fails_before_any_fhir_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VENDOR_SECRET", "not-the-right-one")
+    _configure(
+        tmp_path,
+        monkeypatch,
+        f'[partners.vendor]\nbase_url = "{BASE}"\nauth = "client_credentials"\n'
+        'token_url = "https://vendor.example.test/token"\nclient_id = "kat"\n'
+        'client_secret_env = "VENDOR_SECRET"\n',
+    )
+    responses.post(
+        "https://vendor.example.test/token", status=401, json={"error": "invalid_client"}
+    )
+    assert main(["sandbox-check", "vendor"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  token" in out and "invalid_client" in out
+    assert "not-the-right-one" not in out
+    assert [c.request.url for c in responses.calls] == ["https://vendor.example.test/token"]
+    # The secret's variable unset: a configuration error naming the variable, not the value.
+    monkeypatch.delenv("VENDOR_SECRET")
+    assert main(["sandbox-check", "vendor"]) == 2
+    assert "VENDOR_SECRET" in capsys.readouterr().err
