@@ -23,7 +23,7 @@ import requests
 from fhir_kat.artifacts import KINDS
 from fhir_kat.exchange.bundles import NO_IDENTIFIER
 from fhir_kat.exchange.client import PartnerClient, TokenError
-from fhir_kat.exchange.partners import PartnerConfig
+from fhir_kat.exchange.partners import DELIVERABLE_KINDS, PartnerConfig
 from fhir_kat.mapping.engine import targets
 
 Outcome = Literal["pass", "warn", "skip", "fail"]
@@ -58,15 +58,19 @@ class SandboxReport:
         self.checks.append(Check(name, outcome, detail))
 
 
-def needed_types(partner: PartnerConfig) -> set[str]:
-    """The resource types fhir_kat will send this partner (from the mapping files)."""
-    kinds: Iterable[str] = partner.artifact_kinds or (*KINDS, "safety-flags")
+def needed_types(partner: PartnerConfig) -> tuple[set[str], list[str]]:
+    """The resource types fhir_kat will send this partner (from the mapping files), and the
+    kinds whose types this check does not know (reported, never guessed)."""
+    kinds: Iterable[str] = partner.artifact_kinds or sorted(DELIVERABLE_KINDS)
     types: set[str] = set()
-    for kind in kinds:
+    unknown: list[str] = []
+    for kind in sorted(kinds):
         if kind in KINDS:
             types |= {t.resource_type for t in targets(kind)}
+        elif kind not in _EXTRA_TYPES:
+            unknown.append(kind)
         types |= _EXTRA_TYPES.get(kind, set())
-    return {t for t in types - NO_IDENTIFIER if partner.accepts_type(t)}
+    return {t for t in types - NO_IDENTIFIER if partner.accepts_type(t)}, unknown
 
 
 class _Unreachable(Exception):
@@ -186,7 +190,10 @@ def _compare(
         )
 
     write = "create" if partner.write_mode == "conditional-create" else "update"
-    for rtype in sorted(needed_types(partner)):
+    types, unknown = needed_types(partner)
+    for kind in unknown:
+        report.add(f"kind {kind}", "warn", "its resource types are not checked here")
+    for rtype in sorted(types):
         spec = resources.get(rtype)
         if spec is None:
             report.add(f"type {rtype}", "fail", "not supported")

@@ -204,3 +204,21 @@ def test_a_refused_token_fails_before_any_fhir_request(
     monkeypatch.delenv("VENDOR_SECRET")
     assert main(["sandbox-check", "vendor"]) == 2
     assert "VENDOR_SECRET" in capsys.readouterr().err
+
+
+def test_needed_types_come_from_the_mappings_and_unknown_kinds_are_named() -> None:
+    from fhir_kat.exchange.partners import PartnerConfig
+    from fhir_kat.exchange.sandbox import needed_types
+
+    consents = PartnerConfig("p", BASE, artifact_kinds=frozenset({"consents"}))
+    assert needed_types(consents) == ({"Consent", "DocumentReference", "Organization"}, [])
+    narrowed = PartnerConfig(
+        "p",
+        BASE,
+        artifact_kinds=frozenset({"questionnaire-responses", "safety-flags"}),
+        resource_types=frozenset({"Observation", "Flag"}),
+    )
+    assert needed_types(narrowed) == ({"Observation", "Flag"}, [])
+    # A kind added later (built directly: the partner parser would refuse it today).
+    later = PartnerConfig("p", BASE, artifact_kinds=frozenset({"consents", "a-new-kind"}))
+    assert needed_types(later)[1] == ["a-new-kind"]
