@@ -446,8 +446,8 @@ def _demo(args: argparse.Namespace) -> int:
     from fhir_kat.security.clients import LOCAL_CREDENTIALS, ensure_local_clients
     from fhir_kat.synthetic import generate_program
 
-    if not 1 <= args.participants <= 2000:
-        print("fhir-kat: --participants must be between 1 and 2000", file=sys.stderr)
+    if not 1 <= args.participants <= 500:
+        print("fhir-kat: --participants must be between 1 and 500", file=sys.stderr)
         return 2
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="fhir-kat-demo-"))
     if (data_dir / "fhir_kat.sqlite3").exists():
@@ -471,13 +471,27 @@ def _demo(args: argparse.Namespace) -> int:
     thread.start()
     print(f"fhir-kat demo: service at {base}/fhir, database in {data_dir}", file=sys.stderr)
     session = requests.Session()
+    tokens = _TokenCache(session, f"{base}/auth/token", "local-staff", secret)
+
+    def authorize(renew: bool = False) -> None:
+        session.headers["Authorization"] = f"Bearer {tokens(renew)}"
+
     try:
         program = generate_program(args.participants, args.seed)
-        token = _client_credentials_token(session, f"{base}/auth/token", "local-staff", secret)
-        session.headers["Authorization"] = f"Bearer {token}"
+        authorize()
         return _run_demo(
-            session, base, program, data_dir, args.chart, outcome_table, outcome_chart_svg
+            session,
+            base,
+            program,
+            data_dir,
+            args.chart,
+            outcome_table,
+            outcome_chart_svg,
+            authorize,
         )
+    except PermissionError as exc:
+        print(f"fhir-kat: {exc}", file=sys.stderr)
+        return 1
     except requests.RequestException as exc:
         print(
             f"fhir-kat: the demo service stopped answering ({type(exc).__name__})",
@@ -500,6 +514,7 @@ def _run_demo(
     chart: str | None,
     outcome_table: Callable[..., str],
     outcome_chart_svg: Callable[..., str],
+    authorize: Callable[[bool], None],
 ) -> int:
     import json
 
@@ -508,10 +523,12 @@ def _run_demo(
     artifacts = list(program.artifacts())
     progress = Progress(len(artifacts), "sending artifacts")
     patient_ids: dict[str, str] = {}  # PHN -> Patient id, from each referral's response
-    # One token serves the whole run: a demo of the sizes allowed finishes well within its
-    # 300 s lifetime.
     for artifact in artifacts:
-        response = session.post(f"{base}/api/v1/{artifact.kind}", json=artifact.payload, timeout=60)
+        url = f"{base}/api/v1/{artifact.kind}"
+        response = session.post(url, json=artifact.payload, timeout=60)
+        if response.status_code == 401:  # the token expired (they live 300 s): a new one
+            authorize(True)
+            response = session.post(url, json=artifact.payload, timeout=60)
         if response.status_code not in (200, 201):
             progress.finish()
             print(f"{artifact.name}: HTTP {response.status_code}", file=sys.stderr)

@@ -190,3 +190,24 @@ def test_progress_is_a_bar_on_a_terminal_and_tenths_otherwise() -> None:
     lines = log.getvalue().splitlines()
     assert len(lines) == 11 and lines[-1] == "sending: 100/100"  # 1, 10, 20, … 100
     assert "\r" not in log.getvalue()
+
+
+def test_demo_renews_an_expired_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A long demo outlives its 300 s token: a 401 gets a new token and the same request again.
+    Played here by handing out an unusable token first."""
+    from fhir_kat import cli
+
+    real = cli._TokenCache.__call__
+    handed: list[bool] = []
+
+    def first_one_stale(self: cli._TokenCache, renew: bool) -> str:
+        handed.append(renew)
+        return "stale" if len(handed) == 1 else real(self, renew)
+
+    monkeypatch.setattr(cli._TokenCache, "__call__", first_one_stale)
+    assert main(["demo", "--participants", "1", "--data-dir", str(tmp_path / "d")]) == 0, (
+        capsys.readouterr().err
+    )
+    assert handed[:2] == [False, True]
