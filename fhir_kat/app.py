@@ -144,11 +144,13 @@ def create_app(
     from fhir_kat.api.health import bp as health_bp
     from fhir_kat.api.instruments import bp as instruments_bp
     from fhir_kat.api.measure import bp as measure_bp
+    from fhir_kat.api.openapi import bp as openapi_bp
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(export_bp)
     app.register_blueprint(artifacts_bp)
     app.register_blueprint(deliveries_bp)
+    app.register_blueprint(openapi_bp)
     app.register_blueprint(measure_bp)
     app.register_blueprint(instruments_bp)
     app.register_blueprint(fhir_bp)

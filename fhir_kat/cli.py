@@ -1,12 +1,24 @@
 """The ``fhir-kat`` command line. Each sub-command is a thin shell over a service.
 
-Exit codes: 0 success, 1 the command ran and reported failure (e.g. a refused artifact),
-2 usage or configuration error.
+Exit codes (every command):
+
+- 0 success;
+- 1 the command ran and reported a failure: a refused artifact or file (``map``,
+  ``validate``), lint problems (``mappings lint``), a failed check (``sandbox-check``), an
+  export that failed or was refused (``export``), a demo step the service refused (``demo``);
+- 2 usage or configuration error: bad arguments, invalid settings or TOML, an unknown partner,
+  missing credentials, an unreadable input file, an output folder in the way;
+- 3 the service or partner could not be reached (``sandbox-check``, ``export``);
+- 130 interrupted (Ctrl-C).
+
+Progress of long operations goes to stderr (a bar on a terminal, a line per tenth otherwise);
+results go to stdout, so ``fhir-kat export … > log`` keeps both readable.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fhir-kat",
         description="FHIR R4 adapter for ketamine-assisted therapy programs.",
-        epilog="Example: fhir-kat serve --port 8080",
+        epilog="Examples: fhir-kat demo | fhir-kat serve --port 8080 | fhir-kat <command> --help. "
+        "Exit codes: 0 success, 1 the command reported a failure, 2 usage or configuration "
+        "error, 3 service or partner unreachable, 130 interrupted. Integrators: "
+        "docs/integrators.md.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
@@ -125,6 +140,87 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     worker.set_defaults(func=_worker)
+
+    generate = sub.add_parser(
+        "generate",
+        help="write a reproducible synthetic program as artifact JSON files",
+        description="Generates N synthetic participants over three cohorts (referral, intake, "
+        "consents, baseline and post PHQ-9/GAD-7/PCL-5/B-IPF, the protocol's KaT sessions with "
+        "vital signs and adverse events; some exclusions, drop-outs and missing data) and "
+        "writes them as <out>/<kind>/<name>.json plus <out>/manifest.json (the order to send "
+        "them in). The same seed always writes byte-identical files.",
+        epilog="Example: fhir-kat generate --participants 94 --seed 7 --out synthetic/",
+    )
+    generate.add_argument("--participants", type=int, default=94, help="default 94")
+    generate.add_argument("--seed", type=int, default=1, help="default 1")
+    generate.add_argument("--out", required=True, help="folder to write (new or empty)")
+    generate.add_argument(
+        "--force", action="store_true", help="write into a folder that is not empty"
+    )
+    generate.set_defaults(func=_generate)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a synthetic program through the real API and print its outcomes",
+        description="Starts the service on a free loopback port over the embedded SQLite "
+        "database (a new temporary folder unless --data-dir), sends a synthetic program's "
+        "artifacts through POST /api/v1/<kind> over HTTP, puts each cohort in a Group, then "
+        "prints the outcome table from $evaluate-measure (overall and per cohort) and writes "
+        "the chart of mean baseline vs post scores. Ignores FHIR_KAT_* settings.",
+        epilog="Example: fhir-kat demo --participants 30 --seed 7 --chart demo.svg",
+    )
+    demo.add_argument("--participants", type=int, default=30, help="default 30")
+    demo.add_argument("--seed", type=int, default=1, help="default 1")
+    demo.add_argument("--data-dir", help="keep the database here (default: a temporary folder)")
+    demo.add_argument("--chart", help="SVG file to write (default: <data-dir>/outcomes.svg)")
+    demo.set_defaults(func=_demo)
+
+    export = sub.add_parser(
+        "export",
+        help="Bulk Data $export client: NDJSON files into a folder",
+        description="Starts a Bulk Data export (Prefer: respond-async), polls its status "
+        "honouring Retry-After while showing progress, then downloads every NDJSON file of the "
+        "manifest with the access token into --out (plus manifest.json). Credentials: "
+        "--client-id or FHIR_KAT_CLIENT_ID; the secret from --client-secret-file or "
+        "FHIR_KAT_CLIENT_SECRET_FILE (a file with just the secret, or the local-credentials.txt "
+        "that fhir-kat serve writes), or FHIR_KAT_CLIENT_SECRET — never on the command line.",
+        epilog="Example: FHIR_KAT_CLIENT_ID=local-staff fhir-kat export "
+        "--client-secret-file var/local-credentials.txt --type Patient,Observation "
+        "--since 2026-01-01 --out export/",
+    )
+    export.add_argument(
+        "--url",
+        default=None,
+        help="FHIR base URL (default FHIR_KAT_URL or http://127.0.0.1:8080/fhir)",
+    )
+    export.add_argument("--out", required=True, help="folder for the NDJSON files (new or empty)")
+    export.add_argument(
+        "--type", action="append", default=[], help="resource types (repeat or comma-separate)"
+    )
+    export.add_argument("--since", help="only resources changed since this FHIR instant")
+    export.add_argument("--type-filter", action="append", default=[], help="_typeFilter query")
+    export.add_argument("--group", help="export one Group's members (Group/<id>/$export)")
+    export.add_argument("--client-id", help="OAuth client id (default FHIR_KAT_CLIENT_ID)")
+    export.add_argument("--client-secret-file", help="file holding the client secret")
+    export.add_argument("--token-url", help="default: from .well-known/smart-configuration")
+    export.add_argument(
+        "--timeout", type=float, default=3600.0, help="give up after this many seconds"
+    )
+    export.set_defaults(func=_export)
+
+    sandbox = sub.add_parser(
+        "sandbox-check",
+        help="check a configured partner FHIR server (e.g. a vendor sandbox)",
+        description="Reads the partner's CapabilityStatement and reports whether it supports "
+        "the resource types and interactions fhir_kat will use with it (from its "
+        "[partners.<name>] table: artifact_kinds, resource_types, write_mode), then does a "
+        "create -> search -> read round trip with a synthetic Patient and deletes it where the "
+        "server allows. Exit 0 pass, 1 a check failed, 2 configuration error (unknown "
+        "partner, bad TOML, missing secret), 3 the server could not be reached.",
+        epilog="Example: FHIR_KAT_CONFIG=kat.toml fhir-kat sandbox-check island-ehr",
+    )
+    sandbox.add_argument("partner", help="name of a [partners.<name>] table")
+    sandbox.set_defaults(func=_sandbox_check)
     return parser
 
 
@@ -239,6 +335,520 @@ def _outcomes(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal; otherwise a line per tenth, so logs
+    stay readable. Never writes to stdout (results go there)."""
+
+    def __init__(self, total: int, label: str, stream: Any = None) -> None:
+        self.total, self.label, self.done = max(total, 0), label, 0
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_tenth = -1
+
+    def advance(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        if self.tty:
+            width = 30
+            filled = width * self.done // self.total if self.total else width
+            self.stream.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                f"{self.done}/{self.total} {note}".rstrip()
+            )
+            self.stream.flush()
+            return
+        tenth = 10 * self.done // self.total if self.total else 10
+        if tenth != self._last_tenth:
+            self._last_tenth = tenth
+            print(f"{self.label}: {self.done}/{self.total} {note}".rstrip(), file=self.stream)
+
+    def status(self, text: str) -> None:
+        """An indeterminate step (e.g. an export still running)."""
+        if self.tty:
+            self.stream.write(f"\r{self.label}: {text}\033[K")
+            self.stream.flush()
+        else:
+            print(f"{self.label}: {text}", file=self.stream)
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+def _write_json(path: Path, document: Any) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fhir_kat.synthetic import MAX_PARTICIPANTS, generate_program
+
+    if not 1 <= args.participants <= MAX_PARTICIPANTS:
+        print(f"fhir-kat: --participants must be between 1 and {MAX_PARTICIPANTS}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
+        print(f"fhir-kat: {out} exists and is not empty (use --force)", file=sys.stderr)
+        return 2
+    program = generate_program(args.participants, args.seed)
+    artifacts = list(program.artifacts())
+    progress = Progress(len(artifacts), "writing")
+    order = []
+    for artifact in artifacts:
+        relative = f"{artifact.kind}/{artifact.name}.json"
+        _write_json(out / relative, artifact.payload)
+        order.append({"kind": artifact.kind, "file": relative})
+        progress.advance()
+    progress.finish()
+    _write_json(
+        out / "manifest.json",
+        {
+            "generator": "fhir_kat.synthetic",
+            "seed": program.seed,
+            "participants": len(program.participants),
+            "outcomes": program.counts(),
+            "cohorts": {
+                str(c): [p.phn for p in program.participants if p.cohort == c]
+                for c in sorted({p.cohort for p in program.participants})
+            },
+            "send_order": order,
+        },
+    )
+    counts = program.counts()
+    print(
+        f"wrote {len(artifacts)} artifacts for {len(program.participants)} participants to "
+        f"{out} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import tempfile
+    import threading
+
+    import requests
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    from fhir_kat.app import create_app
+    from fhir_kat.instruments.chart import outcome_chart_svg, outcome_table
+    from fhir_kat.security.clients import LOCAL_CREDENTIALS, ensure_local_clients
+    from fhir_kat.synthetic import generate_program
+
+    if not 1 <= args.participants <= 500:
+        print("fhir-kat: --participants must be between 1 and 500", file=sys.stderr)
+        return 2
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="fhir-kat-demo-"))
+    if (data_dir / "fhir_kat.sqlite3").exists():
+        print(f"fhir-kat: {data_dir} already holds a database; give a new folder", file=sys.stderr)
+        return 2
+    # The embedded default, whatever FHIR_KAT_* says: the demo never touches a real database.
+    settings = load_settings({}, data_dir=str(data_dir), log_level="WARNING")
+    ensure_local_clients(data_dir)
+    secret = _credential_from_file(data_dir / LOCAL_CREDENTIALS, "local-staff")
+    app = create_app(settings)
+
+    class QuietHandler(WSGIRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive: one connection for the whole run
+
+        def log(self, type: str, message: str, *args: Any) -> None:
+            pass  # the progress display is the demo's output; the service logs JSON itself
+
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=QuietHandler)
+    base = f"http://127.0.0.1:{server.server_port}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    print(f"fhir-kat demo: service at {base}/fhir, database in {data_dir}", file=sys.stderr)
+    session = requests.Session()
+    tokens = _TokenCache(session, f"{base}/auth/token", "local-staff", secret)
+
+    def authorize(renew: bool = False) -> None:
+        session.headers["Authorization"] = f"Bearer {tokens(renew)}"
+
+    try:
+        program = generate_program(args.participants, args.seed)
+        authorize()
+        return _run_demo(
+            session,
+            base,
+            program,
+            data_dir,
+            args.chart,
+            outcome_table,
+            outcome_chart_svg,
+            authorize,
+        )
+    except PermissionError as exc:
+        print(f"fhir-kat: {exc}", file=sys.stderr)
+        return 1
+    except requests.RequestException as exc:
+        print(
+            f"fhir-kat: the demo service stopped answering ({type(exc).__name__})",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        session.close()
+        server.shutdown()
+        thread.join(timeout=10)
+        app.extensions["fhir_kat"].export.shutdown()
+        app.extensions["fhir_kat"].store.dispose()
+
+
+def _run_demo(
+    session: Any,
+    base: str,
+    program: Any,
+    data_dir: Path,
+    chart: str | None,
+    outcome_table: Callable[..., str],
+    outcome_chart_svg: Callable[..., str],
+    authorize: Callable[[bool], None],
+) -> int:
+    import json
+
+    from fhir_kat.instruments.definitions import load_catalogue
+
+    artifacts = list(program.artifacts())
+    progress = Progress(len(artifacts), "sending artifacts")
+    patient_ids: dict[str, str] = {}  # PHN -> Patient id, from each referral's response
+    for artifact in artifacts:
+        url = f"{base}/api/v1/{artifact.kind}"
+        response = session.post(url, json=artifact.payload, timeout=60)
+        if response.status_code == 401:  # the token expired (they live 300 s): a new one
+            authorize(True)
+            response = session.post(url, json=artifact.payload, timeout=60)
+        if response.status_code not in (200, 201):
+            progress.finish()
+            print(f"{artifact.name}: HTTP {response.status_code}", file=sys.stderr)
+            print(response.text[:2000], file=sys.stderr)
+            return 1
+        if artifact.kind == "referrals":
+            for entry in response.json().get("entry", []):
+                location = entry.get("response", {}).get("location", "")
+                if location.startswith("Patient/"):
+                    patient_ids[artifact.payload["patient"]["phn"]] = location.split("/")[1]
+        progress.advance(note=artifact.kind)
+    progress.finish()
+
+    cohorts: dict[int, list[str]] = {}
+    for p in program.participants:
+        if p.phn in patient_ids:
+            cohorts.setdefault(p.cohort, []).append(patient_ids[p.phn])
+    for number, members in sorted(cohorts.items()):
+        group = {
+            "resourceType": "Group",
+            "id": f"demo-cohort-{number}",
+            "type": "person",
+            "actual": True,
+            "name": f"Synthetic cohort {number}",
+            "quantity": len(members),
+            "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in members],
+        }
+        r = session.put(
+            f"{base}/fhir/Group/demo-cohort-{number}",
+            data=json.dumps(group),
+            headers={"Content-Type": "application/fhir+json"},
+            timeout=60,
+        )
+        if r.status_code not in (200, 201):
+            print(f"Group for cohort {number}: HTTP {r.status_code}", file=sys.stderr)
+            return 1
+
+    print(_fhir_summary(session, base), file=sys.stderr)
+    start, end = program.period()
+    catalogue = load_catalogue({})
+    sections = [("all cohorts", None)] + [
+        (f"cohort {n}", f"Group/demo-cohort-{n}") for n in sorted(cohorts)
+    ]
+    overall: list[Any] = []
+    counts = program.counts()
+    print(
+        f"Synthetic program: {len(program.participants)} participants "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}), "
+        f"{len(artifacts)} artifacts sent, period {start} to {end}"
+    )
+    for title, subject in sections:
+        params = {"periodStart": start, "periodEnd": end}
+        if subject:
+            params["subject"] = subject
+        r = session.get(
+            f"{base}/fhir/Measure/kat-program-outcomes/$evaluate-measure",
+            params=params,
+            timeout=60,
+        )
+        if r.status_code != 200:
+            print(f"$evaluate-measure ({title}): HTTP {r.status_code}", file=sys.stderr)
+            return 1
+        results = results_from_report(r.json(), catalogue)
+        if subject is None:
+            overall = results
+        print(f"\n{title}\n{outcome_table(results)}")
+    path = Path(chart) if chart else data_dir / "outcomes.svg"
+    path.write_text(
+        outcome_chart_svg(
+            overall, f"Synthetic program: mean scores before and after ({start} to {end})"
+        ),
+        encoding="utf-8",
+    )
+    print(f"\nchart: {path}")
+    return 0
+
+
+#: What the demo counts in the FHIR store afterwards (type, status filter or None).
+_SUMMARY = (
+    ("Patient", None),
+    ("Task", "requested"),
+    ("Task", "accepted"),
+    ("Task", "on-hold"),
+    ("Task", "rejected"),
+    ("Task", "in-progress"),
+    ("QuestionnaireResponse", None),
+    ("Observation", None),
+    ("MedicationAdministration", None),
+    ("AdverseEvent", None),
+    ("Flag", "active"),
+)
+
+
+def _fhir_summary(session: Any, base: str) -> str:
+    """What the artifacts became, counted with FHIR searches (``_summary=count``)."""
+    parts = []
+    for rtype, status in _SUMMARY:
+        params = {"_summary": "count"}
+        if status:
+            params["status"] = status
+        r = session.get(f"{base}/fhir/{rtype}", params=params, timeout=60)
+        total = r.json().get("total", "?") if r.status_code == 200 else f"HTTP {r.status_code}"
+        label = f"{rtype} {status}" if status else rtype
+        parts.append(f"{label}: {total}")
+    return "FHIR resources: " + ", ".join(parts)
+
+
+def results_from_report(report: Any, catalogue: Any) -> list[Any]:
+    """The MeasureReport of $evaluate-measure back as ``GroupResult``s (for the table and
+    the chart), matched to the catalogue's instruments by panel code."""
+    from fhir_kat.instruments.outcomes import GroupResult
+
+    by_panel = {(i.panel["system"], i.panel["code"]): i for i in catalogue.instruments.values()}
+    out = []
+    for group in report.get("group", []):
+        coding = group["code"]["coding"][0]
+        instrument = by_panel[(coding["system"], coding["code"])]
+        counts = {
+            p["code"]["coding"][0]["code"]: int(p.get("count", 0))
+            for p in group.get("population", [])
+        }
+        means = {
+            e["url"].rsplit("/", 1)[-1]: float(e["valueQuantity"]["value"])
+            for e in group.get("extension", [])
+        }
+        out.append(
+            GroupResult(
+                instrument,
+                counts.get("initial-population", 0),
+                counts.get("denominator", 0),
+                counts.get("numerator", 0),
+                means.get("mean-baseline"),
+                means.get("mean-post"),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- sandbox-check
+
+
+def _sandbox_check(args: argparse.Namespace) -> int:
+    from fhir_kat.exchange.partners import load_partners
+    from fhir_kat.exchange.sandbox import check_partner
+
+    partners = load_partners(load_settings())  # SettingsError → 2 in main
+    partner = partners.get(args.partner)
+    if partner is None:
+        known = ", ".join(sorted(partners)) or "none (set FHIR_KAT_CONFIG to a TOML file)"
+        print(f"fhir-kat: no partner {args.partner!r}; configured: {known}", file=sys.stderr)
+        return 2
+    print(f"checking {partner.name} at {partner.base_url} ...", file=sys.stderr)
+    report = check_partner(partner)
+    width = max((len(c.name) for c in report.checks), default=10)
+    print(f"sandbox-check {partner.name} ({partner.base_url})")
+    for check in report.checks:
+        print(f"  {check.outcome.upper():<5} {check.name:<{width}}  {check.detail}")
+    failed = sum(c.outcome == "fail" for c in report.checks)
+    warned = sum(c.outcome in ("warn", "skip") for c in report.checks)
+    verdict = "PASS" if report.passed else "FAIL"
+    print(f"{verdict}: {len(report.checks)} checks, {failed} failed, {warned} warnings")
+    if report.unreachable:
+        return 3
+    return 0 if report.passed else 1
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def _export(args: argparse.Namespace) -> int:
+    import os
+
+    import requests
+
+    from fhir_kat.exchange.bulk import BulkClient, BulkError, Downloaded, Unreachable
+
+    base = (args.url or os.environ.get("FHIR_KAT_URL") or "http://127.0.0.1:8080/fhir").rstrip("/")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"fhir-kat: {out} exists and is not empty", file=sys.stderr)
+        return 2
+    try:
+        client_id, secret = _client_credentials(args)
+    except ValueError as exc:
+        print(f"fhir-kat: {exc}", file=sys.stderr)
+        return 2
+    session = requests.Session()
+    try:
+        token_url = args.token_url or _discover_token_url(session, base)
+        tokens = _TokenCache(session, token_url, client_id, secret)
+        client = BulkClient(base, tokens, session=session)
+        types = [t for group in args.type for t in group.split(",") if t]
+        status_url = client.kick_off(
+            types=types, since=args.since, type_filters=args.type_filter, group=args.group
+        )
+        progress = Progress(0, "export")
+        progress.status("started")
+        manifest = client.wait(status_url, on_progress=progress.status, budget_seconds=args.timeout)
+        progress.status("complete")
+        progress.finish()
+        files = Progress(len(manifest.get("output") or []), "downloading")
+
+        def shown(done: Downloaded) -> None:
+            files.advance(note=done.path.name)
+
+        result = client.download(manifest, out, on_file=shown)
+        files.finish()
+    except PermissionError as exc:
+        print(f"fhir-kat: {exc}", file=sys.stderr)
+        return 2
+    except Unreachable as exc:
+        print(f"fhir-kat: cannot reach the service ({exc})", file=sys.stderr)
+        return 3
+    except BulkError as exc:
+        print(f"fhir-kat: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        session.close()
+    for f in result.files:
+        print(f"{f.type}\t{f.lines}\t{f.path}")
+    for f in result.errors:
+        print(f"errors\t{f.lines}\t{f.path}")
+    total = sum(f.lines for f in result.files)
+    print(f"exported {total} resources in {len(result.files)} files to {out}", file=sys.stderr)
+    return 1 if result.errors else 0
+
+
+class _TokenCache:
+    """Client-credentials tokens for the export client: one at a time, renewed on request."""
+
+    def __init__(self, session: Any, token_url: str, client_id: str, secret: str) -> None:
+        self.session, self.token_url = session, token_url
+        self.client_id, self._secret = client_id, secret
+        self._token: str | None = None
+
+    def __call__(self, renew: bool) -> str:
+        if self._token is None or renew:
+            self._token = _client_credentials_token(
+                self.session, self.token_url, self.client_id, self._secret
+            )
+        return self._token
+
+
+def _discover_token_url(session: Any, base: str) -> str:
+    """The token endpoint from SMART discovery, or ``<origin>/auth/token`` (fhir_kat's own)."""
+    import requests
+
+    from fhir_kat.exchange.bulk import Unreachable
+
+    try:
+        r = session.get(f"{base}/.well-known/smart-configuration", timeout=30)
+    except requests.RequestException as exc:
+        raise Unreachable(type(exc).__name__) from None
+    if r.status_code == 200:
+        try:
+            url = r.json().get("token_endpoint")
+        except ValueError:
+            url = None
+        if isinstance(url, str) and url:
+            return url
+    return base.rsplit("/fhir", 1)[0] + "/auth/token"
+
+
+def _client_credentials(args: argparse.Namespace) -> tuple[str, str]:
+    """Client id and secret from arguments, files and environment — never a literal secret."""
+    import os
+
+    client_id = args.client_id or os.environ.get("FHIR_KAT_CLIENT_ID", "")
+    if not client_id:
+        raise ValueError("give --client-id or FHIR_KAT_CLIENT_ID")
+    secret_file = args.client_secret_file or os.environ.get("FHIR_KAT_CLIENT_SECRET_FILE")
+    if secret_file:
+        try:
+            return client_id, _credential_from_file(Path(secret_file), client_id)
+        except OSError as exc:
+            raise ValueError(f"cannot read {secret_file} ({exc.strerror})") from None
+    secret = os.environ.get("FHIR_KAT_CLIENT_SECRET", "")
+    if not secret:
+        raise ValueError(
+            "give the secret in --client-secret-file, FHIR_KAT_CLIENT_SECRET_FILE or "
+            "FHIR_KAT_CLIENT_SECRET"
+        )
+    return client_id, secret
+
+
+# ---------------------------------------------------------------------------- credentials
+
+
+def _credential_from_file(path: Path, client_id: str) -> str:
+    """A secret from a file: either ``fhir-kat serve``'s ``local-credentials.txt`` (lines of
+    ``client_id secret``) or a file holding only the secret."""
+    text = path.read_text(encoding="utf-8")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    for line in lines:
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == client_id:
+            return parts[1]
+    if len(lines) == 1 and len(lines[0].split()) == 1:
+        return lines[0]
+    raise ValueError(f"no secret for {client_id} in {path}")
+
+
+def _client_credentials_token(session: Any, token_url: str, client_id: str, secret: str) -> str:
+    """An access token by OAuth client credentials (client_secret_basic)."""
+    r = session.post(
+        token_url,
+        data={"grant_type": "client_credentials"},
+        auth=(client_id, secret),
+        headers={"Accept": "application/json"},
+        timeout=30,
+    )
+    if r.status_code != 200:
+        error = ""
+        with contextlib.suppress(ValueError):
+            error = str(r.json().get("error", ""))[:64]
+        raise PermissionError(f"token endpoint refused ({r.status_code} {error})".strip())
+    token: str = r.json()["access_token"]
+    return token
+
+
 def _now() -> Any:
     from datetime import UTC, datetime
 
@@ -269,6 +879,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"fhir-kat: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fhir-kat: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

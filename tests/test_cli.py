@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import xml.etree.ElementTree as ET
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,124 @@ def test_map_command(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None
     assert main(["map", "consents", str(bad)]) == 1
     assert "OperationOutcome" in capsys.readouterr().err
     assert main(["map", "unicorns", str(bad)]) == 2
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.json"))}
+
+
+def test_generate_writes_byte_identical_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["generate", "--participants", "9", "--seed", "5", "--out"]
+    assert main([*args, str(tmp_path / "a")]) == 0
+    assert main([*args, str(tmp_path / "b")]) == 0
+    first, second = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert first == second and len(first) > 9 * 5
+    manifest = json.loads(first["manifest.json"])
+    assert manifest["participants"] == 9 and set(manifest["cohorts"]) == {"1", "2", "3"}
+    assert manifest["send_order"][0]["kind"] == "referrals"
+    assert all((tmp_path / "a" / e["file"]).exists() for e in manifest["send_order"])
+    assert "wrote" in capsys.readouterr().out
+    # A folder in the way is a usage error, unless --force.
+    assert main([*args, str(tmp_path / "a")]) == 2
+    assert main([*args, str(tmp_path / "a"), "--force"]) == 0
+    assert _tree(tmp_path / "a") == second
+    assert main(["generate", "--participants", "0", "--out", str(tmp_path / "c")]) == 2
+
+
+def test_demo_runs_a_program_through_the_http_api(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fhir_kat.instruments.chart import outcome_table
+    from fhir_kat.instruments.definitions import load_catalogue
+    from fhir_kat.services.outcomes import OutcomeService
+    from fhir_kat.store import Store
+
+    # The demo ignores the environment's database: it must never write to a configured one.
+    monkeypatch.setenv("FHIR_KAT_DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/x")
+    data_dir = tmp_path / "demo"
+    chart = tmp_path / "chart.svg"
+    code = main(
+        [
+            "demo",
+            "--participants",
+            "4",
+            "--seed",
+            "2",
+            "--data-dir",
+            str(data_dir),
+            "--chart",
+            str(chart),
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "sending artifacts" in out.err and "all cohorts" in out.out
+    assert "FHIR resources: Patient: 4," in out.err  # one Patient per referral, via search
+    assert ET.fromstring(chart.read_text()).tag.endswith("svg")  # noqa: S314 (our own output)
+    # The table printed from $evaluate-measure over HTTP equals the service's own arithmetic
+    # over the demo's database.
+    first_line = out.out.splitlines()[0]
+    period = first_line.rsplit("period ", 1)[1].split(" to ")
+    store = Store(f"sqlite:///{data_dir / 'fhir_kat.sqlite3'}")
+    try:
+        results = OutcomeService(store, load_catalogue({}), datetime.now).results(
+            period[0], period[1], None
+        )
+    finally:
+        store.dispose()
+    assert outcome_table(results) in out.out
+    assert sum(r.initial_population for r in results) > 0
+    # A second run on the same folder is refused instead of mixing two programs.
+    assert main(["demo", "--participants", "3", "--data-dir", str(data_dir)]) == 2
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_is_a_bar_on_a_terminal_and_tenths_otherwise() -> None:
+    from fhir_kat.cli import Progress
+
+    bar = _Stream(tty=True)
+    progress = Progress(4, "sending", bar)
+    for _ in range(4):
+        progress.advance(note="referrals")
+    progress.finish()
+    assert bar.getvalue().count("\r") == 4
+    assert "[" + "#" * 30 + "] 4/4 referrals\n" in bar.getvalue()
+
+    log = _Stream(tty=False)
+    progress = Progress(100, "sending", log)
+    for _ in range(100):
+        progress.advance()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 11 and lines[-1] == "sending: 100/100"  # 1, 10, 20, … 100
+    assert "\r" not in log.getvalue()
+
+
+def test_demo_renews_an_expired_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A long demo outlives its 300 s token: a 401 gets a new token and the same request again.
+    Played here by handing out an unusable token first."""
+    from fhir_kat import cli
+
+    real = cli._TokenCache.__call__
+    handed: list[bool] = []
+
+    def first_one_stale(self: cli._TokenCache, renew: bool) -> str:
+        handed.append(renew)
+        return "stale" if len(handed) == 1 else real(self, renew)
+
+    monkeypatch.setattr(cli._TokenCache, "__call__", first_one_stale)
+    assert main(["demo", "--participants", "1", "--data-dir", str(tmp_path / "d")]) == 0, (
+        capsys.readouterr().err
+    )
+    assert handed[:2] == [False, True]

@@ -30,6 +30,7 @@ LAYERS = {
     "settings": 0,
     "logging": 0,
     "wsgi": 8,
+    "synthetic": 2,
 }
 PURE = {
     "mapping",
@@ -41,6 +42,7 @@ PURE = {
     "errors",
     "workflow",
     "instruments",
+    "synthetic",
 }
 FORBIDDEN_IN_PURE = {"flask", "requests", "sqlalchemy", "fhir_kat.store", "fhir_kat.api"}
 
