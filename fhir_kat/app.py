@@ -29,6 +29,7 @@ from fhir_kat.services.delivery import queue_artifact
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.services.instruments import InstrumentService
+from fhir_kat.services.messaging import MessagingService
 from fhir_kat.services.outcomes import OutcomeService
 from fhir_kat.services.referrals import ReferralWorkflow, task_transition_rule
 from fhir_kat.settings import Settings, load_settings
@@ -125,6 +126,7 @@ def create_app(
         instruments=instruments,
         partners=partners,
         capability_security=_capability_security(),
+        extras={"messaging": MessagingService(fhir, now)},
     )
 
     from fhir_kat.api import auth
@@ -135,12 +137,14 @@ def create_app(
     from fhir_kat.api.health import bp as health_bp
     from fhir_kat.api.instruments import bp as instruments_bp
     from fhir_kat.api.measure import bp as measure_bp
+    from fhir_kat.api.messaging import bp as messaging_bp
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(export_bp)
     app.register_blueprint(artifacts_bp)
     app.register_blueprint(deliveries_bp)
     app.register_blueprint(measure_bp)
+    app.register_blueprint(messaging_bp)
     app.register_blueprint(instruments_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)

@@ -270,6 +270,17 @@ class ReferralWorkflow:
                 )
 
 
+def tasks_for_referral(tx: Tx, sr_id: str) -> list[StoredResource]:
+    """The referral Tasks whose focus is ``ServiceRequest/<sr_id>``."""
+    query = SearchQuery(
+        "Task",
+        criteria=(Criterion("focus", "reference", "", (("ServiceRequest", sr_id),), ""),),
+        count=50,
+    )
+    rows, _, _ = tx.search(query)
+    return [r for r in rows if is_referral_task(r.json()) and not r.deleted]
+
+
 def keep_workflow_state(current: dict[str, Any], mapped: dict[str, Any]) -> dict[str, Any]:
     """A re-sent referral must not reset its Task's workflow: status, businessStatus,
     statusReason and output belong to the workflow, not to the artifact."""
