@@ -27,6 +27,7 @@ from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
 from fhir_kat.services.delivery import queue_artifact
 from fhir_kat.services.export import ExportService
+from fhir_kat.services.feedback import ReferrerFeedback
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.services.instruments import InstrumentService
 from fhir_kat.services.messaging import MessagingService
@@ -96,6 +97,9 @@ def create_app(
     outcomes = OutcomeService(store, catalogue, now)
     outcomes.install_measure()
     fhir.write_hooks.append(ReferralWorkflow(fhir).on_write)
+    consent = ConsentDecisionPoint()
+    feedback = ReferrerFeedback(fhir, partners, consent, catalogue, now)
+    fhir.write_hooks.append(feedback.on_write)
     instruments = InstrumentService(fhir, outcomes.catalogue, all_questionnaires(), now)
     fhir.write_rules.append(instruments.check_rule)
     fhir.write_hooks.append(instruments.on_write)
@@ -116,7 +120,7 @@ def create_app(
         clock=now,
         clients=clients,
         tokens=tokens,
-        consent=ConsentDecisionPoint(),
+        consent=consent,
         rate_limiter=RateLimiter(settings.rate_limit_per_minute),
         export=ExportService(
             store, Path(settings.export_dir or settings.data_dir / "exports"), now
@@ -126,13 +130,14 @@ def create_app(
         instruments=instruments,
         partners=partners,
         capability_security=_capability_security(),
-        extras={"messaging": MessagingService(fhir, now)},
+        extras={"messaging": MessagingService(fhir, now), "feedback": feedback},
     )
 
     from fhir_kat.api import auth
     from fhir_kat.api.artifacts import bp as artifacts_bp
     from fhir_kat.api.deliveries import bp as deliveries_bp
     from fhir_kat.api.export import bp as export_bp
+    from fhir_kat.api.feedback import bp as feedback_bp
     from fhir_kat.api.fhir import bp as fhir_bp
     from fhir_kat.api.health import bp as health_bp
     from fhir_kat.api.instruments import bp as instruments_bp
@@ -145,6 +150,7 @@ def create_app(
     app.register_blueprint(deliveries_bp)
     app.register_blueprint(measure_bp)
     app.register_blueprint(messaging_bp)
+    app.register_blueprint(feedback_bp)
     app.register_blueprint(instruments_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)
