@@ -225,3 +225,34 @@ def test_capability_statement_advertises_messaging(client: FlaskClient) -> None:
     names = [o["name"] for o in cap["rest"][0]["operation"]]
     assert "process-message" in names
     assert cap["messaging"][0]["endpoint"][0]["address"].endswith("/fhir/$process-message")
+
+
+def test_another_referrer_cannot_overwrite_a_referral(app: Flask) -> None:
+    staff = client_as(app, "staff")
+    first = as_message(transform(staff, referral()))
+    assert process(client_as(app, "referrer"), first).status_code == 200
+    before = task_of(staff, "R-7781")
+    hijack = as_message(
+        transform(staff, referral({"prior_treatment_failure": False})),
+        event="notify-update-service-request",
+    )
+    r = process(client_as(app, "other-referrer"), hijack)
+    assert r.status_code == 403 and r.get_json()["resourceType"] == "OperationOutcome"
+    assert task_of(staff, "R-7781") == before
+
+
+def test_a_message_whose_focus_is_a_task(app: Flask) -> None:
+    staff = client_as(app, "staff")
+    native = referral()
+    bundle = staff.post(
+        "/api/v1/referrals/$transform", data=json.dumps(native), content_type="application/json"
+    ).get_json()
+    bundle["entry"] = [e for e in bundle["entry"] if e["resource"]["resourceType"] != "Provenance"]
+    message = as_message(bundle)
+    task = next(e for e in message["entry"] if e["resource"]["resourceType"] == "Task")
+    message["entry"][0]["resource"]["focus"] = [{"reference": task["fullUrl"]}]
+    answer = process(client_as(app, "referrer"), message).get_json()
+    header = answer["entry"][0]["resource"]
+    assert header["response"]["code"] == "ok", answer
+    assert answer["entry"][1]["resource"]["status"] == "accepted"
+    assert staff.get("/fhir/Task").get_json()["total"] == 1

@@ -32,7 +32,7 @@ from sqlalchemy import Column, DateTime, String, Table, Text, insert, select
 
 from fhir_kat.errors import BadRequest, Conflict, FhirError, Forbidden, Issue, issue
 from fhir_kat.search import Criterion, SearchQuery, iter_references
-from fhir_kat.services.access import Access
+from fhir_kat.services.access import REFERRER_OWNED, Access
 from fhir_kat.services.fhir_rest import FhirService, require_access
 from fhir_kat.services.referrals import keep_workflow_state, tasks_for_referral
 from fhir_kat.store import Tx
@@ -147,7 +147,18 @@ class MessagingService:
                 require_access(access, str(rtype), "update", where)
             except Forbidden as exc:
                 raise Forbidden(exc.issues, headers=exc.headers) from None
-            local = f"{rtype}/{self._local_id(tx, resource, header, entry)}"
+            local_id = self._local_id(tx, resource, header, entry)
+            current = tx.get(str(rtype), local_id)
+            if (
+                access is not None
+                and rtype in REFERRER_OWNED
+                and current is not None
+                and not current.deleted
+                and not access.may_see(tx, current)
+            ):
+                # The same referrer identifier, but another sender's referral: never overwrite it.
+                raise Forbidden(issue("forbidden", f"{rtype} belongs to another sender", where))
+            local = f"{rtype}/{local_id}"
             for spelling in _spellings(entry, resource):
                 ids[spelling] = local
             planned.append((index, resource, local.split("/", 1)[1]))
