@@ -25,6 +25,7 @@ from typing import Any
 
 from fhir_kat.errors import Forbidden, NotFound, issue
 from fhir_kat.exchange import PartnerConfig
+from fhir_kat.exchange.partners import REFERRAL_STATUS
 from fhir_kat.exchange.routing import enqueue_referral_status, referrer_partners
 from fhir_kat.instruments.definitions import Catalogue
 from fhir_kat.search import Criterion, SearchQuery, iter_references, split_reference
@@ -74,6 +75,8 @@ class ReferrerFeedback:
         self.consent = consent
         self.catalogue = catalogue
         self.clock = clock
+        #: Any referrer endpoint configured at all? (Spares the look-ups on every Task write.)
+        self.pushing = any(REFERRAL_STATUS in (p.artifact_kinds or ()) for p in partners.values())
 
     # ------------------------------------------------------------------ hook
 
@@ -86,7 +89,9 @@ class ReferrerFeedback:
         before = tx.vread("Task", stored.id, stored.version_id - 1) if not created else None
         old = before.json() if before is not None and not before.deleted else {}
         status_changed = old.get("status") != task.get("status")
-        if status_changed or old.get("businessStatus") != task.get("businessStatus"):
+        if self.pushing and (
+            status_changed or old.get("businessStatus") != task.get("businessStatus")
+        ):
             orgs = referrer_organizations(tx, task)
             if referrer_partners(self.partners, orgs):
                 enqueue_referral_status(tx, self.partners, task, orgs, stored.patient_id)
@@ -177,7 +182,7 @@ class ReferrerFeedback:
             }
         ]
         self.fhir.update_in(tx, task)
-        orgs = referrer_organizations(tx, task)
+        orgs = referrer_organizations(tx, task) if self.pushing else set()
         if referrer_partners(self.partners, orgs):
             enqueue_referral_status(
                 tx,
