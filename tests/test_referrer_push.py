@@ -297,3 +297,66 @@ def test_every_status_change_reaches_the_referrer_in_order(
     assert r.status_code == 200, r.get_json()
     assert r.get_json()["entry"][0]["resource"]["id"] == ref.split("/")[1]
     assert client_as(kat, "other-referrer").get(f"/fhir/{ref}/$document").status_code == 403
+
+
+def test_consent_withdrawn_before_sending_blocks_the_document_not_the_status(
+    kat: Flask, emr: Emr
+) -> None:
+    staff = client_as(kat, "staff")
+    post(staff, "referrals", example("referrals"))
+    system, value = CLINIC_ORG.split("|")
+    post(
+        staff,
+        "consents",
+        example("consents")
+        | {
+            "source_id": "CONSENT-REFERRER",
+            "kind": "share-referrer",
+            "permitted_party": {"name": "Clinic", "identifier": {"system": system, "value": value}},
+            "purposes": ["TREAT"],
+        },
+    )
+    screening = example("screenings")
+    post(staff, "screenings", screening)
+    for step in ("psychiatrist-clearance", "contraindication-check"):
+        post(staff, "screenings", copy.deepcopy(screening) | {"step": step, "source_id": step})
+    post(staff, "medication-administrations", example("medication-administrations"))
+    done = task(staff) | {
+        "status": "completed",
+        "businessStatus": {
+            "coding": [
+                {
+                    "system": "https://fhir-kat.example.org/fhir/CodeSystem/kat-referral-status",
+                    "code": "program-completed",
+                }
+            ]
+        },
+    }
+    assert put_task(staff, done).status_code == 200
+    assert "output" in task(staff)  # consent permitted at completion: the document exists
+    # A refused move queues nothing (nothing half-stored).
+    admin = client_as(kat, "admin")
+    queued = len(admin.get("/api/v1/deliveries").get_json()["deliveries"])
+    assert put_task(staff, task(staff) | {"status": "in-progress"}).status_code == 409
+    assert len(admin.get("/api/v1/deliveries").get_json()["deliveries"]) == queued
+    # The participant withdraws the consent before the worker runs.
+    for entry in staff.get("/fhir/Consent").get_json()["entry"]:
+        body = {k: v for k, v in entry["resource"].items() if k != "meta"}
+        r = staff.put(
+            f"/fhir/Consent/{body['id']}",
+            data=json.dumps(body | {"status": "inactive"}),
+            content_type="application/fhir+json",
+        )
+        assert r.status_code == 200
+    report = run_worker(kat)
+    assert report["blocked"] == 1
+    assert [t["status"] for t in emr.tasks()][-1] == "completed"
+    assert all("output" not in t for t in emr.tasks())
+    assert not any(
+        e["resource"]["resourceType"] == "Bundle" for b in emr.received for e in b["entry"]
+    )
+    statuses = sorted(d["status"] for d in admin.get("/api/v1/deliveries").get_json()["deliveries"])
+    assert statuses.count("blocked-consent") == 1 and set(statuses) == {
+        "delivered",
+        "blocked-consent",
+    }

@@ -31,4 +31,7 @@ def process_message() -> Response:
         resource = entry.get("resource", {})
         if resource.get("resourceType") == "Task":
             record.entities.append(f"Task/{resource['id']}")
+            subject = resource.get("for", {}).get("reference", "")
+            if subject.startswith("Patient/"):
+                record.patients.add(subject.split("/", 1)[1])
     return json_response(json.dumps(result.response, separators=(",", ":")))
