@@ -143,10 +143,7 @@ class MessagingService:
                     issue("not-supported", f"resource type {rtype} is not supported", where)
                 )
                 continue
-            try:
-                require_access(access, str(rtype), "update", where)
-            except Forbidden as exc:
-                raise Forbidden(exc.issues, headers=exc.headers) from None
+            require_access(access, str(rtype), "update", where)
             local_id = self._local_id(tx, resource, header, entry)
             current = tx.get(str(rtype), local_id)
             if (
