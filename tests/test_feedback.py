@@ -287,3 +287,34 @@ def test_a_referral_status_partner_must_name_the_referrer() -> None:
         }
     )
     assert parsed["emr"].wants("referral-status")
+
+
+def end(c: FlaskClient, task_id: str, body: dict[str, Any]) -> Any:
+    return c.post(
+        f"/api/v1/referrals/{task_id}/$end", data=json.dumps(body), content_type="application/json"
+    )
+
+
+def test_the_native_program_end_endpoint(app: Flask) -> None:
+    staff = client_as(app, "staff")
+    t = participating(staff)
+    share_with_referrer(staff)
+    for body, code in [
+        ({"outcome": "finished"}, 400),
+        ({"outcome": "cancelled"}, 422),  # a cancellation needs its reason
+        ({"outcome": "completed", "colour": "blue"}, 400),
+    ]:
+        r = end(staff, t["id"], body)
+        assert r.status_code == code, r.get_json()
+        assert r.get_json()["resourceType"] == "OperationOutcome"
+    assert end(staff, "no-such-task", {"outcome": "completed"}).status_code == 404
+    assert end(client_as(app, "referrer"), t["id"], {"outcome": "completed"}).status_code == 403
+    assert task(staff)["status"] == "in-progress"
+    r = end(staff, t["id"], {"outcome": "completed", "reason": "Finished all 12 weeks"})
+    assert r.status_code == 200, r.get_json()
+    done = task(staff)
+    assert done["status"] == "completed"
+    assert done["businessStatus"]["coding"][0]["code"] == "program-completed"
+    assert done["statusReason"]["text"] == "Finished all 12 weeks"
+    assert done["output"][0]["valueReference"]["reference"].startswith("Composition/")
+    assert end(staff, t["id"], {"outcome": "failed", "reason": "x"}).status_code == 409
