@@ -27,8 +27,10 @@ from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
 from fhir_kat.services.delivery import queue_artifact, requeue_on_consent
 from fhir_kat.services.export import ExportService
+from fhir_kat.services.feedback import ReferrerFeedback
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.services.instruments import InstrumentService
+from fhir_kat.services.messaging import MessagingService
 from fhir_kat.services.outcomes import OutcomeService
 from fhir_kat.services.referrals import ReferralWorkflow, task_transition_rule
 from fhir_kat.services.subscriptions import SubscriptionService
@@ -96,6 +98,9 @@ def create_app(
     outcomes = OutcomeService(store, catalogue, now)
     outcomes.install_measure()
     fhir.write_hooks.append(ReferralWorkflow(fhir).on_write)
+    consent = ConsentDecisionPoint()
+    feedback = ReferrerFeedback(fhir, partners, consent, catalogue, now)
+    fhir.write_hooks.append(feedback.on_write)
     instruments = InstrumentService(fhir, outcomes.catalogue, all_questionnaires(), now)
     fhir.write_rules.append(instruments.check_rule)
     fhir.write_hooks.append(instruments.on_write)
@@ -133,17 +138,23 @@ def create_app(
         instruments=instruments,
         partners=partners,
         capability_security=_capability_security(),
-        extras={"subscriptions": subscriptions},
+        extras={
+            "subscriptions": subscriptions,
+            "messaging": MessagingService(fhir, now),
+            "feedback": feedback,
+        },
     )
 
     from fhir_kat.api import auth
     from fhir_kat.api.artifacts import bp as artifacts_bp
     from fhir_kat.api.deliveries import bp as deliveries_bp
     from fhir_kat.api.export import bp as export_bp
+    from fhir_kat.api.feedback import bp as feedback_bp
     from fhir_kat.api.fhir import bp as fhir_bp
     from fhir_kat.api.health import bp as health_bp
     from fhir_kat.api.instruments import bp as instruments_bp
     from fhir_kat.api.measure import bp as measure_bp
+    from fhir_kat.api.messaging import bp as messaging_bp
     from fhir_kat.api.openapi import bp as openapi_bp
 
     app.register_blueprint(auth.bp)
@@ -152,6 +163,8 @@ def create_app(
     app.register_blueprint(deliveries_bp)
     app.register_blueprint(openapi_bp)
     app.register_blueprint(measure_bp)
+    app.register_blueprint(messaging_bp)
+    app.register_blueprint(feedback_bp)
     app.register_blueprint(instruments_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)

@@ -225,6 +225,81 @@ def for_partner(
     )
 
 
+#: Task references the referrer's EMR holds already (it sent them): sent as conditional
+#: references. Every other reference travels as a logical one (Reference.identifier), since our
+#: ids mean nothing at the referrer and it need not hold our Organizations or staff.
+REFERRER_HELD = ("for", "focus", "basedOn")
+
+
+def task_update_transaction(
+    task: Mapping[str, Any],
+    resolve: Resolve,
+    document: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A transaction that updates the referral Task at the referrer's EMR, conditionally on
+    the referrer's identifier (``PUT Task?identifier=<system>|<value>``; FHIR R4 conditional
+    update: creates it when the EMR has none, updates it when it has one, 412 when several).
+
+    ``document`` (a ``document`` Bundle with an identifier) is sent first, as a conditional
+    create, and ``Task.output`` points at it; without it ``Task.output`` is left out, so the
+    referrer sees the status alone. Raises ``Unprocessable`` when the Task has no identifier.
+    """
+    query = identifier_query(task)
+    if query is None:
+        raise Unprocessable(
+            issue("required", "a referral Task needs the referrer's identifier", "Task.identifier")
+        )
+    body = copy.deepcopy(dict(task))
+    for key in ("id", "meta", "output", "text", "contained"):
+        body.pop(key, None)
+    for key, value in list(body.items()):
+        if key in ("identifier", "code", "businessStatus", "statusReason"):
+            continue
+        for ref in list(_references(value)):
+            target = ref["reference"]
+            if key in REFERRER_HELD:
+                conditional = _conditional_reference(target, resolve, None)
+                if conditional is not None:
+                    ref["reference"] = conditional
+                    continue
+            parts = target.split("/")
+            stored = resolve(parts[0], parts[1]) if len(parts) == 2 else None
+            ident = next(iter(_identifiers(stored)), None) if stored is not None else None
+            ref.pop("reference")
+            if ident is not None and ident.get("system") and ident.get("value"):
+                ref["identifier"] = {"system": ident["system"], "value": ident["value"]}
+            elif "display" not in ref:
+                ref["display"] = parts[0]  # the kind of party; its id means nothing there
+    entries: list[dict[str, Any]] = []
+    if document is not None:
+        doc_query = identifier_query(document)
+        if doc_query is None:
+            raise Unprocessable(issue("required", "a document needs an identifier", "Bundle"))
+        doc_url = f"urn:uuid:{uuid.uuid5(FULLURL_NAMESPACE, doc_query)}"
+        doc = {k: v for k, v in document.items() if k not in ("id", "meta")}
+        entries.append(
+            {
+                "fullUrl": doc_url,
+                "resource": doc,
+                "request": {"method": "POST", "url": "Bundle", "ifNoneExist": doc_query},
+            }
+        )
+        body["output"] = [
+            {
+                "type": {"text": "Program feedback document"},
+                "valueReference": {"reference": doc_url},
+            }
+        ]
+    entries.append(
+        {
+            "fullUrl": full_url_for("Task", str(task.get("id", ""))),
+            "resource": body,
+            "request": {"method": "PUT", "url": f"Task?{query}"},
+        }
+    )
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
 def _conditional_reference(
     reference: str, resolve: Resolve, source_identifier_system: str | None
 ) -> str | None:
@@ -278,5 +353,6 @@ __all__ = [
     "identifier_query",
     "resources_of",
     "search_escape",
+    "task_update_transaction",
     "to_transaction",
 ]

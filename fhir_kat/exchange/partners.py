@@ -64,8 +64,10 @@ _KNOWN_KEYS = {
     "source_identifier_system",
 }
 
-#: What a partner can ask for: the artifact kinds of /api/v1, and safety Flags.
-DELIVERABLE_KINDS = frozenset(KINDS) | {"safety-flags"}
+#: What a partner can ask for: the artifact kinds of /api/v1, safety Flags, and the status of
+#: the referrals its organisation sent (a referrer's EMR; ``organization`` names the referrer).
+REFERRAL_STATUS = "referral-status"
+DELIVERABLE_KINDS = frozenset(KINDS) | {"safety-flags", REFERRAL_STATUS}
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,8 @@ def _parse_one(
             f"{where}.artifact_kinds: unknown kind {unknown!r} "
             f"(one of {', '.join(sorted(DELIVERABLE_KINDS))})"
         )
+    if artifact_kinds and REFERRAL_STATUS in artifact_kinds and not organization:
+        problems.append(f"{where}.organization: a {REFERRAL_STATUS} partner names the referrer")
     auth = _parse_auth(table, env, base_dir, where, problems)
 
     if len(problems) > before or auth is None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fhir_kat.exchange.bundles import for_partner, resources_of
+from fhir_kat.exchange.bundles import for_partner, resources_of, task_update_transaction
 from fhir_kat.exchange.outbox import enqueue
-from fhir_kat.exchange.partners import PartnerConfig
+from fhir_kat.exchange.partners import REFERRAL_STATUS, PartnerConfig
 from fhir_kat.store import Tx
 
 
@@ -62,4 +62,57 @@ def enqueue_artifact(
     return queued
 
 
-__all__ = ["enqueue_artifact"]
+def referrer_partners(
+    partners: Mapping[str, PartnerConfig], referrer_organizations: set[str]
+) -> list[str]:
+    """The enabled partners that stand for one of these referrer Organizations
+    (``system|value``) and asked for referral status by name (``artifact_kinds``)."""
+    return [
+        name
+        for name in sorted(partners)
+        if partners[name].enabled
+        and partners[name].artifact_kinds is not None
+        and REFERRAL_STATUS in (partners[name].artifact_kinds or ())
+        and partners[name].organization in referrer_organizations
+    ]
+
+
+def enqueue_referral_status(
+    tx: Tx,
+    partners: Mapping[str, PartnerConfig],
+    task: Mapping[str, Any],
+    referrer_organizations: set[str],
+    patient_key: str | None,
+    document: Mapping[str, Any] | None = None,
+    consent_purpose: str | None = None,
+) -> dict[str, int]:
+    """Queue the referral Task's current state for the referrer's registered endpoint(s), in
+    the caller's transaction (``task_update_transaction``); returns ``{partner: delivery id}``.
+
+    The status alone goes without a consent check: the referrer sent the referral and follows
+    it. A ``document`` (clinical content) must come with ``consent_purpose``: the delivery then
+    asks the consent question again at send time, with the partner's Organization as actor.
+    """
+    if document is not None and (consent_purpose is None or patient_key is None):
+        raise ValueError("a feedback document is sent only under a consent check")
+
+    def resolve(rtype: str, rid: str) -> dict[str, Any] | None:
+        stored = tx.get(rtype, rid)
+        return stored.json() if stored is not None and not stored.deleted else None
+
+    queued: dict[str, int] = {}
+    for name in referrer_partners(partners, referrer_organizations):
+        bundle = task_update_transaction(task, resolve, document)
+        check = None
+        if consent_purpose is not None:
+            check = {
+                "patient": patient_key,
+                "partner": name,
+                "actor": partners[name].organization,
+                "purpose": consent_purpose,
+            }
+        queued[name] = enqueue(tx, name, "bundle", bundle, patient_key, check)
+    return queued
+
+
+__all__ = ["enqueue_artifact", "enqueue_referral_status", "referrer_partners"]

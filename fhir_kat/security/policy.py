@@ -50,6 +50,8 @@ FHIR_RULES: dict[str, dict[str, str]] = {
         "Organization": "cu",
         "Endpoint": "cu",
         "Condition": "cu",
+        # A ketamine hypersensitivity travels as an AllergyIntolerance (DOMAIN.md).
+        "AllergyIntolerance": "cu",
         "Consent": "cu",
         "QuestionnaireResponse": "cu",
         "Observation": "cu",

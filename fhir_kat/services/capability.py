@@ -22,6 +22,11 @@ OPERATIONS: tuple[Operation, ...] = (
         "http://hl7.org/fhir/OperationDefinition/Measure-evaluate-measure",
         "Measure",
     ),
+    (
+        "process-message",
+        "http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message",
+        None,
+    ),
 )
 
 
@@ -85,7 +90,7 @@ def capability_statement(
         rest["operation"] = [{"name": n, "definition": d} for n, d, _ in system_ops]
     if security:
         rest["security"] = security
-    return {
+    statement: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": "2026-11-22",
@@ -97,3 +102,22 @@ def capability_statement(
         "format": ["application/fhir+json", "json"],
         "rest": [rest],
     }
+    if any(o[0] == "process-message" for o in operations):
+        statement["messaging"] = [
+            {
+                "endpoint": [
+                    {
+                        "protocol": {
+                            "system": "http://terminology.hl7.org/CodeSystem/message-transport",
+                            "code": "http",
+                        },
+                        "address": f"{base}/$process-message",
+                    }
+                ],
+                "documentation": "Synchronous referral messages (events in "
+                "mappings/workflow/messaging.yaml: add-service-request, "
+                "notify-update-service-request of CodeSystem kat-message-event); re-sent "
+                "messages (same Bundle.id) get the recorded response.",
+            }
+        ]
+    return statement

@@ -31,7 +31,7 @@ from fhir_kat.errors import (
 )
 from fhir_kat.search import SearchQuery, iter_references, parse_search, split_reference
 from fhir_kat.security.policy import role_allows
-from fhir_kat.services.access import Access
+from fhir_kat.services.access import REFERRER_OWNED, Access
 from fhir_kat.services.bundles import RawBundle, RawEntry
 from fhir_kat.store import Store, StoredResource, Tx
 from fhir_kat.store.store import ConcurrentUpdate, format_instant
@@ -395,6 +395,7 @@ class FhirService:
             raise _status_for(problems)(problems)
         expected = parse_etag(if_match) if if_match else None
         with self._write() as tx:
+            _require_owner(tx, access, rtype, rid)
             return self._update(tx, resource, expected, skip_if_unchanged)
 
     def update_in(
@@ -600,6 +601,7 @@ class FhirService:
                 issue("value", "resource id must match request.url", f"{plan.where}.id")
             )
         expected = parse_etag(plan.if_match) if plan.if_match else None
+        _require_owner(tx, access, plan.rtype, plan.rid or "")
         result = self._update(tx, body, expected, skip_if_unchanged=False)
         status = "201 Created" if result.created else "200 OK"
         return {"response": _response_of(result.stored, status, base)}
@@ -741,6 +743,15 @@ def _authorize_entry(access: Access | None, plan: _EntryPlan) -> None:
         "GET": "read" if plan.rid else "search",
     }[plan.method]
     require_access(access, plan.rtype, interaction, f"Bundle.entry[{plan.index}].request")
+
+
+def _require_owner(tx: Tx, access: Access | None, rtype: str, rid: str) -> None:
+    """A referrer may update only the referrals (Task, ServiceRequest) its organisation sent."""
+    if access is None or rtype not in REFERRER_OWNED:
+        return
+    current = tx.get(rtype, rid)
+    if current is not None and not current.deleted and not access.may_see(tx, current):
+        raise Forbidden(issue("forbidden", f"this {rtype} belongs to another sender", rtype))
 
 
 def _status_for(problems: Sequence[Issue]) -> type[FhirError]:

@@ -15,9 +15,10 @@ import json
 import uuid
 from typing import Any
 
-from fhir_kat.errors import Conflict, Unprocessable, issue
+from fhir_kat.errors import BadRequest, Conflict, NotFound, Unprocessable, issue
 from fhir_kat.search import Criterion, SearchQuery, split_reference
-from fhir_kat.services.fhir_rest import FhirService
+from fhir_kat.services.access import Access
+from fhir_kat.services.fhir_rest import FhirService, WriteResult, require_access
 from fhir_kat.store import StoredResource, Tx
 from fhir_kat.workflow.states import allowed, business_status, machine, needs_reason
 from fhir_kat.workflow.triage import Coding, ReferralFacts, triage
@@ -268,6 +269,49 @@ class ReferralWorkflow:
                         task, status="in-progress", businessStatus=business_status("participating")
                     ),
                 )
+
+
+def end_referral(
+    fhir: FhirService, task_id: str, outcome: Any, reason: Any, access: Access | None
+) -> WriteResult:
+    """Program end by hand: the referral Task becomes ``completed``, ``cancelled`` or
+    ``failed`` with the businessStatus of ``referral-task.yaml`` (``program_end``) and the
+    reason as ``statusReason``; the state machine still decides (409 / 422), and the same write
+    hooks push the change to the referrer and write the feedback document."""
+    ends: dict[str, str] = machine()["program_end"]
+    problems = []
+    if outcome not in ends:
+        problems.append(issue("value", f"outcome must be one of {', '.join(ends)}", "outcome"))
+    if reason is not None and (not isinstance(reason, str) or not reason.strip()):
+        problems.append(issue("value", "reason must be a non-empty string", "reason"))
+    if problems:
+        raise BadRequest(problems)
+    require_access(access, "Task", "update")
+    with fhir.write() as tx:
+        stored = tx.get("Task", task_id, for_update=True)
+        if stored is None or stored.deleted or not is_referral_task(stored.json()):
+            raise NotFound(issue("not-found", f"no referral Task {task_id}", "Task"))
+        if access is not None and not access.may_see(tx, stored):
+            raise NotFound(issue("not-found", f"no referral Task {task_id}", "Task"))
+        task = stored.json()
+        task.pop("meta", None)
+        task.update(status=outcome, businessStatus=business_status(ends[outcome]))
+        if reason:
+            task["statusReason"] = {"text": reason.strip()[:1000]}
+        else:
+            task.pop("statusReason", None)
+        return fhir.update_in(tx, task)
+
+
+def tasks_for_referral(tx: Tx, sr_id: str) -> list[StoredResource]:
+    """The referral Tasks whose focus is ``ServiceRequest/<sr_id>``."""
+    query = SearchQuery(
+        "Task",
+        criteria=(Criterion("focus", "reference", "", (("ServiceRequest", sr_id),), ""),),
+        count=50,
+    )
+    rows, _, _ = tx.search(query)
+    return [r for r in rows if is_referral_task(r.json()) and not r.deleted]
 
 
 def keep_workflow_state(current: dict[str, Any], mapped: dict[str, Any]) -> dict[str, Any]:
