@@ -21,6 +21,7 @@ from fhir_kat import __version__
 from fhir_kat.api.auth import audit_record
 from fhir_kat.artifacts import KINDS, json_schema
 from fhir_kat.exchange import outbox
+from fhir_kat.workflow.states import machine
 
 bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
 
@@ -35,7 +36,8 @@ class Op:
     description: str = ""
     #: ``(status, description, media type, schema)``
     responses: tuple[tuple[int, str, str, dict[str, Any]], ...] = ()
-    body: str | None = None  # "artifact", "token", None
+    body: str | None = None  # "artifact", "token", "json" (with ``body_schema``), None
+    body_schema: dict[str, Any] | None = None
     query: tuple[dict[str, Any], ...] = ()
     public: bool = False
     tags: tuple[str, ...] = field(default=("native API",))
@@ -102,6 +104,31 @@ OPERATIONS: dict[str, Op] = {
             *_ERRORS,
         ),
         body="artifact",
+    ),
+    "feedback.end": Op(
+        "End a referral (program end)",
+        "Staff move a referral Task to completed, cancelled or failed; businessStatus comes "
+        "from mappings/workflow/referral-task.yaml and the state machine decides. On completed, "
+        "the feedback document is written when the participant's consent permits sharing with "
+        "the referrer; every change is pushed to the referrer's registered endpoint.",
+        (
+            (200, "the updated Task", _FHIR_JSON, {"type": "object"}),
+            (404, "no such referral Task (or not visible to the caller)", _FHIR_JSON, _OUTCOME),
+            (409, "not a valid transition from the Task's current status", _FHIR_JSON, _OUTCOME),
+            (422, "refused: one issue per problem", _FHIR_JSON, _OUTCOME),
+            *_ERRORS,
+        ),
+        body="json",
+        body_schema={
+            "type": "object",
+            "required": ["outcome"],
+            "additionalProperties": False,
+            "properties": {
+                "outcome": {"enum": list(machine()["program_end"])},
+                "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+            },
+        },
+        tags=("referrals",),
     ),
     "artifacts.schema": Op(
         "The JSON Schema (2020-12) of an artifact kind",
@@ -362,6 +389,11 @@ def _operation(
         if example is not None:  # the examples ship with the repository, not the wheel
             media["example"] = example
         out["requestBody"] = {"required": True, "content": {"application/json": media}}
+    elif op.body == "json" and op.body_schema is not None:
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": op.body_schema}},
+        }
     elif op.body == "token":
         out["requestBody"] = {
             "required": True,
