@@ -110,6 +110,24 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument("--chart", help="write an SVG chart to this file")
     outcomes.set_defaults(func=_outcomes)
 
+    deliveries = sub.add_parser(
+        "deliveries",
+        help="inspect and act on the delivery outbox (operators)",
+        description="list: newest first (--status, --partner; payloads are never shown). "
+        "stats: pending, in flight, dead-lettered, consent-blocked and the oldest pending age. "
+        "retry ID: send a dead, consent-blocked or cancelled delivery again from attempt 0. "
+        "cancel ID: never send it. retry-dead: requeue every dead delivery (of --partner). "
+        "Exit 1 when the delivery is unknown or cannot move from its state.",
+        epilog="Example: fhir-kat deliveries list --status dead && fhir-kat deliveries retry 42",
+    )
+    deliveries.add_argument("action", choices=["list", "stats", "retry", "cancel", "retry-dead"])
+    deliveries.add_argument("id", nargs="?", type=int, help="delivery id (retry, cancel)")
+    deliveries.add_argument("--status", help="list only this status (e.g. dead, pending)")
+    deliveries.add_argument("--partner", help="only this partner (or subscription:<id>)")
+    deliveries.add_argument("--limit", type=int, default=50, help="list at most this many")
+    deliveries.add_argument("--json", action="store_true", help="list as JSON lines")
+    deliveries.set_defaults(func=_deliveries)
+
     mappings = sub.add_parser(
         "mappings",
         help="work with the declarative mapping files",
@@ -237,6 +255,53 @@ def _worker(args: argparse.Namespace) -> int:
         return worker_main(
             args.worker_args, consent_gate=gate, on_outcome=make_delivery_audit(store, _now)
         )
+    finally:
+        store.dispose()
+
+
+def _deliveries(args: argparse.Namespace) -> int:
+    """The operator's view of the outbox: the CLI twin of ``/api/v1/deliveries`` (admin)."""
+    import json
+
+    from fhir_kat.errors import FhirError
+    from fhir_kat.exchange import outbox
+    from fhir_kat.store import Store
+
+    settings = load_settings()
+    store = Store(settings.effective_database_url)
+    try:
+        store.create_schema()  # a new database has an empty outbox, not a missing table
+        if args.action == "list":
+            rows = outbox.list_deliveries(store, args.status, args.limit, partner=args.partner)
+            if args.json:
+                for info in rows:
+                    print(json.dumps(info.to_json(), separators=(",", ":")))
+                return 0
+            print(f"{'id':>8}  {'partner':<24} {'kind':<12} {'status':<16} {'tries':>5}  next")
+            for info in rows:
+                due = f"{info.next_attempt_at:%Y-%m-%d %H:%M:%S}"
+                print(
+                    f"{info.id:>8}  {info.partner[:24]:<24} {info.kind[:12]:<12} "
+                    f"{info.status:<16} {info.attempts:>5}  {due}"
+                )
+            return 0
+        if args.action == "stats":
+            print(json.dumps(outbox.stats(store, partner=args.partner).to_json(), indent=2))
+            return 0
+        if args.action == "retry-dead":
+            count = outbox.retry_dead(store, partner=args.partner)
+            print(f"{count} dead deliveries queued again", file=sys.stderr)
+            return 0
+        if args.id is None:
+            print(f"fhir-kat: deliveries {args.action} needs a delivery id", file=sys.stderr)
+            return 2
+        change = outbox.requeue if args.action == "retry" else outbox.cancel
+        info = change(store, args.id)
+        print(json.dumps(info.to_json(), indent=2))
+        return 0
+    except FhirError as exc:  # unknown id (404), a state that cannot move (409), bad filter
+        print(f"fhir-kat: {exc}", file=sys.stderr)
+        return 1
     finally:
         store.dispose()
 

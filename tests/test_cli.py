@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import xml.etree.ElementTree as ET
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -211,3 +211,38 @@ def test_demo_renews_an_expired_token(
         capsys.readouterr().err
     )
     assert handed[:2] == [False, True]
+
+
+def test_deliveries_command_lists_counts_retries_and_cancels(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fhir_kat.exchange import outbox
+    from fhir_kat.store import Store
+
+    store = Store(database_url)
+    store.create_schema()
+    with store.write() as tx:
+        first = outbox.enqueue(tx, "ha-ehr", "bundle", {"resourceType": "Bundle"}, "p1")
+        second = outbox.enqueue(tx, "ha-ehr", "bundle", {"resourceType": "Bundle"}, "p2")
+    claimed = {d.id: d for d in outbox.claim(store, "w1", 10)}
+    assert outbox.mark_dead(store, claimed[first], "refused by the partner")
+    assert outbox.release(store, claimed[second], datetime.now(UTC))
+    store.dispose()
+    monkeypatch.setenv("FHIR_KAT_DATABASE_URL", database_url)
+
+    assert main(["deliveries", "list", "--status", "dead", "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(d["id"], d["status"]) for d in listed] == [(first, "dead")]
+    assert all("payload" not in d for d in listed)  # payloads are PHI: never shown
+
+    assert main(["deliveries", "stats"]) == 0
+    assert json.loads(capsys.readouterr().out)["dead"] == 1
+
+    assert main(["deliveries", "retry", str(first)]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "pending"
+    assert main(["deliveries", "cancel", str(second)]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "cancelled"
+    assert main(["deliveries", "cancel", str(second)]) == 1  # already final: 409
+    assert main(["deliveries", "retry", "999999"]) == 1  # unknown
+    assert main(["deliveries", "retry"]) == 2  # no id
+    assert "needs a delivery id" in capsys.readouterr().err
