@@ -181,6 +181,22 @@ def test_referral_form_submits_and_follows_the_status(pages: Pages, app: Flask) 
     expect(staff_page.locator("#task-outputs")).to_contain_text("Intake completed.")
 
 
+def test_a_referrer_reads_its_feedback_document_when_consent_permits(
+    pages: Pages, app: Flask
+) -> None:
+    from tests.test_feedback import complete, participating, share_with_referrer
+
+    staff = client_as(app, "staff")
+    task = participating(staff)
+    share_with_referrer(staff)
+    done = complete(staff, task)
+    page = pages.open(f"/app/referrals/{done['id']}", "referrer")
+    expect(page.locator("#task-status")).to_have_text("Completed")
+    expect(page.locator("#task-outputs h3")).to_have_count(1)
+    expect(page.locator("#task-outputs")).not_to_contain_text("is not available to you")
+    expect(page.locator("#task-outputs h4").first).to_be_visible()
+
+
 def _cohort(app: Flask) -> None:
     """Six participants with PHQ-9 and GAD-7 totals at baseline and follow-up; four in a
     cohort Group. Scores are chosen so some improve, some do not, one has no post value."""

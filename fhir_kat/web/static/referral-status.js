@@ -56,7 +56,11 @@
     for (const ref of refs) {
       if (rendered.has(ref)) continue;
       try {
-        const resource = await Kat.api("GET", "/fhir/" + ref);
+        // A feedback Composition is read as its document ($document): referrers may read
+        // that (when the participant's consent permits) but not Compositions in general.
+        const isComposition = ref.startsWith("Composition/");
+        const got = await Kat.api("GET", "/fhir/" + ref + (isComposition ? "/$document" : ""));
+        const resource = isComposition ? ((got.entry || [])[0] || {}).resource || got : got;
         rendered.set(ref, renderDocument(resource));
       } catch (e) {
         const msg = e.status === 403 || e.status === 404 ? "A document (" + ref.split("/")[0] + ") is not available to you." : (e.messages || [{ text: String(e) }])[0].text;
