@@ -42,7 +42,8 @@ def submit(kind: str) -> Response:
     kind = _kind(kind)
     record = audit_record()
     record.interaction = "create"
-    result = _service().submit(kind, read_json(request), current_access().principal.client_id)
+    access = current_access()
+    result = _service().submit(kind, read_json(request), access.principal.client_id, access)
     record.entities.extend(
         e.fields["response"]["location"].split("/_history")[0] for e in result.bundle.entries
     )

@@ -2,7 +2,8 @@
 
 Owns: ``Access``, built from the caller's token for one request; FhirService asks it whether a
 type/interaction is allowed, which patients' data may be shown, and which extra criteria narrow a
-search (a referrer sees only what its organisation sent). Must not: parse HTTP.
+search (a referrer sees only what its organisation sent), and whether an existing resource may be
+changed or deleted (a referrer changes only what is its organisation's). Must not: parse HTTP.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from fhir_kat.store import StoredResource, Tx
 
 #: Types a referrer sees when its organisation sent them (the requester of the referral).
 REFERRER_OWNED = {"Task": "requester", "ServiceRequest": "requester"}
+#: Patient-less types a referrer may change when they belong to its organisation (see
+#: ``Access.may_change``); every other patient-less type it may only create.
+REFERRER_DIRECTORY = frozenset({"Organization", "Practitioner", "PractitionerRole", "Endpoint"})
 #: Roles that see every Subscription; the others see only those they created (an endpoint
 #: and its headers are the subscriber's business).
 SEES_ALL_SUBSCRIPTIONS = frozenset({"program-staff", "admin"})
@@ -157,3 +161,71 @@ class Access:
             _, total, _ = tx.search(probe)
             return bool(total)
         return True
+
+    # ------------------------------------------------------------------ changing
+
+    def may_change(self, tx: Tx, current: StoredResource) -> bool:
+        """Whether this caller may update or delete the stored ``current`` resource (the role
+        and scopes were checked already; creating is not decided here).
+
+        A Subscription is changed only by the client that owns it. A referrer changes only what
+        is its organisation's (docs/security.md, "Writes by referrers"):
+
+        - a Task or ServiceRequest whose requester is among ``owner_references``;
+        - patient data (Patient and its compartment) when the organisation has referred that
+          patient and no other sender has: every stored ServiceRequest about the patient has
+          a requester among ``owner_references``. A second sender, or a request the program
+          made, leaves the patient's data to program staff;
+        - its own Organization(s), the PractitionerRoles and Endpoints in them, and the
+          Practitioners all of whose PractitionerRoles are in them;
+        - nothing else.
+        """
+        if current.deleted:
+            return True  # writing over a deletion is creating again
+        if current.type == "Subscription":
+            return self.may_see(tx, current)
+        if self.principal.role != "referrer":
+            return True
+        self._owners = None  # this request may have just created the organisation's entries
+        if current.type in REFERRER_OWNED:
+            return self.may_see(tx, current)
+        if current.patient_id:
+            return self._sole_referrer(tx, current.patient_id)
+        if current.type in REFERRER_DIRECTORY:
+            return self._own_directory_entry(tx, current)
+        return False
+
+    def _count(self, tx: Tx, rtype: str, *criteria: Criterion) -> int:
+        _, total, _ = tx.search(SearchQuery(rtype, criteria=criteria, count=0))
+        return total or 0
+
+    def _sole_referrer(self, tx: Tx, patient_id: str) -> bool:
+        owners = tuple(self.owner_references(tx))
+        if not owners:
+            return False
+        about = Criterion("patient", "reference", "", (("Patient", patient_id),), "")
+        mine = self._count(
+            tx, "ServiceRequest", about, Criterion("requester", "reference", "", owners, "")
+        )
+        return mine > 0 and mine == self._count(tx, "ServiceRequest", about)
+
+    def _own_directory_entry(self, tx: Tx, current: StoredResource) -> bool:
+        org_ids = self._organization_ids(tx)
+        if current.type == "Organization":
+            return current.id in org_ids
+        own_orgs = {f"Organization/{oid}" for oid in org_ids}
+        body = current.json()
+        if current.type == "PractitionerRole":
+            return body.get("organization", {}).get("reference") in own_orgs
+        if current.type == "Endpoint":
+            return body.get("managingOrganization", {}).get("reference") in own_orgs
+        # Practitioner: shared by every organisation it works for, so only when all its
+        # PractitionerRoles are this organisation's.
+        of = Criterion("practitioner", "reference", "", (("Practitioner", current.id),), "")
+        roles = self._count(tx, "PractitionerRole", of)
+        if not roles or not org_ids:
+            return False
+        in_own = Criterion(
+            "organization", "reference", "", tuple(("Organization", o) for o in org_ids), ""
+        )
+        return roles == self._count(tx, "PractitionerRole", of, in_own)

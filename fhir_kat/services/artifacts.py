@@ -20,6 +20,7 @@ from fhir_kat.errors import Issue, Unprocessable, issue
 from fhir_kat.exchange import PartnerConfig
 from fhir_kat.mapping import MappingContext, map_artifact
 from fhir_kat.search import iter_references, split_reference
+from fhir_kat.services.access import Access
 from fhir_kat.services.bundles import RawBundle, RawEntry
 from fhir_kat.services.delivery import queue_artifact
 from fhir_kat.services.fhir_rest import FhirService, WriteResult
@@ -58,7 +59,11 @@ class ArtifactService:
         )
         return bundle
 
-    def submit(self, kind: str, payload: Any, submitter: str) -> SubmitResult:
+    def submit(
+        self, kind: str, payload: Any, submitter: str, access: Access | None = None
+    ) -> SubmitResult:
+        """Store the artifact as one transaction; with ``access``, as that caller (a referrer
+        never overwrites what is not its organisation's: ``Access.may_change``)."""
         bundle = self.transform(kind, payload, submitter)
         entries: list[dict[str, Any]] = bundle.get("entry", [])
         with self.fhir.write() as tx:
@@ -75,11 +80,13 @@ class ArtifactService:
                     current = tx.get("Task", resource["id"])
                     if current is not None and not current.deleted:
                         resource = keep_workflow_state(current.json(), resource)
-                results.append((entry, self.fhir.update_in(tx, resource, skip_if_unchanged=True)))
+                written = self.fhir.update_in(tx, resource, skip_if_unchanged=True, access=access)
+                results.append((entry, written))
             changed = any(r.changed for _, r in results)
             if changed:  # an identical re-send leaves no new trace and sends nothing again
                 for resource in provenance:
-                    results.append(({"resource": resource}, self.fhir.update_in(tx, resource)))
+                    written = self.fhir.update_in(tx, resource, access=access)
+                    results.append(({"resource": resource}, written))
                 patient = next(
                     (r.stored.patient_id for _, r in results if r.stored.patient_id), None
                 )

@@ -31,9 +31,9 @@ from fhir_kat.errors import (
 )
 from fhir_kat.search import SearchQuery, iter_references, parse_search, split_reference
 from fhir_kat.security.policy import role_allows
-from fhir_kat.services.access import REFERRER_OWNED, Access
+from fhir_kat.services.access import Access
 from fhir_kat.services.bundles import RawBundle, RawEntry
-from fhir_kat.store import Store, StoredResource, Tx
+from fhir_kat.store import Store, StoredResource, Tx, same_content
 from fhir_kat.store.store import ConcurrentUpdate, format_instant
 from fhir_kat.validation.resource import SUPPORTED_TYPES, is_valid_id, validate_resource
 
@@ -395,8 +395,7 @@ class FhirService:
             raise _status_for(problems)(problems)
         expected = parse_etag(if_match) if if_match else None
         with self._write() as tx:
-            _require_owner(tx, access, rtype, rid)
-            return self._update(tx, resource, expected, skip_if_unchanged)
+            return self._update(tx, resource, expected, skip_if_unchanged, access)
 
     def update_in(
         self,
@@ -405,12 +404,14 @@ class FhirService:
         *,
         if_match: int | None = None,
         skip_if_unchanged: bool = False,
+        access: Access | None = None,
     ) -> WriteResult:
-        """Update (or create with its id) inside a transaction another service opened."""
+        """Update (or create with its id) inside a transaction another service opened; with
+        ``access``, as that caller (``Access.may_change`` decides over existing resources)."""
         problems = validate_resource(resource, resource.get("resourceType"))
         if problems:
             raise _status_for(problems)(problems)
-        return self._update(tx, resource, if_match, skip_if_unchanged)
+        return self._update(tx, resource, if_match, skip_if_unchanged, access)
 
     def write(self) -> Any:
         """A write transaction whose lost races become 409 OperationOutcomes."""
@@ -422,9 +423,12 @@ class FhirService:
         resource: dict[str, Any],
         expected_version: int | None,
         skip_if_unchanged: bool,
+        access: Access | None = None,
     ) -> WriteResult:
         rtype, rid = resource["resourceType"], resource["id"]
         current = tx.get(rtype, rid, for_update=True)
+        if _may_only_resend(tx, access, current, resource):
+            skip_if_unchanged = True  # an identical re-send: answered, nothing written
         if expected_version is not None:
             if current is None:
                 raise PreconditionFailed(
@@ -450,9 +454,11 @@ class FhirService:
         require_type(rtype)
         require_access(access, rtype, "delete")
         with self._write() as tx:
-            return self._delete(tx, rtype, rid)
+            return self._delete(tx, rtype, rid, access)
 
-    def _delete(self, tx: Tx, rtype: str, rid: str) -> StoredResource | None:
+    def _delete(
+        self, tx: Tx, rtype: str, rid: str, access: Access | None = None
+    ) -> StoredResource | None:
         if rtype == "AuditEvent":
             raise MethodNotAllowed(
                 issue("not-supported", "audit records cannot be deleted", "AuditEvent")
@@ -460,6 +466,8 @@ class FhirService:
         current = tx.get(rtype, rid, for_update=True)
         if current is None or current.deleted:
             return None  # deleting what is not there succeeds (FHIR R4 3.1.0.7)
+        if access is not None and not access.may_change(tx, current):
+            raise Forbidden(_not_yours(rtype))
         stored = tx.delete(current)
         self._after_write(tx, stored, False)
         return stored
@@ -585,7 +593,7 @@ class FhirService:
                 "response": {"status": "200 OK"},
             }
         if plan.method == "DELETE":
-            self._delete(tx, plan.rtype, plan.rid or "")
+            self._delete(tx, plan.rtype, plan.rid or "", access)
             return {"response": {"status": "204 No Content"}}
         assert plan.resource is not None
         if plan.method == "POST":
@@ -601,8 +609,7 @@ class FhirService:
                 issue("value", "resource id must match request.url", f"{plan.where}.id")
             )
         expected = parse_etag(plan.if_match) if plan.if_match else None
-        _require_owner(tx, access, plan.rtype, plan.rid or "")
-        result = self._update(tx, body, expected, skip_if_unchanged=False)
+        result = self._update(tx, body, expected, skip_if_unchanged=False, access=access)
         status = "201 Created" if result.created else "200 OK"
         return {"response": _response_of(result.stored, status, base)}
 
@@ -745,13 +752,23 @@ def _authorize_entry(access: Access | None, plan: _EntryPlan) -> None:
     require_access(access, plan.rtype, interaction, f"Bundle.entry[{plan.index}].request")
 
 
-def _require_owner(tx: Tx, access: Access | None, rtype: str, rid: str) -> None:
-    """A referrer may update only the referrals (Task, ServiceRequest) its organisation sent."""
-    if access is None or rtype not in REFERRER_OWNED:
-        return
-    current = tx.get(rtype, rid)
-    if current is not None and not current.deleted and not access.may_see(tx, current):
-        raise Forbidden(issue("forbidden", f"this {rtype} belongs to another sender", rtype))
+def _not_yours(rtype: str) -> Issue:
+    # Names the type only: never the id, the patient or anything from the content.
+    return issue("forbidden", f"this {rtype} is not yours to change", rtype)
+
+
+def _may_only_resend(
+    tx: Tx, access: Access | None, current: StoredResource | None, body: dict[str, Any]
+) -> bool:
+    """False when the caller may change ``current`` (or it does not exist: creating is decided
+    elsewhere); True when it may not but ``body`` says exactly what is stored (a re-sent
+    referral naming, say, the program's Organization); otherwise 403 before any write rule
+    runs, so the answer tells nothing about the stored resource."""
+    if access is None or current is None or current.deleted or access.may_change(tx, current):
+        return False
+    if same_content(current.json(), body):
+        return True
+    raise Forbidden(_not_yours(current.type))
 
 
 def _status_for(problems: Sequence[Issue]) -> type[FhirError]:

@@ -32,7 +32,7 @@ from sqlalchemy import Column, DateTime, String, Table, Text, insert, select
 
 from fhir_kat.errors import BadRequest, Conflict, FhirError, Forbidden, Issue, issue
 from fhir_kat.search import Criterion, SearchQuery, iter_references
-from fhir_kat.services.access import REFERRER_OWNED, Access
+from fhir_kat.services.access import Access
 from fhir_kat.services.fhir_rest import FhirService, require_access
 from fhir_kat.services.referrals import keep_workflow_state, tasks_for_referral
 from fhir_kat.store import Tx
@@ -145,16 +145,6 @@ class MessagingService:
                 continue
             require_access(access, str(rtype), "update", where)
             local_id = self._local_id(tx, resource, header, entry)
-            current = tx.get(str(rtype), local_id)
-            if (
-                access is not None
-                and rtype in REFERRER_OWNED
-                and current is not None
-                and not current.deleted
-                and not access.may_see(tx, current)
-            ):
-                # The same referrer identifier, but another sender's referral: never overwrite it.
-                raise Forbidden(issue("forbidden", f"{rtype} belongs to another sender", where))
             local = f"{rtype}/{local_id}"
             for spelling in _spellings(entry, resource):
                 ids[spelling] = local
@@ -182,7 +172,9 @@ class MessagingService:
             if problems:
                 continue
             try:
-                self.fhir.update_in(tx, body, skip_if_unchanged=True)
+                # As the sender: another sender's referral or patient data is never overwritten
+                # (Access.may_change; a Forbidden leaves as HTTP 403, nothing stored).
+                self.fhir.update_in(tx, body, skip_if_unchanged=True, access=access)
             except FhirError as exc:
                 located = [
                     Issue(i.code, f"entry {index}: {i.diagnostics}", i.expression)

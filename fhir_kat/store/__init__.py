@@ -4,6 +4,6 @@ Owns: SQL, transactions, locking, and the ``StoredResource`` value. Must not: va
 know about HTTP, or decide policy (consent, roles) — services do.
 """
 
-from fhir_kat.store.store import Store, StoredResource, Tx
+from fhir_kat.store.store import Store, StoredResource, Tx, same_content
 
-__all__ = ["Store", "StoredResource", "Tx"]
+__all__ = ["Store", "StoredResource", "Tx", "same_content"]

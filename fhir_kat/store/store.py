@@ -304,7 +304,7 @@ class Tx:
             skip_if_unchanged
             and current is not None
             and not current.deleted
-            and _without_server_meta(current.json()) == _without_server_meta(resource)
+            and same_content(current.json(), resource)
         ):
             return current, False
         version_id = (current.version_id + 1) if current else 1
@@ -612,6 +612,11 @@ def _without_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
     else:
         copy.pop("meta", None)
     return copy
+
+
+def same_content(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two versions say the same thing (server-set ``meta`` aside)."""
+    return _without_server_meta(a) == _without_server_meta(b)
 
 
 def _date_clause(
