@@ -191,3 +191,33 @@ def test_the_message_and_native_routes_apply_the_same_rule(app: Flask) -> None:
     refused(r, "250-555-0177", before["id"])
     assert stored(staff, "Patient", before["id"]) == before
     assert staff.get("/fhir/ServiceRequest").get_json()["total"] == 1
+
+
+def test_a_referrer_cannot_grant_itself_consent_to_a_patient_it_did_not_refer(
+    app: Flask,
+) -> None:
+    """A Consent opens a patient's data to outside parties: another referrer recording a permit
+    for itself would read data it has no business with. Refused on every create path, and
+    nothing stored; the referring organisation itself may still record one."""
+    staff, other = client_as(app, "staff"), client_as(app, "other-referrer")
+    mine = referred(app)
+    grant = copy.deepcopy(mine["Consent"])
+    for key in ("id", "meta"):
+        grant.pop(key)
+    grant["provision"] = {"type": "permit"}
+    consents = staff.get("/fhir/Consent?_summary=count").get_json()["total"]
+    family = mine["Patient"]["name"][0]["family"]
+
+    refused(other.post("/fhir/Consent", data=json.dumps(grant), content_type=FHIR), family)
+    refused(put(other, grant | {"id": "self-granted"}), family)  # update as create
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": grant, "request": {"method": "POST", "url": "Consent"}}],
+    }
+    refused(send(other, bundle), family)
+    assert staff.get("/fhir/Consent?_summary=count").get_json()["total"] == consents
+
+    r = client_as(app, "referrer").post("/fhir/Consent", data=json.dumps(grant), content_type=FHIR)
+    assert r.status_code == 201, r.get_json()
+    assert staff.post("/fhir/Consent", data=json.dumps(grant), content_type=FHIR).status_code == 201

@@ -195,6 +195,21 @@ class Access:
             return self._own_directory_entry(tx, current)
         return False
 
+    def may_grant_consent(self, tx: Tx, patient_id: str | None) -> bool:
+        """Whether this caller may create a Consent for ``patient_id``. A Consent is what opens
+        a patient's data to parties outside the program, so a referrer records one only for a
+        patient its organisation has referred (a ServiceRequest about the patient with one of
+        its ``owner_references`` as requester) — asked at the end of the write transaction, so
+        the referral Bundle that carries the Consent counts. Other roles: the role rules."""
+        if self.principal.role != "referrer":
+            return True
+        owners = tuple(self.owner_references(tx))
+        if not owners or not patient_id:
+            return False
+        about = Criterion("patient", "reference", "", (("Patient", patient_id),), "")
+        mine = Criterion("requester", "reference", "", owners, "")
+        return self._count(tx, "ServiceRequest", about, mine) > 0
+
     def _count(self, tx: Tx, rtype: str, *criteria: Criterion) -> int:
         _, total, _ = tx.search(SearchQuery(rtype, criteria=criteria, count=0))
         return total or 0

@@ -318,9 +318,15 @@ class FhirService:
         if problems:
             raise _status_for(problems)(problems)
         with self._write() as tx:
-            return self._create(tx, resource, if_none_exist)
+            return self._create(tx, resource, if_none_exist, access)
 
-    def _create(self, tx: Tx, resource: dict[str, Any], if_none_exist: str | None) -> WriteResult:
+    def _create(
+        self,
+        tx: Tx,
+        resource: dict[str, Any],
+        if_none_exist: str | None,
+        access: Access | None = None,
+    ) -> WriteResult:
         rtype = resource["resourceType"]
         if if_none_exist:
             existing = self._conditional_match(tx, rtype, if_none_exist)
@@ -329,6 +335,7 @@ class FhirService:
         body = dict(resource)
         body["id"] = str(uuid.uuid4())  # the server assigns ids on create (FHIR R4 3.1.0.4)
         stored, _ = self._put(tx, body, None, method="POST")
+        _guard_new(tx, access, stored)
         return WriteResult(stored, created=True)
 
     def _put(
@@ -448,6 +455,8 @@ class FhirService:
             tx, resource, current, method="PUT", skip_if_unchanged=skip_if_unchanged
         )
         created = current is None or current.deleted
+        if created:
+            _guard_new(tx, access, stored)
         return WriteResult(stored, created=created, changed=changed)
 
     def delete(self, rtype: str, rid: str, access: Access | None = None) -> StoredResource | None:
@@ -602,6 +611,7 @@ class FhirService:
             body = dict(plan.resource)
             body["id"] = plan.new_id
             stored, _ = self._put(tx, body, None, method="POST")
+            _guard_new(tx, access, stored)
             return {"response": _response_of(stored, "201 Created", base)}
         body = dict(plan.resource)
         if body.get("id") != plan.rid:
@@ -750,6 +760,26 @@ def _authorize_entry(access: Access | None, plan: _EntryPlan) -> None:
         "GET": "read" if plan.rid else "search",
     }[plan.method]
     require_access(access, plan.rtype, interaction, f"Bundle.entry[{plan.index}].request")
+
+
+def _guard_new(tx: Tx, access: Access | None, stored: StoredResource) -> None:
+    """Rules over what a caller may create, asked once every entry of the transaction is
+    written (a referral Bundle's Consent comes with the ServiceRequest that entitles it)."""
+    if access is None or stored.type != "Consent":
+        return
+
+    def check(t: Tx) -> None:
+        if not access.may_grant_consent(t, stored.patient_id):
+            # Names no patient: only that this sender has referred none by that reference.
+            raise Forbidden(
+                issue(
+                    "forbidden",
+                    "a referrer records Consents only for patients its organisation referred",
+                    "Consent.patient",
+                )
+            )
+
+    tx.defer(f"consent-grant:{stored.id}", check)
 
 
 def _not_yours(rtype: str) -> Issue:
