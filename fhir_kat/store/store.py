@@ -310,14 +310,7 @@ class Tx:
         version_id = (current.version_id + 1) if current else 1
         now = self.store.clock()
         now_naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
-        meta = dict(resource.get("meta", {}))
-        meta["versionId"] = str(version_id)
-        meta["lastUpdated"] = format_instant(now_naive)
-        stored_json = dict(resource)
-        stored_json["meta"] = meta
-        # Keep resourceType and id first: readers (and people) expect them at the top.
-        ordered = {"resourceType": rtype, "id": rid}
-        ordered.update((k, v) for k, v in stored_json.items() if k not in ordered)
+        ordered = _stored_form(resource, version_id, now_naive)
         content = dumps(ordered)
         method = method or ("PUT" if current else "POST")
         seq = self._insert_version(rtype, rid, version_id, now_naive, method, content)
@@ -339,6 +332,63 @@ class Tx:
         self._write_index(ordered, rows)
         stored = StoredResource(rtype, rid, version_id, now_naive, content, False, seq, patient_id)
         return stored, True
+
+    def create_many(self, new: Sequence[dict[str, Any]]) -> list[StoredResource]:
+        """Create ``new`` resources (none may exist yet) with one multi-row INSERT per table:
+        the same stored JSON, versions and index rows as ``put(r, current=None)`` each, for
+        bulk loads (imports, the benchmarks' data sets)."""
+        if not new:
+            return []
+        now = self.store.clock()
+        now_naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
+        prepared = []
+        for resource in new:
+            ordered = _stored_form(resource, 1, now_naive)
+            prepared.append((ordered, dumps(ordered)))
+        result = self.conn.execute(
+            insert(resource_versions).returning(
+                resource_versions.c.seq, sort_by_parameter_order=True
+            ),
+            [
+                {
+                    "res_type": r["resourceType"],
+                    "res_id": r["id"],
+                    "version_id": 1,
+                    "last_updated": now_naive,
+                    "method": "POST",
+                    "content": content,
+                }
+                for r, content in prepared
+            ],
+        )
+        seqs = [int(s) for s in result.scalars()]
+        stored: list[StoredResource] = []
+        current_rows: list[dict[str, Any]] = []
+        index: list[tuple[Any, dict[str, Any]]] = []
+        for (r, content), seq in zip(prepared, seqs, strict=True):
+            rows = extract_index(r)
+            patient_id = patient_of(r, rows)
+            current_rows.append(
+                {
+                    "res_type": r["resourceType"],
+                    "res_id": r["id"],
+                    "version_id": 1,
+                    "last_updated": now_naive,
+                    "seq": seq,
+                    "deleted": False,
+                    "content": content,
+                    "patient_id": patient_id,
+                }
+            )
+            stored.append(
+                StoredResource(
+                    r["resourceType"], r["id"], 1, now_naive, content, False, seq, patient_id
+                )
+            )
+            index.extend(_index_params(r, rows))
+        self.conn.execute(insert(resources), current_rows)
+        self._insert_index(index)
+        return stored
 
     def delete(self, current: StoredResource) -> StoredResource:
         now = self.store.clock()
@@ -393,34 +443,16 @@ class Tx:
             self.conn.execute(delete(table).where(table.c.res_type == rtype, table.c.res_id == rid))
 
     def _write_index(self, resource: dict[str, Any], rows: IndexRows) -> None:
-        rtype, rid = resource["resourceType"], resource["id"]
-        base = {"res_type": rtype, "res_id": rid}
-        if rows.tokens:
-            self.conn.execute(
-                insert(search_token),
-                [
-                    {**base, "param": p, "system": s[:255], "code": c[:255]}
-                    for p, s, c in set(rows.tokens)
-                ],
-            )
-        if rows.references:
-            self.conn.execute(
-                insert(search_reference),
-                [
-                    {**base, "param": p, "target_type": t, "target_id": i[:64]}
-                    for p, t, i in set(rows.references)
-                ],
-            )
-        if rows.dates:
-            self.conn.execute(
-                insert(search_date),
-                [{**base, "param": p, "low": lo, "high": hi} for p, lo, hi in set(rows.dates)],
-            )
-        if rows.strings:
-            self.conn.execute(
-                insert(search_string),
-                [{**base, "param": p, "value": v[:512]} for p, v in set(rows.strings)],
-            )
+        self._insert_index(_index_params(resource, rows))
+
+    def _insert_index(self, index: Sequence[tuple[Any, dict[str, Any]]]) -> None:
+        """One multi-row INSERT per index table."""
+        by_table: dict[Any, list[dict[str, Any]]] = {}
+        for table, params in index:
+            by_table.setdefault(table, []).append(params)
+        for table in INDEX_TABLES:
+            if table in by_table:
+                self.conn.execute(insert(table), by_table[table])
 
     # ------------------------------------------------------------------ search
 
@@ -492,6 +524,49 @@ class Tx:
             .limit(limit)
         )
         return [(int(r.seq), r.content, r.patient_id) for r in self.conn.execute(stmt)]
+
+    def by_token(
+        self,
+        rtype: str,
+        param: str,
+        system: str,
+        code: str,
+        *,
+        patients: Collection[str] | None = None,
+    ) -> Iterator[tuple[int, str, str]]:
+        """Every current ``rtype`` in a patient's compartment whose ``param`` has the token
+        ``system|code``, as (seq, stored JSON, patient id) in write order.
+
+        One join driven by the token index, streamed (a server-side cursor on PostgreSQL), so
+        the cost grows linearly with the matches and memory stays flat: for whole-population
+        passes such as the outcome measure, where batched ``scan`` calls would re-run the
+        criteria's sub-queries for every batch."""
+        stmt = (
+            select(resources.c.seq, resources.c.content, resources.c.patient_id)
+            .select_from(
+                search_token.join(
+                    resources,
+                    and_(
+                        resources.c.res_type == search_token.c.res_type,
+                        resources.c.res_id == search_token.c.res_id,
+                    ),
+                )
+            )
+            .where(
+                search_token.c.res_type == rtype,
+                search_token.c.param == param,
+                search_token.c.code == code,
+                search_token.c.system == system,
+                resources.c.deleted == false(),
+                resources.c.patient_id.is_not(None),
+            )
+            .order_by(resources.c.seq)
+        )
+        if patients is not None:
+            stmt = stmt.where(resources.c.patient_id.in_(sorted(patients)))
+        result = self.conn.execution_options(stream_results=True, yield_per=2000).execute(stmt)
+        for row in result:
+            yield int(row.seq), row.content, row.patient_id
 
     def _where(self, query: SearchQuery) -> list[ColumnElement[bool]]:
         clauses: list[ColumnElement[bool]] = [
@@ -600,6 +675,40 @@ class ConcurrentUpdate(Exception):
     def __init__(self, rtype: str, rid: str) -> None:
         super().__init__(f"{rtype}/{rid} changed concurrently")
         self.rtype, self.rid = rtype, rid
+
+
+def _stored_form(resource: dict[str, Any], version_id: int, when: datetime) -> dict[str, Any]:
+    """The JSON stored for ``resource`` as version ``version_id`` written at ``when``."""
+    meta = dict(resource.get("meta", {}))
+    meta["versionId"] = str(version_id)
+    meta["lastUpdated"] = format_instant(when)
+    stored_json = dict(resource)
+    stored_json["meta"] = meta
+    # Keep resourceType and id first: readers (and people) expect them at the top.
+    ordered = {"resourceType": resource["resourceType"], "id": resource["id"]}
+    ordered.update((k, v) for k, v in stored_json.items() if k not in ordered)
+    return ordered
+
+
+def _index_params(resource: dict[str, Any], rows: IndexRows) -> list[tuple[Any, dict[str, Any]]]:
+    """The index rows of ``resource`` as (table, INSERT parameters), duplicates dropped."""
+    base = {"res_type": resource["resourceType"], "res_id": resource["id"]}
+    out: list[tuple[Any, dict[str, Any]]] = []
+    out.extend(
+        (search_token, {**base, "param": p, "system": sy[:255], "code": c[:255]})
+        for p, sy, c in set(rows.tokens)
+    )
+    out.extend(
+        (search_reference, {**base, "param": p, "target_type": t, "target_id": i[:64]})
+        for p, t, i in set(rows.references)
+    )
+    out.extend(
+        (search_date, {**base, "param": p, "low": lo, "high": hi}) for p, lo, hi in set(rows.dates)
+    )
+    out.extend(
+        (search_string, {**base, "param": p, "value": v[:512]}) for p, v in set(rows.strings)
+    )
+    return out
 
 
 def _without_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
