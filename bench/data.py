@@ -41,9 +41,12 @@ def observations(participants: int, seed: int = 1) -> Iterator[dict[str, Any]]:
                 }
 
 
-def tasks(count: int, organisations: int = 50, seed: int = 3) -> Iterator[dict[str, Any]]:
-    """Referral Tasks spread over ``organisations`` requesters (the referrer's work list)."""
+def tasks(count: int, per_requester: int = 100, seed: int = 3) -> Iterator[dict[str, Any]]:
+    """Referral Tasks, ``per_requester`` per referring organisation on average: a bigger
+    program has more referrers, not longer work lists (so a requester's search returns about
+    as many Tasks at every size)."""
     rng = random.Random(seed)
+    organisations = max(1, count // per_requester)
     for i in range(count):
         yield {
             "resourceType": "Task",
@@ -51,8 +54,33 @@ def tasks(count: int, organisations: int = 50, seed: int = 3) -> Iterator[dict[s
             "status": "requested",
             "intent": "order",
             "requester": {"reference": f"Organization/org{rng.randrange(organisations)}"},
-            "for": {"reference": f"Patient/p{rng.randrange(max(1, count // 9))}"},
+            "for": {"reference": f"Patient/p{rng.randrange(max(1, count))}"},
         }
+
+
+class StepClock:
+    """A clock that moves one minute per reading: ``create_many`` reads it once per chunk,
+    so a bulk load spreads ``lastUpdated`` over time as real ingest would."""
+
+    def __init__(self, start: datetime = T0) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(minutes=1)
+        return self.now
+
+
+def interleave(*streams: Iterator[dict[str, Any]], seed: int = 4) -> Iterator[dict[str, Any]]:
+    """Merge streams in random order (types arrive mixed, as in a live program)."""
+    rng = random.Random(seed)
+    live = list(streams)
+    while live:
+        stream = rng.choice(live)
+        item = next(stream, None)
+        if item is None:
+            live.remove(stream)
+        else:
+            yield item
 
 
 def load(store: Store, resources: Iterator[dict[str, Any]]) -> int:
