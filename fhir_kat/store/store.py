@@ -29,6 +29,7 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    literal,
     not_,
     or_,
     select,
@@ -50,6 +51,9 @@ from fhir_kat.store.schema import (
 )
 
 Clock = Callable[[], datetime]
+
+#: How far a criterion's matches are counted when choosing which one drives a search.
+ESTIMATE_CAP = 500
 
 
 def dumps(resource: dict[str, Any]) -> str:
@@ -144,26 +148,34 @@ class Store:
         self._after_commit()
 
     def _after_commit(self) -> None:
-        """PostgreSQL plans the search joins from table statistics. A new database has none
-        until autovacuum's first ANALYZE (a minute or more), and meanwhile picks nested scans
-        that grow with the data. So, while a process's write count doubles from 64 up to
-        65,536, it refreshes them itself; after that autovacuum keeps up."""
-        if self.is_sqlite:
-            return
+        """Both databases plan the search joins from table statistics (which criterion to
+        start from, which index to probe). A new database has none (PostgreSQL's autovacuum
+        runs its first ANALYZE a minute or more later; SQLite never does), and meanwhile picks
+        scans that grow with the data. So, while a process's write count doubles from 64 up
+        to 65,536, it refreshes them itself; after that the shape of the data is known."""
         with self._stats_lock:
             self._writes += 1
             due = self._writes >= self._next_analyze and self._next_analyze <= 65_536
             if due:
                 self._next_analyze *= 2
         if due:
-            with self.engine.connect() as conn:
+            self.analyze()
+
+    def analyze(self) -> None:
+        """Refresh the planner's statistics (after a bulk load, say). On SQLite a sampled
+        ANALYZE (``analysis_limit``): milliseconds, whatever the size of the database."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn.exec_driver_sql("PRAGMA analysis_limit=1000")
+                conn.exec_driver_sql("ANALYZE")
+            else:
                 conn.execute(
                     text(
                         "ANALYZE resources, search_token, search_reference, "
                         "search_date, search_string"
                     )
                 )
-                conn.commit()
+            conn.commit()
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
@@ -569,20 +581,74 @@ class Tx:
             yield int(row.seq), row.content, row.patient_id
 
     def _where(self, query: SearchQuery) -> list[ColumnElement[bool]]:
+        """The WHERE clauses of ``query``, planned most-selective-first.
+
+        The criterion matching the fewest resources (counted up to ``ESTIMATE_CAP`` in its
+        index) becomes an uncorrelated IN-subquery, so the database starts from those few
+        index entries; every other criterion becomes a correlated EXISTS probed per candidate
+        through the owner index. Cost then follows the most selective criterion, not the
+        least (``code`` alone matches every PHQ-9 total in the database)."""
+        rtype = query.resource_type
         clauses: list[ColumnElement[bool]] = [
-            resources.c.res_type == query.resource_type,
+            resources.c.res_type == rtype,
             resources.c.deleted == false(),
         ]
-        for criterion in query.criteria:
-            clauses.append(self._criterion(query.resource_type, criterion))
+        criteria = list(query.criteria)
+        drivable = [c for c in criteria if c.modifier not in ("missing", "not")]
+        driver = drivable[0] if len(drivable) == 1 else None
+        if len(drivable) > 1:
+            # One round trip: every candidate's capped count.
+            counts = self.conn.execute(select(*(self._estimate(rtype, c) for c in drivable))).one()
+            driver = drivable[min(range(len(drivable)), key=lambda i: counts[i])]
+        for criterion in criteria:
+            clauses.append(self._criterion(rtype, criterion, driver=criterion is driver))
         return clauses
 
-    def _criterion(self, rtype: str, c: Criterion) -> ColumnElement[bool]:
+    def _estimate(self, rtype: str, c: Criterion) -> Any:
+        """How many resources ``c`` matches, counted no further than ``ESTIMATE_CAP`` (a
+        scalar sub-query)."""
+        if c.type == "id":
+            return literal(len(c.values))
+        if c.type == "lastUpdated":
+            inner = select(resources.c.res_id).where(
+                resources.c.res_type == rtype, self._criterion(rtype, c, driver=True)
+            )
+        else:
+            table, condition = self._index_condition(rtype, c)
+            inner = select(table.c.res_id).where(condition)
+        capped = inner.limit(ESTIMATE_CAP).subquery()
+        return select(func.count()).select_from(capped).scalar_subquery()
+
+    def _criterion(self, rtype: str, c: Criterion, *, driver: bool) -> ColumnElement[bool]:
         if c.type == "id":
             return resources.c.res_id.in_(list(c.values))
         if c.type == "lastUpdated":
             col = resources.c.last_updated
             return or_(*(_date_clause(col, col, v) for v in c.values))
+        table, condition = self._index_condition(rtype, c)
+        if c.modifier == "missing":
+            present = resources.c.res_id.in_(select(table.c.res_id).where(condition))
+            return not_(present) if c.values[0] else present
+        matched: ColumnElement[bool]
+        if driver:
+            # Uncorrelated: the database starts from the index on (res_type, param, value)
+            # and joins to the few matching resources.
+            matched = resources.c.res_id.in_(select(table.c.res_id).where(condition))
+        else:
+            # Correlated: probed through (res_type, res_id) for each candidate row.
+            matched = (
+                select(literal(1))
+                .where(
+                    table.c.res_type == resources.c.res_type,
+                    table.c.res_id == resources.c.res_id,
+                    condition,
+                )
+                .exists()
+            )
+        return not_(matched) if c.modifier == "not" else matched
+
+    def _index_condition(self, rtype: str, c: Criterion) -> tuple[Any, ColumnElement[bool]]:
+        """The index table ``c`` reads and the condition on its rows."""
         table = {
             "token": search_token,
             "reference": search_reference,
@@ -590,14 +656,9 @@ class Tx:
             "string": search_string,
             "uri": search_string,
         }[c.type]
-        # An uncorrelated IN-subquery: the database starts from the index on
-        # (res_type, param, value) and joins to the few matching resources, instead of
-        # walking every resource of the type and probing the index for each (what a
-        # correlated EXISTS gets planned as on SQLite) — flat cost as the data grows.
-        scope = (table.c.res_type == rtype, table.c.param == c.name)
+        scope = and_(table.c.res_type == rtype, table.c.param == c.name)
         if c.modifier == "missing":
-            present = resources.c.res_id.in_(select(table.c.res_id).where(*scope))
-            return not_(present) if c.values[0] else present
+            return table, scope
         alternatives: list[ColumnElement[bool]] = []
         for value in c.values:
             if c.type == "token":
@@ -625,8 +686,7 @@ class Tx:
                     alternatives.append(search_string.c.value.startswith(value, autoescape=True))
             else:  # uri: exact match
                 alternatives.append(search_string.c.value == value)
-        matched = resources.c.res_id.in_(select(table.c.res_id).where(*scope, or_(*alternatives)))
-        return not_(matched) if c.modifier == "not" else matched
+        return table, and_(scope, or_(*alternatives))
 
     def references_from(
         self, rtype: str, ids: Sequence[str], param: str, target_type: str | None
