@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
 import requests
 
 from fhir_kat.artifacts.schemas import bc_phn_check_digit
@@ -34,7 +33,7 @@ from fhir_kat.security.secrets import hash_secret
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS, THREADS = 2, 4
-SECRET = "bench-secret"
+SECRET = "bench-secret"  # noqa: S105 - a throwaway client of a throwaway server
 
 
 def _free_port() -> int:
@@ -203,12 +202,12 @@ def _client_process(args: tuple[str, str, str, int, float, int]) -> tuple[int, i
     return len(latencies), errors[0], latencies
 
 
-def load(url: str, kind: str, token: str, clients: int, seconds: float, offset: int) -> dict[str, float]:
+def load(
+    url: str, kind: str, token: str, clients: int, seconds: float, offset: int
+) -> dict[str, float]:
     processes = min(clients, 4)
     per = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
-    jobs = [
-        (url, kind, token, per[i], seconds, offset + i * 100_000_000) for i in range(processes)
-    ]
+    jobs = [(url, kind, token, per[i], seconds, offset + i * 100_000_000) for i in range(processes)]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(processes) as pool:
         results = pool.map(_client_process, jobs)
@@ -250,14 +249,16 @@ def run(database_urls: dict[str, str], concurrency: list[int], seconds: float) -
             rows.append(_row("Flask ceiling (parse JSON, answer 201)", c, r, 1.0))
     offset = 1
     for name, database_url in database_urls.items():
-        with tempfile.TemporaryDirectory() as tmp, gunicorn(
-            "fhir_kat.wsgi:app", service_env(database_url, Path(tmp))
-        ) as url:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            gunicorn("fhir_kat.wsgi:app", service_env(database_url, Path(tmp))) as url,
+        ):
             for kind in ("artifact", "transaction"):
                 for c in concurrency:
                     offset += 1
                     r = load(url, kind, token(url), c, seconds, offset * 10**9)
-                    label = f"{name}: {'referral artifact' if kind == 'artifact' else 'FHIR transaction (2 entries)'}"
+                    what = "referral artifact" if kind == "artifact" else "transaction (2 entries)"
+                    label = f"{name}: {what}"
                     rows.append(_row(label, c, r, r["rps"] / ceilings[c]))
     return rows
 
@@ -267,5 +268,3 @@ def _row(label: str, clients: int, r: dict[str, float], share: float) -> str:
         f"| {label} | {clients} | {r['rps']:,.0f} | {r['p50']:.1f} / {r['p95']:.1f} / "
         f"{r['p99']:.1f} | {r['errors']:.0f} | {share:.0%} |"
     )
-
-

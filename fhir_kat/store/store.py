@@ -23,6 +23,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -54,6 +55,35 @@ Clock = Callable[[], datetime]
 
 #: How far a criterion's matches are counted when choosing which one drives a search.
 ESTIMATE_CAP = 500
+
+# The write path's statements, built once: SQLAlchemy then only binds parameters (building
+# a statement and its cache key per call cost more than running it on SQLite).
+_GET = select(resources).where(
+    resources.c.res_type == bindparam("k_type"), resources.c.res_id == bindparam("k_id")
+)
+_GET_FOR_UPDATE = _GET.with_for_update()
+_INSERT_VERSION = insert(resource_versions).returning(resource_versions.c.seq)
+_INSERT_CURRENT = insert(resources)
+_UPDATE_CURRENT: dict[tuple[str, ...], Any] = {
+    columns: update(resources)
+    .where(
+        resources.c.res_type == bindparam("k_type"),
+        resources.c.res_id == bindparam("k_id"),
+        resources.c.version_id == bindparam("k_version"),
+    )
+    .values({c: bindparam(c) for c in columns})
+    for columns in (
+        ("version_id", "last_updated", "seq", "deleted", "content", "patient_id"),
+        ("version_id", "last_updated", "seq", "deleted"),
+    )
+}
+_CLEAR_INDEX = [
+    delete(table).where(
+        table.c.res_type == bindparam("k_type"), table.c.res_id == bindparam("k_id")
+    )
+    for table in INDEX_TABLES
+]
+_INSERT_INDEX = {table: insert(table) for table in INDEX_TABLES}
 
 
 def dumps(resource: dict[str, Any]) -> str:
@@ -232,10 +262,8 @@ class Tx:
     # ------------------------------------------------------------------ reads
 
     def get(self, rtype: str, rid: str, *, for_update: bool = False) -> StoredResource | None:
-        stmt = select(resources).where(resources.c.res_type == rtype, resources.c.res_id == rid)
-        if for_update and not self.store.is_sqlite:
-            stmt = stmt.with_for_update()
-        row = self.conn.execute(stmt).first()
+        stmt = _GET_FOR_UPDATE if for_update and not self.store.is_sqlite else _GET
+        row = self.conn.execute(stmt, {"k_type": rtype, "k_id": rid}).first()
         return _row_to_stored(row) if row else None
 
     def get_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]:
@@ -337,7 +365,7 @@ class Tx:
             "patient_id": patient_id,
         }
         if current is None:
-            self.conn.execute(insert(resources).values(res_type=rtype, res_id=rid, **values))
+            self.conn.execute(_INSERT_CURRENT, {"res_type": rtype, "res_id": rid, **values})
         else:
             self._update_current(rtype, rid, current.version_id, values)
             self._clear_index(rtype, rid)
@@ -420,16 +448,15 @@ class Tx:
         self, rtype: str, rid: str, vid: int, when: datetime, method: str, content: str | None
     ) -> int:
         result = self.conn.execute(
-            insert(resource_versions)
-            .values(
-                res_type=rtype,
-                res_id=rid,
-                version_id=vid,
-                last_updated=when,
-                method=method,
-                content=content,
-            )
-            .returning(resource_versions.c.seq)
+            _INSERT_VERSION,
+            {
+                "res_type": rtype,
+                "res_id": rid,
+                "version_id": vid,
+                "last_updated": when,
+                "method": method,
+                "content": content,
+            },
         )
         return int(result.scalar_one())
 
@@ -437,13 +464,8 @@ class Tx:
         self, rtype: str, rid: str, expected_version: int, values: dict[str, Any]
     ) -> None:
         result = self.conn.execute(
-            update(resources)
-            .where(
-                resources.c.res_type == rtype,
-                resources.c.res_id == rid,
-                resources.c.version_id == expected_version,
-            )
-            .values(**values)
+            _UPDATE_CURRENT[tuple(values)],
+            {"k_type": rtype, "k_id": rid, "k_version": expected_version, **values},
         )
         if result.rowcount != 1:
             # Another writer got there first; the unique (type, id, version) constraint on the
@@ -451,8 +473,8 @@ class Tx:
             raise ConcurrentUpdate(rtype, rid)
 
     def _clear_index(self, rtype: str, rid: str) -> None:
-        for table in INDEX_TABLES:
-            self.conn.execute(delete(table).where(table.c.res_type == rtype, table.c.res_id == rid))
+        for stmt in _CLEAR_INDEX:
+            self.conn.execute(stmt, {"k_type": rtype, "k_id": rid})
 
     def _write_index(self, resource: dict[str, Any], rows: IndexRows) -> None:
         self._insert_index(_index_params(resource, rows))
@@ -464,7 +486,7 @@ class Tx:
             by_table.setdefault(table, []).append(params)
         for table in INDEX_TABLES:
             if table in by_table:
-                self.conn.execute(insert(table), by_table[table])
+                self.conn.execute(_INSERT_INDEX[table], by_table[table])
 
     # ------------------------------------------------------------------ search
 
@@ -535,7 +557,7 @@ class Tx:
             .order_by(resources.c.seq)
             .limit(limit)
         )
-        return [(int(r.seq), r.content, r.patient_id) for r in self.conn.execute(stmt)]
+        return [(seq, content, patient) for seq, content, patient in self.conn.execute(stmt)]
 
     def by_token(
         self,
