@@ -70,17 +70,17 @@ class StepClock:
         return self.now
 
 
-def interleave(*streams: Iterator[dict[str, Any]], seed: int = 4) -> Iterator[dict[str, Any]]:
-    """Merge streams in random order (types arrive mixed, as in a live program)."""
+def interleave(*streams: list[dict[str, Any]], seed: int = 4) -> Iterator[dict[str, Any]]:
+    """Merge lists in random order, each spread evenly over the whole load (types arrive
+    mixed, as in a live program)."""
     rng = random.Random(seed)
-    live = list(streams)
-    while live:
-        stream = rng.choice(live)
-        item = next(stream, None)
-        if item is None:
-            live.remove(stream)
-        else:
-            yield item
+    left = [len(s) for s in streams]
+    pos = [0] * len(streams)
+    while any(left):
+        i = rng.choices(range(len(streams)), weights=left)[0]
+        yield streams[i][pos[i]]
+        pos[i] += 1
+        left[i] -= 1
 
 
 def load(store: Store, resources: Iterator[dict[str, Any]]) -> int:

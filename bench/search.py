@@ -40,7 +40,7 @@ def _pct(values: list[float], q: int) -> float:
 def seed(store: Store, n: int) -> dict[str, int]:
     participants = max(1, n * 9 // 10 // 9)
     task_count = max(1, n // 10)
-    load(store, interleave(observations(participants), tasks(task_count)))
+    load(store, interleave(list(observations(participants)), list(tasks(task_count))))
     return {"participants": participants, "tasks": task_count}
 
 

@@ -498,7 +498,7 @@ class Tx:
         ``visible_patients`` (None = no restriction) hides patient data outside that set from
         the matches *and* the total, so a count never leaks what a caller may not see.
         """
-        where = self._where(query)
+        where, selective = self._plan(query)
         if visible_patients is not None:
             where.append(
                 or_(
@@ -520,7 +520,11 @@ class Tx:
                 if query.sort_desc
                 else resources.c.seq > query.cursor
             )
-        order = resources.c.seq.desc() if query.sort_desc else resources.c.seq.asc()
+        # A selective driver leaves a few candidates: sort them (``seq + 0`` keeps SQLite from
+        # walking the whole seq index instead, for the ORDER BY); otherwise read in index
+        # order and stop at the page size.
+        seq = resources.c.seq + 0 if selective else resources.c.seq
+        order = seq.desc() if query.sort_desc else seq.asc()
         stmt = select(resources).where(*page_where).order_by(order).limit(query.count + 1)
         rows = [_row_to_stored(r) for r in self.conn.execute(stmt)]
         has_more = len(rows) > query.count
@@ -603,7 +607,11 @@ class Tx:
             yield int(row.seq), row.content, row.patient_id
 
     def _where(self, query: SearchQuery) -> list[ColumnElement[bool]]:
-        """The WHERE clauses of ``query``, planned most-selective-first.
+        return self._plan(query)[0]
+
+    def _plan(self, query: SearchQuery) -> tuple[list[ColumnElement[bool]], bool]:
+        """The WHERE clauses of ``query``, planned most-selective-first, and whether the
+        driving criterion is known to match fewer than ``ESTIMATE_CAP`` resources.
 
         The criterion matching the fewest resources (counted up to ``ESTIMATE_CAP`` in its
         index) becomes an uncorrelated IN-subquery, so the database starts from those few
@@ -617,14 +625,16 @@ class Tx:
         ]
         criteria = list(query.criteria)
         drivable = [c for c in criteria if c.modifier not in ("missing", "not")]
-        driver = drivable[0] if len(drivable) == 1 else None
-        if len(drivable) > 1:
+        driver = None
+        selective = False
+        if drivable:
             # One round trip: every candidate's capped count.
             counts = self.conn.execute(select(*(self._estimate(rtype, c) for c in drivable))).one()
-            driver = drivable[min(range(len(drivable)), key=lambda i: counts[i])]
+            best = min(range(len(drivable)), key=lambda i: counts[i])
+            driver, selective = drivable[best], counts[best] < ESTIMATE_CAP
         for criterion in criteria:
             clauses.append(self._criterion(rtype, criterion, driver=criterion is driver))
-        return clauses
+        return clauses, selective
 
     def _estimate(self, rtype: str, c: Criterion) -> Any:
         """How many resources ``c`` matches, counted no further than ``ESTIMATE_CAP`` (a
