@@ -36,7 +36,8 @@ from fhir_kat.validation.resource import SUPPORTED_TYPES
 
 log = logging.getLogger("fhir_kat.export")
 
-BATCH = 1000
+BATCH = 5000  # rows per read: ~2 MB of JSON held at a time, whatever the size of the export
+HEARTBEAT_EVERY = timedelta(seconds=10)  # well inside STALE_AFTER
 #: Never exported: the audit trail and subscriptions are operational, not clinical data.
 NOT_EXPORTED = frozenset({"AuditEvent", "Subscription"})
 OUTPUT_FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
@@ -276,6 +277,7 @@ class ExportService:
     ) -> int:
         count = 0
         after = 0
+        last_beat: datetime | None = None
         while True:
             with self.store.read() as tx:
                 visible = access.visible_patients(tx, query.resource_type)
@@ -287,20 +289,29 @@ class ExportService:
                     visible_patients=visible,
                     patients=patients,
                 )
-            for seq, content, patient_id in batch:
-                if level != "system" and patient_id is None:
-                    continue  # patient-level exports hold patient-compartment data only
-                if seen is not None:
-                    if seq in seen:
-                        continue
-                    seen.add(seq)
-                out.write(content)
+            if seen is None and level == "system":  # the common case: every row, one write
+                lines = [content for _, content, _ in batch]
+            else:
+                lines = []
+                for seq, content, patient_id in batch:
+                    if level != "system" and patient_id is None:
+                        continue  # patient-level exports hold patient-compartment data only
+                    if seen is not None:
+                        if seq in seen:
+                            continue
+                        seen.add(seq)
+                    lines.append(content)
+            if lines:
+                out.write("\n".join(lines))
                 out.write("\n")
-                count += 1
+                count += len(lines)
             if len(batch) < BATCH or self._is_cancelled(job_id):
                 return count
             after = batch[-1][0]
-            self._update(job_id)  # heartbeat
+            now = self.clock()
+            if last_beat is None or now - last_beat >= HEARTBEAT_EVERY:
+                self._update(job_id)  # heartbeat: a write per 10 s, not per batch
+                last_beat = now
 
     def _is_cancelled(self, job_id: str) -> bool:
         with self._lock:

@@ -23,12 +23,13 @@ from fhir_kat.instruments.outcomes import (
     measure_report,
     measure_resource,
 )
-from fhir_kat.search import Criterion, SearchQuery, parse_date_range, split_reference
+from fhir_kat.search import parse_date_range, split_reference
 from fhir_kat.store import Store, Tx
 from fhir_kat.store.store import format_instant
 
 FINAL = ("final", "amended", "corrected")
-BATCH = 2000
+#: Cohorts up to this size are filtered in SQL (an IN list); larger ones while reading.
+MEMBERS_IN_SQL = 500
 
 
 class OutcomeService:
@@ -99,31 +100,30 @@ class OutcomeService:
     def _points(
         self, tx: Tx, inst: Instrument, low: datetime, high: datetime, members: set[str] | None
     ) -> Iterator[ScorePoint]:
-        query = SearchQuery(
-            "Observation",
-            criteria=(
-                Criterion(
-                    "code", "token", "", ((inst.total["system"], inst.total["code"], True),), ""
-                ),
-                Criterion("status", "token", "", tuple((None, s, False) for s in FINAL), ""),
-                # Two criteria, AND-ed (values inside one criterion are OR-ed).
-                Criterion("date", "date", "", (("ge", low, low),), ""),
-                Criterion("date", "date", "", (("le", high, high),), ""),
-            ),
+        """The instrument's total scores in the period, in write order.
+
+        One pass: the code index drives a single streamed join (``Tx.by_token``); status and
+        effective date are checked on the JSON parsed anyway for the score. The result is the
+        same as the search ``Observation?code=…&status=final,amended,corrected&date=ge…&date=
+        le…`` (the ``date`` parameter indexes the same ``parse_date_range`` of
+        ``effectiveDateTime``) — tests/test_outcomes.py compares both on a generated cohort —
+        but costs O(n) instead of re-evaluating four index sub-queries per batch."""
+        in_sql = members if members is not None and len(members) <= MEMBERS_IN_SQL else None
+        rows = tx.by_token(
+            "Observation", "code", inst.total["system"], inst.total["code"], patients=in_sql
         )
-        after = 0
-        while True:
-            batch = tx.scan(query, after_seq=after, limit=BATCH, patients=members)
-            for _, content, patient in batch:
-                if patient is None:
-                    continue
-                obs = json.loads(content)
-                value = obs.get("valueQuantity", {}).get("value", obs.get("valueInteger"))
-                when = obs.get("effectiveDateTime")
-                parsed = parse_date_range(when) if isinstance(when, str) else None
-                if value is None or parsed is None:
-                    continue
-                yield ScorePoint(patient, parsed[0], float(value))
-            if len(batch) < BATCH:
-                return
-            after = batch[-1][0]
+        loads = json.loads
+        for _, content, patient in rows:
+            if members is not None and patient not in members:
+                continue
+            obs = loads(content)
+            if obs.get("status") not in FINAL:
+                continue
+            value = obs.get("valueQuantity", {}).get("value", obs.get("valueInteger"))
+            when = obs.get("effectiveDateTime")
+            parsed = parse_date_range(when) if isinstance(when, str) else None
+            if value is None or parsed is None:
+                continue
+            if parsed[1] < low or parsed[0] > high:  # date=ge<low> & date=le<high>
+                continue
+            yield ScorePoint(patient, parsed[0], float(value))

@@ -23,12 +23,14 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
     false,
     func,
     insert,
+    literal,
     not_,
     or_,
     select,
@@ -50,6 +52,38 @@ from fhir_kat.store.schema import (
 )
 
 Clock = Callable[[], datetime]
+
+#: How far a criterion's matches are counted when choosing which one drives a search.
+ESTIMATE_CAP = 500
+
+# The write path's statements, built once: SQLAlchemy then only binds parameters (building
+# a statement and its cache key per call cost more than running it on SQLite).
+_GET = select(resources).where(
+    resources.c.res_type == bindparam("k_type"), resources.c.res_id == bindparam("k_id")
+)
+_GET_FOR_UPDATE = _GET.with_for_update()
+_INSERT_VERSION = insert(resource_versions).returning(resource_versions.c.seq)
+_INSERT_CURRENT = insert(resources)
+_UPDATE_CURRENT: dict[tuple[str, ...], Any] = {
+    columns: update(resources)
+    .where(
+        resources.c.res_type == bindparam("k_type"),
+        resources.c.res_id == bindparam("k_id"),
+        resources.c.version_id == bindparam("k_version"),
+    )
+    .values({c: bindparam(c) for c in columns})
+    for columns in (
+        ("version_id", "last_updated", "seq", "deleted", "content", "patient_id"),
+        ("version_id", "last_updated", "seq", "deleted"),
+    )
+}
+_CLEAR_INDEX = [
+    delete(table).where(
+        table.c.res_type == bindparam("k_type"), table.c.res_id == bindparam("k_id")
+    )
+    for table in INDEX_TABLES
+]
+_INSERT_INDEX = {table: insert(table) for table in INDEX_TABLES}
 
 
 def dumps(resource: dict[str, Any]) -> str:
@@ -144,26 +178,34 @@ class Store:
         self._after_commit()
 
     def _after_commit(self) -> None:
-        """PostgreSQL plans the search joins from table statistics. A new database has none
-        until autovacuum's first ANALYZE (a minute or more), and meanwhile picks nested scans
-        that grow with the data. So, while a process's write count doubles from 64 up to
-        65,536, it refreshes them itself; after that autovacuum keeps up."""
-        if self.is_sqlite:
-            return
+        """Both databases plan the search joins from table statistics (which criterion to
+        start from, which index to probe). A new database has none (PostgreSQL's autovacuum
+        runs its first ANALYZE a minute or more later; SQLite never does), and meanwhile picks
+        scans that grow with the data. So, while a process's write count doubles from 64 up
+        to 65,536, it refreshes them itself; after that the shape of the data is known."""
         with self._stats_lock:
             self._writes += 1
             due = self._writes >= self._next_analyze and self._next_analyze <= 65_536
             if due:
                 self._next_analyze *= 2
         if due:
-            with self.engine.connect() as conn:
+            self.analyze()
+
+    def analyze(self) -> None:
+        """Refresh the planner's statistics (after a bulk load, say). On SQLite a sampled
+        ANALYZE (``analysis_limit``): milliseconds, whatever the size of the database."""
+        with self.engine.connect() as conn:
+            if self.is_sqlite:
+                conn.exec_driver_sql("PRAGMA analysis_limit=1000")
+                conn.exec_driver_sql("ANALYZE")
+            else:
                 conn.execute(
                     text(
                         "ANALYZE resources, search_token, search_reference, "
                         "search_date, search_string"
                     )
                 )
-                conn.commit()
+            conn.commit()
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
@@ -220,10 +262,8 @@ class Tx:
     # ------------------------------------------------------------------ reads
 
     def get(self, rtype: str, rid: str, *, for_update: bool = False) -> StoredResource | None:
-        stmt = select(resources).where(resources.c.res_type == rtype, resources.c.res_id == rid)
-        if for_update and not self.store.is_sqlite:
-            stmt = stmt.with_for_update()
-        row = self.conn.execute(stmt).first()
+        stmt = _GET_FOR_UPDATE if for_update and not self.store.is_sqlite else _GET
+        row = self.conn.execute(stmt, {"k_type": rtype, "k_id": rid}).first()
         return _row_to_stored(row) if row else None
 
     def get_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]:
@@ -310,14 +350,7 @@ class Tx:
         version_id = (current.version_id + 1) if current else 1
         now = self.store.clock()
         now_naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
-        meta = dict(resource.get("meta", {}))
-        meta["versionId"] = str(version_id)
-        meta["lastUpdated"] = format_instant(now_naive)
-        stored_json = dict(resource)
-        stored_json["meta"] = meta
-        # Keep resourceType and id first: readers (and people) expect them at the top.
-        ordered = {"resourceType": rtype, "id": rid}
-        ordered.update((k, v) for k, v in stored_json.items() if k not in ordered)
+        ordered = _stored_form(resource, version_id, now_naive)
         content = dumps(ordered)
         method = method or ("PUT" if current else "POST")
         seq = self._insert_version(rtype, rid, version_id, now_naive, method, content)
@@ -332,13 +365,70 @@ class Tx:
             "patient_id": patient_id,
         }
         if current is None:
-            self.conn.execute(insert(resources).values(res_type=rtype, res_id=rid, **values))
+            self.conn.execute(_INSERT_CURRENT, {"res_type": rtype, "res_id": rid, **values})
         else:
             self._update_current(rtype, rid, current.version_id, values)
             self._clear_index(rtype, rid)
         self._write_index(ordered, rows)
         stored = StoredResource(rtype, rid, version_id, now_naive, content, False, seq, patient_id)
         return stored, True
+
+    def create_many(self, new: Sequence[dict[str, Any]]) -> list[StoredResource]:
+        """Create ``new`` resources (none may exist yet) with one multi-row INSERT per table:
+        the same stored JSON, versions and index rows as ``put(r, current=None)`` each, for
+        bulk loads (imports, the benchmarks' data sets)."""
+        if not new:
+            return []
+        now = self.store.clock()
+        now_naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
+        prepared = []
+        for resource in new:
+            ordered = _stored_form(resource, 1, now_naive)
+            prepared.append((ordered, dumps(ordered)))
+        result = self.conn.execute(
+            insert(resource_versions).returning(
+                resource_versions.c.seq, sort_by_parameter_order=True
+            ),
+            [
+                {
+                    "res_type": r["resourceType"],
+                    "res_id": r["id"],
+                    "version_id": 1,
+                    "last_updated": now_naive,
+                    "method": "POST",
+                    "content": content,
+                }
+                for r, content in prepared
+            ],
+        )
+        seqs = [int(s) for s in result.scalars()]
+        stored: list[StoredResource] = []
+        current_rows: list[dict[str, Any]] = []
+        index: list[tuple[Any, dict[str, Any]]] = []
+        for (r, content), seq in zip(prepared, seqs, strict=True):
+            rows = extract_index(r)
+            patient_id = patient_of(r, rows)
+            current_rows.append(
+                {
+                    "res_type": r["resourceType"],
+                    "res_id": r["id"],
+                    "version_id": 1,
+                    "last_updated": now_naive,
+                    "seq": seq,
+                    "deleted": False,
+                    "content": content,
+                    "patient_id": patient_id,
+                }
+            )
+            stored.append(
+                StoredResource(
+                    r["resourceType"], r["id"], 1, now_naive, content, False, seq, patient_id
+                )
+            )
+            index.extend(_index_params(r, rows))
+        self.conn.execute(insert(resources), current_rows)
+        self._insert_index(index)
+        return stored
 
     def delete(self, current: StoredResource) -> StoredResource:
         now = self.store.clock()
@@ -358,16 +448,15 @@ class Tx:
         self, rtype: str, rid: str, vid: int, when: datetime, method: str, content: str | None
     ) -> int:
         result = self.conn.execute(
-            insert(resource_versions)
-            .values(
-                res_type=rtype,
-                res_id=rid,
-                version_id=vid,
-                last_updated=when,
-                method=method,
-                content=content,
-            )
-            .returning(resource_versions.c.seq)
+            _INSERT_VERSION,
+            {
+                "res_type": rtype,
+                "res_id": rid,
+                "version_id": vid,
+                "last_updated": when,
+                "method": method,
+                "content": content,
+            },
         )
         return int(result.scalar_one())
 
@@ -375,13 +464,8 @@ class Tx:
         self, rtype: str, rid: str, expected_version: int, values: dict[str, Any]
     ) -> None:
         result = self.conn.execute(
-            update(resources)
-            .where(
-                resources.c.res_type == rtype,
-                resources.c.res_id == rid,
-                resources.c.version_id == expected_version,
-            )
-            .values(**values)
+            _UPDATE_CURRENT[tuple(values)],
+            {"k_type": rtype, "k_id": rid, "k_version": expected_version, **values},
         )
         if result.rowcount != 1:
             # Another writer got there first; the unique (type, id, version) constraint on the
@@ -389,38 +473,20 @@ class Tx:
             raise ConcurrentUpdate(rtype, rid)
 
     def _clear_index(self, rtype: str, rid: str) -> None:
-        for table in INDEX_TABLES:
-            self.conn.execute(delete(table).where(table.c.res_type == rtype, table.c.res_id == rid))
+        for stmt in _CLEAR_INDEX:
+            self.conn.execute(stmt, {"k_type": rtype, "k_id": rid})
 
     def _write_index(self, resource: dict[str, Any], rows: IndexRows) -> None:
-        rtype, rid = resource["resourceType"], resource["id"]
-        base = {"res_type": rtype, "res_id": rid}
-        if rows.tokens:
-            self.conn.execute(
-                insert(search_token),
-                [
-                    {**base, "param": p, "system": s[:255], "code": c[:255]}
-                    for p, s, c in set(rows.tokens)
-                ],
-            )
-        if rows.references:
-            self.conn.execute(
-                insert(search_reference),
-                [
-                    {**base, "param": p, "target_type": t, "target_id": i[:64]}
-                    for p, t, i in set(rows.references)
-                ],
-            )
-        if rows.dates:
-            self.conn.execute(
-                insert(search_date),
-                [{**base, "param": p, "low": lo, "high": hi} for p, lo, hi in set(rows.dates)],
-            )
-        if rows.strings:
-            self.conn.execute(
-                insert(search_string),
-                [{**base, "param": p, "value": v[:512]} for p, v in set(rows.strings)],
-            )
+        self._insert_index(_index_params(resource, rows))
+
+    def _insert_index(self, index: Sequence[tuple[Any, dict[str, Any]]]) -> None:
+        """One multi-row INSERT per index table."""
+        by_table: dict[Any, list[dict[str, Any]]] = {}
+        for table, params in index:
+            by_table.setdefault(table, []).append(params)
+        for table in INDEX_TABLES:
+            if table in by_table:
+                self.conn.execute(_INSERT_INDEX[table], by_table[table])
 
     # ------------------------------------------------------------------ search
 
@@ -432,7 +498,7 @@ class Tx:
         ``visible_patients`` (None = no restriction) hides patient data outside that set from
         the matches *and* the total, so a count never leaks what a caller may not see.
         """
-        where = self._where(query)
+        where, selective = self._plan(query)
         if visible_patients is not None:
             where.append(
                 or_(
@@ -454,7 +520,11 @@ class Tx:
                 if query.sort_desc
                 else resources.c.seq > query.cursor
             )
-        order = resources.c.seq.desc() if query.sort_desc else resources.c.seq.asc()
+        # A selective driver leaves a few candidates: sort them (``seq + 0`` keeps SQLite from
+        # walking the whole seq index instead, for the ORDER BY); otherwise read in index
+        # order and stop at the page size.
+        seq = resources.c.seq + 0 if selective else resources.c.seq
+        order = seq.desc() if query.sort_desc else seq.asc()
         stmt = select(resources).where(*page_where).order_by(order).limit(query.count + 1)
         rows = [_row_to_stored(r) for r in self.conn.execute(stmt)]
         has_more = len(rows) > query.count
@@ -491,23 +561,126 @@ class Tx:
             .order_by(resources.c.seq)
             .limit(limit)
         )
-        return [(int(r.seq), r.content, r.patient_id) for r in self.conn.execute(stmt)]
+        return [(seq, content, patient) for seq, content, patient in self.conn.execute(stmt)]
+
+    def by_token(
+        self,
+        rtype: str,
+        param: str,
+        system: str,
+        code: str,
+        *,
+        patients: Collection[str] | None = None,
+    ) -> Iterator[tuple[int, str, str]]:
+        """Every current ``rtype`` in a patient's compartment whose ``param`` has the token
+        ``system|code``, as (seq, stored JSON, patient id) in write order.
+
+        One join driven by the token index, streamed (a server-side cursor on PostgreSQL), so
+        the cost grows linearly with the matches and memory stays flat: for whole-population
+        passes such as the outcome measure, where batched ``scan`` calls would re-run the
+        criteria's sub-queries for every batch."""
+        stmt = (
+            select(resources.c.seq, resources.c.content, resources.c.patient_id)
+            .select_from(
+                search_token.join(
+                    resources,
+                    and_(
+                        resources.c.res_type == search_token.c.res_type,
+                        resources.c.res_id == search_token.c.res_id,
+                    ),
+                )
+            )
+            .where(
+                search_token.c.res_type == rtype,
+                search_token.c.param == param,
+                search_token.c.code == code,
+                search_token.c.system == system,
+                resources.c.deleted == false(),
+                resources.c.patient_id.is_not(None),
+            )
+            .order_by(resources.c.seq)
+        )
+        if patients is not None:
+            stmt = stmt.where(resources.c.patient_id.in_(sorted(patients)))
+        result = self.conn.execution_options(stream_results=True, yield_per=2000).execute(stmt)
+        for row in result:
+            yield int(row.seq), row.content, row.patient_id
 
     def _where(self, query: SearchQuery) -> list[ColumnElement[bool]]:
+        return self._plan(query)[0]
+
+    def _plan(self, query: SearchQuery) -> tuple[list[ColumnElement[bool]], bool]:
+        """The WHERE clauses of ``query``, planned most-selective-first, and whether the
+        driving criterion is known to match fewer than ``ESTIMATE_CAP`` resources.
+
+        The criterion matching the fewest resources (counted up to ``ESTIMATE_CAP`` in its
+        index) becomes an uncorrelated IN-subquery, so the database starts from those few
+        index entries; every other criterion becomes a correlated EXISTS probed per candidate
+        through the owner index. Cost then follows the most selective criterion, not the
+        least (``code`` alone matches every PHQ-9 total in the database)."""
+        rtype = query.resource_type
         clauses: list[ColumnElement[bool]] = [
-            resources.c.res_type == query.resource_type,
+            resources.c.res_type == rtype,
             resources.c.deleted == false(),
         ]
-        for criterion in query.criteria:
-            clauses.append(self._criterion(query.resource_type, criterion))
-        return clauses
+        criteria = list(query.criteria)
+        drivable = [c for c in criteria if c.modifier not in ("missing", "not")]
+        driver = None
+        selective = False
+        if drivable:
+            # One round trip: every candidate's capped count.
+            counts = self.conn.execute(select(*(self._estimate(rtype, c) for c in drivable))).one()
+            best = min(range(len(drivable)), key=lambda i: counts[i])
+            driver, selective = drivable[best], counts[best] < ESTIMATE_CAP
+        for criterion in criteria:
+            clauses.append(self._criterion(rtype, criterion, driver=criterion is driver))
+        return clauses, selective
 
-    def _criterion(self, rtype: str, c: Criterion) -> ColumnElement[bool]:
+    def _estimate(self, rtype: str, c: Criterion) -> Any:
+        """How many resources ``c`` matches, counted no further than ``ESTIMATE_CAP`` (a
+        scalar sub-query)."""
+        if c.type == "id":
+            return literal(len(c.values))
+        if c.type == "lastUpdated":
+            inner = select(resources.c.res_id).where(
+                resources.c.res_type == rtype, self._criterion(rtype, c, driver=True)
+            )
+        else:
+            table, condition = self._index_condition(rtype, c)
+            inner = select(table.c.res_id).where(condition)
+        capped = inner.limit(ESTIMATE_CAP).subquery()
+        return select(func.count()).select_from(capped).scalar_subquery()
+
+    def _criterion(self, rtype: str, c: Criterion, *, driver: bool) -> ColumnElement[bool]:
         if c.type == "id":
             return resources.c.res_id.in_(list(c.values))
         if c.type == "lastUpdated":
             col = resources.c.last_updated
             return or_(*(_date_clause(col, col, v) for v in c.values))
+        table, condition = self._index_condition(rtype, c)
+        if c.modifier == "missing":
+            present = resources.c.res_id.in_(select(table.c.res_id).where(condition))
+            return not_(present) if c.values[0] else present
+        matched: ColumnElement[bool]
+        if driver:
+            # Uncorrelated: the database starts from the index on (res_type, param, value)
+            # and joins to the few matching resources.
+            matched = resources.c.res_id.in_(select(table.c.res_id).where(condition))
+        else:
+            # Correlated: probed through (res_type, res_id) for each candidate row.
+            matched = (
+                select(literal(1))
+                .where(
+                    table.c.res_type == resources.c.res_type,
+                    table.c.res_id == resources.c.res_id,
+                    condition,
+                )
+                .exists()
+            )
+        return not_(matched) if c.modifier == "not" else matched
+
+    def _index_condition(self, rtype: str, c: Criterion) -> tuple[Any, ColumnElement[bool]]:
+        """The index table ``c`` reads and the condition on its rows."""
         table = {
             "token": search_token,
             "reference": search_reference,
@@ -515,14 +688,9 @@ class Tx:
             "string": search_string,
             "uri": search_string,
         }[c.type]
-        # An uncorrelated IN-subquery: the database starts from the index on
-        # (res_type, param, value) and joins to the few matching resources, instead of
-        # walking every resource of the type and probing the index for each (what a
-        # correlated EXISTS gets planned as on SQLite) — flat cost as the data grows.
-        scope = (table.c.res_type == rtype, table.c.param == c.name)
+        scope = and_(table.c.res_type == rtype, table.c.param == c.name)
         if c.modifier == "missing":
-            present = resources.c.res_id.in_(select(table.c.res_id).where(*scope))
-            return not_(present) if c.values[0] else present
+            return table, scope
         alternatives: list[ColumnElement[bool]] = []
         for value in c.values:
             if c.type == "token":
@@ -550,8 +718,7 @@ class Tx:
                     alternatives.append(search_string.c.value.startswith(value, autoescape=True))
             else:  # uri: exact match
                 alternatives.append(search_string.c.value == value)
-        matched = resources.c.res_id.in_(select(table.c.res_id).where(*scope, or_(*alternatives)))
-        return not_(matched) if c.modifier == "not" else matched
+        return table, and_(scope, or_(*alternatives))
 
     def references_from(
         self, rtype: str, ids: Sequence[str], param: str, target_type: str | None
@@ -600,6 +767,40 @@ class ConcurrentUpdate(Exception):
     def __init__(self, rtype: str, rid: str) -> None:
         super().__init__(f"{rtype}/{rid} changed concurrently")
         self.rtype, self.rid = rtype, rid
+
+
+def _stored_form(resource: dict[str, Any], version_id: int, when: datetime) -> dict[str, Any]:
+    """The JSON stored for ``resource`` as version ``version_id`` written at ``when``."""
+    meta = dict(resource.get("meta", {}))
+    meta["versionId"] = str(version_id)
+    meta["lastUpdated"] = format_instant(when)
+    stored_json = dict(resource)
+    stored_json["meta"] = meta
+    # Keep resourceType and id first: readers (and people) expect them at the top.
+    ordered = {"resourceType": resource["resourceType"], "id": resource["id"]}
+    ordered.update((k, v) for k, v in stored_json.items() if k not in ordered)
+    return ordered
+
+
+def _index_params(resource: dict[str, Any], rows: IndexRows) -> list[tuple[Any, dict[str, Any]]]:
+    """The index rows of ``resource`` as (table, INSERT parameters), duplicates dropped."""
+    base = {"res_type": resource["resourceType"], "res_id": resource["id"]}
+    out: list[tuple[Any, dict[str, Any]]] = []
+    out.extend(
+        (search_token, {**base, "param": p, "system": sy[:255], "code": c[:255]})
+        for p, sy, c in set(rows.tokens)
+    )
+    out.extend(
+        (search_reference, {**base, "param": p, "target_type": t, "target_id": i[:64]})
+        for p, t, i in set(rows.references)
+    )
+    out.extend(
+        (search_date, {**base, "param": p, "low": lo, "high": hi}) for p, lo, hi in set(rows.dates)
+    )
+    out.extend(
+        (search_string, {**base, "param": p, "value": v[:512]}) for p, v in set(rows.strings)
+    )
+    return out
 
 
 def _without_server_meta(resource: dict[str, Any]) -> dict[str, Any]:

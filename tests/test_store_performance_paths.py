@@ -1,0 +1,221 @@
+"""The fast paths of issue 9 give the same answers as the general ones they replace.
+
+- ``Tx.create_many`` stores exactly what one ``put`` per resource stores (JSON, versions, index).
+- The outcome measure's single streamed join (``Tx.by_token``) gives the same results as the
+  old batched search (``Observation?code=…&status=…&date=ge…&date=le…`` through ``Tx.scan``),
+  on a generated cohort full of edge cases, with and without a cohort Group.
+- ``parse_date_range``'s fast path for full dateTimes agrees with the general parser.
+
+No timings here: the figures are in bench/ and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from fhir_kat.instruments.definitions import Catalogue, Instrument, load_catalogue
+from fhir_kat.instruments.outcomes import ScorePoint, evaluate
+from fhir_kat.search import Criterion, SearchQuery, _parse_date_range, parse_date_range
+from fhir_kat.services import outcomes
+from fhir_kat.services.outcomes import FINAL, OutcomeService
+from fhir_kat.store import Store, Tx
+from fhir_kat.store.schema import INDEX_TABLES, resource_versions, resources
+from tests.conftest import FakeClock
+
+
+def _cohort(catalogue: Catalogue, participants: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Synthetic total-score Observations with the cases the measure must get right: ties in
+    time, other statuses, dates either side of the period, zones, Period-valued effective,
+    valueInteger, missing values, Observations without a subject."""
+    rng = random.Random(seed)
+    t0 = datetime(2026, 1, 10, tzinfo=UTC)
+    n = 0
+    for i in range(participants):
+        pid = f"p{i}"
+        yield {"resourceType": "Patient", "id": pid}
+        for inst in catalogue.instruments.values():
+            for _ in range(rng.randrange(0, 4)):
+                n += 1
+                obs: dict[str, Any] = {
+                    "resourceType": "Observation",
+                    "id": f"o{n}",
+                    "status": rng.choice((*FINAL, "preliminary", "entered-in-error")),
+                    "code": {"coding": [dict(inst.total)]},
+                    "subject": {"reference": f"Patient/{pid}"},
+                }
+                if rng.random() < 0.05:
+                    del obs["subject"]
+                when = t0 + timedelta(days=rng.choice((-20, 0, 0, 45, 90, 400)))
+                shape = rng.random()
+                if shape < 0.1:
+                    obs["effectivePeriod"] = {"start": when.isoformat()}
+                elif shape < 0.2:
+                    obs["effectiveDateTime"] = when.date().isoformat()
+                elif shape < 0.3:
+                    obs["effectiveDateTime"] = (
+                        when.astimezone(UTC).isoformat().replace("+00:00", "-08:00")
+                    )
+                else:
+                    obs["effectiveDateTime"] = when.isoformat()
+                score = rng.randint(int(inst.min), int(inst.max))
+                kind = rng.random()
+                if kind < 0.1:
+                    obs["valueInteger"] = score
+                elif kind > 0.95:
+                    pass  # no value
+                else:
+                    obs["valueQuantity"] = {"value": score + rng.choice((0, 0.5))}
+                yield obs
+
+
+def _reference_points(
+    tx: Tx, inst: Instrument, low: datetime, high: datetime, members: set[str] | None
+) -> Iterator[ScorePoint]:
+    """The measure's data as it was read before issue 9: the generic search, in batches."""
+    query = SearchQuery(
+        "Observation",
+        criteria=(
+            Criterion("code", "token", "", ((inst.total["system"], inst.total["code"], True),), ""),
+            Criterion("status", "token", "", tuple((None, s, False) for s in FINAL), ""),
+            Criterion("date", "date", "", (("ge", low, low),), ""),
+            Criterion("date", "date", "", (("le", high, high),), ""),
+        ),
+    )
+    after = 0
+    while True:
+        batch = tx.scan(query, after_seq=after, limit=7, patients=members)
+        for _, content, patient in batch:
+            if patient is None:
+                continue
+            obs = json.loads(content)
+            value = obs.get("valueQuantity", {}).get("value", obs.get("valueInteger"))
+            when = obs.get("effectiveDateTime")
+            parsed = parse_date_range(when) if isinstance(when, str) else None
+            if value is None or parsed is None:
+                continue
+            yield ScorePoint(patient, parsed[0], float(value))
+        if len(batch) < 7:
+            return
+        after = batch[-1][0]
+
+
+def _load(store: Store, items: list[dict[str, Any]], bulk: bool) -> None:
+    with store.write() as tx:
+        if bulk:
+            tx.create_many(items)
+        else:
+            for item in items:
+                tx.put(item, current=None)
+
+
+@pytest.mark.parametrize("group", ["none", "small", "large"])
+def test_measure_matches_the_search_based_reading(
+    database_url: str, group: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if group == "large":  # a cohort too large for an IN list is filtered while reading
+        monkeypatch.setattr(outcomes, "MEMBERS_IN_SQL", 5)
+    catalogue = load_catalogue()
+    store = Store(database_url, clock=FakeClock())
+    store.create_schema()
+    try:
+        items = list(_cohort(catalogue, 60, seed=5))
+        _load(store, items, bulk=True)
+        members = {f"p{i}" for i in range(0, 60, 3)} if group != "none" else None
+        if members is not None:
+            with store.write() as tx:
+                tx.put(
+                    {
+                        "resourceType": "Group",
+                        "id": "cohort",
+                        "type": "person",
+                        "actual": True,
+                        "member": [{"entity": {"reference": f"Patient/{m}"}} for m in members],
+                    },
+                    current=None,
+                )
+        # A deleted Observation and an updated one: only the current version counts.
+        with store.write() as tx:
+            first = tx.get("Observation", "o1")
+            assert first is not None
+            tx.delete(first)
+            second = tx.get("Observation", "o2")
+            assert second is not None
+            changed = second.json()
+            changed["status"] = "amended"
+            tx.put(changed, current=second)
+        service = OutcomeService(store, catalogue, lambda: datetime.now(UTC))
+        subject = "Group/cohort" if members is not None else None
+        for start, end in (("2026-01-01", "2026-12-31"), ("2026-01-10", "2026-04-10")):
+            got = service.results(start, end, subject)
+            low, high = parse_date_range(start), parse_date_range(end)
+            assert low is not None and high is not None
+            with store.read() as tx:
+                want = [
+                    evaluate(inst, _reference_points(tx, inst, low[0], high[1], members))
+                    for inst in catalogue.instruments.values()
+                ]
+            assert got == want
+            assert any(r.denominator for r in got)  # the cohort exercises the arithmetic
+    finally:
+        store.drop_schema()
+        store.dispose()
+
+
+def _dump(store: Store) -> dict[str, list[tuple[Any, ...]]]:
+    out = {}
+    with store.read() as tx:
+        for table in (resources, resource_versions, *INDEX_TABLES):
+            rows = tx.conn.execute(select(table)).all()
+            out[table.name] = sorted(tuple(str(v) for v in r) for r in rows)
+    return out
+
+
+def test_create_many_stores_what_put_stores(tmp_path: Any) -> None:
+    items = list(_cohort(load_catalogue(), 15, seed=9))
+    items.append(
+        {
+            "resourceType": "Task",
+            "id": "t1",
+            "meta": {"tag": [{"system": "urn:x", "code": "y"}]},
+            "status": "requested",
+            "intent": "order",
+            "requester": {"reference": "Organization/org1"},
+            "for": {"reference": "Patient/p1"},
+        }
+    )
+    dumps = []
+    for bulk in (False, True):
+        store = Store(f"sqlite:///{tmp_path}/{bulk}.sqlite3", clock=lambda: datetime(2026, 2, 1))
+        store.create_schema()
+        _load(store, items, bulk)
+        dumps.append(_dump(store))
+        store.dispose()
+    assert dumps[0] == dumps[1]
+    assert len(dumps[0]["search_token"]) > len(items)
+
+
+def test_fast_date_path_agrees_with_the_general_parser() -> None:
+    rng = random.Random(1)
+    checked = 0
+    for _ in range(20_000):
+        text = (
+            f"{rng.choice(['2026', '1999', '0001'])}-{rng.choice(['01', '02', '12', '13'])}-"
+            f"{rng.choice(['01', '28', '29', '31', '00'])}T{rng.choice(['00', '23', '24'])}:"
+            f"{rng.choice(['00', '59', '60'])}:{rng.choice(['00', '59', '60'])}"
+            f"{rng.choice(['', '.1', '.123', '.123456', '.1234567'])}"
+            f"{rng.choice(['Z', '+00:00', '-05:30', '+14:00', ''])}"
+        )
+        try:
+            want = _parse_date_range(text)
+        except OverflowError:
+            continue  # 0001-01-01T00:00+14:00 lies before datetime.min either way
+        assert parse_date_range(text) == want, text
+        checked += 1
+    assert checked > 19_000
