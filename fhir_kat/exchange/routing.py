@@ -9,7 +9,7 @@ reference): that raises ``Unprocessable`` and the caller's transaction rolls bac
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fhir_kat.exchange.bundles import for_partner, resources_of, task_update_transaction
@@ -38,10 +38,7 @@ def enqueue_artifact(
         raise ValueError("a consent check needs the patient_key")
     types = {r.get("resourceType") for r in resources_of(artifact)}
 
-    def resolve(rtype: str, rid: str) -> dict[str, Any] | None:
-        stored = tx.get(rtype, rid)
-        return stored.json() if stored is not None and not stored.deleted else None
-
+    resolve = _resolver(tx)
     queued: dict[str, int] = {}
     for name in sorted(partners):
         partner = partners[name]
@@ -50,14 +47,7 @@ def enqueue_artifact(
         if not any(isinstance(t, str) and partner.accepts_type(t) for t in types):
             continue
         bundle = for_partner(partner, artifact, resolve)
-        check = None
-        if consent_purpose is not None:
-            check = {
-                "patient": patient_key,
-                "partner": name,
-                "actor": partner.organization,
-                "purpose": consent_purpose,
-            }
+        check = _consent_check(patient_key, name, partner, consent_purpose)
         queued[name] = enqueue(tx, name, "bundle", bundle, patient_key, check)
     return queued
 
@@ -96,23 +86,38 @@ def enqueue_referral_status(
     if document is not None and (consent_purpose is None or patient_key is None):
         raise ValueError("a feedback document is sent only under a consent check")
 
+    resolve = _resolver(tx)
+    queued: dict[str, int] = {}
+    for name in referrer_partners(partners, referrer_organizations):
+        bundle = task_update_transaction(task, resolve, document)
+        check = _consent_check(patient_key, name, partners[name], consent_purpose)
+        queued[name] = enqueue(tx, name, "bundle", bundle, patient_key, check)
+    return queued
+
+
+def _resolver(tx: Tx) -> Callable[[str, str], dict[str, Any] | None]:
+    """Reads a referenced resource in the caller's transaction (None when absent or deleted),
+    so the wire form can turn references into conditional ones by identifier."""
+
     def resolve(rtype: str, rid: str) -> dict[str, Any] | None:
         stored = tx.get(rtype, rid)
         return stored.json() if stored is not None and not stored.deleted else None
 
-    queued: dict[str, int] = {}
-    for name in referrer_partners(partners, referrer_organizations):
-        bundle = task_update_transaction(task, resolve, document)
-        check = None
-        if consent_purpose is not None:
-            check = {
-                "patient": patient_key,
-                "partner": name,
-                "actor": partners[name].organization,
-                "purpose": consent_purpose,
-            }
-        queued[name] = enqueue(tx, name, "bundle", bundle, patient_key, check)
-    return queued
+    return resolve
+
+
+def _consent_check(
+    patient_key: str | None, name: str, partner: PartnerConfig, purpose: str | None
+) -> dict[str, Any] | None:
+    """The consent question the worker asks again at send time (None: no patient data)."""
+    if purpose is None:
+        return None
+    return {
+        "patient": patient_key,
+        "partner": name,
+        "actor": partner.organization,
+        "purpose": purpose,
+    }
 
 
 __all__ = ["enqueue_artifact", "enqueue_referral_status", "referrer_partners"]
