@@ -212,6 +212,11 @@ def test_a_message_after_a_rest_referral_updates_the_same_referral(app: Flask) -
     [
         (lambda m: m["entry"][0]["resource"].update(eventCoding={"code": "x"}), "eventCoding"),
         (lambda m: m["entry"][0]["resource"].pop("focus"), "focus"),
+        # A code of one system under another: the event is the pair, not the code alone.
+        (
+            lambda m: m["entry"][0]["resource"]["eventCoding"].update(code="I12"),
+            "eventCoding",
+        ),
         (lambda m: m["entry"][2]["resource"].update(gender="bogus"), "gender"),
     ],
 )
@@ -283,3 +288,21 @@ def test_a_message_whose_focus_is_a_task(app: Flask) -> None:
     assert header["response"]["code"] == "ok", answer
     assert answer["entry"][1]["resource"]["status"] == "accepted"
     assert staff.get("/fhir/Task").get_json()["total"] == 1
+
+
+def test_a_bser_referral_message_with_the_v2_event_code(app: Flask) -> None:
+    """HL7 BSeR fixes eventCoding to v2-0003 I12 (new referral); I13 modifies one."""
+    staff, referrer = client_as(app, "staff"), client_as(app, "referrer")
+    message = as_message(transform(staff, referral(number="B-1")))
+    event = {"system": "http://terminology.hl7.org/CodeSystem/v2-0003", "code": "I12"}
+    message["entry"][0]["resource"]["eventCoding"] = event
+    r = process(referrer, message)
+    assert r.get_json()["entry"][0]["resource"]["response"]["code"] == "ok", r.get_json()
+    assert task_of(staff, "B-1")["status"] == "accepted"
+    update = copy.deepcopy(message)
+    update["id"] = str(uuid.uuid4())
+    update["entry"][0]["resource"]["id"] = str(uuid.uuid4())
+    update["entry"][0]["resource"]["eventCoding"] = event | {"code": "I13"}
+    r = process(referrer, update)
+    assert r.get_json()["entry"][0]["resource"]["response"]["code"] == "ok", r.get_json()
+    assert staff.get(f"/fhir/Task?identifier={REFERRAL_SYSTEM}|B-1").get_json()["total"] == 1

@@ -7,6 +7,7 @@ from typing import Any
 
 from fhir_kat import FHIR_VERSION, __version__
 from fhir_kat.search import params_for
+from fhir_kat.services.messaging import supported_events
 from fhir_kat.validation.resource import SUPPORTED_TYPES
 
 _SPEC = "http://hl7.org/fhir/SearchParameter"
@@ -115,8 +116,7 @@ def capability_statement(
                     }
                 ],
                 "documentation": "Synchronous referral messages (events in "
-                "mappings/workflow/messaging.yaml: add-service-request, "
-                "notify-update-service-request of CodeSystem kat-message-event); re-sent "
+                f"mappings/workflow/messaging.yaml: {supported_events()}); re-sent "
                 "messages (same Bundle.id) get the recorded response.",
             }
         ]

@@ -61,6 +61,12 @@ def message_rules(path: Path = FILE) -> dict[str, Any]:
     return data
 
 
+def supported_events(rules: dict[str, Any] | None = None) -> str:
+    """``system|code`` of every event that starts or updates a referral, for people."""
+    events: dict[str, dict[str, Any]] = (rules or message_rules())["events"]
+    return ", ".join(f"{system}|{code}" for system, codes in events.items() for code in codes)
+
+
 @dataclass(frozen=True)
 class MessageResult:
     response: dict[str, Any]
@@ -306,11 +312,11 @@ def _check(bundle: dict[str, Any], header: _Header) -> list[Issue]:
     mh = "Bundle.entry[0].resource"
     problems: list[Issue] = []
     event = header.event
-    if event.get("system") not in rules["systems"] or event.get("code") not in rules["events"]:
+    if event.get("code") not in rules["events"].get(event.get("system"), {}):
         problems.append(
             issue(
                 "not-supported",
-                "unknown event; supported: " + ", ".join(sorted(rules["events"])),
+                "unknown event; supported: " + supported_events(rules),
                 f"{mh}.eventCoding",
             )
         )
@@ -397,4 +403,10 @@ def _code_of(response: dict[str, Any]) -> str:
     return code
 
 
-__all__ = ["MessageResult", "MessagingService", "message_inbox", "message_rules"]
+__all__ = [
+    "MessageResult",
+    "MessagingService",
+    "message_inbox",
+    "message_rules",
+    "supported_events",
+]
