@@ -50,6 +50,14 @@ from fhir_kat.services.access import Access
 from fhir_kat.store import StoredResource, Tx
 from fhir_kat.store.schema import resources
 
+# Is any Subscription stored (not deleted)? Most writes happen where none is: this probe
+# (the resources table's type index, built once) spares each of them the criteria search.
+_ANY_SUBSCRIPTION = (
+    select(resources.c.seq)
+    .where(resources.c.res_type == "Subscription", resources.c.deleted == false())
+    .limit(1)
+)
+
 #: What a Subscription may watch (issue #7): the program's outcome and workflow resources.
 SUBSCRIBABLE = ("Observation", "Task", "MeasureReport", "Flag", "QuestionnaireResponse")
 #: Result parameters mean nothing for "does this one resource match".
@@ -258,6 +266,8 @@ class SubscriptionService:
     def notify(self, tx: Tx, rtype: str, rid: str) -> list[int]:
         """Queue a notification of ``rtype/rid`` (its current version) for every live
         Subscription that matches it and whose owner may see it; returns the delivery ids."""
+        if tx.conn.execute(_ANY_SUBSCRIPTION).first() is None:
+            return []  # no Subscription stored at all: one indexed probe instead of a search
         current = tx.get(rtype, rid)
         if current is None or current.deleted:
             return []
