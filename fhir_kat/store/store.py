@@ -237,6 +237,8 @@ class Tx:
         self.conn = conn
         self.store = store
         self._deferred: dict[str, Callable[[Tx], None]] = {}
+        #: Per-transaction caches of the services (each invalidated by its own write hook).
+        self.memo: dict[str, Any] = {}
 
     def defer(self, key: str, action: Callable[[Tx], None]) -> None:
         """Run ``action`` once, at the end of this transaction, before it commits: for rules
