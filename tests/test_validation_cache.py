@@ -3,6 +3,7 @@ and nothing that differs (content, URL type, Bundle prefix) is ever taken for va
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 from fhir_kat.validation import resource as validation
@@ -37,8 +38,10 @@ def test_problems_are_never_cached_and_non_json_content_is_not_cached() -> None:
 
 
 def test_the_cache_is_bounded(monkeypatch: Any) -> None:
+    monkeypatch.setattr(validation, "_valid", OrderedDict({(b"x", None, None): None}))
     monkeypatch.setattr(validation, "_VALID_CACHE_SIZE", 3)
     for n in range(6):
         assert validate_resource(task(description=f"bounded {n}"), "Task") == []
-    assert len(validation._valid) <= 3
+    assert len(validation._valid) == 3  # the oldest entries went first
+    assert (b"x", None, None) not in validation._valid
     assert validation._valid_key(task(description="bounded 5"), "Task", None) in validation._valid

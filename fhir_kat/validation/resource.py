@@ -158,7 +158,7 @@ def validate_resource(
     if key is not None and not problems:
         with _valid_lock:
             _valid[key] = None
-            if len(_valid) > _VALID_CACHE_SIZE:
+            while len(_valid) > _VALID_CACHE_SIZE:
                 _valid.popitem(last=False)
     return problems
 
