@@ -219,3 +219,37 @@ def test_fast_date_path_agrees_with_the_general_parser() -> None:
         assert parse_date_range(text) == want, text
         checked += 1
     assert checked > 19_000
+
+
+def test_matches_returns_the_page_search_returns(database_url: str) -> None:
+    """``Tx.matches`` (the services' look-ups, no total) gives exactly ``search``'s page."""
+    store = Store(database_url, clock=FakeClock())
+    store.create_schema()
+    try:
+        with store.write() as tx:
+            for resource in _cohort(load_catalogue(), 30, seed=9):
+                tx.put(resource, current=None)
+        total_code = next(iter(load_catalogue().instruments.values())).total
+        token = ((total_code["system"], total_code["code"], True),)
+        queries = [
+            SearchQuery("Observation", criteria=(Criterion("code", "token", "", token, ""),)),
+            SearchQuery(
+                "Observation",
+                criteria=(
+                    Criterion("code", "token", "", token, ""),
+                    Criterion("patient", "reference", "", (("Patient", "p3"),), ""),
+                ),
+                count=2,
+                sort_desc=True,
+            ),
+            SearchQuery("Observation", criteria=(Criterion("_id", "id", "", ("o1", "o2"), ""),)),
+            SearchQuery("Patient", count=7, cursor=3),
+            SearchQuery("Task"),
+        ]
+        with store.read() as tx:
+            for query in queries:
+                rows, _, _ = tx.search(query)
+                assert tx.matches(query) == rows
+            assert tx.search(queries[0])[0], "the cohort has matches to compare"
+    finally:
+        store.dispose()

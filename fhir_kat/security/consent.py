@@ -55,7 +55,7 @@ def organization_ids(tx: Tx, organization: str) -> list[str]:
         criteria=(Criterion("identifier", "token", "", ((system, value, True),), ""),),
         count=100,
     )
-    rows, _, _ = tx.search(query)
+    rows = tx.matches(query)
     return [r.id for r in rows]
 
 

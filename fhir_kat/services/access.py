@@ -112,7 +112,7 @@ class Access:
                     ),
                     count=1000,
                 )
-                rows, _, _ = tx.search(roles)
+                rows = tx.matches(roles)
                 owners += [("PractitionerRole", r.id) for r in rows]
             self._owners = owners
         return self._owners

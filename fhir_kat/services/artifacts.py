@@ -154,15 +154,20 @@ class ArtifactService:
     def _check_references(self, tx: Tx, entries: list[dict[str, Any]]) -> None:
         local = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in entries}
         missing: dict[str, str] = {}
+        found_refs: set[str] = set()  # each stored target read once (many entries name it)
         for i, entry in enumerate(entries):
             for holder, path in iter_references(entry["resource"], f"Bundle.entry[{i}].resource"):
                 ref = holder["reference"]
+                if ref in local or ref in missing or ref in found_refs:
+                    continue
                 target = split_reference(ref)
-                if target is None or ref in local or ref in missing:
+                if target is None:
                     continue
                 found = tx.get(*target)
                 if found is None or found.deleted:
                     missing[ref] = path
+                else:
+                    found_refs.add(ref)
         if missing:
             raise Unprocessable(
                 [

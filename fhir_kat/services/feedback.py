@@ -133,7 +133,7 @@ class ReferrerFeedback:
                 count=100,
             ),
         )
-        rows, _, _ = tx.search(own)
+        rows = tx.matches(own)
         wanted = f"Composition/{found.id}"
         if not any(
             o.get("valueReference", {}).get("reference") == wanted
@@ -259,7 +259,7 @@ class ReferrerFeedback:
                 ),
                 count=1000,
             )
-            rows, _, _ = tx.search(query)
+            rows = tx.matches(query)
             points = []
             for row in rows:
                 obs = row.json()
@@ -365,7 +365,7 @@ def _search(tx: Tx, rtype: str, param: str, target: tuple[str, str]) -> list[dic
     query = SearchQuery(
         rtype, criteria=(Criterion(param, "reference", "", (target,), ""),), count=1000
     )
-    rows, _, _ = tx.search(query)
+    rows = tx.matches(query)
     return [r.json() for r in rows if not r.deleted]
 
 

@@ -156,7 +156,7 @@ class InstrumentService:
             ),
             count=1000,
         )
-        rows, _, _ = tx.search(query)
+        rows = tx.matches(query)
         best: tuple[datetime, float] | None = None
         for row in rows:
             obs = json.loads(row.content)

@@ -215,7 +215,7 @@ class MessagingService:
                 criteria=(Criterion("identifier", "token", "", ((system, value, True),), ""),),
                 count=2,
             )
-            rows, _, _ = tx.search(query)
+            rows = tx.matches(query)
             if len(rows) == 1:
                 return rows[0].id
             return str(uuid.uuid5(NAMESPACE, f"{rtype}|{system}|{value}"))

@@ -138,7 +138,7 @@ class ReferralWorkflow:
         query = SearchQuery(
             "Task", criteria=(Criterion(param, "reference", "", (target,), ""),), count=50
         )
-        rows, _, _ = tx.search(query)
+        rows = tx.matches(query)
         return [r for r in rows if is_referral_task(r.json())]
 
     def facts(self, tx: Tx, sr: dict[str, Any]) -> ReferralFacts:
@@ -310,7 +310,7 @@ def tasks_for_referral(tx: Tx, sr_id: str) -> list[StoredResource]:
         criteria=(Criterion("focus", "reference", "", (("ServiceRequest", sr_id),), ""),),
         count=50,
     )
-    rows, _, _ = tx.search(query)
+    rows = tx.matches(query)
     return [r for r in rows if is_referral_task(r.json()) and not r.deleted]
 
 

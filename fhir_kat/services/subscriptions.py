@@ -50,6 +50,15 @@ from fhir_kat.services.access import Access
 from fhir_kat.store import StoredResource, Tx
 from fhir_kat.store.schema import resources
 
+# Is any Subscription stored (not deleted)? Most writes happen where none is: this probe
+# (the resources table's type index, built once) spares each of them the criteria search.
+_ANY_SUBSCRIPTION = (
+    select(resources.c.seq)
+    .where(resources.c.res_type == "Subscription", resources.c.deleted == false())
+    .limit(1)
+)
+_ANY_KEY = "subscriptions:any"
+
 #: What a Subscription may watch (issue #7): the program's outcome and workflow resources.
 SUBSCRIBABLE = ("Observation", "Task", "MeasureReport", "Flag", "QuestionnaireResponse")
 #: Result parameters mean nothing for "does this one resource match".
@@ -233,6 +242,7 @@ class SubscriptionService:
 
     def on_write(self, tx: Tx, stored: StoredResource, _created: bool) -> None:
         if stored.type == "Subscription":
+            tx.memo.pop(_ANY_KEY, None)  # the probe below is answered again
             if stored.deleted:
                 self._check_delete(tx, stored.id)
             return
@@ -258,6 +268,8 @@ class SubscriptionService:
     def notify(self, tx: Tx, rtype: str, rid: str) -> list[int]:
         """Queue a notification of ``rtype/rid`` (its current version) for every live
         Subscription that matches it and whose owner may see it; returns the delivery ids."""
+        if not self._any_subscription(tx):
+            return []  # no Subscription stored at all: nothing to match
         current = tx.get(rtype, rid)
         if current is None or current.deleted:
             return []
@@ -305,6 +317,14 @@ class SubscriptionService:
             }
             queued.append(enqueue(tx, partner_name(sub.id), "rest-hook", payload, ORDER_KEY, check))
         return queued
+
+    def _any_subscription(self, tx: Tx) -> bool:
+        """Whether any Subscription is stored: one indexed probe per transaction (a write of
+        a Subscription in it clears the answer, ``on_write``) instead of a criteria search for
+        every resource written."""
+        if _ANY_KEY not in tx.memo:
+            tx.memo[_ANY_KEY] = tx.conn.execute(_ANY_SUBSCRIPTION).first() is not None
+        return bool(tx.memo[_ANY_KEY])
 
     def _permits(self, tx: Tx, access: Access, patient_id: str, rtype: str) -> bool:
         """The patient's consent, read in this transaction: the decision point's cache is

@@ -237,6 +237,8 @@ class Tx:
         self.conn = conn
         self.store = store
         self._deferred: dict[str, Callable[[Tx], None]] = {}
+        #: Per-transaction caches of the services (each invalidated by its own write hook).
+        self.memo: dict[str, Any] = {}
 
     def defer(self, key: str, action: Callable[[Tx], None]) -> None:
         """Run ``action`` once, at the end of this transaction, before it commits: for rules
@@ -513,6 +515,18 @@ class Tx:
         )
         if query.summary_count or query.count == 0:
             return [], total, False
+        rows, has_more = self._page(query, where, selective)
+        return rows, total, has_more
+
+    def matches(self, query: SearchQuery) -> list[StoredResource]:
+        """The first page of ``query``'s matches, without counting them all: for the
+        services' own look-ups, which never show a total (one query fewer than ``search``)."""
+        where, selective = self._plan(query)
+        return self._page(query, where, selective)[0]
+
+    def _page(
+        self, query: SearchQuery, where: list[ColumnElement[bool]], selective: bool
+    ) -> tuple[list[StoredResource], bool]:
         page_where = list(where)
         if query.cursor is not None:
             page_where.append(
@@ -528,7 +542,7 @@ class Tx:
         stmt = select(resources).where(*page_where).order_by(order).limit(query.count + 1)
         rows = [_row_to_stored(r) for r in self.conn.execute(stmt)]
         has_more = len(rows) > query.count
-        return rows[: query.count], total, has_more
+        return rows[: query.count], has_more
 
     def scan(
         self,

@@ -10,7 +10,11 @@ StructureDefinitions) runs after them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import threading
+from collections import OrderedDict
 from functools import cache
 from typing import Any
 
@@ -111,14 +115,55 @@ def structure_issues(resource: dict[str, Any], prefix: str | None = None) -> lis
     return []
 
 
+#: Digests of resources found valid lately (with the type and prefix they were checked
+#: under): the checks are a pure function of the JSON, and the same content comes again and
+#: again (an artifact's Practitioner, Organization and Endpoint; every identical re-send).
+_VALID_CACHE_SIZE = 4096
+_valid: OrderedDict[tuple[bytes, str | None, str | None], None] = OrderedDict()
+_valid_lock = threading.Lock()
+
+
+def _valid_key(
+    resource: Any, expected_type: str | None, prefix: str | None
+) -> tuple[bytes, str | None, str | None] | None:
+    if not isinstance(resource, dict):
+        return None
+    try:
+        text = json.dumps(
+            resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError):
+        return None  # not plain JSON (the check itself will say what is wrong): not cached
+    digest = hashlib.blake2b(text.encode(), digest_size=20).digest()
+    return digest, expected_type, prefix
+
+
 def validate_resource(
     resource: Any, expected_type: str | None = None, prefix: str | None = None
 ) -> list[Issue]:
     """Every problem with ``resource`` as a list of issues (empty = valid).
 
     ``expected_type`` is the type named by the URL; ``prefix`` locates the resource inside a
-    Bundle (``Bundle.entry[3].resource``) so expressions point at the right place.
+    Bundle (``Bundle.entry[3].resource``) so expressions point at the right place. Content
+    found valid recently is not checked again (a bounded cache of digests; only "valid" is
+    remembered, so every problem is still reported from a fresh check).
     """
+    key = _valid_key(resource, expected_type, prefix)
+    if key is not None:
+        with _valid_lock:
+            if key in _valid:
+                _valid.move_to_end(key)
+                return []
+    problems = _validate(resource, expected_type, prefix)
+    if key is not None and not problems:
+        with _valid_lock:
+            _valid[key] = None
+            while len(_valid) > _VALID_CACHE_SIZE:
+                _valid.popitem(last=False)
+    return problems
+
+
+def _validate(resource: Any, expected_type: str | None, prefix: str | None) -> list[Issue]:
     from fhir_kat.validation.bindings import check_required_bindings
 
     where = prefix or (expected_type or "")
