@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -136,9 +138,9 @@ class Store:
             # Take transaction control from pysqlite so BEGIN IMMEDIATE is ours to issue.
             dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")
+            _use_wal(cursor)
+            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
         @event.listens_for(engine, "begin")
@@ -150,9 +152,13 @@ class Store:
 
     def create_schema(self) -> None:
         """Create missing tables. Several processes starting at once (gunicorn workers) take
-        turns through an advisory lock: concurrent CREATE TABLEs collide on PostgreSQL."""
+        turns: through an advisory lock on PostgreSQL (concurrent CREATE TABLEs collide), and
+        through ``BEGIN IMMEDIATE`` on SQLite — in a deferred transaction the table check reads
+        first, and a reader that then wants to write gets "database is locked" at once instead
+        of waiting for the busy timeout."""
         if self.is_sqlite:
-            metadata.create_all(self.engine)
+            with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
+                metadata.create_all(conn)
             return
         with self.engine.connect() as conn:
             conn.execute(text("SELECT pg_advisory_lock(7301)"))
@@ -215,6 +221,22 @@ class Store:
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+
+def _use_wal(cursor: Any, attempts: int = 300) -> None:
+    """Switch a SQLite file to WAL (persistent: once per file). The switch does not wait on the
+    busy handler, so processes opening a new file at once (gunicorn workers) would get
+    "database is locked": it is retried for up to ~30 s, and skipped once another did it."""
+    for attempt in range(attempts):
+        try:
+            if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
 
 
 def _row_to_stored(row: Any) -> StoredResource:
