@@ -56,7 +56,8 @@ REFERRAL_FORM: list[tuple[str, list[tuple[str, str, str, str]]]] = [
                 "referrer.fhir_endpoint",
                 "Your EMR's FHIR endpoint (optional)",
                 "url",
-                "Where the program may send feedback.",
+                "Recorded for program staff. Status updates reach your EMR automatically once "
+                "the program has registered your clinic's endpoint.",
             ),
             ("referrer.contact.phone", "Your phone", "text", ""),
             ("referrer.contact.email", "Your email", "email", ""),
