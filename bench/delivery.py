@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from fhir_kat.exchange import outbox as ob  # noqa: E402
 from fhir_kat.exchange.bundles import to_transaction  # noqa: E402
+from fhir_kat.exchange.netguard import networks  # noqa: E402
 from fhir_kat.exchange.outbox import RetryPolicy  # noqa: E402
 from fhir_kat.exchange.partners import PartnerConfig  # noqa: E402
 from fhir_kat.exchange.worker import DeliveryWorker  # noqa: E402
@@ -124,6 +125,7 @@ def _worker(store: Store, partners: dict[str, PartnerConfig]) -> DeliveryWorker:
         worker_id="bench",
         batch_size=20,
         subscription_policy=RetryPolicy(max_attempts=3),
+        endpoint_policy=networks(["127.0.0.0/8"]),  # the subscriber listens on loopback
     )
 
 

@@ -17,6 +17,7 @@ from flask import Flask, Response, g, request
 from fhir_kat.api.errors import register_error_handlers
 from fhir_kat.clinical.protocol import load_protocol
 from fhir_kat.exchange import PartnerConfig, load_partners
+from fhir_kat.exchange.netguard import policy_from_settings
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.logging import configure_logging
 from fhir_kat.mapping.functions import all_questionnaires
@@ -70,6 +71,7 @@ def create_app(
     now: Callable[[], datetime] = clock or utcnow
     # Every configuration problem is found before anything opens a database connection.
     partners = load_partners(settings)
+    endpoint_policy = policy_from_settings(settings)
     clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
     program = settings.extra.get("program", {})
     catalogue = load_catalogue(program.get("instruments", {}))
@@ -116,7 +118,7 @@ def create_app(
     consent = ConsentDecisionPoint()
     # R4 rest-hook Subscriptions: checked on write, notified through the outbox in the same
     # transaction; a Consent write releases the deliveries that waited for it.
-    subscriptions = SubscriptionService(consent, now, clients)
+    subscriptions = SubscriptionService(consent, now, clients, endpoint_policy)
     fhir.write_rules.append(subscriptions.check_rule)
     fhir.write_hooks.append(subscriptions.on_write)
     fhir.write_hooks.append(requeue_on_consent)

@@ -18,7 +18,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
+from fhir_kat.app import create_app
 from fhir_kat.exchange import outbox as ob
+from fhir_kat.exchange.netguard import networks
 from fhir_kat.exchange.outbox import RetryPolicy
 from fhir_kat.exchange.partners import PartnerConfig
 from fhir_kat.exchange.worker import DeliveryWorker
@@ -33,6 +35,7 @@ GAD7 = "70274-6"  # GAD-7 total score (DOMAIN.md)
 LOINC = "http://loinc.org"
 PURPOSES = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 ORG_SYSTEM = "https://fhir-kat.example.org/fhir/sid/organization"
+LOOPBACK = "127.0.0.0/8"
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -48,7 +51,14 @@ def settings(settings: Settings) -> Settings:
         "ha-sub-secret",
         organization=HA_ORG,
     )
-    return replace(settings, extra={"clients": {**TEST_CLIENTS, "ha-sub": ha}})
+    return replace(
+        settings,
+        extra={
+            "clients": {**TEST_CLIENTS, "ha-sub": ha},
+            # The subscribers here listen on loopback, which only an operator can allow.
+            "exchange": {"subscription_endpoint_networks": [LOOPBACK]},
+        },
+    )
 
 
 def post(c: FlaskClient, path: str, body: Any) -> Any:
@@ -234,6 +244,7 @@ def make_worker(
         on_outcome=make_delivery_audit(state.store, clock),
         subscription_policy=RetryPolicy(max_attempts=6, base_seconds=1, cap_seconds=2),
         subscription_timeout_seconds=5,
+        endpoint_policy=networks([LOOPBACK]),
     )
 
 
@@ -741,3 +752,71 @@ def test_an_owner_that_loses_its_registration_or_scopes_is_not_notified(
     del registry["ha-sub"]
     created(world["staff"], "/fhir/Observation", observation(None))
     assert len(queued(app, sid)) == 1
+
+
+# ------------------------------------------------------------------------ endpoint addresses
+
+
+PRIVATE_ENDPOINTS = [
+    "http://127.0.0.1:8080/hook",
+    "http://localhost/hook",
+    "http://api.localhost/hook",
+    "http://169.254.169.254/latest/meta-data",  # a cloud metadata service
+    "http://10.1.2.3/hook",
+    "https://192.168.0.10/hook",
+    "http://100.64.0.1/hook",  # carrier-grade NAT
+    "http://[::1]/hook",
+    "http://[::ffff:127.0.0.1]/hook",  # loopback dressed as IPv6
+    "http://[fd00::1]/hook",
+    "http://0.0.0.0/hook",
+]
+
+
+def test_endpoints_on_private_addresses_are_refused_unless_the_operator_allows_them(
+    settings: Settings,
+) -> None:
+    strict = create_app(replace(settings, extra={"clients": settings.extra["clients"]}))
+    try:
+        ha = client_as(strict, "ha-sub")
+        for url in PRIVATE_ENDPOINTS:
+            r = post(ha, "/fhir/Subscription", subscription("Observation", url))
+            assert r.status_code == 422, url
+            (problem,) = r.get_json()["issue"]
+            assert problem["expression"] == ["Subscription.channel.endpoint"]
+            assert "subscription_endpoint_networks" in problem["diagnostics"]
+        for url in ("https://x.example/hook", "https://93.184.216.34/hook"):
+            r = post(ha, "/fhir/Subscription", subscription("Observation", url))
+            assert r.status_code == 201, url
+    finally:
+        strict.extensions["fhir_kat"].export.shutdown()
+        strict.extensions["fhir_kat"].store.dispose()
+
+
+def test_the_worker_never_connects_to_an_address_its_policy_refuses(
+    app: Flask, world: dict[str, Any], subscriber: Subscriber
+) -> None:
+    """The service allowed loopback when the Subscription was written, the worker does not (as
+    when a public name starts resolving to a private address): checked on the connected
+    socket, the notification never reaches the address and is dead at once (no retries)."""
+    ha, staff = world["ha"], world["staff"]
+    sid = created(ha, "/fhir/Subscription", subscription("Observation", subscriber.url))["id"]
+    created(staff, "/fhir/Observation", observation(world["shared"]))
+    state = app.extensions["fhir_kat"]
+    clock = Clock()
+    strict = DeliveryWorker(
+        state.store,
+        {},
+        make_consent_gate(state.store, state.consent, clock),
+        clock,
+        lambda _s: None,
+        worker_id="strict",
+    )
+    try:
+        report = strict.run_once()
+    finally:
+        strict.close()
+    assert report.dead == 1 and report.retried == 0
+    assert subscriber.received == []
+    (dead,) = ob.list_deliveries(store_of(app), partner=f"subscription:{sid}")
+    assert dead.status == "dead"
+    assert "private or reserved address" in json.dumps(dead.last_error)

@@ -33,6 +33,7 @@ from typing import Any
 import jwt
 import requests
 
+from fhir_kat.exchange.netguard import EndpointRefused
 from fhir_kat.exchange.partners import PartnerConfig
 
 log = logging.getLogger("fhir_kat.exchange.client")
@@ -166,6 +167,10 @@ class PartnerClient:
                     timeout=self.partner.timeout_seconds,
                     allow_redirects=False,
                 )
+            except EndpointRefused as exc:
+                # A client-chosen endpoint on a forbidden address: no retry will change that.
+                self._log(delivery_id, None, "endpoint-refused")
+                return Permanent(0, _outcome("forbidden", str(exc)))
             except requests.Timeout:
                 self._log(delivery_id, None, "timeout")
                 return Retryable("timeout")

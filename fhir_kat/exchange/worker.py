@@ -32,6 +32,7 @@ from typing import Any
 
 from fhir_kat.exchange import outbox
 from fhir_kat.exchange.client import Delivered, PartnerClient, Permanent, Retryable, SendResult
+from fhir_kat.exchange.netguard import EndpointPolicy, guarded_session, policy_from_settings
 from fhir_kat.exchange.outbox import SUBSCRIPTION_PREFIX, Delivery, RetryPolicy
 from fhir_kat.exchange.partners import PartnerConfig, load_partners
 from fhir_kat.exchange.subscriptions import Notification, resolve
@@ -90,6 +91,7 @@ class DeliveryWorker:
         subscriptions: bool = True,
         subscription_policy: RetryPolicy | None = None,
         subscription_timeout_seconds: float | None = None,
+        endpoint_policy: EndpointPolicy | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -104,6 +106,8 @@ class DeliveryWorker:
         # and the lease is renewed right before each send, so that is all it must outlast.
         self.subscriptions = subscriptions
         self.subscription_policy = subscription_policy or RetryPolicy()
+        # Subscribers chose their endpoints: every connection to one is checked (netguard).
+        self.endpoint_policy = endpoint_policy or EndpointPolicy()
         timeouts = [p.timeout_seconds for p in self.partners.values()]
         # A subscriber gets the longest partner timeout (10 s without partners), so serving
         # Subscriptions does not lengthen the lease a deployment already chose.
@@ -295,7 +299,9 @@ class DeliveryWorker:
         config = PartnerConfig(
             name=partner, base_url=url, timeout_seconds=self.subscription_timeout
         )
-        client = PartnerClient(config, clock=self._epoch)
+        client = PartnerClient(
+            config, session=guarded_session(self.endpoint_policy), clock=self._epoch
+        )
         self._hook_clients[partner] = (url, client)
         return client
 
@@ -401,6 +407,7 @@ def main(
     try:
         settings = load_settings()
         partners = load_partners(settings)
+        endpoint_policy = policy_from_settings(settings)
     except SettingsError as exc:
         print(f"fhir-kat worker: {exc}", file=sys.stderr)
         return 2
@@ -425,6 +432,7 @@ def main(
             idle_seconds=args.idle_seconds,
             on_outcome=on_outcome,
             subscriptions=not args.no_subscriptions,
+            endpoint_policy=endpoint_policy,
         )
     except ValueError as exc:
         store.dispose()

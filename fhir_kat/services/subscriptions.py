@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, urlsplit
 from sqlalchemy import false, select
 
 from fhir_kat.errors import BadRequest, Forbidden, Issue, Unprocessable, issue
+from fhir_kat.exchange.netguard import EndpointPolicy
 from fhir_kat.exchange.outbox import enqueue
 from fhir_kat.exchange.subscriptions import (
     FULL_RESOURCE,
@@ -108,8 +109,9 @@ def parse_criteria(criteria: Any) -> tuple[str, list[tuple[str, str]]] | Issue:
     return rtype, pairs
 
 
-def check_subscription(body: dict[str, Any]) -> list[Issue]:
-    """Service rules for a Subscription (structure is already valid R4)."""
+def check_subscription(body: dict[str, Any], policy: EndpointPolicy | None = None) -> list[Issue]:
+    """Service rules for a Subscription (structure is already valid R4). ``policy``: which
+    endpoint addresses are allowed (default: public ones only; ``exchange.netguard``)."""
     problems: list[Issue] = []
     rid = body.get("id")
     if isinstance(rid, str) and len(rid) > MAX_SUBSCRIPTION_ID:
@@ -143,11 +145,11 @@ def check_subscription(body: dict[str, Any]) -> list[Issue]:
             )
         )
     else:
-        problems.extend(_check_rest_hook(channel))
+        problems.extend(_check_rest_hook(channel, policy or EndpointPolicy()))
     return problems
 
 
-def _check_rest_hook(channel: dict[str, Any]) -> list[Issue]:
+def _check_rest_hook(channel: dict[str, Any], policy: EndpointPolicy) -> list[Issue]:
     problems: list[Issue] = []
     endpoint = channel.get("endpoint")
     parts = urlsplit(endpoint) if isinstance(endpoint, str) else None
@@ -159,6 +161,8 @@ def _check_rest_hook(channel: dict[str, Any]) -> list[Issue]:
                 "Subscription.channel.endpoint",
             )
         )
+    elif (refused := policy.literal_problem(str(endpoint))) is not None:
+        problems.append(issue("value", refused, "Subscription.channel.endpoint"))
     payload = channel.get("payload")
     if payload is not None and payload != FULL_RESOURCE:
         problems.append(
@@ -186,10 +190,12 @@ class SubscriptionService:
         consent: ConsentDecisionPoint,
         clock: Callable[[], datetime],
         clients: ClientRegistry | None = None,
+        endpoint_policy: EndpointPolicy | None = None,
     ) -> None:
         self.consent = consent
         self.clock = clock
         self.clients = clients
+        self.endpoint_policy = endpoint_policy or EndpointPolicy()
 
     # ------------------------------------------------------------------ the Subscription
 
@@ -197,7 +203,7 @@ class SubscriptionService:
         """Refuse a bad or foreign Subscription; turn ``requested`` into ``active``."""
         if body.get("resourceType") != "Subscription":
             return
-        problems = check_subscription(body)
+        problems = check_subscription(body, self.endpoint_policy)
         if problems:
             raise Unprocessable(problems)
         caller = _CALLER.get()
