@@ -820,3 +820,32 @@ def test_the_worker_never_connects_to_an_address_its_policy_refuses(
     (dead,) = ob.list_deliveries(store_of(app), partner=f"subscription:{sid}")
     assert dead.status == "dead"
     assert "private or reserved address" in json.dumps(dead.last_error)
+
+
+def test_a_dead_notification_puts_the_subscription_in_error_until_its_owner_resumes_it(
+    app: Flask, world: dict[str, Any], subscriber: Subscriber
+) -> None:
+    ha, staff = world["ha"], world["staff"]
+    sid = created(ha, "/fhir/Subscription", subscription("Observation", subscriber.url))["id"]
+    subscriber.status = 410  # the subscriber's endpoint is gone: a permanent answer
+    created(staff, "/fhir/Observation", observation(world["shared"]))
+    worker = make_worker(app, Clock())
+    drain(worker)
+    stored = ha.get(f"/fhir/Subscription/{sid}").get_json()
+    assert stored["status"] == "error"
+    assert "could not be delivered" in stored["error"]
+    assert world["shared"] not in stored["error"]  # no patient in the reason
+    assert_conformant(stored)
+    # in error, nothing more is queued for it
+    created(staff, "/fhir/Observation", observation(world["shared"]))
+    assert len(queued(app, sid)) == 1
+    # a client cannot claim the error itself, and resumes the Subscription with "requested"
+    assert put(ha, f"/fhir/Subscription/{sid}", stored).status_code == 422
+    resumed = put(ha, f"/fhir/Subscription/{sid}", dict(stored, status="requested")).get_json()
+    assert resumed["status"] == "active" and "error" not in resumed
+    subscriber.status = 200
+    created(staff, "/fhir/Observation", observation(world["shared"]))
+    drain(worker)
+    worker.close()
+    assert statuses(app, f"subscription:{sid}") == ["dead", "delivered"]
+    assert len(subscriber.received) == 2

@@ -134,6 +134,22 @@ def is_live(doc: dict[str, Any], now: datetime) -> bool:
     return True
 
 
+def mark_error(tx: Tx, sid: str, reason: str) -> bool:
+    """Set an active Subscription to ``error`` (R4: the server does, when it cannot deliver),
+    so nothing more is queued for it; its owner resumes it by sending ``status: requested``.
+    False when it is already gone, off, ended or in error."""
+    stored = tx.get("Subscription", sid, for_update=True)
+    if stored is None or stored.deleted:
+        return False
+    doc = stored.json()
+    if doc.get("status") != "active":
+        return False
+    doc["status"] = "error"
+    doc["error"] = reason
+    tx.put(doc, current=stored)
+    return True
+
+
 def resolve(tx: Tx, payload: dict[str, Any], now: datetime) -> Notification | str:
     """The request a queued notification makes now, or why it makes none (the delivery is
     then cancelled: a subscriber that unsubscribed gets nothing more)."""
@@ -168,6 +184,7 @@ __all__ = [
     "Owner",
     "get_owner",
     "is_live",
+    "mark_error",
     "owned_ids",
     "parse_header",
     "partner_name",

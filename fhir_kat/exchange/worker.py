@@ -35,7 +35,12 @@ from fhir_kat.exchange.client import Delivered, PartnerClient, Permanent, Retrya
 from fhir_kat.exchange.netguard import EndpointPolicy, guarded_session, policy_from_settings
 from fhir_kat.exchange.outbox import SUBSCRIPTION_PREFIX, Delivery, RetryPolicy
 from fhir_kat.exchange.partners import PartnerConfig, load_partners
-from fhir_kat.exchange.subscriptions import Notification, resolve
+from fhir_kat.exchange.subscriptions import (
+    Notification,
+    mark_error,
+    resolve,
+    subscription_id,
+)
 from fhir_kat.settings import SettingsError, load_settings
 from fhir_kat.store import Store
 
@@ -305,6 +310,25 @@ class DeliveryWorker:
         self._hook_clients[partner] = (url, client)
         return client
 
+    def _subscription_failed(self, delivery: Delivery) -> None:
+        """A rest-hook notification that is dead puts its Subscription in ``error``: the
+        subscriber stops getting a queue of notifications it cannot take, and its owner sees
+        why (R4 ``Subscription.error``). Nothing about the patient goes into the reason."""
+        sid = subscription_id(delivery.partner)
+        if sid is None:
+            return
+        reason = (
+            f"a notification could not be delivered after {delivery.attempts} attempt(s) "
+            f"(delivery {delivery.id}); set status to 'requested' to resume"
+        )
+        with self.store.write() as tx:
+            changed = mark_error(tx, sid, reason)
+        if changed:
+            log.warning(
+                "subscription set to error",
+                extra={"partner": delivery.partner, "delivery_id": delivery.id},
+            )
+
     def _retry(
         self,
         delivery: Delivery,
@@ -345,6 +369,7 @@ class DeliveryWorker:
             report.delivered += 1
         elif status == "dead":
             report.dead += 1
+            self._subscription_failed(delivery)
         elif status == "blocked-consent":
             report.blocked += 1
         elif status == "cancelled":

@@ -241,8 +241,10 @@ class SubscriptionService:
                 issue("forbidden", "only the client that created a Subscription may change it")
             )
         if body.get("status") == "requested":
-            # Checked above (criteria, channel, rights): R4 has the server activate it.
+            # Checked above (criteria, channel, rights): R4 has the server activate it, and a
+            # Subscription resumed after an error no longer carries the old error.
             body["status"] = "active"
+            body.pop("error", None)
 
     # ------------------------------------------------------------------ matching writes
 
