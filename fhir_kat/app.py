@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, g, request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from fhir_kat.api.errors import register_error_handlers
 from fhir_kat.clinical.protocol import load_protocol
@@ -23,7 +24,7 @@ from fhir_kat.logging import configure_logging
 from fhir_kat.mapping.functions import all_questionnaires
 from fhir_kat.security.clients import ClientRegistry, load_clients
 from fhir_kat.security.consent import ConsentDecisionPoint
-from fhir_kat.security.ratelimit import RateLimiter
+from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
 from fhir_kat.services.delivery import queue_artifact, requeue_on_consent
@@ -51,6 +52,7 @@ class KatState:
     tokens: TokenService
     consent: ConsentDecisionPoint
     rate_limiter: RateLimiter
+    auth_failures: FailureLimiter
     export: ExportService
     outcomes: OutcomeService
     artifacts: ArtifactService
@@ -132,6 +134,7 @@ def create_app(
         tokens=tokens,
         consent=consent,
         rate_limiter=RateLimiter(settings.rate_limit_per_minute),
+        auth_failures=FailureLimiter(settings.auth_failure_limit),
         export=ExportService(
             store, Path(settings.export_dir or settings.data_dir / "exports"), now
         ),
@@ -177,6 +180,10 @@ def create_app(
 
     register_web(app)
     auth.install(app)
+    if settings.proxy_hops:
+        # The client address (failed sign-in limits, logs) from the proxies' X-Forwarded-For;
+        # public URLs come from public_base_url, not from forwarded host headers.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)  # type: ignore[method-assign]
     return app
 
 

@@ -49,6 +49,12 @@ class Settings:
     export_dir: str = ""
     #: Requests per minute per client before 429 (per process); 0 disables the limit.
     rate_limit_per_minute: int = 1200
+    #: Failed sign-ins (token endpoint, browser) per source address and client id in 10
+    #: minutes before 429 (per process); 0 disables the limit.
+    auth_failure_limit: int = 10
+    #: Reverse proxies in front of the service that append to ``X-Forwarded-For`` (0: none, the
+    #: peer address is the client's). Only the client address is taken from the header.
+    proxy_hops: int = 0
     #: Raw ``[clients.*]``/``[partners.*]`` tables from the TOML file, validated by their owners.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -71,6 +77,8 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "max_page_size": (1, 100_000),
     "token_lifetime_seconds": (30, 300),
     "rate_limit_per_minute": (0, 1_000_000),
+    "auth_failure_limit": (0, 1_000_000),
+    "proxy_hops": (0, 10),
 }
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 _SECTIONS = {"clients", "partners", "program", "security", "exchange"}

@@ -7,6 +7,7 @@ import json
 import stat
 import time
 import uuid
+from base64 import b64encode
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ from flask.testing import FlaskClient
 
 from fhir_kat.app import create_app
 from fhir_kat.security.clients import ensure_local_clients, load_clients
+from fhir_kat.security.ratelimit import FailureLimiter
 from fhir_kat.settings import Settings
 from tests.conftest import HA_ORG, TEST_CLIENTS, client_as, token_for
 
@@ -727,3 +729,114 @@ def test_token_lifetime_is_capped(app: Flask) -> None:
     claims = jwt.decode(token_for(app, "staff"), options={"verify_signature": False})
     assert claims["exp"] - claims["iat"] <= 300
     assert datetime.fromtimestamp(claims["exp"], UTC) - datetime.now(UTC) <= timedelta(seconds=301)
+
+
+# ------------------------------------------------------------------ failed sign-in throttling
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failure_limiter_counts_failures_in_a_sliding_window_and_stays_bounded() -> None:
+    clock = FakeMonotonic()
+    limiter = FailureLimiter(3, 600, clock=clock, max_keys=2)
+    for _ in range(3):
+        assert limiter.wait("a") == 0
+        limiter.failed("a")
+        clock.now += 100
+    assert limiter.wait("a") == 300  # the first failure (t=1000) leaves the window at 1600
+    clock.now = 1600
+    assert limiter.wait("a") == 0
+    limiter.failed("b")
+    limiter.failed("c")  # a third key: the least recently failed ("a") is dropped
+    assert limiter.wait("a") == 0 and set(limiter._failures) == {"b", "c"}
+    off = FailureLimiter(0, clock=clock)
+    for _ in range(50):
+        off.failed("a")
+    assert off.wait("a") == 0
+
+
+def _throttled_app(app: Flask) -> FakeMonotonic:
+    clock = FakeMonotonic()
+    app.extensions["fhir_kat"].auth_failures = FailureLimiter(10, 600, clock=clock)
+    return clock
+
+
+def test_repeated_wrong_secrets_at_the_token_endpoint_are_throttled(app: Flask) -> None:
+    clock = _throttled_app(app)
+    c = app.test_client()
+
+    def attempt(client_id: str, secret: str) -> Any:
+        return c.post(
+            "/auth/token",
+            data={"grant_type": "client_credentials"},
+            headers={
+                "Authorization": "Basic " + b64encode(f"{client_id}:{secret}".encode()).decode()
+            },
+        )
+
+    for _ in range(10):
+        assert attempt("ha", "guess").status_code == 401
+    refused = attempt("ha", "ha-secret")  # even the right secret is not checked now
+    assert refused.status_code == 429
+    assert refused.get_json()["error"] == "temporarily_unavailable"
+    assert int(refused.headers["Retry-After"]) == 600
+    # other clients from the same address are not locked out, nor is a malformed request a guess
+    assert attempt("staff", "staff-secret").status_code == 200
+    for _ in range(12):
+        assert c.post("/auth/token", data={"grant_type": "password"}).status_code == 400
+    assert attempt("staff", "staff-secret").status_code == 200
+    clock.now += 600
+    assert attempt("ha", "ha-secret").status_code == 200
+    # every refusal is in the audit trail, without the secret
+    events = client_as(app, "admin").get("/fhir/AuditEvent?_count=200").get_json()["entry"]
+    details = [e["resource"].get("outcomeDesc", "") for e in events]
+    assert "token refused: too many failed attempts" in details
+    assert not any("guess" in json.dumps(e) for e in events)
+
+
+def test_repeated_wrong_secrets_at_the_browser_sign_in_are_throttled(app: Flask) -> None:
+    clock = _throttled_app(app)
+    c = app.test_client()
+
+    def sign_in(secret: str) -> Any:
+        return c.post(
+            "/app/login",
+            data={"client_id": "staff", "client_secret": secret, "next": "/app/"},
+            headers={"Origin": "http://localhost"},
+        )
+
+    for _ in range(10):
+        assert sign_in("guess").status_code == 401
+    refused = sign_in("staff-secret")
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) == 600
+    assert b"Too many failed sign-ins" in refused.data
+    clock.now += 601
+    assert sign_in("staff-secret").status_code == 303
+
+
+def test_behind_a_proxy_failures_are_counted_per_forwarded_client_address(
+    settings: Settings,
+) -> None:
+    proxied = create_app(replace(settings, proxy_hops=1))
+    try:
+        _throttled_app(proxied)
+        c = proxied.test_client()
+
+        def attempt(source: str, secret: str) -> int:
+            form = {"grant_type": "client_credentials", "client_id": "ha", "client_secret": secret}
+            return c.post("/auth/token", data=form, headers={"X-Forwarded-For": source}).status_code
+
+        for _ in range(10):
+            assert attempt("203.0.113.5", "guess") == 401
+        assert attempt("203.0.113.5", "ha-secret") == 429
+        assert attempt("198.51.100.7", "ha-secret") == 200  # the real client, elsewhere
+    finally:
+        proxied.extensions["fhir_kat"].export.shutdown()
+        proxied.extensions["fhir_kat"].store.dispose()

@@ -128,10 +128,18 @@ def token() -> Response:
     record = audit_record()
     record.security = True
     record.interaction = "operation"
+    limiter = _state().auth_failures
+    key = failure_key(_presented_client_id())
+    wait = limiter.wait(key)
+    if wait:
+        record.detail = "token refused: too many failed attempts"
+        return _too_many_failures(wait)
     try:
         client, scopes = _authenticate_client()
     except OAuthError as exc:
         record.detail = f"token refused: {exc.error}"
+        if exc.status == 401:  # wrong credentials (a malformed request is not a guess)
+            limiter.failed(key)
         return _oauth_error(exc)
     record.client_id, record.role = client.client_id, client.role
     access_token, expires_in = _state().tokens.issue(client, scopes)
@@ -146,6 +154,47 @@ def token() -> Response:
     )
     response.headers["Pragma"] = "no-cache"
     return response
+
+
+def failure_key(client_id: str) -> str:
+    """Who is failing to sign in: the source address and the client id it presents."""
+    return f"{request.remote_addr or ''}|{client_id[:128]}"
+
+
+def _too_many_failures(wait: float) -> Response:
+    response = jsonify(
+        {
+            "error": "temporarily_unavailable",
+            "error_description": "too many failed sign-ins from here; retry later",
+        }
+    )
+    response.status_code = 429
+    response.headers["Retry-After"] = str(int(wait))
+    return response
+
+
+def _presented_client_id() -> str:
+    """The client id a token request names (Basic, form or assertion ``iss``), unverified."""
+    form = request.form
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("basic "):
+        try:
+            decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+        return unquote(decoded.partition(":")[0])
+    if form.get("client_id"):
+        return str(form["client_id"])
+    if form.get("client_assertion"):
+        try:
+            return str(
+                jwt.decode(form["client_assertion"], options={"verify_signature": False}).get(
+                    "iss", ""
+                )
+            )
+        except jwt.PyJWTError:
+            return ""
+    return ""
 
 
 def _authenticate_client() -> tuple[Client, tuple[Scope, ...]]:

@@ -25,7 +25,7 @@ from flask import (
 )
 from werkzeug.wrappers import Response
 
-from fhir_kat.api.auth import audit_record, current_access
+from fhir_kat.api.auth import audit_record, current_access, failure_key
 from fhir_kat.artifacts import json_schema
 from fhir_kat.errors import FhirError, Forbidden, NotFound, issue
 from fhir_kat.security.policy import area_allowed
@@ -137,7 +137,7 @@ def login() -> str:
 
 
 @bp.post("/login")
-def login_submit() -> Response | tuple[str, int]:
+def login_submit() -> Response | tuple[str, int] | tuple[str, int, dict[str, str]]:
     record = audit_record()
     record.security = True
     record.interaction = "operation"
@@ -146,8 +146,17 @@ def login_submit() -> Response | tuple[str, int]:
         record.detail = "browser sign-in refused: cross-site"
         return render_template("login.html", next=target, error="Sign-in refused."), 403
     client_id = request.form.get("client_id", "")
+    limiter = _state().auth_failures
+    key = failure_key(client_id)
+    wait = limiter.wait(key)
+    if wait:
+        record.detail = "browser sign-in refused: too many failed attempts"
+        message = f"Too many failed sign-ins. Try again in {int(wait)} seconds."
+        page = render_template("login.html", next=target, error=message)
+        return page, 429, {"Retry-After": str(int(wait))}
     client = _state().clients.get(client_id)
     if client is None or not client.check_secret(request.form.get("client_secret", "")):
+        limiter.failed(key)
         record.detail = "browser sign-in refused: unknown client or wrong secret"
         message = "Unknown client or wrong secret."
         return render_template("login.html", next=target, error=message), 401
