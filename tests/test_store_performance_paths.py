@@ -4,6 +4,7 @@
 - The outcome measure's single streamed join (``Tx.by_token``) gives the same results as the
   old batched search (``Observation?code=…&status=…&date=ge…&date=le…`` through ``Tx.scan``),
   on a generated cohort full of edge cases, with and without a cohort Group.
+- The benchmarks' bulk loader (``bench.data.load``) writes exactly the rows of ``create_many``.
 - ``parse_date_range``'s fast path for full dateTimes agrees with the general parser.
 
 No timings here: the figures are in bench/ and docs/benchmarks.md.
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from bench import data as bench_data
 from fhir_kat.instruments.definitions import Catalogue, Instrument, load_catalogue
 from fhir_kat.instruments.outcomes import ScorePoint, evaluate
 from fhir_kat.search import Criterion, SearchQuery, _parse_date_range, parse_date_range
@@ -253,3 +255,45 @@ def test_matches_returns_the_page_search_returns(database_url: str) -> None:
             assert tx.search(queries[0])[0], "the cohort has matches to compare"
     finally:
         store.dispose()
+
+
+def test_bench_loader_writes_what_create_many_writes(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bench.data.load`` (rows built in Python, COPY / executemany) stores the same rows as
+    ``Tx.create_many`` per chunk, seqs included, across several chunks and transactions; and
+    later writes carry on after the loaded seqs (PostgreSQL's sequence moved past them)."""
+    monkeypatch.setattr(bench_data, "CHUNK", 7)
+    items = list(
+        bench_data.interleave(
+            list(_cohort(load_catalogue(), 12, seed=3)), list(bench_data.tasks(30, per_requester=4))
+        )
+    )
+    items.append(
+        {
+            "resourceType": "Task",
+            "id": "tagged",
+            "meta": {"tag": [{"system": "urn:x", "code": "y"}]},
+            "status": "requested",
+            "intent": "order",
+        }
+    )
+    dumps = []
+    for fast in (False, True):
+        store = Store(database_url, clock=bench_data.StepClock())
+        store.drop_schema()
+        store.create_schema()
+        try:
+            if fast:
+                assert bench_data.load(store, iter(items), batch=20) == len(items)
+            else:
+                assert bench_data.load_through_tx(store, iter(items)) == len(items)
+            with store.write() as tx:
+                after, _ = tx.put({"resourceType": "Patient", "id": "later"}, current=None)
+            assert after.seq == len(items) + 1
+            dumps.append(_dump(store))
+        finally:
+            store.drop_schema()
+            store.dispose()
+    assert sum(len(rows) for rows in dumps[0].values()) > 3 * len(items)
+    assert dumps[0] == dumps[1]
