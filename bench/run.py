@@ -4,6 +4,7 @@ the same machine, with the absolute numbers beside it. Nothing here asserts a ti
     python -m bench.run                      # quick: small sizes, short loads (a few minutes)
     python -m bench.run --full               # 1k/10k/100k, 1/8/32 clients (most of an hour)
     python -m bench.run --only search,export # some sections
+    python -m bench.run --only search --sizes 10000,100000,1000000   # search at 1M (~30 min)
     python -m bench.run --out docs/benchmarks-run.md
 
 PostgreSQL sections use ``--postgres`` (default: the local test server; the database is
@@ -163,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     parser.add_argument("--out", help="also write the report (Markdown) to this file")
     parser.add_argument(
+        "--sizes",
+        help="stored resources for the search section, comma-separated (e.g. 10000,1000000: "
+        "1M loads in ~5 min per database; default 3k,10k, or 10k,100k with --full)",
+    )
+    parser.add_argument(
         "--delivery",
         action="store_true",
         help="add outbox deliveries per second (bench/delivery.py)",
@@ -201,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             section("Outcome measure ($evaluate-measure)", rows)
         if "search" in only:
             sizes = [10_000, 100_000] if full else [3_000, 10_000]
+            if args.sizes:
+                sizes = [int(n) for n in args.sizes.split(",")]
             section("Search (store level)", bench_search(urls, sizes))
         if "ingest" in only:
             clients = [1, 8, 32] if full else [1, 8]

@@ -4,6 +4,9 @@
 - The outcome measure's single streamed join (``Tx.by_token``) gives the same results as the
   old batched search (``Observation?code=…&status=…&date=ge…&date=le…`` through ``Tx.scan``),
   on a generated cohort full of edge cases, with and without a cohort Group.
+- The benchmarks' bulk loader (``bench.data.load``) writes exactly the rows of ``create_many``.
+- A search's total, fetched with its page in one statement, and its pages equal a plain
+  count and listing of every match, with the round trips pinned per kind of search.
 - ``parse_date_range``'s fast path for full dateTimes agrees with the general parser.
 
 No timings here: the figures are in bench/ and docs/benchmarks.md.
@@ -14,15 +17,23 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, or_, select
 
+from bench import data as bench_data
 from fhir_kat.instruments.definitions import Catalogue, Instrument, load_catalogue
 from fhir_kat.instruments.outcomes import ScorePoint, evaluate
-from fhir_kat.search import Criterion, SearchQuery, _parse_date_range, parse_date_range
+from fhir_kat.search import (
+    Criterion,
+    SearchQuery,
+    _parse_date_range,
+    parse_date_range,
+    parse_search,
+)
 from fhir_kat.services import outcomes
 from fhir_kat.services.outcomes import FINAL, OutcomeService
 from fhir_kat.store import Store, Tx
@@ -252,4 +263,179 @@ def test_matches_returns_the_page_search_returns(database_url: str) -> None:
                 assert tx.matches(query) == rows
             assert tx.search(queries[0])[0], "the cohort has matches to compare"
     finally:
+        store.dispose()
+
+
+def test_bench_loader_writes_what_create_many_writes(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bench.data.load`` (rows built in Python, COPY / executemany) stores the same rows as
+    ``Tx.create_many`` per chunk, seqs included, across several chunks and transactions; and
+    later writes carry on after the loaded seqs (PostgreSQL's sequence moved past them)."""
+    monkeypatch.setattr(bench_data, "CHUNK", 7)
+    items = list(
+        bench_data.interleave(
+            list(_cohort(load_catalogue(), 12, seed=3)), list(bench_data.tasks(30, per_requester=4))
+        )
+    )
+    items.append(
+        {
+            "resourceType": "Task",
+            "id": "tagged",
+            "meta": {"tag": [{"system": "urn:x", "code": "y"}]},
+            "status": "requested",
+            "intent": "order",
+        }
+    )
+    dumps = []
+    for fast in (False, True):
+        store = Store(database_url, clock=bench_data.StepClock())
+        store.drop_schema()
+        store.create_schema()
+        try:
+            if fast:
+                assert bench_data.load(store, iter(items), batch=20) == len(items)
+            else:
+                assert bench_data.load_through_tx(store, iter(items)) == len(items)
+            with store.write() as tx:
+                after, _ = tx.put({"resourceType": "Patient", "id": "later"}, current=None)
+            assert after.seq == len(items) + 1
+            dumps.append(_dump(store))
+        finally:
+            store.drop_schema()
+            store.dispose()
+    assert sum(len(rows) for rows in dumps[0].values()) > 3 * len(items)
+    assert dumps[0] == dumps[1]
+
+
+def _search_store(database_url: str) -> Store:
+    """Tasks for three requesters (one with most of them) and Observations per patient, a
+    deleted and an updated Task among them, in several transactions (distinct lastUpdated)."""
+    store = Store(database_url, clock=FakeClock())
+    store.create_schema()
+    rng = random.Random(11)
+    items: list[dict[str, Any]] = []
+    for i in range(40):
+        items.append(
+            {
+                "resourceType": "Task",
+                "id": f"t{i}",
+                "status": rng.choice(("requested", "accepted")),
+                "intent": "order",
+                "requester": {"reference": f"Organization/org{min(2, rng.randrange(4))}"},
+                "for": {"reference": f"Patient/p{rng.randrange(5)}"},
+            }
+        )
+    for i in range(5):
+        for j in range(4):
+            items.append(
+                {
+                    "resourceType": "Observation",
+                    "id": f"o{i}-{j}",
+                    "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": f"c{j % 2}"}]},
+                    "subject": {"reference": f"Patient/p{i}"},
+                }
+            )
+    for start in range(0, len(items), 15):
+        _load(store, items[start : start + 15], bulk=True)
+    with store.write() as tx:
+        gone = tx.get("Task", "t3")
+        assert gone is not None
+        tx.delete(gone)
+        changed = tx.get("Task", "t5")
+        assert changed is not None
+        tx.put({**changed.json(), "status": "accepted"}, current=changed)
+    return store
+
+
+SEARCHES = [
+    ("Task", [("requester", "Organization/org2")]),
+    ("Task", [("requester", "Organization/org0"), ("status", "accepted")]),
+    ("Task", [("requester", "Organization/org2"), ("_sort", "-_lastUpdated")]),
+    ("Task", [("_lastUpdated", "ge2026-01-15T09:00:00.030Z"), ("requester", "Organization/org1")]),
+    ("Task", [("status:not", "accepted")]),
+    ("Task", [("status", "accepted"), ("patient:missing", "false")]),
+    ("Task", []),
+    ("Task", [("requester", "Organization/nobody")]),
+    ("Observation", [("patient", "p1"), ("code", "http://loinc.org|c1")]),
+    ("Observation", [("code", "c0")]),
+]
+
+
+@pytest.mark.parametrize("visible", [None, {"p1", "p2"}])
+def test_search_total_and_pages_match_a_plain_reading(
+    database_url: str, visible: set[str] | None
+) -> None:
+    """The total fetched with the page, the empty-page fallbacks and the planner-chosen order
+    (one criterion on PostgreSQL) give the same pages, totals and next-page flags as counting
+    and listing every match in write order."""
+    store = _search_store(database_url)
+    try:
+        for rtype, pairs in SEARCHES:
+            query = parse_search(rtype, pairs, strict=True, default_count=3, max_count=10)
+            with store.read() as tx:
+                where = tx._where(query)
+                if visible is not None:
+                    where.append(
+                        or_(resources.c.patient_id.is_(None), resources.c.patient_id.in_(visible))
+                    )
+                order = resources.c.seq.desc() if query.sort_desc else resources.c.seq
+                stmt = select(resources.c.seq, resources.c.res_id).where(*where).order_by(order)
+                everything = [(int(s), i) for s, i in tx.conn.execute(stmt)]
+            seen: list[str] = []
+            cursor: int | None = None
+            while True:
+                page_query = replace(query, cursor=cursor)
+                with store.read() as tx:
+                    rows, total, more = tx.search(page_query, visible_patients=visible)
+                assert total == len(everything), (rtype, pairs)
+                assert [r.id for r in rows] == [i for _, i in everything][len(seen) : len(seen) + 3]
+                seen.extend(r.id for r in rows)
+                assert more == (len(seen) < len(everything))
+                if not more:
+                    break
+                cursor = rows[-1].seq
+            assert seen == [i for _, i in everything]
+            # A cursor past the last match: an empty page, the total still right.
+            last = everything[-1][0] if everything else 0
+            with store.read() as tx:
+                rows, total, more = tx.search(replace(query, cursor=last), visible_patients=visible)
+            assert (rows, total, more) == ([], len(everything), False)
+            with store.read() as tx:
+                counted = tx.search(replace(query, summary_count=True), visible_patients=visible)
+            assert counted == ([], len(everything), False)
+    finally:
+        store.drop_schema()
+        store.dispose()
+
+
+def test_search_round_trips(database_url: str) -> None:
+    """Statements per search: the total rides with the page; the capped estimates run only
+    when there is a driver to choose (on PostgreSQL; SQLite's planner needs the estimate even
+    for one criterion, and it costs no network round trip)."""
+    store = _search_store(database_url)
+    statements: list[str] = []
+    event.listen(
+        store.engine, "before_cursor_execute", lambda _c, _cur, sql, *_a: statements.append(sql)
+    )
+    one = 2 if store.is_sqlite else 1
+
+    def run(rtype: str, pairs: list[tuple[str, str]], cursor: int | None = None) -> int:
+        query = parse_search(rtype, pairs, strict=True, default_count=3, max_count=10)
+        with store.read() as tx:
+            statements.clear()
+            tx.search(replace(query, cursor=cursor))
+        return sum(1 for s in statements if s.lstrip().upper().startswith("SELECT"))
+
+    try:
+        assert run("Task", [("requester", "Organization/org2")]) == one
+        assert run("Task", [("requester", "Organization/org2")], cursor=5) == one
+        assert run("Task", [("requester", "Organization/org0"), ("status", "accepted")]) == 2
+        assert run("Task", []) == 1
+        # An empty page after a cursor counts separately; an empty first page needs no count.
+        assert run("Task", [("requester", "Organization/org2")], cursor=10**9) == one + 1
+        assert run("Task", [("requester", "Organization/nobody")]) == one
+    finally:
+        store.drop_schema()
         store.dispose()

@@ -530,14 +530,17 @@ class Tx:
                     resources.c.patient_id.in_(sorted(visible_patients)),
                 )
             )
-        total = int(
-            self.conn.execute(
-                select(func.count()).select_from(resources).where(*where)
-            ).scalar_one()
-        )
+        # Uncorrelated (``correlate(None)``), so the database counts once per statement, not
+        # per row; the EXISTS probes inside still refer to this count's own resources row.
+        count = select(func.count()).select_from(resources).where(*where).correlate(None)
         if query.summary_count or query.count == 0:
-            return [], total, False
-        rows, has_more = self._page(query, where, selective)
+            return [], int(self.conn.execute(count).scalar_one()), False
+        # The total travels with the page (one round trip, one snapshot). Only an empty page
+        # has no row to carry it: before any cursor that means no match at all; after one,
+        # it takes its own statement.
+        rows, has_more, total = self._page(query, where, selective, total=count)
+        if total is None:
+            total = 0 if query.cursor is None else int(self.conn.execute(count).scalar_one())
         return rows, total, has_more
 
     def matches(self, query: SearchQuery) -> list[StoredResource]:
@@ -547,8 +550,15 @@ class Tx:
         return self._page(query, where, selective)[0]
 
     def _page(
-        self, query: SearchQuery, where: list[ColumnElement[bool]], selective: bool
-    ) -> tuple[list[StoredResource], bool]:
+        self,
+        query: SearchQuery,
+        where: list[ColumnElement[bool]],
+        selective: bool | None,
+        *,
+        total: Any = None,
+    ) -> tuple[list[StoredResource], bool, int | None]:
+        """One page of matches after ``query.cursor``, whether more follow, and the value of
+        the scalar query ``total`` when given (None without it, or for an empty page)."""
         page_where = list(where)
         if query.cursor is not None:
             page_where.append(
@@ -558,13 +568,19 @@ class Tx:
             )
         # A selective driver leaves a few candidates: sort them (``seq + 0`` keeps SQLite from
         # walking the whole seq index instead, for the ORDER BY); otherwise read in index
-        # order and stop at the page size.
+        # order and stop at the page size. Unknown (None, PostgreSQL with one criterion):
+        # plain ``seq``, and the planner chooses between the two from its statistics.
         seq = resources.c.seq + 0 if selective else resources.c.seq
         order = seq.desc() if query.sort_desc else seq.asc()
-        stmt = select(resources).where(*page_where).order_by(order).limit(query.count + 1)
-        rows = [_row_to_stored(r) for r in self.conn.execute(stmt)]
+        columns: list[Any] = [resources]
+        if total is not None:
+            columns.append(total.scalar_subquery().label("kat_total"))
+        stmt = select(*columns).where(*page_where).order_by(order).limit(query.count + 1)
+        result = list(self.conn.execute(stmt))
+        rows = [_row_to_stored(r) for r in result]
         has_more = len(rows) > query.count
-        return rows[: query.count], has_more
+        found = int(result[0].kat_total) if total is not None and result else None
+        return rows[: query.count], has_more, found
 
     def scan(
         self,
@@ -645,9 +661,10 @@ class Tx:
     def _where(self, query: SearchQuery) -> list[ColumnElement[bool]]:
         return self._plan(query)[0]
 
-    def _plan(self, query: SearchQuery) -> tuple[list[ColumnElement[bool]], bool]:
+    def _plan(self, query: SearchQuery) -> tuple[list[ColumnElement[bool]], bool | None]:
         """The WHERE clauses of ``query``, planned most-selective-first, and whether the
-        driving criterion is known to match fewer than ``ESTIMATE_CAP`` resources.
+        driving criterion is known to match fewer than ``ESTIMATE_CAP`` resources (None: not
+        counted, left to the database's planner).
 
         The criterion matching the fewest resources (counted up to ``ESTIMATE_CAP`` in its
         index) becomes an uncorrelated IN-subquery, so the database starts from those few
@@ -662,8 +679,13 @@ class Tx:
         criteria = list(query.criteria)
         drivable = [c for c in criteria if c.modifier not in ("missing", "not")]
         driver = None
-        selective = False
-        if drivable:
+        selective: bool | None = False
+        if len(drivable) == 1 and not self.store.is_sqlite:
+            # Nothing to choose between: skip the round trip. Whether the one criterion is
+            # selective stays unknown, and PostgreSQL's planner picks the page's plan itself
+            # (SQLite's needs the hint, and its estimate costs no network round trip).
+            driver, selective = drivable[0], None
+        elif drivable:
             # One round trip: every candidate's capped count.
             counts = self.conn.execute(select(*(self._estimate(rtype, c) for c in drivable))).one()
             best = min(range(len(drivable)), key=lambda i: counts[i])
