@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from sqlalchemy import insert, select
 
 from fhir_kat.search import Criterion, SearchQuery
 from fhir_kat.services import export as export_module
 from fhir_kat.services.export import ExportService
 from fhir_kat.store import Store, Tx
+from fhir_kat.store.schema import export_jobs
 from tests.conftest import FakeClock
 
 PATIENTS = 7
@@ -233,3 +235,43 @@ def test_write_type_stops_at_a_cancel(
     finally:
         service.shutdown()
     assert count == 6 and len(out.getvalue().splitlines()) == 6
+
+
+def test_heartbeat_is_written_while_a_type_streams(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat is a write transaction of its own while the type's read is open (a
+    second connection; on SQLite a WAL writer beside a reader): it must go through."""
+    monkeypatch.setattr(export_module, "BATCH", 4)
+    clock = _Clock()
+    start = clock()
+    with store.write() as tx:
+        tx.conn.execute(
+            insert(export_jobs).values(
+                id="job",
+                client_id="c",
+                status="in-progress",
+                request_url="x",
+                params="{}",
+                created_at=start.replace(tzinfo=None),
+                heartbeat_at=start.replace(tzinfo=None),
+                transaction_time="2026-01-15T00:00:00.000Z",
+            )
+        )
+    service = ExportService(store, tmp_path, clock)
+    try:
+        count = service._write_type(
+            io.StringIO(),
+            QUERIES["all"],
+            cast(Any, _Access(None)),
+            None,
+            None,
+            "system",
+            "job",
+            None,
+        )
+    finally:
+        service.shutdown()
+    with store.read() as tx:
+        row = tx.conn.execute(select(export_jobs).where(export_jobs.c.id == "job")).one()
+    assert count > 4 and row.heartbeat_at > start.replace(tzinfo=None) + timedelta(minutes=1)

@@ -5,8 +5,14 @@ Owns: export jobs (a table any process can answer polls from), the runner that s
 JSON to one NDJSON file per type in bounded batches (memory does not grow with the export), and
 consent filtering per patient — the same decision point as searches. Must not: parse HTTP.
 
-``transactionTime`` is the kick-off instant; resources changed while the export runs may appear
-with their newer version (an export never silently drops a resource that was updated).
+``transactionTime`` is the kick-off instant. Each type is read by one query in one read
+transaction (``Tx.scan_batches``), so each file is a consistent snapshot taken when that type's
+turn comes: every resource appears exactly once, in the version it had then (the keyset pages
+this replaced could write a resource updated mid-export twice, old and new version), and the
+consent decision comes from the same snapshot. Changes after the kick-off but before a type's
+turn are included (no snapshot spans types). The price: one connection and transaction held
+while a type streams (PostgreSQL's vacuum horizon waits for it; SQLite's WAL cannot checkpoint
+past it until it ends).
 """
 
 from __future__ import annotations
