@@ -43,7 +43,7 @@ from fhir_kat.validation.resource import SUPPORTED_TYPES
 
 log = logging.getLogger("fhir_kat.export")
 
-BATCH = 5000  # rows per read: ~2 MB of JSON held at a time, whatever the size of the export
+BATCH = 1000  # rows per fetch and write: ~0.4 MB of JSON at a time, whatever the size
 HEARTBEAT_EVERY = timedelta(seconds=10)  # well inside STALE_AFTER
 #: Never exported: the audit trail and subscriptions are operational, not clinical data.
 NOT_EXPORTED = frozenset({"AuditEvent", "Subscription"})
