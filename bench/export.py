@@ -1,5 +1,5 @@
 """Bulk export: resources/s streamed to NDJSON by the export runner's loop
-(``ExportService._write_type``: keyset batches of stored JSON, consent check per batch) vs a
+(``ExportService._write_type``: one streamed query per type, written 1,000 rows at a time) vs a
 raw read of the same stored JSON from the same database written to a file, and the peak RSS
 of each, measured in a fresh subprocess (``resource.getrusage``) so one run cannot inflate
 the next. Memory should not grow with N: both stream in batches.
