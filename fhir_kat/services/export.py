@@ -5,8 +5,14 @@ Owns: export jobs (a table any process can answer polls from), the runner that s
 JSON to one NDJSON file per type in bounded batches (memory does not grow with the export), and
 consent filtering per patient — the same decision point as searches. Must not: parse HTTP.
 
-``transactionTime`` is the kick-off instant; resources changed while the export runs may appear
-with their newer version (an export never silently drops a resource that was updated).
+``transactionTime`` is the kick-off instant. Each type is read by one query in one read
+transaction (``Tx.scan_batches``), so each file is a consistent snapshot taken when that type's
+turn comes: every resource appears exactly once, in the version it had then (the keyset pages
+this replaced could write a resource updated mid-export twice, old and new version), and the
+consent decision comes from the same snapshot. Changes after the kick-off but before a type's
+turn are included (no snapshot spans types). The price: one connection and transaction held
+while a type streams (PostgreSQL's vacuum horizon waits for it; SQLite's WAL cannot checkpoint
+past it until it ends).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -36,7 +43,7 @@ from fhir_kat.validation.resource import SUPPORTED_TYPES
 
 log = logging.getLogger("fhir_kat.export")
 
-BATCH = 5000  # rows per read: ~2 MB of JSON held at a time, whatever the size of the export
+BATCH = 1000  # rows per fetch and write: ~0.4 MB of JSON at a time, whatever the size
 HEARTBEAT_EVERY = timedelta(seconds=10)  # well inside STALE_AFTER
 #: Never exported: the audit trail and subscriptions are operational, not clinical data.
 NOT_EXPORTED = frozenset({"AuditEvent", "Subscription"})
@@ -275,43 +282,43 @@ class ExportService:
         job_id: str,
         seen: set[int] | None,
     ) -> int:
+        """Stream one query's rows to ``out``: one read transaction and one query per type
+        (``Tx.scan_batches``), written a batch of ``BATCH`` rows at a time (one join, one
+        write: the stored JSON is the line), with the cancel check per batch and a heartbeat
+        every ``HEARTBEAT_EVERY``. The consent decision is taken once, at the query's start,
+        from the same snapshot the rows come from."""
         count = 0
-        after = 0
-        last_beat: datetime | None = None
-        while True:
-            with self.store.read() as tx:
-                visible = access.visible_patients(tx, query.resource_type)
-                batch = tx.scan(
-                    query,
-                    after_seq=after,
-                    limit=BATCH,
-                    since=since,
-                    visible_patients=visible,
-                    patients=patients,
-                )
-            if seen is None and level == "system":  # the common case: every row, one write
-                lines = [content for _, content, _ in batch]
-            else:
-                lines = []
-                for seq, content, patient_id in batch:
-                    if level != "system" and patient_id is None:
-                        continue  # patient-level exports hold patient-compartment data only
-                    if seen is not None:
-                        if seq in seen:
-                            continue
-                        seen.add(seq)
-                    lines.append(content)
-            if lines:
-                out.write("\n".join(lines))
-                out.write("\n")
-                count += len(lines)
-            if len(batch) < BATCH or self._is_cancelled(job_id):
-                return count
-            after = batch[-1][0]
-            now = self.clock()
-            if last_beat is None or now - last_beat >= HEARTBEAT_EVERY:
-                self._update(job_id)  # heartbeat: a write per 10 s, not per batch
-                last_beat = now
+        last_beat = self.clock()
+        with self.store.read() as tx:
+            visible = access.visible_patients(tx, query.resource_type)
+            batches = tx.scan_batches(
+                query, batch=BATCH, since=since, visible_patients=visible, patients=patients
+            )
+            with closing(batches):
+                for batch in batches:
+                    if seen is None and level == "system":  # the common case: every row
+                        lines = [row[1] for row in batch]
+                    else:
+                        lines = []
+                        for seq, content, patient_id in batch:
+                            if level != "system" and patient_id is None:
+                                continue  # patient-level exports: patient-compartment data only
+                            if seen is not None:
+                                if seq in seen:
+                                    continue
+                                seen.add(seq)
+                            lines.append(content)
+                    if lines:
+                        out.write("\n".join(lines))
+                        out.write("\n")
+                        count += len(lines)
+                    if self._is_cancelled(job_id):
+                        return count
+                    now = self.clock()
+                    if now - last_beat >= HEARTBEAT_EVERY:
+                        self._update(job_id)  # heartbeat: a write per 10 s, not per batch
+                        last_beat = now
+        return count
 
     def _is_cancelled(self, job_id: str) -> bool:
         with self._lock:

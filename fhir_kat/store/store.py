@@ -10,11 +10,12 @@ one transaction, so a search never sees a half-written resource.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,7 +40,9 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.expression import ClauseElement, Executable, Select
 
 from fhir_kat.search import Criterion, IndexRows, SearchQuery, extract_index, params_for
 from fhir_kat.store.schema import (
@@ -96,6 +99,24 @@ def format_instant(moment: datetime) -> str:
     """FHIR ``instant`` in UTC with millisecond precision (``2024-01-02T03:04:05.678Z``)."""
     moment = moment.astimezone(UTC) if moment.tzinfo else moment
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+_cursor_names = itertools.count()
+
+
+class _Declare(Executable, ClauseElement):
+    """``DECLARE name NO SCROLL CURSOR FOR <select>`` (PostgreSQL), for ``Tx.scan_batches``."""
+
+    inherit_cache = False
+
+    def __init__(self, name: str, query: Select[Any]) -> None:
+        self.name = name
+        self.query = query
+
+
+@compiles(_Declare)
+def _compile_declare(element: _Declare, compiler: Any, **kw: Any) -> str:
+    return f"DECLARE {element.name} NO SCROLL CURSOR FOR {compiler.process(element.query, **kw)}"
 
 
 @dataclass(frozen=True)
@@ -614,6 +635,55 @@ class Tx:
             .limit(limit)
         )
         return [(seq, content, patient) for seq, content, patient in self.conn.execute(stmt)]
+
+    def scan_batches(
+        self,
+        query: SearchQuery,
+        *,
+        batch: int,
+        since: datetime | None = None,
+        visible_patients: Collection[str] | None = None,
+        patients: Collection[str] | None = None,
+    ) -> Generator[Sequence[tuple[int, str, str | None]], None, None]:
+        """What ``scan`` pages through, as one query read ``batch`` rows at a time: one plan,
+        one snapshot and bounded memory for a whole export of a type. On PostgreSQL a cursor
+        of our own (DECLAREd through SQLAlchemy, so parameters bind as everywhere else) whose
+        rows are FETCHed by the driver as plain tuples; SQLite steps its statement."""
+        where = self._where(query)
+        if since is not None:
+            where.append(resources.c.last_updated > since)
+        if visible_patients is not None:
+            where.append(
+                or_(
+                    resources.c.patient_id.is_(None),
+                    resources.c.patient_id.in_(sorted(visible_patients)),
+                )
+            )
+        if patients is not None:
+            where.append(resources.c.patient_id.in_(sorted(patients)))
+        stmt = (
+            select(resources.c.seq, resources.c.content, resources.c.patient_id)
+            .where(*where)
+            .order_by(resources.c.seq)
+        )
+        if self.store.is_sqlite:
+            with self.conn.execute(stmt) as result:
+                while rows := result.fetchmany(batch):
+                    yield rows
+            return
+        name = f"kat_scan_{next(_cursor_names)}"
+        self.conn.execute(_Declare(name, stmt))
+        cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            while True:
+                cursor.execute(f"FETCH FORWARD {int(batch)} FROM {name}")
+                rows = cursor.fetchall()
+                if not rows:
+                    break
+                yield rows
+        finally:
+            cursor.close()
+        self.conn.exec_driver_sql(f"CLOSE {name}")  # else it closes with the transaction
 
     def by_token(
         self,
