@@ -256,3 +256,68 @@ def test_a_refused_artifact_is_still_audited(app: Flask, client: FlaskClient) ->
         "what" in e and not e["what"]["reference"].startswith("Patient/")
         for e in events[-1]["entity"]
     )
+
+
+def _transaction(patient_ref: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:6f0e4d8a-2d7c-4c41-9d0e-0a4c1b6f3a11",
+                "resource": {"resourceType": "Patient", "gender": "male"},
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {
+                "resource": {
+                    "resourceType": "Observation",
+                    "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "44261-6"}]},
+                    "subject": {"reference": patient_ref},
+                    "valueQuantity": {"value": 12},
+                },
+                "request": {"method": "POST", "url": "Observation"},
+            },
+        ],
+    }
+
+
+def test_a_fhir_transaction_commits_with_its_audit_event_and_a_failed_one_is_audited(
+    app: Flask, client: FlaskClient
+) -> None:
+    store: Store = app.extensions["fhir_kat"].store
+    writes: list[int] = []
+
+    def on_begin(conn: Any) -> None:
+        if conn.get_execution_options().get("kat_write"):
+            writes.append(1)
+
+    audited = len(_audit_events(app))
+    event.listen(store.engine, "begin", on_begin)
+    try:
+        ok = client.post(
+            "/fhir",
+            data=json.dumps(_transaction("urn:uuid:6f0e4d8a-2d7c-4c41-9d0e-0a4c1b6f3a11")),
+            content_type="application/fhir+json",
+        )
+    finally:
+        event.remove(store.engine, "begin", on_begin)
+    assert ok.status_code == 200, ok.get_json()
+    assert len(writes) == 1, "the transaction and its AuditEvent commit together"
+    events = _audit_events(app)
+    assert len(events) == audited + 1
+    assert events[-1]["outcome"] == "0" and events[-1]["subtype"][0]["code"] == "transaction"
+
+    stale = _transaction("urn:uuid:6f0e4d8a-2d7c-4c41-9d0e-0a4c1b6f3a11")
+    stale["entry"].append(  # refused inside the database transaction: all of it rolls back
+        {
+            "resource": {"resourceType": "Patient", "id": "not-stored"},
+            "request": {"method": "PUT", "url": "Patient/not-stored", "ifMatch": 'W/"3"'},
+        }
+    )
+    refused = client.post("/fhir", data=json.dumps(stale), content_type="application/fhir+json")
+    assert refused.status_code >= 400
+    events = _audit_events(app)
+    assert len(events) == audited + 2
+    assert events[-1]["outcome"] == "4"
+    assert events[-1]["outcomeDesc"] == f"HTTP {refused.status_code}"
