@@ -123,7 +123,10 @@ def artifact(n: int) -> tuple[str, bytes]:
     body = copy.deepcopy(_REFERRAL)
     body["source_id"] = f"BENCH-{n}"
     body["referral_identifier"]["value"] = f"R-BENCH-{n}"
-    body["patient"]["phn"] = _phn(n * 7919)
+    # ``n // 10**8`` tells the load processes apart: their offsets differ by multiples of
+    # 10**8, which ``n * 7919`` alone maps to the same PHNs (concurrent referrals of one
+    # patient: some 409s, and not the new-patient path this measures).
+    body["patient"]["phn"] = _phn(n * 7919 + n // 10**8)
     return "/api/v1/referrals", json.dumps(body).encode()
 
 
