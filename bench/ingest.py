@@ -33,6 +33,10 @@ from fhir_kat.security.secrets import hash_secret
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKERS, THREADS = 2, 4
+#: Seconds of unmeasured load (4 clients) before each target's measurements: every worker
+#: process and thread has then served requests of that kind (a worker's first artifact loads
+#: the R4B model classes, mappings and terminology, which a short window would count).
+WARM_UP = 2.0
 SECRET = "bench-secret"  # noqa: S105 - a throwaway client of a throwaway server
 
 
@@ -119,7 +123,10 @@ def artifact(n: int) -> tuple[str, bytes]:
     body = copy.deepcopy(_REFERRAL)
     body["source_id"] = f"BENCH-{n}"
     body["referral_identifier"]["value"] = f"R-BENCH-{n}"
-    body["patient"]["phn"] = _phn(n * 7919)
+    # ``n // 10**8`` tells the load processes apart: their offsets differ by multiples of
+    # 10**8, which ``n * 7919`` alone maps to the same PHNs (concurrent referrals of one
+    # patient: some 409s, and not the new-patient path this measures).
+    body["patient"]["phn"] = _phn(n * 7919 + n // 10**8)
     return "/api/v1/referrals", json.dumps(body).encode()
 
 
@@ -243,6 +250,7 @@ def run(database_urls: dict[str, str], concurrency: list[int], seconds: float) -
     ]
     ceilings: dict[int, float] = {}
     with gunicorn("bench.ceiling:app", {}) as url:
+        load(url, "ceiling", "", 4, WARM_UP, 0)
         for c in concurrency:
             r = load(url, "ceiling", "", c, seconds, 0)
             ceilings[c] = r["rps"]
@@ -254,6 +262,8 @@ def run(database_urls: dict[str, str], concurrency: list[int], seconds: float) -
             gunicorn("fhir_kat.wsgi:app", service_env(database_url, Path(tmp))) as url,
         ):
             for kind in ("artifact", "transaction"):
+                offset += 1
+                load(url, kind, token(url), 4, WARM_UP, offset * 10**9)
                 for c in concurrency:
                     offset += 1
                     r = load(url, kind, token(url), c, seconds, offset * 10**9)

@@ -48,11 +48,11 @@ def bodies(n: int) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run(n: int, profile: bool) -> dict[str, list[float]]:
+def run(n: int, profile: bool, database_url: str | None = None) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(
             {},
-            database_url=f"sqlite:///{tmp}/kat.db",
+            database_url=database_url or f"sqlite:///{tmp}/kat.db",
             data_dir=f"{tmp}/var",
             log_level="WARNING",
         )
@@ -103,8 +103,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=200)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--database-url",
+        help="a PostgreSQL URL instead of a new SQLite file (its tables are emptied first)",
+    )
     args = parser.parse_args()
-    times = run(args.n, args.profile)
+    if args.database_url:
+        from fhir_kat.store import Store
+
+        Store(args.database_url).drop_schema()
+    times = run(args.n, args.profile, args.database_url)
     for kind, ts in times.items():
         print(
             f"{kind:28s} p50 {statistics.median(ts):7.2f} ms  mean {statistics.fmean(ts):7.2f} ms"

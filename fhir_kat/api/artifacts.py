@@ -5,16 +5,18 @@ artifact's JSON Schema so program systems can validate before sending."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from flask import Blueprint, Response, current_app, request
 
-from fhir_kat.api.auth import audit_record, current_access
+from fhir_kat.api.auth import audit_in, audit_record, current_access
 from fhir_kat.api.body import read_json
 from fhir_kat.api.fhir import json_response
 from fhir_kat.artifacts import KINDS, json_schema
 from fhir_kat.errors import Forbidden, NotFound, issue
 from fhir_kat.security.policy import area_allowed
-from fhir_kat.services.artifacts import ArtifactService
+from fhir_kat.services.artifacts import ArtifactService, SubmitResult
+from fhir_kat.store import Tx
 
 bp = Blueprint("artifacts", __name__, url_prefix="/api/v1")
 
@@ -43,11 +45,24 @@ def submit(kind: str) -> Response:
     record = audit_record()
     record.interaction = "create"
     access = current_access()
-    result = _service().submit(kind, read_json(request), access.principal.client_id, access)
-    record.entities.extend(
-        e.fields["response"]["location"].split("/_history")[0] for e in result.bundle.entries
+
+    def audit(tx: Tx, result: SubmitResult) -> None:
+        audit_in(tx, replace(record, entities=_entities(result), status=_status(result)))
+
+    result = _service().submit(
+        kind, read_json(request), access.principal.client_id, access, audit=audit
     )
-    return json_response(result.bundle.to_json(), 201 if result.created else 200)
+    record.entities.extend(_entities(result))
+    record.status = record.audited_status = _status(result)
+    return json_response(result.bundle.to_json(), record.status)
+
+
+def _entities(result: SubmitResult) -> list[str]:
+    return [e.fields["response"]["location"].split("/_history")[0] for e in result.bundle.entries]
+
+
+def _status(result: SubmitResult) -> int:
+    return 201 if result.created else 200
 
 
 @bp.post("/<kind>/$transform")

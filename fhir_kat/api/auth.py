@@ -19,11 +19,17 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
 from fhir_kat.api.errors import outcome_response
 from fhir_kat.errors import Issue
-from fhir_kat.security.audit import AuditRecord, build_audit_event, write_audit_event
+from fhir_kat.security.audit import (
+    AuditRecord,
+    build_audit_event,
+    write_audit_event,
+    write_audit_event_in,
+)
 from fhir_kat.security.clients import Client
 from fhir_kat.security.scopes import Scope, covered_by, parse_scopes
 from fhir_kat.security.tokens import ASSERTION_TYPE, OAuthError
 from fhir_kat.services.access import Access
+from fhir_kat.store import Tx
 
 log = logging.getLogger("fhir_kat.auth")
 bp = Blueprint("auth", __name__)
@@ -69,6 +75,14 @@ def audit_record() -> AuditRecord:
         record = AuditRecord(address=request.remote_addr)
         g.kat_audit = record
     return record
+
+
+def audit_in(tx: Tx, record: AuditRecord) -> None:
+    """Write ``record`` (what the request will answer, if this transaction commits) inside
+    the request's own write transaction: one commit instead of two. The caller sets
+    ``audited_status`` on the request's record once the commit succeeded; a request that
+    fails after all is still audited at response time, with its real outcome."""
+    write_audit_event_in(tx, build_audit_event(record, _state().clock()))
 
 
 def current_access() -> Access:
@@ -298,6 +312,8 @@ def install(app: Flask) -> None:
         if request.endpoint in UNAUDITED:
             return response
         record = audit_record()
+        if record.audited_status == response.status_code:
+            return response  # recorded with the data, in the same commit (``audit_in``)
         record.status = response.status_code
         if request.query_string and record.interaction == "search-type":
             record.query = request.full_path

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
-from fhir_kat.api.auth import audit_record, current_access
+from fhir_kat.api.auth import audit_in, audit_record, current_access
 from fhir_kat.api.body import FHIR_JSON, read_json
 from fhir_kat.errors import NotAcceptable, issue
 from fhir_kat.services.bundles import RawBundle
 from fhir_kat.services.capability import capability_statement
 from fhir_kat.services.fhir_rest import FhirService, WriteResult
 from fhir_kat.services.subscriptions import reset_caller, set_caller
+from fhir_kat.store import Tx
 from fhir_kat.store.store import StoredResource, dumps, format_instant
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
@@ -148,7 +150,25 @@ def system_bundle() -> Response:
     bundle = read_json(request)
     btype = bundle.get("type") if isinstance(bundle, dict) else None
     _audit("batch" if btype == "batch" else "transaction")
-    return _audited_bundle(service().process_bundle(bundle, fhir_base(), current_access()))
+    record = audit_record()
+    audited: list[bool] = []
+
+    def audit(tx: Tx, response: RawBundle) -> None:
+        audit_in(
+            tx,
+            replace(
+                record,
+                entities=[*record.entities, *response.disclosed],
+                patients=record.patients | response.patients,
+                status=200,
+            ),
+        )
+        audited.append(True)
+
+    result = service().process_bundle(bundle, fhir_base(), current_access(), audit=audit)
+    if audited:  # committed with the transaction's data
+        record.audited_status = 200
+    return _audited_bundle(result)
 
 
 @bp.get("/<rtype>")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from fhir_kat.store import Store
+from fhir_kat.store import Store, Tx
 from fhir_kat.store.store import format_instant
 
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -58,6 +58,9 @@ class AuditRecord:
     status: int = 200
     detail: str | None = None  # e.g. "token issued", "denied: no token"
     security: bool = False  # authentication event (token endpoint, rejected token)
+    #: The status already audited inside the request's own committed transaction (None:
+    #: not yet). The response-time audit is skipped only when the response has this status.
+    audited_status: int | None = None
 
 
 def outcome_code(status: int) -> str:
@@ -142,4 +145,10 @@ def _unique(items: Iterable[str]) -> list[str]:
 def write_audit_event(store: Store, event: dict[str, Any]) -> None:
     """Audit writes bypass the API (no client may write AuditEvents) but not the store."""
     with store.write() as tx:
-        tx.put(event, current=None)
+        write_audit_event_in(tx, event)
+
+
+def write_audit_event_in(tx: Tx, event: dict[str, Any]) -> None:
+    """The audit record inside a transaction that also writes what it records (one commit:
+    the record and the data it describes commit together, or neither does)."""
+    tx.put(event, current=None)

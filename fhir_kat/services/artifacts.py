@@ -60,13 +60,25 @@ class ArtifactService:
         return bundle
 
     def submit(
-        self, kind: str, payload: Any, submitter: str, access: Access | None = None
+        self,
+        kind: str,
+        payload: Any,
+        submitter: str,
+        access: Access | None = None,
+        audit: Callable[[Tx, SubmitResult], None] | None = None,
     ) -> SubmitResult:
         """Store the artifact as one transaction; with ``access``, as that caller (a referrer
-        never overwrites what is not its organisation's: ``Access.may_change``)."""
+        never overwrites what is not its organisation's: ``Access.may_change``). ``audit``
+        runs inside that transaction with the result, so the audit record commits with the
+        data it describes."""
         bundle = self.transform(kind, payload, submitter)
         entries: list[dict[str, Any]] = bundle.get("entry", [])
         with self.fhir.write() as tx:
+            # Every entry's current row in one query (each is written below, so locked now).
+            tx.preload(
+                [(e["resource"]["resourceType"], e["resource"]["id"]) for e in entries],
+                for_update=True,
+            )
             self._check_identity(tx, entries)
             self._check_references(tx, entries)
             results: list[tuple[dict[str, Any], WriteResult]] = []
@@ -92,6 +104,14 @@ class ArtifactService:
                 )
                 # The outbox row commits with the artifact, or neither does (ADR 0004).
                 queue_artifact(tx, self.partners, kind, [e["resource"] for e in entries], patient)
+            result = self._result(results, changed)
+            if audit is not None:
+                audit(tx, result)
+        return result
+
+    def _result(
+        self, results: list[tuple[dict[str, Any], WriteResult]], changed: bool
+    ) -> SubmitResult:
         response = RawBundle(
             {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "transaction-response"}
         )

@@ -490,7 +490,16 @@ class FhirService:
 
     # ---------------------------------------------------------------- bundles
 
-    def process_bundle(self, bundle: Any, base: str, access: Access | None = None) -> RawBundle:
+    def process_bundle(
+        self,
+        bundle: Any,
+        base: str,
+        access: Access | None = None,
+        audit: Callable[[Tx, RawBundle], None] | None = None,
+    ) -> RawBundle:
+        """A transaction or batch Bundle. ``audit`` runs inside a transaction's own database
+        transaction with its response, so the audit record commits with the data (a batch
+        commits per entry: it is audited at response time)."""
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise BadRequest(issue("invalid", "POST to the base needs a Bundle", "Bundle"))
         btype = bundle.get("type")
@@ -502,10 +511,16 @@ class FhirService:
         if not isinstance(entries, list):
             raise BadRequest(issue("structure", "Bundle.entry must be an array", "Bundle.entry"))
         if btype == "transaction":
-            return self.transaction(entries, base, access)
+            return self.transaction(entries, base, access, audit)
         return self.batch(entries, base, access)
 
-    def transaction(self, entries: list[Any], base: str, access: Access | None = None) -> RawBundle:
+    def transaction(
+        self,
+        entries: list[Any],
+        base: str,
+        access: Access | None = None,
+        audit: Callable[[Tx, RawBundle], None] | None = None,
+    ) -> RawBundle:
         """All or nothing (FHIR R4 3.1.0.11.2): any failing entry rolls back every entry."""
         plans = [_plan_entry(i, e, base) for i, e in enumerate(entries)]
         denied: list[Issue] = []
@@ -540,7 +555,10 @@ class FhirService:
                         for i in exc.issues
                     ]
                     raise type(exc)(located, headers=exc.headers) from None
-        return _response_bundle("transaction-response", results)
+            response = _response_bundle("transaction-response", results)
+            if audit is not None:
+                audit(tx, response)
+        return response
 
     def batch(self, entries: list[Any], base: str, access: Access | None = None) -> RawBundle:
         """Each entry on its own (FHIR R4 3.1.0.11.1): one failing entry does not stop others."""

@@ -150,8 +150,9 @@ class ReferralWorkflow:
             r.get("reference", "")
             for r in sr.get("reasonReference", []) + sr.get("supportingInfo", [])
         ]
-        for ref in refs:
-            target = split_reference(ref)
+        targets = [split_reference(ref) for ref in refs]
+        tx.preload([t for t in targets if t])  # one query for all of them
+        for target in targets:
             found = tx.get(*target) if target else None
             if found is None or found.deleted:
                 continue

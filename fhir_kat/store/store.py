@@ -38,6 +38,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.ext.compiler import compiles
@@ -202,6 +203,7 @@ class Store:
             tx = Tx(conn, self)
             yield tx
             tx.run_deferred()
+            tx.flush()
         self._after_commit()
 
     def _after_commit(self) -> None:
@@ -282,6 +284,14 @@ class Tx:
         self._deferred: dict[str, Callable[[Tx], None]] = {}
         #: Per-transaction caches of the services (each invalidated by its own write hook).
         self.memo: dict[str, Any] = {}
+        # Index rows written in this transaction but not yet sent, and the resources whose
+        # older index rows are still to be deleted: sent together (one statement per table)
+        # before anything reads the index (``flush``) and before the commit.
+        self._pending_index: list[tuple[Any, dict[str, Any]]] = []
+        self._pending_clear: dict[tuple[str, str], None] = {}
+        # Current rows read ahead by ``preload`` (and whether row-locked): ``get`` answers
+        # from here until the resource is written in this transaction.
+        self._preloaded: dict[tuple[str, str], tuple[StoredResource | None, bool]] = {}
 
     def defer(self, key: str, action: Callable[[Tx], None]) -> None:
         """Run ``action`` once, at the end of this transaction, before it commits: for rules
@@ -307,9 +317,34 @@ class Tx:
     # ------------------------------------------------------------------ reads
 
     def get(self, rtype: str, rid: str, *, for_update: bool = False) -> StoredResource | None:
-        stmt = _GET_FOR_UPDATE if for_update and not self.store.is_sqlite else _GET
+        lock = for_update and not self.store.is_sqlite
+        known = self._preloaded.get((rtype, rid))
+        if known is not None and (known[1] or not lock):
+            return known[0]
+        stmt = _GET_FOR_UPDATE if lock else _GET
         row = self.conn.execute(stmt, {"k_type": rtype, "k_id": rid}).first()
         return _row_to_stored(row) if row else None
+
+    def preload(self, keys: Collection[tuple[str, str]], *, for_update: bool = False) -> None:
+        """Read the current rows of ``keys`` (deleted ones too) in one query, so the ``get``
+        calls that follow in this transaction need no round trip each. ``for_update`` locks
+        them on PostgreSQL, in key order (concurrent preloads cannot deadlock each other)."""
+        lock = for_update and not self.store.is_sqlite
+        wanted = sorted(
+            {k for k in keys if k not in self._preloaded or (lock and not self._preloaded[k][1])}
+        )
+        if not wanted:
+            return
+        stmt = (
+            select(resources)
+            .where(tuple_(resources.c.res_type, resources.c.res_id).in_(wanted))
+            .order_by(resources.c.res_type, resources.c.res_id)
+        )
+        if lock:
+            stmt = stmt.with_for_update()
+        found = {(r.res_type, r.res_id): _row_to_stored(r) for r in self.conn.execute(stmt)}
+        for key in wanted:
+            self._preloaded[key] = (found.get(key), lock)
 
     def get_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]:
         if not keys:
@@ -398,6 +433,7 @@ class Tx:
         ordered = _stored_form(resource, version_id, now_naive)
         content = dumps(ordered)
         method = method or ("PUT" if current else "POST")
+        self._preloaded.pop((rtype, rid), None)
         seq = self._insert_version(rtype, rid, version_id, now_naive, method, content)
         rows = extract_index(ordered)
         patient_id = patient_of(ordered, rows)
@@ -428,6 +464,7 @@ class Tx:
         now_naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
         prepared = []
         for resource in new:
+            self._preloaded.pop((resource["resourceType"], resource["id"]), None)
             ordered = _stored_form(resource, 1, now_naive)
             prepared.append((ordered, dumps(ordered)))
         result = self.conn.execute(
@@ -479,6 +516,7 @@ class Tx:
         now = self.store.clock()
         now_naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
         version_id = current.version_id + 1
+        self._preloaded.pop((current.type, current.id), None)
         seq = self._insert_version(current.type, current.id, version_id, now_naive, "DELETE", None)
         self._update_current(
             current.type,
@@ -518,11 +556,29 @@ class Tx:
             raise ConcurrentUpdate(rtype, rid)
 
     def _clear_index(self, rtype: str, rid: str) -> None:
-        for stmt in _CLEAR_INDEX:
-            self.conn.execute(stmt, {"k_type": rtype, "k_id": rid})
+        # Rows still pending belong to an older version of this resource: never sent; rows
+        # already in the database go at the next flush, before any new ones are inserted.
+        self._pending_index = [
+            (t, p) for t, p in self._pending_index if p["res_id"] != rid or p["res_type"] != rtype
+        ]
+        self._pending_clear[(rtype, rid)] = None
 
     def _write_index(self, resource: dict[str, Any], rows: IndexRows) -> None:
-        self._insert_index(_index_params(resource, rows))
+        self._pending_index.extend(_index_params(resource, rows))
+
+    def flush(self) -> None:
+        """Send the index changes of this transaction's writes: the deletions of replaced
+        versions' rows, then one multi-row INSERT per index table. Every method that reads
+        the index calls it first, and ``Store.write`` before the commit, so no reader (in
+        this transaction or after it) sees the index lag the resources."""
+        if self._pending_clear:
+            keys = [{"k_type": t, "k_id": i} for t, i in self._pending_clear]
+            self._pending_clear = {}
+            for stmt in _CLEAR_INDEX:
+                self.conn.execute(stmt, keys)
+        if self._pending_index:
+            pending, self._pending_index = self._pending_index, []
+            self._insert_index(pending)
 
     def _insert_index(self, index: Sequence[tuple[Any, dict[str, Any]]]) -> None:
         """One multi-row INSERT per index table."""
@@ -543,6 +599,7 @@ class Tx:
         ``visible_patients`` (None = no restriction) hides patient data outside that set from
         the matches *and* the total, so a count never leaks what a caller may not see.
         """
+        self.flush()
         where, selective = self._plan(query)
         if visible_patients is not None:
             where.append(
@@ -567,6 +624,7 @@ class Tx:
     def matches(self, query: SearchQuery) -> list[StoredResource]:
         """The first page of ``query``'s matches, without counting them all: for the
         services' own look-ups, which never show a total (one query fewer than ``search``)."""
+        self.flush()
         where, selective = self._plan(query)
         return self._page(query, where, selective)[0]
 
@@ -615,6 +673,7 @@ class Tx:
     ) -> list[tuple[int, str, str | None]]:
         """One batch of (seq, stored JSON, patient id) in write order, for streaming exports:
         keyset paging keeps memory flat and never re-reads a row."""
+        self.flush()
         where = self._where(query)
         where.append(resources.c.seq > after_seq)
         if since is not None:
@@ -701,6 +760,7 @@ class Tx:
         the cost grows linearly with the matches and memory stays flat: for whole-population
         passes such as the outcome measure, where batched ``scan`` calls would re-run the
         criteria's sub-queries for every batch."""
+        self.flush()
         stmt = (
             select(resources.c.seq, resources.c.content, resources.c.patient_id)
             .select_from(
@@ -853,6 +913,7 @@ class Tx:
     ) -> list[tuple[str, str]]:
         if not ids:
             return []
+        self.flush()
         stmt = select(search_reference.c.target_type, search_reference.c.target_id).where(
             search_reference.c.res_type == rtype,
             search_reference.c.res_id.in_(list(ids)),
@@ -867,6 +928,7 @@ class Tx:
     ) -> list[tuple[str, str]]:
         if not target_ids:
             return []
+        self.flush()
         stmt = select(search_reference.c.res_type, search_reference.c.res_id).where(
             search_reference.c.res_type == source_type,
             search_reference.c.param == param,
