@@ -35,6 +35,7 @@ from fhir_kat.services import outcomes
 from fhir_kat.services.outcomes import FINAL, OutcomeService
 from fhir_kat.store import Store, Tx
 from fhir_kat.store import reindex as reindex_module
+from fhir_kat.store.observations import observation_values
 from fhir_kat.store.reindex import current_fingerprints, recorded_fingerprints, stale_types
 from fhir_kat.store.schema import (
     INDEX_TABLES,
@@ -416,3 +417,54 @@ def test_reindex_command_rebuilds_on_demand(
     assert "reindexed" in capsys.readouterr().err
     assert cli_main(["reindex", "--type", "Nonsense"]) == 2
     store.dispose()
+
+
+def test_observation_values_reads_each_element_as_the_json_reading_did(database_url: str) -> None:
+    """Row by row, on the cases a whole-cohort comparison may not reach."""
+    store = Store(database_url, clock=FakeClock())
+    store.create_schema()
+    total = {"system": "http://loinc.org", "code": "44261-6"}
+
+    def obs(rid: str, **extra: Any) -> dict[str, Any]:
+        base = {
+            "resourceType": "Observation",
+            "id": rid,
+            "status": "final",
+            "code": {"coding": [total]},
+            "subject": {"reference": "Patient/p"},
+            "effectiveDateTime": "2026-02-01T10:00:00-08:00",
+            "valueQuantity": {"value": 5},
+        }
+        base.update(extra)
+        return {k: v for k, v in base.items() if v is not None}
+
+    try:
+        with store.write() as tx:
+            for resource in (
+                obs("both", valueInteger=9),  # the quantity wins, as .get(…, fallback) did
+                obs("integer-only", valueQuantity={"unit": "{score}"}, valueInteger=9),
+                obs("decimal", valueQuantity={"value": 12.25}),
+                obs("instant", effectiveDateTime=None, effectiveInstant="2026-02-01T10:00:00Z"),
+                obs("period", effectiveDateTime=None, effectivePeriod={"start": "2026-02-01"}),
+                obs("other-system", code={"coding": [{**total, "system": "urn:x"}]}),
+                obs("preliminary", status="preliminary"),
+                obs("no-value", valueQuantity=None),
+                obs("late", effectiveDateTime="2027-01-01"),
+            ):
+                tx.put(resource, current=None)
+        with store.read() as tx:
+            got = list(
+                observation_values(
+                    tx,
+                    [(total["system"], total["code"])],
+                    FINAL,
+                    datetime(2026, 1, 1),
+                    datetime(2026, 12, 31, 23, 59, 59),
+                )
+            )
+        when = datetime(2026, 2, 1, 18, 0)
+        key = (total["system"], total["code"])
+        assert got == [(key, "p", when, 5.0), (key, "p", when, 9.0), (key, "p", when, 12.25)]
+    finally:
+        store.drop_schema()
+        store.dispose()

@@ -20,7 +20,7 @@ MEASURE_URL = "https://fhir-kat.example.org/fhir/Measure/kat-program-outcomes"
 POPULATION = "http://terminology.hl7.org/CodeSystem/measure-population"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScorePoint:
     patient: str
     when: datetime
