@@ -110,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument("--chart", help="write an SVG chart to this file")
     outcomes.set_defaults(func=_outcomes)
 
+    reindex = sub.add_parser(
+        "reindex",
+        help="rebuild the search index from the stored resources",
+        description="Rewrites the search-index rows of every current resource (of --type) from "
+        "its stored JSON, as a write of it would. The service does this by itself at start-up "
+        "for resource types whose search parameters changed (a new parameter, a database from "
+        "an older version); run it ahead of starting a new version on a large database, or "
+        "after a rolling upgrade during which older processes kept writing.",
+        epilog="Example: fhir-kat reindex --type Observation",
+    )
+    reindex.add_argument(
+        "--type", action="append", dest="types", help="only this resource type (repeatable)"
+    )
+    reindex.set_defaults(func=_reindex)
+
     deliveries = sub.add_parser(
         "deliveries",
         help="inspect and act on the delivery outbox (operators)",
@@ -384,6 +399,7 @@ def _outcomes(args: argparse.Namespace) -> int:
     program = settings.extra.get("program", {})
     service = OutcomeService(store, load_catalogue(program.get("instruments", {})), _now)
     try:
+        store.create_schema()  # the measure reads the search index: bring it up to date first
         results = service.results(
             args.start, args.end, f"Group/{args.group}" if args.group else None
         )
@@ -397,6 +413,33 @@ def _outcomes(args: argparse.Namespace) -> int:
         title = f"Mean scores before and after, {args.start} to {args.end}"
         Path(args.chart).write_text(outcome_chart_svg(results, title), encoding="utf-8")
         print(f"chart written to {args.chart}", file=sys.stderr)
+    return 0
+
+
+def _reindex(args: argparse.Namespace) -> int:
+    from fhir_kat.search import all_params
+    from fhir_kat.store import Store
+    from fhir_kat.store.reindex import reindex
+
+    known = sorted(all_params())
+    types = args.types or known
+    unknown = sorted(set(types) - set(known))
+    if unknown:
+        print(f"fhir-kat: no search parameters for {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    settings = load_settings()
+    store = Store(settings.effective_database_url)
+    try:
+        store.create_schema()  # also brings stale types up to date
+        with store.write() as tx:
+            done = reindex(
+                tx.conn,
+                types,
+                lambda rtype, n: print(f"reindex: {rtype} {n}", file=sys.stderr),
+            )
+    finally:
+        store.dispose()
+    print(f"reindexed {done} resources", file=sys.stderr)
     return 0
 
 

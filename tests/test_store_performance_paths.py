@@ -22,12 +22,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event, or_, select
+from sqlalchemy import delete, event, or_, select, update
 
 from bench import data as bench_data
+from fhir_kat.cli import main as cli_main
 from fhir_kat.instruments.definitions import Catalogue, Instrument, load_catalogue
 from fhir_kat.instruments.outcomes import ScorePoint, evaluate
 from fhir_kat.search import (
+    EFFECTIVE_DATETIME,
+    VALUE_INTEGER,
     Criterion,
     SearchQuery,
     _parse_date_range,
@@ -37,14 +40,26 @@ from fhir_kat.search import (
 from fhir_kat.services import outcomes
 from fhir_kat.services.outcomes import FINAL, OutcomeService
 from fhir_kat.store import Store, Tx
-from fhir_kat.store.schema import INDEX_TABLES, resource_versions, resources
+from fhir_kat.store import reindex as reindex_module
+from fhir_kat.store.observations import observation_values
+from fhir_kat.store.reindex import current_fingerprints, recorded_fingerprints, stale_types
+from fhir_kat.store.schema import (
+    INDEX_TABLES,
+    resource_versions,
+    resources,
+    search_date,
+    search_number,
+    store_meta,
+)
 from tests.conftest import FakeClock
 
 
 def _cohort(catalogue: Catalogue, participants: int, seed: int) -> Iterator[dict[str, Any]]:
     """Synthetic total-score Observations with the cases the measure must get right: ties in
-    time, other statuses, dates either side of the period, zones, Period-valued effective,
-    valueInteger, missing values, Observations without a subject."""
+    time, other statuses, dates either side of the period, zones, Period- and instant-valued
+    effective, valueInteger, decimals, zero, missing values (a Quantity without a value, a
+    coded value), both value rows at once, the code in another system, a Group as subject,
+    Observations without a subject."""
     rng = random.Random(seed)
     t0 = datetime(2026, 1, 10, tzinfo=UTC)
     n = 0
@@ -61,11 +76,18 @@ def _cohort(catalogue: Catalogue, participants: int, seed: int) -> Iterator[dict
                     "code": {"coding": [dict(inst.total)]},
                     "subject": {"reference": f"Patient/{pid}"},
                 }
-                if rng.random() < 0.05:
+                subject = rng.random()
+                if subject < 0.05:
                     del obs["subject"]
+                elif subject < 0.08:
+                    obs["subject"] = {"reference": "Group/cohort"}
+                if rng.random() < 0.04:
+                    obs["code"] = {"coding": [{"system": "urn:other", "code": inst.total["code"]}]}
                 when = t0 + timedelta(days=rng.choice((-20, 0, 0, 45, 90, 400)))
                 shape = rng.random()
-                if shape < 0.1:
+                if shape < 0.04:
+                    obs["effectiveInstant"] = when.isoformat()
+                elif shape < 0.1:
                     obs["effectivePeriod"] = {"start": when.isoformat()}
                 elif shape < 0.2:
                     obs["effectiveDateTime"] = when.date().isoformat()
@@ -79,10 +101,20 @@ def _cohort(catalogue: Catalogue, participants: int, seed: int) -> Iterator[dict
                 kind = rng.random()
                 if kind < 0.1:
                     obs["valueInteger"] = score
+                elif kind < 0.12:
+                    obs["valueQuantity"] = {"unit": "{score}"}  # no value
+                elif kind < 0.14:
+                    obs["valueCodeableConcept"] = {"text": "declined"}
+                elif kind < 0.15:  # not valid FHIR (one value[x]), but the reading is defined
+                    obs["valueQuantity"] = {"value": score}
+                    obs["valueInteger"] = score + 1
+                elif kind < 0.16:
+                    obs["valueQuantity"] = {"unit": "{score}"}
+                    obs["valueInteger"] = score
                 elif kind > 0.95:
                     pass  # no value
                 else:
-                    obs["valueQuantity"] = {"value": score + rng.choice((0, 0.5))}
+                    obs["valueQuantity"] = {"value": score + rng.choice((0, 0, 0.5, 0.25, -score))}
                 yield obs
 
 
@@ -151,16 +183,8 @@ def test_measure_matches_the_search_based_reading(
                     },
                     current=None,
                 )
-        # A deleted Observation and an updated one: only the current version counts.
-        with store.write() as tx:
-            first = tx.get("Observation", "o1")
-            assert first is not None
-            tx.delete(first)
-            second = tx.get("Observation", "o2")
-            assert second is not None
-            changed = second.json()
-            changed["status"] = "amended"
-            tx.put(changed, current=second)
+        # Deleted and updated Observations: only the current version counts.
+        _delete_and_update(store, items)
         service = OutcomeService(store, catalogue, lambda: datetime.now(UTC))
         subject = "Group/cohort" if members is not None else None
         for start, end in (("2026-01-01", "2026-12-31"), ("2026-01-10", "2026-04-10")):
@@ -177,6 +201,55 @@ def test_measure_matches_the_search_based_reading(
     finally:
         store.drop_schema()
         store.dispose()
+
+
+def _delete_and_update(store: Store, items: list[dict[str, Any]]) -> None:
+    """Delete one final Observation with a value and rewrite others every way that moves
+    them in or out of the measure; each update's index rows must replace the old ones."""
+    scored = [
+        o["id"]
+        for o in items
+        if o["resourceType"] == "Observation"
+        and o.get("status") == "final"
+        and "effectiveDateTime" in o
+        and "value" in o.get("valueQuantity", {})
+        and "subject" in o
+    ]
+    edits: list[Any] = [
+        lambda o: o.update(status="amended"),
+        lambda o: o.update(status="preliminary"),
+        lambda o: (o.pop("valueQuantity"), o.update(valueInteger=3)),
+        lambda o: o["valueQuantity"].update(value=7.75),
+        lambda o: o["valueQuantity"].pop("value"),
+        lambda o: o.update(effectiveDateTime="2031-01-01"),
+        lambda o: o.update(effectivePeriod={"start": o.pop("effectiveDateTime")}),
+    ]
+    with store.write() as tx:
+        gone = tx.get("Observation", scored[0])
+        assert gone is not None
+        tx.delete(gone)
+        for rid, edit in zip(scored[1:], edits, strict=False):
+            current = tx.get("Observation", rid)
+            assert current is not None
+            changed = current.json()
+            edit(changed)
+            tx.put(changed, current=current)
+    with store.read() as tx:
+        for table in INDEX_TABLES:
+            rows = tx.conn.execute(select(table).where(table.c.res_id == scored[0])).all()
+            assert not rows, f"{table.name} keeps rows of a deleted resource"
+        numbers = {
+            rid: sorted(
+                (r.param, r.value)
+                for r in tx.conn.execute(select(search_number).where(search_number.c.res_id == rid))
+            )
+            for rid in scored[3:6]
+        }
+        assert list(numbers.values()) == [
+            [(VALUE_INTEGER, 3.0)],
+            [("value-quantity", 7.75)],
+            [],
+        ], "an update must replace the resource's number rows, not add to them"
 
 
 def _dump(store: Store) -> dict[str, list[tuple[Any, ...]]]:
@@ -436,6 +509,143 @@ def test_search_round_trips(database_url: str) -> None:
         # An empty page after a cursor counts separately; an empty first page needs no count.
         assert run("Task", [("requester", "Organization/org2")], cursor=10**9) == one + 1
         assert run("Task", [("requester", "Organization/nobody")]) == one
+    finally:
+        store.drop_schema()
+        store.dispose()
+
+
+def _measure(store: Store) -> list[Any]:
+    service = OutcomeService(store, load_catalogue(), lambda: datetime.now(UTC))
+    return service.results("2026-01-01", "2026-12-31", None)
+
+
+def test_a_database_from_before_the_number_index_is_rebuilt_at_start_up(
+    database_url: str,
+) -> None:
+    """Observations stored before the number index have no number rows (nor the internal
+    effectiveDateTime rows): ``create_schema`` finds their type stale and rewrites exactly
+    the rows a write stores, and the measure then reads what it read before."""
+    store = Store(database_url, clock=FakeClock())
+    store.create_schema()
+    try:
+        items = list(_cohort(load_catalogue(), 40, seed=11))
+        with store.write() as tx:
+            for item in items:
+                tx.put(item, current=None)
+        _delete_and_update(store, items)
+        written, want = _dump(store), _measure(store)
+        with store.write() as tx:  # the database as an older version left it
+            tx.conn.execute(delete(search_number))
+            tx.conn.execute(delete(search_date).where(search_date.c.param == EFFECTIVE_DATETIME))
+            tx.conn.execute(delete(store_meta))
+        assert _measure(store) != want  # the measure needs those rows
+        with store.read() as tx:
+            assert "Observation" in stale_types(tx.conn)
+        store.create_schema()
+        assert _dump(store) == written
+        assert _measure(store) == want
+        with store.read() as tx:
+            assert stale_types(tx.conn) == []
+            assert recorded_fingerprints(tx.conn) == current_fingerprints()
+    finally:
+        store.drop_schema()
+        store.dispose()
+
+
+def test_only_types_whose_parameters_changed_are_rebuilt(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(f"sqlite:///{tmp_path}/kat.sqlite3", clock=FakeClock())
+    store.create_schema()
+    with store.write() as tx:
+        for item in _cohort(load_catalogue(), 3, seed=1):
+            tx.put(item, current=None)
+        recorded = recorded_fingerprints(tx.conn)
+        recorded["Patient"] = "written-by-an-older-version"
+        tx.conn.execute(
+            update(store_meta)
+            .values(value=json.dumps(recorded))
+            .where(store_meta.c.name == "index")
+        )
+    calls: list[list[str]] = []
+    original = reindex_module.reindex
+    monkeypatch.setattr(
+        reindex_module,
+        "reindex",
+        lambda conn, types, *a: (calls.append(list(types)), original(conn, types, *a))[1],
+    )
+    store.create_schema()
+    store.create_schema()
+    assert calls == [["Patient"], []]
+    store.dispose()
+
+
+def test_reindex_command_rebuilds_on_demand(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/kat.sqlite3"
+    store = Store(url, clock=FakeClock())
+    store.create_schema()
+    with store.write() as tx:
+        for item in _cohort(load_catalogue(), 5, seed=2):
+            tx.put(item, current=None)
+    written = _dump(store)
+    with store.write() as tx:  # damage that no fingerprint shows
+        tx.conn.execute(delete(search_number))
+    monkeypatch.setenv("FHIR_KAT_DATABASE_URL", url)
+    assert cli_main(["reindex", "--type", "Observation"]) == 0
+    assert _dump(store) == written
+    assert "reindexed" in capsys.readouterr().err
+    assert cli_main(["reindex", "--type", "Nonsense"]) == 2
+    store.dispose()
+
+
+def test_observation_values_reads_each_element_as_the_json_reading_did(database_url: str) -> None:
+    """Row by row, on the cases a whole-cohort comparison may not reach."""
+    store = Store(database_url, clock=FakeClock())
+    store.create_schema()
+    total = {"system": "http://loinc.org", "code": "44261-6"}
+
+    def obs(rid: str, **extra: Any) -> dict[str, Any]:
+        base = {
+            "resourceType": "Observation",
+            "id": rid,
+            "status": "final",
+            "code": {"coding": [total]},
+            "subject": {"reference": "Patient/p"},
+            "effectiveDateTime": "2026-02-01T10:00:00-08:00",
+            "valueQuantity": {"value": 5},
+        }
+        base.update(extra)
+        return {k: v for k, v in base.items() if v is not None}
+
+    try:
+        with store.write() as tx:
+            for resource in (
+                obs("both", valueInteger=9),  # the quantity wins, as .get(…, fallback) did
+                obs("integer-only", valueQuantity={"unit": "{score}"}, valueInteger=9),
+                obs("decimal", valueQuantity={"value": 12.25}),
+                obs("instant", effectiveDateTime=None, effectiveInstant="2026-02-01T10:00:00Z"),
+                obs("period", effectiveDateTime=None, effectivePeriod={"start": "2026-02-01"}),
+                obs("other-system", code={"coding": [{**total, "system": "urn:x"}]}),
+                obs("preliminary", status="preliminary"),
+                obs("no-value", valueQuantity=None),
+                obs("late", effectiveDateTime="2027-01-01"),
+            ):
+                tx.put(resource, current=None)
+        with store.read() as tx:
+            got = list(
+                observation_values(
+                    tx,
+                    [(total["system"], total["code"])],
+                    FINAL,
+                    datetime(2026, 1, 1),
+                    datetime(2026, 12, 31, 23, 59, 59),
+                )
+            )
+        when = datetime(2026, 2, 1, 18, 0)
+        key = (total["system"], total["code"])
+        assert got == [(key, "p", when, 5.0), (key, "p", when, 9.0), (key, "p", when, 12.25)]
     finally:
         store.drop_schema()
         store.dispose()

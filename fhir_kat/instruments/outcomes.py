@@ -20,7 +20,7 @@ MEASURE_URL = "https://fhir-kat.example.org/fhir/Measure/kat-program-outcomes"
 POPULATION = "http://terminology.hl7.org/CodeSystem/measure-population"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScorePoint:
     patient: str
     when: datetime
@@ -41,16 +41,32 @@ class GroupResult:
         return self.numerator / self.denominator if self.denominator else None
 
 
-def evaluate(instrument: Instrument, points: Iterable[ScorePoint]) -> GroupResult:
-    first: dict[str, ScorePoint] = {}
-    last: dict[str, ScorePoint] = {}
-    for p in points:
-        f = first.get(p.patient)
+class Fold:
+    """Each participant's baseline (earliest response) and post (latest) so far, fed one
+    score at a time in write order: of equal times the first written counts."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, ScorePoint] = {}
+        self.last: dict[str, ScorePoint] = {}
+
+    def add(self, p: ScorePoint) -> None:
+        f = self.first.get(p.patient)
         if f is None or p.when < f.when:
-            first[p.patient] = p
-        latest = last.get(p.patient)
+            self.first[p.patient] = p
+        latest = self.last.get(p.patient)
         if latest is None or p.when > latest.when:
-            last[p.patient] = p
+            self.last[p.patient] = p
+
+
+def evaluate(instrument: Instrument, points: Iterable[ScorePoint]) -> GroupResult:
+    fold = Fold()
+    for p in points:
+        fold.add(p)
+    return evaluate_fold(instrument, fold)
+
+
+def evaluate_fold(instrument: Instrument, fold: Fold) -> GroupResult:
+    first, last = fold.first, fold.last
     initial = denominator = numerator = 0
     baseline_sum = post_sum = 0.0
     for patient, baseline in first.items():

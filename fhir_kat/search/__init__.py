@@ -7,10 +7,14 @@ resource, and turning a query string into a ``SearchQuery``. Must not: touch SQL
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -19,7 +23,24 @@ import yaml
 
 from fhir_kat.errors import BadRequest, Issue, issue
 
-PARAM_TYPES = ("token", "reference", "date", "string", "uri")
+PARAM_TYPES = ("token", "reference", "date", "string", "uri", "number", "quantity")
+
+#: Bumped when ``extract_index`` changes what it writes for unchanged parameter definitions;
+#: with each type's definitions it makes the fingerprint the store compares at start-up to
+#: rebuild stale index rows (``Store.create_schema``).
+INDEX_FORMAT = 2
+
+#: Internal parameters (``internal: true`` in parameters.yaml): indexed at write time for the
+#: service's own queries, never searchable by clients nor listed in the CapabilityStatement.
+#: The ``internal:`` prefix keeps them apart from any FHIR name (a query-string key
+#: ``internal:x`` would parse as parameter ``internal`` with a modifier).
+INTERNAL_PREFIX = "internal:"
+#: ``Observation.effectiveDateTime`` alone: the standard ``date`` parameter also indexes
+#: effectivePeriod and effectiveInstant, which the outcome measure does not count.
+EFFECTIVE_DATETIME = "internal:effective-datetime"
+#: ``Observation.valueInteger``: R4's ``value-quantity`` covers Quantity (and SampledData) only,
+#: and the outcome measure also counts a total score sent as an integer.
+VALUE_INTEGER = "internal:value-integer"
 
 
 @dataclass(frozen=True)
@@ -28,10 +49,12 @@ class ParamDef:
     type: str
     paths: tuple[tuple[str, ...], ...]
     targets: frozenset[str] = frozenset()
+    internal: bool = False
 
 
 @cache
 def all_params() -> dict[str, dict[str, ParamDef]]:
+    """Every indexed parameter per resource type, internal ones included."""
     text = resources.files("fhir_kat.search").joinpath("parameters.yaml").read_text("utf-8")
     raw = yaml.safe_load(text)
     out: dict[str, dict[str, ParamDef]] = {}
@@ -40,17 +63,37 @@ def all_params() -> dict[str, dict[str, ParamDef]]:
         for name, spec in params.items():
             if spec["type"] not in PARAM_TYPES:
                 raise ValueError(f"{rtype}.{name}: unknown parameter type {spec['type']}")
+            internal = bool(spec.get("internal", False))
+            if internal != name.startswith(INTERNAL_PREFIX):
+                raise ValueError(
+                    f"{rtype}.{name}: internal parameters, and only they, are named "
+                    f"{INTERNAL_PREFIX}…"
+                )
             out[rtype][name] = ParamDef(
                 name=name,
                 type=spec["type"],
                 paths=tuple(tuple(p.split(".")) for p in spec["path"]),
                 targets=frozenset(spec.get("target", ())),
+                internal=internal,
             )
     return out
 
 
+@cache
 def params_for(resource_type: str) -> dict[str, ParamDef]:
-    return all_params().get(resource_type, {})
+    """The parameters clients may search ``resource_type`` by (internal ones left out)."""
+    return {n: p for n, p in all_params().get(resource_type, {}).items() if not p.internal}
+
+
+def index_fingerprint(resource_type: str) -> str:
+    """A digest of what ``extract_index`` writes for ``resource_type``: index rows written
+    under another fingerprint are stale (a parameter added, a path changed)."""
+    defs = [
+        [p.name, p.type, [".".join(path) for path in p.paths], sorted(p.targets), p.internal]
+        for p in sorted(all_params().get(resource_type, {}).values(), key=lambda p: p.name)
+    ]
+    text = json.dumps([INDEX_FORMAT, defs], separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- index extraction
@@ -62,6 +105,8 @@ class IndexRows:
     references: list[tuple[str, str, str]] = field(default_factory=list)  # param, type, id
     dates: list[tuple[str, datetime, datetime]] = field(default_factory=list)  # param, low, high
     strings: list[tuple[str, str]] = field(default_factory=list)  # param, normalised value
+    # param, value, unit system, unit code, human unit ("" for a plain number)
+    numbers: list[tuple[str, float, str, str, str]] = field(default_factory=list)
 
 
 def _walk(node: Any, path: tuple[str, ...]) -> Iterator[Any]:
@@ -116,7 +161,7 @@ def _normalise(text: str) -> str:
 
 def extract_index(resource: dict[str, Any]) -> IndexRows:
     rows = IndexRows()
-    for param in params_for(resource["resourceType"]).values():
+    for param in all_params().get(resource["resourceType"], {}).values():
         for path in param.paths:
             for value in _walk(resource, path):
                 _index_value(rows, param, value)
@@ -159,6 +204,39 @@ def _index_value(rows: IndexRows, param: ParamDef, value: Any) -> None:
                         rows.strings.append((name, _normalise(text)))
     elif param.type == "uri" and isinstance(value, str):
         rows.strings.append((name, value))
+    elif param.type == "number":
+        number = _finite(value)
+        if number is not None:
+            rows.numbers.append((name, number, "", "", ""))
+    elif param.type == "quantity" and isinstance(value, dict):
+        # Quantity only: R4's value-quantity also names SampledData, which has no one value.
+        # Units are indexed as sent (no UCUM canonicalisation).
+        number = _finite(value.get("value"))
+        if number is not None:
+            rows.numbers.append(
+                (
+                    name,
+                    number,
+                    _text(value.get("system")),
+                    _text(value.get("code")),
+                    _text(value.get("unit")),
+                )
+            )
+
+
+def _finite(value: Any) -> float | None:
+    """A JSON number as a float (what the outcome measure computes with); None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _date_ranges(value: Any) -> Iterable[tuple[datetime, datetime]]:
@@ -268,12 +346,16 @@ RESULT_PARAMS = {
     "_cursor",
 }
 DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
+#: Number and quantity prefixes supported (R4 also defines sa, eb and ap: refused with 400).
+NUMBER_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le")
 MODIFIERS = {
     "token": {"", "not", "missing"},
     "reference": {"", "missing"},
     "date": {"", "missing"},
     "string": {"", "exact", "contains", "missing"},
     "uri": {"", "missing"},
+    "number": {"", "missing"},
+    "quantity": {"", "missing"},
 }
 
 
@@ -483,6 +565,60 @@ def _parse_criterion(param: ParamDef, modifier: str, value: str, raw: str) -> Cr
             parsed.append(got)
         elif param.type == "string":
             parsed.append(v if modifier == "exact" else _normalise(v))
+        elif param.type in ("number", "quantity"):
+            got_number = _parse_number_value(v, param)
+            if isinstance(got_number, Issue):
+                return got_number
+            parsed.append(got_number)
         else:
             parsed.append(v)
     return Criterion(param.name, param.type, modifier, tuple(parsed), raw)
+
+
+@dataclass(frozen=True)
+class NumberValue:
+    """A number or quantity search value: ``prefix`` against ``number``, whose implicit range
+    is [``low``, ``high``) (half a unit of its last digit either side: ``100`` → [99.5,
+    100.5), ``100.00`` → [99.995, 100.005)); ``eq`` and ``ne`` use the range, the other
+    prefixes the number itself (FHIR R4 search, "number"). ``system``/``code`` are a
+    quantity's unit: ``system`` None matches any system, and then ``code`` the unit code or
+    the human unit (``5.4||mg``); both None: any unit."""
+
+    prefix: str
+    number: float
+    low: float
+    high: float
+    system: str | None = None
+    code: str | None = None
+
+
+def _parse_number_value(value: str, param: ParamDef) -> NumberValue | Issue:
+    text, system, code = value, None, None
+    if param.type == "quantity" and "|" in value:
+        parts = value.split("|")
+        if len(parts) != 3:
+            return issue("value", f"{param.name}: expected [prefix]number|system|code", param.name)
+        text, system, code = parts[0], parts[1] or None, parts[2] or None
+    prefix = "eq"
+    if text[:2].isalpha():
+        prefix, text = text[:2], text[2:]
+        if prefix in ("sa", "eb", "ap"):
+            return issue(
+                "not-supported",
+                f"{param.name}: the prefixes supported are {', '.join(NUMBER_PREFIXES)}",
+                param.name,
+            )
+        if prefix not in NUMBER_PREFIXES:
+            return issue("value", f"{param.name}: not a number", param.name)
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        number = Decimal("NaN")
+    if not number.is_finite():
+        return issue("value", f"{param.name}: not a number", param.name)
+    exponent = number.as_tuple().exponent
+    assert isinstance(exponent, int)  # a finite Decimal's exponent
+    half = Decimal(5).scaleb(exponent - 1)
+    return NumberValue(
+        prefix, float(number), float(number - half), float(number + half), system, code
+    )

@@ -8,23 +8,24 @@ always"); it discloses counts and means only.
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 
 from fhir_kat.errors import BadRequest, NotFound, issue
-from fhir_kat.instruments.definitions import Catalogue, Instrument
+from fhir_kat.instruments.definitions import Catalogue
 from fhir_kat.instruments.outcomes import (
     MEASURE_ID,
+    Fold,
     GroupResult,
     ScorePoint,
-    evaluate,
+    evaluate_fold,
     measure_report,
     measure_resource,
 )
 from fhir_kat.search import parse_date_range, split_reference
 from fhir_kat.store import Store, Tx
+from fhir_kat.store.observations import observation_values
 from fhir_kat.store.store import format_instant
 
 FINAL = ("final", "amended", "corrected")
@@ -58,10 +59,10 @@ class OutcomeService:
             raise BadRequest(problems)
         with self.store.read() as tx:
             members = self._members(tx, subject) if subject else None
-            return [
-                evaluate(inst, self._points(tx, inst, start[0], end[1], members))
-                for inst in self.catalogue.instruments.values()
-            ]
+            folds = self._folds(tx, start[0], end[1], members)
+        return [
+            evaluate_fold(inst, folds[inst.key]) for inst in self.catalogue.instruments.values()
+        ]
 
     def evaluate_measure(
         self,
@@ -97,33 +98,31 @@ class OutcomeService:
             and not m.get("inactive", False)
         }
 
-    def _points(
-        self, tx: Tx, inst: Instrument, low: datetime, high: datetime, members: set[str] | None
-    ) -> Iterator[ScorePoint]:
-        """The instrument's total scores in the period, in write order.
+    def _folds(
+        self, tx: Tx, low: datetime, high: datetime, members: set[str] | None
+    ) -> dict[str, Fold]:
+        """Each instrument's baseline and post per participant, from its total scores in the
+        period, fed in write order.
 
-        One pass: the code index drives a single streamed join (``Tx.by_token``); status and
-        effective date are checked on the JSON parsed anyway for the score. The result is the
-        same as the search ``Observation?code=…&status=final,amended,corrected&date=ge…&date=
-        le…`` (the ``date`` parameter indexes the same ``parse_date_range`` of
-        ``effectiveDateTime``) — tests/test_outcomes.py compares both on a generated cohort —
-        but costs O(n) instead of re-evaluating four index sub-queries per batch."""
+        One pass over the search index alone (``observation_values``: code → status → the
+        effectiveDateTime index → the value index, every instrument at once), never parsing a
+        stored resource. The scores are those of the search ``Observation?code=…&status=final,
+        amended,corrected&date=ge…&date=le…`` restricted to effectiveDateTime, valued by
+        ``valueQuantity.value`` or ``valueInteger`` — tests/test_store_performance_paths.py
+        compares both on a generated cohort full of edge cases."""
+        instruments = list(self.catalogue.instruments.values())
+        folds = {inst.key: Fold() for inst in instruments}
+        by_code: dict[tuple[str, str], list[Fold]] = {}
+        for inst in instruments:
+            by_code.setdefault((inst.total["system"], inst.total["code"]), []).append(
+                folds[inst.key]
+            )
         in_sql = members if members is not None and len(members) <= MEMBERS_IN_SQL else None
-        rows = tx.by_token(
-            "Observation", "code", inst.total["system"], inst.total["code"], patients=in_sql
-        )
-        loads = json.loads
-        for _, content, patient in rows:
+        rows = observation_values(tx, list(by_code), FINAL, low, high, patients=in_sql)
+        for code, patient, when, value in rows:
             if members is not None and patient not in members:
                 continue
-            obs = loads(content)
-            if obs.get("status") not in FINAL:
-                continue
-            value = obs.get("valueQuantity", {}).get("value", obs.get("valueInteger"))
-            when = obs.get("effectiveDateTime")
-            parsed = parse_date_range(when) if isinstance(when, str) else None
-            if value is None or parsed is None:
-                continue
-            if parsed[1] < low or parsed[0] > high:  # date=ge<low> & date=le<high>
-                continue
-            yield ScorePoint(patient, parsed[0], float(value))
+            point = ScorePoint(patient, when, value)
+            for fold in by_code[code]:
+                fold.add(point)
+        return folds

@@ -4,7 +4,7 @@ Owns: the table definitions (SQLAlchemy Core). Must not: hold queries (``store.p
 
 One row per resource in ``resources`` (the current version, served as stored), one per version
 in ``resource_versions`` (its ``seq`` is the global write order used for stable paging), and the
-four ``search_*`` tables written in the same transaction as the resource they index.
+five ``search_*`` tables written in the same transaction as the resource they index.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -107,6 +108,32 @@ search_string = Table(
     Index("ix_string_owner", "res_type", "res_id"),
 )
 
+# Number and quantity parameters (R4 ``number``/``quantity``): a plain number has empty unit
+# columns. The owner index carries the value so a join from another index (the outcome measure's
+# code → status → date → value) reads no table rows. docs/adr/0007-number-index.md
+search_number = Table(
+    "search_number",
+    metadata,
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("param", String(64), nullable=False),
+    Column("value", Float, nullable=False),
+    Column("system", String(255), nullable=False),
+    Column("code", String(255), nullable=False),
+    Column("unit", String(255), nullable=False),
+    Index("ix_number_lookup", "res_type", "param", "value"),
+    Index("ix_number_owner", "res_type", "res_id", "param", "value"),
+)
+
+# What the store itself needs to remember about the database: ``index`` = the
+# ``index_fingerprint`` of each resource type whose index rows are current (JSON).
+store_meta = Table(
+    "store_meta",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
 # Client-assertion ids seen by the token endpoint, kept until they expire (replay protection).
 auth_jti = Table(
     "auth_jti",
@@ -133,4 +160,4 @@ export_jobs = Table(
     Column("error", Text, nullable=True),
 )
 
-INDEX_TABLES = (search_token, search_reference, search_date, search_string)
+INDEX_TABLES = (search_token, search_reference, search_date, search_string, search_number)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -45,19 +46,29 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.expression import ClauseElement, Executable, Select
 
-from fhir_kat.search import Criterion, IndexRows, SearchQuery, extract_index, params_for
+from fhir_kat.search import (
+    Criterion,
+    IndexRows,
+    NumberValue,
+    SearchQuery,
+    extract_index,
+    params_for,
+)
+from fhir_kat.store.reindex import bring_up_to_date
 from fhir_kat.store.schema import (
     INDEX_TABLES,
     metadata,
     resource_versions,
     resources,
     search_date,
+    search_number,
     search_reference,
     search_string,
     search_token,
 )
 
 Clock = Callable[[], datetime]
+log = logging.getLogger("fhir_kat.store")
 
 #: How far a criterion's matches are counted when choosing which one drives a search.
 ESTIMATE_CAP = 500
@@ -173,7 +184,9 @@ class Store:
         return engine
 
     def create_schema(self) -> None:
-        """Create missing tables. Several processes starting at once (gunicorn workers) take
+        """Create missing tables, and rebuild index rows written under older search parameter
+        definitions (``reindex.bring_up_to_date``: a new parameter gets its rows for resources
+        stored before it). Several processes starting at once (gunicorn workers) take
         turns: through an advisory lock on PostgreSQL (concurrent CREATE TABLEs collide), and
         through ``BEGIN IMMEDIATE`` on SQLite — in a deferred transaction the table check reads
         first, and a reader that then wants to write gets "database is locked" at once instead
@@ -181,11 +194,13 @@ class Store:
         if self.is_sqlite:
             with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
                 metadata.create_all(conn)
+                _reindex_stale(conn)
             return
         with self.engine.connect() as conn:
             conn.execute(text("SELECT pg_advisory_lock(7301)"))
             try:
                 metadata.create_all(conn)
+                _reindex_stale(conn)
                 conn.commit()
             finally:
                 conn.execute(text("SELECT pg_advisory_unlock(7301)"))
@@ -228,12 +243,8 @@ class Store:
                 conn.exec_driver_sql("PRAGMA analysis_limit=1000")
                 conn.exec_driver_sql("ANALYZE")
             else:
-                conn.execute(
-                    text(
-                        "ANALYZE resources, search_token, search_reference, "
-                        "search_date, search_string"
-                    )
-                )
+                tables = ", ".join(t.name for t in INDEX_TABLES)
+                conn.execute(text(f"ANALYZE resources, {tables}"))
             conn.commit()
 
     @contextmanager
@@ -244,6 +255,12 @@ class Store:
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+
+def _reindex_stale(conn: Connection) -> None:
+    rebuilt = bring_up_to_date(conn)
+    if rebuilt:
+        log.info("search index rebuilt", extra={"resource_types": rebuilt})
 
 
 def _use_wal(cursor: Any, attempts: int = 300) -> None:
@@ -875,6 +892,8 @@ class Tx:
             "date": search_date,
             "string": search_string,
             "uri": search_string,
+            "number": search_number,
+            "quantity": search_number,
         }[c.type]
         scope = and_(table.c.res_type == rtype, table.c.param == c.name)
         if c.modifier == "missing":
@@ -904,6 +923,8 @@ class Tx:
                     alternatives.append(search_string.c.value.contains(value, autoescape=True))
                 else:
                     alternatives.append(search_string.c.value.startswith(value, autoescape=True))
+            elif c.type in ("number", "quantity"):
+                alternatives.append(_number_clause(value))
             else:  # uri: exact match
                 alternatives.append(search_string.c.value == value)
         return table, and_(scope, or_(*alternatives))
@@ -990,6 +1011,13 @@ def _index_params(resource: dict[str, Any], rows: IndexRows) -> list[tuple[Any, 
     out.extend(
         (search_string, {**base, "param": p, "value": v[:512]}) for p, v in set(rows.strings)
     )
+    out.extend(
+        (
+            search_number,
+            {**base, "param": p, "value": v, "system": sy[:255], "code": c[:255], "unit": u[:255]},
+        )
+        for p, v, sy, c, u in set(rows.numbers)
+    )
     return out
 
 
@@ -1008,6 +1036,32 @@ def _without_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
 def same_content(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two versions say the same thing (server-set ``meta`` aside)."""
     return _without_server_meta(a) == _without_server_meta(b)
+
+
+def _number_clause(value: NumberValue) -> ColumnElement[bool]:
+    """A number or quantity search value against ``search_number`` rows: ``eq``/``ne`` over
+    the value's implicit range, the other prefixes against the number itself; a quantity's
+    unit by system and code, or by code or human unit when no system is given (FHIR R4
+    search, "number" and "quantity")."""
+    col = search_number.c.value
+    in_range = and_(col >= value.low, col < value.high)
+    conds: list[ColumnElement[bool]] = [
+        {
+            "eq": in_range,
+            "ne": not_(in_range),
+            "gt": col > value.number,
+            "lt": col < value.number,
+            "ge": col >= value.number,
+            "le": col <= value.number,
+        }[value.prefix]
+    ]
+    if value.system is not None:
+        conds.append(search_number.c.system == value.system)
+        if value.code is not None:
+            conds.append(search_number.c.code == value.code)
+    elif value.code is not None:
+        conds.append(or_(search_number.c.code == value.code, search_number.c.unit == value.code))
+    return and_(*conds)
 
 
 def _date_clause(
