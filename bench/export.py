@@ -74,8 +74,21 @@ def _child(url: str, mode: str, out: str) -> dict[str, float]:
                         count += 1
     seconds = time.perf_counter() - start
     store.dispose()
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": seconds, "count": count, "rss_mib": rss_kib / 1024}
+    return {"seconds": seconds, "count": count, "rss_mib": _peak_rss_kib() / 1024}
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak RSS. Linux keeps ``ru_maxrss`` across ``execve``, so a child forked
+    from a large parent (``bench.run`` after the measure section) would report the parent's
+    size; ``VmHWM`` belongs to the new address space and starts afresh at exec."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _measure(url: str, mode: str) -> dict[str, float]:
