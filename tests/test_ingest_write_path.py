@@ -24,13 +24,13 @@ from typing import Any
 
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import event, select
+from sqlalchemy import event
 
 from fhir_kat.artifacts.schemas import bc_phn_check_digit
 from fhir_kat.search import Criterion, SearchQuery
 from fhir_kat.store import Store, Tx
-from fhir_kat.store.schema import INDEX_TABLES, resource_versions, resources
 from tests.conftest import FakeClock
+from tests.support.store_dump import dump_tables
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
@@ -84,15 +84,6 @@ def _script(tx: Tx, flush_each: bool) -> None:
     step()
 
 
-def _dump(store: Store) -> dict[str, list[tuple[str, ...]]]:
-    out = {}
-    with store.read() as tx:
-        for table in (resources, resource_versions, *INDEX_TABLES):
-            rows = tx.conn.execute(select(table)).all()
-            out[table.name] = sorted(tuple(str(v) for v in r) for r in rows)
-    return out
-
-
 @contextmanager
 def _fresh(database_url: str) -> Iterator[Store]:
     store = Store(database_url, clock=FakeClock())
@@ -115,7 +106,7 @@ def test_held_index_rows_store_what_immediate_rows_store(database_url: str) -> N
                 if flush_each:
                     tx.flush()
                 tx.put(_obs(9, "e", "p1"), current=None)
-            dumps.append(_dump(store))
+            dumps.append(dump_tables(store))
     assert dumps[0] == dumps[1]
     tokens = {(r[1], r[4]) for r in dumps[0]["search_token"] if r[2] == "code"}
     assert tokens == {("o0", "a"), ("o1", "e"), ("o2", "c"), ("o4", "d"), ("o5", "a"), ("o9", "e")}

@@ -45,13 +45,13 @@ from fhir_kat.store.observations import observation_values
 from fhir_kat.store.reindex import current_fingerprints, recorded_fingerprints, stale_types
 from fhir_kat.store.schema import (
     INDEX_TABLES,
-    resource_versions,
     resources,
     search_date,
     search_number,
     store_meta,
 )
 from tests.conftest import FakeClock
+from tests.support.store_dump import dump_tables
 
 
 def _cohort(catalogue: Catalogue, participants: int, seed: int) -> Iterator[dict[str, Any]]:
@@ -252,15 +252,6 @@ def _delete_and_update(store: Store, items: list[dict[str, Any]]) -> None:
         ], "an update must replace the resource's number rows, not add to them"
 
 
-def _dump(store: Store) -> dict[str, list[tuple[Any, ...]]]:
-    out = {}
-    with store.read() as tx:
-        for table in (resources, resource_versions, *INDEX_TABLES):
-            rows = tx.conn.execute(select(table)).all()
-            out[table.name] = sorted(tuple(str(v) for v in r) for r in rows)
-    return out
-
-
 def test_create_many_stores_what_put_stores(tmp_path: Any) -> None:
     items = list(_cohort(load_catalogue(), 15, seed=9))
     items.append(
@@ -279,7 +270,7 @@ def test_create_many_stores_what_put_stores(tmp_path: Any) -> None:
         store = Store(f"sqlite:///{tmp_path}/{bulk}.sqlite3", clock=lambda: datetime(2026, 2, 1))
         store.create_schema()
         _load(store, items, bulk)
-        dumps.append(_dump(store))
+        dumps.append(dump_tables(store))
         store.dispose()
     assert dumps[0] == dumps[1]
     assert len(dumps[0]["search_token"]) > len(items)
@@ -373,7 +364,7 @@ def test_bench_loader_writes_what_create_many_writes(
             with store.write() as tx:
                 after, _ = tx.put({"resourceType": "Patient", "id": "later"}, current=None)
             assert after.seq == len(items) + 1
-            dumps.append(_dump(store))
+            dumps.append(dump_tables(store))
         finally:
             store.drop_schema()
             store.dispose()
@@ -533,7 +524,7 @@ def test_a_database_from_before_the_number_index_is_rebuilt_at_start_up(
             for item in items:
                 tx.put(item, current=None)
         _delete_and_update(store, items)
-        written, want = _dump(store), _measure(store)
+        written, want = dump_tables(store), _measure(store)
         with store.write() as tx:  # the database as an older version left it
             tx.conn.execute(delete(search_number))
             tx.conn.execute(delete(search_date).where(search_date.c.param == EFFECTIVE_DATETIME))
@@ -542,7 +533,7 @@ def test_a_database_from_before_the_number_index_is_rebuilt_at_start_up(
         with store.read() as tx:
             assert "Observation" in stale_types(tx.conn)
         store.create_schema()
-        assert _dump(store) == written
+        assert dump_tables(store) == written
         assert _measure(store) == want
         with store.read() as tx:
             assert stale_types(tx.conn) == []
@@ -589,12 +580,12 @@ def test_reindex_command_rebuilds_on_demand(
     with store.write() as tx:
         for item in _cohort(load_catalogue(), 5, seed=2):
             tx.put(item, current=None)
-    written = _dump(store)
+    written = dump_tables(store)
     with store.write() as tx:  # damage that no fingerprint shows
         tx.conn.execute(delete(search_number))
     monkeypatch.setenv("FHIR_KAT_DATABASE_URL", url)
     assert cli_main(["reindex", "--type", "Observation"]) == 0
-    assert _dump(store) == written
+    assert dump_tables(store) == written
     assert "reindexed" in capsys.readouterr().err
     assert cli_main(["reindex", "--type", "Nonsense"]) == 2
     store.dispose()

@@ -187,27 +187,34 @@ def _too_many_failures(wait: float) -> Response:
     return response
 
 
+def _basic_credentials(header: str) -> tuple[str, str] | None:
+    """(client id, secret) of an HTTP Basic ``Authorization`` value; None when malformed."""
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    client_id, _, secret = decoded.partition(":")
+    return unquote(client_id), unquote(secret)
+
+
+def _assertion_issuer(assertion: str) -> str | None:
+    """The unverified ``iss`` of a client assertion (who it claims to be); None: not a JWT."""
+    try:
+        return str(jwt.decode(assertion, options={"verify_signature": False}).get("iss", ""))
+    except jwt.PyJWTError:
+        return None
+
+
 def _presented_client_id() -> str:
     """The client id a token request names (Basic, form or assertion ``iss``), unverified."""
     form = request.form
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("basic "):
-        try:
-            decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            return ""
-        return unquote(decoded.partition(":")[0])
+        return (_basic_credentials(header) or ("", ""))[0]
     if form.get("client_id"):
         return str(form["client_id"])
     if form.get("client_assertion"):
-        try:
-            return str(
-                jwt.decode(form["client_assertion"], options={"verify_signature": False}).get(
-                    "iss", ""
-                )
-            )
-        except jwt.PyJWTError:
-            return ""
+        return _assertion_issuer(form["client_assertion"]) or ""
     return ""
 
 
@@ -231,24 +238,19 @@ def _authenticate_client() -> tuple[Client, tuple[Scope, ...]]:
         if form.get("client_assertion_type") != ASSERTION_TYPE:
             raise OAuthError("invalid_request", "client_assertion_type must be jwt-bearer")
         assertion = form["client_assertion"]
-        try:
-            client_id = form.get("client_id") or jwt.decode(
-                assertion, options={"verify_signature": False}
-            ).get("iss", "")
-        except jwt.PyJWTError:
-            raise OAuthError("invalid_client", "client_assertion is not a JWT", 401) from None
+        client_id = form.get("client_id") or _assertion_issuer(assertion)
+        if client_id is None:
+            raise OAuthError("invalid_client", "client_assertion is not a JWT", 401)
         client = registry.get(str(client_id))
         if client is None:
             raise OAuthError("invalid_client", "unknown client", 401)
         _state().tokens.verify_assertion(assertion, client, token_url())
     else:
         if method == "basic":
-            try:
-                decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
-                raise OAuthError("invalid_client", "malformed Basic credentials", 401) from None
-            client_id, _, secret = decoded.partition(":")
-            client_id, secret = unquote(client_id), unquote(secret)
+            credentials = _basic_credentials(header)
+            if credentials is None:
+                raise OAuthError("invalid_client", "malformed Basic credentials", 401)
+            client_id, secret = credentials
         else:
             client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
         client = registry.get(client_id)

@@ -690,9 +690,27 @@ class Tx:
     ) -> list[tuple[int, str, str | None]]:
         """One batch of (seq, stored JSON, patient id) in write order, for streaming exports:
         keyset paging keeps memory flat and never re-reads a row."""
+        where = self._scan_where(query, since, visible_patients, patients)
+        where.append(resources.c.seq > after_seq)
+        stmt = (
+            select(resources.c.seq, resources.c.content, resources.c.patient_id)
+            .where(*where)
+            .order_by(resources.c.seq)
+            .limit(limit)
+        )
+        return [(seq, content, patient) for seq, content, patient in self.conn.execute(stmt)]
+
+    def _scan_where(
+        self,
+        query: SearchQuery,
+        since: datetime | None,
+        visible_patients: Collection[str] | None,
+        patients: Collection[str] | None,
+    ) -> list[ColumnElement[bool]]:
+        """The criteria of ``scan``/``scan_batches``: the query, ``_since``, consent (resources
+        outside any compartment, or of a visible patient) and a cohort's members."""
         self.flush()
         where = self._where(query)
-        where.append(resources.c.seq > after_seq)
         if since is not None:
             where.append(resources.c.last_updated > since)
         if visible_patients is not None:
@@ -704,13 +722,7 @@ class Tx:
             )
         if patients is not None:
             where.append(resources.c.patient_id.in_(sorted(patients)))
-        stmt = (
-            select(resources.c.seq, resources.c.content, resources.c.patient_id)
-            .where(*where)
-            .order_by(resources.c.seq)
-            .limit(limit)
-        )
-        return [(seq, content, patient) for seq, content, patient in self.conn.execute(stmt)]
+        return where
 
     def scan_batches(
         self,
@@ -725,18 +737,7 @@ class Tx:
         one snapshot and bounded memory for a whole export of a type. On PostgreSQL a cursor
         of our own (DECLAREd through SQLAlchemy, so parameters bind as everywhere else) whose
         rows are FETCHed by the driver as plain tuples; SQLite steps its statement."""
-        where = self._where(query)
-        if since is not None:
-            where.append(resources.c.last_updated > since)
-        if visible_patients is not None:
-            where.append(
-                or_(
-                    resources.c.patient_id.is_(None),
-                    resources.c.patient_id.in_(sorted(visible_patients)),
-                )
-            )
-        if patients is not None:
-            where.append(resources.c.patient_id.in_(sorted(patients)))
+        where = self._scan_where(query, since, visible_patients, patients)
         stmt = (
             select(resources.c.seq, resources.c.content, resources.c.patient_id)
             .where(*where)
