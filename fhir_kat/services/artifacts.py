@@ -73,6 +73,9 @@ class ArtifactService:
         data it describes."""
         bundle = self.transform(kind, payload, submitter)
         entries: list[dict[str, Any]] = bundle.get("entry", [])
+        for entry in entries:
+            # Validated while no lock is held; ``update_in`` below finds them in the cache.
+            self.fhir.check(entry["resource"])
         with self.fhir.write() as tx:
             # Every entry's current row in one query (each is written below, so locked now).
             tx.preload(

@@ -9,15 +9,17 @@ one transaction, so a search never sees a half-written resource.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Generator, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +44,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.expression import ClauseElement, Executable, Select
@@ -160,6 +163,7 @@ class Store:
         self._writes = 0
         self._next_analyze = 64
         self._stats_lock = threading.Lock()
+        self._writer = _SqliteWriterQueue(url) if self.is_sqlite else None
 
     def _make_engine(self, url: str) -> Engine:
         if not self.is_sqlite:
@@ -211,15 +215,24 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._writer is not None:
+            self._writer.close()
 
     @contextmanager
     def write(self) -> Iterator[Tx]:
-        with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
+        with (
+            self._writer_turn(),
+            self.engine.connect().execution_options(kat_write=True) as conn,
+            conn.begin(),
+        ):
             tx = Tx(conn, self)
             yield tx
             tx.run_deferred()
             tx.flush()
         self._after_commit()
+
+    def _writer_turn(self) -> Any:
+        return self._writer.turn() if self._writer is not None else _NO_QUEUE
 
     def _after_commit(self) -> None:
         """Both databases plan the search joins from table statistics (which criterion to
@@ -255,6 +268,57 @@ class Store:
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+
+_NO_QUEUE = nullcontext()
+
+
+class _SqliteWriterQueue:
+    """Writers to one SQLite file wait their turn here, before ``BEGIN IMMEDIATE``.
+
+    SQLite admits one writer at a time; the others' ``BEGIN IMMEDIATE`` spins in the busy
+    handler, which sleeps 1, 2, 5 … up to 100 ms between attempts and so leaves the file idle
+    while writers sleep (and lets a lucky newcomer overtake the long waiters: seconds of
+    p99 under 8 concurrent clients). Here the threads of a process queue on a lock, and the
+    processes on an exclusive ``flock`` of a lock file beside the database; both wake the next
+    writer the moment the current one commits. ``BEGIN IMMEDIATE`` and the busy timeout stay
+    as the guarantee for writers that bypass the queue (the ``sqlite3`` shell, an older
+    process). The lock file is separate from the database on purpose: closing any descriptor
+    of the database file would drop SQLite's own POSIX locks held by this process."""
+
+    def __init__(self, url: str) -> None:
+        database = make_url(url).database
+        self._path = f"{database}-writer.lock" if database and database != ":memory:" else None
+        self._threads = threading.Lock()
+        self._holder: int | None = None
+        self._fd: int | None = None
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        if self._holder == threading.get_ident():
+            # A write opened inside another on the same thread would wait for itself.
+            raise RuntimeError("nested write transaction on SQLite")
+        with self._threads:
+            self._holder = threading.get_ident()
+            try:
+                if self._path is None:
+                    yield
+                    return
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+                try:
+                    yield
+                finally:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                self._holder = None
+
+    def close(self) -> None:
+        with self._threads:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def _reindex_stale(conn: Connection) -> None:
