@@ -79,7 +79,7 @@ def run(url: str, n: int) -> dict[str, float]:
 
     def search(rtype: str, pairs: list[tuple[str, str]]) -> tuple[int, int | None]:
         query = parse_search(rtype, pairs, strict=True, default_count=50, max_count=200)
-        with store.read() as tx:
+        with store.read(transaction=False) as tx:  # as the REST searches
             rows, _, more = tx.search(query)
         return (rows[-1].seq if more and rows else 0), len(rows)
 
@@ -131,7 +131,7 @@ def run(url: str, n: int) -> dict[str, float]:
 
 
 def _read(store: Store, pid: str) -> None:
-    with store.read() as tx:
+    with store.read(transaction=False) as tx:  # as the REST reads
         tx.get("Patient", pid)
 
 

@@ -117,7 +117,7 @@ class FhirService:
     def read(self, rtype: str, rid: str, access: Access | None = None) -> StoredResource:
         require_type(rtype)
         require_access(access, rtype, "read")
-        with self.store.read() as tx:
+        with self.store.read(transaction=False) as tx:
             return self._read(tx, rtype, rid, access)
 
     def _read(self, tx: Tx, rtype: str, rid: str, access: Access | None) -> StoredResource:
@@ -139,7 +139,7 @@ class FhirService:
         require_access(access, rtype, "read")
         if not version.isdigit():
             raise NotFound(issue("not-found", "no such version", f"{rtype}.meta.versionId"))
-        with self.store.read() as tx:
+        with self.store.read(transaction=False) as tx:
             if access is not None:
                 self._check_current(tx, rtype, rid, access)
             found = tx.vread(rtype, rid, int(version))
@@ -167,7 +167,7 @@ class FhirService:
         require_type(rtype)
         require_access(access, rtype, "read")
         limit = min(count or self.max_page_size, self.max_page_size)
-        with self.store.read() as tx:
+        with self.store.read(transaction=False) as tx:
             if access is not None:
                 self._check_current(tx, rtype, rid, access)
             versions = tx.history(rtype, rid, limit)
@@ -226,7 +226,7 @@ class FhirService:
         require_type(rtype)
         require_access(access, rtype, "search")
         query = self.parse_query(rtype, pairs, strict=strict)
-        with self.store.read() as tx:
+        with self.store.read(transaction=False) as tx:
             return self._search(tx, query, base, access)
 
     def _search(

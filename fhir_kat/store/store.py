@@ -45,6 +45,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.expression import ClauseElement, Executable, Select
@@ -75,6 +76,9 @@ log = logging.getLogger("fhir_kat.store")
 
 #: How far a criterion's matches are counted when choosing which one drives a search.
 ESTIMATE_CAP = 500
+
+#: A pooled PostgreSQL connection idle for longer than this (seconds) is pinged before use.
+PING_AFTER_IDLE = 10.0
 
 # The write path's statements, built once: SQLAlchemy then only binds parameters (building
 # a statement and its cache key per call cost more than running it on SQLite).
@@ -167,7 +171,9 @@ class Store:
 
     def _make_engine(self, url: str) -> Engine:
         if not self.is_sqlite:
-            return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            engine = create_engine(url, pool_size=5, max_overflow=10)
+            _ping_when_idle(engine)
+            return engine
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -261,9 +267,19 @@ class Store:
             conn.commit()
 
     @contextmanager
-    def read(self) -> Iterator[Tx]:
-        with self.engine.connect() as conn, conn.begin():
-            yield Tx(conn, self)
+    def read(self, *, transaction: bool = True) -> Iterator[Tx]:
+        """A read-only transaction. ``transaction=False`` (the REST reads and searches): on
+        PostgreSQL each statement runs on its own (autocommit), which saves the BEGIN and
+        COMMIT round trips and sees exactly what it would inside the transaction — under READ
+        COMMITTED every statement takes its own snapshot either way. A method that needs a
+        transaction (a cursor, an advisory lock) still opens one (``Tx.need_transaction``).
+        SQLite: the same transaction in both cases (no round trips to save)."""
+        conn = self.engine.connect()
+        autocommit = not transaction and not self.is_sqlite
+        if autocommit:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        with conn, conn.begin():
+            yield Tx(conn, self, autocommit=autocommit)
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -321,6 +337,30 @@ class _SqliteWriterQueue:
                 self._fd = None
 
 
+def _ping_when_idle(engine: Engine) -> None:
+    """Check a pooled connection before use only if it has been idle for ``PING_AFTER_IDLE``
+    seconds (what a restarted server, or a firewall's or server's idle timeout, leaves dead);
+    a dead one is replaced before the request sees it. ``pool_pre_ping`` pinged on every
+    checkout: a round trip per request. A connection that dies while in steady use fails its
+    request once, and the pool then replaces every connection opened before the failure
+    (SQLAlchemy's disconnect handling)."""
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+        record.info["kat_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
+        since = record.info.get("kat_idle_since")
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool discards this connection and checks out another (a new one if need be).
+            raise DisconnectionError() from exc
+
+
 def _reindex_stale(conn: Connection) -> None:
     rebuilt = bring_up_to_date(conn)
     if rebuilt:
@@ -359,9 +399,10 @@ def _row_to_stored(row: Any) -> StoredResource:
 class Tx:
     """One database transaction; every method runs inside it."""
 
-    def __init__(self, conn: Connection, store: Store) -> None:
+    def __init__(self, conn: Connection, store: Store, *, autocommit: bool = False) -> None:
         self.conn = conn
         self.store = store
+        self._autocommit = autocommit
         self._deferred: dict[str, Callable[[Tx], None]] = {}
         #: Per-transaction caches of the services (each invalidated by its own write hook).
         self.memo: dict[str, Any] = {}
@@ -384,6 +425,17 @@ class Tx:
             key = next(iter(self._deferred))
             self._deferred.pop(key)(self)
 
+    def need_transaction(self) -> None:
+        """From here to the end, run in one transaction (on PostgreSQL a read opened with
+        ``transaction=False`` runs each statement on its own until then): for cursors, which
+        live in a transaction, and locks held until it ends."""
+        if self._autocommit:
+            # The connection is idle between statements, so the driver may leave autocommit:
+            # its next statement BEGINs, and the commit (or rollback) at the end of the
+            # ``with`` block ends it. The pool restores the isolation level on check-in.
+            self.conn.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
+            self._autocommit = False
+
     # ------------------------------------------------------------------ locking
 
     def lock(self, key: str) -> None:
@@ -391,6 +443,7 @@ class Tx:
         on SQLite ``BEGIN IMMEDIATE`` already serialises every writer)."""
         if self.store.is_sqlite:
             return
+        self.need_transaction()
         digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
         number = int.from_bytes(digest, "big", signed=True)
         self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": number})
@@ -402,6 +455,8 @@ class Tx:
         known = self._preloaded.get((rtype, rid))
         if known is not None and (known[1] or not lock):
             return known[0]
+        if lock:
+            self.need_transaction()
         stmt = _GET_FOR_UPDATE if lock else _GET
         row = self.conn.execute(stmt, {"k_type": rtype, "k_id": rid}).first()
         return _row_to_stored(row) if row else None
@@ -812,6 +867,7 @@ class Tx:
                 while rows := result.fetchmany(batch):
                     yield rows
             return
+        self.need_transaction()
         name = f"kat_scan_{next(_cursor_names)}"
         self.conn.execute(_Declare(name, stmt))
         cursor = self.conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -866,6 +922,7 @@ class Tx:
         )
         if patients is not None:
             stmt = stmt.where(resources.c.patient_id.in_(sorted(patients)))
+        self.need_transaction()  # a server-side cursor on PostgreSQL
         result = self.conn.execution_options(stream_results=True, yield_per=2000).execute(stmt)
         for row in result:
             yield int(row.seq), row.content, row.patient_id
@@ -889,6 +946,7 @@ class Tx:
             resources.c.deleted == false(),
         ]
         criteria = list(query.criteria)
+        made: dict[int, Any] = {}  # each criterion's condition, built once (``_condition``)
         drivable = [c for c in criteria if c.modifier not in ("missing", "not")]
         driver = None
         selective: bool | None = False
@@ -899,35 +957,55 @@ class Tx:
             driver, selective = drivable[0], None
         elif drivable:
             # One round trip: every candidate's capped count.
-            counts = self.conn.execute(select(*(self._estimate(rtype, c) for c in drivable))).one()
+            counts = self.conn.execute(
+                select(*(self._estimate(rtype, c, made) for c in drivable))
+            ).one()
             best = min(range(len(drivable)), key=lambda i: counts[i])
             driver, selective = drivable[best], counts[best] < ESTIMATE_CAP
         for criterion in criteria:
-            clauses.append(self._criterion(rtype, criterion, driver=criterion is driver))
+            clauses.append(self._criterion(rtype, criterion, driver=criterion is driver, made=made))
         return clauses, selective
 
-    def _estimate(self, rtype: str, c: Criterion) -> Any:
+    def _condition(self, rtype: str, c: Criterion, made: dict[int, Any] | None) -> Any:
+        """``c``'s condition: on ``last_updated`` for ``_lastUpdated``, else the index table
+        and the condition on its rows (``_index_condition``). Built once per plan (``made``,
+        by criterion): the estimate and the page's clauses share it, and building SQLAlchemy
+        expressions is a good part of a search's CPU time."""
+        if made is not None and id(c) in made:
+            return made[id(c)]
+        if c.type == "lastUpdated":
+            col = resources.c.last_updated
+            built: Any = or_(*(_date_clause(col, col, v) for v in c.values))
+        else:
+            built = self._index_condition(rtype, c)
+        if made is not None:
+            made[id(c)] = built
+        return built
+
+    def _estimate(self, rtype: str, c: Criterion, made: dict[int, Any] | None = None) -> Any:
         """How many resources ``c`` matches, counted no further than ``ESTIMATE_CAP`` (a
         scalar sub-query)."""
         if c.type == "id":
             return literal(len(c.values))
         if c.type == "lastUpdated":
             inner = select(resources.c.res_id).where(
-                resources.c.res_type == rtype, self._criterion(rtype, c, driver=True)
+                resources.c.res_type == rtype, self._condition(rtype, c, made)
             )
         else:
-            table, condition = self._index_condition(rtype, c)
+            table, condition = self._condition(rtype, c, made)
             inner = select(table.c.res_id).where(condition)
         capped = inner.limit(ESTIMATE_CAP).subquery()
         return select(func.count()).select_from(capped).scalar_subquery()
 
-    def _criterion(self, rtype: str, c: Criterion, *, driver: bool) -> ColumnElement[bool]:
+    def _criterion(
+        self, rtype: str, c: Criterion, *, driver: bool, made: dict[int, Any] | None = None
+    ) -> ColumnElement[bool]:
         if c.type == "id":
             return resources.c.res_id.in_(list(c.values))
         if c.type == "lastUpdated":
-            col = resources.c.last_updated
-            return or_(*(_date_clause(col, col, v) for v in c.values))
-        table, condition = self._index_condition(rtype, c)
+            clause: ColumnElement[bool] = self._condition(rtype, c, made)
+            return clause
+        table, condition = self._condition(rtype, c, made)
         if c.modifier == "missing":
             present = resources.c.res_id.in_(select(table.c.res_id).where(condition))
             return not_(present) if c.values[0] else present
