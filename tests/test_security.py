@@ -731,6 +731,34 @@ def test_token_lifetime_is_capped(app: Flask) -> None:
     assert datetime.fromtimestamp(claims["exp"], UTC) - datetime.now(UTC) <= timedelta(seconds=301)
 
 
+def test_a_remembered_token_still_expires_and_failures_are_never_remembered(
+    app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verified tokens are remembered per process (``TokenService.verify``); their ``exp``
+    is still enforced on every use, and a token that failed is checked afresh each time."""
+    from fhir_kat.security import tokens as tokens_module
+
+    service = app.extensions["fhir_kat"].tokens
+    token = token_for(app, "staff")
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    first = service.verify(token)
+    assert service.verify(token) is first  # remembered: the same principal, no new decode
+    client = app.test_client()
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+    assert client.get("/fhir/Patient").status_code == 200
+    monkeypatch.setattr(tokens_module.time, "time", lambda: float(exp))
+    with pytest.raises(jwt.ExpiredSignatureError):
+        service.verify(token)
+    answer = client.get("/fhir/Patient")
+    assert answer.status_code == 401
+    assert "expired" in answer.get_json()["issue"][0]["diagnostics"]
+    monkeypatch.undo()
+    forged = _forged(app)
+    for _ in range(2):
+        with pytest.raises(jwt.InvalidSignatureError):
+            service.verify(forged)
+
+
 # ------------------------------------------------------------------ failed sign-in throttling
 
 

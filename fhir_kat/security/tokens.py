@@ -8,10 +8,14 @@ cryptography is PyJWT's and ``cryptography``'s; nothing here is hand-rolled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +37,9 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_ALGORITHMS = ("RS384", "ES384")
 MAX_ASSERTION_LIFETIME = timedelta(minutes=5)
 ACCESS_ALGORITHM = "ES256"
+#: Access tokens verified lately (per process): a client sends the same token with every
+#: request for up to its lifetime, and a signature check costs more than a small search.
+VERIFIED_CACHE_SIZE = 4096
 
 
 class OAuthError(Exception):
@@ -97,6 +104,8 @@ class TokenService:
         self.lifetime = lifetime_seconds
         self.store = store
         self.clock = clock
+        self._verified: OrderedDict[bytes, tuple[Principal, int]] = OrderedDict()
+        self._verified_lock = threading.Lock()
 
     # ------------------------------------------------------------------ access tokens
 
@@ -117,7 +126,31 @@ class TokenService:
         return jwt.encode(claims, self.key, algorithm=ACCESS_ALGORITHM), self.lifetime
 
     def verify(self, token: str) -> Principal:
-        """The principal of a valid token; raises ``jwt.PyJWTError`` for anything else."""
+        """The principal of a valid token; raises ``jwt.PyJWTError`` for anything else.
+
+        A token found valid before is not checked again: its principal is remembered (by
+        digest, bounded) with its ``exp``, which is still enforced on every use exactly as
+        PyJWT does (expired once ``now >= exp``). Tokens cannot be revoked before ``exp``
+        (they live ≤ 300 s), so nothing else about a verified token can change. Only
+        successes are remembered; every failure is a fresh check."""
+        key = hashlib.blake2b(token.encode(), digest_size=20).digest()
+        with self._verified_lock:
+            known = self._verified.get(key)
+            if known is not None:
+                self._verified.move_to_end(key)
+        if known is not None:
+            principal, exp = known
+            if exp <= time.time():
+                raise jwt.ExpiredSignatureError("Signature has expired")
+            return principal
+        principal, exp = self._decode(token)
+        with self._verified_lock:
+            self._verified[key] = (principal, exp)
+            while len(self._verified) > VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
+        return principal
+
+    def _decode(self, token: str) -> tuple[Principal, int]:
         claims = jwt.decode(
             token,
             self.public_key,
@@ -129,7 +162,7 @@ class TokenService:
             # PyJWT checks exp against the real clock; our clock matters for tests only
         )
         scopes, _ = parse_scopes(str(claims.get("scope", "")).split())
-        return Principal(
+        principal = Principal(
             client_id=claims["sub"],
             role=claims["role"],
             scopes=tuple(scopes),
@@ -137,6 +170,7 @@ class TokenService:
             purpose=claims.get("pou", "TREAT"),
             token_id=claims["jti"],
         )
+        return principal, int(claims["exp"])
 
     # ------------------------------------------------------------------ client assertions
 
