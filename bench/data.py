@@ -172,6 +172,7 @@ def _build(store: Store, chunks: list[list[dict[str, Any]]], first_seq: int) -> 
                 },
             )
             index = extract_index(ordered)
+            patient_id = patient_of(ordered, index)
             out.add(
                 resources_table,
                 {
@@ -182,10 +183,10 @@ def _build(store: Store, chunks: list[list[dict[str, Any]]], first_seq: int) -> 
                     "seq": seq,
                     "deleted": False,
                     "content": content,
-                    "patient_id": patient_of(ordered, index),
+                    "patient_id": patient_id,
                 },
             )
-            for table, params in _index_params(ordered, index):
+            for table, params in _index_params(ordered, index, seq=seq, patient_id=patient_id):
                 out.add(table, params)
             seq += 1
     return out

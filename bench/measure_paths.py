@@ -1,13 +1,18 @@
-"""The outcome measure's index path against the JSON path it replaced, interleaved in one run.
+"""The outcome measure's readings, interleaved in one run on one database.
 
 ``python -m bench.measure_paths [--sizes 1000,10000] [--postgres URL] [--no-postgres]``
 
-Same data and database for both: per participant a Patient and two total scores per instrument
-(``bench.data.observations``). "JSON path" = the measure as it was before the number index
-(every total-score Observation's stored JSON streamed through ``Tx.by_token`` and parsed);
-"index path" = ``OutcomeService`` as shipped. Rounds alternate the two so a swing in the
-machine's load hits both; the best round of each is reported, and both must give the same
-MeasureReport groups.
+Same data and database for every path: per participant a Patient and two total scores per
+instrument (``bench.data.observations``).
+
+- "JSON": the measure before the number index (main at 880df51): every total-score
+  Observation's stored JSON streamed through ``Tx.by_token`` and parsed;
+- "index join": the measure before the covering rows (main at ddd8b3a): one statement joining
+  the code token → ``resources`` → the status token → the effectiveDateTime date → the value;
+- "covering rows": ``OutcomeService`` as shipped (the ``observation_values`` scan).
+
+Rounds alternate the paths so a swing in the machine's load hits all of them; the best round
+of each is reported, and all must give the same MeasureReport groups.
 """
 
 from __future__ import annotations
@@ -16,41 +21,116 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
+from sqlalchemy import Boolean, DateTime, Float, Integer, String, bindparam, text
+
 from bench.data import load, observations
-from fhir_kat.instruments.definitions import Instrument, load_catalogue
-from fhir_kat.instruments.outcomes import ScorePoint
-from fhir_kat.search import parse_date_range
+from fhir_kat.instruments.definitions import load_catalogue
+from fhir_kat.instruments.outcomes import Fold, ScorePoint
+from fhir_kat.search import EFFECTIVE_DATETIME, VALUE_INTEGER, parse_date_range
 from fhir_kat.services.outcomes import FINAL, OutcomeService
 from fhir_kat.store import Store, Tx
 
 
 class JsonPathOutcomes(OutcomeService):
-    """``_points`` as it was before the number index (main at 880df51)."""
+    """``_folds`` reading each total score's stored JSON (main at 880df51)."""
 
-    def _points(
-        self, tx: Tx, inst: Instrument, low: datetime, high: datetime, members: set[str] | None
-    ) -> Iterator[ScorePoint]:
-        rows = tx.by_token("Observation", "code", inst.total["system"], inst.total["code"])
-        for _, content, patient in rows:
-            if members is not None and patient not in members:
-                continue
-            obs = json.loads(content)
-            if obs.get("status") not in FINAL:
-                continue
-            value = obs.get("valueQuantity", {}).get("value", obs.get("valueInteger"))
-            when = obs.get("effectiveDateTime")
-            parsed = parse_date_range(when) if isinstance(when, str) else None
-            if value is None or parsed is None:
-                continue
-            if parsed[1] < low or parsed[0] > high:
-                continue
-            yield ScorePoint(patient, parsed[0], float(value))
+    def _folds(
+        self, tx: Tx, low: datetime, high: datetime, members: set[str] | None
+    ) -> dict[str, Fold]:
+        folds = {}
+        for inst in self.catalogue.instruments.values():
+            fold = folds[inst.key] = Fold()
+            rows = tx.by_token("Observation", "code", inst.total["system"], inst.total["code"])
+            for _, content, patient in rows:
+                if members is not None and patient not in members:
+                    continue
+                obs = json.loads(content)
+                if obs.get("status") not in FINAL:
+                    continue
+                value = obs.get("valueQuantity", {}).get("value", obs.get("valueInteger"))
+                when = obs.get("effectiveDateTime")
+                parsed = parse_date_range(when) if isinstance(when, str) else None
+                if value is None or parsed is None:
+                    continue
+                if parsed[1] < low or parsed[0] > high:
+                    continue
+                fold.add(ScorePoint(patient, parsed[0], float(value)))
+        return folds
 
 
-def run(url: str, participants: int, rounds: int = 5) -> tuple[float, float]:
+_JOIN = text("""
+SELECT r.seq, r.patient_id, c.system, c.code, e.low, v.param, v.value
+FROM search_token c
+CROSS JOIN resources r
+CROSS JOIN search_token s
+CROSS JOIN search_date e
+CROSS JOIN search_number v
+WHERE c.res_type = 'Observation' AND c.param = 'code' AND c.code IN :codes
+  AND r.res_type = c.res_type AND r.res_id = c.res_id
+  AND r.deleted = :deleted AND r.patient_id IS NOT NULL
+  AND s.res_type = c.res_type AND s.res_id = c.res_id
+  AND s.param = 'status' AND s.code IN :statuses
+  AND e.res_type = c.res_type AND e.res_id = c.res_id
+  AND e.param = :effective AND e.high >= :low AND e.low <= :high
+  AND v.res_type = c.res_type AND v.res_id = c.res_id
+  AND v.param IN (:quantity, :integer)
+ORDER BY r.seq, c.system, c.code, v.param DESC
+""").bindparams(
+    bindparam("codes", expanding=True, type_=String),
+    bindparam("statuses", expanding=True, type_=String),
+    bindparam("deleted", type_=Boolean),
+    bindparam("low", type_=DateTime),
+    bindparam("high", type_=DateTime),
+)
+
+
+class IndexJoinOutcomes(OutcomeService):
+    """``_folds`` through the five-way index join (main at ddd8b3a; no cohort filter: the
+    benchmark evaluates everyone)."""
+
+    def _folds(
+        self, tx: Tx, low: datetime, high: datetime, members: set[str] | None
+    ) -> dict[str, Fold]:
+        assert members is None
+        folds: dict[tuple[str, str], Fold] = {}
+        by_key = {}
+        for inst in self.catalogue.instruments.values():
+            key = (inst.total["system"], inst.total["code"])
+            by_key[inst.key] = folds[key] = Fold()
+        stmt = (
+            _JOIN.bindparams(
+                codes=sorted({code for _, code in folds}),
+                statuses=sorted(FINAL),
+                deleted=False,
+                effective=EFFECTIVE_DATETIME,
+                low=low,
+                high=high,
+                quantity="value-quantity",
+                integer=VALUE_INTEGER,
+            )
+            .columns(seq=Integer, low=DateTime, value=Float)
+            .execution_options(stream_results=True, yield_per=2000)
+        )
+        previous = None
+        for seq, patient, system, code, start, _param, number in tx.conn.execute(stmt):
+            fold = folds.get((system, code))
+            if fold is None or (seq, system, code) == previous:
+                continue
+            previous = (seq, system, code)
+            fold.add(ScorePoint(patient, start, float(number)))
+        return by_key
+
+
+PATHS = {
+    "JSON": JsonPathOutcomes,
+    "index join": IndexJoinOutcomes,
+    "covering rows": OutcomeService,
+}
+
+
+def run(url: str, participants: int, rounds: int = 5) -> dict[str, float]:
     store = Store(url)
     store.drop_schema()
     store.create_schema()
@@ -58,21 +138,20 @@ def run(url: str, participants: int, rounds: int = 5) -> tuple[float, float]:
     store.analyze()
     catalogue = load_catalogue()
     now = lambda: datetime.now(UTC)  # noqa: E731
-    paths = {
-        "json": JsonPathOutcomes(store, catalogue, now),
-        "index": OutcomeService(store, catalogue, now),
-    }
-    best = {name: float("inf") for name in paths}
+    services = {name: cls(store, catalogue, now) for name, cls in PATHS.items()}
+    best = {name: float("inf") for name in services}
     results = {}
     for _ in range(rounds):
-        for name, service in paths.items():
+        for name, service in services.items():
             start = time.perf_counter()
             results[name] = service.results("2026-01-01", "2026-12-31", None)
             best[name] = min(best[name], time.perf_counter() - start)
-    assert results["json"] == results["index"], "the two paths disagree"
+    first = results["JSON"]
+    assert all(r == first for r in results.values()), "the paths disagree"
+    assert any(r.denominator for r in first)
     store.drop_schema()
     store.dispose()
-    return best["json"], best["index"]
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,13 +169,21 @@ def main(argv: list[str] | None = None) -> int:
         from bench.run import _postgres
 
         urls["PostgreSQL"] = _postgres(args.postgres)
-    print("| database | participants | JSON path (s) | index path (s) | index / JSON |")
-    print("|---|---:|---:|---:|---:|")
+    names = list(PATHS)
+    print(
+        "| database | participants | "
+        + " | ".join(f"{n} (s)" for n in names)
+        + " | covering / JSON | covering / index join |"
+    )
+    print("|---|---:|" + "---:|" * (len(names) + 2))
     for name, url in urls.items():
         for n in (int(s) for s in args.sizes.split(",")):
-            before, after = run(url, n, args.rounds)
+            best = run(url, n, args.rounds)
+            cells = " | ".join(f"{best[p]:.3f}" for p in names)
+            ratio_json = best["covering rows"] / best["JSON"]
+            ratio_join = best["covering rows"] / best["index join"]
             print(
-                f"| {name} | {n:,} | {before:.3f} | {after:.3f} | {after / before:.2f}x |",
+                f"| {name} | {n:,} | {cells} | {ratio_json:.2f}x | {ratio_join:.2f}x |",
                 flush=True,
             )
     return 0

@@ -48,7 +48,8 @@ def _obs(i: int, code: str, patient: str) -> dict[str, Any]:
         "code": {"coding": [{"system": "urn:test", "code": code}]},
         "subject": {"reference": f"Patient/{patient}"},
         "effectiveDateTime": f"2026-01-{i % 28 + 1:02d}T10:00:00Z",
-        "valueString": f"value {i}",
+        # Even ones have a total-score shape (they get observation_values rows too).
+        **({"valueQuantity": {"value": i}} if i % 2 == 0 else {"valueString": f"value {i}"}),
     }
 
 
@@ -110,6 +111,8 @@ def test_held_index_rows_store_what_immediate_rows_store(database_url: str) -> N
     assert dumps[0] == dumps[1]
     tokens = {(r[1], r[4]) for r in dumps[0]["search_token"] if r[2] == "code"}
     assert tokens == {("o0", "a"), ("o1", "e"), ("o2", "c"), ("o4", "d"), ("o5", "a"), ("o9", "e")}
+    values = {(r[1], r[3]) for r in dumps[0]["observation_values"]}
+    assert values == {("o0", "a"), ("o2", "c"), ("o4", "d")}
 
 
 def test_a_search_in_the_transaction_sees_held_index_rows(database_url: str) -> None:

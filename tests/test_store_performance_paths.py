@@ -50,6 +50,7 @@ from fhir_kat.store.schema import (
     search_number,
     store_meta,
 )
+from fhir_kat.store.schema import observation_values as value_table
 from tests.conftest import FakeClock
 from tests.support.store_dump import dump_tables
 
@@ -528,6 +529,7 @@ def test_a_database_from_before_the_number_index_is_rebuilt_at_start_up(
         with store.write() as tx:  # the database as an older version left it
             tx.conn.execute(delete(search_number))
             tx.conn.execute(delete(search_date).where(search_date.c.param == EFFECTIVE_DATETIME))
+            tx.conn.execute(delete(value_table))  # (and of course before the covering rows)
             tx.conn.execute(delete(store_meta))
         assert _measure(store) != want  # the measure needs those rows
         with store.read() as tx:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from fhir_kat.instruments.definitions import Catalogue, Instrument
 
@@ -20,8 +21,10 @@ MEASURE_URL = "https://fhir-kat.example.org/fhir/Measure/kat-program-outcomes"
 POPULATION = "http://terminology.hl7.org/CodeSystem/measure-population"
 
 
-@dataclass(frozen=True, slots=True)
-class ScorePoint:
+class ScorePoint(NamedTuple):
+    """One total score. A named tuple: immutable, and five times cheaper to build than a frozen
+    dataclass (the measure builds one per score read)."""
+
     patient: str
     when: datetime
     score: float

@@ -104,12 +104,14 @@ class OutcomeService:
         """Each instrument's baseline and post per participant, from its total scores in the
         period, fed in write order.
 
-        One pass over the search index alone (``observation_values``: code → status → the
-        effectiveDateTime index → the value index, every instrument at once), never parsing a
-        stored resource. The scores are those of the search ``Observation?code=…&status=final,
+        One scan of the ``observation_values`` covering rows (``store/observations.py``: one
+        narrow row per current Observation with a code, status, effectiveDateTime and value,
+        written with its index rows), every instrument at once, never parsing a stored
+        resource. The scores are those of the search ``Observation?code=…&status=final,
         amended,corrected&date=ge…&date=le…`` restricted to effectiveDateTime, valued by
-        ``valueQuantity.value`` or ``valueInteger`` — tests/test_store_performance_paths.py
-        compares both on a generated cohort full of edge cases."""
+        ``valueQuantity.value`` or ``valueInteger`` — tests/test_measure_values.py and
+        tests/test_store_performance_paths.py compare the MeasureReport with a reading of the
+        stored JSON through that search, on generated cohorts full of edge cases."""
         instruments = list(self.catalogue.instruments.values())
         folds = {inst.key: Fold() for inst in instruments}
         by_code: dict[tuple[str, str], list[Fold]] = {}

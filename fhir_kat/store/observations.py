@@ -1,56 +1,103 @@
-"""Observation values read from the search index alone, for whole-population passes.
+"""Observation values for whole-population passes: the ``observation_values`` covering rows.
 
-Owns: the index join behind the outcome measure: per current Observation with one of the given
-codes and a given status, its patient, the start of its ``effectiveDateTime`` and its value
-(``valueQuantity.value``, else ``valueInteger``). Must not: parse stored JSON — every element
-comes from index rows written with the resource (``search_token``, ``search_date``,
-``search_number``), which is what makes the pass cheap (issue 9, benchmark 5).
+Owns: building an Observation's ``observation_values`` rows from its index rows (``value_rows``,
+called wherever index rows are written: ``Tx.put``/``create_many``, the reindex, the benchmarks'
+loader) and reading them back for the outcome measure (``observation_values``): per current
+Observation with one of the given codes and a given status, its patient, the start of its
+``effectiveDateTime`` and its value (``valueQuantity.value``, else ``valueInteger``). Must not:
+parse stored JSON or know any instrument — the rows are built from the search parameters
+``code``, ``status``, ``internal:effective-datetime``, ``value-quantity`` and
+``internal:value-integer`` alone, so they hold exactly what the five-way index join they
+replace read (issue 9, benchmark 5; docs/adr/0008-observation-values.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Boolean, DateTime, Float, Integer, String, bindparam, text
+from sqlalchemy import Boolean, DateTime, Float, String, bindparam, text
 
-from fhir_kat.search import EFFECTIVE_DATETIME, VALUE_INTEGER
-from fhir_kat.store.store import Tx
+from fhir_kat.search import EFFECTIVE_DATETIME, VALUE_INTEGER, IndexRows
+
+if TYPE_CHECKING:  # store.py builds rows with ``value_rows`` at import
+    from fhir_kat.store.store import Tx
 
 VALUE_QUANTITY = "value-quantity"
+#: Bumped when ``value_rows`` changes what it writes: part of Observation's index fingerprint
+#: (``reindex.current_fingerprints``), so existing databases get their rows rebuilt at start-up.
+FORMAT = 1
 
-# CROSS JOIN fixes SQLite's join order (the left table is always the outer loop): the code
-# index drives and every other table is probed through its owner index. Left to choose, SQLite
-# started from the date index (every Observation in the period) and was 10x slower.
-# PostgreSQL plans CROSS JOIN like JOIN (reordered freely below join_collapse_limit) and
-# hash-joins the whole population.
+
+def value_rows(
+    rtype: str, rid: str, rows: IndexRows, *, seq: int, patient_id: str | None
+) -> list[dict[str, Any]]:
+    """The ``observation_values`` rows of resource ``rtype/rid`` stored as ``seq`` with index
+    rows ``rows``: one per distinct ``code`` token (truncated as ``search_token`` stores it)
+    when it is an Observation in ``patient_id``'s compartment with a ``status``, an
+    ``effectiveDateTime`` and a value; none otherwise.
+
+    The value is ``valueQuantity.value``, else ``valueInteger`` (one Observation has at most
+    one ``value[x]``; should both exist, the quantity wins, as ``.get(…, fallback)`` on the JSON
+    did). ``status`` and ``effectiveDateTime`` are 0..1, so each has at most one index row."""
+    if rtype != "Observation" or patient_id is None:
+        return []
+    status = effective = quantity = integer = None
+    for param, _, code in rows.tokens:
+        if param == "status":
+            status = code[:255]
+            break
+    for param, low, high in rows.dates:
+        if param == EFFECTIVE_DATETIME:
+            effective = (low, high)
+            break
+    for param, number, *_ in rows.numbers:
+        if param == VALUE_QUANTITY and quantity is None:
+            quantity = number
+        elif param == VALUE_INTEGER and integer is None:
+            integer = number
+    value = quantity if quantity is not None else integer
+    if status is None or effective is None or value is None:
+        return []
+    codes = sorted({(s[:255], c[:255]) for p, s, c in rows.tokens if p == "code"})
+    return [
+        {
+            "res_type": rtype,
+            "res_id": rid,
+            "system": system,
+            "code": code,
+            "seq": seq,
+            "patient_id": patient_id,
+            "status": status,
+            "low": effective[0],
+            "high": effective[1],
+            "value": value,
+        }
+        for system, code in codes
+    ]
+
+
+# One scan of the narrow table (no join): the filter leaves every total score of the period,
+# sorted into write order by the database.
 _SQL = """
-SELECT r.seq, r.patient_id, c.system, c.code, e.low, v.param, v.value
-FROM search_token c
-CROSS JOIN resources r
-CROSS JOIN search_token s
-CROSS JOIN search_date e
-CROSS JOIN search_number v
-WHERE c.res_type = 'Observation' AND c.param = 'code' AND c.code IN :codes
-  AND r.res_type = c.res_type AND r.res_id = c.res_id
-  AND r.deleted = :deleted AND r.patient_id IS NOT NULL
-  AND (:everyone OR r.patient_id IN :patients)
-  AND s.res_type = c.res_type AND s.res_id = c.res_id
-  AND s.param = 'status' AND s.code IN :statuses
-  AND e.res_type = c.res_type AND e.res_id = c.res_id
-  AND e.param = :effective AND e.high >= :low AND e.low <= :high
-  AND v.res_type = c.res_type AND v.res_id = c.res_id
-  AND v.param IN (:quantity, :integer)
-ORDER BY r.seq, c.system, c.code, v.param DESC
+SELECT system, code, patient_id, low, value
+FROM observation_values
+WHERE code IN :codes AND status IN :statuses AND high >= :low AND low <= :high
+  AND (:everyone OR patient_id IN :patients)
+ORDER BY seq, system, code
 """
-_STATEMENT = text(_SQL).bindparams(
-    bindparam("codes", expanding=True, type_=String),
-    bindparam("statuses", expanding=True, type_=String),
-    bindparam("patients", expanding=True, type_=String),
-    bindparam("deleted", type_=Boolean),
-    bindparam("everyone", type_=Boolean),
-    bindparam("low", type_=DateTime),
-    bindparam("high", type_=DateTime),
+_STATEMENT = (
+    text(_SQL)
+    .bindparams(
+        bindparam("codes", expanding=True, type_=String),
+        bindparam("statuses", expanding=True, type_=String),
+        bindparam("patients", expanding=True, type_=String),
+        bindparam("everyone", type_=Boolean),
+        bindparam("low", type_=DateTime),
+        bindparam("high", type_=DateTime),
+    )
+    .columns(low=DateTime, value=Float)
 )
 
 
@@ -66,38 +113,24 @@ def observation_values(
     Observation in a patient's compartment with a ``code`` token among ``codes``, a
     ``status`` in ``statuses``, an ``effectiveDateTime`` whose range meets [``low``,
     ``high``] (the search ``date=ge<low>&date=le<high>``, on effectiveDateTime alone) and a
-    value, in write order — once per matching code.
+    value (see ``value_rows``), in write order — once per matching code.
 
-    The value is ``valueQuantity.value``, else ``valueInteger`` (one Observation has at most
-    one ``value[x]``; should both rows exist, the quantity wins, as ``.get(…, fallback)`` on
-    the JSON did). Streamed (a server-side cursor on PostgreSQL): memory stays flat."""
+    Streamed (a server-side cursor on PostgreSQL): memory stays flat."""
     wanted = set(codes)
     if not wanted or not statuses:
         return
     if patients is not None and not patients:
         return
-    stmt = (
-        _STATEMENT.bindparams(
-            codes=sorted({code for _, code in wanted}),
-            statuses=sorted(statuses),
-            deleted=False,
-            everyone=patients is None,
-            patients=sorted(patients) if patients is not None else [""],
-            effective=EFFECTIVE_DATETIME,
-            low=low,
-            high=high,
-            quantity=VALUE_QUANTITY,
-            integer=VALUE_INTEGER,
-        )
-        .columns(seq=Integer, low=DateTime, value=Float)
-        .execution_options(stream_results=True, yield_per=2000)
-    )
-    previous = None
-    for seq, patient, system, code, start, _param, number in tx.conn.execute(stmt):
-        if (system, code) not in wanted:
-            continue  # the same code in another system
-        key = (seq, system, code)
-        if key == previous:
-            continue  # both value rows: the quantity came first
-        previous = key
-        yield (system, code), patient, start, float(number)
+    tx.flush()  # rows held by this transaction's writes
+    stmt = _STATEMENT.bindparams(
+        codes=sorted({code for _, code in wanted}),
+        statuses=sorted(statuses),
+        everyone=patients is None,
+        patients=sorted(patients) if patients is not None else [""],
+        low=low,
+        high=high,
+    ).execution_options(stream_results=True, yield_per=5000)
+    for system, code, patient, start, number in tx.conn.execute(stmt):
+        key = (system, code)
+        if key in wanted:  # else the same code in another system
+            yield key, patient, start, number

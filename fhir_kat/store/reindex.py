@@ -1,8 +1,9 @@
 """Rebuilding search-index rows from the stored resources.
 
-Owns: knowing which resource types' index rows are stale (their ``index_fingerprint`` differs
-from the one recorded in ``store_meta`` when they were last written, or none was recorded: a
-database from before the record existed) and rewriting them. ``Store.create_schema`` brings a
+Owns: knowing which resource types' index rows are stale (their ``index_fingerprint``, with
+what the store derives from them — ``DERIVED`` — differs from the one recorded in
+``store_meta`` when they were last written, or none was recorded: a database from before the
+record existed) and rewriting them. ``Store.create_schema`` brings a
 database up to date at start-up; ``fhir-kat reindex`` rebuilds on demand. Must not: change any
 stored resource or version, only what is derived from them (index rows, ``patient_id``).
 
@@ -13,6 +14,7 @@ are committed with the rows, the next start-up does it again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, false, insert, select, update
 
 from fhir_kat.search import all_params, extract_index, index_fingerprint
+from fhir_kat.store import observations
 from fhir_kat.store.schema import INDEX_TABLES, resources, store_meta
 
 BATCH = 1000
@@ -34,8 +37,22 @@ def recorded_fingerprints(conn: Connection) -> dict[str, str]:
     return loaded
 
 
+#: What the store derives from a type's index rows beyond the index itself (tables and the
+#: format of their rows): part of that type's fingerprint, so a database written before a
+#: derived table existed, or under another format of it, gets its rows rebuilt.
+DERIVED = {"Observation": f"observation_values:{observations.FORMAT}"}
+
+
 def current_fingerprints() -> dict[str, str]:
-    return {rtype: index_fingerprint(rtype) for rtype in sorted(all_params())}
+    return {rtype: _fingerprint(rtype) for rtype in sorted(all_params())}
+
+
+def _fingerprint(rtype: str) -> str:
+    base = index_fingerprint(rtype)
+    derived = DERIVED.get(rtype)
+    if derived is None:
+        return base
+    return hashlib.sha256(f"{base}+{derived}".encode()).hexdigest()[:16]
 
 
 def stale_types(conn: Connection) -> list[str]:
@@ -97,9 +114,11 @@ def reindex(conn: Connection, types: Iterable[str], progress: Progress | None = 
             for row in batch:
                 resource = json.loads(row.content)
                 rows = extract_index(resource)
-                for table, params in _index_params(resource, rows):
-                    rows_by_table.setdefault(table, []).append(params)
                 patient_id = patient_of(resource, rows)
+                for table, params in _index_params(
+                    resource, rows, seq=row.seq, patient_id=patient_id
+                ):
+                    rows_by_table.setdefault(table, []).append(params)
                 if patient_id != row.patient_id:
                     conn.execute(
                         update(resources)

@@ -58,10 +58,13 @@ from fhir_kat.search import (
     extract_index,
     params_for,
 )
+from fhir_kat.store.observations import value_rows
 from fhir_kat.store.reindex import bring_up_to_date
 from fhir_kat.store.schema import (
+    INDEX_TABLE_TYPES,
     INDEX_TABLES,
     metadata,
+    observation_values,
     resource_versions,
     resources,
     search_date,
@@ -102,8 +105,11 @@ _UPDATE_CURRENT: dict[tuple[str, ...], Any] = {
     )
 }
 _CLEAR_INDEX = [
-    delete(table).where(
-        table.c.res_type == bindparam("k_type"), table.c.res_id == bindparam("k_id")
+    (
+        INDEX_TABLE_TYPES.get(table),
+        delete(table).where(
+            table.c.res_type == bindparam("k_type"), table.c.res_id == bindparam("k_id")
+        ),
     )
     for table in INDEX_TABLES
 ]
@@ -586,7 +592,7 @@ class Tx:
         else:
             self._update_current(rtype, rid, current.version_id, values)
             self._clear_index(rtype, rid)
-        self._write_index(ordered, rows)
+        self._write_index(ordered, rows, seq=seq, patient_id=patient_id)
         stored = StoredResource(rtype, rid, version_id, now_naive, content, False, seq, patient_id)
         return stored, True
 
@@ -643,7 +649,7 @@ class Tx:
                     r["resourceType"], r["id"], 1, now_naive, content, False, seq, patient_id
                 )
             )
-            index.extend(_index_params(r, rows))
+            index.extend(_index_params(r, rows, seq=seq, patient_id=patient_id))
         self.conn.execute(insert(resources), current_rows)
         self._insert_index(index)
         return stored
@@ -699,8 +705,10 @@ class Tx:
         ]
         self._pending_clear[(rtype, rid)] = None
 
-    def _write_index(self, resource: dict[str, Any], rows: IndexRows) -> None:
-        self._pending_index.extend(_index_params(resource, rows))
+    def _write_index(
+        self, resource: dict[str, Any], rows: IndexRows, *, seq: int, patient_id: str | None
+    ) -> None:
+        self._pending_index.extend(_index_params(resource, rows, seq=seq, patient_id=patient_id))
 
     def flush(self) -> None:
         """Send the index changes of this transaction's writes: the deletions of replaced
@@ -710,8 +718,10 @@ class Tx:
         if self._pending_clear:
             keys = [{"k_type": t, "k_id": i} for t, i in self._pending_clear]
             self._pending_clear = {}
-            for stmt in _CLEAR_INDEX:
-                self.conn.execute(stmt, keys)
+            for only, stmt in _CLEAR_INDEX:
+                some = keys if only is None else [k for k in keys if k["k_type"] == only]
+                if some:
+                    self.conn.execute(stmt, some)
         if self._pending_index:
             pending, self._pending_index = self._pending_index, []
             self._insert_index(pending)
@@ -1136,8 +1146,12 @@ def _stored_form(resource: dict[str, Any], version_id: int, when: datetime) -> d
     return ordered
 
 
-def _index_params(resource: dict[str, Any], rows: IndexRows) -> list[tuple[Any, dict[str, Any]]]:
-    """The index rows of ``resource`` as (table, INSERT parameters), duplicates dropped."""
+def _index_params(
+    resource: dict[str, Any], rows: IndexRows, *, seq: int, patient_id: str | None
+) -> list[tuple[Any, dict[str, Any]]]:
+    """The index rows of ``resource``, stored as ``seq`` in ``patient_id``'s compartment, as
+    (table, INSERT parameters), duplicates dropped; with the ``observation_values`` rows
+    derived from them."""
     base = {"res_type": resource["resourceType"], "res_id": resource["id"]}
     out: list[tuple[Any, dict[str, Any]]] = []
     out.extend(
@@ -1160,6 +1174,12 @@ def _index_params(resource: dict[str, Any], rows: IndexRows) -> list[tuple[Any, 
             {**base, "param": p, "value": v, "system": sy[:255], "code": c[:255], "unit": u[:255]},
         )
         for p, v, sy, c, u in set(rows.numbers)
+    )
+    out.extend(
+        (observation_values, row)
+        for row in value_rows(
+            base["res_type"], base["res_id"], rows, seq=seq, patient_id=patient_id
+        )
     )
     return out
 
