@@ -185,8 +185,35 @@ def bench_measure(urls: dict[str, str], sizes: list[int]) -> list[str]:
 
 
 def bench_search(urls: dict[str, str], sizes: list[int]) -> list[str]:
-    results = [(name, search.run(url, n)) for name, url in urls.items() for n in sizes]
+    """Each size in a database of its own (a SQLite file, a PostgreSQL database beside the
+    given one), measured in alternation (``search.run``)."""
+    results = []
+    for name, url in urls.items():
+        per_size = {n: _sized(url, n) for n in sizes}
+        try:
+            timed = search.run(per_size)
+        finally:
+            if not url.startswith("sqlite"):
+                for sized in per_size.values():
+                    _drop_postgres(sized)
+        results.extend((name, timed[n]) for n in sizes)
     return search.table(results)
+
+
+def _sized(url: str, n: int) -> str:
+    if url.startswith("sqlite"):
+        return url.replace(".sqlite3", f"-{n}.sqlite3")
+    return _postgres(f"{url}_search_{n}")
+
+
+def _drop_postgres(url: str) -> None:
+    from sqlalchemy import create_engine
+
+    base, _, name = url.rpartition("/")
+    admin = create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
 
 
 def _postgres(url: str) -> str:

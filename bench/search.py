@@ -46,88 +46,103 @@ def seed(store: Store, n: int) -> dict[str, int]:
     return {"participants": participants, "tasks": task_count}
 
 
-def run(url: str, n: int) -> dict[str, float]:
-    """p50/p99 (ms) of each search after loading about ``n`` resources into an empty ``url``."""
-    store = Store(url, clock=StepClock())
-    store.drop_schema()
-    store.create_schema()
-    start = time.perf_counter()
-    sizes = seed(store, n)
-    store.analyze()  # what the store does by itself as writes accumulate
-    load_s = time.perf_counter() - start
-    end = store.clock()
-    midpoint = format_instant(T0 + (end - T0) / 2)
-    code = load_catalogue().instruments["phq9"].total
-    organisations = max(1, sizes["tasks"] // 100)
-    token = f"{code['system']}|{code['code']}"
-    rng = random.Random(2)
-    # SELECTs per search (each one a round trip on PostgreSQL), to show what planning costs.
-    statements = [0]
+class _Size:
+    """One loaded database of about ``n`` resources and the timings taken from it so far."""
 
-    def count_select(_conn: object, _cursor: object, sql: str, *_: object) -> None:
+    def __init__(self, url: str, n: int) -> None:
+        self.store = store = Store(url, clock=StepClock())
+        store.drop_schema()
+        store.create_schema()
+        start = time.perf_counter()
+        self.sizes = seed(store, n)
+        store.analyze()  # what the store does by itself as writes accumulate
+        self.load_s = time.perf_counter() - start
+        self.midpoint = format_instant(T0 + (store.clock() - T0) / 2)
+        code = load_catalogue().instruments["phq9"].total
+        self.token = f"{code['system']}|{code['code']}"
+        self.organisations = max(1, self.sizes["tasks"] // 100)
+        self.rng = random.Random(2)
+        # SELECTs per search (each one a round trip on PostgreSQL), to show what planning costs.
+        self.statements = 0
+        event.listen(store.engine, "before_cursor_execute", self._count_select)
+        self.sent = {"obs": 0, "task": 0, "page": 0}
+        self.ms: dict[str, list[float]] = {"obs": [], "task": [], "page": [], "read": []}
+        self.pages = 0
+
+    def _count_select(self, _conn: object, _cursor: object, sql: str, *_: object) -> None:
         if sql.lstrip().upper().startswith("SELECT"):  # not SQLite's BEGIN
-            statements[0] += 1
+            self.statements += 1
 
-    event.listen(store.engine, "before_cursor_execute", count_select)
-    sent = {"obs": 0, "task": 0, "page": 0}
-
-    def counted(kind: str, fn: Callable[[], object]) -> float:
-        before = statements[0]
-        took = _ms(fn)
-        sent[kind] += statements[0] - before
-        return took
-
-    def search(rtype: str, pairs: list[tuple[str, str]]) -> tuple[int, int | None]:
+    def _search(self, rtype: str, pairs: list[tuple[str, str]]) -> int:
         query = parse_search(rtype, pairs, strict=True, default_count=50, max_count=200)
-        with store.read(transaction=False) as tx:  # as the REST searches
+        with self.store.read(transaction=False) as tx:  # as the REST searches
             rows, _, more = tx.search(query)
-        return (rows[-1].seq if more and rows else 0), len(rows)
+        return rows[-1].seq if more and rows else 0
 
-    obs_ms, task_ms, page_ms, read_ms = [], [], [], []
-    pages = 0
-    for _ in range(ROUNDS):
-        pid = f"p{rng.randrange(sizes['participants'])}"
-        org = f"Organization/org{rng.randrange(organisations)}"
-        obs_ms.append(
-            counted("obs", lambda p=pid: search("Observation", [("patient", p), ("code", token)]))
+    def _timed(self, kind: str, fn: Callable[[], object]) -> None:
+        before = self.statements
+        self.ms[kind].append(_ms(fn))
+        self.sent[kind] += self.statements - before
+
+    def one_round(self) -> None:
+        pid = f"p{self.rng.randrange(self.sizes['participants'])}"
+        org = f"Organization/org{self.rng.randrange(self.organisations)}"
+        self._timed(
+            "obs", lambda: self._search("Observation", [("patient", pid), ("code", self.token)])
         )
-        task_ms.append(
-            counted(
-                "task",
-                lambda o=org: search("Task", [("requester", o), ("_lastUpdated", f"ge{midpoint}")]),
-            )
+        self._timed(
+            "task",
+            lambda: self._search(
+                "Task", [("requester", org), ("_lastUpdated", f"ge{self.midpoint}")]
+            ),
         )
-        cursor = None
+        cursor = 0
         while True:
             pairs = [("requester", org), ("_count", "20")]
             if cursor:
                 pairs.append(("_cursor", str(cursor)))
-            before = statements[0]
+            before = self.statements
             start = time.perf_counter()
-            cursor, _ = search("Task", pairs)
-            page_ms.append((time.perf_counter() - start) * 1000)
-            sent["page"] += statements[0] - before
-            pages += 1
+            cursor = self._search("Task", pairs)
+            self.ms["page"].append((time.perf_counter() - start) * 1000)
+            self.sent["page"] += self.statements - before
+            self.pages += 1
             if not cursor:
                 break
-        read_ms.append(_ms(lambda p=pid: _read(store, p)))
-    store.drop_schema()
-    store.dispose()
-    return {
-        "n": sizes["participants"] * 9 + sizes["tasks"],
-        "obs_p50": statistics.median(obs_ms),
-        "obs_p99": _pct(obs_ms, 99),
-        "task_p50": statistics.median(task_ms),
-        "task_p99": _pct(task_ms, 99),
-        "page_p50": statistics.median(page_ms),
-        "page_p99": _pct(page_ms, 99),
-        "pages": pages / ROUNDS,
-        "read_p50": statistics.median(read_ms),
-        "obs_sql": sent["obs"] / ROUNDS,
-        "task_sql": sent["task"] / ROUNDS,
-        "page_sql": sent["page"] / pages,
-        "load_s": load_s,
-    }
+        self.ms["read"].append(_ms(lambda: _read(self.store, pid)))
+
+    def result(self) -> dict[str, float]:
+        self.store.drop_schema()
+        self.store.dispose()
+        ms = self.ms
+        return {
+            "n": self.sizes["participants"] * 9 + self.sizes["tasks"],
+            "obs_p50": statistics.median(ms["obs"]),
+            "obs_p99": _pct(ms["obs"], 99),
+            "task_p50": statistics.median(ms["task"]),
+            "task_p99": _pct(ms["task"], 99),
+            "page_p50": statistics.median(ms["page"]),
+            "page_p99": _pct(ms["page"], 99),
+            "pages": self.pages / ROUNDS,
+            "read_p50": statistics.median(ms["read"]),
+            "obs_sql": self.sent["obs"] / ROUNDS,
+            "task_sql": self.sent["task"] / ROUNDS,
+            "page_sql": self.sent["page"] / self.pages,
+            "load_s": self.load_s,
+        }
+
+
+def run(urls: dict[int, str]) -> dict[int, dict[str, float]]:
+    """p50/p99 (ms) of each search at each size: ``urls`` maps a size to an empty database of
+    its own. Every size is loaded first, then the rounds alternate between the sizes, so a
+    change in the machine's load during the run touches every size alike (measured one after
+    the other, identical code showed -20 % to +67 % "growth" from 10k to 100k on a quiet
+    machine)."""
+    loaded = {n: _Size(url, n) for n, url in urls.items()}
+    for _ in range(ROUNDS):
+        for size in loaded.values():
+            size.one_round()
+    return {n: size.result() for n, size in loaded.items()}
 
 
 def _read(store: Store, pid: str) -> None:
