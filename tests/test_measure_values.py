@@ -35,6 +35,7 @@ from fhir_kat.store.reindex import current_fingerprints, recorded_fingerprints, 
 from fhir_kat.store.schema import observation_values, resources, store_meta
 from fhir_kat.store.store import patient_of
 from tests.conftest import FakeClock
+from tests.support.scores import set_score_value
 from tests.support.store_dump import dump_tables
 
 CATALOGUE = load_catalogue()
@@ -94,23 +95,7 @@ def _observation(rng: random.Random, rid: str, pid: str, key: str) -> dict[str, 
     elif shape >= 0.1:  # else none at all
         obs["effectiveDateTime"] = _when(rng)
     score = rng.randint(int(inst.min), int(inst.max))
-    kind = rng.random()
-    if kind < 0.1:
-        obs["valueInteger"] = score
-    elif kind < 0.12:
-        obs["valueQuantity"] = {"unit": "{score}"}  # no value
-    elif kind < 0.14:
-        obs["valueCodeableConcept"] = {"text": "declined"}
-    elif kind < 0.15:  # not valid FHIR (one value[x]), but the reading is defined
-        obs["valueQuantity"] = {"value": score}
-        obs["valueInteger"] = score + 1
-    elif kind < 0.16:
-        obs["valueQuantity"] = {"unit": "{score}"}
-        obs["valueInteger"] = score
-    elif kind > 0.96:
-        pass  # no value
-    else:
-        obs["valueQuantity"] = {"value": score + rng.choice((0, 0, 0.5, 0.25, 0.1, -score))}
+    set_score_value(obs, score, rng, none_above=0.96, offsets=(0, 0, 0.5, 0.25, 0.1, -score))
     return obs
 
 

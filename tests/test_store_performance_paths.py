@@ -52,6 +52,7 @@ from fhir_kat.store.schema import (
 )
 from fhir_kat.store.schema import observation_values as value_table
 from tests.conftest import FakeClock
+from tests.support.scores import set_score_value
 from tests.support.store_dump import dump_tables
 
 
@@ -99,23 +100,7 @@ def _cohort(catalogue: Catalogue, participants: int, seed: int) -> Iterator[dict
                 else:
                     obs["effectiveDateTime"] = when.isoformat()
                 score = rng.randint(int(inst.min), int(inst.max))
-                kind = rng.random()
-                if kind < 0.1:
-                    obs["valueInteger"] = score
-                elif kind < 0.12:
-                    obs["valueQuantity"] = {"unit": "{score}"}  # no value
-                elif kind < 0.14:
-                    obs["valueCodeableConcept"] = {"text": "declined"}
-                elif kind < 0.15:  # not valid FHIR (one value[x]), but the reading is defined
-                    obs["valueQuantity"] = {"value": score}
-                    obs["valueInteger"] = score + 1
-                elif kind < 0.16:
-                    obs["valueQuantity"] = {"unit": "{score}"}
-                    obs["valueInteger"] = score
-                elif kind > 0.95:
-                    pass  # no value
-                else:
-                    obs["valueQuantity"] = {"value": score + rng.choice((0, 0, 0.5, 0.25, -score))}
+                set_score_value(obs, score, rng, none_above=0.95, offsets=(0, 0, 0.5, 0.25, -score))
                 yield obs
 
 
