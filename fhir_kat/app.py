@@ -19,6 +19,7 @@ from fhir_kat.api.errors import register_error_handlers
 from fhir_kat.clinical.protocol import load_protocol
 from fhir_kat.exchange import PartnerConfig, load_partners
 from fhir_kat.exchange.netguard import policy_from_settings
+from fhir_kat.exchange.terminology import TerminologyServer
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.logging import configure_logging
 from fhir_kat.mapping.functions import all_questionnaires
@@ -34,10 +35,15 @@ from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.services.instruments import InstrumentService
 from fhir_kat.services.messaging import MessagingService
 from fhir_kat.services.outcomes import OutcomeService
-from fhir_kat.services.referrals import ReferralWorkflow, task_transition_rule
+from fhir_kat.services.referrals import (
+    ReferralWorkflow,
+    referrer_request_rule,
+    task_transition_rule,
+)
 from fhir_kat.services.subscriptions import SubscriptionService
-from fhir_kat.settings import Settings, load_settings
+from fhir_kat.settings import Settings, SettingsError, load_settings
 from fhir_kat.store import Store, Tx
+from fhir_kat.workflow.triage import triage_settings
 
 log = logging.getLogger("fhir_kat.http")
 
@@ -77,6 +83,10 @@ def create_app(
     clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
     program = settings.extra.get("program", {})
     catalogue = load_catalogue(program.get("instruments", {}))
+    try:
+        triage_config = triage_settings(program.get("triage", {}))
+    except ValueError as exc:
+        raise SettingsError(f"invalid settings:\n  {exc}") from None
     protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
     store = Store(settings.effective_database_url, clock=now)
     store.create_schema()  # fhir_kat.exchange (imported above) adds the outbox table
@@ -101,7 +111,19 @@ def create_app(
     app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
     outcomes = OutcomeService(store, catalogue, now)
     outcomes.install_measure()
-    fhir.write_hooks.append(ReferralWorkflow(fhir).on_write)
+    workflow = ReferralWorkflow(
+        fhir,
+        clock=now,
+        minimum_age=triage_config.minimum_age,
+        oracle=(
+            TerminologyServer(triage_config.terminology_server)
+            if triage_config.terminology_server
+            else None
+        ),
+    )
+    fhir.write_rules.append(workflow.acceptance_rule)
+    fhir.caller_rules.append(referrer_request_rule)
+    fhir.write_hooks.append(workflow.on_write)
     consent = ConsentDecisionPoint()
     feedback = ReferrerFeedback(fhir, partners, consent, catalogue, now)
     fhir.write_hooks.append(feedback.on_write)

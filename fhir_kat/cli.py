@@ -718,6 +718,7 @@ def _run_demo(
 _SUMMARY = (
     ("Patient", None),
     ("Task", "requested"),
+    ("Task", "received"),
     ("Task", "accepted"),
     ("Task", "on-hold"),
     ("Task", "rejected"),

@@ -246,10 +246,10 @@ def test_every_status_change_reaches_the_referrer_in_order(
     ]
     expected = [
         ("requested", "received", False),
-        ("accepted", "eligible", False),
-        ("accepted", "nurse-intake-cleared", False),
-        ("accepted", "psychiatrist-cleared", False),
-        ("accepted", "contraindications-cleared", False),
+        ("received", "eligible", False),
+        ("received", "nurse-intake-cleared", False),
+        ("received", "psychiatrist-cleared", False),
+        ("accepted", "intake-complete", False),
         ("in-progress", "participating", False),
         ("completed", "program-completed", False),
     ]

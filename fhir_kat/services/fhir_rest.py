@@ -42,6 +42,9 @@ WriteHook = Callable[[Tx, StoredResource, bool], None]
 #: A rule checked inside the write transaction before a version is stored: (tx, the new
 #: resource, the current version or None). It raises a FhirError to refuse the write.
 WriteRule = Callable[[Tx, dict[str, Any], StoredResource | None], None]
+#: A rule over what a given caller may write, checked before the write rules when the write is
+#: made for a caller: (tx, the caller's access, the new resource, the current version or None).
+CallerRule = Callable[[Tx, Access, dict[str, Any], StoredResource | None], None]
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class FhirService:
         self.max_page_size = max_page_size
         self.write_hooks = list(write_hooks)
         self.write_rules = list(write_rules)
+        self.caller_rules: list[CallerRule] = []
 
     # ---------------------------------------------------------------- reads
 
@@ -334,6 +338,7 @@ class FhirService:
                 return WriteResult(existing, created=False, changed=False)
         body = dict(resource)
         body["id"] = str(uuid.uuid4())  # the server assigns ids on create (FHIR R4 3.1.0.4)
+        self._caller_rules(tx, access, body, None)
         stored, _ = self._put(tx, body, None, method="POST")
         _guard_new(tx, access, stored)
         return WriteResult(stored, created=True)
@@ -458,6 +463,7 @@ class FhirService:
                         "If-Match",
                     )
                 )
+        self._caller_rules(tx, access, resource, current)
         stored, changed = self._put(
             tx, resource, current, method="PUT", skip_if_unchanged=skip_if_unchanged
         )
@@ -487,6 +493,13 @@ class FhirService:
         stored = tx.delete(current)
         self._after_write(tx, stored, False)
         return stored
+
+    def _caller_rules(
+        self, tx: Tx, access: Access | None, body: dict[str, Any], current: StoredResource | None
+    ) -> None:
+        if access is not None:
+            for rule in self.caller_rules:
+                rule(tx, access, body, current)
 
     def _after_write(self, tx: Tx, stored: StoredResource, created: bool) -> None:
         for hook in self.write_hooks:

@@ -35,3 +35,17 @@ def business_status(code: str) -> dict[str, Any]:
         ],
         "text": entry["display"],
     }
+
+
+def intake() -> dict[str, Any]:
+    """The three-step intake (``referral-task.yaml``, ``intake``): steps in the paper's order
+    with their roles and businessStatus codes, the completion and override codes."""
+    data: dict[str, Any] = machine()["intake"]
+    return data
+
+
+def step_display(step: str) -> str:
+    """``contraindication-check`` → "contraindication check (physician specialised in …)"."""
+    role = intake()["steps"].get(step, {}).get("role")
+    name = step.replace("-", " ")
+    return f"{name} ({role})" if role else name
