@@ -32,8 +32,10 @@ def task(c: FlaskClient) -> dict[str, Any]:
 
 def state(c: FlaskClient) -> tuple[str, str, str]:
     t = task(c)
-    return t["status"], t["businessStatus"]["coding"][0]["code"], t.get("statusReason", {}).get(
-        "text", ""
+    return (
+        t["status"],
+        t["businessStatus"]["coding"][0]["code"],
+        t.get("statusReason", {}).get("text", ""),
     )
 
 
