@@ -82,7 +82,7 @@ def create_app(
     endpoint_policy = policy_from_settings(settings)
     clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
     program = settings.extra.get("program", {})
-    catalogue = load_catalogue(program.get("instruments", {}))
+    catalogue = load_catalogue(program.get("instruments", {}), outcomes=program.get("outcomes"))
     try:
         triage_config = triage_settings(program.get("triage", {}))
     except ValueError as exc:

@@ -51,7 +51,14 @@ def _obs(i: int, code: str, patient: str) -> dict[str, Any]:
         "subject": {"reference": f"Patient/{patient}"},
         "effectiveDateTime": f"2026-01-{i % 28 + 1:02d}T10:00:00Z",
         # Even ones have a total-score shape (they get observation_values rows too).
-        **({"valueQuantity": {"value": i}} if i % 2 == 0 else {"valueString": f"value {i}"}),
+        **(
+            {
+                "valueQuantity": {"value": i},
+                "derivedFrom": [{"reference": f"QuestionnaireResponse/qr{i}"}],
+            }
+            if i % 2 == 0
+            else {"valueString": f"value {i}"}
+        ),
     }
 
 

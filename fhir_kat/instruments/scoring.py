@@ -2,9 +2,12 @@
 extraction.
 
 Scores come from the Questionnaire itself (each answer option's ``ordinalValue``), so the
-numbers live in one place. Rules for incomplete responses: PHQ-9, GAD-7 and PCL-5 are scored
-only when every scored item is answered (no prorating); B-IPF is scored from the items answered
-with a value ("not applicable" and skipped items leave the denominator, the NCPTSD IPF method).
+numbers live in one place. Rules for incomplete responses: a response still ``in-progress``
+gets no total at all (never a final total from a partial response); PHQ-9, GAD-7 and PCL-5 are
+scored only when every scored item is answered (no prorating); B-IPF from the domains answered
+with a value ("not applicable" leaves the denominator, the NCPTSD IPF method), but only when no
+domain is left unanswered ("not answered" is not "not applicable") and at least the
+instrument's ``min_answered`` domains have a value.
 Extraction follows SDC's observation-based rules: status final, effective = authored, one
 Observation per answered coded item (none for skipped items), plus the total with its band and
 screen result as interpretation, each ``derivedFrom`` the QuestionnaireResponse.
@@ -33,13 +36,19 @@ NAMESPACE = uuid.UUID("6f1d3c52-7a0e-5b8e-9d4e-6b6174000002")
 @dataclass(frozen=True)
 class Score:
     total: float | None
-    answered: int
+    answered: int  # scored items answered with a value
     scored_items: int
     item_values: Mapping[str, float]  # linkId -> ordinal of the chosen option
+    not_applicable: int = 0  # scored items answered "not applicable" (an option without a score)
 
     @property
     def complete(self) -> bool:
         return self.answered == self.scored_items
+
+    @property
+    def unanswered(self) -> int:
+        """Scored items with no answer at all (skipped), as opposed to "not applicable"."""
+        return self.scored_items - self.answered - self.not_applicable
 
 
 def _items(questionnaire: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -107,6 +116,7 @@ def score(qr: Mapping[str, Any], questionnaire: Mapping[str, Any], instrument: I
         and any(_ordinal(o) is not None for o in item.get("answerOption", []))
     ]
     values: dict[str, float] = {}
+    not_applicable: set[str] = set()
     for answered in qr.get("item", []):
         link = answered.get("linkId")
         coding = _answer_coding(answered)
@@ -123,13 +133,18 @@ def score(qr: Mapping[str, Any], questionnaire: Mapping[str, Any], instrument: I
         value = _ordinal(option) if option else None
         if value is not None:
             values[link] = value
+        elif option is not None:
+            not_applicable.add(link)
     total: float | None = None
+    finished = qr.get("status") != "in-progress"
     if instrument.score_partial:
-        if values:
-            total = round(sum(values.values()) * 100 / (6 * len(values)), 1)
-    elif len(values) == len(scored):
+        every_domain = len(values) + len(not_applicable) == len(scored)
+        if finished and every_domain and len(values) >= max(instrument.min_answered, 1):
+            top = max(_ordinal(o) or 0.0 for o in items[scored[0]]["answerOption"])
+            total = round(sum(values.values()) * 100 / (top * len(values)), 1)
+    elif finished and len(values) == len(scored):
         total = sum(values.values())
-    return Score(total, len(values), len(scored), values)
+    return Score(total, len(values), len(scored), values, len(not_applicable))
 
 
 def extract(

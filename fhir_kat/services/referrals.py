@@ -26,6 +26,7 @@ from fhir_kat.search import Criterion, SearchQuery, parse_date_range, split_refe
 from fhir_kat.services.access import Access
 from fhir_kat.services.fhir_rest import FhirService, WriteResult, require_access
 from fhir_kat.store import StoredResource, Tx
+from fhir_kat.store.store import format_instant
 from fhir_kat.terminology.criteria import Subsumption
 from fhir_kat.workflow.states import allowed, business_status, intake, machine, needs_reason
 from fhir_kat.workflow.triage import Coding, Condition, Decision, Finding, ReferralFacts, triage
@@ -500,14 +501,23 @@ class ReferralWorkflow:
         subject = split_reference(ma.get("subject", {}).get("reference", ""))
         if subject is None:
             return
+        given = ma.get("effectiveDateTime") or (ma.get("effectivePeriod") or {}).get("start")
         for stored in self._tasks_for(tx, "patient", subject):
             task = stored.json()
             if task.get("status") == "accepted":
                 task.pop("meta", None)
+                # The program's start on the referral (the outcome measure's timeline when no
+                # cohort Group records one): the first KaT session.
+                period = dict(task.get("executionPeriod") or {})
+                if given and not period.get("start"):
+                    period["start"] = given
                 self.fhir.update_in(
                     tx,
                     dict(
-                        task, status="in-progress", businessStatus=business_status("participating")
+                        task,
+                        status="in-progress",
+                        businessStatus=business_status("participating"),
+                        **({"executionPeriod": period} if period else {}),
                     ),
                 )
 
@@ -542,18 +552,29 @@ def _code(concept: Any) -> str:
 
 
 def end_referral(
-    fhir: FhirService, task_id: str, outcome: Any, reason: Any, access: Access | None
+    fhir: FhirService,
+    task_id: str,
+    outcome: Any,
+    reason: Any,
+    access: Access | None,
+    *,
+    date: Any = None,
+    now: datetime | None = None,
 ) -> WriteResult:
     """Program end by hand: the referral Task becomes ``completed``, ``cancelled`` or
-    ``failed`` with the businessStatus of ``referral-task.yaml`` (``program_end``) and the
-    reason as ``statusReason``; the state machine still decides (409 / 422), and the same write
-    hooks push the change to the referrer and write the feedback document."""
+    ``failed`` with the businessStatus of ``referral-task.yaml`` (``program_end``), the reason
+    as ``statusReason`` and the end as ``executionPeriod.end`` (``date``, a FHIR dateTime, when
+    staff record it later; else now) — the outcome measure's program end; the state machine
+    still decides (409 / 422), and the same write hooks push the change to the referrer and
+    write the feedback document."""
     ends: dict[str, str] = machine()["program_end"]
     problems = []
     if outcome not in ends:
         problems.append(issue("value", f"outcome must be one of {', '.join(ends)}", "outcome"))
     if reason is not None and (not isinstance(reason, str) or not reason.strip()):
         problems.append(issue("value", "reason must be a non-empty string", "reason"))
+    if date is not None and (not isinstance(date, str) or parse_date_range(date) is None):
+        problems.append(issue("value", "date must be a FHIR date or dateTime", "date"))
     if problems:
         raise BadRequest(problems)
     require_access(access, "Task", "update")
@@ -566,6 +587,9 @@ def end_referral(
         task = stored.json()
         task.pop("meta", None)
         task.update(status=outcome, businessStatus=business_status(ends[outcome]))
+        ended = date or (format_instant(now) if now is not None else None)
+        if ended:
+            task["executionPeriod"] = {**(task.get("executionPeriod") or {}), "end": ended}
         if reason:
             task["statusReason"] = {"text": reason.strip()[:1000]}
         else:
