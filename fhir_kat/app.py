@@ -125,7 +125,10 @@ def create_app(
     fhir.caller_rules.append(referrer_request_rule)
     fhir.write_hooks.append(workflow.on_write)
     consent = ConsentDecisionPoint()
-    feedback = ReferrerFeedback(fhir, partners, consent, catalogue, now)
+    feedback = ReferrerFeedback(
+        fhir, partners, consent, catalogue, now, timelines=outcomes.timelines
+    )
+    fhir.write_rules.append(feedback.check_rule)
     fhir.write_hooks.append(feedback.on_write)
     instruments = InstrumentService(fhir, outcomes.catalogue, all_questionnaires(), now)
     fhir.write_rules.append(instruments.check_rule)
