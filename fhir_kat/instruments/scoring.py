@@ -77,7 +77,7 @@ def check_response(qr: Mapping[str, Any], questionnaire: Mapping[str, Any]) -> l
         where = f"QuestionnaireResponse.item[{i}]"
         link = answered.get("linkId")
         item = items.get(link)
-        if item is None or item.get("readOnly"):
+        if item is None or item.get("readOnly") or item.get("type") == "display":
             problems.append(
                 issue(
                     "value",
