@@ -17,7 +17,7 @@ import copy
 import json
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,26 @@ def random_values(rng: random.Random, instrument: str, skip: float = 0.0) -> Val
     return values
 
 
+def chosen(
+    q: Mapping[str, Any], instrument: str, values: Values
+) -> Iterator[tuple[Mapping[str, Any], Mapping[str, Any]]]:
+    """(item, the answer option with that score) for each answered item, in order."""
+    items = {i["linkId"]: i for i in q["item"]}
+    for n, value in enumerate(values, start=1):
+        if value is None:
+            continue
+        item = items[f"{instrument}-{n}"]
+        yield (
+            item,
+            next(
+                o
+                for o in item["answerOption"]
+                if (value == NA and not o.get("extension"))
+                or any(e.get("valueDecimal") == value for e in o.get("extension", []))
+            ),
+        )
+
+
 def response(
     instrument: str,
     values: Values,
@@ -77,18 +97,8 @@ def response(
     text, no copied scores, no total, the canonical without a version. ``total``: "computed"
     sends what a renderer computes (nothing when it computes nothing), a number sends that."""
     q = questionnaire(instrument)
-    items = {i["linkId"]: i for i in q["item"]}
     out: list[dict[str, Any]] = []
-    for n, value in enumerate(values, start=1):
-        if value is None:
-            continue
-        item = items[f"{instrument}-{n}"]
-        option = next(
-            o
-            for o in item["answerOption"]
-            if (value == NA and not o.get("extension"))
-            or any(e.get("valueDecimal") == value for e in o.get("extension", []))
-        )
+    for item, option in chosen(q, instrument, values):
         coding = dict(option["valueCoding"])
         if renderer and option.get("extension"):
             coding["extension"] = copy.deepcopy(option["extension"])

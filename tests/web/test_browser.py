@@ -31,6 +31,7 @@ from tests.test_sdc_responses import (
     NA,
     TOTAL_LINK,
     Values,
+    chosen,
     oracle_total,
     random_values,
     response,
@@ -419,17 +420,7 @@ CLICKED: dict[str, Values] = {
 def answer_by_clicking(page: Page, q: dict[str, Any], instrument: str, values: Values) -> None:
     """As a person does it in LHC-Forms: click the question's field, then the answer in the list
     that opens (the list shows each option's text, with its score after a dash)."""
-    items = {i["linkId"]: i for i in q["item"]}
-    for n, value in enumerate(values, start=1):
-        if value is None:
-            continue
-        item = items[f"{instrument}-{n}"]
-        option = next(
-            o
-            for o in item["answerOption"]
-            if (value == NA and not o.get("extension"))
-            or any(e.get("valueDecimal") == value for e in o.get("extension", []))
-        )
+    for item, option in chosen(q, instrument, values):
         label = re.compile("^" + re.escape(item["text"]) + r"( \*)?$")
         field = page.get_by_role("combobox", name=label)
         field.click()
