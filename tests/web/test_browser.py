@@ -26,7 +26,7 @@ from flask import Flask
 from fhir_kat.instruments.scoring import check_response, score
 from fhir_kat.mapping.functions import INSTRUMENT_FILES, questionnaire
 from tests.conftest import LiveServer, client_as
-from tests.test_sdc_responses import (
+from tests.support.questionnaire_responses import (
     CAT,
     NA,
     TOTAL_LINK,
