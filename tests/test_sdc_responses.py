@@ -282,6 +282,60 @@ def test_the_questionnaire_as_responses_name_it(client: FlaskClient) -> None:
     assert stored_responses(client, pid) == 0
 
 
+def test_a_response_names_its_patient_and_when(client: FlaskClient) -> None:
+    """Scores, Observations and Flags are a patient's at a time: without a Patient reference or
+    ``authored`` a response could only be stored unscored (its Flag lost) — refused instead, on
+    every path; a transaction's ``urn:uuid`` Patient is the participant's Patient."""
+    values: Values = [0, 0, 0, 0, 0, 0, 0, 0, 2]
+    for path in ("POST", "transaction-POST", "$extract"):
+        for subject in (
+            {
+                "identifier": {
+                    "system": "https://fhir.infoway-inforoute.ca/NamingSystem/x",
+                    "value": "1",
+                }
+            },
+            {"display": "A participant"},
+            {"reference": "Group/cohort-a"},
+            None,
+        ):
+            qr = response("phq9", values, "p1")
+            if subject is None:
+                del qr["subject"]
+            else:
+                qr["subject"] = subject
+            outcome = PATHS[path](client, qr)
+            assert outcome.status == 422, (path, subject, outcome.body)
+            assert [i["expression"] for i in outcome.body["issue"]] == [
+                ["QuestionnaireResponse.subject"]
+            ]
+        qr = response("phq9", values, "p1")
+        del qr["authored"]
+        outcome = PATHS[path](client, qr)
+        assert outcome.status == 422, outcome.body
+        assert [i["expression"] for i in outcome.body["issue"]] == [
+            ["QuestionnaireResponse.authored"]
+        ]
+    patient_url = f"urn:uuid:{uuid.uuid4()}"
+    qr = response("phq9", values, "p1") | {"subject": {"reference": patient_url}}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": patient_url,
+                "resource": {"resourceType": "Patient"},
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {"resource": qr, "request": {"method": "POST", "url": "QuestionnaireResponse"}},
+        ],
+    }
+    r = _json(client, "POST", "/fhir", bundle)
+    assert r.status_code == 200, r.get_json()
+    pid = r.get_json()["entry"][0]["response"]["location"].split("Patient/")[1].split("/")[0]
+    assert flags(client, pid) == ["phq9-item9-positive"]
+
+
 def test_what_a_response_may_not_carry_is_refused_naming_the_item(client: FlaskClient) -> None:
     pid = new_patient(client)
     qr = response("phq9", [1] * 9, pid)

@@ -15,6 +15,7 @@ screen result as interpretation, each ``derivedFrom`` the QuestionnaireResponse.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ CALCULATED = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-c
 #: Totals as the service reports them: B-IPF's percentage to one decimal, the sums whole. A sent
 #: total agrees when it rounds to the service's figure (a renderer may send 42.857142857 for 42.9).
 REPORTED_DECIMALS = 1
+#: A literal reference to a Patient, relative or absolute (a transaction's urn:uuid is resolved
+#: before the write rules run).
+PATIENT_REFERENCE = re.compile(r"(^|/)Patient/[A-Za-z0-9\-.]{1,64}$")
 #: The answer elements each item type takes (R4 QuestionnaireResponse.item.answer.value[x]).
 ANSWER_ELEMENTS: dict[str, tuple[str, ...]] = {
     "boolean": ("valueBoolean",),
@@ -154,7 +158,9 @@ def check_response(
     """A FHIR QuestionnaireResponse against its Questionnaire, as SDC renderers send them — one
     issue per problem, naming the item.
 
-    Accepted: ``text`` on items, ``questionnaire`` with or without a known ``|version``, answers
+    The response names its participant (``subject``: a Patient) and ``authored``: everything
+    scored from it hangs on them. Accepted: ``text`` on items, ``questionnaire`` with or without
+    a known ``|version``, answers
     as ``valueCoding`` with or without the option's score copied on, and an answer to the total
     when it agrees with the service's own. Refused: an unknown linkId, an item twice, nested
     items (the Questionnaires are flat), answers to display items or to read-only items the
@@ -162,7 +168,7 @@ def check_response(
     type or outside the options, a copied score that differs from the Questionnaire's, and a
     total that differs from the service's (checked once everything else is right).
     """
-    problems = _version_issues(qr, instrument)
+    problems = _version_issues(qr, instrument) + _context_issues(qr)
     items = _items(questionnaire)
     seen: set[str] = set()
     totals: list[tuple[str, float, str]] = []  # (linkId, sent value, where)
@@ -213,6 +219,32 @@ def check_response(
             found = total_issue(link, sent, result, instrument, at)
             if found is not None:
                 problems.append(found)
+    return problems
+
+
+def _context_issues(qr: Mapping[str, Any]) -> list[Issue]:
+    """Scores, Observations and safety Flags are recorded for a patient at a time: a response
+    without either could be stored but never scored, and a Flag would be lost silently."""
+    problems = []
+    subject = qr.get("subject")
+    reference = subject.get("reference") if isinstance(subject, Mapping) else None
+    if not isinstance(reference, str) or not PATIENT_REFERENCE.search(reference):
+        problems.append(
+            issue(
+                "required",
+                "a response to a program instrument names its participant: subject is a "
+                "reference to a Patient (Patient/<id>)",
+                "QuestionnaireResponse.subject",
+            )
+        )
+    if not qr.get("authored"):
+        problems.append(
+            issue(
+                "required",
+                "a response to a program instrument says when it was answered (authored)",
+                "QuestionnaireResponse.authored",
+            )
+        )
     return problems
 
 
