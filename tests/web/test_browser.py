@@ -513,7 +513,10 @@ def test_the_renderer_computes_every_total_as_the_service_does(pages: Pages) -> 
         values = [random_values(rng, instrument, s) for s in [0.0] * 15 + [0.1] * 15 + [0.6] * 10]
         values += [[None] * n, [NA] * n] if instrument == "bipf" else [[None] * n]
         cases = [response(instrument, v, "p1", renderer=False) for v in values]
-        exported = page.evaluate("([q, rs]) => sdc.recomputed(q, rs)", [q, cases])
+        exported = page.evaluate(
+            "([q, rs, p]) => sdc.recomputed(q, rs, p)",
+            [q, cases, {"resourceType": "Patient", "id": "p1"}],
+        )
         for case, out in zip(cases, exported, strict=True):
             sent = [i for i in out.get("item", []) if i["linkId"] == TOTAL_LINK[instrument]]
             renderer = next(iter(sent[0]["answer"][0].values())) if sent else None
