@@ -154,7 +154,7 @@ class Access:
     # ------------------------------------------------------------------ consent
 
     def actor(self, tx: Tx) -> Actor:
-        return actor_for(tx, self.principal.organization) or Actor(frozenset(), frozenset())
+        return actor_for(tx.system, self.principal.organization) or Actor(frozenset(), frozenset())
 
     def consent_applies(self, rtype: str) -> bool:
         """Whether the patients' consent decides what ``rtype`` data this caller sees."""

@@ -96,14 +96,21 @@ def task_transition_rule(tx: Tx, body: dict[str, Any], current: StoredResource |
 def _referrer_task_change(body: dict[str, Any], current: StoredResource | None) -> None:
     old = current.json() if current is not None and not current.deleted else None
     if old is None:
-        if body.get("status") != "requested" or any(
-            body.get(k) for k in ("businessStatus", "statusReason", "output")
+        received = {
+            (c.get("system"), c.get("code"))
+            for c in (body.get("businessStatus") or {}).get("coding", [])
+        } <= {(machine()["business_status_system"], "received")}
+        if (
+            body.get("status") != "requested"
+            or not received
+            or body.get("statusReason")
+            or (body.get("output"))
         ):
             raise Forbidden(
                 issue(
                     "forbidden",
-                    "a referrer creates its referral Task as requested, without workflow "
-                    "elements (businessStatus, statusReason, output)",
+                    "a referrer creates its referral Task as requested (businessStatus, if "
+                    "any, received), without statusReason or output",
                     "Task.status",
                 )
             )
