@@ -62,6 +62,8 @@ DATA_PERIOD_PARAMS = {
     "ServiceRequest": "authored",
     "Task": "authored-on",
 }
+#: Types whose rows a caller outside the program sees reshaped (``Access.shape``).
+SHAPED = frozenset({"Group"})
 #: v3 ObservationValue: the security label saying content was withheld from this copy.
 REDACTED = {
     "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
@@ -108,6 +110,7 @@ class Access:
             if not owners:
                 return NOTHING
             owned_by = (REFERRER_OWNED[rtype], owners)
+        shaped = rtype in SHAPED and self.consent_applies(rtype)
         if not self.consent_applies(rtype):
             return ReadScope(ids=ids, owned_by=owned_by) if ids or owned_by else EVERYTHING
         full, granted = self.consent.grants(
@@ -118,12 +121,14 @@ class Access:
             patient: PatientSlice(g.references, g.periods, period_param)
             for patient, g in granted.items()
         }
-        return ReadScope(patients=frozenset(full), slices=slices, ids=ids, owned_by=owned_by)
+        return ReadScope(
+            patients=frozenset(full), slices=slices, ids=ids, owned_by=owned_by, shaped=shaped
+        )
 
     def shape(self, tx: Tx, stored: StoredResource) -> StoredResource:
         """A cohort Group lists people: a caller outside the program sees only the members
         whose consent opens their membership to it, and a label that members were withheld."""
-        if stored.type != "Group" or not self.consent_applies("Group") or not stored.content:
+        if stored.type not in SHAPED or not self.consent_applies("Group") or not stored.content:
             return stored
         group = json.loads(stored.content)
         members = group.get("member", [])

@@ -20,6 +20,7 @@ from fhir_kat.errors import Forbidden, Issue, Unprocessable, issue
 from fhir_kat.exchange import PartnerConfig
 from fhir_kat.mapping import MappingContext, map_artifact
 from fhir_kat.search import iter_references, split_reference
+from fhir_kat.security.identity import PUBLIC_NAMESPACE
 from fhir_kat.services.access import Access
 from fhir_kat.services.bundles import RawBundle, RawEntry
 from fhir_kat.services.delivery import queue_artifact
@@ -47,11 +48,13 @@ class ArtifactService:
         protocol: ProgramProtocol,
         clock: Callable[[], datetime],
         partners: Mapping[str, PartnerConfig] | None = None,
+        id_namespace: uuid.UUID = PUBLIC_NAMESPACE,
     ) -> None:
         self.fhir = fhir
         self.protocol = protocol
         self.clock = clock
         self.partners = dict(partners or {})
+        self.id_namespace = id_namespace
 
     def transform(self, kind: str, payload: Any, submitter: str) -> dict[str, Any]:
         """The transaction Bundle the artifact would become (dry run: nothing is stored)."""
@@ -141,7 +144,12 @@ class ArtifactService:
         return SubmitResult(response, created=any(r.created for _, r in results), changed=changed)
 
     def _context(self, submitter: str) -> MappingContext:
-        return MappingContext(now=self.clock(), submitter=submitter, protocol=self.protocol)
+        return MappingContext(
+            now=self.clock(),
+            submitter=submitter,
+            protocol=self.protocol,
+            id_namespace=self.id_namespace,
+        )
 
     def _check_identity(self, tx: Tx, entries: list[dict[str, Any]], *, named: bool) -> None:
         """One PHN, one person: a Patient already stored under the artifact's PHN whose birth

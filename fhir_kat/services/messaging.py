@@ -84,9 +84,16 @@ class _Header:
 
 
 class MessagingService:
-    def __init__(self, fhir: FhirService, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        fhir: FhirService,
+        clock: Callable[[], datetime],
+        id_namespace: uuid.UUID = NAMESPACE,
+    ) -> None:
         self.fhir = fhir
         self.clock = clock
+        #: Ids derived from business identifiers (a PHN): keyed by the installation's secret.
+        self.id_namespace = id_namespace
 
     # ------------------------------------------------------------------ entry point
 
@@ -220,9 +227,9 @@ class MessagingService:
             rows = self.fhir.match(tx, query)
             if len(rows) == 1:
                 return rows[0].id
-            return str(uuid.uuid5(NAMESPACE, f"{rtype}|{system}|{value}"))
+            return str(uuid.uuid5(self.id_namespace, f"{rtype}|{system}|{value}"))
         origin = entry.get("fullUrl") or f"{rtype}/{resource.get('id', '')}"
-        return str(uuid.uuid5(NAMESPACE, f"{header.source_endpoint}|{origin}"))
+        return str(uuid.uuid5(self.id_namespace, f"{header.source_endpoint}|{origin}"))
 
     # ------------------------------------------------------------------ response
 

@@ -75,6 +75,7 @@ from fhir_kat.store.schema import (
     search_reference,
     search_string,
     search_token,
+    store_meta,
 )
 from fhir_kat.store.view import EVERYTHING, PatientSlice, ReadScope, Viewer
 
@@ -225,6 +226,26 @@ class Store:
             finally:
                 conn.execute(text("SELECT pg_advisory_unlock(7301)"))
                 conn.commit()
+
+    def claim_id_namespace(self, fingerprint: str) -> str:
+        """The fingerprint of the id namespace this database's deterministic ids come from:
+        recorded by the first start (``fingerprint``), or ``"legacy"`` for a database that
+        already held data then (its ids keep their namespace: re-sends stay idempotent)."""
+        key = "id-namespace"
+        with (
+            self._writer_turn(),
+            self.engine.connect().execution_options(kat_write=True) as conn,
+            conn.begin(),
+        ):
+            if not self.is_sqlite:  # SQLite: BEGIN IMMEDIATE already serialises first starts
+                conn.execute(text("SELECT pg_advisory_xact_lock(7302)"))
+            row = conn.execute(select(store_meta.c.value).where(store_meta.c.name == key)).first()
+            if row is not None:
+                return str(row.value)
+            held = conn.execute(select(resources.c.seq).limit(1)).first() is not None
+            value = "legacy" if held else fingerprint
+            conn.execute(insert(store_meta).values(name=key, value=value))
+            return value
 
     def drop_schema(self) -> None:
         metadata.drop_all(self.engine)
@@ -907,7 +928,7 @@ class Tx:
         rows, has_more, total = self._page(query, where, selective, total=count)
         if total is None:
             total = 0 if query.cursor is None else int(self.conn.execute(count).scalar_one())
-        return rows, total, has_more
+        return self._shaped(query.resource_type, rows), total, has_more
 
     def matches(self, query: SearchQuery) -> list[StoredResource]:
         """The first page of ``query``'s matches, without counting them all: for the
@@ -915,7 +936,12 @@ class Tx:
         self.flush()
         query, scoped = self._scoped(query)
         where, selective = self._plan(query)
-        return self._page(query, [*where, *scoped], selective)[0]
+        return self._shaped(query.resource_type, self._page(query, [*where, *scoped], selective)[0])
+
+    def _shaped(self, rtype: str, rows: list[StoredResource]) -> list[StoredResource]:
+        if self.viewer is None or not self.scope(rtype).shaped:
+            return rows
+        return [self.viewer.shape(self.system, row) for row in rows]
 
     def _scoped(self, query: SearchQuery) -> tuple[SearchQuery, list[ColumnElement[bool]]]:
         """``query`` narrowed to the caller's scope: ids and ownership become criteria (so the
@@ -999,7 +1025,10 @@ class Tx:
             .order_by(resources.c.seq)
             .limit(limit)
         )
-        return [(seq, content, patient) for seq, content, patient in self.conn.execute(stmt)]
+        rows = [(seq, content, patient) for seq, content, patient in self.conn.execute(stmt)]
+        if self.scope(query.resource_type).shaped:
+            return self._shape_rows(query.resource_type, rows)
+        return rows
 
     def _scan_where(
         self,
@@ -1045,10 +1074,11 @@ class Tx:
             .where(*where)
             .order_by(resources.c.seq)
         )
+        shaped = self.scope(query.resource_type).shaped
         if self.store.is_sqlite:
             with self.conn.execute(stmt) as result:
                 while rows := result.fetchmany(batch):
-                    yield rows
+                    yield self._shape_rows(query.resource_type, rows) if shaped else rows
             return
         self.need_transaction()
         name = f"kat_scan_{next(_cursor_names)}"
@@ -1060,10 +1090,23 @@ class Tx:
                 rows = cursor.fetchall()
                 if not rows:
                     break
-                yield rows
+                yield self._shape_rows(query.resource_type, rows) if shaped else rows
         finally:
             cursor.close()
         self.conn.exec_driver_sql(f"CLOSE {name}")  # else it closes with the transaction
+
+    def _shape_rows(
+        self, rtype: str, rows: Sequence[tuple[int, str, str | None]]
+    ) -> list[tuple[int, str, str | None]]:
+        """Streamed (seq, JSON, patient) rows as the viewer shapes them."""
+        assert self.viewer is not None
+        shaped = []
+        for seq, content, patient in rows:
+            stored = StoredResource(
+                rtype, "", 0, datetime.min, content, seq=seq, patient_id=patient
+            )
+            shaped.append((seq, self.viewer.shape(self.system, stored).content, patient))
+        return shaped
 
     def by_token(
         self,

@@ -49,10 +49,18 @@ class ReadScope:
     #: Only resources whose reference parameter ``owned_by[0]`` points at one of
     #: ``owned_by[1]`` ((type, id) pairs): a referrer's own referrals.
     owned_by: tuple[str, tuple[tuple[str, str], ...]] | None = None
+    #: The viewer reshapes rows of this type (``Viewer.shape``): every row passes through it.
+    shaped: bool = False
 
     @property
     def unrestricted(self) -> bool:
-        return self.readable and self.patients is None and self.ids is None and not self.owned_by
+        return (
+            self.readable
+            and self.patients is None
+            and self.ids is None
+            and not self.owned_by
+            and not self.shaped
+        )
 
 
 EVERYTHING = ReadScope()
