@@ -241,10 +241,20 @@ def _authenticate_client() -> tuple[Client, tuple[Scope, ...]]:
     return client, _grant_scopes(client, form.get("scope"))
 
 
+#: Scopes of a user-facing launch that mean nothing to client credentials; a backend-services
+#: request that carries them (fhirclient adds ``launch/patient`` by default) is granted the
+#: rest, as OAuth lets a server grant less than asked (RFC 6749 §3.3), instead of refused.
+NOT_FOR_BACKEND = frozenset(
+    {"launch", "launch/patient", "launch/encounter", "openid", "fhirUser", "profile"}
+    | {"offline_access", "online_access"}
+)
+
+
 def _grant_scopes(client: Client, requested: str | None) -> tuple[Scope, ...]:
-    if not requested:
+    wanted = [s for s in (requested or "").split() if s not in NOT_FOR_BACKEND]
+    if not wanted:
         return client.scopes
-    scopes, bad = parse_scopes(requested.split())
+    scopes, bad = parse_scopes(wanted)
     if bad:
         raise OAuthError("invalid_scope", f"not a SMART system scope: {' '.join(bad)}")
     too_wide = [s.text for s in scopes if not covered_by(s, client.scopes)]

@@ -33,9 +33,12 @@ def fhir_base() -> str:
 
 
 def prefer(name: str) -> str | None:
+    """The value of preference ``name`` in the ``Prefer`` headers (RFC 7240: preferences are
+    comma-separated, each may carry ``;``-separated parameters), e.g.
+    ``Prefer: respond-async, handling=lenient``."""
     for header in request.headers.getlist("Prefer"):
-        for part in header.split(";"):
-            key, _, value = part.strip().partition("=")
+        for preference in header.split(","):
+            key, _, value = preference.split(";", 1)[0].strip().partition("=")
             if key.strip() == name:
                 return value.strip().strip('"')
     return None
