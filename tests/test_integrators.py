@@ -252,3 +252,24 @@ def test_the_documented_since_works(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ("2026-13-01", "yesterday", "2026-01-01T08:00"):
         with pytest.raises(argparse.ArgumentTypeError):
             _since_instant(bad)
+
+
+def test_server_py_runs_from_an_interpreter_without_the_dependencies(tmp_path: Any) -> None:
+    """``python server.py`` from a bare interpreter hands over to the checkout's .venv."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    server = Path(__file__).resolve().parents[1] / "server.py"
+    done = subprocess.run(
+        [str(bare / "bin" / "python"), str(server), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: fhir-kat serve" in done.stdout
