@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validates each file (a resource or a Bundle) with the R4B models and the "
         "required bindings of HL7's R4 definitions. Exit 1 when any file is refused; the "
         "OperationOutcome of each refused file goes to stderr.",
-        epilog="Example: fhir-kat validate examples/*.json",
+        epilog="Example: fhir-kat map referrals docs/examples/referrals.json > bundle.json "
+        "&& fhir-kat validate bundle.json",
     )
     validate.add_argument("files", nargs="+", help="FHIR R4 JSON files")
     validate.set_defaults(func=_validate)
