@@ -25,6 +25,12 @@ from fhir_kat.logging import configure_logging
 from fhir_kat.mapping.functions import all_questionnaires
 from fhir_kat.security.clients import ClientRegistry, load_clients
 from fhir_kat.security.consent import ConsentDecisionPoint
+from fhir_kat.security.identity import (
+    PUBLIC_NAMESPACE,
+    fingerprint,
+    install_namespace,
+    load_id_secret,
+)
 from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
@@ -64,7 +70,6 @@ class KatState:
     artifacts: ArtifactService
     instruments: InstrumentService
     partners: dict[str, PartnerConfig]
-    capability_security: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,6 +95,7 @@ def create_app(
     protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
     store = Store(settings.effective_database_url, clock=now)
     store.create_schema()  # fhir_kat.exchange (imported above) adds the outbox table
+    id_namespace = _id_namespace(settings, store)
     fhir = FhirService(
         store,
         default_page_size=settings.default_page_size,
@@ -109,7 +115,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["KAT_MAX_JSON_DEPTH"] = settings.max_json_depth
     app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
-    outcomes = OutcomeService(store, catalogue, now)
+    outcomes = OutcomeService(store, catalogue, now, settings.min_cell_size)
     outcomes.install_measure()
     workflow = ReferralWorkflow(
         fhir,
@@ -122,7 +128,7 @@ def create_app(
         ),
     )
     fhir.write_rules.append(workflow.acceptance_rule)
-    fhir.caller_rules.append(referrer_request_rule)
+    fhir.write_rules.append(referrer_request_rule)
     fhir.write_hooks.append(workflow.on_write)
     consent = ConsentDecisionPoint()
     feedback = ReferrerFeedback(
@@ -134,7 +140,7 @@ def create_app(
     fhir.write_rules.append(instruments.check_rule)
     fhir.write_hooks.append(instruments.on_write)
     instruments.install_questionnaires()
-    artifacts = ArtifactService(fhir, protocol, now, partners)
+    artifacts = ArtifactService(fhir, protocol, now, partners, id_namespace)
 
     def notify_care_team(tx: Tx, flag: dict[str, Any]) -> None:
         # A safety Flag reaches the partners configured for "safety-flags" (the care team's
@@ -142,7 +148,6 @@ def create_app(
         queue_artifact(tx, partners, "safety-flags", [flag], flag["subject"]["reference"][8:])
 
     instruments.flag_listeners.append(notify_care_team)
-    consent = ConsentDecisionPoint()
     # R4 rest-hook Subscriptions: checked on write, notified through the outbox in the same
     # transaction; a Consent write releases the deliveries that waited for it.
     subscriptions = SubscriptionService(consent, now, clients, endpoint_policy)
@@ -167,10 +172,9 @@ def create_app(
         artifacts=artifacts,
         instruments=instruments,
         partners=partners,
-        capability_security=_capability_security(),
         extras={
             "subscriptions": subscriptions,
-            "messaging": MessagingService(fhir, now),
+            "messaging": MessagingService(fhir, now, id_namespace),
             "feedback": feedback,
         },
     )
@@ -212,21 +216,29 @@ def create_app(
     return app
 
 
-def _capability_security() -> dict[str, Any]:
-    return {
-        "service": [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                        "code": "SMART-on-FHIR",
-                    }
-                ]
-            }
-        ],
-        "description": "SMART Backend Services (client credentials; private_key_jwt or client "
-        "secret). Discovery: /.well-known/smart-configuration.",
-    }
+def _id_namespace(settings: Settings, store: Store) -> uuid.UUID:
+    """The namespace of ids derived from business identifiers: keyed by this installation's
+    secret, so a PHN does not give away its Patient's id (docs/security.md). A database that
+    held data before it had one keeps the repository's namespace (its ids must not change);
+    a database written under another secret is refused: its re-sent referrals would become
+    second copies."""
+    path = Path(settings.id_secret_file or settings.data_dir / "id-secret")
+    namespace = install_namespace(load_id_secret(path))
+    recorded = store.claim_id_namespace(fingerprint(namespace))
+    if recorded == "legacy":
+        log.warning(
+            "this database's ids were derived without an installation secret: a PHN's Patient "
+            "id can be computed by anyone who has the repository (docs/security.md, "
+            '"Identifiers")'
+        )
+        return PUBLIC_NAMESPACE
+    if recorded != fingerprint(namespace):
+        raise SettingsError(
+            f"id secret {path} is not the one this database was written with: its "
+            "deterministic ids (one PHN, one Patient) would change and re-sent referrals "
+            "would be stored twice. Restore that secret (FHIR_KAT_ID_SECRET_FILE)."
+        )
+    return namespace
 
 
 def _install_request_logging(app: Flask) -> None:

@@ -4,6 +4,7 @@ mistake in a copy of ``mappings/`` is caught and named."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def test_lint_checks_terminology_and_protocol(copy: Path) -> None:
 def test_lint_checks_questionnaires(copy: Path) -> None:
     path = copy / "questionnaires" / "Questionnaire-gad-7.json"
     doc = json.loads(path.read_text())
-    doc["item"][0]["answerOption"][0]["valueCoding"] = {
+    first_question = next(i for i in doc["item"] if i.get("answerOption"))
+    first_question["answerOption"][0]["valueCoding"] = {
         "system": "https://fhir-kat.example.org/fhir/CodeSystem/kat-instruments",
         "code": "gad7-never",
     }
@@ -112,6 +114,34 @@ def test_lint_checks_questionnaires(copy: Path) -> None:
     found = "\n".join(diagnostics(copy))
     assert "code 'gad7-never' is not in" in found
     assert "a canonical url of ours and a version" in found
+
+
+def test_lint_checks_questionnaires_against_the_instruments(tmp_path: Path) -> None:
+    """A new Questionnaire version must be listed where responses are checked, and every
+    calculated item must be a total the service computes (so that a sent value is checked)."""
+    found = {}
+    for listed in (False, True):
+        root = tmp_path / f"listed-{listed}" / "mappings"
+        shutil.copytree(MAPPINGS, root)
+        path = root / "questionnaires" / "Questionnaire-phq-9.json"
+        doc = json.loads(path.read_text())
+        doc["version"] = "7"
+        doc["item"][-1]["code"] = [{"system": "http://loinc.org", "code": "44260-8"}]
+        path.write_text(json.dumps(doc))
+        if listed:
+            catalogue = root / "instruments" / "instruments.yaml"
+            text = re.sub(
+                r"questionnaire_versions: \[[^\]]*\]",
+                'questionnaire_versions: ["7"]',
+                catalogue.read_text(),
+                count=1,
+            )
+            catalogue.write_text(text)
+        found[listed] = "\n".join(diagnostics(root))
+    assert "version is not in instruments.yaml's questionnaire_versions" in found[False]
+    assert "questionnaire_versions" not in found[True]
+    for text in found.values():
+        assert "calculated item 'phq9-total' is not the total the service computes" in text
 
 
 def test_mappings_lint_command(capsys: pytest.CaptureFixture[str]) -> None:

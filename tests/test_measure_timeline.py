@@ -182,7 +182,9 @@ def test_the_scenario_by_hand(app: Flask) -> None:
         staff.post("/fhir/Observation", data=json.dumps(typed), content_type=FHIR).status_code
         == 201
     )
-    ha = client_as(app, "ha")
+    # Program staff see the exact figures (the health authority's have small cells withheld,
+    # below).
+    ha = staff
     groups = report(ha, "2026-01-01", "2026-12-31")
     phq, bipf_group = groups["44249-1"], groups["bipf"]
     # PHQ-9 completers: a (14 → 12, same band, not improved), c (10 → 9, milder band), e (16,
@@ -207,6 +209,15 @@ def test_the_scenario_by_hand(app: Flask) -> None:
     early = report(ha, "2026-01-01", "2026-03-31")["44249-1"]
     assert populations(early) == (0, 0, 0)  # only b's program ended by then
     assert strata(early)["dropped-out"] == (1, 0, 0)
+    # Outside the program every cell of one to a few people is withheld, in the strata too.
+    outside = report(client_as(app, "ha"), "2026-01-01", "2026-12-31")["44249-1"]
+    for stratum in outside["stratifier"][0]["stratum"]:
+        for population in stratum["population"]:
+            assert (
+                "count" not in population
+                or population["count"] == 0
+                or (population["count"] >= app.extensions["fhir_kat"].settings.min_cell_size)
+            )
 
 
 def test_counting_everyone_is_configuration(app: Flask) -> None:
@@ -215,7 +226,7 @@ def test_counting_everyone_is_configuration(app: Flask) -> None:
     load(staff)
     everyone = load_catalogue(outcomes={"population": "all", "post_days_after_end": [0, 60]})
     state.outcomes.catalogue = everyone
-    groups = report(client_as(app, "ha"), "2026-01-01", "2026-12-31")
+    groups = report(staff, "2026-01-01", "2026-12-31")
     # b (drop-out) joins the initial population; e's response 49 days after the end is now post.
     assert populations(groups["44249-1"]) == (5, 4, 3)
     assert "0 to 60 days after the program end" in json.dumps(measure_resource(everyone))

@@ -42,9 +42,16 @@ def _scored(q: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _expression(q: dict[str, Any]) -> str:
+VARIABLE = "http://hl7.org/fhir/StructureDefinition/variable"
+
+
+def _total_item(q: dict[str, Any]) -> dict[str, Any]:
     (total,) = [i for i in q["item"] if i.get("readOnly")]
-    (ext,) = [e for e in total["extension"] if e["url"] == CALC]
+    return total
+
+
+def _expression(q: dict[str, Any]) -> str:
+    (ext,) = [e for e in _total_item(q)["extension"] if e["url"] == CALC]
     expression: str = ext["valueExpression"]["expression"]
     return expression
 
@@ -65,13 +72,16 @@ def _calculated(q: dict[str, Any], qr: dict[str, Any]) -> float | None:
             if isinstance(c, dict) and (c.get("system"), c.get("code")) in ordinals
         ]
 
-    result = evaluate(
-        qr,
-        _expression(q),
-        {"resource": qr},
-        models["r4"],  # answer.value is a choice type: the model resolves it to valueCoding
-        options={"userInvocationTable": {"ordinal": {"fn": ordinal, "arity": {0: []}}}},
-    )
+    options = {"userInvocationTable": {"ordinal": {"fn": ordinal, "arity": {0: []}}}}
+    context: dict[str, Any] = {"resource": qr}
+    for ext in _total_item(q)["extension"]:  # SDC variables, in order
+        if ext["url"] == VARIABLE:
+            value = ext["valueExpression"]
+            # answer.value is a choice type: the R4 model resolves it to valueCoding
+            context[value["name"]] = evaluate(
+                qr, value["expression"], context, models["r4"], options=options
+            )
+    result = evaluate(qr, _expression(q), context, models["r4"], options=options)
     assert len(result) <= 1, result
     return float(result[0]) if result else None
 
@@ -83,9 +93,13 @@ def test_the_form_shows_the_instruments_own_stem_and_recall_period(key: str) -> 
     assert displays and q["item"][0]["type"] == "display"  # before the first question
     assert any(STEMS[key] in i["text"] for i in displays)
     # A display item takes no answer.
-    qr = {"item": [{"linkId": displays[0]["linkId"], "answer": [{"valueString": "x"}]}]}
-    assert [p.expression for p in check_response(qr, q)] == [
-        ("QuestionnaireResponse.item[0].linkId",)
+    qr = {
+        "subject": {"reference": "Patient/p1"},
+        "authored": "2025-01-01",
+        "item": [{"linkId": displays[0]["linkId"], "answer": [{"valueString": "x"}]}],
+    }
+    assert [p.expression for p in check_response(qr, q, CAT.instruments[key])] == [
+        ("QuestionnaireResponse.item[0].answer",)
     ]
 
 
@@ -99,6 +113,7 @@ def test_every_pcl5_item_has_a_local_code() -> None:
 
 def test_the_bipf_expression_carries_the_configured_minimum() -> None:
     assert f">= {CAT.instruments['bipf'].min_answered}," in _expression(questionnaire("bipf"))
+    assert "%answered = 7" in _expression(questionnaire("bipf"))
 
 
 ANSWER = st.one_of(st.none(), st.integers(0, 6), st.just("na"))

@@ -70,6 +70,9 @@ class Instrument:
     safety: Mapping[str, Any]
     band_system: str
     questionnaire: str = ""
+    #: Versions of the Questionnaire a response may name (``url|version``): the served one and
+    #: earlier ones with the same items, options and scores, checked against the served one.
+    questionnaire_versions: tuple[str, ...] = ()
     score_partial: bool = False
     #: Partially scored instruments (B-IPF): domains that must have a value for a total.
     min_answered: int = 1
@@ -195,6 +198,7 @@ def _build(
             safety=spec.get("safety", {}),
             band_system=data["band_system"],
             questionnaire=spec.get("questionnaire", ""),
+            questionnaire_versions=tuple(str(v) for v in spec.get("questionnaire_versions", ())),
             score_partial=bool(spec.get("score_partial", False)),
             min_answered=int(over.get("min_answered", spec.get("min_answered", 1))),
         )

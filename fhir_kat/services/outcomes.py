@@ -5,8 +5,9 @@ else the referral Task's ``executionPeriod``; completed, or dropped out when the
 cancelled or failed), reading the total-score Observations derived from QuestionnaireResponses
 (status final/amended/corrected) around the timelines of the participants whose program ended
 in the period (optionally only a cohort Group's members), and handing both to
-``instruments.outcomes``. The report is aggregate, so consent filtering does not apply (issue:
-"aggregate MeasureReports always"); it discloses counts and means only.
+``instruments.outcomes``. The report is aggregate (counts and means, never a person's data): it
+counts every participant, and what leaves the program has its small cells withheld
+(``security.disclosure``), in each stratum too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
+from typing import Any
 
 from fhir_kat.errors import BadRequest, NotFound, issue
 from fhir_kat.instruments.definitions import Catalogue
@@ -33,6 +35,9 @@ from fhir_kat.instruments.outcomes import (
     windows,
 )
 from fhir_kat.search import Criterion, SearchQuery, parse_date_range, split_reference
+from fhir_kat.security.disclosure import suppress_small_cells
+from fhir_kat.security.policy import OUTSIDE_PROGRAM
+from fhir_kat.services.access import Access
 from fhir_kat.store import Store, Tx
 from fhir_kat.store.observations import observation_values
 from fhir_kat.store.store import format_instant
@@ -62,10 +67,17 @@ def _later(end: Range | None, than: Range | None) -> bool:
 
 
 class OutcomeService:
-    def __init__(self, store: Store, catalogue: Catalogue, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        catalogue: Catalogue,
+        clock: Callable[[], datetime],
+        min_cell_size: int = 1,
+    ) -> None:
         self.store = store
         self.catalogue = catalogue
         self.clock = clock
+        self.min_cell_size = min_cell_size
 
     def install_measure(self) -> None:
         """Store the Measure generated from the definitions (a new version only on change)."""
@@ -74,8 +86,16 @@ class OutcomeService:
             tx.lock("install-definitions")  # processes starting together take turns
             tx.put(resource, current=tx.get("Measure", MEASURE_ID), skip_if_unchanged=True)
 
-    def results(self, period_start: str, period_end: str, subject: str | None) -> list[GroupResult]:
-        """One result per instrument for the period (and the cohort Group, if given)."""
+    def results(
+        self,
+        period_start: str,
+        period_end: str,
+        subject: str | None,
+        access: Access | None = None,
+    ) -> list[GroupResult]:
+        """One result per instrument for the period (and the cohort Group, if given: one
+        ``access`` may see, else 404). The figures are over every member of the cohort: the
+        aggregate is the program's, protected by ``suppress_small_cells`` where it leaves."""
         start = parse_date_range(period_start)
         end = parse_date_range(period_end)
         problems = []
@@ -86,9 +106,10 @@ class OutcomeService:
         if problems or start is None or end is None:
             raise BadRequest(problems)
         rules = self.catalogue.measure
-        with self.store.read() as tx:
+        with self.store.read(viewer=access) as tx:
             members = self._members(tx, subject) if subject else None
-            lines = counted(self.timelines(tx, members), start[0], end[1])
+            # The program's timelines, whoever asks: the figures are the program's aggregate.
+            lines = counted(self.timelines(tx.system, members), start[0], end[1])
             span = read_range(lines.values(), rules)
             folds = (
                 self._folds(tx, span[0], span[1], lines)
@@ -171,17 +192,23 @@ class OutcomeService:
         period_start: str | None,
         period_end: str | None,
         subject: str | None,
-    ) -> dict[str, object]:
+        access: Access | None = None,
+    ) -> dict[str, Any]:
+        """The summary MeasureReport; for a caller outside the program with its small cells
+        withheld (``min_cell_size``)."""
         if measure_id != MEASURE_ID:
             raise NotFound(issue("not-found", "only Measure/kat-program-outcomes is evaluated"))
         start, end = period_start or "", period_end or ""
-        report = measure_report(
-            self.results(start, end, subject),
+        report: dict[str, Any] = measure_report(
+            self.results(start, end, subject, access),
             period_start=start,
             period_end=end,
             date=format_instant(self.clock()),
             subject=subject,
         )
+        if access is not None and access.role in OUTSIDE_PROGRAM:
+            report = suppress_small_cells(report, self.min_cell_size)
+            report = suppress_small_strata(report, self.min_cell_size)
         report["id"] = str(uuid.uuid4())
         return report
 
@@ -189,7 +216,9 @@ class OutcomeService:
         target = split_reference(subject)
         if target is None or target[0] != "Group":
             raise BadRequest(issue("value", "subject must be Group/<id>", "subject"))
-        group = tx.get(*target)
+        if tx.get(*target) is None:  # the caller's view: a Group it may not see is unknown
+            raise NotFound(issue("not-found", "no such Group", "subject"))
+        group = tx.system.get(*target)  # the cohort itself: every member counts
         if group is None or group.deleted:
             raise NotFound(issue("not-found", "no such Group", "subject"))
         # Inactive members too: a cohort's drop-outs are reported, as their own stratum.
@@ -235,3 +264,41 @@ class OutcomeService:
             for fold in by_code[code]:
                 fold.add(point)
         return folds
+
+
+def suppress_small_strata(report: dict[str, Any], min_cell: int) -> dict[str, Any]:
+    """The strata of each group with their small cells withheld as ``suppress_small_cells``
+    withholds a group's, and a population withheld in one stratum withheld in every stratum of
+    its stratifier (the headline and one stratum would otherwise give the other by
+    difference)."""
+    if min_cell <= 1:
+        return report
+    for group in report.get("group", []):
+        for stratifier in group.get("stratifier", []):
+            strata = stratifier.get("stratum", [])
+            guarded = suppress_small_cells({"group": strata}, min_cell)["group"]
+            masked = {
+                _population_code(p)
+                for s in guarded
+                for p in s.get("population", [])
+                if "count" not in p
+            }
+            for stratum in guarded:
+                for population in stratum.get("population", []):
+                    if _population_code(population) in masked and "count" in population:
+                        population.pop("count")
+                        population["extension"] = [
+                            *population.get("extension", []),
+                            {
+                                "url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+                                "valueCode": "masked",
+                            },
+                        ]
+                if masked & {"numerator", "denominator"}:
+                    stratum.pop("measureScore", None)
+            stratifier["stratum"] = guarded
+    return report
+
+
+def _population_code(population: dict[str, Any]) -> str:
+    return next((str(c.get("code")) for c in population.get("code", {}).get("coding", [])), "")

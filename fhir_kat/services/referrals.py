@@ -21,20 +21,32 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from fhir_kat.errors import BadRequest, Conflict, NotFound, Unprocessable, issue
+from fhir_kat.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable, issue
 from fhir_kat.search import Criterion, SearchQuery, parse_date_range, split_reference
 from fhir_kat.services.access import Access
-from fhir_kat.services.fhir_rest import FhirService, WriteResult, require_access
+from fhir_kat.services.fhir_rest import FhirService, WriteResult, caller_of, require_access
 from fhir_kat.store import StoredResource, Tx
 from fhir_kat.store.store import format_instant
 from fhir_kat.terminology.criteria import Subsumption
-from fhir_kat.workflow.states import allowed, business_status, intake, machine, needs_reason
+from fhir_kat.workflow.shapes import (
+    INTAKE,
+    SERVICE,
+    TASK_CODES,
+    is_intake_step,
+    is_program_referral,
+    is_referral_task,
+)
+from fhir_kat.workflow.states import (
+    allowed,
+    business_status,
+    intake,
+    machine,
+    needs_reason,
+    referrer_may_set,
+)
 from fhir_kat.workflow.triage import Coding, Condition, Decision, Finding, ReferralFacts, triage
 
-TASK_CODES = "http://hl7.org/fhir/CodeSystem/task-code"
-SERVICE = "https://fhir-kat.example.org/fhir/CodeSystem/kat-service"
 PROGRAM_CODE = "kat-program"
-INTAKE = "https://fhir-kat.example.org/fhir/CodeSystem/kat-intake"
 CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 ALLERGY_CLINICAL = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
@@ -55,33 +67,17 @@ IN_INTAKE = frozenset({"requested", "received", "on-hold", "accepted"})
 NAMESPACE = uuid.UUID("6f1d3c52-7a0e-5b8e-9d4e-6b6174000001")  # the mapping engine's
 
 
-def is_referral_task(resource: dict[str, Any]) -> bool:
-    if resource.get("resourceType") != "Task":
-        return False
-    return any(
-        c.get("system") == TASK_CODES and c.get("code") == "fulfill"
-        for c in resource.get("code", {}).get("coding", [])
-    )
+#: A referral Task's elements that belong to the workflow (program staff and the service).
+WORKFLOW_ELEMENTS = ("status", "businessStatus", "statusReason", "output", "owner")
 
 
-def is_program_referral(resource: dict[str, Any]) -> bool:
-    return (
-        resource.get("resourceType") == "ServiceRequest"
-        and resource.get("intent") == "order"
-        and any(
-            c.get("system") == SERVICE and c.get("code") == PROGRAM_CODE
-            for c in resource.get("code", {}).get("coding", [])
-        )
-    )
-
-
-def referrer_request_rule(
-    tx: Tx, access: Access, body: dict[str, Any], current: StoredResource | None
-) -> None:
+def referrer_request_rule(tx: Tx, body: dict[str, Any], current: StoredResource | None) -> None:
     """A referrer's ServiceRequest is a referral to the program: it carries the program's
     service code and intent ``order``, or it is refused (422) saying what to send — a request
-    the service would store without a Task would never be answered (issue 17)."""
-    if body.get("resourceType") != "ServiceRequest" or access.principal.role != "referrer":
+    the service would store without a Task would never be answered (issue 17). Staff may store
+    other ServiceRequests."""
+    access = caller_of(tx)
+    if body.get("resourceType") != "ServiceRequest" or access is None or access.role != "referrer":
         return
     problems = []
     if not any(
@@ -106,9 +102,20 @@ def referrer_request_rule(
 
 def task_transition_rule(tx: Tx, body: dict[str, Any], current: StoredResource | None) -> None:
     """Refuse a referral Task status change the state machine does not allow (409), and a
-    rejection, cancellation, failure or hold without a reason (422)."""
+    rejection, cancellation, failure or hold without a reason (422). Moving a referral is a
+    program staff decision on every route: a referrer creates its Task as ``requested`` and
+    may afterwards only withdraw it (``referrer_may`` in ``referral-task.yaml``); an intake
+    step (which moves the Task) is recorded by staff alone (403 otherwise)."""
+    access = caller_of(tx)
+    referrer = access is not None and access.role == "referrer"
+    if referrer and is_intake_step(body):
+        raise Forbidden(
+            issue("forbidden", "intake steps are recorded by program staff", "Observation.code")
+        )
     if not is_referral_task(body):
         return
+    if referrer:
+        _referrer_task_change(body, current)
     new = body.get("status", "")
     if current is not None and not current.deleted:
         old = current.json().get("status", "")
@@ -155,6 +162,44 @@ class IntakeState:
     def waiting(self) -> list[str]:
         """Steps whose latest decision asks for clinician review."""
         return [s for s, d in self.decisions.items() if d == "needs-review"]
+
+
+def _referrer_task_change(body: dict[str, Any], current: StoredResource | None) -> None:
+    old = current.json() if current is not None and not current.deleted else None
+    if old is None:
+        received = {
+            (c.get("system"), c.get("code"))
+            for c in (body.get("businessStatus") or {}).get("coding", [])
+        } <= {(machine()["business_status_system"], "received")}
+        if (
+            body.get("status") != "requested"
+            or not received
+            or body.get("statusReason")
+            or (body.get("output"))
+        ):
+            raise Forbidden(
+                issue(
+                    "forbidden",
+                    "a referrer creates its referral Task as requested (businessStatus, if "
+                    "any, received), without statusReason or output",
+                    "Task.status",
+                )
+            )
+        return
+    changed = {k for k in WORKFLOW_ELEMENTS if old.get(k) != body.get(k)}
+    if not changed:
+        return
+    new = body.get("status", "")
+    withdrawing = new != old.get("status") and new in referrer_may_set(old.get("status", ""))
+    if not withdrawing or changed - {"status", "statusReason", "businessStatus"}:
+        raise Forbidden(
+            issue(
+                "forbidden",
+                "moving a referral is a program staff decision; a referrer may only withdraw "
+                "its referral (status cancelled, with a statusReason) before the program starts",
+                "Task.status",
+            )
+        )
 
 
 class ReferralWorkflow:
@@ -477,7 +522,7 @@ class ReferralWorkflow:
                     )
                 )
             return
-        state = self.intake_state(tx, body) if body.get("id") else None
+        state = self.intake_state(tx.system, body) if body.get("id") else None
         if state is not None and state.complete and not state.open_holds:
             return
         missing = [s for s in intake()["steps"] if state is None or s not in state.cleared]
@@ -578,11 +623,9 @@ def end_referral(
     if problems:
         raise BadRequest(problems)
     require_access(access, "Task", "update")
-    with fhir.write() as tx:
+    with fhir.write(access) as tx:
         stored = tx.get("Task", task_id, for_update=True)
         if stored is None or stored.deleted or not is_referral_task(stored.json()):
-            raise NotFound(issue("not-found", f"no referral Task {task_id}", "Task"))
-        if access is not None and not access.may_see(tx, stored):
             raise NotFound(issue("not-found", f"no referral Task {task_id}", "Task"))
         task = stored.json()
         task.pop("meta", None)

@@ -49,3 +49,8 @@ def step_display(step: str) -> str:
     role = intake()["steps"].get(step, {}).get("role")
     name = step.replace("-", " ")
     return f"{name} ({role})" if role else name
+
+
+def referrer_may_set(current: str) -> list[str]:
+    """The statuses a referrer may give its own referral from ``current`` (withdrawing it)."""
+    return list(machine().get("referrer_may", {}).get(current, []))
