@@ -134,7 +134,9 @@ def create_app(
         tokens=tokens,
         consent=consent,
         rate_limiter=RateLimiter(settings.rate_limit_per_minute),
-        auth_failures=FailureLimiter(settings.auth_failure_limit),
+        auth_failures=FailureLimiter(
+            settings.auth_failure_limit, source_failures=settings.auth_failure_source_limit
+        ),
         export=ExportService(
             store, Path(settings.export_dir or settings.data_dir / "exports"), now
         ),

@@ -50,8 +50,11 @@ class Settings:
     #: Requests per minute per client before 429 (per process); 0 disables the limit.
     rate_limit_per_minute: int = 1200
     #: Failed sign-ins (token endpoint, browser) per source address and client id in 10
-    #: minutes before 429 (per process); 0 disables the limit.
+    #: minutes before 429 (per process); 0 disables both failure limits.
     auth_failure_limit: int = 10
+    #: Failed sign-ins per source address (an IPv6 /64) in 10 minutes, whatever client ids it
+    #: presents, before 429: spraying client ids is limited too.
+    auth_failure_source_limit: int = 50
     #: Reverse proxies in front of the service that append to ``X-Forwarded-For`` (0: none, the
     #: peer address is the client's). Only the client address is taken from the header.
     proxy_hops: int = 0
@@ -78,6 +81,7 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "token_lifetime_seconds": (30, 300),
     "rate_limit_per_minute": (0, 1_000_000),
     "auth_failure_limit": (0, 1_000_000),
+    "auth_failure_source_limit": (1, 1_000_000),
     "proxy_hops": (0, 10),
 }
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}

@@ -8,6 +8,7 @@ cryptography is PyJWT's and ``cryptography``'s; nothing here is hand-rolled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 
@@ -37,6 +38,11 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_ALGORITHMS = ("RS384", "ES384")
 MAX_ASSERTION_LIFETIME = timedelta(minutes=5)
 ACCESS_ALGORITHM = "ES256"
+#: Every failure before an assertion's signature is verified (unknown client, unregistered key,
+#: bad signature) gets this one answer, so the answer does not tell whether a client id exists.
+INVALID_ASSERTION = (
+    "client_assertion is invalid: unknown client, no registered key for it, or a bad signature"
+)
 #: Access tokens verified lately (per process): a client sends the same token with every
 #: request for up to its lifetime, and a signature check costs more than a small search.
 VERIFIED_CACHE_SIZE = 4096
@@ -106,6 +112,7 @@ class TokenService:
         self.clock = clock
         self._verified: OrderedDict[bytes, tuple[Principal, int]] = OrderedDict()
         self._verified_lock = threading.Lock()
+        self._unheld: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ access tokens
 
@@ -174,9 +181,14 @@ class TokenService:
 
     # ------------------------------------------------------------------ client assertions
 
-    def verify_assertion(self, assertion: str, client: Client, token_url: str) -> None:
-        if not client.jwks:
-            raise OAuthError("invalid_client", "client has no registered JWKS", 401)
+    def verify_assertion(self, assertion: str, client: Client | None, token_url: str) -> Client:
+        """The client a ``private_key_jwt`` assertion authenticates; ``OAuthError`` otherwise.
+
+        Until the signature is verified every failure gives one answer: an unknown client id
+        (None), a client without a JWKS, a ``kid`` it has not registered and a bad signature all
+        run one signature check (against a key nobody holds when there is no registered one)
+        and answer "client_assertion is invalid". Only the key holder learns more (expired,
+        ``aud``, replayed ``jti``)."""
         try:
             header = jwt.get_unverified_header(assertion)
         except jwt.PyJWTError:
@@ -184,9 +196,14 @@ class TokenService:
         alg = header.get("alg")
         if alg not in ASSERTION_ALGORITHMS:
             raise OAuthError("invalid_client", "client_assertion must be RS384 or ES384", 401)
-        key = _find_key(client.jwks, header.get("kid"), alg)
-        if key is None:
-            raise OAuthError("invalid_client", "no registered key matches the assertion kid", 401)
+        key = None
+        if client is not None and client.jwks:
+            key = _find_key(client.jwks, header.get("kid"), alg)
+        if client is None or key is None:
+            # The same key lookup and signature check a registered key costs; cannot succeed.
+            with contextlib.suppress(jwt.PyJWTError):
+                jwt.decode(assertion, _find_key(self._unheld_jwks(alg), None, alg), [alg])
+            raise OAuthError("invalid_client", INVALID_ASSERTION, 401)
         try:
             claims = jwt.decode(
                 assertion,
@@ -196,6 +213,8 @@ class TokenService:
                 issuer=client.client_id,
                 options={"require": ["exp", "jti", "iss", "sub", "aud"]},
             )
+        except jwt.InvalidSignatureError:
+            raise OAuthError("invalid_client", INVALID_ASSERTION, 401) from None
         except jwt.ExpiredSignatureError:
             raise OAuthError("invalid_client", "client_assertion has expired", 401) from None
         except jwt.InvalidAudienceError:
@@ -213,6 +232,21 @@ class TokenService:
                 "invalid_client", "client_assertion exp is more than 5 minutes ahead", 401
             )
         self._remember_jti(str(claims["jti"]), client.client_id, expires, now)
+        return client
+
+    def _unheld_jwks(self, alg: str) -> dict[str, Any]:
+        """A JWKS of one public key of ``alg``'s type whose private half was discarded."""
+        with self._verified_lock:
+            jwks = self._unheld.get(alg)
+            if jwks is None:
+                if alg.startswith("RS"):
+                    private: Any = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
+                else:
+                    private = ec.generate_private_key(ec.SECP384R1())
+                    jwk = jwt.algorithms.ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
+                jwks = self._unheld[alg] = {"keys": [{**jwk, "alg": alg}]}
+        return jwks
 
     def _remember_jti(self, jti: str, client_id: str, expires: datetime, now: datetime) -> None:
         naive_now = now.replace(tzinfo=None)
