@@ -93,6 +93,7 @@ def create_app(
         lifetime_seconds=settings.token_lifetime_seconds,
         store=store,
         clock=now,
+        clients=clients,
     )
 
     app = Flask("fhir_kat")

@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 
-from fhir_kat.security.clients import Client
-from fhir_kat.security.scopes import Scope, parse_scopes
+from fhir_kat.security.clients import Client, ClientRegistry
+from fhir_kat.security.scopes import Scope, covered_by, parse_scopes
 from fhir_kat.store import Store
 from fhir_kat.store.schema import auth_jti
 
@@ -103,6 +103,7 @@ class TokenService:
         lifetime_seconds: int,
         store: Store,
         clock: Callable[[], datetime],
+        clients: ClientRegistry,
     ) -> None:
         self.key = key
         self.public_key = key.public_key()
@@ -110,6 +111,8 @@ class TokenService:
         self.lifetime = lifetime_seconds
         self.store = store
         self.clock = clock
+        #: Asked on every use of a token (``verify``), whatever the cache holds.
+        self.clients = clients
         self._verified: OrderedDict[bytes, tuple[Principal, int]] = OrderedDict()
         self._verified_lock = threading.Lock()
         self._unheld: dict[str, dict[str, Any]] = {}
@@ -137,9 +140,11 @@ class TokenService:
 
         A token found valid before is not checked again: its principal is remembered (by
         digest, bounded) with its ``exp``, which is still enforced on every use exactly as
-        PyJWT does (expired once ``now >= exp``). Tokens cannot be revoked before ``exp``
-        (they live ≤ 300 s), so nothing else about a verified token can change. Only
-        successes are remembered; every failure is a fresh check."""
+        PyJWT does (expired once ``now >= exp``). Only successes are remembered; every failure
+        is a fresh check. The client registry is asked on every use, cached or not
+        (``_still_registered``): a client removed, or registered with another role,
+        organisation, purpose or narrower scopes — in this process or before a restart with
+        the same signing key — loses its tokens at once."""
         key = hashlib.blake2b(token.encode(), digest_size=20).digest()
         with self._verified_lock:
             known = self._verified.get(key)
@@ -149,13 +154,25 @@ class TokenService:
             principal, exp = known
             if exp <= time.time():
                 raise jwt.ExpiredSignatureError("Signature has expired")
-            return principal
-        principal, exp = self._decode(token)
-        with self._verified_lock:
-            self._verified[key] = (principal, exp)
-            while len(self._verified) > VERIFIED_CACHE_SIZE:
-                self._verified.popitem(last=False)
+        else:
+            principal, exp = self._decode(token)
+            with self._verified_lock:
+                self._verified[key] = (principal, exp)
+                while len(self._verified) > VERIFIED_CACHE_SIZE:
+                    self._verified.popitem(last=False)
+        self._still_registered(principal)
         return principal
+
+    def _still_registered(self, principal: Principal) -> None:
+        client = self.clients.get(principal.client_id)
+        if (
+            client is None
+            or client.role != principal.role
+            or client.organization != principal.organization
+            or client.purpose != principal.purpose
+            or not all(covered_by(scope, client.scopes) for scope in principal.scopes)
+        ):
+            raise jwt.InvalidTokenError("the token's client is not registered as it says")
 
     def _decode(self, token: str) -> tuple[Principal, int]:
         claims = jwt.decode(
