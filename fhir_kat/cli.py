@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fhir_kat.settings import SettingsError, load_settings
+from fhir_kat.settings import SettingsError, host_derived_urls_problem, load_settings
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -38,6 +38,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port:
         overrides["port"] = args.port
     settings = load_settings(**overrides)
+    problem = host_derived_urls_problem(settings, settings.host)
+    if problem is not None:
+        raise SettingsError(problem)
+    if not settings.public_base_url and settings.allow_host_derived_urls:
+        print(
+            "fhir-kat: WARNING: FHIR_KAT_PUBLIC_BASE_URL is not set; links, the token URL and "
+            "the accepted client-assertion aud follow each request's Host header",
+            file=sys.stderr,
+        )
     from fhir_kat.security.clients import ensure_local_clients
 
     notes = ensure_local_clients(  # before create_app loads the registry

@@ -9,6 +9,7 @@ Precedence: environment variable > TOML file named by ``FHIR_KAT_CONFIG`` > defa
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -29,8 +30,14 @@ class Settings:
     data_dir: Path = Path("var")
     host: str = "127.0.0.1"
     port: int = 8080
-    #: Public base URL of the FHIR endpoint (e.g. behind a reverse proxy). Empty = from the request.
+    #: Public base URL of the FHIR endpoint (e.g. behind a reverse proxy). Empty = from the
+    #: request's Host header, which a client chooses: allowed only for a server bound to
+    #: loopback or with ``allow_host_derived_urls`` (``host_derived_urls_problem``).
     public_base_url: str = ""
+    #: Serve without ``public_base_url`` on a non-loopback address anyway (a test rig behind a
+    #: trusted proxy that fixes Host): links, the token URL and the client-assertion ``aud``
+    #: accepted then follow each request's Host header.
+    allow_host_derived_urls: bool = False
     #: Largest request body accepted, in bytes (413 above it).
     max_body_bytes: int = 8 * 1024 * 1024
     #: Deepest JSON nesting accepted (FHIR resources rarely exceed 15; 400 above it).
@@ -166,9 +173,48 @@ def _coerce(name: str, value: Any) -> Any:
         if url.startswith("postgresql://") or url.startswith("postgresql+psycopg2"):
             raise ValueError("use the psycopg 3 driver: postgresql+psycopg://...")
         return url
+    if name == "allow_host_derived_urls":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("", "0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected 1/true or 0/false, got {value!r}")
     if name == "public_base_url":
         url = str(value).rstrip("/")
         if url and not url.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL")
         return url
     return str(value)
+
+
+def host_derived_urls_problem(settings: Settings, bound_host: str | None) -> str | None:
+    """Why a server bound to ``bound_host`` (None: unknown, e.g. under gunicorn) must not take
+    its public URLs from the request's Host header, or None when it may.
+
+    Without ``public_base_url`` the token URL — the only client-assertion ``aud`` accepted —
+    links and ``Location`` headers follow whatever Host a client sends, so an assertion made
+    for another server could be replayed here with that server's name in Host. That is fine on
+    loopback (local development: only this machine can connect) and nowhere else."""
+    if settings.public_base_url or settings.allow_host_derived_urls:
+        return None
+    if bound_host is not None and _is_loopback(bound_host):
+        return None
+    where = f"on {bound_host}" if bound_host else "under a WSGI server"
+    return (
+        f"FHIR_KAT_PUBLIC_BASE_URL is not set and the service would listen {where}: set it to "
+        "the external https://.../fhir URL (links, the token URL and the accepted client-"
+        "assertion aud must not follow the request's Host header), or bind to 127.0.0.1 for "
+        "local use, or set FHIR_KAT_ALLOW_HOST_DERIVED_URLS=1 if a trusted proxy fixes Host"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
