@@ -4,6 +4,7 @@ blueprints. State lives in ``app.extensions["fhir_kat"]``, never in module globa
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -40,6 +41,8 @@ from fhir_kat.settings import Settings, load_settings
 from fhir_kat.store import Store, Tx
 
 log = logging.getLogger("fhir_kat.http")
+#: A client-sent ``X-Request-Id`` worth keeping; anything else is replaced by a new UUID.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass
@@ -211,7 +214,9 @@ def _install_request_logging(app: Flask) -> None:
     @app.before_request
     def _start() -> None:
         g.kat_started = time.perf_counter()
-        g.kat_request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        # A client's own id is kept only in a safe, bounded form: it is logged and echoed.
+        sent = request.headers.get("X-Request-Id", "")
+        g.kat_request_id = sent if REQUEST_ID.fullmatch(sent) else str(uuid.uuid4())
 
     @app.after_request
     def _finish(response: Response) -> Response:
