@@ -147,11 +147,13 @@ def token() -> Response:
     wait = limiter.wait(request.remote_addr, presented)
     if wait:
         record.detail = "token refused: too many failed attempts"
+        record.presented_client_id = presented
         return _too_many_failures(wait)
     try:
         client, scopes = _authenticate_client()
     except OAuthError as exc:
         record.detail = f"token refused: {exc.error}"
+        record.presented_client_id = presented
         if exc.status == 401:  # wrong credentials (a malformed request is not a guess)
             limiter.failed(request.remote_addr, presented)
         return _oauth_error(exc)

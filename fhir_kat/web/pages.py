@@ -151,6 +151,7 @@ def login_submit() -> Response | tuple[str, int] | tuple[str, int, dict[str, str
     wait = limiter.wait(request.remote_addr, client_id)
     if wait:
         record.detail = "browser sign-in refused: too many failed attempts"
+        record.presented_client_id = client_id
         message = f"Too many failed sign-ins. Try again in {int(wait)} seconds."
         page = render_template("login.html", next=target, error=message)
         return page, 429, {"Retry-After": str(int(wait))}
@@ -158,6 +159,7 @@ def login_submit() -> Response | tuple[str, int] | tuple[str, int, dict[str, str
     if not check_secret(client, request.form.get("client_secret", "")) or client is None:
         limiter.failed(request.remote_addr, client_id)
         record.detail = "browser sign-in refused: unknown client or wrong secret"
+        record.presented_client_id = client_id
         message = "Unknown client or wrong secret."
         return render_template("login.html", next=target, error=message), 401
     record.client_id, record.role = client.client_id, client.role
