@@ -102,6 +102,7 @@ def create_app(
     app = Flask("fhir_kat")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["KAT_MAX_JSON_DEPTH"] = settings.max_json_depth
+    app.config["KAT_MAX_BUNDLE_ENTRIES"] = settings.max_bundle_entries
     app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
     outcomes = OutcomeService(store, catalogue, now)
     outcomes.install_measure()
@@ -181,6 +182,9 @@ def create_app(
     app.register_blueprint(health_bp)
     register_error_handlers(app)
     _install_request_logging(app)
+    from fhir_kat.api import inputs
+
+    inputs.install(app)  # before the session and bearer checks: unusable input is a 400 first
     # The web pages' session check (fhir_kat/web) must run before auth.install's bearer check.
     from fhir_kat.web import register as register_web
 

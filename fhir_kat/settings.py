@@ -42,6 +42,8 @@ class Settings:
     max_body_bytes: int = 8 * 1024 * 1024
     #: Deepest JSON nesting accepted (FHIR resources rarely exceed 15; 400 above it).
     max_json_depth: int = 48
+    #: Most entries a Bundle in a request may hold (transaction, batch, message; 413 above).
+    max_bundle_entries: int = 1000
     default_page_size: int = 50
     max_page_size: int = 1000
     #: Program protocol (sessions, routes, dose ranges). Empty = the shipped default.
@@ -83,6 +85,7 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "port": (1, 65535),
     "max_body_bytes": (1024, 1024 * 1024 * 1024),
     "max_json_depth": (8, 1000),
+    "max_bundle_entries": (1, 100_000),
     "default_page_size": (1, 10_000),
     "max_page_size": (1, 100_000),
     "token_lifetime_seconds": (30, 300),
