@@ -52,6 +52,7 @@ class _FailureWindows:
     def __init__(self, limit: int, window: float, max_keys: int) -> None:
         self.limit, self.window, self.max_keys = limit, window, max_keys
         self.failures: dict[str, list[float]] = {}
+        self._warned_at: float | None = None
 
     def recent(self, key: str, now: float) -> list[float]:
         times = [t for t in self.failures.get(key, ()) if now - t < self.window]
@@ -74,7 +75,9 @@ class _FailureWindows:
             return
         times = self.recent(key, now)
         if not times and len(self.failures) >= self.max_keys and not self._make_room(now):
-            log.warning("failed sign-in limiter full of limited sources; not tracking a new one")
+            if self._warned_at is None or now - self._warned_at >= 60:  # once a minute at most
+                self._warned_at = now
+                log.warning("failed sign-in limiter full of limited sources; new ones untracked")
             return
         times.append(now)
         self.failures.pop(key, None)  # re-insert: dict order = least recently failed first

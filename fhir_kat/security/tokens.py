@@ -116,6 +116,7 @@ class TokenService:
         self._verified: OrderedDict[bytes, tuple[Principal, int]] = OrderedDict()
         self._verified_lock = threading.Lock()
         self._unheld: dict[str, dict[str, Any]] = {}
+        self._unheld_lock = threading.Lock()  # not the cache's: making an RSA key takes a while
 
     # ------------------------------------------------------------------ access tokens
 
@@ -253,7 +254,7 @@ class TokenService:
 
     def _unheld_jwks(self, alg: str) -> dict[str, Any]:
         """A JWKS of one public key of ``alg``'s type whose private half was discarded."""
-        with self._verified_lock:
+        with self._unheld_lock:
             jwks = self._unheld.get(alg)
             if jwks is None:
                 if alg.startswith("RS"):
