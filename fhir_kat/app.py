@@ -25,6 +25,12 @@ from fhir_kat.logging import configure_logging
 from fhir_kat.mapping.functions import all_questionnaires
 from fhir_kat.security.clients import ClientRegistry, load_clients
 from fhir_kat.security.consent import ConsentDecisionPoint
+from fhir_kat.security.identity import (
+    PUBLIC_NAMESPACE,
+    fingerprint,
+    install_namespace,
+    load_id_secret,
+)
 from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
@@ -37,7 +43,7 @@ from fhir_kat.services.messaging import MessagingService
 from fhir_kat.services.outcomes import OutcomeService
 from fhir_kat.services.referrals import ReferralWorkflow, task_transition_rule
 from fhir_kat.services.subscriptions import SubscriptionService
-from fhir_kat.settings import Settings, load_settings
+from fhir_kat.settings import Settings, SettingsError, load_settings
 from fhir_kat.store import Store, Tx
 
 log = logging.getLogger("fhir_kat.http")
@@ -83,6 +89,7 @@ def create_app(
     protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
     store = Store(settings.effective_database_url, clock=now)
     store.create_schema()  # fhir_kat.exchange (imported above) adds the outbox table
+    id_namespace = _id_namespace(settings, store)
     fhir = FhirService(
         store,
         default_page_size=settings.default_page_size,
@@ -104,7 +111,7 @@ def create_app(
     app.config["KAT_MAX_JSON_DEPTH"] = settings.max_json_depth
     app.config["KAT_MAX_BUNDLE_ENTRIES"] = settings.max_bundle_entries
     app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
-    outcomes = OutcomeService(store, catalogue, now)
+    outcomes = OutcomeService(store, catalogue, now, settings.min_cell_size)
     outcomes.install_measure()
     fhir.write_hooks.append(ReferralWorkflow(fhir).on_write)
     consent = ConsentDecisionPoint()
@@ -114,7 +121,7 @@ def create_app(
     fhir.write_rules.append(instruments.check_rule)
     fhir.write_hooks.append(instruments.on_write)
     instruments.install_questionnaires()
-    artifacts = ArtifactService(fhir, protocol, now, partners)
+    artifacts = ArtifactService(fhir, protocol, now, partners, id_namespace)
 
     def notify_care_team(tx: Tx, flag: dict[str, Any]) -> None:
         # A safety Flag reaches the partners configured for "safety-flags" (the care team's
@@ -122,7 +129,6 @@ def create_app(
         queue_artifact(tx, partners, "safety-flags", [flag], flag["subject"]["reference"][8:])
 
     instruments.flag_listeners.append(notify_care_team)
-    consent = ConsentDecisionPoint()
     # R4 rest-hook Subscriptions: checked on write, notified through the outbox in the same
     # transaction; a Consent write releases the deliveries that waited for it.
     subscriptions = SubscriptionService(consent, now, clients, endpoint_policy)
@@ -152,7 +158,7 @@ def create_app(
         capability_security=_capability_security(),
         extras={
             "subscriptions": subscriptions,
-            "messaging": MessagingService(fhir, now),
+            "messaging": MessagingService(fhir, now, id_namespace),
             "feedback": feedback,
         },
     )
@@ -195,6 +201,31 @@ def create_app(
         # public URLs come from public_base_url, not from forwarded host headers.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)  # type: ignore[method-assign]
     return app
+
+
+def _id_namespace(settings: Settings, store: Store) -> uuid.UUID:
+    """The namespace of ids derived from business identifiers: keyed by this installation's
+    secret, so a PHN does not give away its Patient's id (docs/security.md). A database that
+    held data before it had one keeps the repository's namespace (its ids must not change);
+    a database written under another secret is refused: its re-sent referrals would become
+    second copies."""
+    path = Path(settings.id_secret_file or settings.data_dir / "id-secret")
+    namespace = install_namespace(load_id_secret(path))
+    recorded = store.claim_id_namespace(fingerprint(namespace))
+    if recorded == "legacy":
+        log.warning(
+            "this database's ids were derived without an installation secret: a PHN's Patient "
+            "id can be computed by anyone who has the repository (docs/security.md, "
+            '"Identifiers")'
+        )
+        return PUBLIC_NAMESPACE
+    if recorded != fingerprint(namespace):
+        raise SettingsError(
+            f"id secret {path} is not the one this database was written with: its "
+            "deterministic ids (one PHN, one Patient) would change and re-sent referrals "
+            "would be stored twice. Restore that secret (FHIR_KAT_ID_SECRET_FILE)."
+        )
+    return namespace
 
 
 def _capability_security() -> dict[str, Any]:

@@ -83,6 +83,9 @@ class MappingContext:
     now: datetime
     submitter: str
     protocol: ProgramProtocol
+    #: The uuid5 namespace of deterministic ids: the installation's own in the service
+    #: (``security.identity``), the repository's in golden tests and ``fhir-kat map``.
+    id_namespace: uuid.UUID = NAMESPACE
 
 
 #: A compiled template node: evaluates itself in an environment.
@@ -146,9 +149,9 @@ def mapping_versions() -> dict[str, str]:
     return {t.file: t.version for kind in SCHEMAS for t in targets(kind)}
 
 
-def deterministic_id(*parts: Any) -> str:
+def deterministic_id(*parts: Any, namespace: uuid.UUID = NAMESPACE) -> str:
     """uuid5 of business identifiers: the same artifact always yields the same ids."""
-    return str(uuid.uuid5(NAMESPACE, "|".join(str(p) for p in parts)))
+    return str(uuid.uuid5(namespace, "|".join(str(p) for p in parts)))
 
 
 def map_artifact(kind: str, payload: Mapping[str, Any], ctx: MappingContext) -> dict[str, Any]:
@@ -269,7 +272,9 @@ def _bind(env: _Env, target: Target, item: Any, index: int) -> None:
 
 def _id(target: Target, env: _Env, item: Any, index: int) -> str:
     _bind(env, target, item, index)
-    return deterministic_id(*[part(env) for part in target.id_parts])
+    return deterministic_id(
+        *[part(env) for part in target.id_parts], namespace=env.ctx.id_namespace
+    )
 
 
 def _truthy(value: Any) -> bool:
@@ -506,7 +511,7 @@ def _provenance(
     policies.add(f"{BASE}/protocol/{ctx.protocol.reference}")
     return {
         "resourceType": "Provenance",
-        "id": deterministic_id("Provenance", kind, source),
+        "id": deterministic_id("Provenance", kind, source, namespace=ctx.id_namespace),
         "target": [{"reference": f"{r['resourceType']}/{r['id']}"} for r in resources],
         "recorded": ctx.now.isoformat(),
         "policy": sorted(policies),

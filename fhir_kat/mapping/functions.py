@@ -225,14 +225,15 @@ def _is_set(_: Any, value: Any) -> bool:
     return value is not None
 
 
-def _ref_to(_: Any, resource_type: str, *parts: Any) -> dict[str, str] | None:
+def _ref_to(ctx: Any, resource_type: str, *parts: Any) -> dict[str, str] | None:
     """A reference to a resource another artifact creates, by the same deterministic id its own
     mapping gives it (the Patient of a PHN, the Task of a referral identifier)."""
     from fhir_kat.mapping.engine import deterministic_id
 
     if any(p is None for p in parts):
         return None
-    return {"reference": f"{resource_type}/{deterministic_id(resource_type, *parts)}"}
+    rid = deterministic_id(resource_type, *parts, namespace=ctx.id_namespace)
+    return {"reference": f"{resource_type}/{rid}"}
 
 
 def _instant(value: Any) -> Any:

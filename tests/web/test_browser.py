@@ -269,7 +269,9 @@ def _expected_rows(app: Flask, cohort: str, subject: str = "") -> list[list[str]
     }
     rows = []
     for g in report["group"]:
-        counts = {p["code"]["coding"][0]["code"]: p["count"] for p in g["population"]}
+        counts = {
+            p["code"]["coding"][0]["code"]: p.get("count", "withheld") for p in g["population"]
+        }
         score = g.get("measureScore", {}).get("value")
         rows.append(
             [
