@@ -47,6 +47,8 @@ import yaml
 from fhir_kat.artifacts import SCHEMAS, validate_artifact
 from fhir_kat.clinical.protocol import ProgramProtocol, load_protocol
 from fhir_kat.errors import Issue, Unprocessable, issue
+from fhir_kat.instruments.definitions import load_catalogue
+from fhir_kat.instruments.scoring import computed_by_service, is_calculated
 from fhir_kat.mapping import functions
 from fhir_kat.terminology import (
     BASE,
@@ -849,6 +851,36 @@ def _lint_questionnaires(folder: Path, term: Any) -> list[Issue]:
                 out.append(issue("not-found", f"code '{code}' is not in {system}", where))
         if not doc.get("version") or not doc.get("url", "").startswith(BASE):
             out.append(issue("required", "a canonical url of ours and a version", where))
+        out += _lint_against_catalogue(folder.parent, instrument, doc, where)
+    return out
+
+
+def _lint_against_catalogue(
+    root: Path, instrument: str, doc: dict[str, Any], where: str
+) -> list[Issue]:
+    """The Questionnaire and instruments.yaml agree: a response naming the served version is
+    accepted, and every calculated item is one the service computes and so can check."""
+    catalogue = load_catalogue(path=root / "instruments" / "instruments.yaml")
+    definition = catalogue.instruments.get(instrument)
+    if definition is None:
+        return [issue("not-found", f"{instrument} is not in instruments.yaml", where)]
+    out = []
+    if doc.get("url") != definition.questionnaire:
+        out.append(issue("value", "url differs from instruments.yaml's questionnaire", where))
+    if str(doc.get("version")) not in definition.questionnaire_versions:
+        out.append(
+            issue("value", "version is not in instruments.yaml's questionnaire_versions", where)
+        )
+    for item in doc.get("item", []):
+        if is_calculated(item) and not computed_by_service(item, definition):
+            out.append(
+                issue(
+                    "value",
+                    f"calculated item '{item.get('linkId')}' is not the total the service "
+                    "computes (its code must be the instrument's total)",
+                    where,
+                )
+            )
     return out
 
 
