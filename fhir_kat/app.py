@@ -19,6 +19,7 @@ from fhir_kat.api.errors import register_error_handlers
 from fhir_kat.clinical.protocol import load_protocol
 from fhir_kat.exchange import PartnerConfig, load_partners
 from fhir_kat.exchange.netguard import policy_from_settings
+from fhir_kat.exchange.plan import log_partner_plan
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.logging import configure_logging
 from fhir_kat.mapping.functions import all_questionnaires
@@ -73,6 +74,7 @@ def create_app(
     now: Callable[[], datetime] = clock or utcnow
     # Every configuration problem is found before anything opens a database connection.
     partners = load_partners(settings)
+    log_partner_plan(partners)
     endpoint_policy = policy_from_settings(settings)
     clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
     program = settings.extra.get("program", {})

@@ -49,12 +49,25 @@ def test_identifier_query_escapes_and_encodes() -> None:
     assert identifier_query({"identifier": [{"system": "urn:x"}]}) is None
 
 
-def test_resources_without_identifier_or_id_are_refused() -> None:
+def test_resources_without_identifier_go_by_put_or_are_refused_as_configured() -> None:
     art = artifact(2)
     del art["entry"][1]["resource"]["identifier"]
+    # Default: the resource without a business identifier goes by PUT with our id, in the
+    # same transaction; the entries that refer to it use that id.
+    bundle = to_transaction(art, "conditional-create")
+    patient, obs, third = bundle["entry"]
+    assert patient["request"]["method"] == "POST"
+    assert obs["request"] == {
+        "method": "PUT",
+        "url": f"Observation/{art['entry'][1]['resource']['id']}",
+    }
+    assert obs["resource"]["id"] == art["entry"][1]["resource"]["id"]
+    assert obs["resource"]["subject"]["reference"] == patient["fullUrl"]
+    assert third["request"]["method"] == "POST"
     with pytest.raises(Unprocessable) as err:
-        to_transaction(art, "conditional-create")
+        to_transaction(art, "conditional-create", without_identifier="dead-letter")
     assert err.value.issues[0].expression == ("Bundle.entry[1].resource.identifier",)
+    assert "conditional creates only" in err.value.issues[0].diagnostics
     del art["entry"][0]["resource"]["id"]
     with pytest.raises(Unprocessable):
         to_transaction(art, "put")
@@ -92,7 +105,14 @@ def test_source_identifier_system_covers_resources_without_a_business_identifier
     )
     provenance = {"resourceType": "Provenance", "id": "prov-1", "recorded": "2026-01-01T00:00:00Z"}
     with pytest.raises(Unprocessable, match="Provenance has no identifier element"):
-        to_transaction([provenance], "conditional-create", source_identifier_system=system)
+        to_transaction(
+            [provenance],
+            "conditional-create",
+            source_identifier_system=system,
+            without_identifier="dead-letter",
+        )
+    by_put = to_transaction([provenance], "conditional-create", source_identifier_system=system)
+    assert by_put["entry"][0]["request"] == {"method": "PUT", "url": "Provenance/prov-1"}
     assert to_transaction([provenance], "put")["entry"][0]["request"]["url"] == "Provenance/prov-1"
 
 
