@@ -37,6 +37,8 @@ EXTERNAL = {
     "consents": {"Patient", "Organization"},
     "medication-administrations": {"Patient", "Organization"},
     "questionnaire-responses": {"Patient"},
+    # A report names the session it followed: that session's Encounter and administration.
+    "adverse-events": {"Patient", "Encounter", "MedicationAdministration"},
 }
 #: Input fields whose values are PHI or free text: never in a diagnostic.
 PHI_KEYS = {
@@ -305,7 +307,7 @@ def test_override_is_recorded_on_the_administration() -> None:
             for e in bundle["entry"]
             if e["resource"]["resourceType"] == "MedicationAdministration"
         ]
-        (ext,) = ma["extension"]
+        (ext,) = [e for e in ma["extension"] if e["url"].endswith("/dose-override")]
         parts = {x["url"]: x for x in ext["extension"]}
         assert parts["check"]["valueCoding"]["code"] == check
         assert parts["reason"]["valueString"] and parts["clinician"]["valueReference"]

@@ -32,7 +32,7 @@ def test_the_listing_names_kinds_types_wire_form_and_consent() -> None:
     )
     lines = describe_partners(partners)
     ha, registry, team, flags = lines
-    assert "kinds consents, medication-administrations" in ha
+    assert "kinds adverse-events, consents, medication-administrations" in ha
     assert "a resource without one: PUT <Type>/<our id>" in ha
     assert f"sharing consent naming {HA}" in ha and "safety-flags TREAT" in ha
     assert "screenings HOPERAT" in ha
