@@ -35,7 +35,7 @@ REFUSED = [p for p in CASES if p.name.startswith("refused-")]
 EXTERNAL = {
     "screenings": {"Patient", "Task", "ServiceRequest"},
     "consents": {"Patient", "Organization"},
-    "medication-administrations": {"Patient", "Organization"},
+    "medication-administrations": {"Patient"},
     "questionnaire-responses": {"Patient"},
     # A report names the session it followed: that session's Encounter and administration.
     "adverse-events": {"Patient", "Encounter", "MedicationAdministration"},

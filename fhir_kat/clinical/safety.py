@@ -345,24 +345,35 @@ def weight_signal(
     others: Sequence[tuple[str, float, str]],
     rules: SafetyRules,
 ) -> Signal | None:
-    """``others``: the participant's other body weights as (when, kg, Observation id). The
-    nearest in time is the reference; a relative difference above the limit is a signal."""
+    """``others``: the participant's other body weights as (when, kg, Observation id). A
+    weight implausibly far from every earlier one (the closest earlier weight differs by more
+    than the limit) is a signal; with no earlier weight, the later ones are the reference (a
+    weight recorded after the fact)."""
     kg = body_weight_kg(obs)
     if kg is None or not others or not usable(obs):
         return None
-    when = observation_when(obs)
-    nearest = min(others, key=lambda o: (_distance(o[0], when), o[2]))
-    reference = nearest[1]
-    if reference <= 0:
+    when = parse_date_range(observation_when(obs))
+    earlier = [
+        o
+        for o in others
+        if when is not None
+        and (moment := parse_date_range(o[0])) is not None
+        and moment[0] < when[0]
+    ]
+    candidates = [o for o in (earlier or others) if o[1] > 0]
+    if not candidates:
         return None
+    nearest = min(candidates, key=lambda o: (abs(kg - o[1]) / o[1], o[2]))
+    reference = nearest[1]
     change = abs(kg - reference) / reference
     if change <= rules.max_weight_change:
         return None
     text = (
-        f"Body weight {_label(round(kg, 1))} kg differs by {round(change * 100):d} % from the "
-        f"participant's weight of {_label(round(reference, 1))} kg recorded {nearest[0][:10]} "
-        f"(limit {round(rules.max_weight_change * 100):d} %): check the unit and the value "
-        "before relying on any weight-based dose"
+        f"Body weight {_label(round(kg, 1))} kg differs by {round(change * 100):d} % from "
+        f"every {'earlier ' if earlier else ''}recorded weight of the participant (closest: "
+        f"{_label(round(reference, 1))} kg on {nearest[0][:10]}; limit "
+        f"{round(rules.max_weight_change * 100):d} %): check the unit and the value before "
+        "relying on any weight-based dose"
     )
     return _signal(
         "body-weight-implausible",
@@ -371,13 +382,6 @@ def weight_signal(
         obs,
         details=(f"Observation/{nearest[2]}",),
     )
-
-
-def _distance(a: str, b: str) -> float:
-    first, second = parse_date_range(a), parse_date_range(b)
-    if first is None or second is None:
-        return float("inf")
-    return abs((first[0] - second[0]).total_seconds())
 
 
 def dose_ceiling_signal(
