@@ -127,9 +127,9 @@ def load_safety_rules(
     problems: list[str] = []
     for key in sorted(set(merged) - _TOP - _TOP_OPTIONAL):
         problems.append(f"unknown key '{key}'")
-    for key in sorted(_TOP - set(merged)):
-        problems.append(f"missing '{key}'")
-    if problems:
+    missing = sorted(_TOP - set(merged))
+    if missing:
+        problems += [f"missing '{key}'" for key in missing]
         raise SafetyRulesError(f"{source}: " + "; ".join(problems))
     vitals = _vitals(merged["vital_signs"], problems)
     ceilings = _ceilings(merged["dose_ceilings"], problems)

@@ -27,8 +27,12 @@ from fhir_kat.mapping.engine import targets
 
 log = logging.getLogger("fhir_kat.exchange.partners")
 
-#: Kinds that are not artifacts: what their deliveries carry.
-_OTHER_TYPES = {SAFETY_FLAGS: frozenset({"Flag"}), REFERRAL_STATUS: frozenset({"Task", "Bundle"})}
+#: Kinds that are not artifacts: what their deliveries carry (a safety Flag travels with the
+#: participant's Patient, so that the receiving system can place it).
+_OTHER_TYPES = {
+    SAFETY_FLAGS: frozenset({"Flag", "Patient"}),
+    REFERRAL_STATUS: frozenset({"Task", "Bundle"}),
+}
 
 
 @cache

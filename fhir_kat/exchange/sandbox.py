@@ -31,8 +31,8 @@ FHIR_JSON = "application/fhir+json"
 #: The identifier system of the synthetic Patient (a value no real system issues).
 SANDBOX_SYSTEM = "https://fhir-kat.example.org/fhir/sid/sandbox-check"
 #: Resources the service adds beside an artifact's own mapping (DOMAIN.md: SDC extraction of
-#: questionnaire scores into Observations; safety Flags to the care team).
-_EXTRA_TYPES = {"questionnaire-responses": {"Observation"}, "safety-flags": {"Flag"}}
+#: questionnaire scores into Observations; safety Flags to the care team, with the Patient).
+_EXTRA_TYPES = {"questionnaire-responses": {"Observation"}, "safety-flags": {"Flag", "Patient"}}
 
 
 @dataclass(frozen=True)

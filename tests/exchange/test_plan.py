@@ -37,7 +37,7 @@ def test_the_listing_names_kinds_types_wire_form_and_consent() -> None:
     assert f"sharing consent naming {HA}" in ha and "safety-flags TREAT" in ha
     assert "screenings HOPERAT" in ha
     assert "transaction of PUT <Type>/<our id>" in registry
-    assert "kinds safety-flags; types Flag" in team
+    assert "kinds safety-flags; types Flag, Patient" in team
     assert "the program's own care team: treatment (TREAT), no sharing consent asked" in team
     assert flags == "safety Flags go to: ha, registry, team"
     assert describe_partners({})[-1].startswith("safety Flags go to no partner")
