@@ -872,3 +872,18 @@ def test_the_care_team_gets_flags_at_once_and_an_outside_party_under_treat_conse
         post(client, "consents", example("consents", source_id="C-HA-TREAT", purposes=["TREAT"]))
         drain()
         assert ob.get_delivery(store, to_ha.id).status == "delivered"
+
+
+def test_a_fhir_create_of_an_adverse_event_raises_the_same_flag(
+    app: Flask, client: FlaskClient
+) -> None:
+    """``POST /fhir/AdverseEvent`` (server-assigned id) is a path like any other."""
+    participant(client)
+    body = fhir_adverse_event("ignored", "hospitalisation", "SeriousResultsInHospitalization")
+    del body["id"]
+    r = client.post(
+        "/fhir/AdverseEvent", data=json.dumps(body), content_type="application/fhir+json"
+    )
+    assert r.status_code == 201
+    aid = r.get_json()["id"]
+    assert_signal(app, client, "adverse-event-hospitalisation", f"AdverseEvent/{aid}")
