@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select, text
 
 from fhir_kat.app import create_app
 from fhir_kat.artifacts import KINDS
@@ -24,8 +24,9 @@ from fhir_kat.exchange.partners import DELIVERABLE_KINDS, REFERRAL_STATUS
 from fhir_kat.exchange.plan import kind_types
 from fhir_kat.mapping.engine import deterministic_id
 from fhir_kat.settings import Settings
-from fhir_kat.store.schema import metadata, resource_versions, resources
-from tests.conftest import CLINIC_ORG, HA_ORG, token_for
+from fhir_kat.store.schema import resource_versions, resources
+from tests.conftest import CLINIC_ORG, HA_ORG, empty_postgres, token_for
+from tests.support.clinical import adverse_event, phq9_response
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 BASE = "https://partner.example.test/fhir"
@@ -85,29 +86,6 @@ def _example(name: str, /, **changes: Any) -> dict[str, Any]:
     return {**body, **changes}
 
 
-def _phq9_fhir(rid: str, item9: int) -> dict[str, Any]:
-    q = json.loads(
-        (
-            Path(__file__).resolve().parents[1] / "mappings/questionnaires/Questionnaire-phq-9.json"
-        ).read_text()
-    )
-    items = [
-        {"linkId": i["linkId"], "answer": [{"valueCoding": i["answerOption"][1]["valueCoding"]}]}
-        for i in q["item"]
-        if i["linkId"].startswith("phq9-") and i["linkId"][5:].isdigit()
-    ]
-    items[-1]["answer"] = [{"valueCoding": q["item"][8]["answerOption"][item9]["valueCoding"]}]
-    return {
-        "resourceType": "QuestionnaireResponse",
-        "id": rid,
-        "questionnaire": f"{q['url']}|{q['version']}",
-        "status": "completed",
-        "subject": {"reference": f"Patient/{PID}"},
-        "authored": "2026-02-20T10:00:00Z",
-        "item": items,
-    }
-
-
 def scenario(consent: bool) -> list[tuple[str, str, dict[str, Any]]]:
     """(method, path, body): every artifact kind, with safety signals in it, then the same
     facts through FHIR (client ids, so that two runs write the same ids)."""
@@ -136,21 +114,10 @@ def scenario(consent: bool) -> list[tuple[str, str, dict[str, Any]]]:
     steps.append(
         ("POST", "/api/v1/adverse-events", _example("adverse-events", kind="hospitalisation"))
     )
-    steps.append(("PUT", "/fhir/QuestionnaireResponse/qr-fhir", _phq9_fhir("qr-fhir", 3)))
-    steps.append(
-        (
-            "PUT",
-            "/fhir/AdverseEvent/ae-fhir",
-            {
-                "resourceType": "AdverseEvent",
-                "id": "ae-fhir",
-                "actuality": "actual",
-                "subject": {"reference": f"Patient/{PID}"},
-                "date": "2026-02-21T10:00:00Z",
-                "event": {"text": "synthetic, uncoded"},
-            },
-        )
-    )
+    qr_fhir = phq9_response([1] * 8 + [3], "qr-fhir", "2026-02-20T10:00:00Z", f"Patient/{PID}")
+    steps.append(("PUT", "/fhir/QuestionnaireResponse/qr-fhir", qr_fhir))
+    uncoded = adverse_event(None, None, f"Patient/{PID}", id="ae-fhir")
+    steps.append(("PUT", "/fhir/AdverseEvent/ae-fhir", uncoded))
     assert {p.split("/")[3] for m, p, _ in steps if p.startswith("/api/v1/")} == set(KINDS)
     return steps
 
@@ -214,12 +181,7 @@ def fresh(database_url: str, tmp_path: Path) -> Iterator[Any]:
             url = f"sqlite:///{tmp_path / f'run-{n}.sqlite3'}"
         else:
             url = database_url
-            engine = create_engine(url)
-            metadata.create_all(engine)
-            with engine.begin() as conn:
-                names = ", ".join(t.name for t in metadata.sorted_tables)
-                conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
-            engine.dispose()
+            empty_postgres(url)
         base = load_settings({}, database_url=url, data_dir=str(tmp_path / f"var-{n}"))
         return replace(base, extra={"clients": TEST_CLIENTS})
 

@@ -21,6 +21,7 @@ from fhir_kat.clinical.safety import (
     weight_signal,
 )
 from fhir_kat.settings import Settings, SettingsError
+from tests.support.clinical import adverse_event
 from tests.support.conformance import assert_conformant
 
 RULES = load_safety_rules()
@@ -97,26 +98,7 @@ def test_dose_ceiling_in_mg_per_kg_and_mg() -> None:
 
 
 def _ae(kind: str | None, seriousness: str | None, **extra: Any) -> dict[str, Any]:
-    ae: dict[str, Any] = {"resourceType": "AdverseEvent", "actuality": "actual", "subject": SUBJECT}
-    if kind:
-        ae["event"] = {
-            "coding": [
-                {
-                    "system": "https://fhir-kat.example.org/fhir/CodeSystem/kat-adverse-event",
-                    "code": kind,
-                }
-            ]
-        }
-    if seriousness:
-        ae["seriousness"] = {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/adverse-event-seriousness",
-                    "code": seriousness,
-                }
-            ]
-        }
-    return {**ae, **extra}
+    return adverse_event(kind, seriousness, SUBJECT["reference"], **extra)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from fhir_kat.exchange import outbox as ob
 from fhir_kat.mapping.engine import deterministic_id
 from fhir_kat.settings import Settings
 from tests.conftest import HA_ORG, client_as
+from tests.support.clinical import adverse_event, phq9_response
 from tests.support.conformance import assert_conformant
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
@@ -205,28 +206,7 @@ def phq9(values: list[int | None], source: str, when: str, status: str = "comple
 
 
 def phq9_fhir(values: list[int | None], rid: str, when: str) -> dict[str, Any]:
-    q = json.loads(
-        (
-            Path(__file__).resolve().parents[1] / "mappings/questionnaires/Questionnaire-phq-9.json"
-        ).read_text()
-    )
-    items = {i["linkId"]: i for i in q["item"]}
-    answered = []
-    for i, v in enumerate(values):
-        if v is None:
-            continue
-        link = f"phq9-{i + 1}"
-        option = items[link]["answerOption"][v]["valueCoding"]
-        answered.append({"linkId": link, "answer": [{"valueCoding": option}]})
-    return {
-        "resourceType": "QuestionnaireResponse",
-        "id": rid,
-        "questionnaire": f"{q['url']}|{q['version']}",
-        "status": "completed",
-        "subject": {"reference": f"Patient/{PID}"},
-        "authored": when,
-        "item": answered,
-    }
+    return phq9_response(values, rid, when, f"Patient/{PID}")
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -478,31 +458,7 @@ def test_a_weight_far_from_the_earlier_ones(app: Flask, client: FlaskClient, rou
 
 
 def fhir_adverse_event(aid: str, kind: str | None, seriousness: str | None) -> dict[str, Any]:
-    ae: dict[str, Any] = {
-        "resourceType": "AdverseEvent",
-        "id": aid,
-        "actuality": "actual",
-        "subject": {"reference": f"Patient/{PID}"},
-        "date": "2026-02-13T20:00:00-08:00",
-        "event": {"text": "synthetic"},
-    }
-    if kind:
-        ae["event"]["coding"] = [
-            {
-                "system": "https://fhir-kat.example.org/fhir/CodeSystem/kat-adverse-event",
-                "code": kind,
-            }
-        ]
-    if seriousness:
-        ae["seriousness"] = {
-            "coding": [
-                {
-                    "system": "http://terminology.hl7.org/CodeSystem/adverse-event-seriousness",
-                    "code": seriousness,
-                }
-            ]
-        }
-    return ae
+    return adverse_event(kind, seriousness, f"Patient/{PID}", id=aid)
 
 
 @pytest.mark.parametrize("route", [*ROUTES, "in-session"])

@@ -96,6 +96,24 @@ _FLAG_ACTION: dict[str, Any] = {
     },
 }
 
+
+def _flag_op(summary: str, description: str) -> Op:
+    return Op(
+        summary,
+        description,
+        (
+            (200, "the updated Flag", _FHIR_JSON, {"type": "object"}),
+            (404, "no such safety Flag (or not visible to the caller)", _FHIR_JSON, _OUTCOME),
+            (409, "the Flag is no longer active", _FHIR_JSON, _OUTCOME),
+            (422, "refused: one issue per problem", _FHIR_JSON, _OUTCOME),
+            *_ERRORS,
+        ),
+        body="json",
+        body_schema=_FLAG_ACTION,
+        tags=("safety",),
+    )
+
+
 OPERATIONS: dict[str, Op] = {
     "artifacts.submit": Op(
         "Submit an artifact",
@@ -159,37 +177,17 @@ OPERATIONS: dict[str, Op] = {
         },
         tags=("referrals",),
     ),
-    "flags.acknowledge": Op(
+    "flags.acknowledge": _flag_op(
         "Acknowledge a safety Flag",
         "A staff member has seen the Flag and is acting on it: recorded on the Flag (extension "
         "flag-acknowledgement: by, at, note); it stays active. The open ones: "
         "GET /fhir/Flag?status=active&category=safety (docs/safety.md).",
-        (
-            (200, "the updated Flag", _FHIR_JSON, {"type": "object"}),
-            (404, "no such safety Flag (or not visible to the caller)", _FHIR_JSON, _OUTCOME),
-            (409, "the Flag is no longer active", _FHIR_JSON, _OUTCOME),
-            (422, "refused: one issue per problem", _FHIR_JSON, _OUTCOME),
-            *_ERRORS,
-        ),
-        body="json",
-        body_schema=_FLAG_ACTION,
-        tags=("safety",),
     ),
-    "flags.resolve": Op(
+    "flags.resolve": _flag_op(
         "Resolve a safety Flag",
         "The signal has been dealt with: status inactive, period.end now, and who resolved "
         "it, when and why on the Flag (extension flag-resolution: by, at, note). A resolved "
         "Flag is not reopened: a new signal raises a new Flag.",
-        (
-            (200, "the resolved Flag", _FHIR_JSON, {"type": "object"}),
-            (404, "no such safety Flag (or not visible to the caller)", _FHIR_JSON, _OUTCOME),
-            (409, "the Flag is no longer active", _FHIR_JSON, _OUTCOME),
-            (422, "refused: one issue per problem", _FHIR_JSON, _OUTCOME),
-            *_ERRORS,
-        ),
-        body="json",
-        body_schema=_FLAG_ACTION,
-        tags=("safety",),
     ),
     "artifacts.schema": Op(
         "The JSON Schema (2020-12) of an artifact kind",
