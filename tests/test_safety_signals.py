@@ -114,8 +114,10 @@ def treatment_consent(c: FlaskClient, session: int | None = None, source: str = 
 
 
 def participant(c: FlaskClient) -> None:
+    """A referred participant with a treatment consent (the example referral is eligible;
+    whether intake is complete matters only to the prerequisite tests, which set it up)."""
     referral(c)
-    intake_complete(c)
+    treatment_consent(c)
 
 
 def session(**changes: Any) -> dict[str, Any]:
@@ -565,6 +567,16 @@ def test_dosing_without_a_referral_or_a_treatment_consent(
     trigger = _dose(client, route)
     assert_signal(app, client, "dosing-without-referral", trigger)
     assert_signal(app, client, "dosing-without-treatment-consent", trigger)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_session_with_its_prerequisites_raises_nothing(client: FlaskClient, route: str) -> None:
+    """Referral accepted after the three intake steps, a treatment consent, a dose and vital
+    signs inside the limits: the session is stored and no Flag is raised."""
+    referral(client)
+    intake_complete(client)
+    _dose(client, route)
+    assert flags(client) == []
 
 
 def test_a_treatment_consent_for_another_session_does_not_cover_this_one(
