@@ -124,6 +124,14 @@ def test_a_schedule_deviation_with_reason_and_clinician_records_what_was_given()
     # Nothing deviates: recording a deviation would be a false statement.
     on_schedule = session(schedule_deviation=deviation)
     assert where(dose_issues(on_schedule, PROTOCOL)) == [("business-rule", "schedule_deviation")]
+    # The clinician override of the session records the departure as well (the issue's
+    # "session 1 given IM with an override"): its reason and clinician, whatever the dose.
+    by_override = session(session_number=1, dose_override=OVERRIDE)
+    assert dose_issues(by_override, PROTOCOL) == []
+    assert (
+        dose_issues(session(session_number=4, dose_mg=140.0, dose_override=OVERRIDE), PROTOCOL)
+        == []
+    )
     # Without one, the deviation is refused and the message says what to record.
     (issue,) = dose_issues(session(session_number=1), PROTOCOL)
     assert "schedule_deviation" in issue.diagnostics

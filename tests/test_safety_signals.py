@@ -855,3 +855,20 @@ def test_a_fhir_create_of_an_adverse_event_raises_the_same_flag(
     assert r.status_code == 201
     aid = r.get_json()["id"]
     assert_signal(app, client, "adverse-event-hospitalisation", f"AdverseEvent/{aid}")
+
+
+def test_session_1_given_im_with_a_clinician_override_is_recorded_and_flagged(
+    app: Flask, client: FlaskClient
+) -> None:
+    """The issue's probe: session 1 given intramuscularly with a dose_override (reason and
+    clinician) was refused; it is recorded, the override standing for the deviation."""
+    participant(client)
+    body = session(session_number=1)
+    body["dose_override"] = {
+        "reason": "lozenge not tolerated",
+        "clinician": body["administered_by"],
+    }
+    post(client, "medication-administrations", body)
+    mid = deterministic_id("MedicationAdministration", body["source_id"])
+    flag = assert_signal(app, client, "schedule-deviation", f"MedicationAdministration/{mid}")
+    assert "Recorded reason: lozenge not tolerated" in flag["code"]["text"]

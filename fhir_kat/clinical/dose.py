@@ -97,7 +97,15 @@ def dose_issues(
     number, route = session.get("session_number"), session.get("route")
     deviation = session.get("schedule_deviation")
     planned = schedule_deviation(session, protocol)
-    if planned is not None and not deviation and "schedule_deviation" not in invalid:
+    # Off the schedule, a clinician override of the session (dose_override: a reason and the
+    # responsible clinician) records the departure too, when no schedule_deviation is given.
+    covered_by_override = planned is not None and not deviation and session.get("dose_override")
+    if (
+        planned is not None
+        and not deviation
+        and not covered_by_override
+        and not {"schedule_deviation", "dose_override"} & set(invalid)
+    ):
         problems.append(
             issue(
                 "business-rule",
@@ -118,7 +126,7 @@ def dose_issues(
     limits = protocol.dose_limits.get(route) if route is not None else None
     if route is None or session.get("dose_mg") is None:
         return problems
-    if limits is None and deviation:
+    if limits is None and (deviation or covered_by_override):
         # A route off the schedule with no dose limits in the protocol: no range exists, so
         # the dose is confirmed by a clinician override, as for any route without a range.
         limits = RouteLimits(route=route)
@@ -166,7 +174,7 @@ def dose_issues(
                 "dose_override",
             )
         )
-    elif verdict.verdict == "in-range" and override:
+    elif verdict.verdict == "in-range" and override and not covered_by_override:
         problems.append(
             issue(
                 "business-rule",

@@ -222,6 +222,12 @@ def _deviation_note(ctx: Any, number: Any, route: Any, reason: Any) -> str | Non
     return f"Given off the protocol schedule: {planned}. Reason: {reason}"
 
 
+def _first(_: Any, *values: Any) -> Any:
+    """The first value given (not None): a schedule deviation's reason or clinician from
+    ``schedule_deviation``, else from the clinician override that covers it."""
+    return next((v for v in values if v is not None), None)
+
+
 def _value_set_coding(_: Any, value_set: str, code: Any) -> dict[str, str] | None:
     """The Coding of ``code`` as a ValueSet of ``mappings/terminology/`` lists it (system and
     display from the file): for codes of an external code system the program uses by name,
@@ -332,6 +338,7 @@ REGISTRY: dict[str, Callable[..., Any]] = {
     "override_note": _override_note,
     "schedule_deviation": _schedule_deviation,
     "deviation_note": _deviation_note,
+    "first": _first,
     "value_set_coding": _value_set_coding,
     "join": _join,
     "encounter_status": _encounter_status,
