@@ -20,6 +20,7 @@ from sqlalchemy import select, text
 
 from fhir_kat.app import create_app
 from fhir_kat.artifacts import KINDS
+from fhir_kat.exchange.bundles import NO_IDENTIFIER, NO_IDENTIFIER_SEARCH
 from fhir_kat.exchange.partners import DELIVERABLE_KINDS, REFERRAL_STATUS
 from fhir_kat.exchange.plan import kind_types
 from fhir_kat.mapping.engine import deterministic_id
@@ -32,7 +33,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 BASE = "https://partner.example.test/fhir"
 PHN = "9999999998"
 PID = deterministic_id("Patient", PHN)
-_ALL_TYPES = sorted({t for k in DELIVERABLE_KINDS for t in kind_types(k)} - {"Provenance"})
+_ALL_TYPES = sorted(
+    {t for k in DELIVERABLE_KINDS for t in kind_types(k)} - NO_IDENTIFIER - NO_IDENTIFIER_SEARCH
+)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "conditional-create": {"ehr": {"base_url": BASE, "organization": HA_ORG}},

@@ -42,6 +42,11 @@ SINGLE_IDENTIFIER = frozenset({"QuestionnaireResponse", "AdverseEvent", "Bundle"
 NO_IDENTIFIER = frozenset(
     {"Provenance", "MessageHeader", "Binary", "Parameters", "OperationOutcome", "Subscription"}
 )
+#: R4 resources that have an identifier but no ``identifier`` search parameter (the official
+#: hl7.fhir.r4 4.0.1 SearchParameter definitions): ``ifNoneExist: identifier=…`` on them is
+#: refused by a conformant server (SEKMET: "Unknown search parameter 'identifier' for
+#: AdverseEvent"), so they travel like a resource without an identifier.
+NO_IDENTIFIER_SEARCH = frozenset({"AdverseEvent"})
 
 
 Resolve = Callable[[str, str], Mapping[str, Any] | None]
@@ -165,18 +170,23 @@ def to_transaction(
         queries[(rtype, rid)] = None
         if write_mode != "conditional-create":
             continue
-        query = identifier_query(body)
-        if query is None and source_identifier_system and rtype not in NO_IDENTIFIER:
+        query = identifier_query(body) if rtype not in NO_IDENTIFIER_SEARCH else None
+        if (
+            query is None
+            and source_identifier_system
+            and rtype not in NO_IDENTIFIER | NO_IDENTIFIER_SEARCH
+        ):
             _add_identifier(body, rtype, {"system": source_identifier_system, "value": rid})
             query = identifier_query(body)
         if query is None and without_identifier == "dead-letter":
             problems.append(
                 issue(
                     "required",
-                    f"{rtype} has no identifier element, and this partner takes conditional "
-                    'creates only (without_identifier = "dead-letter"): allow PUT, or leave '
+                    f"{rtype} has no identifier element (or no identifier search parameter) "
+                    "in R4, and this partner takes conditional creates only "
+                    '(without_identifier = "dead-letter"): allow PUT, or leave '
                     f"{rtype} out with resource_types"
-                    if rtype in NO_IDENTIFIER
+                    if rtype in NO_IDENTIFIER | NO_IDENTIFIER_SEARCH
                     else f"{rtype} has no identifier with system and value, and this partner "
                     'takes conditional creates only (without_identifier = "dead-letter"): '
                     "allow PUT or set source_identifier_system",
@@ -333,6 +343,8 @@ def _conditional_reference(
     parts = reference.split("/")
     if len(parts) != 2 or not parts[0][:1].isupper() or reference.startswith(("urn:", "#")):
         return None  # absolute, versioned, contained or logical: leave it as it is
+    if parts[0] in NO_IDENTIFIER_SEARCH:
+        return None  # not searchable by identifier: it travelled under our id (PUT)
     stored = resolve(parts[0], parts[1])
     if stored is None:
         return None
@@ -375,6 +387,8 @@ def _references(node: Any) -> Iterator[dict[str, Any]]:
 
 __all__ = [
     "FULLURL_NAMESPACE",
+    "NO_IDENTIFIER",
+    "NO_IDENTIFIER_SEARCH",
     "for_partner",
     "full_url_for",
     "identifier_query",

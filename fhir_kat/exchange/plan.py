@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from functools import cache
 
 from fhir_kat.artifacts import KINDS
-from fhir_kat.exchange.bundles import NO_IDENTIFIER
+from fhir_kat.exchange.bundles import NO_IDENTIFIER, NO_IDENTIFIER_SEARCH
 from fhir_kat.exchange.partners import (
     DELIVERABLE_KINDS,
     REFERRAL_STATUS,
@@ -137,12 +137,13 @@ def partner_problems(partners: Mapping[str, PartnerConfig]) -> list[str]:
             "dead-letter"
         ):
             for kind in kinds:
-                stuck = sorted(_types(partner, kind) & NO_IDENTIFIER)
+                stuck = sorted(_types(partner, kind) & (NO_IDENTIFIER | NO_IDENTIFIER_SEARCH))
                 if stuck:
                     problems.append(
                         f"{where}.without_identifier: every {kind} delivery carries "
-                        f"{', '.join(stuck)}, which has no identifier element and so cannot be "
-                        'conditionally created: allow PUT (without_identifier = "put") or '
+                        f"{', '.join(stuck)}, which cannot be conditionally created in R4 (no "
+                        "identifier element, or no identifier search parameter): allow PUT "
+                        '(without_identifier = "put") or '
                         f"leave {', '.join(stuck)} out with resource_types"
                     )
     return problems

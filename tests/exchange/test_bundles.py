@@ -142,3 +142,39 @@ def test_references_to_stored_resources_become_conditional_references() -> None:
     assert sent["performer"] == [{"reference": "Practitioner/unknown"}]  # not ours: as it was
     put = to_transaction([obs], "put", resolve=lambda t, i: stored.get((t, i)))
     assert put["entry"][0]["resource"]["subject"] == {"reference": "Patient/pt-0001"}
+
+
+def test_a_type_r4_cannot_search_by_identifier_goes_by_put() -> None:
+    """R4 has no AdverseEvent?identifier: a conditional create on it is refused by a conformant
+    server, so it travels under our id, and references to it stay literal."""
+    ae = {
+        "resourceType": "AdverseEvent",
+        "id": "ae-1",
+        "identifier": {
+            "system": "https://fhir-kat.example.org/fhir/sid/adverse-events",
+            "value": "A1",
+        },
+        "actuality": "actual",
+        "subject": {"reference": "Patient/pt-0001"},
+    }
+    flag = {
+        "resourceType": "Flag",
+        "id": "f-1",
+        "identifier": [
+            {"system": "https://fhir-kat.example.org/fhir/sid/safety-flags", "value": "f-1"}
+        ],
+        "extension": [
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/flag-detail",
+                "valueReference": {"reference": "AdverseEvent/ae-9"},
+            }
+        ],
+    }
+    bundle = to_transaction([ae, flag], "conditional-create", resolve=lambda t, i: {"id": i})
+    sent_ae, sent_flag = bundle["entry"]
+    assert sent_ae["request"] == {"method": "PUT", "url": "AdverseEvent/ae-1"}
+    assert sent_flag["request"]["method"] == "POST"
+    detail = sent_flag["resource"]["extension"][0]["valueReference"]
+    assert detail == {"reference": "AdverseEvent/ae-9"}  # not AdverseEvent?identifier=…
+    with pytest.raises(Unprocessable, match="no identifier search parameter"):
+        to_transaction([ae], "conditional-create", without_identifier="dead-letter")
