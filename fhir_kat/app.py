@@ -26,6 +26,12 @@ from fhir_kat.logging import configure_logging
 from fhir_kat.mapping.functions import all_questionnaires
 from fhir_kat.security.clients import ClientRegistry, load_clients
 from fhir_kat.security.consent import ConsentDecisionPoint
+from fhir_kat.security.identity import (
+    PUBLIC_NAMESPACE,
+    fingerprint,
+    install_namespace,
+    load_id_secret,
+)
 from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
@@ -91,6 +97,7 @@ def create_app(
         raise SettingsError(f"[program.safety]: {exc}") from None
     store = Store(settings.effective_database_url, clock=now)
     store.create_schema()  # fhir_kat.exchange (imported above) adds the outbox table
+    id_namespace = _id_namespace(settings, store)
     fhir = FhirService(
         store,
         default_page_size=settings.default_page_size,
@@ -110,7 +117,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["KAT_MAX_JSON_DEPTH"] = settings.max_json_depth
     app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
-    outcomes = OutcomeService(store, catalogue, now)
+    outcomes = OutcomeService(store, catalogue, now, settings.min_cell_size)
     outcomes.install_measure()
     fhir.write_hooks.append(ReferralWorkflow(fhir).on_write)
     consent = ConsentDecisionPoint()
@@ -118,7 +125,7 @@ def create_app(
     fhir.write_hooks.append(feedback.on_write)
     # Safety signals (docs/safety.md): every path that stores a fact passes FhirService._put,
     # so the rules and the Flag (with its delivery to the care team) are the same for all.
-    safety = SafetyService(fhir, safety_rules, protocol, partners, now)
+    safety = SafetyService(fhir, safety_rules, protocol, partners, now, id_namespace)
     fhir.write_rules.append(safety.check_rule)
     fhir.delete_rules.append(safety.delete_rule)
     instruments = InstrumentService(
@@ -128,8 +135,7 @@ def create_app(
     fhir.write_hooks.append(instruments.on_write)
     fhir.write_hooks.append(safety.on_write)
     instruments.install_questionnaires()
-    artifacts = ArtifactService(fhir, protocol, now, partners)
-    consent = ConsentDecisionPoint()
+    artifacts = ArtifactService(fhir, protocol, now, partners, id_namespace)
     # R4 rest-hook Subscriptions: checked on write, notified through the outbox in the same
     # transaction; a Consent write releases the deliveries that waited for it.
     subscriptions = SubscriptionService(consent, now, clients, endpoint_policy)
@@ -157,7 +163,7 @@ def create_app(
         capability_security=_capability_security(),
         extras={
             "subscriptions": subscriptions,
-            "messaging": MessagingService(fhir, now),
+            "messaging": MessagingService(fhir, now, id_namespace),
             "feedback": feedback,
             "safety": safety,
         },
@@ -200,6 +206,31 @@ def create_app(
         # public URLs come from public_base_url, not from forwarded host headers.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)  # type: ignore[method-assign]
     return app
+
+
+def _id_namespace(settings: Settings, store: Store) -> uuid.UUID:
+    """The namespace of ids derived from business identifiers: keyed by this installation's
+    secret, so a PHN does not give away its Patient's id (docs/security.md). A database that
+    held data before it had one keeps the repository's namespace (its ids must not change);
+    a database written under another secret is refused: its re-sent referrals would become
+    second copies."""
+    path = Path(settings.id_secret_file or settings.data_dir / "id-secret")
+    namespace = install_namespace(load_id_secret(path))
+    recorded = store.claim_id_namespace(fingerprint(namespace))
+    if recorded == "legacy":
+        log.warning(
+            "this database's ids were derived without an installation secret: a PHN's Patient "
+            "id can be computed by anyone who has the repository (docs/security.md, "
+            '"Identifiers")'
+        )
+        return PUBLIC_NAMESPACE
+    if recorded != fingerprint(namespace):
+        raise SettingsError(
+            f"id secret {path} is not the one this database was written with: its "
+            "deterministic ids (one PHN, one Patient) would change and re-sent referrals "
+            "would be stored twice. Restore that secret (FHIR_KAT_ID_SECRET_FILE)."
+        )
+    return namespace
 
 
 def _capability_security() -> dict[str, Any]:

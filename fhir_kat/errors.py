@@ -97,6 +97,13 @@ class NotFound(FhirError):
     default_code = "not-found"
 
 
+class Hidden(NotFound):
+    """A 404 for something that exists but the caller may not see: answered exactly as one
+    never stored (same status, same OperationOutcome), and audited as a denied access."""
+
+    audit_detail: ClassVar[str] = "denied: not visible to this client"
+
+
 class MethodNotAllowed(FhirError):
     status = 405
     default_code = "not-supported"

@@ -58,6 +58,12 @@ class Settings:
     #: Reverse proxies in front of the service that append to ``X-Forwarded-For`` (0: none, the
     #: peer address is the client's). Only the client address is taken from the header.
     proxy_hops: int = 0
+    #: The installation's secret for ids derived from business identifiers (PHNs). Empty = a
+    #: secret generated on first start at ``<data_dir>/id-secret``. Hosts must share it.
+    id_secret_file: str = ""
+    #: Aggregates leaving the program withhold counts of fewer people than this (small-cell
+    #: protection: docs/security.md); 1 withholds nothing.
+    min_cell_size: int = 5
     #: Raw ``[clients.*]``/``[partners.*]`` tables from the TOML file, validated by their owners.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -82,6 +88,7 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "rate_limit_per_minute": (0, 1_000_000),
     "auth_failure_limit": (0, 1_000_000),
     "proxy_hops": (0, 10),
+    "min_cell_size": (1, 1000),
 }
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 _SECTIONS = {"clients", "partners", "program", "security", "exchange"}

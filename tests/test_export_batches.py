@@ -23,6 +23,7 @@ from fhir_kat.services import export as export_module
 from fhir_kat.services.export import ExportService
 from fhir_kat.store import Store, Tx
 from fhir_kat.store.schema import export_jobs
+from fhir_kat.store.view import EVERYTHING, ReadScope
 from tests.conftest import FakeClock
 
 PATIENTS = 7
@@ -129,13 +130,18 @@ def test_scan_batches_stopped_early_leaves_the_transaction_usable(store: Store) 
 
 
 class _Access:
+    """A caller whose scope is consent alone: the patients in ``visible`` (None: any)."""
+
     def __init__(self, visible: set[str] | None) -> None:
         self.visible = visible
         self.calls = 0
 
-    def visible_patients(self, _tx: Any, _rtype: str) -> set[str] | None:
+    def scope(self, _tx: Any, _rtype: str) -> ReadScope:
         self.calls += 1
-        return self.visible
+        return EVERYTHING if self.visible is None else ReadScope(patients=frozenset(self.visible))
+
+    def shape(self, _tx: Any, stored: Any) -> Any:
+        return stored
 
 
 class _Clock:

@@ -161,7 +161,8 @@ def test_who_reads_the_document(app: Flask) -> None:
     ref = complete(staff, t)["output"][0]["valueReference"]["reference"]
     assert client_as(app, "referrer").get(f"/fhir/{ref}/$document").status_code == 200
     r = client_as(app, "other-referrer").get(f"/fhir/{ref}/$document")
-    assert r.status_code == 403 and r.get_json()["resourceType"] == "OperationOutcome"
+    # Not its referral: for it the document does not exist (the answer for an unknown id).
+    assert r.status_code == 404 and r.get_json()["resourceType"] == "OperationOutcome"
     assert staff.get("/fhir/Composition/nope/$document").status_code == 404
     # Revoking the consent ends the referrer's access to the document at once.
     consent = staff.get("/fhir/Consent?_count=10").get_json()["entry"]
@@ -176,7 +177,7 @@ def test_who_reads_the_document(app: Flask) -> None:
             ).status_code
             == 200
         )
-    assert client_as(app, "referrer").get(f"/fhir/{ref}/$document").status_code == 403
+    assert client_as(app, "referrer").get(f"/fhir/{ref}/$document").status_code == 404
 
 
 @pytest.mark.parametrize(

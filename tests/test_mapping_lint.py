@@ -114,6 +114,29 @@ def test_lint_checks_questionnaires(copy: Path) -> None:
     assert "a canonical url of ours and a version" in found
 
 
+def test_lint_checks_questionnaires_against_the_instruments(tmp_path: Path) -> None:
+    """A new Questionnaire version must be listed where responses are checked, and every
+    calculated item must be a total the service computes (so that a sent value is checked)."""
+    found = {}
+    for listed in (False, True):
+        root = tmp_path / f"listed-{listed}" / "mappings"
+        shutil.copytree(MAPPINGS, root)
+        path = root / "questionnaires" / "Questionnaire-phq-9.json"
+        doc = json.loads(path.read_text())
+        doc["version"] = "7"
+        doc["item"][-1]["code"] = [{"system": "http://loinc.org", "code": "44260-8"}]
+        path.write_text(json.dumps(doc))
+        if listed:
+            catalogue = root / "instruments" / "instruments.yaml"
+            text = catalogue.read_text().replace('versions: ["1", "2"]', 'versions: ["7"]', 1)
+            catalogue.write_text(text)
+        found[listed] = "\n".join(diagnostics(root))
+    assert "version is not in instruments.yaml's questionnaire_versions" in found[False]
+    assert "questionnaire_versions" not in found[True]
+    for text in found.values():
+        assert "calculated item 'phq9-total' is not the total the service computes" in text
+
+
 def test_mappings_lint_command(capsys: pytest.CaptureFixture[str]) -> None:
     from fhir_kat.cli import main
 

@@ -32,7 +32,6 @@ from tests.support.clinical import adverse_event, phq9_response
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 BASE = "https://partner.example.test/fhir"
 PHN = "9999999998"
-PID = deterministic_id("Patient", PHN)
 _ALL_TYPES = sorted(
     {t for k in DELIVERABLE_KINDS for t in kind_types(k)} - NO_IDENTIFIER - NO_IDENTIFIER_SEARCH
 )
@@ -89,9 +88,9 @@ def _example(name: str, /, **changes: Any) -> dict[str, Any]:
     return {**body, **changes}
 
 
-def scenario(consent: bool) -> list[tuple[str, str, dict[str, Any]]]:
+def scenario(consent: bool, pid: str) -> list[tuple[str, str, dict[str, Any]]]:
     """(method, path, body): every artifact kind, with safety signals in it, then the same
-    facts through FHIR (client ids, so that two runs write the same ids)."""
+    facts through FHIR (client ids, so that two runs write the same ids) about ``pid``."""
     steps: list[tuple[str, str, dict[str, Any]]] = [
         ("POST", "/api/v1/referrals", _example("referrals"))
     ]
@@ -117,9 +116,9 @@ def scenario(consent: bool) -> list[tuple[str, str, dict[str, Any]]]:
     steps.append(
         ("POST", "/api/v1/adverse-events", _example("adverse-events", kind="hospitalisation"))
     )
-    qr_fhir = phq9_response([1] * 8 + [3], "qr-fhir", "2026-02-20T10:00:00Z", f"Patient/{PID}")
+    qr_fhir = phq9_response([1] * 8 + [3], "qr-fhir", "2026-02-20T10:00:00Z", f"Patient/{pid}")
     steps.append(("PUT", "/fhir/QuestionnaireResponse/qr-fhir", qr_fhir))
-    uncoded = adverse_event(None, None, f"Patient/{PID}", id="ae-fhir")
+    uncoded = adverse_event(None, None, f"Patient/{pid}", id="ae-fhir")
     steps.append(("PUT", "/fhir/AdverseEvent/ae-fhir", uncoded))
     assert {p.split("/")[3] for m, p, _ in steps if p.startswith("/api/v1/")} == set(KINDS)
     return steps
@@ -136,8 +135,10 @@ def run(
     try:
         client = app.test_client()
         client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(app, 'staff')}"
+        namespace = app.extensions["fhir_kat"].artifacts.id_namespace
+        pid = deterministic_id("Patient", PHN, namespace=namespace)
         statuses = []
-        for method, path, body in scenario(consent):
+        for method, path, body in scenario(consent, pid):
             kind = "application/json" if path.startswith("/api/") else "application/fhir+json"
             r = client.open(path, method=method, data=json.dumps(body), content_type=kind)
             statuses.append((path, r.status_code))
@@ -185,12 +186,16 @@ _BASELINES: dict[tuple[str, bool], dict[str, Any]] = {}
 
 
 @pytest.fixture
-def fresh(database_url: str, tmp_path: Path) -> Iterator[Any]:
+def fresh(
+    database_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
     """A function giving settings on an empty database, each call."""
     from fhir_kat.settings import load_settings
     from tests.conftest import TEST_CLIENTS
 
     counter = iter(range(1000))
+    # One installation id secret for the process (the cached baselines were written under it).
+    secret = tmp_path_factory.getbasetemp() / "id-secret"
 
     def make() -> Settings:
         n = next(counter)
@@ -200,7 +205,9 @@ def fresh(database_url: str, tmp_path: Path) -> Iterator[Any]:
             url = database_url
             empty_postgres(url)
         base = load_settings({}, database_url=url, data_dir=str(tmp_path / f"var-{n}"))
-        return replace(base, extra={"clients": TEST_CLIENTS})
+        # One installation id secret for every run: the same business identifiers give the
+        # same ids, so records of separate runs compare.
+        return replace(base, extra={"clients": TEST_CLIENTS}, id_secret_file=str(secret))
 
     yield make
 

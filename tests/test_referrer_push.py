@@ -296,7 +296,7 @@ def test_every_status_change_reaches_the_referrer_in_order(
     r = referrer.get(f"/fhir/{ref}/$document")
     assert r.status_code == 200, r.get_json()
     assert r.get_json()["entry"][0]["resource"]["id"] == ref.split("/")[1]
-    assert client_as(kat, "other-referrer").get(f"/fhir/{ref}/$document").status_code == 403
+    assert client_as(kat, "other-referrer").get(f"/fhir/{ref}/$document").status_code == 404
 
 
 def test_consent_withdrawn_before_sending_blocks_the_document_not_the_status(

@@ -52,6 +52,23 @@ def refused(r: Any, *secrets: str) -> None:
         assert secret not in text
 
 
+def _actor(organisation: str) -> dict[str, Any]:
+    """A Consent provision actor: the Organization with this identifier value."""
+    return {
+        "role": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-RoleClass", "code": "PROV"}
+            ]
+        },
+        "reference": {
+            "identifier": {
+                "system": "https://fhir-kat.example.org/fhir/sid/organization",
+                "value": organisation,
+            }
+        },
+    }
+
+
 def referred(app: Flask) -> dict[str, dict[str, Any]]:
     """CLINIC-7 (``referrer``) refers the example patient through FHIR REST, plus a Consent;
     returns one stored resource of each kind, as staff read them."""
@@ -80,7 +97,8 @@ def referred(app: Flask) -> dict[str, dict[str, Any]]:
         "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
         "patient": {"reference": f"Patient/{by_type['Patient']['id']}"},
         "dateTime": "2026-01-01",
-        "provision": {"type": "deny"},
+        # A referrer's Consent concerns only itself (docs/security.md): here, no feedback.
+        "provision": {"type": "deny", "actor": [_actor("CLINIC-7")]},
     }
     r = referrer.post("/fhir/Consent", data=json.dumps(consent), content_type=FHIR)
     assert r.status_code == 201, r.get_json()  # creating stays open to a referrer
@@ -124,7 +142,10 @@ def test_another_referrer_cannot_change_what_it_did_not_send(app: Flask) -> None
 
     # In a batch each entry stands alone: the foreign PUT is refused, the create is kept.
     bundle["type"] = "batch"
-    bundle["entry"][0].pop("fullUrl")
+    bundle["entry"][0] = {
+        "resource": {"resourceType": "Organization", "name": "Another practice"},
+        "request": {"method": "POST", "url": "Organization"},
+    }
     r = send(other, bundle)
     assert r.status_code == 200
     assert [e["response"]["status"][:3] for e in r.get_json()["entry"]] == ["201", "403"]
@@ -204,7 +225,7 @@ def test_a_referrer_cannot_grant_itself_consent_to_a_patient_it_did_not_refer(
     grant = copy.deepcopy(mine["Consent"])
     for key in ("id", "meta"):
         grant.pop(key)
-    grant["provision"] = {"type": "permit"}
+    grant["provision"] = {"type": "permit", "actor": [_actor("CLINIC-8")]}
     consents = staff.get("/fhir/Consent?_summary=count").get_json()["total"]
     family = mine["Patient"]["name"][0]["family"]
 
@@ -218,6 +239,14 @@ def test_a_referrer_cannot_grant_itself_consent_to_a_patient_it_did_not_refer(
     refused(send(other, bundle), family)
     assert staff.get("/fhir/Consent?_summary=count").get_json()["total"] == consents
 
-    r = client_as(app, "referrer").post("/fhir/Consent", data=json.dumps(grant), content_type=FHIR)
+    # The referring organisation records a Consent about itself (the feedback it receives),
+    # never one that opens the patient to another party.
+    referrer = client_as(app, "referrer")
+    for_other = grant | {"provision": {"type": "permit", "actor": [_actor("HA-ISLAND")]}}
+    refused(referrer.post("/fhir/Consent", data=json.dumps(for_other), content_type=FHIR))
+    no_actor = grant | {"provision": {"type": "deny"}}  # would cut off every other party
+    refused(referrer.post("/fhir/Consent", data=json.dumps(no_actor), content_type=FHIR))
+    grant["provision"] = {"type": "permit", "actor": [_actor("CLINIC-7")]}
+    r = referrer.post("/fhir/Consent", data=json.dumps(grant), content_type=FHIR)
     assert r.status_code == 201, r.get_json()
     assert staff.post("/fhir/Consent", data=json.dumps(grant), content_type=FHIR).status_code == 201

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +29,10 @@ from tests.support.conformance import assert_conformant
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 PHN = "9999999998"
-PID = deterministic_id("Patient", PHN)
+#: Ids derived from business identifiers are keyed by the installation (docs/security.md):
+#: ``keyed_ids`` sets these for each test's app.
+NAMESPACE = uuid.UUID(int=0)
+PID = ""
 REFERRAL_SYSTEM = "https://emr.example-clinic.ca/referrals"
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -51,11 +55,19 @@ PARTNERS = {
 
 @pytest.fixture
 def app(settings: Settings) -> Iterator[Flask]:
+    global NAMESPACE, PID
     configured = replace(settings, extra={**settings.extra, "partners": PARTNERS})
     application = create_app(configured)
+    NAMESPACE = application.extensions["fhir_kat"].artifacts.id_namespace
+    PID = did("Patient", PHN)
     yield application
     application.extensions["fhir_kat"].export.shutdown()
     application.extensions["fhir_kat"].store.dispose()
+
+
+def did(*parts: Any) -> str:
+    """The id the service gives these business identifiers (its keyed namespace)."""
+    return deterministic_id(*parts, namespace=NAMESPACE)
 
 
 def example(name: str, /, **changes: Any) -> dict[str, Any]:
@@ -217,7 +229,7 @@ def test_phq9_item9_above_zero(app: Flask, client: FlaskClient, route: str) -> N
     values: list[int | None] = [1, 1, 1, 1, 0, 0, 0, 0, 1]
     if route == "native":
         post(client, "questionnaire-responses", phq9(values, "Q1", "2026-02-01T10:00:00Z"))
-        trigger = f"QuestionnaireResponse/{deterministic_id('QuestionnaireResponse', 'Q1')}"
+        trigger = f"QuestionnaireResponse/{did('QuestionnaireResponse', 'Q1')}"
     else:
         fhir_put(client, phq9_fhir(values, "qr-1", "2026-02-01T10:00:00Z"))
         trigger = "QuestionnaireResponse/qr-1"
@@ -250,7 +262,7 @@ def test_phq9_item9_unanswered_at_moderate_or_worse(
             "questionnaire-responses",
             phq9(moderate, "Q2", "2026-02-02T10:00:00Z", "in-progress"),
         )
-        trigger = f"QuestionnaireResponse/{deterministic_id('QuestionnaireResponse', 'Q2')}"
+        trigger = f"QuestionnaireResponse/{did('QuestionnaireResponse', 'Q2')}"
     else:
         fhir_put(client, phq9_fhir(mild, "qr-1", "2026-02-01T10:00:00Z"))
         assert flags(client) == []
@@ -271,7 +283,7 @@ def test_phq9_rise(app: Flask, client: FlaskClient, route: str) -> None:
     if route == "native":
         post(client, "questionnaire-responses", phq9(first, "Q1", "2026-02-01T10:00:00Z"))
         post(client, "questionnaire-responses", phq9(later, "Q2", "2026-03-01T10:00:00Z"))
-        trigger = f"QuestionnaireResponse/{deterministic_id('QuestionnaireResponse', 'Q2')}"
+        trigger = f"QuestionnaireResponse/{did('QuestionnaireResponse', 'Q2')}"
     else:
         fhir_put(client, phq9_fhir(first, "qr-1", "2026-02-01T10:00:00Z"))
         fhir_put(client, phq9_fhir(later, "qr-2", "2026-03-01T10:00:00Z"))
@@ -341,7 +353,7 @@ def test_vital_signs_beyond_limits(
         post(client, "medication-administrations", body)
         source = body["source_id"]
         part = "85354-9" if field != "spo2_percent" else field
-        trigger = f"Observation/{deterministic_id('Observation', source, 'before', part)}"
+        trigger = f"Observation/{did('Observation', source, 'before', part)}"
     else:
         if field == "spo2_percent":
             # 2708-6 alone (the R4 vital-signs profile's code) is read as SpO2 too.
@@ -416,7 +428,7 @@ def test_a_dose_above_the_hard_ceiling_even_with_an_override(
             "clinician": body["administered_by"],
         }
         post(client, "medication-administrations", body)
-        mid = deterministic_id("MedicationAdministration", body["source_id"])
+        mid = did("MedicationAdministration", body["source_id"])
         trigger = f"MedicationAdministration/{mid}"
     else:
         fhir_put(
@@ -442,7 +454,7 @@ def test_a_weight_far_from_the_earlier_ones(app: Flask, client: FlaskClient, rou
         )
         later["start"], later["end"] = "2026-02-24T13:00:00-08:00", "2026-02-24T17:00:00-08:00"
         post(client, "medication-administrations", later)
-        trigger = f"Observation/{deterministic_id('Observation', 'SESSION-3', 'body-weight')}"
+        trigger = f"Observation/{did('Observation', 'SESSION-3', 'body-weight')}"
     else:
         obs = simple_observation("w-2", "29463-7", 154, "kg", "2026-02-24T12:45:00-08:00")
         fhir_put(client, obs)
@@ -484,9 +496,9 @@ def test_adverse_events_that_need_a_clinician(
         # Reported on its own, days after the session, linked to it.
         report = example("adverse-events", kind=kind, seriousness=seriousness)
         post(client, "adverse-events", report)
-        aid = deterministic_id("AdverseEvent", "report", report["source_id"])
+        aid = did("AdverseEvent", "report", report["source_id"])
         ae = client.get(f"/fhir/AdverseEvent/{aid}").get_json()
-        session_id = deterministic_id("MedicationAdministration", "SESSION-2026-0002")
+        session_id = did("MedicationAdministration", "SESSION-2026-0002")
         assert ae["suspectEntity"][0]["instance"]["reference"] == (
             f"MedicationAdministration/{session_id}"
         )
@@ -496,7 +508,7 @@ def test_adverse_events_that_need_a_clinician(
         body = session(source_id="SESSION-AE")
         body["adverse_events"] = [{"kind": kind, "serious": seriousness != "Non-serious"}]
         post(client, "medication-administrations", body)
-        trigger = f"AdverseEvent/{deterministic_id('AdverseEvent', 'SESSION-AE', 0)}"
+        trigger = f"AdverseEvent/{did('AdverseEvent', 'SESSION-AE', 0)}"
     else:
         fhir_put(client, fhir_adverse_event("ae-1", kind, seriousness))
         trigger = "AdverseEvent/ae-1"
@@ -590,7 +602,7 @@ def test_a_treatment_consent_for_another_session_does_not_cover_this_one(
     treatment_consent(client, session=2, source="C-2")
     post(client, "medication-administrations", session(source_id="SESSION-2B"))
     assert len(flags(client, "dosing-without-treatment-consent")) == 1
-    consent = client.get(f"/fhir/Consent/{deterministic_id('Consent', 'C-2')}").get_json()
+    consent = client.get(f"/fhir/Consent/{did('Consent', 'C-2')}").get_json()
     assert consent["extension"][0]["valueInteger"] == 2
 
 
@@ -603,7 +615,7 @@ def _dose(c: FlaskClient, route: str) -> str:
     if route == "native":
         body = session()
         post(c, "medication-administrations", body)
-        mid = deterministic_id("MedicationAdministration", body["source_id"])
+        mid = did("MedicationAdministration", body["source_id"])
         return f"MedicationAdministration/{mid}"
     fhir_put(c, fhir_session("ma-1", 84.0, "intramuscular"))
     return "MedicationAdministration/ma-1"
@@ -627,7 +639,7 @@ def test_a_session_off_the_schedule_is_recorded_and_flagged(
             "clinician": body["administered_by"],
         }
         post(client, "medication-administrations", body)
-        mid = deterministic_id("MedicationAdministration", body["source_id"])
+        mid = did("MedicationAdministration", body["source_id"])
         ma = client.get(f"/fhir/MedicationAdministration/{mid}").get_json()
         deviation = next(e for e in ma["extension"] if e["url"].endswith("/schedule-deviation"))
         parts = {p["url"]: p for p in deviation["extension"]}
@@ -869,6 +881,6 @@ def test_session_1_given_im_with_a_clinician_override_is_recorded_and_flagged(
         "clinician": body["administered_by"],
     }
     post(client, "medication-administrations", body)
-    mid = deterministic_id("MedicationAdministration", body["source_id"])
+    mid = did("MedicationAdministration", body["source_id"])
     flag = assert_signal(app, client, "schedule-deviation", f"MedicationAdministration/{mid}")
     assert "Recorded reason: lozenge not tolerated" in flag["code"]["text"]

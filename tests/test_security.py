@@ -97,8 +97,11 @@ MATRIX: list[tuple[str, str, str, Any, list[int]]] = [
     ("smart-config", "GET", "/.well-known/smart-configuration", None, [200] * 8),
     ("healthz", "GET", "/healthz", None, [200] * 8),
     ("search Patient", "GET", "/fhir/Patient", None, [401, 401, 401, 200, 403, 200, 403, 200]),
-    ("read Patient", "GET", "/fhir/Patient/p1", None, [401, 401, 401, 200, 403, 403, 403, 200]),
-    ("create Patient", "POST", "/fhir/Patient", PATIENT, [401, 401, 401, 201, 403, 403, 201, 403]),
+    # The health authority reads Patients, but not one no consent opens to it: that one does
+    # not exist for it (404, as for an id never stored).
+    ("read Patient", "GET", "/fhir/Patient/p1", None, [401, 401, 401, 200, 403, 404, 403, 200]),
+    # A referrer records patient data only with its own program referral (docs/security.md).
+    ("create Patient", "POST", "/fhir/Patient", PATIENT, [401, 401, 401, 201, 403, 403, 403, 403]),
     (
         "update Patient",
         "PUT",
@@ -114,7 +117,8 @@ MATRIX: list[tuple[str, str, str, Any, list[int]]] = [
         [401, 401, 401, 204, 403, 403, 403, 403],
     ),
     ("search Task", "GET", "/fhir/Task", None, [401, 401, 401, 200, 403, 200, 200, 403]),
-    ("create Task", "POST", "/fhir/Task", TASK, [401, 401, 401, 201, 403, 403, 201, 403]),
+    # A referrer's Task is a referral in its own organisation's name (requester) or nothing.
+    ("create Task", "POST", "/fhir/Task", TASK, [401, 401, 401, 201, 403, 403, 403, 403]),
     (
         "search AuditEvent",
         "GET",
@@ -138,7 +142,7 @@ MATRIX: list[tuple[str, str, str, Any, list[int]]] = [
             "type": "transaction",
             "entry": [{"resource": PATIENT, "request": {"method": "POST", "url": "Patient"}}],
         },
-        [401, 401, 401, 200, 403, 403, 200, 403],
+        [401, 401, 401, 200, 403, 403, 403, 403],
     ),
 ]
 
@@ -525,9 +529,11 @@ def test_consent_governs_what_the_health_authority_sees(
     assert _visible(ha, "Observation") == {p["ha"], p["ha_by_identifier"], p["revoked"]}
     assert _visible(ha, "Patient") == {p["ha"], p["ha_by_identifier"], p["revoked"], p["nested"]}
     assert ha.get(f"/fhir/Patient/{p['ha']}").status_code == 200
+    never = ha.get("/fhir/Patient/never-stored")
     for hidden in ("none", "other", "expired"):
         r = ha.get(f"/fhir/Patient/{p[hidden]}")
-        assert r.status_code == 403 and r.get_json()["resourceType"] == "OperationOutcome"
+        # Exactly the answer for an id never stored: nothing says the participant exists.
+        assert r.status_code == 404 and r.get_json() == _reworded(never.get_json(), p[hidden])
     # _include never smuggles in what the caller could not read on its own
     inc = ha.get("/fhir/Observation?_include=Observation:patient&_count=100").get_json()
     included = {e["resource"]["id"] for e in inc["entry"] if e["search"]["mode"] == "include"}
@@ -536,8 +542,13 @@ def test_consent_governs_what_the_health_authority_sees(
     revoked = dict(consent_world["revoked"], status="inactive")
     assert put(consent_world["staff"], f"/fhir/Consent/{revoked['id']}", revoked).status_code == 200
     assert p["revoked"] not in _visible(ha, "Observation")  # takes effect on the next request
-    assert ha.get(f"/fhir/Patient/{p['revoked']}").status_code == 403
+    assert ha.get(f"/fhir/Patient/{p['revoked']}").status_code == 404
     assert _visible(consent_world["staff"], "Observation") == set(p.values())  # staff: all
+
+
+def _reworded(outcome: dict[str, Any], rid: str) -> dict[str, Any]:
+    """``outcome`` (for ``never-stored``) as it reads for ``rid``."""
+    return json.loads(json.dumps(outcome).replace("never-stored", rid))
 
 
 def test_privacy_consent_without_patient_is_refused(client: FlaskClient) -> None:
@@ -585,7 +596,7 @@ def test_referrer_sees_only_its_own_referrals(app: Flask) -> None:
     mine = client_as(app, "referrer").get("/fhir/Task").get_json()
     assert [e["resource"]["id"] for e in mine["entry"]] == [tasks["CLINIC-7"]]
     assert mine["total"] == 1
-    assert client_as(app, "referrer").get(f"/fhir/Task/{tasks['CLINIC-8']}").status_code == 403
+    assert client_as(app, "referrer").get(f"/fhir/Task/{tasks['CLINIC-8']}").status_code == 404
     assert (
         client_as(app, "other-referrer").get(f"/fhir/Task/{tasks['CLINIC-8']}").status_code == 200
     )

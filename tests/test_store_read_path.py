@@ -172,8 +172,8 @@ def test_rest_search_and_read_bundles_unchanged(app: Any, monkeypatch: pytest.Mo
     now = answers()
     original = Store.read
 
-    def transactional(self: Store, *, transaction: bool = True) -> Any:
-        return original(self)
+    def transactional(self: Store, *, transaction: bool = True, viewer: Any = None) -> Any:
+        return original(self, viewer=viewer)
 
     monkeypatch.setattr(Store, "read", transactional)
     assert answers() == now

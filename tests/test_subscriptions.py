@@ -369,7 +369,7 @@ def test_only_the_right_roles_subscribe_and_only_owners_see_them(app: Flask) -> 
         client_as(app, "referrer"), "/fhir/Subscription", subscription("Task?status=accepted", url)
     )
     other = client_as(app, "other-referrer")
-    assert other.get(f"/fhir/Subscription/{mine['id']}").status_code == 403
+    assert other.get(f"/fhir/Subscription/{mine['id']}").status_code == 404  # not its own
     assert other.get("/fhir/Subscription").get_json()["total"] == 0
     assert (
         put(other, f"/fhir/Subscription/{mine['id']}", dict(mine, status="off")).status_code == 403

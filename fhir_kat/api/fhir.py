@@ -92,7 +92,7 @@ def write_response(result: WriteResult) -> Response:
     headers["Location"] = f"{fhir_base()}/{stored.type}/{stored.id}/_history/{stored.version_id}"
     status = 201 if result.created else 200
     preference = _prefer("return")
-    if preference == "minimal":
+    if preference == "minimal" or not result.disclose:
         return Response(status=status, headers=headers)
     if preference == "OperationOutcome":
         outcome = {
@@ -134,13 +134,13 @@ def _audited_bundle(bundle: RawBundle) -> Response:
     return bundle_response(bundle)
 
 
-def _audited_write(result: WriteResult) -> Response:
+def _audited_write(result: WriteResult, interaction: str) -> Response:
+    """``interaction`` is what the client asked for: a conditional create that matched is a
+    create that wrote nothing, never an update."""
     stored = result.stored
-    _audit(
-        "create" if result.created else "update",
-        f"{stored.type}/{stored.id}",
-        patient=stored.patient_id,
-    )
+    _audit(interaction, f"{stored.type}/{stored.id}", patient=stored.patient_id)
+    if not result.changed:
+        audit_record().detail = "nothing written: matched or unchanged"
     return write_response(result)
 
 
@@ -199,7 +199,7 @@ def create(rtype: str) -> Response:
         if_none_exist=request.headers.get("If-None-Exist"),
         access=current_access(),
     )
-    return _audited_write(result)
+    return _audited_write(result, "create")
 
 
 @bp.get("/<rtype>/<rid>")
@@ -217,7 +217,7 @@ def update(rtype: str, rid: str) -> Response:
     result = service().update(
         rtype, rid, body, if_match=request.headers.get("If-Match"), access=current_access()
     )
-    return _audited_write(result)
+    return _audited_write(result, "create" if result.created else "update")
 
 
 @bp.delete("/<rtype>/<rid>")

@@ -52,6 +52,10 @@ def evaluate_measure(measure_id: str) -> Response:
         raise BadRequest(issue("not-supported", "only reportType=summary", "reportType"))
     service: OutcomeService = current_app.extensions["fhir_kat"].outcomes
     report = service.evaluate_measure(
-        measure_id, params.get("periodStart"), params.get("periodEnd"), params.get("subject")
+        measure_id,
+        params.get("periodStart"),
+        params.get("periodEnd"),
+        params.get("subject"),
+        access,
     )
     return json_response(json.dumps(report, separators=(",", ":")))

@@ -329,8 +329,17 @@ class AdverseEventReportSchema(_Strict):
 class AnswerSchema(_Strict):
     item = fields.String(required=True, validate=ONE_LINE)
     # Any JSON here: the Questionnaire decides the type, so that a wrong one is refused naming
-    # the item (``mapping.functions.questionnaire_issues``), not as a bare schema error.
-    answer = fields.Raw(required=True, metadata={"json_schema": {"type": "string"}})
+    # the item (``mapping.functions.questionnaire_issues``), not as a bare schema error. The
+    # published schema names what the Questionnaires take: an answer code, or the total.
+    answer = fields.Raw(
+        required=True,
+        metadata={
+            "json_schema": {
+                "type": ["string", "number"],
+                "description": "the option's code; for the total item, the total as a number",
+            }
+        },
+    )
 
 
 class QuestionnaireResponseSchema(_Strict):

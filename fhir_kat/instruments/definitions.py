@@ -39,6 +39,9 @@ class Instrument:
     safety: Mapping[str, Any]
     band_system: str
     questionnaire: str = ""
+    #: Versions of the Questionnaire a response may name (``url|version``): the served one and
+    #: earlier ones with the same items, options and scores, checked against the served one.
+    questionnaire_versions: tuple[str, ...] = ()
     score_partial: bool = False
 
     def band(self, score: float) -> Band:
@@ -133,6 +136,7 @@ def _build(
             safety=spec.get("safety", {}),
             band_system=data["band_system"],
             questionnaire=spec.get("questionnaire", ""),
+            questionnaire_versions=tuple(str(v) for v in spec.get("questionnaire_versions", ())),
             score_partial=bool(spec.get("score_partial", False)),
         )
     return Catalogue(int(data["version"]), data["local_system"], instruments)

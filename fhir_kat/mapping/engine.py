@@ -50,6 +50,8 @@ import yaml
 from fhir_kat.artifacts import SCHEMAS, validate_artifact
 from fhir_kat.clinical.protocol import ProgramProtocol, load_protocol
 from fhir_kat.errors import Issue, Unprocessable, issue
+from fhir_kat.instruments.definitions import load_catalogue
+from fhir_kat.instruments.scoring import computed_by_service, is_calculated
 from fhir_kat.mapping import functions
 from fhir_kat.terminology import (
     BASE,
@@ -89,6 +91,9 @@ class MappingContext:
     now: datetime
     submitter: str
     protocol: ProgramProtocol
+    #: The uuid5 namespace of deterministic ids: the installation's own in the service
+    #: (``security.identity``), the repository's in golden tests and ``fhir-kat map``.
+    id_namespace: uuid.UUID = NAMESPACE
 
 
 #: A compiled template node: evaluates itself in an environment.
@@ -153,9 +158,9 @@ def mapping_versions() -> dict[str, str]:
     return {t.file: t.version for kind in SCHEMAS for t in targets(kind)}
 
 
-def deterministic_id(*parts: Any) -> str:
+def deterministic_id(*parts: Any, namespace: uuid.UUID = NAMESPACE) -> str:
     """uuid5 of business identifiers: the same artifact always yields the same ids."""
-    return str(uuid.uuid5(NAMESPACE, "|".join(str(p) for p in parts)))
+    return str(uuid.uuid5(namespace, "|".join(str(p) for p in parts)))
 
 
 def map_artifact(kind: str, payload: Mapping[str, Any], ctx: MappingContext) -> dict[str, Any]:
@@ -277,7 +282,9 @@ def _bind(env: _Env, target: Target, item: Any, index: int) -> None:
 
 def _id(target: Target, env: _Env, item: Any, index: int) -> str:
     _bind(env, target, item, index)
-    return deterministic_id(*[part(env) for part in target.id_parts])
+    return deterministic_id(
+        *[part(env) for part in target.id_parts], namespace=env.ctx.id_namespace
+    )
 
 
 def _truthy(value: Any) -> bool:
@@ -516,7 +523,7 @@ def _provenance(
     policies.add(f"{BASE}/protocol/{ctx.protocol.reference}")
     return {
         "resourceType": "Provenance",
-        "id": deterministic_id("Provenance", kind, source),
+        "id": deterministic_id("Provenance", kind, source, namespace=ctx.id_namespace),
         "target": [{"reference": f"{r['resourceType']}/{r['id']}"} for r in resources],
         "recorded": ctx.now.isoformat(),
         "policy": sorted(policies),
@@ -856,6 +863,36 @@ def _lint_questionnaires(folder: Path, term: Any) -> list[Issue]:
                 out.append(issue("not-found", f"code '{code}' is not in {system}", where))
         if not doc.get("version") or not doc.get("url", "").startswith(BASE):
             out.append(issue("required", "a canonical url of ours and a version", where))
+        out += _lint_against_catalogue(folder.parent, instrument, doc, where)
+    return out
+
+
+def _lint_against_catalogue(
+    root: Path, instrument: str, doc: dict[str, Any], where: str
+) -> list[Issue]:
+    """The Questionnaire and instruments.yaml agree: a response naming the served version is
+    accepted, and every calculated item is one the service computes and so can check."""
+    catalogue = load_catalogue(path=root / "instruments" / "instruments.yaml")
+    definition = catalogue.instruments.get(instrument)
+    if definition is None:
+        return [issue("not-found", f"{instrument} is not in instruments.yaml", where)]
+    out = []
+    if doc.get("url") != definition.questionnaire:
+        out.append(issue("value", "url differs from instruments.yaml's questionnaire", where))
+    if str(doc.get("version")) not in definition.questionnaire_versions:
+        out.append(
+            issue("value", "version is not in instruments.yaml's questionnaire_versions", where)
+        )
+    for item in doc.get("item", []):
+        if is_calculated(item) and not computed_by_service(item, definition):
+            out.append(
+                issue(
+                    "value",
+                    f"calculated item '{item.get('linkId')}' is not the total the service "
+                    "computes (its code must be the instrument's total)",
+                    where,
+                )
+            )
     return out
 
 

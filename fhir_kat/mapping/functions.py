@@ -20,11 +20,15 @@ from typing import Any
 from fhir_kat.clinical.dose import assess, dose_issues, schedule_deviation
 from fhir_kat.clinical.protocol import ProgramProtocol
 from fhir_kat.errors import Issue, issue
+from fhir_kat.instruments.definitions import Instrument, load_catalogue
+from fhir_kat.instruments.scoring import score, takes_answers, total_issue
 from fhir_kat.terminology import safe_code
 
 QUESTIONNAIRES = Path(__file__).resolve().parents[2] / "mappings" / "questionnaires"
 #: The artifact's ``instrument`` -> the file (and id) of the Questionnaire it answers.
 INSTRUMENT_FILES = {"phq9": "phq-9", "gad7": "gad-7", "pcl5": "pcl-5", "bipf": "b-ipf"}
+#: The FHIR answer element of a numeric item (the only non-choice items: the totals).
+_NUMBER_ANSWERS = {"integer": "valueInteger", "decimal": "valueDecimal"}
 #: Answer types the artifact may carry per item type (JSON types; bool is not an int here).
 _ANSWER_TYPES: dict[str, tuple[type, ...]] = {
     "choice": (str,),
@@ -49,13 +53,16 @@ def all_questionnaires() -> tuple[dict[str, Any], ...]:
 
 
 @cache
-def _answerable(instrument: str) -> dict[str, dict[str, Any]]:
-    """linkId -> item, for the items a person answers (calculated totals are read-only)."""
-    return {
-        item["linkId"]: item
-        for item in questionnaire(instrument)["item"]
-        if not item.get("readOnly")
-    }
+def _items(instrument: str) -> dict[str, dict[str, Any]]:
+    """linkId -> item, for every item of the instrument's Questionnaire."""
+    return {item["linkId"]: item for item in questionnaire(instrument)["item"]}
+
+
+@cache
+def _instrument(instrument: str) -> Instrument:
+    # Totals depend only on the Questionnaire and the scoring rule, never on the configurable
+    # cut-offs, so the shipped catalogue computes exactly the total the service stores.
+    return load_catalogue().instruments[instrument]
 
 
 def _type_ok(value: Any, item_type: str) -> bool:
@@ -65,14 +72,18 @@ def _type_ok(value: Any, item_type: str) -> bool:
 
 
 def questionnaire_issues(artifact: Mapping[str, Any], invalid: Collection[str] = ()) -> list[Issue]:
-    """Unknown linkId, an answer of the wrong type or outside the item's options, an item
-    answered twice, a required item missing from a completed response — each naming the item."""
+    """Unknown linkId, an answer to an item that takes none, an answer of the wrong type or
+    outside the item's options, an item answered twice, a required item missing from a
+    completed response, a total that differs from the service's — each naming the item. The
+    total (the read-only calculated item) may be sent; it is compared with the service's own
+    (``instruments.scoring.total_issue``, the rule FHIR responses meet too)."""
     instrument = artifact.get("instrument")
     if instrument not in INSTRUMENT_FILES:
         return []
-    items = _answerable(instrument)
+    items, definition = _items(instrument), _instrument(instrument)
     problems = []
     seen: set[str] = set()
+    totals: list[tuple[int, str, float]] = []  # (answers index, linkId, value)
     whole = True  # every answer passed the schema: only then can missing items be named
     for i, answer in enumerate(artifact.get("answers") or []):
         if answer is None or "item" not in answer or "answer" not in answer:
@@ -93,9 +104,15 @@ def questionnaire_issues(artifact: Mapping[str, Any], invalid: Collection[str] =
             problems.append(issue("duplicate", f"item '{link}' is answered twice", f"{where}.item"))
         seen.add(link)
         value, item = answer["answer"], items[link]
+        if not takes_answers(item, definition):
+            problems.append(issue("value", f"item '{link}' takes no answer", f"{where}.item"))
+            continue
         if not _type_ok(value, item["type"]):
             expected = "an answer code (a string)" if item["type"] == "choice" else item["type"]
             problems.append(issue("value", f"item '{link}' takes {expected}", f"{where}.answer"))
+            continue
+        if item.get("readOnly"):
+            totals.append((i, link, float(value)))
             continue
         options = {o["valueCoding"]["code"] for o in item.get("answerOption", [])}
         if item["type"] == "choice" and value not in options:
@@ -112,6 +129,13 @@ def questionnaire_issues(artifact: Mapping[str, Any], invalid: Collection[str] =
                 problems.append(
                     issue("required", f"a completed response answers '{link}'", "answers")
                 )
+    if totals and not problems and "answers" not in invalid:
+        qr = {"item": _qr_items(None, instrument, artifact.get("answers"))}
+        result = score(qr, questionnaire(instrument), definition)
+        for i, link, sent in totals:
+            found = total_issue(link, sent, result, definition, f"answers[{i}].answer")
+            if found is not None:
+                problems.append(found)
     return problems
 
 
@@ -134,29 +158,33 @@ def clinical_checks(
 
 
 def _qr_items(_: Any, instrument: str | None, answers: list[Any] | None) -> list[dict[str, Any]]:
-    """The answered items in the Questionnaire's order, each with the option's full Coding."""
+    """The answered items in the Questionnaire's order, each with the option's full Coding (a
+    sent total as the number it is, checked against the service's by questionnaire_issues)."""
     if instrument not in INSTRUMENT_FILES:
         return []
     given = {a["item"]: a["answer"] for a in answers or [] if a and "item" in a and "answer" in a}
     out = []
-    for link, item in _answerable(instrument).items():
-        option = next(
-            (
-                o
-                for o in item.get("answerOption", [])
-                if o["valueCoding"]["code"] == given.get(link)
-            ),
-            None,
-        )
-        if option is None:
-            continue  # unanswered, or refused by questionnaire_issues before the Bundle is used
-        out.append(
-            {
-                "linkId": link,
-                "text": item["text"],
-                "answer": [{"valueCoding": option["valueCoding"]}],
-            }
-        )
+    for link, item in _items(instrument).items():
+        if link not in given or not takes_answers(item, _instrument(instrument)):
+            continue
+        answer: dict[str, Any]
+        if item["type"] in _NUMBER_ANSWERS:
+            if not _type_ok(given[link], item["type"]):
+                continue  # refused by questionnaire_issues before the Bundle is used
+            answer = {_NUMBER_ANSWERS[item["type"]]: given[link]}
+        else:
+            option = next(
+                (
+                    o
+                    for o in item.get("answerOption", [])
+                    if o["valueCoding"]["code"] == given[link]
+                ),
+                None,
+            )
+            if option is None:
+                continue  # refused by questionnaire_issues before the Bundle is used
+            answer = {"valueCoding": option["valueCoding"]}
+        out.append({"linkId": link, "text": item["text"], "answer": [answer]})
     return out
 
 
@@ -266,14 +294,15 @@ def _is_set(_: Any, value: Any) -> bool:
     return value is not None
 
 
-def _ref_to(_: Any, resource_type: str, *parts: Any) -> dict[str, str] | None:
+def _ref_to(ctx: Any, resource_type: str, *parts: Any) -> dict[str, str] | None:
     """A reference to a resource another artifact creates, by the same deterministic id its own
     mapping gives it (the Patient of a PHN, the Task of a referral identifier)."""
     from fhir_kat.mapping.engine import deterministic_id
 
     if any(p is None for p in parts):
         return None
-    return {"reference": f"{resource_type}/{deterministic_id(resource_type, *parts)}"}
+    rid = deterministic_id(resource_type, *parts, namespace=ctx.id_namespace)
+    return {"reference": f"{resource_type}/{rid}"}
 
 
 def _instant(value: Any) -> Any:

@@ -37,6 +37,7 @@ from fhir_kat.store.schema import resources
 PURPOSE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 RESOURCE_TYPES_SYSTEM = "http://hl7.org/fhir/resource-types"
 PRIVACY_SCOPE = "patient-privacy"
+_MEMO = "consent:by-patient"
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,53 @@ def actor_for(tx: Tx, organization: str | None) -> Actor | None:
     return Actor(refs, frozenset({organization}))
 
 
+#: v3 ActReason is the purpose system; consentaction the R4 Consent.provision.action system.
+ACTION_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentaction"
+#: The actions a read, a search, an export or a delivery is (R4 consentaction: access =
+#: "retrieval without permitting collection, use or disclosure", disclose = "release").
+READ_ACTIONS = frozenset({"access", "disclose"})
+#: Provision elements this decision point does not evaluate. A permit restricted by one of
+#: them does not apply (deny by default: we cannot tell what it opens); a deny restricted by
+#: one applies in full (denying more than it says is the safe side).
+NOT_EVALUATED = ("securityLabel", "code")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a permit opens of one patient's data of one type: everything (``full``), or a
+    slice — the resources ``provision.data`` names (meaning ``instance``) and those whose
+    date lies in a ``provision.dataPeriod``."""
+
+    full: bool = False
+    references: frozenset[str] = frozenset()
+    periods: tuple[tuple[datetime | None, datetime | None], ...] = ()
+
+    def __or__(self, other: Grant) -> Grant:
+        if self.full or other.full:
+            return FULL
+        return Grant(
+            references=self.references | other.references,
+            periods=tuple(dict.fromkeys(self.periods + other.periods)),
+        )
+
+
+FULL = Grant(full=True)
+
+
 def applies(
     provision: Mapping[str, Any], actor: Actor, purpose: str, rtype: str, now: datetime
 ) -> bool:
+    """Whether the provision's period, actor, purpose and class cover this request (each
+    left out covers everything)."""
+    return _matches(provision, actor, purpose, rtype, now) is not False
+
+
+def _matches(
+    provision: Mapping[str, Any], actor: Actor, purpose: str, rtype: str, now: datetime
+) -> bool | None:
+    """True (every stated restriction covers the request), False (one does not), None (it
+    covers the request as far as it is understood, but names a class in a system other than
+    resource types, which cannot be judged)."""
     period = provision.get("period")
     if period and not _period_covers(period, now):
         return False
@@ -84,31 +129,81 @@ def applies(
     ):
         return False
     classes = provision.get("class")
-    return not classes or any(
+    if not classes:
+        return True
+    if any(
         c.get("code") == rtype and c.get("system", RESOURCE_TYPES_SYSTEM) == RESOURCE_TYPES_SYSTEM
         for c in classes
-    )
+    ):
+        return True
+    if all(c.get("system", RESOURCE_TYPES_SYSTEM) == RESOURCE_TYPES_SYSTEM for c in classes):
+        return False
+    return None
+
+
+def _permit_grant(provision: Mapping[str, Any]) -> Grant | None:
+    """What a permit that covers the request opens, or None when a restriction on it cannot
+    be evaluated here (then it opens nothing)."""
+    if any(provision.get(name) for name in NOT_EVALUATED):
+        return None
+    actions = provision.get("action")
+    if actions and not any(
+        c.get("system") == ACTION_SYSTEM and c.get("code") in READ_ACTIONS
+        for a in actions
+        for c in a.get("coding", [])
+    ):
+        return None  # e.g. a permit to collect: not to read or release
+    data = provision.get("data") or []
+    period = provision.get("dataPeriod")
+    if not data and not period:
+        return FULL
+    references: set[str] = set()
+    for item in data:
+        if item.get("meaning") != "instance":
+            return None  # related / dependents / authoredby: not evaluated
+        target = split_reference(item.get("reference", {}).get("reference", ""))
+        if target is None:
+            return None
+        references.add(f"{target[0]}/{target[1]}")
+    periods: tuple[tuple[datetime | None, datetime | None], ...] = ()
+    if period:
+        start = parse_date_range(period["start"]) if "start" in period else None
+        end = parse_date_range(period["end"]) if "end" in period else None
+        if (period.get("start") and start is None) or (period.get("end") and end is None):
+            return None
+        periods = ((start[0] if start else None, end[1] if end else None),)
+    if data and period:
+        return None  # both at once (data within a period): not evaluated
+    return Grant(references=frozenset(references), periods=periods)
 
 
 def evaluate_provision(
     provision: Mapping[str, Any], actor: Actor, purpose: str, rtype: str, now: datetime
-) -> str | None:
-    """ "permit", "deny", or None when the provision does not apply to this request."""
-    if not applies(provision, actor, purpose, rtype, now):
+) -> Grant | str | None:
+    """``"deny"``, the ``Grant`` of a permit, or None when the provision does not apply to
+    this request. Nested provisions that apply override their parent; an applicable nested
+    deny is the narrowest rule and wins."""
+    matched = _matches(provision, actor, purpose, rtype, now)
+    kind = provision.get("type")
+    if matched is False or (matched is None and kind != "deny"):
         return None
-    decision: str | None = provision.get("type")
+    decision: Grant | str | None = None
+    if kind == "deny":
+        decision = "deny"
+    elif kind == "permit":
+        decision = _permit_grant(provision)
     for child in provision.get("provision", []):
         nested = evaluate_provision(child, actor, purpose, rtype, now)
         if nested == "deny":
-            return "deny"  # an applicable nested deny is the narrowest rule: it wins
-        if nested == "permit":
-            decision = "permit"
+            return "deny"
+        if isinstance(nested, Grant):
+            decision = nested | decision if isinstance(decision, Grant) else nested
     return decision
 
 
 def consent_decision(
     consent: Mapping[str, Any], actor: Actor, purpose: str, rtype: str, now: datetime
-) -> str | None:
+) -> Grant | str | None:
     if consent.get("status") != "active":
         return None
     scope = {c.get("code") for c in consent.get("scope", {}).get("coding", [])}
@@ -120,11 +215,29 @@ def consent_decision(
     return evaluate_provision(provision, actor, purpose, rtype, now)
 
 
+def grant(
+    consents: Iterable[Mapping[str, Any]], actor: Actor, purpose: str, rtype: str, now: datetime
+) -> Grant | None:
+    """What a patient's Consents open to ``actor`` of its ``rtype`` data for ``purpose``:
+    None (nothing: no permit applies, or any applicable deny), or the union of the permits."""
+    opened: Grant | None = None
+    for consent in consents:
+        decision = consent_decision(consent, actor, purpose, rtype, now)
+        if decision == "deny":
+            return None
+        if isinstance(decision, Grant):
+            opened = decision | opened if opened is not None else decision
+    if opened is None or not (opened.full or opened.references or opened.periods):
+        return None
+    return opened
+
+
 def decide(
     consents: Iterable[Mapping[str, Any]], actor: Actor, purpose: str, rtype: str, now: datetime
 ) -> bool:
-    decisions = {consent_decision(c, actor, purpose, rtype, now) for c in consents}
-    return "permit" in decisions and "deny" not in decisions
+    """Whether the Consents open *all* of the patient's ``rtype`` data (a slice is not)."""
+    opened = grant(consents, actor, purpose, rtype, now)
+    return opened is not None and opened.full
 
 
 def _actor_matches(reference: Mapping[str, Any], actor: Actor) -> bool:
@@ -162,6 +275,9 @@ class ConsentDecisionPoint:
         with self._lock:
             if version == self._version:
                 return self._by_patient
+        mine = tx.memo.get(_MEMO)
+        if mine is not None and mine[0] == version:
+            return dict(mine[1])
         by_patient: dict[str, list[dict[str, Any]]] = {}
         rows = tx.conn.execute(
             select(resources.c.patient_id, resources.c.content).where(
@@ -175,7 +291,9 @@ class ConsentDecisionPoint:
         if tx.conn.get_execution_options().get("kat_write"):
             # A write transaction sees its own uncommitted Consents. Were they cached, a rollback
             # could leave them behind under a key a later commit reuses (SQLite hands out a
-            # rolled-back seq again), so only committed state seen by a reader is kept.
+            # rolled-back seq again), so only committed state seen by a reader is kept — and,
+            # for this transaction alone, what it read (until it writes a Consent).
+            tx.memo[_MEMO] = (version, by_patient)
             return by_patient
         with self._lock:
             self._version, self._by_patient = version, by_patient
@@ -189,8 +307,21 @@ class ConsentDecisionPoint:
     def visible_patients(
         self, tx: Tx, actor: Actor, purpose: str, rtype: str, now: datetime
     ) -> set[str]:
-        return {
-            patient
-            for patient, consents in self._consents(tx).items()
-            if decide(consents, actor, purpose, rtype, now)
-        }
+        return self.grants(tx, actor, purpose, rtype, now)[0]
+
+    def grants(
+        self, tx: Tx, actor: Actor, purpose: str, rtype: str, now: datetime
+    ) -> tuple[set[str], dict[str, Grant]]:
+        """The patients whose ``rtype`` data the Consents open to ``actor`` in full, and those
+        of whom they open a slice."""
+        full: set[str] = set()
+        slices: dict[str, Grant] = {}
+        for patient, consents in self._consents(tx).items():
+            opened = grant(consents, actor, purpose, rtype, now)
+            if opened is None:
+                continue
+            if opened.full:
+                full.add(patient)
+            else:
+                slices[patient] = opened
+        return full, slices

@@ -1,19 +1,25 @@
-"""Per-request access: role + scopes + consent + referrer ownership, in one place.
+"""Per-request access: role × scopes × organisation × consent, decided in one place.
 
-Owns: ``Access``, built from the caller's token for one request; FhirService asks it whether a
-type/interaction is allowed, which patients' data may be shown, and which extra criteria narrow a
-search (a referrer sees only what its organisation sent), and whether an existing resource may be
-changed or deleted (a referrer changes only what is its organisation's). Must not: parse HTTP.
+Owns: ``Access``, built from the caller's token for one request. It is the ``Viewer`` of every
+transaction opened for that caller (``Store.read/write(viewer=access)``): ``scope`` says which
+rows of a type the caller may see and the store applies it to every read, search, count,
+include, version, conditional match and export, so no path can show more than another and a
+row outside the scope answers exactly as one never stored (docs/security.md, "One visibility
+rule"). It also decides what an existing resource a caller may change (``may_change``) and what a
+referrer may write at all (``fhir_kat.services.write_policy``). Must not: parse HTTP.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime
 from functools import cached_property
+from typing import Any
 
+from fhir_kat.errors import Forbidden, issue
 from fhir_kat.exchange.subscriptions import owned_ids
-from fhir_kat.search import Criterion, SearchQuery
+from fhir_kat.search import Criterion, SearchQuery, split_reference
 from fhir_kat.security.consent import (
     Actor,
     ConsentDecisionPoint,
@@ -24,6 +30,9 @@ from fhir_kat.security.policy import OUTSIDE_PROGRAM, role_allows
 from fhir_kat.security.scopes import allows
 from fhir_kat.security.tokens import Principal
 from fhir_kat.store import StoredResource, Tx
+from fhir_kat.store.store import dumps
+from fhir_kat.store.view import EVERYTHING, NOTHING, PatientSlice, ReadScope
+from fhir_kat.workflow.shapes import is_program_referral
 
 #: Types a referrer sees when its organisation sent them (the requester of the referral).
 REFERRER_OWNED = {"Task": "requester", "ServiceRequest": "requester"}
@@ -33,6 +42,34 @@ REFERRER_DIRECTORY = frozenset({"Organization", "Practitioner", "PractitionerRol
 #: Roles that see every Subscription; the others see only those they created (an endpoint
 #: and its headers are the subscriber's business).
 SEES_ALL_SUBSCRIPTIONS = frozenset({"program-staff", "admin"})
+#: The date that says when a type's data happened, for consents narrowed by ``dataPeriod``
+#: (a type without one is never opened by a period).
+DATA_PERIOD_PARAMS = {
+    "AdverseEvent": "date",
+    "AllergyIntolerance": "date",
+    "ClinicalImpression": "date",
+    "Communication": "sent",
+    "Composition": "date",
+    "Condition": "recorded-date",
+    "Consent": "date",
+    "DocumentReference": "date",
+    "Encounter": "date",
+    "Flag": "date",
+    "MedicationAdministration": "effective-time",
+    "Observation": "date",
+    "Provenance": "recorded",
+    "QuestionnaireResponse": "authored",
+    "ServiceRequest": "authored",
+    "Task": "authored-on",
+}
+#: Types whose rows a caller outside the program sees reshaped (``Access.shape``).
+SHAPED = frozenset({"Group"})
+#: v3 ObservationValue: the security label saying content was withheld from this copy.
+REDACTED = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "REDACTED",
+    "display": "redacted",
+}
 
 
 class Access:
@@ -45,122 +82,126 @@ class Access:
         self.principal = principal
         self.consent = consent
         self.clock = clock
-        self._visible: dict[str, set[str] | None] = {}
-        self._actor: Actor | None = None
-        self._owners: list[tuple[str, str]] | None = None
 
     @cached_property
     def now(self) -> datetime:
         return self.clock()
 
+    @property
+    def role(self) -> str:
+        return self.principal.role
+
     def can(self, rtype: str, letter: str) -> bool:
         p = self.principal
         return role_allows(p.role, rtype, letter) and allows(p.scopes, rtype, letter)
 
+    # ------------------------------------------------------------------ the Viewer
+
+    def scope(self, tx: Tx, rtype: str) -> ReadScope:
+        """What of ``rtype`` this caller may see (``tx`` is unrestricted)."""
+        if not self.can(rtype, "r"):
+            return NOTHING
+        ids: frozenset[str] | None = None
+        owned_by: tuple[str, tuple[tuple[str, str], ...]] | None = None
+        if rtype == "Subscription" and self.role not in SEES_ALL_SUBSCRIPTIONS:
+            ids = frozenset(owned_ids(tx, self.principal.client_id))
+        if self.role == "referrer" and rtype in REFERRER_OWNED:
+            owners = tuple(self.owner_references(tx))
+            if not owners:
+                return NOTHING
+            owned_by = (REFERRER_OWNED[rtype], owners)
+        shaped = rtype in SHAPED and self.consent_applies(rtype)
+        if not self.consent_applies(rtype):
+            return ReadScope(ids=ids, owned_by=owned_by) if ids or owned_by else EVERYTHING
+        full, granted = self.consent.grants(
+            tx, self.actor(tx), self.principal.purpose, rtype, self.now
+        )
+        period_param = DATA_PERIOD_PARAMS.get(rtype)
+        slices = {
+            patient: PatientSlice(g.references, g.periods, period_param)
+            for patient, g in granted.items()
+        }
+        return ReadScope(
+            patients=frozenset(full), slices=slices, ids=ids, owned_by=owned_by, shaped=shaped
+        )
+
+    def shape(self, tx: Tx, stored: StoredResource) -> StoredResource:
+        """A cohort Group lists people: a caller outside the program sees only the members
+        whose consent opens their membership to it, and a label that members were withheld."""
+        if stored.type not in SHAPED or not self.consent_applies("Group") or not stored.content:
+            return stored
+        group = json.loads(stored.content)
+        members = group.get("member", [])
+        if not members:
+            return stored
+        full, _ = self.consent.grants(tx, self.actor(tx), self.principal.purpose, "Group", self.now)
+        kept = [m for m in members if _member_patient(m) in full]
+        if len(kept) == len(members):
+            return stored
+        group["member"] = kept
+        if not kept:
+            group.pop("member")
+        group.pop("quantity", None)  # the cohort's size is an aggregate: the measure's business
+        meta = group.setdefault("meta", {})
+        labels = [lab for lab in meta.get("security", []) if lab.get("code") != "REDACTED"]
+        meta["security"] = [*labels, REDACTED]
+        return StoredResource(
+            type=stored.type,
+            id=stored.id,
+            version_id=stored.version_id,
+            last_updated=stored.last_updated,
+            content=dumps(group),
+            deleted=stored.deleted,
+            seq=stored.seq,
+            patient_id=stored.patient_id,
+        )
+
     # ------------------------------------------------------------------ consent
 
     def actor(self, tx: Tx) -> Actor:
-        if self._actor is None:
-            self._actor = actor_for(tx, self.principal.organization) or Actor(
-                frozenset(), frozenset()
-            )
-        return self._actor
-
-    def _organization_ids(self, tx: Tx) -> list[str]:
-        org = self.principal.organization
-        return organization_ids(tx, org) if org else []
+        return actor_for(tx.system, self.principal.organization) or Actor(frozenset(), frozenset())
 
     def consent_applies(self, rtype: str) -> bool:
         """Whether the patients' consent decides what ``rtype`` data this caller sees."""
-        return self.principal.role in OUTSIDE_PROGRAM and not (
-            self.principal.role == "referrer" and rtype in REFERRER_OWNED
+        return self.role in OUTSIDE_PROGRAM and not (
+            self.role == "referrer" and rtype in REFERRER_OWNED
         )
 
     def visible_patients(self, tx: Tx, rtype: str) -> set[str] | None:
-        """None = no restriction; otherwise the patients whose ``rtype`` data may be shown."""
-        if not self.consent_applies(rtype):
-            return None
-        if rtype not in self._visible:
-            self._visible[rtype] = self.consent.visible_patients(
-                tx, self.actor(tx), self.principal.purpose, rtype, self.now
-            )
-        return self._visible[rtype]
-
-    def permits_patient(self, tx: Tx, patient_id: str, rtype: str) -> bool:
-        visible = self.visible_patients(tx, rtype)
-        return visible is None or patient_id in visible
+        """None = no restriction; otherwise the patients all of whose ``rtype`` data may be
+        shown (consent opening only a slice of a patient's data does not count)."""
+        scope = self.scope(tx, rtype)
+        if scope.patients is None:
+            return None if scope.readable else set()
+        return set(scope.patients)
 
     # ------------------------------------------------------------------ ownership
 
     def owner_references(self, tx: Tx) -> list[tuple[str, str]]:
         """The references a referrer's own referrals carry as requester: its Organization(s)
         and the PractitionerRoles in them."""
-        if self._owners is None:
-            org_ids = self._organization_ids(tx)
-            owners = [("Organization", oid) for oid in org_ids]
-            if org_ids:
-                roles = SearchQuery(
-                    "PractitionerRole",
-                    criteria=(
-                        Criterion(
-                            "organization",
-                            "reference",
-                            "",
-                            tuple(("Organization", oid) for oid in org_ids),
-                            "",
-                        ),
+        org_ids = self._organization_ids(tx)
+        owners = [("Organization", oid) for oid in org_ids]
+        if org_ids:
+            roles = SearchQuery(
+                "PractitionerRole",
+                criteria=(
+                    Criterion(
+                        "organization",
+                        "reference",
+                        "",
+                        tuple(("Organization", oid) for oid in org_ids),
+                        "",
                     ),
-                    count=1000,
-                )
-                rows = tx.matches(roles)
-                owners += [("PractitionerRole", r.id) for r in rows]
-            self._owners = owners
-        return self._owners
-
-    def restrict(self, tx: Tx, query: SearchQuery) -> SearchQuery:
-        if (
-            query.resource_type == "Subscription"
-            and self.principal.role not in SEES_ALL_SUBSCRIPTIONS
-        ):
-            forced = Criterion("_id", "id", "", tuple(owned_ids(tx, self.principal.client_id)), "")
-        elif self.principal.role != "referrer" or query.resource_type not in REFERRER_OWNED:
-            return query
-        else:
-            param = REFERRER_OWNED[query.resource_type]
-            owners = tuple(self.owner_references(tx))
-            forced = (
-                Criterion(param, "reference", "", owners, "")
-                if owners
-                else Criterion("_id", "id", "", (), "")  # owns nothing: matches nothing
-            )
-        return SearchQuery(
-            query.resource_type,
-            criteria=(*query.criteria, forced),
-            count=query.count,
-            sort_desc=query.sort_desc,
-            includes=query.includes,
-            summary_count=query.summary_count,
-            cursor=query.cursor,
-            ignored=query.ignored,
-        )
-
-    def may_see(self, tx: Tx, stored: StoredResource) -> bool:
-        if not self.can(stored.type, "r"):
-            return False
-        if stored.patient_id and not self.permits_patient(tx, stored.patient_id, stored.type):
-            return False
-        if stored.type == "Subscription" and self.principal.role not in SEES_ALL_SUBSCRIPTIONS:
-            return stored.id in owned_ids(tx, self.principal.client_id)
-        if self.principal.role == "referrer" and stored.type in REFERRER_OWNED:
-            probe = self.restrict(
-                tx,
-                SearchQuery(
-                    stored.type, criteria=(Criterion("_id", "id", "", (stored.id,), ""),), count=1
                 ),
+                count=1000,
             )
-            _, total, _ = tx.search(probe)
-            return bool(total)
-        return True
+            owners += [("PractitionerRole", r.id) for r in tx.system.matches(roles)]
+        return owners
+
+    def _organization_ids(self, tx: Tx) -> list[str]:
+        org = self.principal.organization
+        return organization_ids(tx.system, org) if org else []
 
     # ------------------------------------------------------------------ changing
 
@@ -183,35 +224,112 @@ class Access:
         if current.deleted:
             return True  # writing over a deletion is creating again
         if current.type == "Subscription":
-            return self.may_see(tx, current)
+            return current.id in owned_ids(tx.system, self.principal.client_id) or (
+                self.role in SEES_ALL_SUBSCRIPTIONS and self.can("Subscription", "u")
+            )
         if self.principal.role != "referrer":
             return True
-        self._owners = None  # this request may have just created the organisation's entries
         if current.type in REFERRER_OWNED:
-            return self.may_see(tx, current)
+            owners = set(self.owner_references(tx))
+            return _requester(current.json()) in owners
         if current.patient_id:
             return self._sole_referrer(tx, current.patient_id)
         if current.type in REFERRER_DIRECTORY:
             return self._own_directory_entry(tx, current)
         return False
 
-    def may_grant_consent(self, tx: Tx, patient_id: str | None) -> bool:
-        """Whether this caller may create a Consent for ``patient_id``. A Consent is what opens
-        a patient's data to parties outside the program, so a referrer records one only for a
-        patient its organisation has referred (a ServiceRequest about the patient with one of
-        its ``owner_references`` as requester) — asked at the end of the write transaction, so
-        the referral Bundle that carries the Consent counts. Other roles: the role rules."""
-        if self.principal.role != "referrer":
-            return True
+    # ------------------------------------------------------------------ what a referrer writes
+
+    def after_write(self, tx: Tx, stored: StoredResource) -> None:
+        """Called for every version this caller writes. A referrer's writes are checked at
+        the end of the transaction, when every entry of its Bundle is stored (the referral
+        that entitles a Consent comes in the same Bundle): 403 and nothing stored otherwise."""
+        if self.role != "referrer" or stored.deleted:
+            return
+        key = f"referrer-write:{stored.type}/{stored.id}"
+        tx.defer(key, lambda t: self._check_referrer_write(t, stored.type, stored.id))
+
+    def _check_referrer_write(self, tx: Tx, rtype: str, rid: str) -> None:
+        stored = tx.get(rtype, rid)
+        if stored is None or stored.deleted:
+            return
+        body = stored.json()
+        problems = []
+        if rtype in REFERRER_OWNED and _requester(body) not in set(self.owner_references(tx)):
+            # Names no organisation: only that the requester is not the sender's own.
+            problems.append(
+                issue(
+                    "forbidden",
+                    "a referral is sent in your own organisation's name: its requester must "
+                    "be your Organization or a PractitionerRole in it",
+                    f"{rtype}.requester",
+                )
+            )
+        if stored.patient_id and not self.has_referred(tx, stored.patient_id):
+            problems.append(
+                issue(
+                    "forbidden",
+                    "a referrer records data only about patients of its own program referrals",
+                    rtype,
+                )
+            )
+        if rtype == "Consent" and not self._grants_only_itself(tx, body):
+            problems.append(
+                issue(
+                    "forbidden",
+                    "a referrer's Consent may concern only its own organisation: every "
+                    "provision names it as the actor (consents for other parties are "
+                    "recorded by the program)",
+                    "Consent.provision.actor",
+                )
+            )
+        if problems:
+            raise Forbidden(problems)
+
+    def has_referred(self, tx: Tx, patient_id: str) -> bool:
+        """Whether this caller's organisation has a program referral for the patient: the
+        program's ServiceRequest (``is_program_referral``) about the patient with one of its
+        ``owner_references`` as requester — not any ServiceRequest it made up."""
         owners = tuple(self.owner_references(tx))
-        if not owners or not patient_id:
+        if not owners:
             return False
-        about = Criterion("patient", "reference", "", (("Patient", patient_id),), "")
-        mine = Criterion("requester", "reference", "", owners, "")
-        return self._count(tx, "ServiceRequest", about, mine) > 0
+        query = SearchQuery(
+            "ServiceRequest",
+            criteria=(
+                Criterion("patient", "reference", "", (("Patient", patient_id),), ""),
+                Criterion("requester", "reference", "", owners, ""),
+            ),
+            count=100,
+        )
+        return any(
+            is_program_referral(r.json()) and r.json().get("status") not in WITHDRAWN
+            for r in tx.system.matches(query)
+        )
+
+    def _grants_only_itself(self, tx: Tx, consent: dict[str, Any]) -> bool:
+        """Every provision (nested ones too) names actors, and each is this organisation."""
+        own = self.actor(tx)
+        pending = [consent.get("provision") or {}]
+        while pending:
+            provision = pending.pop()
+            actors = provision.get("actor") or []
+            if not actors:
+                return False
+            for actor in actors:
+                reference = actor.get("reference") or {}
+                target = split_reference(reference.get("reference", ""))
+                identifier = reference.get("identifier") or {}
+                by_id = f"{identifier.get('system', '')}|{identifier.get('value', '')}"
+                if not (
+                    (target and f"{target[0]}/{target[1]}" in own.references)
+                    or by_id in own.identifiers
+                ):
+                    return False
+            pending.extend(provision.get("provision", []))
+        return True
 
     def _count(self, tx: Tx, rtype: str, *criteria: Criterion) -> int:
-        _, total, _ = tx.search(SearchQuery(rtype, criteria=criteria, count=0))
+        _, total, _ = tx.system.search(SearchQuery(rtype, criteria=criteria, count=0))
         return total or 0
 
     def _sole_referrer(self, tx: Tx, patient_id: str) -> bool:
@@ -244,3 +362,16 @@ class Access:
             "organization", "reference", "", tuple(("Organization", o) for o in org_ids), ""
         )
         return roles == self._count(tx, "PractitionerRole", of, in_own)
+
+
+#: ServiceRequest statuses that no longer make a referral (R4 request-status).
+WITHDRAWN = frozenset({"revoked", "entered-in-error"})
+
+
+def _requester(resource: dict[str, Any]) -> tuple[str, str] | None:
+    return split_reference((resource.get("requester") or {}).get("reference", ""))
+
+
+def _member_patient(member: dict[str, Any]) -> str | None:
+    target = split_reference((member.get("entity") or {}).get("reference", ""))
+    return target[1] if target and target[0] == "Patient" else None

@@ -16,17 +16,19 @@ from datetime import datetime
 from typing import Any
 
 from fhir_kat.clinical.protocol import ProgramProtocol
-from fhir_kat.errors import Issue, Unprocessable, issue
+from fhir_kat.errors import Forbidden, Issue, Unprocessable, issue
 from fhir_kat.exchange import PartnerConfig
 from fhir_kat.mapping import MappingContext, map_artifact
 from fhir_kat.search import iter_references, split_reference
+from fhir_kat.security.identity import PUBLIC_NAMESPACE
 from fhir_kat.services.access import Access
 from fhir_kat.services.bundles import RawBundle, RawEntry
 from fhir_kat.services.delivery import queue_artifact
 from fhir_kat.services.fhir_rest import FhirService, WriteResult
-from fhir_kat.services.referrals import is_referral_task, keep_workflow_state
+from fhir_kat.services.referrals import keep_workflow_state
 from fhir_kat.store import Tx
 from fhir_kat.store.store import format_instant
+from fhir_kat.workflow.shapes import is_referral_task
 
 #: Demographics that identify a person: a PHN re-used with different values is a conflict.
 IDENTITY_ELEMENTS = ("birthDate", "gender")
@@ -46,11 +48,13 @@ class ArtifactService:
         protocol: ProgramProtocol,
         clock: Callable[[], datetime],
         partners: Mapping[str, PartnerConfig] | None = None,
+        id_namespace: uuid.UUID = PUBLIC_NAMESPACE,
     ) -> None:
         self.fhir = fhir
         self.protocol = protocol
         self.clock = clock
         self.partners = dict(partners or {})
+        self.id_namespace = id_namespace
 
     def transform(self, kind: str, payload: Any, submitter: str) -> dict[str, Any]:
         """The transaction Bundle the artifact would become (dry run: nothing is stored)."""
@@ -71,19 +75,23 @@ class ArtifactService:
         never overwrites what is not its organisation's: ``Access.may_change``). ``audit``
         runs inside that transaction with the result, so the audit record commits with the
         data it describes."""
+        payload = _require_object(payload)
+        if access is not None and access.role == "referrer":
+            _require_own_organisation(kind, payload, access)
         bundle = self.transform(kind, payload, submitter)
         entries: list[dict[str, Any]] = bundle.get("entry", [])
         for entry in entries:
             # Validated while no lock is held; ``update_in`` below finds them in the cache.
             self.fhir.check(entry["resource"])
-        with self.fhir.write() as tx:
+        with self.fhir.write(access) as tx:
             # Every entry's current row in one query (each is written below, so locked now).
             tx.preload(
                 [(e["resource"]["resourceType"], e["resource"]["id"]) for e in entries],
                 for_update=True,
             )
-            self._check_identity(tx, entries)
-            self._check_references(tx, entries)
+            # The service's own checks read what is stored, whoever the sender is.
+            self._check_identity(tx.system, entries, named=_reads_patients(access))
+            self._check_references(tx.system, entries)
             results: list[tuple[dict[str, Any], WriteResult]] = []
             provenance: list[dict[str, Any]] = []
             for entry in entries:
@@ -92,15 +100,15 @@ class ArtifactService:
                     provenance.append(resource)
                     continue
                 if is_referral_task(resource):
-                    current = tx.get("Task", resource["id"])
+                    current = tx.system.get("Task", resource["id"])
                     if current is not None and not current.deleted:
                         resource = keep_workflow_state(current.json(), resource)
-                written = self.fhir.update_in(tx, resource, skip_if_unchanged=True, access=access)
+                written = self.fhir.update_in(tx, resource, skip_if_unchanged=True)
                 results.append((entry, written))
             changed = any(r.changed for _, r in results)
             if changed:  # an identical re-send leaves no new trace and sends nothing again
                 for resource in provenance:
-                    written = self.fhir.update_in(tx, resource, access=access)
+                    written = self.fhir.update_in(tx, resource)
                     results.append(({"resource": resource}, written))
                 patient = next(
                     (r.stored.patient_id for _, r in results if r.stored.patient_id), None
@@ -136,9 +144,18 @@ class ArtifactService:
         return SubmitResult(response, created=any(r.created for _, r in results), changed=changed)
 
     def _context(self, submitter: str) -> MappingContext:
-        return MappingContext(now=self.clock(), submitter=submitter, protocol=self.protocol)
+        return MappingContext(
+            now=self.clock(),
+            submitter=submitter,
+            protocol=self.protocol,
+            id_namespace=self.id_namespace,
+        )
 
-    def _check_identity(self, tx: Tx, entries: list[dict[str, Any]]) -> None:
+    def _check_identity(self, tx: Tx, entries: list[dict[str, Any]], *, named: bool) -> None:
+        """One PHN, one person: a Patient already stored under the artifact's PHN whose birth
+        date, sex or family name differ is refused (records are never merged automatically).
+        Only a caller who may read Patients is told which element differs: to anyone else
+        the refusal is the same whatever differs, so it cannot confirm a demographic."""
         problems: list[Issue] = []
         for entry in entries:
             resource = entry["resource"]
@@ -148,27 +165,35 @@ class ArtifactService:
             if stored is None or stored.deleted:
                 continue
             known = stored.json()
-            for element in IDENTITY_ELEMENTS:
-                if element in known and element in resource and known[element] != resource[element]:
-                    problems.append(
-                        issue(
-                            "business-rule",
-                            f"this PHN already belongs to a patient with a different {element}; "
-                            "resolve the identity before re-sending (records are never merged "
-                            "automatically)",
-                            f"Patient.{element}",
-                        )
-                    )
+            differing = [
+                element
+                for element in IDENTITY_ELEMENTS
+                if element in known and element in resource and known[element] != resource[element]
+            ]
             if (
                 _family_names(known)
                 and _family_names(resource)
                 and not (_family_names(known) & _family_names(resource))
             ):
+                differing.append("name.family")
+            if differing and not named:
                 problems.append(
                     issue(
                         "business-rule",
-                        "this PHN already belongs to a patient with a different family name",
-                        "Patient.name.family",
+                        "the patient's identity does not match the record held for this PHN; "
+                        "resolve it with the program before re-sending (records are never "
+                        "merged automatically)",
+                        "Patient",
+                    )
+                )
+            for element in differing if named else ():
+                problems.append(
+                    issue(
+                        "business-rule",
+                        f"this PHN already belongs to a patient with a different {element}; "
+                        "resolve the identity before re-sending (records are never merged "
+                        "automatically)",
+                        f"Patient.{element}",
                     )
                 )
         if problems:
@@ -202,6 +227,34 @@ class ArtifactService:
                     for ref, path in missing.items()
                 ]
             )
+
+
+def _reads_patients(access: Access | None) -> bool:
+    return access is None or access.can("Patient", "r")
+
+
+def _require_own_organisation(kind: str, payload: dict[str, Any], access: Access) -> None:
+    """A referrer refers in its registered organisation's name, always (before anything is
+    looked up, so a refusal says nothing about what is stored)."""
+    if kind != "referrals":
+        return
+    referrer = payload.get("referrer")
+    organisation = referrer.get("organization") if isinstance(referrer, dict) else None
+    ident = organisation.get("identifier") if isinstance(organisation, dict) else None
+    named = (
+        f"{ident.get('system', '')}|{ident.get('value', '')}" if isinstance(ident, dict) else None
+    )
+    if named is None:
+        return  # the artifact's own schema refuses it, naming the field
+    if not access.principal.organization or named != access.principal.organization:
+        raise Forbidden(
+            issue(
+                "forbidden",
+                "a referral is sent in your own organisation's name: referrer.organization."
+                "identifier must be the organisation your client is registered for",
+                "referrer.organization.identifier",
+            )
+        )
 
 
 def _require_object(payload: Any) -> dict[str, Any]:

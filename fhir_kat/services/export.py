@@ -155,12 +155,14 @@ class ExportService:
         return {"level": level, "types": types or allowed, "since": since, "filters": filters}
 
     def _group_members(self, group_id: str, access: Access) -> set[str]:
-        with self.store.read() as tx:
+        """The Group's active Patient members, as far as ``access`` may see them (a cohort
+        Group read by a party outside the program lists only consenting members)."""
+        if not access.can("Group", "r"):
+            raise Forbidden(issue("forbidden", "you may not read Groups", "Group"))
+        with self.store.read(viewer=access) as tx:
             group = tx.get("Group", group_id)
             if group is None or group.deleted:
                 raise NotFound(issue("not-found", "no such Group", "Group"))
-            if not access.can("Group", "r"):
-                raise Forbidden(issue("forbidden", "you may not read Groups", "Group"))
             members = set()
             for member in group.json().get("member", []):
                 ref = member.get("entity", {}).get("reference", "")
@@ -285,15 +287,14 @@ class ExportService:
         """Stream one query's rows to ``out``: one read transaction and one query per type
         (``Tx.scan_batches``), written a batch of ``BATCH`` rows at a time (one join, one
         write: the stored JSON is the line), with the cancel check per batch and a heartbeat
-        every ``HEARTBEAT_EVERY``. The consent decision is taken once, at the query's start,
-        from the same snapshot the rows come from."""
+        every ``HEARTBEAT_EVERY``. The caller's scope is taken once, at the query's start, from
+        the same snapshot the rows come from."""
         count = 0
         last_beat = self.clock()
-        with self.store.read() as tx:
-            visible = access.visible_patients(tx, query.resource_type)
-            batches = tx.scan_batches(
-                query, batch=BATCH, since=since, visible_patients=visible, patients=patients
-            )
+        with self.store.read(viewer=access) as tx:
+            # The caller's transaction: consent, ownership and shaping (a cohort Group's
+            # members) are the store's, exactly as for a search.
+            batches = tx.scan_batches(query, batch=BATCH, since=since, patients=patients)
             with closing(batches):
                 for batch in batches:
                     if seen is None and level == "system":  # the common case: every row

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from fhir_kat.errors import Forbidden, NotFound, issue
+from fhir_kat.errors import Hidden, NotFound, issue
 from fhir_kat.exchange import PartnerConfig
 from fhir_kat.exchange.partners import REFERRAL_STATUS
 from fhir_kat.exchange.routing import enqueue_referral_status, referrer_partners
@@ -32,9 +32,9 @@ from fhir_kat.search import Criterion, SearchQuery, iter_references, split_refer
 from fhir_kat.security.consent import ConsentDecisionPoint, actor_for
 from fhir_kat.services.access import Access
 from fhir_kat.services.fhir_rest import FhirService
-from fhir_kat.services.referrals import is_referral_task
 from fhir_kat.store import StoredResource, Tx
 from fhir_kat.store.store import format_instant
+from fhir_kat.workflow.shapes import is_referral_task
 
 log = logging.getLogger("fhir_kat.feedback")
 
@@ -101,48 +101,44 @@ class ReferrerFeedback:
     # ------------------------------------------------------------------ reading it
 
     def document(self, composition_id: str, access: Access | None) -> dict[str, Any]:
-        """``Composition/<id>/$document``. Program staff read it like any resource; a referrer
-        reads the document of a referral it sent (its Task's output points at it), and only
-        while the participant's consent permits sharing with its Organization for TREAT."""
-        with self.fhir.store.read() as tx:
-            found = tx.get("Composition", composition_id)
-            if found is None or found.deleted:
-                raise NotFound(issue("not-found", f"Composition/{composition_id} is not known"))
-            if not self._may_read(tx, found, access):
-                raise Forbidden(
-                    issue(
-                        "forbidden",
-                        "your role or the patient's consent does not permit this",
-                        "Composition",
-                    )
-                )
-            return document_bundle(tx, composition_id, self.clock())
+        """``Composition/<id>/$document``. Whoever may read the Composition gets it, with what
+        it refers to as far as they may read that too. A referrer (who reads no Composition)
+        gets the feedback document of its own program referral, whole, while the
+        participant's consent permits sharing with its Organization for TREAT. Anything else:
+        404, as for a Composition never stored."""
+        with self.fhir.store.read(viewer=access) as tx:
+            if tx.get("Composition", composition_id) is not None:
+                return document_bundle(tx, composition_id, self.clock())
+            if access is not None and self._referrers_feedback(tx, composition_id, access):
+                return document_bundle(tx.system, composition_id, self.clock())
+            hidden = tx.system.get("Composition", composition_id) is not None
+            raise (Hidden if hidden else NotFound)(
+                issue("not-found", f"Composition/{composition_id} is not known", "Composition")
+            )
 
-    def _may_read(self, tx: Tx, found: StoredResource, access: Access | None) -> bool:
-        if access is None or (access.can("Composition", "r") and access.may_see(tx, found)):
-            return True
-        if access.principal.role != "referrer" or found.patient_id is None:
+    def _referrers_feedback(self, tx: Tx, composition_id: str, access: Access) -> bool:
+        """Whether the Composition is the feedback document of one of this referrer's own
+        referral Tasks (its id is derived from the Task's, so a Task that merely points its
+        ``output`` at another referral's document does not qualify) and consent permits."""
+        if access.role != "referrer":
             return False
-        own = access.restrict(
-            tx,
-            SearchQuery(
-                "Task",
-                criteria=(
-                    Criterion("patient", "reference", "", (("Patient", found.patient_id),), ""),
-                ),
-                count=100,
-            ),
-        )
-        rows = tx.matches(own)
-        wanted = f"Composition/{found.id}"
+        found = tx.system.get("Composition", composition_id)
+        if found is None or found.deleted or found.patient_id is None:
+            return False
+        about = Criterion("patient", "reference", "", (("Patient", found.patient_id),), "")
+        own_tasks = tx.matches(SearchQuery("Task", criteria=(about,), count=100))
         if not any(
-            o.get("valueReference", {}).get("reference") == wanted
-            for r in rows
-            for o in r.json().get("output", [])
+            is_referral_task(task.json()) and feedback_id(task.id) == composition_id
+            for task in own_tasks
         ):
             return False
         return self.consent.permits(
-            tx, found.patient_id, access.actor(tx), FEEDBACK_PURPOSE, "Composition", self.clock()
+            tx.system,
+            found.patient_id,
+            access.actor(tx),
+            FEEDBACK_PURPOSE,
+            "Composition",
+            self.clock(),
         )
 
     # ------------------------------------------------------------------ the document
@@ -196,7 +192,7 @@ class ReferrerFeedback:
 
     def compose(self, tx: Tx, task: dict[str, Any], patient_id: str) -> dict[str, Any]:
         now = format_instant(self.clock())
-        cid = str(uuid.uuid5(NAMESPACE, f"feedback|Task/{task['id']}"))
+        cid = feedback_id(task["id"])
         patient = ("Patient", patient_id)
         sessions = _search(tx, "MedicationAdministration", "patient", patient)
         sessions.sort(key=lambda r: str(_effective(r)))
@@ -288,6 +284,12 @@ class ReferrerFeedback:
 
 
 # ---------------------------------------------------------------------- the referrer
+
+
+def feedback_id(task_id: str) -> str:
+    """The id of a referral Task's feedback Composition: derived from the Task's, so the
+    document belongs to that referral and to no Task that merely points at it."""
+    return str(uuid.uuid5(NAMESPACE, f"feedback|Task/{task_id}"))
 
 
 def referrer_organizations(tx: Tx, task: Mapping[str, Any]) -> set[str]:

@@ -8,6 +8,7 @@ hands it plain values) or build SQL (the store does).
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from fhir_kat.errors import (
     FhirError,
     Forbidden,
     Gone,
+    Hidden,
     Issue,
     MethodNotAllowed,
     NotFound,
@@ -51,6 +53,9 @@ class WriteResult:
     stored: StoredResource
     created: bool  # 201 vs 200
     changed: bool = True  # False: conditional create matched, or identical re-send
+    #: False: the caller may not read ``stored`` (a conditional create matched what it may
+    #: change but not read): answer with its location and version, never its content.
+    disclose: bool = True
 
 
 def require_type(resource_type: str) -> None:
@@ -120,17 +125,13 @@ class FhirService:
     def read(self, rtype: str, rid: str, access: Access | None = None) -> StoredResource:
         require_type(rtype)
         require_access(access, rtype, "read")
-        with self.store.read(transaction=False) as tx:
-            return self._read(tx, rtype, rid, access)
+        with self.store.read(transaction=False, viewer=access) as tx:
+            return self._read(tx, rtype, rid)
 
-    def _read(self, tx: Tx, rtype: str, rid: str, access: Access | None) -> StoredResource:
+    def _read(self, tx: Tx, rtype: str, rid: str) -> StoredResource:
         found = tx.get(rtype, rid)
         if found is None:
-            raise NotFound(issue("not-found", f"{rtype}/{rid} is not known", rtype))
-        if access is not None and not access.may_see(tx, found):
-            raise Forbidden(
-                issue("forbidden", "your role or the patient's consent does not permit this", rtype)
-            )
+            raise _unknown(tx, rtype, rid, f"{rtype}/{rid} is not known")
         if found.deleted:
             raise Gone(issue("deleted", f"{rtype}/{rid} has been deleted", rtype))
         return found
@@ -142,22 +143,13 @@ class FhirService:
         require_access(access, rtype, "read")
         if not version.isdigit():
             raise NotFound(issue("not-found", "no such version", f"{rtype}.meta.versionId"))
-        with self.store.read(transaction=False) as tx:
-            if access is not None:
-                self._check_current(tx, rtype, rid, access)
+        with self.store.read(transaction=False, viewer=access) as tx:
             found = tx.vread(rtype, rid, int(version))
-        if found is None:
-            raise NotFound(issue("not-found", f"{rtype}/{rid} has no version {version}", rtype))
+            if found is None:
+                raise _unknown(tx, rtype, rid, f"{rtype}/{rid} has no version {version}")
         if found.deleted:
             raise Gone(issue("deleted", f"version {version} of {rtype}/{rid} is a deletion", rtype))
         return found
-
-    def _check_current(self, tx: Tx, rtype: str, rid: str, access: Access) -> None:
-        current = tx.get(rtype, rid)
-        if current is not None and not access.may_see(tx, current):
-            raise Forbidden(
-                issue("forbidden", "your role or the patient's consent does not permit this", rtype)
-            )
 
     def history(
         self,
@@ -170,12 +162,10 @@ class FhirService:
         require_type(rtype)
         require_access(access, rtype, "read")
         limit = min(count or self.max_page_size, self.max_page_size)
-        with self.store.read(transaction=False) as tx:
-            if access is not None:
-                self._check_current(tx, rtype, rid, access)
+        with self.store.read(transaction=False, viewer=access) as tx:
             versions = tx.history(rtype, rid, limit)
-        if not versions:
-            raise NotFound(issue("not-found", f"{rtype}/{rid} is not known", rtype))
+            if not versions:
+                raise _unknown(tx, rtype, rid, f"{rtype}/{rid} is not known")
         bundle = RawBundle(
             {
                 "resourceType": "Bundle",
@@ -200,6 +190,8 @@ class FhirService:
                     "lastModified": format_instant(stored.last_updated),
                 },
             }
+            if stored.patient_id:
+                bundle.patients.add(stored.patient_id)
             bundle.entries.append(RawEntry(fields, None if stored.deleted else stored.content))
         return bundle
 
@@ -229,17 +221,12 @@ class FhirService:
         require_type(rtype)
         require_access(access, rtype, "search")
         query = self.parse_query(rtype, pairs, strict=strict)
-        with self.store.read(transaction=False) as tx:
-            return self._search(tx, query, base, access)
+        with self.store.read(transaction=False, viewer=access) as tx:
+            return self._search(tx, query, base)
 
-    def _search(
-        self, tx: Tx, query: SearchQuery, base: str, access: Access | None = None
-    ) -> RawBundle:
-        visible = None
-        if access is not None:
-            query = access.restrict(tx, query)
-            visible = access.visible_patients(tx, query.resource_type)
-        rows, total, has_more = tx.search(query, visible)
+    def _search(self, tx: Tx, query: SearchQuery, base: str) -> RawBundle:
+        """A searchset of what ``tx``'s caller may see: matches, total and includes alike."""
+        rows, total, has_more = tx.search(query)
         rtype = query.resource_type
         params = query.self_params()
         self_params = list(params)
@@ -269,8 +256,6 @@ class FhirService:
                 )
             )
         for included in self._includes(tx, query, rows):
-            if access is not None and not access.may_see(tx, included):
-                continue  # never include what the caller could not read on its own
             bundle.disclosed.append(f"{included.type}/{included.id}")
             if included.patient_id:
                 bundle.patients.add(included.patient_id)
@@ -320,25 +305,20 @@ class FhirService:
         problems = validate_resource(resource, rtype)
         if problems:
             raise _status_for(problems)(problems)
-        with self._write() as tx:
-            return self._create(tx, resource, if_none_exist, access)
+        with self._write(access) as tx:
+            return self._create(tx, resource, if_none_exist)
 
-    def _create(
-        self,
-        tx: Tx,
-        resource: dict[str, Any],
-        if_none_exist: str | None,
-        access: Access | None = None,
-    ) -> WriteResult:
+    def _create(self, tx: Tx, resource: dict[str, Any], if_none_exist: str | None) -> WriteResult:
         rtype = resource["resourceType"]
         if if_none_exist:
             existing = self._conditional_match(tx, rtype, if_none_exist)
             if existing is not None:
-                return WriteResult(existing, created=False, changed=False)
+                access = caller_of(tx)
+                readable = access is None or access.can(rtype, "r")
+                return WriteResult(existing, created=False, changed=False, disclose=readable)
         body = dict(resource)
         body["id"] = str(uuid.uuid4())  # the server assigns ids on create (FHIR R4 3.1.0.4)
         stored, _ = self._put(tx, body, None, method="POST")
-        _guard_new(tx, access, stored)
         return WriteResult(stored, created=True)
 
     def _put(
@@ -350,17 +330,26 @@ class FhirService:
         method: str,
         skip_if_unchanged: bool = False,
     ) -> tuple[StoredResource, bool]:
-        """The one path every version takes: rules, store, hooks."""
+        """The one path every version takes: rules (as the caller: ``tx.viewer``, None for the
+        service's own writes), store, hooks (as the service: ``tx.system``)."""
         for rule in self.write_rules:
             rule(tx, body, current)
         stored, changed = tx.put(
             body, current=current, skip_if_unchanged=skip_if_unchanged, method=method
         )
         if changed:
+            access = caller_of(tx)
+            if access is not None:
+                access.after_write(tx, stored)  # what a referrer may write: docs/security.md
             self._after_write(tx, stored, current is None or current.deleted)
         return stored, changed
 
     def _conditional_match(self, tx: Tx, rtype: str, criteria: str) -> StoredResource | None:
+        """The one resource ``criteria`` match among those ``tx``'s caller may see (None: no
+        match; 412 for several). A resource the caller may not see is never matched, counted
+        or revealed: for the caller it does not exist, so its request creates. A type it may
+        write but not read (a referrer's Patient) is matched among what it may change: its
+        re-sends stay idempotent, and the answer names the match without its content."""
         pairs = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
         if not pairs:
             raise BadRequest(
@@ -372,16 +361,27 @@ class FhirService:
         # Serialise conditional creates with the same criteria (PostgreSQL advisory lock):
         # without it two parallel requests both see "no match" and both create.
         tx.lock(f"conditional-create|{rtype}|{sorted(query.self_params())}")
-        rows, total, _ = tx.search(query)
-        if total and total > 1:
+        rows = self.match(tx, query)
+        if len(rows) > 1:
+            # Never how many: a count of what the criteria match is a value oracle.
             raise PreconditionFailed(
                 issue(
                     "multiple-matches",
-                    f"If-None-Exist matched {total} {rtype} resources",
+                    f"If-None-Exist matched more than one {rtype}",
                     "If-None-Exist",
                 )
             )
         return rows[0] if rows else None
+
+    def match(self, tx: Tx, query: SearchQuery) -> list[StoredResource]:
+        """The first matches (up to ``query.count``) of ``query`` for an idempotent write by
+        ``tx``'s caller: among what it may see; for a type it may write but not read, among
+        what it may change. Nothing else is ever matched, so nothing else is revealed."""
+        access = caller_of(tx)
+        if access is None or access.can(query.resource_type, "r"):
+            return tx.matches(query)
+        found = tx.system.matches(dataclasses.replace(query, count=max(query.count, 50)))
+        return [r for r in found if access.may_change(tx, r)][: query.count]
 
     def update(
         self,
@@ -404,8 +404,8 @@ class FhirService:
         if problems:
             raise _status_for(problems)(problems)
         expected = parse_etag(if_match) if if_match else None
-        with self._write() as tx:
-            return self._update(tx, resource, expected, skip_if_unchanged, access)
+        with self._write(access) as tx:
+            return self._update(tx, resource, expected, skip_if_unchanged)
 
     def update_in(
         self,
@@ -414,12 +414,12 @@ class FhirService:
         *,
         if_match: int | None = None,
         skip_if_unchanged: bool = False,
-        access: Access | None = None,
     ) -> WriteResult:
-        """Update (or create with its id) inside a transaction another service opened; with
-        ``access``, as that caller (``Access.may_change`` decides over existing resources)."""
+        """Update (or create with its id) inside a transaction another service opened, as
+        the caller that transaction was opened for (``FhirService.write(access)``; a hook's
+        ``tx.system`` writes as the service)."""
         self.check(resource)
-        return self._update(tx, resource, if_match, skip_if_unchanged, access)
+        return self._update(tx, resource, if_match, skip_if_unchanged)
 
     @staticmethod
     def check(resource: dict[str, Any]) -> None:
@@ -430,9 +430,11 @@ class FhirService:
         if problems:
             raise _status_for(problems)(problems)
 
-    def write(self) -> Any:
-        """A write transaction whose lost races become 409 OperationOutcomes."""
-        return _WriteContext(self.store)
+    def write(self, access: Access | None = None) -> Any:
+        """A write transaction whose lost races become 409 OperationOutcomes; with
+        ``access``, opened for that caller (it reads only what the caller may see, and its
+        writes are the caller's: ``Access.may_change`` and the write policy apply)."""
+        return _WriteContext(self.store, access)
 
     def _update(
         self,
@@ -440,11 +442,10 @@ class FhirService:
         resource: dict[str, Any],
         expected_version: int | None,
         skip_if_unchanged: bool,
-        access: Access | None = None,
     ) -> WriteResult:
         rtype, rid = resource["resourceType"], resource["id"]
-        current = tx.get(rtype, rid, for_update=True)
-        if _may_only_resend(tx, access, current, resource):
+        current = tx.system.get(rtype, rid, for_update=True)
+        if _may_only_resend(tx, caller_of(tx), current, resource):
             skip_if_unchanged = True  # an identical re-send: answered, nothing written
         if expected_version is not None:
             if current is None:
@@ -464,27 +465,23 @@ class FhirService:
         stored, changed = self._put(
             tx, resource, current, method="PUT", skip_if_unchanged=skip_if_unchanged
         )
-        created = current is None or current.deleted
-        if created:
-            _guard_new(tx, access, stored)
-        return WriteResult(stored, created=created, changed=changed)
+        return WriteResult(stored, created=current is None or current.deleted, changed=changed)
 
     def delete(self, rtype: str, rid: str, access: Access | None = None) -> StoredResource | None:
         require_type(rtype)
         require_access(access, rtype, "delete")
-        with self._write() as tx:
-            return self._delete(tx, rtype, rid, access)
+        with self._write(access) as tx:
+            return self._delete(tx, rtype, rid)
 
-    def _delete(
-        self, tx: Tx, rtype: str, rid: str, access: Access | None = None
-    ) -> StoredResource | None:
+    def _delete(self, tx: Tx, rtype: str, rid: str) -> StoredResource | None:
         if rtype == "AuditEvent":
             raise MethodNotAllowed(
                 issue("not-supported", "audit records cannot be deleted", "AuditEvent")
             )
-        current = tx.get(rtype, rid, for_update=True)
+        current = tx.system.get(rtype, rid, for_update=True)
         if current is None or current.deleted:
             return None  # deleting what is not there succeeds (FHIR R4 3.1.0.7)
+        access = caller_of(tx)
         if access is not None and not access.may_change(tx, current):
             raise Forbidden(_not_yours(rtype))
         for rule in self.delete_rules:
@@ -495,10 +492,10 @@ class FhirService:
 
     def _after_write(self, tx: Tx, stored: StoredResource, created: bool) -> None:
         for hook in self.write_hooks:
-            hook(tx, stored, created)
+            hook(tx.system, stored, created)
 
-    def _write(self) -> Any:
-        return _WriteContext(self.store)
+    def _write(self, access: Access | None = None) -> Any:
+        return _WriteContext(self.store, access)
 
     # ---------------------------------------------------------------- bundles
 
@@ -550,7 +547,7 @@ class FhirService:
         if problems:
             raise _status_for(problems)(problems)
         results: list[dict[str, Any] | None] = [None] * len(plans)
-        with self._write() as tx:
+        with self._write(access) as tx:
             id_map = self._assign_ids(tx, plans)
             unresolved: list[Issue] = []
             for plan in plans:
@@ -560,7 +557,7 @@ class FhirService:
                 raise Unprocessable(unresolved)
             for plan in sorted(plans, key=lambda p: _ORDER[p.method]):
                 try:
-                    results[plan.index] = self._execute(tx, plan, base, access)
+                    results[plan.index] = self._execute(tx, plan, base)
                 except FhirError as exc:
                     located = [
                         Issue(i.code, f"entry {plan.index}: {i.diagnostics}", i.expression)
@@ -586,10 +583,10 @@ class FhirService:
                     _rewrite_references(plan.resource, {}, plan.where, unresolved)
                     if unresolved:
                         raise Unprocessable(unresolved)
-                with self._write() as tx:
-                    if plan.method == "POST":
-                        plan.new_id = str(uuid.uuid4())
-                    results.append(self._execute(tx, plan, base, access))
+                with self._write(access) as tx:
+                    # Each entry on its own, with the same conditional create as anywhere else.
+                    self._assign_ids(tx, [plan])
+                    results.append(self._execute(tx, plan, base))
             except FhirError as exc:
                 results.append(
                     {
@@ -619,20 +616,18 @@ class FhirService:
                 id_map[plan.full_url] = f"{plan.rtype}/{plan.rid}"
         return id_map
 
-    def _execute(
-        self, tx: Tx, plan: _EntryPlan, base: str, access: Access | None = None
-    ) -> dict[str, Any]:
+    def _execute(self, tx: Tx, plan: _EntryPlan, base: str) -> dict[str, Any]:
         if plan.method == "GET":
             if plan.rid:
-                found = self._read(tx, plan.rtype, plan.rid, access)
+                found = self._read(tx, plan.rtype, plan.rid)
                 return {"resource": found.json(), "response": _response_of(found, "200 OK")}
             query = self.parse_query(plan.rtype, plan.query or [], strict=False)
             return {
-                "resource": self._search(tx, query, base, access).to_dict(),
+                "resource": self._search(tx, query, base).to_dict(),
                 "response": {"status": "200 OK"},
             }
         if plan.method == "DELETE":
-            self._delete(tx, plan.rtype, plan.rid or "", access)
+            self._delete(tx, plan.rtype, plan.rid or "")
             return {"response": {"status": "204 No Content"}}
         assert plan.resource is not None
         if plan.method == "POST":
@@ -641,7 +636,6 @@ class FhirService:
             body = dict(plan.resource)
             body["id"] = plan.new_id
             stored, _ = self._put(tx, body, None, method="POST")
-            _guard_new(tx, access, stored)
             return {"response": _response_of(stored, "201 Created", base)}
         body = dict(plan.resource)
         if body.get("id") != plan.rid:
@@ -649,7 +643,7 @@ class FhirService:
                 issue("value", "resource id must match request.url", f"{plan.where}.id")
             )
         expected = parse_etag(plan.if_match) if plan.if_match else None
-        result = self._update(tx, body, expected, skip_if_unchanged=False, access=access)
+        result = self._update(tx, body, expected, skip_if_unchanged=False)
         status = "201 Created" if result.created else "200 OK"
         return {"response": _response_of(result.stored, status, base)}
 
@@ -657,12 +651,13 @@ class FhirService:
 class _WriteContext:
     """``store.write()`` that turns lost races into FHIR errors instead of 500s."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, access: Access | None) -> None:
         self.store = store
+        self.access = access
         self._cm: Any = None
 
     def __enter__(self) -> Tx:
-        self._cm = self.store.write()
+        self._cm = self.store.write(viewer=self.access)
         tx: Tx = self._cm.__enter__()
         return tx
 
@@ -792,24 +787,17 @@ def _authorize_entry(access: Access | None, plan: _EntryPlan) -> None:
     require_access(access, plan.rtype, interaction, f"Bundle.entry[{plan.index}].request")
 
 
-def _guard_new(tx: Tx, access: Access | None, stored: StoredResource) -> None:
-    """Rules over what a caller may create, asked once every entry of the transaction is
-    written (a referral Bundle's Consent comes with the ServiceRequest that entitles it)."""
-    if access is None or stored.type != "Consent":
-        return
+def caller_of(tx: Tx) -> Access | None:
+    """The caller ``tx`` was opened for (None: the service itself)."""
+    viewer = tx.viewer
+    return viewer if isinstance(viewer, Access) else None
 
-    def check(t: Tx) -> None:
-        if not access.may_grant_consent(t, stored.patient_id):
-            # Names no patient: only that this sender has referred none by that reference.
-            raise Forbidden(
-                issue(
-                    "forbidden",
-                    "a referrer records Consents only for patients its organisation referred",
-                    "Consent.patient",
-                )
-            )
 
-    tx.defer(f"consent-grant:{stored.id}", check)
+def _unknown(tx: Tx, rtype: str, rid: str, text: str) -> NotFound:
+    """404 for what ``tx``'s caller cannot find. Whether it exists but is hidden from the
+    caller changes nothing in the answer, only the audit record (``Hidden``)."""
+    hidden = tx.viewer is not None and tx.system.get(rtype, rid) is not None
+    return (Hidden if hidden else NotFound)(issue("not-found", text, rtype))
 
 
 def _not_yours(rtype: str) -> Issue:

@@ -42,6 +42,7 @@ class InstrumentService:
         self.fhir = fhir
         self.catalogue = catalogue
         self.questionnaires = {q["url"]: q for q in questionnaires}
+        self.by_reference = {f"Questionnaire/{q['id']}": q for q in self.questionnaires.values()}
         self.clock = clock
         #: ``SafetyService.raise_signal``: the one way a safety Flag is raised and delivered.
         self.raise_signal = raise_signal
@@ -53,9 +54,12 @@ class InstrumentService:
                 self.fhir.update_in(tx, dict(q), skip_if_unchanged=True)
 
     def _questionnaire(self, qr: dict[str, Any]) -> tuple[dict[str, Any], Instrument] | None:
+        """The program Questionnaire a response answers: named by its canonical URL (with or
+        without ``|version``, as SDC renderers write it) or by a literal ``Questionnaire/<id>``
+        (as some EMRs do). Anything else is not one of the program's instruments."""
         canonical = str(qr.get("questionnaire", "")).split("|")[0]
-        q = self.questionnaires.get(canonical)
-        instrument = self.catalogue.by_questionnaire(canonical)
+        q = self.questionnaires.get(canonical) or self.by_reference.get(canonical)
+        instrument = self.catalogue.by_questionnaire(q["url"]) if q else None
         return (q, instrument) if q and instrument else None
 
     # ------------------------------------------------------------------ write rule and hook
@@ -66,7 +70,7 @@ class InstrumentService:
         found = self._questionnaire(body)
         if found is None:
             return  # not one of the program's instruments: stored as any other response
-        problems = check_response(body, found[0])
+        problems = check_response(body, *found)
         if problems:
             raise Unprocessable(problems)
 
@@ -89,14 +93,16 @@ class InstrumentService:
                 self.raise_signal(tx, signal)
 
     def extract_bundle(self, qr: dict[str, Any]) -> dict[str, Any]:
-        """``$extract``: the Observations a response yields, as a transaction Bundle."""
+        """``$extract``: the Observations a response yields, as a transaction Bundle. The
+        response passes the same checks as a stored one (structure, then the Questionnaire)."""
+        self.fhir.check(qr)
         found = self._questionnaire(qr)
         if found is None:
             raise Unprocessable(
                 "the response is not for one of the program's Questionnaires",
                 expression="QuestionnaireResponse.questionnaire",
             )
-        problems = check_response(qr, found[0])
+        problems = check_response(qr, *found)
         if problems:
             raise Unprocessable(problems)
         qr = dict(qr)

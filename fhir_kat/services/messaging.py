@@ -84,9 +84,16 @@ class _Header:
 
 
 class MessagingService:
-    def __init__(self, fhir: FhirService, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        fhir: FhirService,
+        clock: Callable[[], datetime],
+        id_namespace: uuid.UUID = NAMESPACE,
+    ) -> None:
         self.fhir = fhir
         self.clock = clock
+        #: Ids derived from business identifiers (a PHN): keyed by the installation's secret.
+        self.id_namespace = id_namespace
 
     # ------------------------------------------------------------------ entry point
 
@@ -105,7 +112,7 @@ class MessagingService:
             problems = _check(bundle, header)
             if problems:
                 raise BadRequest(problems)
-            with self.fhir.write() as tx:
+            with self.fhir.write(access) as tx:
                 tx.lock(f"message|{key}")
                 again = _recorded(tx, key)
                 if again is not None:  # a parallel copy of the same message won the race
@@ -172,7 +179,7 @@ class MessagingService:
             rtype = body["resourceType"]
             body["id"] = local_id
             body.pop("meta", None)
-            current = tx.get(rtype, body["id"], for_update=True)
+            current = tx.system.get(rtype, body["id"], for_update=True)
             if rtype == "Task" and current is not None and not current.deleted:
                 body = keep_workflow_state(current.json(), body)
             if problems:
@@ -180,7 +187,7 @@ class MessagingService:
             try:
                 # As the sender: another sender's referral or patient data is never overwritten
                 # (Access.may_change; a Forbidden leaves as HTTP 403, nothing stored).
-                self.fhir.update_in(tx, body, skip_if_unchanged=True, access=access)
+                self.fhir.update_in(tx, body, skip_if_unchanged=True)
             except FhirError as exc:
                 located = [
                     Issue(i.code, f"entry {index}: {i.diagnostics}", i.expression)
@@ -205,7 +212,9 @@ class MessagingService:
         self, tx: Tx, resource: dict[str, Any], header: _Header, entry: dict[str, Any]
     ) -> str:
         """The id a received resource is stored under: that of the stored resource with the
-        same business identifier (whichever route created it), else a deterministic one."""
+        same business identifier (whichever route created it) among those the sender may see
+        or change (the conditional-create rule: ``FhirService.match``), else a deterministic
+        one."""
         rtype = str(resource["resourceType"])
         ident = _first_identifier(resource)
         if ident is not None:
@@ -215,12 +224,12 @@ class MessagingService:
                 criteria=(Criterion("identifier", "token", "", ((system, value, True),), ""),),
                 count=2,
             )
-            rows = tx.matches(query)
+            rows = self.fhir.match(tx, query)
             if len(rows) == 1:
                 return rows[0].id
-            return str(uuid.uuid5(NAMESPACE, f"{rtype}|{system}|{value}"))
+            return str(uuid.uuid5(self.id_namespace, f"{rtype}|{system}|{value}"))
         origin = entry.get("fullUrl") or f"{rtype}/{resource.get('id', '')}"
-        return str(uuid.uuid5(NAMESPACE, f"{header.source_endpoint}|{origin}"))
+        return str(uuid.uuid5(self.id_namespace, f"{header.source_endpoint}|{origin}"))
 
     # ------------------------------------------------------------------ response
 

@@ -2,8 +2,8 @@
 
 Owns: reading total-score Observations (status final/amended/corrected, effective in the period,
 optionally only a cohort Group's members) and handing them to ``instruments.outcomes``. The
-report is aggregate, so consent filtering does not apply (issue: "aggregate MeasureReports
-always"); it discloses counts and means only.
+report is aggregate (counts and means, never a person's data): it counts every participant,
+and what leaves the program has its small cells withheld (``security.disclosure``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 from fhir_kat.errors import BadRequest, NotFound, issue
 from fhir_kat.instruments.definitions import Catalogue
@@ -24,6 +25,9 @@ from fhir_kat.instruments.outcomes import (
     measure_resource,
 )
 from fhir_kat.search import parse_date_range, split_reference
+from fhir_kat.security.disclosure import suppress_small_cells
+from fhir_kat.security.policy import OUTSIDE_PROGRAM
+from fhir_kat.services.access import Access
 from fhir_kat.store import Store, Tx
 from fhir_kat.store.observations import observation_values
 from fhir_kat.store.store import format_instant
@@ -34,10 +38,17 @@ MEMBERS_IN_SQL = 500
 
 
 class OutcomeService:
-    def __init__(self, store: Store, catalogue: Catalogue, clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        catalogue: Catalogue,
+        clock: Callable[[], datetime],
+        min_cell_size: int = 1,
+    ) -> None:
         self.store = store
         self.catalogue = catalogue
         self.clock = clock
+        self.min_cell_size = min_cell_size
 
     def install_measure(self) -> None:
         """Store the Measure generated from the definitions (a new version only on change)."""
@@ -46,8 +57,16 @@ class OutcomeService:
             tx.lock("install-definitions")  # processes starting together take turns
             tx.put(resource, current=tx.get("Measure", MEASURE_ID), skip_if_unchanged=True)
 
-    def results(self, period_start: str, period_end: str, subject: str | None) -> list[GroupResult]:
-        """One result per instrument for the period (and the cohort Group, if given)."""
+    def results(
+        self,
+        period_start: str,
+        period_end: str,
+        subject: str | None,
+        access: Access | None = None,
+    ) -> list[GroupResult]:
+        """One result per instrument for the period (and the cohort Group, if given: one
+        ``access`` may see, else 404). The figures are over every member of the cohort: the
+        aggregate is the program's, protected by ``suppress_small_cells`` where it leaves."""
         start = parse_date_range(period_start)
         end = parse_date_range(period_end)
         problems = []
@@ -57,7 +76,7 @@ class OutcomeService:
             problems.append(issue("required", "periodEnd must be a date", "periodEnd"))
         if problems or start is None or end is None:
             raise BadRequest(problems)
-        with self.store.read() as tx:
+        with self.store.read(viewer=access) as tx:
             members = self._members(tx, subject) if subject else None
             folds = self._folds(tx, start[0], end[1], members)
         return [
@@ -70,17 +89,22 @@ class OutcomeService:
         period_start: str | None,
         period_end: str | None,
         subject: str | None,
-    ) -> dict[str, object]:
+        access: Access | None = None,
+    ) -> dict[str, Any]:
+        """The summary MeasureReport; for a caller outside the program with its small cells
+        withheld (``min_cell_size``)."""
         if measure_id != MEASURE_ID:
             raise NotFound(issue("not-found", "only Measure/kat-program-outcomes is evaluated"))
         start, end = period_start or "", period_end or ""
-        report = measure_report(
-            self.results(start, end, subject),
+        report: dict[str, Any] = measure_report(
+            self.results(start, end, subject, access),
             period_start=start,
             period_end=end,
             date=format_instant(self.clock()),
             subject=subject,
         )
+        if access is not None and access.role in OUTSIDE_PROGRAM:
+            report = suppress_small_cells(report, self.min_cell_size)
         report["id"] = str(uuid.uuid4())
         return report
 
@@ -88,7 +112,9 @@ class OutcomeService:
         target = split_reference(subject)
         if target is None or target[0] != "Group":
             raise BadRequest(issue("value", "subject must be Group/<id>", "subject"))
-        group = tx.get(*target)
+        if tx.get(*target) is None:  # the caller's view: a Group it may not see is unknown
+            raise NotFound(issue("not-found", "no such Group", "subject"))
+        group = tx.system.get(*target)  # the cohort itself: every member counts
         if group is None or group.deleted:
             raise NotFound(issue("not-found", "no such Group", "subject"))
         return {

@@ -15,17 +15,27 @@ import json
 import uuid
 from typing import Any
 
-from fhir_kat.errors import BadRequest, Conflict, NotFound, Unprocessable, issue
+from fhir_kat.errors import BadRequest, Conflict, Forbidden, NotFound, Unprocessable, issue
 from fhir_kat.search import Criterion, SearchQuery, split_reference
 from fhir_kat.services.access import Access
-from fhir_kat.services.fhir_rest import FhirService, WriteResult, require_access
+from fhir_kat.services.fhir_rest import FhirService, WriteResult, caller_of, require_access
 from fhir_kat.store import StoredResource, Tx
-from fhir_kat.workflow.states import allowed, business_status, machine, needs_reason
+from fhir_kat.workflow.shapes import (
+    INTAKE,
+    TASK_CODES,
+    is_intake_step,
+    is_program_referral,
+    is_referral_task,
+)
+from fhir_kat.workflow.states import (
+    allowed,
+    business_status,
+    machine,
+    needs_reason,
+    referrer_may_set,
+)
 from fhir_kat.workflow.triage import Coding, ReferralFacts, triage
 
-TASK_CODES = "http://hl7.org/fhir/CodeSystem/task-code"
-SERVICE = "https://fhir-kat.example.org/fhir/CodeSystem/kat-service"
-INTAKE = "https://fhir-kat.example.org/fhir/CodeSystem/kat-intake"
 #: Referral facts (kat-intake codes) -> the flag names eligibility.yaml reads.
 FACT_FLAGS = {
     "prior-treatment-failure": "prior_treatment_failure",
@@ -42,31 +52,26 @@ STEP_CLEARED = {
 NAMESPACE = uuid.UUID("6f1d3c52-7a0e-5b8e-9d4e-6b6174000001")  # the mapping engine's
 
 
-def is_referral_task(resource: dict[str, Any]) -> bool:
-    if resource.get("resourceType") != "Task":
-        return False
-    return any(
-        c.get("system") == TASK_CODES and c.get("code") == "fulfill"
-        for c in resource.get("code", {}).get("coding", [])
-    )
-
-
-def is_program_referral(resource: dict[str, Any]) -> bool:
-    return (
-        resource.get("resourceType") == "ServiceRequest"
-        and resource.get("intent") == "order"
-        and any(
-            c.get("system") == SERVICE and c.get("code") == "kat-program"
-            for c in resource.get("code", {}).get("coding", [])
-        )
-    )
+#: A referral Task's elements that belong to the workflow (program staff and the service).
+WORKFLOW_ELEMENTS = ("status", "businessStatus", "statusReason", "output", "owner")
 
 
 def task_transition_rule(tx: Tx, body: dict[str, Any], current: StoredResource | None) -> None:
     """Refuse a referral Task status change the state machine does not allow (409), and a
-    rejection, cancellation, failure or hold without a reason (422)."""
+    rejection, cancellation, failure or hold without a reason (422). Moving a referral is a
+    program staff decision on every route: a referrer creates its Task as ``requested`` and
+    may afterwards only withdraw it (``referrer_may`` in ``referral-task.yaml``); an intake
+    step (which moves the Task) is recorded by staff alone (403 otherwise)."""
+    access = caller_of(tx)
+    referrer = access is not None and access.role == "referrer"
+    if referrer and is_intake_step(body):
+        raise Forbidden(
+            issue("forbidden", "intake steps are recorded by program staff", "Observation.code")
+        )
     if not is_referral_task(body):
         return
+    if referrer:
+        _referrer_task_change(body, current)
     new = body.get("status", "")
     if current is not None and not current.deleted:
         old = current.json().get("status", "")
@@ -85,6 +90,44 @@ def task_transition_rule(tx: Tx, body: dict[str, Any], current: StoredResource |
     if changed and needs_reason(new) and not body.get("statusReason"):
         raise Unprocessable(
             issue("required", f"a {new} referral needs a statusReason", "Task.statusReason")
+        )
+
+
+def _referrer_task_change(body: dict[str, Any], current: StoredResource | None) -> None:
+    old = current.json() if current is not None and not current.deleted else None
+    if old is None:
+        received = {
+            (c.get("system"), c.get("code"))
+            for c in (body.get("businessStatus") or {}).get("coding", [])
+        } <= {(machine()["business_status_system"], "received")}
+        if (
+            body.get("status") != "requested"
+            or not received
+            or body.get("statusReason")
+            or (body.get("output"))
+        ):
+            raise Forbidden(
+                issue(
+                    "forbidden",
+                    "a referrer creates its referral Task as requested (businessStatus, if "
+                    "any, received), without statusReason or output",
+                    "Task.status",
+                )
+            )
+        return
+    changed = {k for k in WORKFLOW_ELEMENTS if old.get(k) != body.get(k)}
+    if not changed:
+        return
+    new = body.get("status", "")
+    withdrawing = new != old.get("status") and new in referrer_may_set(old.get("status", ""))
+    if not withdrawing or changed - {"status", "statusReason", "businessStatus"}:
+        raise Forbidden(
+            issue(
+                "forbidden",
+                "moving a referral is a program staff decision; a referrer may only withdraw "
+                "its referral (status cancelled, with a statusReason) before the program starts",
+                "Task.status",
+            )
         )
 
 
@@ -291,11 +334,9 @@ def end_referral(
     if problems:
         raise BadRequest(problems)
     require_access(access, "Task", "update")
-    with fhir.write() as tx:
+    with fhir.write(access) as tx:
         stored = tx.get("Task", task_id, for_update=True)
         if stored is None or stored.deleted or not is_referral_task(stored.json()):
-            raise NotFound(issue("not-found", f"no referral Task {task_id}", "Task"))
-        if access is not None and not access.may_see(tx, stored):
             raise NotFound(issue("not-found", f"no referral Task {task_id}", "Task"))
         task = stored.json()
         task.pop("meta", None)

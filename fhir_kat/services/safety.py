@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -48,14 +49,14 @@ from fhir_kat.clinical.safety import (
 )
 from fhir_kat.errors import Conflict, MethodNotAllowed, NotFound, Unprocessable, issue
 from fhir_kat.exchange import PartnerConfig
-from fhir_kat.mapping.engine import deterministic_id
+from fhir_kat.mapping.engine import NAMESPACE, deterministic_id
 from fhir_kat.search import Criterion, SearchQuery, parse_date_range, split_reference
 from fhir_kat.services.delivery import queue_artifact
 from fhir_kat.services.fhir_rest import FhirService
-from fhir_kat.services.referrals import is_referral_task
 from fhir_kat.store import StoredResource, Tx
 from fhir_kat.store.store import format_instant
 from fhir_kat.terminology import BASE
+from fhir_kat.workflow.shapes import is_referral_task
 
 log = logging.getLogger("fhir_kat.safety")
 
@@ -76,12 +77,15 @@ class SafetyService:
         protocol: ProgramProtocol,
         partners: Mapping[str, PartnerConfig],
         clock: Callable[[], datetime],
+        id_namespace: uuid.UUID = NAMESPACE,
     ) -> None:
         self.fhir = fhir
         self.rules = rules
         self.protocol = protocol
         self.partners = partners
         self.clock = clock
+        #: The installation's namespace of ids derived from business identifiers (app.py).
+        self.id_namespace = id_namespace
 
     # ------------------------------------------------------------------ raising a Flag
 
@@ -354,11 +358,10 @@ class SafetyService:
         resolve: bool,
     ) -> StoredResource:
         now = format_instant(self.clock())
-        with self.fhir.write() as tx:
+        # Opened for the caller: a Flag it may not see is, for it, not there.
+        with self.fhir.write(access) as tx:
             stored = tx.get("Flag", fid, for_update=True)
             if stored is None or stored.deleted or not is_safety_flag(stored.json()):
-                raise NotFound(issue("not-found", f"no safety Flag {fid}", "Flag"))
-            if access is not None and not access.may_see(tx, stored):
                 raise NotFound(issue("not-found", f"no safety Flag {fid}", "Flag"))
             flag = stored.json()
             flag.pop("meta", None)
@@ -367,7 +370,7 @@ class SafetyService:
                     issue("business-rule", f"the Flag is already {flag.get('status')}", "Flag")
                 )
             practitioner = self.fhir.update_in(
-                tx, practitioner_of(who), skip_if_unchanged=True, access=access
+                tx, practitioner_of(who, self.id_namespace), skip_if_unchanged=True
             ).stored
             record = {
                 "url": RESOLUTION if resolve else ACKNOWLEDGEMENT,
@@ -386,7 +389,7 @@ class SafetyService:
             if resolve:
                 flag["status"] = "inactive"
                 flag["period"] = {**flag.get("period", {}), "end": now}
-            return self.fhir.update_in(tx, flag, access=access).stored
+            return self.fhir.update_in(tx, flag).stored
 
 
 def _may_signal(stored: StoredResource) -> bool:
@@ -402,7 +405,7 @@ def _may_signal(stored: StoredResource) -> bool:
     return False
 
 
-def practitioner_of(who: Mapping[str, Any]) -> dict[str, Any]:
+def practitioner_of(who: Mapping[str, Any], namespace: uuid.UUID = NAMESPACE) -> dict[str, Any]:
     """The staff member who acknowledges or resolves, as the Practitioner the artifact
     mappings would make of them (same deterministic id: one person, one resource)."""
     ident = who["identifier"]
@@ -411,7 +414,9 @@ def practitioner_of(who: Mapping[str, Any]) -> dict[str, Any]:
         name["given"] = list(who["given_names"])
     return {
         "resourceType": "Practitioner",
-        "id": deterministic_id("Practitioner", ident["system"], ident["value"]),
+        "id": deterministic_id(
+            "Practitioner", ident["system"], ident["value"], namespace=namespace
+        ),
         "identifier": [{"system": ident["system"], "value": ident["value"]}],
         "name": [name],
     }

@@ -19,7 +19,6 @@ write without a caller (``bind_caller``) is refused.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -44,7 +43,7 @@ from fhir_kat.exchange.subscriptions import (
 )
 from fhir_kat.search import Criterion, SearchQuery, parse_search
 from fhir_kat.security.clients import ClientRegistry
-from fhir_kat.security.consent import ConsentDecisionPoint, decide
+from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.security.scopes import covered_by, parse_scopes
 from fhir_kat.security.tokens import Principal
 from fhir_kat.services.access import Access
@@ -300,13 +299,12 @@ class SubscriptionService:
             probe = SearchQuery(
                 rtype, criteria=(*query.criteria, Criterion("_id", "id", "", (rid,), "")), count=1
             )
-            probe = access.restrict(tx, probe)
-            consent_applies = bool(current.patient_id) and access.consent_applies(rtype)
-            if consent_applies and not self._permits(tx, access, str(current.patient_id), rtype):
-                continue
-            _, total, _ = tx.search(probe)
+            # Exactly what the owner's own search would return, in this transaction (a
+            # Consent written by it counts: the owner's scope reads this transaction's state).
+            _, total, _ = tx.seen_by(access).search(probe)
             if not total:
                 continue
+            consent_applies = bool(current.patient_id) and access.consent_applies(rtype)
             check = None
             if consent_applies:
                 check = {
@@ -333,20 +331,6 @@ class SubscriptionService:
         if _ANY_KEY not in tx.memo:
             tx.memo[_ANY_KEY] = tx.conn.execute(_ANY_SUBSCRIPTION).first() is not None
         return bool(tx.memo[_ANY_KEY])
-
-    def _permits(self, tx: Tx, access: Access, patient_id: str, rtype: str) -> bool:
-        """The patient's consent, read in this transaction: the decision point's cache is
-        keyed on committed state, and this write may itself have changed a Consent."""
-        rows = tx.conn.execute(
-            select(resources.c.content).where(
-                resources.c.res_type == "Consent",
-                resources.c.patient_id == patient_id,
-                resources.c.deleted == false(),
-            )
-        )
-        consents = [json.loads(content) for (content,) in rows]
-        principal = access.principal
-        return decide(consents, access.actor(tx), principal.purpose, rtype, self.clock())
 
     def _subscriptions_on(self, tx: Tx, rtype: str) -> Iterator[StoredResource]:
         # ``criteria`` is a string parameter: a prefix match; the exact type is checked after.

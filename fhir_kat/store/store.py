@@ -9,6 +9,8 @@ one transaction, so a search never sees a half-written resource.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import fcntl
 import hashlib
 import itertools
@@ -41,6 +43,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     tuple_,
     update,
 )
@@ -72,7 +75,9 @@ from fhir_kat.store.schema import (
     search_reference,
     search_string,
     search_token,
+    store_meta,
 )
+from fhir_kat.store.view import EVERYTHING, PatientSlice, ReadScope, Viewer
 
 Clock = Callable[[], datetime]
 log = logging.getLogger("fhir_kat.store")
@@ -222,6 +227,26 @@ class Store:
                 conn.execute(text("SELECT pg_advisory_unlock(7301)"))
                 conn.commit()
 
+    def claim_id_namespace(self, fingerprint: str) -> str:
+        """The fingerprint of the id namespace this database's deterministic ids come from:
+        recorded by the first start (``fingerprint``), or ``"legacy"`` for a database that
+        already held data then (its ids keep their namespace: re-sends stay idempotent)."""
+        key = "id-namespace"
+        with (
+            self._writer_turn(),
+            self.engine.connect().execution_options(kat_write=True) as conn,
+            conn.begin(),
+        ):
+            if not self.is_sqlite:  # SQLite: BEGIN IMMEDIATE already serialises first starts
+                conn.execute(text("SELECT pg_advisory_xact_lock(7302)"))
+            row = conn.execute(select(store_meta.c.value).where(store_meta.c.name == key)).first()
+            if row is not None:
+                return str(row.value)
+            held = conn.execute(select(resources.c.seq).limit(1)).first() is not None
+            value = "legacy" if held else fingerprint
+            conn.execute(insert(store_meta).values(name=key, value=value))
+            return value
+
     def drop_schema(self) -> None:
         metadata.drop_all(self.engine)
 
@@ -231,13 +256,15 @@ class Store:
             self._writer.close()
 
     @contextmanager
-    def write(self) -> Iterator[Tx]:
+    def write(self, *, viewer: Viewer | None = None) -> Iterator[Tx]:
+        """A write transaction; with ``viewer``, opened for that caller (``Tx``): what it
+        reads, matches and returns is only what the caller may see."""
         with (
             self._writer_turn(),
             self.engine.connect().execution_options(kat_write=True) as conn,
             conn.begin(),
         ):
-            tx = Tx(conn, self)
+            tx = Tx(conn, self, viewer=viewer)
             yield tx
             tx.run_deferred()
             tx.flush()
@@ -273,19 +300,20 @@ class Store:
             conn.commit()
 
     @contextmanager
-    def read(self, *, transaction: bool = True) -> Iterator[Tx]:
+    def read(self, *, transaction: bool = True, viewer: Viewer | None = None) -> Iterator[Tx]:
         """A read-only transaction. ``transaction=False`` (the REST reads and searches): on
         PostgreSQL each statement runs on its own (autocommit), which saves the BEGIN and
         COMMIT round trips and sees exactly what it would inside the transaction — under READ
         COMMITTED every statement takes its own snapshot either way. A method that needs a
         transaction (a cursor, an advisory lock) still opens one (``Tx.need_transaction``).
-        SQLite: the same transaction in both cases (no round trips to save)."""
+        SQLite: the same transaction in both cases (no round trips to save). ``viewer``: as
+        for ``write``."""
         conn = self.engine.connect()
         autocommit = not transaction and not self.is_sqlite
         if autocommit:
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         with conn, conn.begin():
-            yield Tx(conn, self, autocommit=autocommit)
+            yield Tx(conn, self, autocommit=autocommit, viewer=viewer)
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -389,6 +417,25 @@ def _use_wal(cursor: Any, attempts: int = 300) -> None:
             time.sleep(0.1)
 
 
+def _version_of(row: Any, *, compartment: bool = False) -> StoredResource:
+    """A ``resource_versions`` row; with ``compartment``, the patient of its own content."""
+    content = row.content or ""
+    patient = None
+    if compartment and content:
+        body = json.loads(content)
+        patient = patient_of(body, extract_index(body))
+    return StoredResource(
+        type=row.res_type,
+        id=row.res_id,
+        version_id=row.version_id,
+        last_updated=row.last_updated,
+        content=content,
+        deleted=row.method == "DELETE",
+        seq=row.seq,
+        patient_id=patient,
+    )
+
+
 def _row_to_stored(row: Any) -> StoredResource:
     return StoredResource(
         type=row.res_type,
@@ -402,45 +449,147 @@ def _row_to_stored(row: Any) -> StoredResource:
     )
 
 
-class Tx:
-    """One database transaction; every method runs inside it."""
+class _TxState:
+    """What one database transaction holds, shared by every view of it."""
 
-    def __init__(self, conn: Connection, store: Store, *, autocommit: bool = False) -> None:
-        self.conn = conn
-        self.store = store
-        self._autocommit = autocommit
-        self._deferred: dict[str, Callable[[Tx], None]] = {}
-        #: Per-transaction caches of the services (each invalidated by its own write hook).
+    def __init__(self, autocommit: bool) -> None:
+        #: PostgreSQL reads opened with ``transaction=False``: statements still autocommit.
+        self.autocommit = autocommit
+        self.deferred: dict[str, Callable[[Tx], None]] = {}
         self.memo: dict[str, Any] = {}
         # Index rows written in this transaction but not yet sent, and the resources whose
         # older index rows are still to be deleted: sent together (one statement per table)
         # before anything reads the index (``flush``) and before the commit.
-        self._pending_index: list[tuple[Any, dict[str, Any]]] = []
-        self._pending_clear: dict[tuple[str, str], None] = {}
+        self.pending_index: list[tuple[Any, dict[str, Any]]] = []
+        self.pending_clear: dict[tuple[str, str], None] = {}
         # Current rows read ahead by ``preload`` (and whether row-locked): ``get`` answers
         # from here until the resource is written in this transaction.
-        self._preloaded: dict[tuple[str, str], tuple[StoredResource | None, bool]] = {}
+        self.preloaded: dict[tuple[str, str], tuple[StoredResource | None, bool]] = {}
+        #: Each viewer's scope per type, until the transaction writes again.
+        self.scopes: dict[tuple[Viewer, str], ReadScope] = {}
+
+
+class Tx:
+    """One database transaction; every method runs inside it.
+
+    A transaction opened for a caller (``viewer``) returns, matches, counts, includes and
+    versions only what that caller may see (``fhir_kat.store.view``): a row outside its scope
+    does not exist for it. ``system`` is the same transaction without that restriction, for
+    the service's own work (workflow, scoring, consent checks) inside the caller's request.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        store: Store,
+        *,
+        autocommit: bool = False,
+        viewer: Viewer | None = None,
+    ) -> None:
+        self.conn = conn
+        self.store = store
+        self.viewer = viewer
+        # Everything but the viewer lives in one state object that every view of this
+        # transaction (``system``, ``seen_by``) shares.
+        self._s = _TxState(autocommit)
+        self._system: Tx | None = None
+
+    @property
+    def memo(self) -> dict[str, Any]:
+        """Per-transaction caches of the services (each invalidated by its own write hook)."""
+        return self._s.memo
+
+    @property
+    def system(self) -> Tx:
+        """This transaction without the caller's read restriction (itself when it has none):
+        same connection, same pending index rows, deferred actions and caches."""
+        if self.viewer is None:
+            return self
+        if self._system is None:
+            self._system = self.seen_by(None)
+        return self._system
+
+    def seen_by(self, viewer: Viewer | None) -> Tx:
+        """This same transaction as ``viewer`` would see it (a Subscription's owner, say)."""
+        twin = copy.copy(self)
+        twin.viewer, twin._system = viewer, None
+        return twin
 
     def defer(self, key: str, action: Callable[[Tx], None]) -> None:
         """Run ``action`` once, at the end of this transaction, before it commits: for rules
-        that need every entry of a transaction Bundle written first (referral triage)."""
-        self._deferred.setdefault(key, action)
+        that need every entry of a transaction Bundle written first (referral triage). It
+        runs on ``system``: a deferred rule decides for the service, not as the caller."""
+        self._s.deferred.setdefault(key, action)
 
     def run_deferred(self) -> None:
-        while self._deferred:
-            key = next(iter(self._deferred))
-            self._deferred.pop(key)(self)
+        while self._s.deferred:
+            key = next(iter(self._s.deferred))
+            self._s.deferred.pop(key)(self.system)
+
+    # ------------------------------------------------------------------ the caller's scope
+
+    def scope(self, rtype: str) -> ReadScope:
+        """What of ``rtype`` this transaction may return (everything without a viewer);
+        asked of the viewer once per type until this transaction writes again."""
+        if self.viewer is None:
+            return EVERYTHING
+        key = (self.viewer, rtype)
+        found = self._s.scopes.get(key)
+        if found is None:
+            found = self._s.scopes[key] = self.viewer.scope(self.system, rtype)
+        return found
+
+    def _forget_scopes(self) -> None:
+        # A write may change what the caller may see (its own referral's Organization, a
+        # Consent): the next read asks again, whichever view of the transaction wrote.
+        self._s.scopes.clear()
+
+    def admits(self, stored: StoredResource) -> bool:
+        """Whether this transaction's caller may see ``stored``: a current row, or one of its
+        versions (whose ``patient_id`` is that version's compartment, which may differ from
+        the current row's)."""
+        if self.viewer is None:
+            return True
+        scope = self.scope(stored.type)
+        if not scope.readable:
+            return False
+        if scope.unrestricted:
+            return True
+        if scope.ids is not None and stored.id not in scope.ids:
+            return False
+        patient = stored.patient_id
+        if scope.patients is not None and patient is not None and patient not in scope.patients:
+            piece = scope.slices.get(patient)
+            if piece is None or not _in_slice(piece, stored):
+                return False
+        if scope.owned_by is not None:
+            if stored.deleted or not stored.content:
+                return False
+            param, targets = scope.owned_by
+            rows = extract_index(json.loads(stored.content))
+            if not any(
+                (t_type, t_id) in targets for p, t_type, t_id in rows.references if p == param
+            ):
+                return False
+        return True
+
+    def _shown(self, stored: StoredResource | None) -> StoredResource | None:
+        if stored is None or self.viewer is None:
+            return stored
+        if not self.admits(stored):
+            return None
+        return self.viewer.shape(self.system, stored)
 
     def need_transaction(self) -> None:
         """From here to the end, run in one transaction (on PostgreSQL a read opened with
         ``transaction=False`` runs each statement on its own until then): for cursors, which
         live in a transaction, and locks held until it ends."""
-        if self._autocommit:
+        if self._s.autocommit:
             # The connection is idle between statements, so the driver may leave autocommit:
             # its next statement BEGINs, and the commit (or rollback) at the end of the
             # ``with`` block ends it. The pool restores the isolation level on check-in.
             self.conn.connection.dbapi_connection.autocommit = False  # type: ignore[union-attr]
-            self._autocommit = False
+            self._s.autocommit = False
 
     # ------------------------------------------------------------------ locking
 
@@ -458,14 +607,14 @@ class Tx:
 
     def get(self, rtype: str, rid: str, *, for_update: bool = False) -> StoredResource | None:
         lock = for_update and not self.store.is_sqlite
-        known = self._preloaded.get((rtype, rid))
+        known = self._s.preloaded.get((rtype, rid))
         if known is not None and (known[1] or not lock):
-            return known[0]
+            return self._shown(known[0])
         if lock:
             self.need_transaction()
         stmt = _GET_FOR_UPDATE if lock else _GET
         row = self.conn.execute(stmt, {"k_type": rtype, "k_id": rid}).first()
-        return _row_to_stored(row) if row else None
+        return self._shown(_row_to_stored(row) if row else None)
 
     def preload(self, keys: Collection[tuple[str, str]], *, for_update: bool = False) -> None:
         """Read the current rows of ``keys`` (deleted ones too) in one query, so the ``get``
@@ -473,7 +622,11 @@ class Tx:
         them on PostgreSQL, in key order (concurrent preloads cannot deadlock each other)."""
         lock = for_update and not self.store.is_sqlite
         wanted = sorted(
-            {k for k in keys if k not in self._preloaded or (lock and not self._preloaded[k][1])}
+            {
+                k
+                for k in keys
+                if k not in self._s.preloaded or (lock and not self._s.preloaded[k][1])
+            }
         )
         if not wanted:
             return
@@ -486,7 +639,7 @@ class Tx:
             stmt = stmt.with_for_update()
         found = {(r.res_type, r.res_id): _row_to_stored(r) for r in self.conn.execute(stmt)}
         for key in wanted:
-            self._preloaded[key] = (found.get(key), lock)
+            self._s.preloaded[key] = (found.get(key), lock)
 
     def get_many(self, keys: Sequence[tuple[str, str]]) -> list[StoredResource]:
         if not keys:
@@ -501,7 +654,10 @@ class Tx:
                 resources.c.res_id.in_(ids),
                 resources.c.deleted == false(),
             )
-            out.extend(_row_to_stored(r) for r in self.conn.execute(stmt))
+            for r in self.conn.execute(stmt):
+                shown = self._shown(_row_to_stored(r))
+                if shown is not None:
+                    out.append(shown)
         return out
 
     def vread(self, rtype: str, rid: str, version_id: int) -> StoredResource | None:
@@ -513,38 +669,40 @@ class Tx:
         row = self.conn.execute(stmt).first()
         if row is None:
             return None
-        return StoredResource(
-            type=row.res_type,
-            id=row.res_id,
-            version_id=row.version_id,
-            last_updated=row.last_updated,
-            content=row.content or "",
-            deleted=row.method == "DELETE",
-            seq=row.seq,
-        )
+        version = _version_of(row, compartment=self.viewer is not None)
+        if self.viewer is None:
+            return version
+        if version.deleted:
+            # A deletion has no content: the caller sees it when it saw what it deleted.
+            before = self.vread(rtype, rid, version_id - 1) if version_id > 1 else None
+            return version if before is not None else None
+        return self._shown(version)
 
     def history(self, rtype: str, rid: str, count: int) -> list[tuple[StoredResource, str]]:
-        stmt = (
-            select(resource_versions)
-            .where(resource_versions.c.res_type == rtype, resource_versions.c.res_id == rid)
-            .order_by(resource_versions.c.version_id.desc())
-            .limit(count)
+        """The newest ``count`` versions the caller may see, newest first, with the method
+        that wrote each. Each version is judged on its own content (a resource moved from one
+        patient to another keeps the first patient's versions under that patient's consent);
+        a deletion is shown to whoever saw the version it deleted."""
+        stmt = select(resource_versions).where(
+            resource_versions.c.res_type == rtype, resource_versions.c.res_id == rid
         )
-        return [
-            (
-                StoredResource(
-                    type=r.res_type,
-                    id=r.res_id,
-                    version_id=r.version_id,
-                    last_updated=r.last_updated,
-                    content=r.content or "",
-                    deleted=r.method == "DELETE",
-                    seq=r.seq,
-                ),
-                r.method,
-            )
-            for r in self.conn.execute(stmt)
-        ]
+        if self.viewer is None:
+            stmt = stmt.order_by(resource_versions.c.version_id.desc()).limit(count)
+            return [(_version_of(r), r.method) for r in self.conn.execute(stmt)]
+        shown: list[tuple[StoredResource, str]] = []
+        previous_seen = False
+        for r in self.conn.execute(stmt.order_by(resource_versions.c.version_id)):
+            version = _version_of(r, compartment=True)
+            if version.deleted:
+                seen = previous_seen
+            else:
+                visible = self._shown(version)
+                seen = visible is not None
+                version = visible or version
+            if seen:
+                shown.append((version, r.method))
+            previous_seen = seen
+        return shown[::-1][:count]
 
     # ------------------------------------------------------------------ writes
 
@@ -575,7 +733,8 @@ class Tx:
         ordered = _stored_form(resource, version_id, now_naive)
         content = dumps(ordered)
         method = method or ("PUT" if current else "POST")
-        self._preloaded.pop((rtype, rid), None)
+        self._s.preloaded.pop((rtype, rid), None)
+        self._forget_scopes()
         seq = self._insert_version(rtype, rid, version_id, now_naive, method, content)
         rows = extract_index(ordered)
         patient_id = patient_of(ordered, rows)
@@ -605,8 +764,9 @@ class Tx:
         now = self.store.clock()
         now_naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
         prepared = []
+        self._forget_scopes()
         for resource in new:
-            self._preloaded.pop((resource["resourceType"], resource["id"]), None)
+            self._s.preloaded.pop((resource["resourceType"], resource["id"]), None)
             ordered = _stored_form(resource, 1, now_naive)
             prepared.append((ordered, dumps(ordered)))
         result = self.conn.execute(
@@ -658,7 +818,8 @@ class Tx:
         now = self.store.clock()
         now_naive = now.astimezone(UTC).replace(tzinfo=None) if now.tzinfo else now
         version_id = current.version_id + 1
-        self._preloaded.pop((current.type, current.id), None)
+        self._s.preloaded.pop((current.type, current.id), None)
+        self._forget_scopes()
         seq = self._insert_version(current.type, current.id, version_id, now_naive, "DELETE", None)
         self._update_current(
             current.type,
@@ -700,30 +861,30 @@ class Tx:
     def _clear_index(self, rtype: str, rid: str) -> None:
         # Rows still pending belong to an older version of this resource: never sent; rows
         # already in the database go at the next flush, before any new ones are inserted.
-        self._pending_index = [
-            (t, p) for t, p in self._pending_index if p["res_id"] != rid or p["res_type"] != rtype
+        self._s.pending_index = [
+            (t, p) for t, p in self._s.pending_index if p["res_id"] != rid or p["res_type"] != rtype
         ]
-        self._pending_clear[(rtype, rid)] = None
+        self._s.pending_clear[(rtype, rid)] = None
 
     def _write_index(
         self, resource: dict[str, Any], rows: IndexRows, *, seq: int, patient_id: str | None
     ) -> None:
-        self._pending_index.extend(_index_params(resource, rows, seq=seq, patient_id=patient_id))
+        self._s.pending_index.extend(_index_params(resource, rows, seq=seq, patient_id=patient_id))
 
     def flush(self) -> None:
         """Send the index changes of this transaction's writes: the deletions of replaced
         versions' rows, then one multi-row INSERT per index table. Every method that reads
         the index calls it first, and ``Store.write`` before the commit, so no reader (in
         this transaction or after it) sees the index lag the resources."""
-        if self._pending_clear:
-            keys = [{"k_type": t, "k_id": i} for t, i in self._pending_clear]
-            self._pending_clear = {}
+        if self._s.pending_clear:
+            keys = [{"k_type": t, "k_id": i} for t, i in self._s.pending_clear]
+            self._s.pending_clear = {}
             for only, stmt in _CLEAR_INDEX:
                 some = keys if only is None else [k for k in keys if k["k_type"] == only]
                 if some:
                     self.conn.execute(stmt, some)
-        if self._pending_index:
-            pending, self._pending_index = self._pending_index, []
+        if self._s.pending_index:
+            pending, self._s.pending_index = self._s.pending_index, []
             self._insert_index(pending)
 
     def _insert_index(self, index: Sequence[tuple[Any, dict[str, Any]]]) -> None:
@@ -746,7 +907,9 @@ class Tx:
         the matches *and* the total, so a count never leaks what a caller may not see.
         """
         self.flush()
+        query, scoped = self._scoped(query)
         where, selective = self._plan(query)
+        where += scoped
         if visible_patients is not None:
             where.append(
                 or_(
@@ -765,14 +928,49 @@ class Tx:
         rows, has_more, total = self._page(query, where, selective, total=count)
         if total is None:
             total = 0 if query.cursor is None else int(self.conn.execute(count).scalar_one())
-        return rows, total, has_more
+        return self._shaped(query.resource_type, rows), total, has_more
 
     def matches(self, query: SearchQuery) -> list[StoredResource]:
         """The first page of ``query``'s matches, without counting them all: for the
         services' own look-ups, which never show a total (one query fewer than ``search``)."""
         self.flush()
+        query, scoped = self._scoped(query)
         where, selective = self._plan(query)
-        return self._page(query, where, selective)[0]
+        return self._shaped(query.resource_type, self._page(query, [*where, *scoped], selective)[0])
+
+    def _shaped(self, rtype: str, rows: list[StoredResource]) -> list[StoredResource]:
+        if self.viewer is None or not self.scope(rtype).shaped:
+            return rows
+        return [self.viewer.shape(self.system, row) for row in rows]
+
+    def _scoped(self, query: SearchQuery) -> tuple[SearchQuery, list[ColumnElement[bool]]]:
+        """``query`` narrowed to the caller's scope: ids and ownership become criteria (so the
+        planner may start from them), the patients' consent a clause on ``patient_id``."""
+        scope = self.scope(query.resource_type)
+        if scope.unrestricted:
+            return query, []
+        if not scope.readable:
+            return query, [false()]
+        forced: list[Criterion] = []
+        if scope.ids is not None:
+            forced.append(Criterion("_id", "id", "", tuple(sorted(scope.ids)), ""))
+        if scope.owned_by is not None:
+            param, targets = scope.owned_by
+            forced.append(Criterion(param, "reference", "", targets, ""))
+        if forced:
+            query = dataclasses.replace(query, criteria=(*query.criteria, *forced))
+        return query, self._consent_clauses(query.resource_type, scope)
+
+    def _consent_clauses(self, rtype: str, scope: ReadScope) -> list[ColumnElement[bool]]:
+        if scope.patients is None:
+            return []
+        allowed: list[ColumnElement[bool]] = [
+            resources.c.patient_id.is_(None),
+            resources.c.patient_id.in_(sorted(scope.patients)),
+        ]
+        for patient, piece in sorted(scope.slices.items()):
+            allowed.append(and_(resources.c.patient_id == patient, _slice_clause(rtype, piece)))
+        return [or_(*allowed)]
 
     def _page(
         self,
@@ -827,7 +1025,10 @@ class Tx:
             .order_by(resources.c.seq)
             .limit(limit)
         )
-        return [(seq, content, patient) for seq, content, patient in self.conn.execute(stmt)]
+        rows = [(seq, content, patient) for seq, content, patient in self.conn.execute(stmt)]
+        if self.scope(query.resource_type).shaped:
+            return self._shape_rows(query.resource_type, rows)
+        return rows
 
     def _scan_where(
         self,
@@ -839,7 +1040,8 @@ class Tx:
         """The criteria of ``scan``/``scan_batches``: the query, ``_since``, consent (resources
         outside any compartment, or of a visible patient) and a cohort's members."""
         self.flush()
-        where = self._where(query)
+        query, scoped = self._scoped(query)
+        where = self._where(query) + scoped
         if since is not None:
             where.append(resources.c.last_updated > since)
         if visible_patients is not None:
@@ -872,10 +1074,11 @@ class Tx:
             .where(*where)
             .order_by(resources.c.seq)
         )
+        shaped = self.scope(query.resource_type).shaped
         if self.store.is_sqlite:
             with self.conn.execute(stmt) as result:
                 while rows := result.fetchmany(batch):
-                    yield rows
+                    yield self._shape_rows(query.resource_type, rows) if shaped else rows
             return
         self.need_transaction()
         name = f"kat_scan_{next(_cursor_names)}"
@@ -887,10 +1090,23 @@ class Tx:
                 rows = cursor.fetchall()
                 if not rows:
                     break
-                yield rows
+                yield self._shape_rows(query.resource_type, rows) if shaped else rows
         finally:
             cursor.close()
         self.conn.exec_driver_sql(f"CLOSE {name}")  # else it closes with the transaction
+
+    def _shape_rows(
+        self, rtype: str, rows: Sequence[tuple[int, str, str | None]]
+    ) -> list[tuple[int, str, str | None]]:
+        """Streamed (seq, JSON, patient) rows as the viewer shapes them."""
+        assert self.viewer is not None
+        shaped = []
+        for seq, content, patient in rows:
+            stored = StoredResource(
+                rtype, "", 0, datetime.min, content, seq=seq, patient_id=patient
+            )
+            shaped.append((seq, self.viewer.shape(self.system, stored).content, patient))
+        return shaped
 
     def by_token(
         self,
@@ -932,6 +1148,11 @@ class Tx:
         )
         if patients is not None:
             stmt = stmt.where(resources.c.patient_id.in_(sorted(patients)))
+        _, scoped = self._scoped(SearchQuery(rtype))
+        if scoped:
+            # A caller's scope here is consent alone: the callers of this pass (the outcome
+            # measure) are roles that own nothing and read every type they ask for.
+            stmt = stmt.where(*scoped)
         self.need_transaction()  # a server-side cursor on PostgreSQL
         result = self.conn.execution_options(stream_results=True, yield_per=2000).execute(stmt)
         for row in result:
@@ -1196,6 +1417,51 @@ def _without_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
     else:
         copy.pop("meta", None)
     return copy
+
+
+def _slice_clause(rtype: str, piece: PatientSlice) -> ColumnElement[bool]:
+    """``_in_slice`` in SQL, for one patient's rows of ``rtype``."""
+    ids = sorted(r.split("/", 1)[1] for r in piece.references if r.split("/", 1)[0] == rtype)
+    options: list[ColumnElement[bool]] = [resources.c.res_id.in_(ids)] if ids else []
+    if piece.periods and piece.period_param is not None:
+        mine = and_(
+            search_date.c.res_type == resources.c.res_type,
+            search_date.c.res_id == resources.c.res_id,
+            search_date.c.param == piece.period_param,
+        )
+        inside = or_(
+            *(
+                and_(
+                    search_date.c.low >= start if start is not None else true(),
+                    search_date.c.high <= end if end is not None else true(),
+                )
+                for start, end in piece.periods
+            )
+        )
+        options.append(
+            and_(
+                select(literal(1)).where(mine).exists(),
+                not_(select(literal(1)).where(mine, not_(inside)).exists()),
+            )
+        )
+    return or_(*options) if options else false()
+
+
+def _in_slice(piece: PatientSlice, stored: StoredResource) -> bool:
+    """Whether ``stored`` lies in the slice of its patient's data a narrowed consent opens."""
+    if f"{stored.type}/{stored.id}" in piece.references:
+        return True
+    if not piece.periods or piece.period_param is None or not stored.content:
+        return False
+    ranges = [
+        (low, high)
+        for param, low, high in extract_index(json.loads(stored.content)).dates
+        if param == piece.period_param
+    ]
+    return bool(ranges) and all(
+        any((s is None or low >= s) and (e is None or high <= e) for s, e in piece.periods)
+        for low, high in ranges
+    )
 
 
 def same_content(a: dict[str, Any], b: dict[str, Any]) -> bool:

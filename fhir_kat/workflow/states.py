@@ -35,3 +35,8 @@ def business_status(code: str) -> dict[str, Any]:
         ],
         "text": entry["display"],
     }
+
+
+def referrer_may_set(current: str) -> list[str]:
+    """The statuses a referrer may give its own referral from ``current`` (withdrawing it)."""
+    return list(machine().get("referrer_may", {}).get(current, []))

@@ -1,6 +1,9 @@
 """The pages in a real browser: Debian's chromium, headless, driven by Playwright against a live
 server on loopback. Few and quick: fill and submit the referral form and follow its status,
-check the dashboard's figures against ``$evaluate-measure``, complete a PHQ-9.
+check the dashboard's figures against ``$evaluate-measure``, complete a PHQ-9 — and the round
+trip through a real SDC renderer (NLM LHC-Forms from npm, pinned in tools/hl7_packages.py):
+each served Questionnaire rendered, answered by clicking, its exported QuestionnaireResponse
+stored with the service's own total and Flags.
 
 Chromium is required: without it these tests fail (CI installs it, see .ci/run). Only an
 explicit FHIR_KAT_TEST_BROWSER=off skips them, for a machine without a browser.
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from collections.abc import Iterator
@@ -19,7 +23,20 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from fhir_kat.instruments.scoring import check_response, score
+from fhir_kat.mapping.functions import INSTRUMENT_FILES, questionnaire
 from tests.conftest import LiveServer, client_as
+from tests.support.questionnaire_responses import (
+    CAT,
+    NA,
+    TOTAL_LINK,
+    Values,
+    chosen,
+    oracle_total,
+    random_values,
+    response,
+)
+from tools.hl7_packages import ensure
 
 try:  # imported lazily so the failure below names the missing piece
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -27,6 +44,7 @@ except ImportError:  # pragma: no cover - the dev dependencies include playwrigh
     sync_playwright = None
 
 STEP_MS = 15_000  # upper bound for one page step; nothing here should come near it
+RENDERER_PAGE = Path(__file__).with_name("sdc_renderer.html")
 
 
 @pytest.fixture
@@ -80,6 +98,44 @@ class Pages:
         page.get_by_label("Secret").fill(f"{client_id}-secret")
         page.get_by_role("button", name="Sign in").click()
         page.wait_for_url(self.server.url + path.split("?")[0] + "*")
+        return page
+
+    def open_renderer(self) -> Page:
+        """tests/web/sdc_renderer.html with LHC-Forms from the npm cache, served on the
+        service's own origin (so that it calls /fhir as an EMR app would, with a bearer token).
+        Only files of the pinned package are served (the page loads the sha256-pinned ones; the
+        stylesheet's images come from the same verified tarball), and a console error (say, an
+        expression the renderer cannot evaluate) fails the test like a script error."""
+        dist = (ensure("lforms") / "dist" / "lforms").resolve()
+        types = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+        context = self.browser.new_context()
+        self.contexts.append(context)
+        context.set_default_timeout(STEP_MS)
+
+        def serve(route: Any) -> None:
+            name = route.request.url.split("/__sdc__/", 1)[1].split("?")[0]
+            path = (
+                RENDERER_PAGE
+                if name == "renderer.html"
+                else (dist / name.removeprefix("lforms/")).resolve()
+            )
+            if not path.is_file() or (path != RENDERER_PAGE and dist not in path.parents):
+                route.fulfill(status=404, body="not in the pinned package")
+                return
+            kind = types.get(path.suffix, "application/octet-stream")
+            if path.suffix == ".png":
+                kind = "image/png"
+            route.fulfill(status=200, body=path.read_bytes(), content_type=kind)
+
+        context.route(f"{self.server.url}/__sdc__/**", serve)
+        page = context.new_page()
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        page.on(
+            "console",
+            lambda m: self.errors.append(m.text[:300]) if m.type == "error" else None,
+        )
+        page.goto(f"{self.server.url}/__sdc__/renderer.html")
+        page.wait_for_function("window.LForms && window.sdc")
         return page
 
 
@@ -269,7 +325,9 @@ def _expected_rows(app: Flask, cohort: str, subject: str = "") -> list[list[str]
     }
     rows = []
     for g in report["group"]:
-        counts = {p["code"]["coding"][0]["code"]: p["count"] for p in g["population"]}
+        counts = {
+            p["code"]["coding"][0]["code"]: p.get("count", "withheld") for p in g["population"]
+        }
         score = g.get("measureScore", {}).get("value")
         rows.append(
             [
@@ -347,3 +405,125 @@ def test_phq9_completed_in_the_browser_is_stored_with_its_score(pages: Pages, ap
         f"/fhir/Observation?derived-from=QuestionnaireResponse/{qr_id}&code=http://loinc.org|44261-6"
     ).get_json()
     assert [e["resource"]["valueQuantity"]["value"] for e in totals["entry"]] == [sum(answers)]
+
+
+# ---------------------------------------------------------------------------- SDC renderer
+
+#: What a person clicks per instrument (each item's score; NA = "not applicable"), chosen so
+#: that PHQ-9 item 9 is above 0 (a safety Flag) and B-IPF has a total the renderer rounds.
+CLICKED: dict[str, Values] = {
+    "phq9": [1, 2, 0, 3, 1, 0, 2, 1, 2],
+    "gad7": [3, 2, 2, 1, 0, 3, 2],
+    "pcl5": [2, 3, 1, 4, 0, 2, 2, 1, 3, 2, 4, 1, 0, 2, 3, 1, 2, 2, 1, 0],
+    "bipf": [6, NA, 6, 6, 0, 0, 1],
+}
+
+
+def answer_by_clicking(page: Page, q: dict[str, Any], instrument: str, values: Values) -> None:
+    """As a person does it in LHC-Forms: click the question's field, then the answer in the list
+    that opens (the list shows each option's text, with its score after a dash)."""
+    for item, option in chosen(q, instrument, values):
+        label = re.compile("^" + re.escape(item["text"]) + r"( \*)?$")
+        field = page.get_by_role("combobox", name=label)
+        field.click()
+        display = option["valueCoding"]["display"]
+        page.locator("#completionOptions li").filter(
+            has_text=re.compile(rf"^(\d+:\s+)?{re.escape(display)}( - [0-9.]+)?$")
+        ).click()
+        expect(field).to_have_value(re.compile("^" + re.escape(display)))  # what the person sees
+
+
+def shown_total(page: Page, instrument: str) -> Any:
+    return page.locator(f'[id="{TOTAL_LINK[instrument]}/1"]')
+
+
+def total_observations(app: Flask, instrument: str, qr_id: str) -> list[float]:
+    code = CAT.instruments[instrument].total
+    bundle = (
+        client_as(app, "staff")
+        .get(
+            f"/fhir/Observation?derived-from=QuestionnaireResponse/{qr_id}"
+            f"&code={code['system']}|{code['code']}"
+        )
+        .get_json()
+    )
+    return [e["resource"]["valueQuantity"]["value"] for e in bundle.get("entry", [])]
+
+
+@pytest.mark.parametrize("instrument", list(INSTRUMENT_FILES))
+def test_an_sdc_renderer_round_trip_is_stored_with_the_services_own_score(
+    pages: Pages, app: Flask, instrument: str
+) -> None:
+    """Render the served Questionnaire in LHC-Forms, answer it by clicking, POST what the
+    renderer exports: stored, with the total the renderer showed, the service computes and the
+    oracle gives, and the Flags of the service's rules. Then the same answers left one short:
+    neither side shows a total (B-IPF scores the answered domains, on both sides). And the
+    hand-built shape of the same answers (no total, no copied scores) scores alike."""
+    staff = client_as(app, "staff")
+    token = pages.server.token
+    page = pages.open_renderer()
+    values = CLICKED[instrument]
+    expected = oracle_total(instrument, values)
+    for attempt, answers in (("complete", values), ("one short", [None, *values[1:]])):
+        pid = staff.post("/fhir/Patient", json={"resourceType": "Patient"}).get_json()["id"]
+        patient = {"resourceType": "Patient", "id": pid}
+        q = page.evaluate("([t, id]) => sdc.render(t, id)", [token, INSTRUMENT_FILES[instrument]])
+        answer_by_clicking(page, q, instrument, answers)
+        own = oracle_total(instrument, answers)
+        links = [f"{instrument}-{n}" for n, v in enumerate(answers, start=1) if v is not None]
+        page.wait_for_function(
+            "([links, total]) => sdc.answered().filter(l => l !== total).join() === links.join()",
+            arg=[links, TOTAL_LINK[instrument]],
+        )
+        expect(shown_total(page, instrument)).to_have_value("" if own is None else f"{own:g}")
+        exported = page.evaluate("p => sdc.exported(p)", patient)
+        assert exported["questionnaire"] == f"{q['url']}|{q['version']}"
+        sent = [i for i in exported["item"] if i["linkId"] == TOTAL_LINK[instrument]]
+        assert [next(iter(i["answer"][0].values())) for i in sent] == ([] if own is None else [own])
+
+        stored = page.evaluate("([t, r]) => sdc.submit(t, r)", [token, exported])
+        assert stored["status"] == 201, (attempt, stored["body"])
+        qr = stored["body"]
+        assert check_response(qr, q, CAT.instruments[instrument]) == []
+        service = score(qr, q, CAT.instruments[instrument]).total
+        assert service == own and total_observations(app, instrument, qr["id"]) == (
+            [] if own is None else [own]
+        ), attempt
+        flags = staff.get(f"/fhir/Flag?patient={pid}").get_json().get("entry", [])
+        raised = [f["resource"]["code"]["coding"][0]["code"] for f in flags]
+        item9 = instrument == "phq9" and isinstance(answers[8], int) and answers[8] > 0
+        assert raised == (["phq9-item9-positive"] if item9 else []), attempt  # partial or not
+
+        hand_built = response(instrument, answers, pid, renderer=False)
+        r = staff.post("/fhir/QuestionnaireResponse", json=hand_built)
+        assert r.status_code == 201, r.get_json()
+        assert total_observations(app, instrument, r.get_json()["id"]) == (
+            [] if own is None else [own]
+        )
+    assert expected is not None
+
+
+def test_the_renderer_computes_every_total_as_the_service_does(pages: Pages) -> None:
+    """Property, in the renderer itself: random responses (complete, partial, "not applicable")
+    loaded into LHC-Forms; the total it computes from each Questionnaire's calculatedExpression
+    is the service's (and the oracle's), and the service accepts what it exports."""
+    page = pages.open_renderer()
+    for instrument in INSTRUMENT_FILES:
+        rng = random.Random(f"renderer-{instrument}")
+        q, definition = questionnaire(instrument), CAT.instruments[instrument]
+        n = len(CLICKED[instrument])
+        values = [random_values(rng, instrument, s) for s in [0.0] * 15 + [0.1] * 15 + [0.6] * 10]
+        values += [[None] * n, [NA] * n] if instrument == "bipf" else [[None] * n]
+        cases = [response(instrument, v, "p1", renderer=False) for v in values]
+        exported = page.evaluate(
+            "([q, rs, p]) => sdc.recomputed(q, rs, p)",
+            [q, cases, {"resourceType": "Patient", "id": "p1"}],
+        )
+        for case, out in zip(cases, exported, strict=True):
+            sent = [i for i in out.get("item", []) if i["linkId"] == TOTAL_LINK[instrument]]
+            renderer = next(iter(sent[0]["answer"][0].values())) if sent else None
+            service = score(case, q, definition).total
+            assert renderer == service, (instrument, case["item"], renderer, service)
+            assert check_response(out, q, definition) == [], out
+        assert any(score(c, q, definition).total is None for c in cases)
+        assert any(score(c, q, definition).total is not None for c in cases)

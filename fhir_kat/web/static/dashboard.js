@@ -18,7 +18,9 @@
 
   function count(group, code) {
     const p = (group.population || []).find((x) => ((x.code || {}).coding || []).some((c) => c.system === POP && c.code === code));
-    return p ? p.count : 0;
+    if (!p) return 0;
+    // A count of too few people to publish is withheld (data-absent-reason "masked").
+    return p.count !== undefined ? p.count : "withheld";
   }
 
   function mean(group, name) {
