@@ -67,7 +67,6 @@ class KatState:
     artifacts: ArtifactService
     instruments: InstrumentService
     partners: dict[str, PartnerConfig]
-    capability_security: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -160,7 +159,6 @@ def create_app(
         artifacts=artifacts,
         instruments=instruments,
         partners=partners,
-        capability_security=_capability_security(),
         extras={
             "subscriptions": subscriptions,
             "messaging": MessagingService(fhir, now, id_namespace),
@@ -231,23 +229,6 @@ def _id_namespace(settings: Settings, store: Store) -> uuid.UUID:
             "would be stored twice. Restore that secret (FHIR_KAT_ID_SECRET_FILE)."
         )
     return namespace
-
-
-def _capability_security() -> dict[str, Any]:
-    return {
-        "service": [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                        "code": "SMART-on-FHIR",
-                    }
-                ]
-            }
-        ],
-        "description": "SMART Backend Services (client credentials; private_key_jwt or client "
-        "secret). Discovery: /.well-known/smart-configuration.",
-    }
 
 
 def _install_request_logging(app: Flask) -> None:

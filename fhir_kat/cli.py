@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 from collections.abc import Callable, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validates each file (a resource or a Bundle) with the R4B models and the "
         "required bindings of HL7's R4 definitions. Exit 1 when any file is refused; the "
         "OperationOutcome of each refused file goes to stderr.",
-        epilog="Example: fhir-kat validate examples/*.json",
+        epilog="Example: fhir-kat map referrals docs/examples/referrals.json > bundle.json "
+        "&& fhir-kat validate bundle.json",
     )
     validate.add_argument("files", nargs="+", help="FHIR R4 JSON files")
     validate.set_defaults(func=_validate)
@@ -230,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--type", action="append", default=[], help="resource types (repeat or comma-separate)"
     )
-    export.add_argument("--since", help="only resources changed since this FHIR instant")
+    export.add_argument(
+        "--since",
+        type=_since_instant,
+        help="only resources changed since this FHIR instant, or a date (its start, UTC)",
+    )
     export.add_argument("--type-filter", action="append", default=[], help="_typeFilter query")
     export.add_argument("--group", help="export one Group's members (Group/<id>/$export)")
     export.add_argument("--client-id", help="OAuth client id (default FHIR_KAT_CLIENT_ID)")
@@ -264,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "asks for; then who receives safety Flags, and warnings. The same lines are logged "
         "when the service and the worker start. Exit 0, 1 when there are warnings, 2 for a "
         "configuration that can never deliver.",
-        epilog="Example: FHIR_KAT_CONFIG=kat.toml fhir-kat partners",
+        epilog="Example: fhir-kat partners",
     )
     partners.set_defaults(func=_partners)
     return parser
@@ -998,6 +1005,22 @@ def _hash_secret(args: argparse.Namespace) -> int:
         return 2
     print(hash_secret(secret))
     return 0
+
+
+def _since_instant(text: str) -> str:
+    """``--since``: a FHIR instant as given, or a date (YYYY-MM-DD) as its first instant in UTC
+    (Bulk Data's ``_since`` takes instants only)."""
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        try:
+            date.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a date: {text}") from None
+        return f"{text}T00:00:00Z"
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})", text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"--since takes a date (2026-01-01) or an instant (2026-01-01T00:00:00Z), not {text}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from fhir_kat.security.audit import (
     write_audit_event_in,
 )
 from fhir_kat.security.clients import Client
+from fhir_kat.security.discovery import AUTH
 from fhir_kat.security.scopes import Scope, covered_by, parse_scopes
 from fhir_kat.security.tokens import ASSERTION_TYPE, OAuthError
 from fhir_kat.services.access import Access
@@ -94,26 +95,7 @@ def current_access() -> Access:
 
 
 def _smart_configuration() -> Response:
-    return jsonify(
-        {
-            "issuer": _state().tokens.issuer,
-            "token_endpoint": token_url(),
-            "token_endpoint_auth_methods_supported": [
-                "private_key_jwt",
-                "client_secret_basic",
-                "client_secret_post",
-            ],
-            "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-            "grant_types_supported": ["client_credentials"],
-            "scopes_supported": ["system/*.rs", "system/*.cruds", "system/*.read"],
-            "capabilities": [
-                "client-confidential-asymmetric",
-                "client-confidential-symmetric",
-                "permission-v2",
-                "permission-v1",
-            ],
-        }
-    )
+    return jsonify(AUTH.smart_configuration(token_url()))
 
 
 @bp.get("/.well-known/smart-configuration")
@@ -259,10 +241,20 @@ def _authenticate_client() -> tuple[Client, tuple[Scope, ...]]:
     return client, _grant_scopes(client, form.get("scope"))
 
 
+#: Scopes of a user-facing launch that mean nothing to client credentials; a backend-services
+#: request that carries them (fhirclient adds ``launch/patient`` by default) is granted the
+#: rest, as OAuth lets a server grant less than asked (RFC 6749 §3.3), instead of refused.
+NOT_FOR_BACKEND = frozenset(
+    {"launch", "launch/patient", "launch/encounter", "openid", "fhirUser", "profile"}
+    | {"offline_access", "online_access"}
+)
+
+
 def _grant_scopes(client: Client, requested: str | None) -> tuple[Scope, ...]:
-    if not requested:
+    wanted = [s for s in (requested or "").split() if s not in NOT_FOR_BACKEND]
+    if not wanted:
         return client.scopes
-    scopes, bad = parse_scopes(requested.split())
+    scopes, bad = parse_scopes(wanted)
     if bad:
         raise OAuthError("invalid_scope", f"not a SMART system scope: {' '.join(bad)}")
     too_wide = [s.text for s in scopes if not covered_by(s, client.scopes)]
