@@ -18,8 +18,10 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from fhir_kat.api.errors import register_error_handlers
 from fhir_kat.clinical.protocol import load_protocol
+from fhir_kat.clinical.safety import SafetyRulesError, load_safety_rules
 from fhir_kat.exchange import PartnerConfig, load_partners
 from fhir_kat.exchange.netguard import policy_from_settings
+from fhir_kat.exchange.plan import log_partner_plan
 from fhir_kat.exchange.terminology import TerminologyServer
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.logging import configure_logging
@@ -35,7 +37,7 @@ from fhir_kat.security.identity import (
 from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
-from fhir_kat.services.delivery import queue_artifact, requeue_on_consent
+from fhir_kat.services.delivery import requeue_on_consent
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.feedback import ReferrerFeedback
 from fhir_kat.services.fhir_rest import FhirService
@@ -47,9 +49,10 @@ from fhir_kat.services.referrals import (
     referrer_request_rule,
     task_transition_rule,
 )
+from fhir_kat.services.safety import SafetyService
 from fhir_kat.services.subscriptions import SubscriptionService
 from fhir_kat.settings import Settings, SettingsError, load_settings
-from fhir_kat.store import Store, Tx
+from fhir_kat.store import Store
 from fhir_kat.workflow.triage import triage_settings
 
 log = logging.getLogger("fhir_kat.http")
@@ -87,6 +90,7 @@ def create_app(
     now: Callable[[], datetime] = clock or utcnow
     # Every configuration problem is found before anything opens a database connection.
     partners = load_partners(settings)
+    log_partner_plan(partners)
     endpoint_policy = policy_from_settings(settings)
     clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
     program = settings.extra.get("program", {})
@@ -96,6 +100,13 @@ def create_app(
     except ValueError as exc:
         raise SettingsError(f"invalid settings:\n  {exc}") from None
     protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
+    try:
+        safety_rules = load_safety_rules(
+            program.get("safety", {}),
+            Path(settings.safety_rules) if settings.safety_rules else None,
+        )
+    except SafetyRulesError as exc:
+        raise SettingsError(f"[program.safety]: {exc}") from None
     store = Store(settings.effective_database_url, clock=now)
     store.create_schema()  # fhir_kat.exchange (imported above) adds the outbox table
     id_namespace = _id_namespace(settings, store)
@@ -141,18 +152,19 @@ def create_app(
     )
     fhir.write_rules.append(feedback.check_rule)
     fhir.write_hooks.append(feedback.on_write)
-    instruments = InstrumentService(fhir, outcomes.catalogue, all_questionnaires(), now)
+    # Safety signals (docs/safety.md): every path that stores a fact passes FhirService._put,
+    # so the rules and the Flag (with its delivery to the care team) are the same for all.
+    safety = SafetyService(fhir, safety_rules, protocol, partners, now, id_namespace)
+    fhir.write_rules.append(safety.check_rule)
+    fhir.delete_rules.append(safety.delete_rule)
+    instruments = InstrumentService(
+        fhir, outcomes.catalogue, all_questionnaires(), now, raise_signal=safety.raise_signal
+    )
     fhir.write_rules.append(instruments.check_rule)
     fhir.write_hooks.append(instruments.on_write)
+    fhir.write_hooks.append(safety.on_write)
     instruments.install_questionnaires()
     artifacts = ArtifactService(fhir, protocol, now, partners, id_namespace)
-
-    def notify_care_team(tx: Tx, flag: dict[str, Any]) -> None:
-        # A safety Flag reaches the partners configured for "safety-flags" (the care team's
-        # endpoint) through the same outbox as every other outbound message.
-        queue_artifact(tx, partners, "safety-flags", [flag], flag["subject"]["reference"][8:])
-
-    instruments.flag_listeners.append(notify_care_team)
     # R4 rest-hook Subscriptions: checked on write, notified through the outbox in the same
     # transaction; a Consent write releases the deliveries that waited for it.
     subscriptions = SubscriptionService(consent, now, clients, endpoint_policy)
@@ -183,6 +195,7 @@ def create_app(
             "subscriptions": subscriptions,
             "messaging": MessagingService(fhir, now, id_namespace),
             "feedback": feedback,
+            "safety": safety,
         },
     )
 
@@ -192,6 +205,7 @@ def create_app(
     from fhir_kat.api.export import bp as export_bp
     from fhir_kat.api.feedback import bp as feedback_bp
     from fhir_kat.api.fhir import bp as fhir_bp
+    from fhir_kat.api.flags import bp as flags_bp
     from fhir_kat.api.health import bp as health_bp
     from fhir_kat.api.instruments import bp as instruments_bp
     from fhir_kat.api.measure import bp as measure_bp
@@ -206,6 +220,7 @@ def create_app(
     app.register_blueprint(measure_bp)
     app.register_blueprint(messaging_bp)
     app.register_blueprint(feedback_bp)
+    app.register_blueprint(flags_bp)
     app.register_blueprint(instruments_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)

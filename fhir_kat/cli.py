@@ -299,7 +299,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sandbox.add_argument("partner", help="name of a [partners.<name>] table")
     sandbox.set_defaults(func=_sandbox_check)
+
+    partners = sub.add_parser(
+        "partners",
+        help="list what each configured partner will receive, and how",
+        description="Reads [partners.*] (FHIR_KAT_CONFIG) and prints, per partner, the kinds "
+        "and resource types it receives, the wire form (conditional create or PUT, and what "
+        "happens to a resource without a business identifier) and the consent each delivery "
+        "asks for; then who receives safety Flags, and warnings. The same lines are logged "
+        "when the service and the worker start. Exit 0, 1 when there are warnings, 2 for a "
+        "configuration that can never deliver.",
+        epilog="Example: fhir-kat partners",
+    )
+    partners.set_defaults(func=_partners)
     return parser
+
+
+def _partners(args: argparse.Namespace) -> int:
+    from fhir_kat.exchange import load_partners
+    from fhir_kat.exchange.plan import describe_partners, partner_warnings
+
+    configured = load_partners(load_settings())
+    for line in describe_partners(configured):
+        print(line)
+    warnings = partner_warnings(configured)
+    for line in warnings:
+        print(f"warning: {line}")
+    return 1 if warnings else 0
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -48,6 +48,9 @@ class Settings:
     max_page_size: int = 1000
     #: Program protocol (sessions, routes, dose ranges). Empty = the shipped default.
     program_protocol: str = ""
+    #: Safety-signal rules (vital-sign limits, dose ceilings, ...). Empty = the shipped
+    #: ``mappings/program/safety.yaml``; ``[program.safety]`` overrides single values.
+    safety_rules: str = ""
     log_level: str = "INFO"
     #: PEM private key (EC P-256) signing access tokens. Empty = a key generated on first start
     #: at ``<data_dir>/token-signing-key.pem``. Processes on several hosts must share one key.

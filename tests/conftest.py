@@ -78,13 +78,18 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield f"sqlite:///{tmp_path / 'test.sqlite3'}"
         return
     url: str = request.getfixturevalue("postgres_url")
+    empty_postgres(url)
+    yield url
+
+
+def empty_postgres(url: str) -> None:
+    """Every table of the store created and emptied (one database per worker, reused)."""
     engine = create_engine(url)
     metadata.create_all(engine)
     with engine.begin() as conn:
         names = ", ".join(t.name for t in metadata.sorted_tables)
         conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
     engine.dispose()
-    yield url
 
 
 class FakeClock:

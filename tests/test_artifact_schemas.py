@@ -24,13 +24,14 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 ACCEPTED = [p for p in CASES if not p.name.startswith("refused-")]
 
 
-def test_kinds_are_the_five_url_names() -> None:
+def test_kinds_are_the_url_names() -> None:
     assert KINDS == (
         "referrals",
         "screenings",
         "consents",
         "medication-administrations",
         "questionnaire-responses",
+        "adverse-events",
     )
 
 

@@ -101,6 +101,42 @@ def test_the_route_must_be_the_sessions() -> None:
     )
 
 
+def test_a_schedule_deviation_with_reason_and_clinician_records_what_was_given() -> None:
+    """Principle 3: session 1 given IM, or a session 4 for an alumnus, is accepted with a
+    recorded deviation; entry errors stay refused; a deviation where there is none is refused."""
+    deviation = {"reason": "lozenge not tolerated", "clinician": OVERRIDE["clinician"]}
+    im_first = session(session_number=1, schedule_deviation=deviation)
+    assert dose_issues(im_first, PROTOCOL) == []  # 1.2 mg/kg, inside the IM range
+    alumni = session(session_number=4, schedule_deviation=deviation)
+    assert dose_issues(alumni, PROTOCOL) == []
+    # The dose rules still apply off the schedule: no weight, or out of range without override.
+    no_weight = session(session_number=1, body_weight_kg=None, schedule_deviation=deviation)
+    assert where(dose_issues(no_weight, PROTOCOL)) == [("required", "body_weight_kg")]
+    too_much = session(session_number=4, dose_mg=700.0, schedule_deviation=deviation)
+    assert where(dose_issues(too_much, PROTOCOL)) == [("business-rule", "dose_mg")]
+    # A route the protocol gives no limits (sublingual) off the schedule: like a route with
+    # no range, a clinician override confirms the dose.
+    sublingual = session(
+        session_number=1, route="sublingual", body_weight_kg=None, schedule_deviation=deviation
+    )
+    assert where(dose_issues(sublingual, PROTOCOL)) == [("business-rule", "dose_override")]
+    assert dose_issues(sublingual | {"dose_override": OVERRIDE}, PROTOCOL) == []
+    # Nothing deviates: recording a deviation would be a false statement.
+    on_schedule = session(schedule_deviation=deviation)
+    assert where(dose_issues(on_schedule, PROTOCOL)) == [("business-rule", "schedule_deviation")]
+    # The clinician override of the session records the departure as well (the issue's
+    # "session 1 given IM with an override"): its reason and clinician, whatever the dose.
+    by_override = session(session_number=1, dose_override=OVERRIDE)
+    assert dose_issues(by_override, PROTOCOL) == []
+    assert (
+        dose_issues(session(session_number=4, dose_mg=140.0, dose_override=OVERRIDE), PROTOCOL)
+        == []
+    )
+    # Without one, the deviation is refused and the message says what to record.
+    (issue,) = dose_issues(session(session_number=1), PROTOCOL)
+    assert "schedule_deviation" in issue.diagnostics
+
+
 def test_rules_on_fields_that_failed_validation_are_not_evaluated() -> None:
     assert dose_issues(session(body_weight_kg=None), PROTOCOL, invalid={"body_weight_kg"}) == []
     assert dose_issues(session(route=None), PROTOCOL, invalid={"route"}) == []

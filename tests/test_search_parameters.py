@@ -33,8 +33,24 @@ def _declared() -> list[tuple[str, str]]:
         (rtype, name)
         for rtype, params in all_params().items()
         for name, p in params.items()
-        if not p.internal
+        if not p.internal and p.definition is None
     ]
+
+
+def test_our_own_parameters_are_not_r4_ones_and_say_so(
+    official: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """A parameter R4 lacks is ours under our canonical, never a homonym of an official one."""
+    ours = [
+        (rtype, name, p)
+        for rtype, params in all_params().items()
+        for name, p in params.items()
+        if p.definition is not None
+    ]
+    assert ours, "Flag?status and Flag?category are ours"
+    for rtype, name, p in ours:
+        assert (rtype, name) not in official, f"{rtype}?{name} is an R4 parameter"
+        assert p.definition.startswith("https://fhir-kat.example.org/fhir/SearchParameter/")
 
 
 @pytest.mark.parametrize(("rtype", "name"), _declared())

@@ -67,6 +67,53 @@ def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
 _PARTNER = _q("partner", {"type": "string"}, "only this partner's deliveries")
 
 #: Endpoint name → what it does. Every route under /api/v1 needs an entry.
+#: The body of a Flag acknowledgement or resolution (``artifacts.FlagActionSchema``).
+_FLAG_ACTION: dict[str, Any] = {
+    "type": "object",
+    "required": ["by"],
+    "additionalProperties": False,
+    "properties": {
+        "by": {
+            "type": "object",
+            "description": "the staff member (as a Practitioner: name and identifier)",
+            "required": ["family_name", "identifier"],
+            "additionalProperties": False,
+            "properties": {
+                "family_name": {"type": "string", "minLength": 1, "maxLength": 200},
+                "given_names": {"type": "array", "items": {"type": "string"}},
+                "identifier": {
+                    "type": "object",
+                    "required": ["system", "value"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "system": {"type": "string", "format": "uri"},
+                        "value": {"type": "string", "minLength": 1, "maxLength": 200},
+                    },
+                },
+            },
+        },
+        "note": {"type": "string", "minLength": 1, "maxLength": 4000},
+    },
+}
+
+
+def _flag_op(summary: str, description: str) -> Op:
+    return Op(
+        summary,
+        description,
+        (
+            (200, "the updated Flag", _FHIR_JSON, {"type": "object"}),
+            (404, "no such safety Flag (or not visible to the caller)", _FHIR_JSON, _OUTCOME),
+            (409, "the Flag is no longer active", _FHIR_JSON, _OUTCOME),
+            (422, "refused: one issue per problem", _FHIR_JSON, _OUTCOME),
+            *_ERRORS,
+        ),
+        body="json",
+        body_schema=_FLAG_ACTION,
+        tags=("safety",),
+    )
+
+
 OPERATIONS: dict[str, Op] = {
     "artifacts.submit": Op(
         "Submit an artifact",
@@ -134,6 +181,18 @@ OPERATIONS: dict[str, Op] = {
             },
         },
         tags=("referrals",),
+    ),
+    "flags.acknowledge": _flag_op(
+        "Acknowledge a safety Flag",
+        "A staff member has seen the Flag and is acting on it: recorded on the Flag (extension "
+        "flag-acknowledgement: by, at, note); it stays active. The open ones: "
+        "GET /fhir/Flag?status=active&category=safety (docs/safety.md).",
+    ),
+    "flags.resolve": _flag_op(
+        "Resolve a safety Flag",
+        "The signal has been dealt with: status inactive, period.end now, and who resolved "
+        "it, when and why on the Flag (extension flag-resolution: by, at, note). A resolved "
+        "Flag is not reopened: a new signal raises a new Flag.",
     ),
     "artifacts.schema": Op(
         "The JSON Schema (2020-12) of an artifact kind",
@@ -347,6 +406,7 @@ def build_openapi(app: Flask, server_url: str = "") -> dict[str, Any]:
             {"name": "schemas", "description": "machine-readable contracts"},
             {"name": "deliveries", "description": "the outbox to partners (admin role)"},
             {"name": "auth", "description": "SMART Backend Services token endpoint"},
+            {"name": "safety", "description": "safety Flags: acknowledge and resolve"},
         ],
         "paths": paths,
         "components": {

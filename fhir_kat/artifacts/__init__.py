@@ -15,6 +15,7 @@ from fhir_kat.artifacts.schemas import (
     bc_phn_valid,
     json_schema,
     load_artifact,
+    load_flag_action,
     validate_artifact,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "bc_phn_valid",
     "json_schema",
     "load_artifact",
+    "load_flag_action",
     "validate_artifact",
 ]

@@ -260,6 +260,12 @@ class ConsentSchema(_Strict):
         if "kind" not in data:
             return
         sharing = _privacy_consent(data["kind"])
+        if sharing and "session_number" in data:
+            # A session is what a treatment consent is signed for; sharing has none.
+            raise ValidationError(
+                "only a treatment consent names the KaT session it was signed for",
+                "session_number",
+            )
         if sharing and "permitted_party" not in data:
             raise ValidationError(
                 "a data-sharing consent names the permitted party", "permitted_party"
@@ -282,6 +288,12 @@ class VitalsSchema(_Strict):
     def _bp_pair(self, data: Mapping[str, Any], **_: Any) -> None:
         if ("systolic_mmhg" in data) != ("diastolic_mmhg" in data):
             raise ValidationError("systolic and diastolic come together", "systolic_mmhg")
+        if data.get("diastolic_mmhg", 0) > data.get("systolic_mmhg", 10_000):
+            # Physiologically impossible: a transposed or mistyped reading, never a signal.
+            raise ValidationError(
+                "the diastolic is above the systolic: an entry error, correct the reading",
+                "diastolic_mmhg",
+            )
 
 
 class AdverseEventSchema(_Strict):
@@ -289,6 +301,9 @@ class AdverseEventSchema(_Strict):
     description = fields.String(validate=FREE_TEXT)
     serious = fields.Boolean(load_default=False)
     onset = fields.AwareDateTime()
+    # R4 codes (AdverseEvent.severity and .outcome: required bindings), listed as ValueSets.
+    severity = local_code("kat-ae-severity")
+    outcome = local_code("kat-ae-outcome")
 
 
 class OverrideSchema(_Strict):
@@ -312,11 +327,38 @@ class MedicationAdministrationSchema(_Strict):
     vital_signs_after = fields.Nested(VitalsSchema)
     adverse_events = fields.List(fields.Nested(AdverseEventSchema), load_default=list)
     dose_override = fields.Nested(OverrideSchema)
+    #: A session off the protocol's schedule (a route the session does not allow, a session
+    #: number the protocol has not), recorded with why and who was responsible.
+    schedule_deviation = fields.Nested(OverrideSchema)
 
     @validates_schema(skip_on_field_errors=False)  # reads only valid fields
     def _times(self, data: Mapping[str, Any], **_: Any) -> None:
         if data.get("end") and data.get("start") and data["end"] < data["start"]:
             raise ValidationError("must not be before start", "end")
+
+
+class AdverseEventReportSchema(_Strict):
+    """An adverse event reported on its own — days after a session, or outside one."""
+
+    source_id = fields.String(required=True, validate=ONE_LINE)
+    patient_phn = Phn(required=True)
+    #: The dosing session it followed: the medication-administrations artifact's source_id.
+    session_source_id = fields.String(validate=ONE_LINE)
+    kind = local_code("kat-adverse-event", required=True)
+    description = fields.String(validate=FREE_TEXT)
+    onset = fields.AwareDateTime()
+    #: R4 adverse-event-seriousness: Serious, one of its criteria, or Non-serious.
+    seriousness = local_code("kat-ae-seriousness", required=True)
+    # R4 codes (AdverseEvent.severity and .outcome: required bindings), listed as ValueSets.
+    severity = local_code("kat-ae-severity")
+    outcome = local_code("kat-ae-outcome")
+    reported_by = fields.Nested(PractitionerSchema, required=True)
+    reported_at = fields.AwareDateTime(required=True)
+
+    @validates_schema(skip_on_field_errors=False)  # reads only valid fields
+    def _times(self, data: Mapping[str, Any], **_: Any) -> None:
+        if data.get("onset") and data.get("reported_at") and data["onset"] > data["reported_at"]:
+            raise ValidationError("must not be after reported_at", "onset")
 
 
 class AnswerSchema(_Strict):
@@ -349,14 +391,35 @@ class QuestionnaireResponseSchema(_Strict):
     answers = fields.List(fields.Nested(AnswerSchema), required=True)
 
 
+class FlagActionSchema(_Strict):
+    """``POST /api/v1/flags/<id>/$acknowledge`` and ``$resolve``: who, and a note."""
+
+    by = fields.Nested(PractitionerSchema, required=True)
+    note = fields.String(validate=FREE_TEXT)
+
+
+def load_flag_action(payload: Any) -> dict[str, Any]:
+    """The body of a Flag acknowledgement or resolution, or one Unprocessable naming every
+    problem (field paths as for artifacts)."""
+    if not isinstance(payload, dict):
+        raise Unprocessable(issue("structure", "the body must be a JSON object", "$"))
+    try:
+        loaded: dict[str, Any] = FlagActionSchema().load(payload)
+    except ValidationError as exc:
+        messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+        raise Unprocessable(_issues(messages)) from None
+    return loaded
+
+
 SCHEMAS: dict[str, type[Schema]] = {
     "referrals": ReferralSchema,
     "screenings": ScreeningSchema,
     "consents": ConsentSchema,
     "medication-administrations": MedicationAdministrationSchema,
     "questionnaire-responses": QuestionnaireResponseSchema,
+    "adverse-events": AdverseEventReportSchema,
 }
-#: The five kinds, as they appear in URLs (``POST /api/v1/<kind>``).
+#: The kinds, as they appear in URLs (``POST /api/v1/<kind>``).
 KINDS: tuple[str, ...] = tuple(SCHEMAS)
 
 

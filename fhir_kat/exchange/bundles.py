@@ -10,10 +10,14 @@ identifier) into the transaction Bundle a partner receives, in the partner's ``w
 - ``put``: every entry is ``PUT <Type>/<our id>`` (for partners that accept client ids); sending
   twice writes the same content as a new version, never a second resource.
 
+A resource without a business identifier cannot be conditionally created: with the partner's
+``source_identifier_system`` it travels with the identifier ``<that system>|<our id>`` (our
+deterministic id, stated as such, not a guessed business value); otherwise it goes as ``PUT
+<Type>/<our id>`` inside the same transaction (``without_identifier = "put"``, the default), or
+the delivery is refused naming it (``"dead-letter"``). Built when a delivery is sent: a partner
+that cannot take something never causes a write to be refused.
+
 Must not: touch the database or the network, read a clock, or invent a business identifier.
-A resource without one cannot be delivered exactly once by conditional create, so it is refused
-— unless the partner names a ``source_identifier_system``: then it travels with the identifier
-``<that system>|<our id>`` (our deterministic id, stated as such, not a guessed business value).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from fhir_kat.errors import Issue, Unprocessable, issue
-from fhir_kat.exchange.partners import PartnerConfig, WriteMode
+from fhir_kat.exchange.partners import PartnerConfig, WithoutIdentifier, WriteMode
 
 # uuid5 namespace for the urn:uuid fullUrls of outbound entries. Fixed forever: changing it
 # would change every Bundle we send (harmless for conditional create, noisy in diffs).
@@ -38,6 +42,11 @@ SINGLE_IDENTIFIER = frozenset({"QuestionnaireResponse", "AdverseEvent", "Bundle"
 NO_IDENTIFIER = frozenset(
     {"Provenance", "MessageHeader", "Binary", "Parameters", "OperationOutcome", "Subscription"}
 )
+#: R4 resources that have an identifier but no ``identifier`` search parameter (the official
+#: hl7.fhir.r4 4.0.1 SearchParameter definitions): ``ifNoneExist: identifier=…`` on them is
+#: refused by a conformant server (SEKMET: "Unknown search parameter 'identifier' for
+#: AdverseEvent"), so they travel like a resource without an identifier.
+NO_IDENTIFIER_SEARCH = frozenset({"AdverseEvent"})
 
 
 Resolve = Callable[[str, str], Mapping[str, Any] | None]
@@ -94,14 +103,22 @@ def to_transaction(
     resource_types: frozenset[str] | None = None,
     source_identifier_system: str | None = None,
     resolve: Resolve | None = None,
+    without_identifier: WithoutIdentifier = "put",
 ) -> dict[str, Any]:
     """The transaction Bundle for ``artifact``; ``Unprocessable`` lists every resource that
-    cannot be sent (no id, no identifier, a reference to a resource the filter removed).
+    cannot be sent (no id, no way to send it exactly once, a reference to a resource the
+    filter removed). Called when a delivery is sent, never when the artifact is stored.
 
     ``resolve(type, id)`` returns a stored resource (or ``None``). In conditional-create mode a
     reference ``Type/id`` to a resource outside the artifact becomes the conditional reference
     ``Type?identifier=…`` with the identifier that resource was (or will be) sent under, since
     the partner knows it by that identifier, not by our id.
+
+    Conditional create, a resource without a business identifier: with the partner's
+    ``source_identifier_system`` it travels under ``<that system>|<our id>``; otherwise, with
+    ``without_identifier = "put"``, as ``PUT <Type>/<our id>`` in the same transaction (sending
+    it again writes a new version, never a second resource); with ``"dead-letter"`` the
+    delivery is refused, naming the resource.
     """
     resources = resources_of(artifact)
     problems: list[Issue] = []
@@ -122,7 +139,6 @@ def to_transaction(
         for k, r in zip(keys, resources, strict=True)
         if resource_types is None or k[0] in resource_types
     ]
-    kept_keys = {k for k, _ in kept}
     if not kept:
         raise Unprocessable(
             issue("business-rule", "no resource of this artifact is accepted by the partner")
@@ -141,9 +157,50 @@ def to_transaction(
             if isinstance(full, str) and key in set(keys):
                 spellings[full] = (str(key[0]), str(key[1]))
 
-    entries: list[dict[str, Any]] = []
+    # First how each entry travels (its references depend on how their targets do).
+    bodies: dict[tuple[str, str], dict[str, Any]] = {}
+    queries: dict[tuple[str, str], str | None] = {}  # None: PUT with our id
     for index, ((rtype, rid), res) in enumerate(kept):
         body = copy.deepcopy(res)
+        body.get("meta", {}).pop("versionId", None)
+        body.get("meta", {}).pop("lastUpdated", None)
+        if not body.get("meta", True):
+            body.pop("meta")
+        bodies[(rtype, rid)] = body
+        queries[(rtype, rid)] = None
+        if write_mode != "conditional-create":
+            continue
+        query = identifier_query(body) if rtype not in NO_IDENTIFIER_SEARCH else None
+        if (
+            query is None
+            and source_identifier_system
+            and rtype not in NO_IDENTIFIER | NO_IDENTIFIER_SEARCH
+        ):
+            _add_identifier(body, rtype, {"system": source_identifier_system, "value": rid})
+            query = identifier_query(body)
+        if query is None and without_identifier == "dead-letter":
+            problems.append(
+                issue(
+                    "required",
+                    f"{rtype} has no identifier element (or no identifier search parameter) "
+                    "in R4, and this partner takes conditional creates only "
+                    '(without_identifier = "dead-letter"): allow PUT, or leave '
+                    f"{rtype} out with resource_types"
+                    if rtype in NO_IDENTIFIER | NO_IDENTIFIER_SEARCH
+                    else f"{rtype} has no identifier with system and value, and this partner "
+                    'takes conditional creates only (without_identifier = "dead-letter"): '
+                    "allow PUT or set source_identifier_system",
+                    f"Bundle.entry[{index}].resource.identifier",
+                )
+            )
+        queries[(rtype, rid)] = query
+
+    entries: list[dict[str, Any]] = []
+    kept_keys = set(bodies)
+    base = partner_base_url.rstrip("/")
+    for index, key in enumerate(bodies):
+        rtype, rid = key
+        body = bodies[key]
         expr = f"Bundle.entry[{index}].resource"
         for ref in _references(body):
             value = ref["reference"]
@@ -162,32 +219,12 @@ def to_transaction(
                         expr,
                     )
                 )
-            elif write_mode == "conditional-create":
+            elif queries[target] is not None:
                 ref["reference"] = full_url_for(*target)
             else:
                 ref["reference"] = f"{target[0]}/{target[1]}"
-        body.get("meta", {}).pop("versionId", None)
-        body.get("meta", {}).pop("lastUpdated", None)
-        if not body.get("meta", True):
-            body.pop("meta")
-        if write_mode == "conditional-create":
-            query = identifier_query(body)
-            if query is None and source_identifier_system and rtype not in NO_IDENTIFIER:
-                _add_identifier(body, rtype, {"system": source_identifier_system, "value": rid})
-                query = identifier_query(body)
-            if query is None:
-                problems.append(
-                    issue(
-                        "required",
-                        f"{rtype} has no identifier element: send it in put mode or leave it "
-                        "out with resource_types"
-                        if rtype in NO_IDENTIFIER
-                        else "conditional create needs an identifier with system and value "
-                        "(or the partner's source_identifier_system)",
-                        f"{expr}.identifier",
-                    )
-                )
-                continue
+        query = queries[key]
+        if query is not None:
             body.pop("id", None)
             entries.append(
                 {
@@ -197,7 +234,6 @@ def to_transaction(
                 }
             )
         else:
-            base = partner_base_url.rstrip("/")
             entries.append(
                 {
                     "fullUrl": f"{base}/{rtype}/{rid}" if base else full_url_for(rtype, rid),
@@ -222,6 +258,7 @@ def for_partner(
         resource_types=partner.resource_types,
         source_identifier_system=partner.source_identifier_system,
         resolve=resolve,
+        without_identifier=partner.without_identifier,
     )
 
 
@@ -306,6 +343,8 @@ def _conditional_reference(
     parts = reference.split("/")
     if len(parts) != 2 or not parts[0][:1].isupper() or reference.startswith(("urn:", "#")):
         return None  # absolute, versioned, contained or logical: leave it as it is
+    if parts[0] in NO_IDENTIFIER_SEARCH:
+        return None  # not searchable by identifier: it travelled under our id (PUT)
     stored = resolve(parts[0], parts[1])
     if stored is None:
         return None
@@ -348,6 +387,8 @@ def _references(node: Any) -> Iterator[dict[str, Any]]:
 
 __all__ = [
     "FULLURL_NAMESPACE",
+    "NO_IDENTIFIER",
+    "NO_IDENTIFIER_SEARCH",
     "for_partner",
     "full_url_for",
     "identifier_query",

@@ -67,7 +67,11 @@ STATUSES = (PENDING, IN_FLIGHT, DELIVERED, DEAD, CANCELLED, BLOCKED_CONSENT)
 #: States a later delivery for the same partner and patient waits behind.
 ACTIVE = (PENDING, IN_FLIGHT)
 #: ``rest-hook``: an R4 Subscription notification; its partner is ``subscription:<id>``.
-KINDS = ("bundle", "notification", "rest-hook")
+#: ``artifact`` / ``referral-status``: resources as stored, put in the partner's wire form
+#: when sent (``routing.wire_form``); ``bundle`` / ``notification``: sent as queued.
+ARTIFACT = "artifact"
+REFERRAL_STATUS_KIND = "referral-status"
+KINDS = ("bundle", "notification", "rest-hook", ARTIFACT, REFERRAL_STATUS_KIND)
 #: Partner names of dynamic destinations (resolved at send time, not configured).
 SUBSCRIPTION_PREFIX = "subscription:"
 #: Largest ``last_error`` kept; a partner's OperationOutcome beyond it is summarised.
@@ -699,6 +703,7 @@ def _iso(moment: datetime) -> str:
 
 __all__ = [
     "ACTIVE",
+    "ARTIFACT",
     "BLOCKED_CONSENT",
     "CANCELLED",
     "DEAD",
@@ -706,6 +711,7 @@ __all__ = [
     "IN_FLIGHT",
     "KINDS",
     "PENDING",
+    "REFERRAL_STATUS_KIND",
     "STATUSES",
     "SUBSCRIPTION_PREFIX",
     "Delivery",

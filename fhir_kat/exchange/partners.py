@@ -34,10 +34,13 @@ from fhir_kat.settings import Settings, SettingsError
 
 AuthKind = Literal["none", "client_credentials", "smart_backend"]
 WriteMode = Literal["conditional-create", "put"]
+#: Conditional create, a resource with no business identifier: PUT with our id, or refuse.
+WithoutIdentifier = Literal["put", "dead-letter"]
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 AUTH_KINDS: tuple[AuthKind, ...] = ("none", "client_credentials", "smart_backend")
 WRITE_MODES: tuple[WriteMode, ...] = ("conditional-create", "put")
+WITHOUT_IDENTIFIER: tuple[WithoutIdentifier, ...] = ("put", "dead-letter")
 # SMART Backend Services allows exactly these two (SMART App Launch 2.x, "Backend Services").
 SMART_ALGORITHMS = ("RS384", "ES384")
 
@@ -62,12 +65,27 @@ _KNOWN_KEYS = {
     "enabled",
     "organization",
     "source_identifier_system",
+    "without_identifier",
+    "care_team",
 }
 
 #: What a partner can ask for: the artifact kinds of /api/v1, safety Flags, and the status of
 #: the referrals its organisation sent (a referrer's EMR; ``organization`` names the referrer).
 REFERRAL_STATUS = "referral-status"
-DELIVERABLE_KINDS = frozenset(KINDS) | {"safety-flags", REFERRAL_STATUS}
+SAFETY_FLAGS = "safety-flags"
+DELIVERABLE_KINDS = frozenset(KINDS) | {SAFETY_FLAGS, REFERRAL_STATUS}
+
+#: The v3 PurposeOfUse a delivery is disclosed under, asked of the consent decision point at
+#: send time for a partner outside the program. Artifacts serve the health authority's
+#: quality-improvement project: healthcare operations (HOPERAT, DOMAIN.md). A safety Flag tells
+#: clinicians of a risk so that they act on it, and the referrer's feedback document informs
+#: its care of the participant: treatment (TREAT). A ``care_team`` partner is asked nothing.
+DEFAULT_PURPOSE = "HOPERAT"
+KIND_PURPOSES = {SAFETY_FLAGS: "TREAT", REFERRAL_STATUS: "TREAT"}
+
+
+def purpose_for(kind: str) -> str:
+    return KIND_PURPOSES.get(kind, DEFAULT_PURPOSE)
 
 
 @dataclass(frozen=True)
@@ -101,8 +119,17 @@ class PartnerConfig:
     organization: str | None = None
     #: Conditional create: the identifier system under which a resource without a business
     #: identifier is sent, with our (deterministic) id as the value. ``None``: such a
-    #: resource is refused when queued.
+    #: resource goes by ``without_identifier``.
     source_identifier_system: str | None = None
+    #: Conditional create, a resource with no business identifier (and no
+    #: ``source_identifier_system``): ``put`` sends it as ``PUT <Type>/<our id>`` in the same
+    #: transaction; ``dead-letter`` refuses the delivery, naming the resource, when it is sent.
+    without_identifier: WithoutIdentifier = "put"
+    #: The program's own care team (its clinical EHR or on-call system): what it receives is a
+    #: treatment disclosure inside the circle of care — purpose TREAT, no sharing consent
+    #: asked. False: a party outside the program; each patient delivery asks the consent
+    #: decision point at send time (``services/delivery.py`` names the purpose per kind).
+    care_team: bool = False
 
     def wants(self, artifact_kind: str) -> bool:
         return self.enabled and (
@@ -116,9 +143,16 @@ class PartnerConfig:
 def load_partners(
     settings: Settings, environ: Mapping[str, str] | None = None
 ) -> dict[str, PartnerConfig]:
-    """Every configured partner, validated; ``SettingsError`` names every problem at once."""
+    """Every configured partner, validated; ``SettingsError`` names every problem at once —
+    including a partner that could never receive what it asks for (``plan.partner_problems``)."""
+    from fhir_kat.exchange.plan import partner_problems  # plan reads the mappings
+
     raw = settings.extra.get("partners", {})
-    return parse_partners(raw, environ=environ, base_dir=None)
+    partners = parse_partners(raw, environ=environ, base_dir=None)
+    problems = partner_problems(partners)
+    if problems:
+        raise SettingsError("invalid partner settings:\n  " + "\n  ".join(problems))
+    return partners
 
 
 def parse_partners(
@@ -174,6 +208,12 @@ def _parse_one(
     write_mode = table.get("write_mode", "conditional-create")
     if write_mode not in WRITE_MODES:
         problems.append(f"{where}.write_mode: must be one of {list(WRITE_MODES)}")
+    without_identifier = table.get("without_identifier", "put")
+    if without_identifier not in WITHOUT_IDENTIFIER:
+        problems.append(f"{where}.without_identifier: must be one of {list(WITHOUT_IDENTIFIER)}")
+    care_team = table.get("care_team", False)
+    if not isinstance(care_team, bool):
+        problems.append(f"{where}.care_team: must be true or false")
     enabled = table.get("enabled", True)
     if not isinstance(enabled, bool):
         problems.append(f"{where}.enabled: must be true or false")
@@ -201,6 +241,19 @@ def _parse_one(
         )
     if artifact_kinds and REFERRAL_STATUS in artifact_kinds and not organization:
         problems.append(f"{where}.organization: a {REFERRAL_STATUS} partner names the referrer")
+    if artifact_kinds and REFERRAL_STATUS in artifact_kinds and care_team is True:
+        problems.append(
+            f"{where}.care_team: a {REFERRAL_STATUS} partner is a referrer, outside the program"
+        )
+    if artifact_kinds and SAFETY_FLAGS in artifact_kinds and "care_team" not in table:
+        # Who may receive a safety signal without a sharing consent is a decision, never a
+        # default: the program's own clinicians (true) or a party outside the program (false).
+        problems.append(
+            f"{where}.care_team: a partner that asks for {SAFETY_FLAGS} says whether it is the "
+            "program's own care team (true: each Flag goes at once, purpose TREAT, no sharing "
+            "consent asked) or a party outside the program (false: each Flag waits for the "
+            "participant's sharing consent naming its organization for TREAT)"
+        )
     auth = _parse_auth(table, env, base_dir, where, problems)
 
     if len(problems) > before or auth is None:
@@ -219,6 +272,8 @@ def _parse_one(
         enabled=bool(enabled),
         organization=organization,
         source_identifier_system=source_system,
+        without_identifier=without_identifier,
+        care_team=care_team is True,
     )
 
 
@@ -396,10 +451,16 @@ def _scopes(table: Mapping[str, Any], where: str, problems: list[str]) -> tuple[
 
 __all__ = [
     "AUTH_KINDS",
+    "DEFAULT_PURPOSE",
+    "KIND_PURPOSES",
+    "REFERRAL_STATUS",
+    "SAFETY_FLAGS",
     "SMART_ALGORITHMS",
+    "WITHOUT_IDENTIFIER",
     "WRITE_MODES",
     "AuthConfig",
     "PartnerConfig",
     "load_partners",
     "parse_partners",
+    "purpose_for",
 ]

@@ -1,10 +1,14 @@
 """Routing: which partners receive an artifact, and the delivery each one gets.
 
-Owns: ``enqueue_artifact``, the one call the artifact service makes after storing an artifact,
-inside the same write transaction (which also resolves references to resources stored
-earlier into conditional references). Must not: send anything, or swallow an artifact that cannot
-be delivered exactly once (a resource without an identifier, a partner filter that cuts a
-reference): that raises ``Unprocessable`` and the caller's transaction rolls back.
+Owns: ``enqueue_artifact`` and ``enqueue_referral_status``, called inside the write
+transaction that stores what they queue, and ``wire_form``, which the worker calls when a
+delivery is sent. What a partner receives, and how, is decided only then (outbound never
+vetoes inbound): queueing records the resources as stored; the partner's transaction Bundle
+— conditional create or PUT, references made conditional from what is stored — is built at
+send time, and a delivery that cannot be put in the partner's form is dead-lettered there,
+with a reason an operator reads, while the clinical record it came from stays stored.
+
+Must not: send anything, or refuse a write because of a partner's configuration.
 """
 
 from __future__ import annotations
@@ -12,8 +16,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fhir_kat.exchange.bundles import for_partner, resources_of, task_update_transaction
-from fhir_kat.exchange.outbox import enqueue
+from fhir_kat.errors import Unprocessable, issue
+from fhir_kat.exchange.bundles import (
+    Resolve,
+    for_partner,
+    resources_of,
+    task_update_transaction,
+)
+from fhir_kat.exchange.outbox import ARTIFACT, REFERRAL_STATUS_KIND, enqueue
 from fhir_kat.exchange.partners import REFERRAL_STATUS, PartnerConfig
 from fhir_kat.store import Tx
 
@@ -30,15 +40,19 @@ def enqueue_artifact(
     every enabled partner whose ``artifact_kinds`` include ``artifact_kind`` and which accepts
     at least one of its resource types; returns ``{partner: delivery id}``.
 
-    With ``consent_purpose`` (a v3 PurposeOfUse code such as ``TREAT``) each delivery carries
-    the consent question to ask again at send time: ``{"patient": patient_key, "partner":
-    name, "actor": partner.organization, "purpose": consent_purpose}``.
+    With ``consent_purpose`` (a v3 PurposeOfUse code such as ``TREAT``) each delivery to a
+    partner outside the program carries the consent question to ask again at send time:
+    ``{"patient": patient_key, "partner": name, "actor": partner.organization, "purpose":
+    consent_purpose}``. A ``care_team`` partner gets none (a disclosure inside the program's
+    care team, for treatment).
+
+    Nothing here can refuse the artifact: the payload is the resources as stored, and their
+    wire form is built when the delivery is sent (``wire_form``).
     """
     if consent_purpose is not None and patient_key is None:
         raise ValueError("a consent check needs the patient_key")
     types = {r.get("resourceType") for r in resources_of(artifact)}
-
-    resolve = _resolver(tx)
+    payload = {"artifactKind": artifact_kind, "artifact": artifact}
     queued: dict[str, int] = {}
     for name in sorted(partners):
         partner = partners[name]
@@ -46,10 +60,31 @@ def enqueue_artifact(
             continue
         if not any(isinstance(t, str) and partner.accepts_type(t) for t in types):
             continue
-        bundle = for_partner(partner, artifact, resolve)
         check = _consent_check(patient_key, name, partner, consent_purpose)
-        queued[name] = enqueue(tx, name, "bundle", bundle, patient_key, check)
+        queued[name] = enqueue(tx, name, ARTIFACT, payload, patient_key, check)
     return queued
+
+
+def wire_form(
+    kind: str, payload: Mapping[str, Any], partner: PartnerConfig, resolve: Resolve
+) -> dict[str, Any]:
+    """The transaction Bundle a delivery sends to ``partner`` now, built from what was queued
+    and what is stored (``resolve``); ``Unprocessable`` names each reason it cannot be sent
+    in this partner's form (the worker dead-letters it with them). Deliveries queued as a
+    finished ``bundle`` or ``notification`` are sent as they are."""
+    if kind == ARTIFACT:
+        artifact = payload.get("artifact")
+        if not isinstance(artifact, Mapping | list):
+            raise Unprocessable(issue("structure", "the queued artifact is missing"))
+        return for_partner(partner, artifact, resolve)
+    if kind == REFERRAL_STATUS_KIND:
+        task, document = payload.get("task"), payload.get("document")
+        if not isinstance(task, Mapping):
+            raise Unprocessable(issue("structure", "the queued Task is missing"))
+        return task_update_transaction(
+            task, resolve, document if isinstance(document, Mapping) else None
+        )
+    return dict(payload)
 
 
 def referrer_partners(
@@ -86,18 +121,17 @@ def enqueue_referral_status(
     if document is not None and (consent_purpose is None or patient_key is None):
         raise ValueError("a feedback document is sent only under a consent check")
 
-    resolve = _resolver(tx)
+    payload = {"task": dict(task), "document": dict(document) if document else None}
     queued: dict[str, int] = {}
     for name in referrer_partners(partners, referrer_organizations):
-        bundle = task_update_transaction(task, resolve, document)
         check = _consent_check(patient_key, name, partners[name], consent_purpose)
-        queued[name] = enqueue(tx, name, "bundle", bundle, patient_key, check)
+        queued[name] = enqueue(tx, name, REFERRAL_STATUS_KIND, payload, patient_key, check)
     return queued
 
 
-def _resolver(tx: Tx) -> Callable[[str, str], dict[str, Any] | None]:
-    """Reads a referenced resource in the caller's transaction (None when absent or deleted),
-    so the wire form can turn references into conditional ones by identifier."""
+def resolver(tx: Tx) -> Callable[[str, str], dict[str, Any] | None]:
+    """Reads a referenced resource in ``tx`` (None when absent or deleted), so the wire form
+    can turn references into conditional ones by identifier."""
 
     def resolve(rtype: str, rid: str) -> dict[str, Any] | None:
         stored = tx.get(rtype, rid)
@@ -109,8 +143,9 @@ def _resolver(tx: Tx) -> Callable[[str, str], dict[str, Any] | None]:
 def _consent_check(
     patient_key: str | None, name: str, partner: PartnerConfig, purpose: str | None
 ) -> dict[str, Any] | None:
-    """The consent question the worker asks again at send time (None: no patient data)."""
-    if purpose is None:
+    """The consent question the worker asks again at send time (None: no patient data, or a
+    disclosure to the program's own care team)."""
+    if purpose is None or partner.care_team:
         return None
     return {
         "patient": patient_key,
@@ -120,4 +155,10 @@ def _consent_check(
     }
 
 
-__all__ = ["enqueue_artifact", "enqueue_referral_status", "referrer_partners"]
+__all__ = [
+    "enqueue_artifact",
+    "enqueue_referral_status",
+    "referrer_partners",
+    "resolver",
+    "wire_form",
+]

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import requests
 
 from fhir_kat.artifacts import KINDS
-from fhir_kat.exchange.bundles import NO_IDENTIFIER
+from fhir_kat.exchange.bundles import NO_IDENTIFIER, NO_IDENTIFIER_SEARCH
 from fhir_kat.exchange.client import PartnerClient, TokenError
 from fhir_kat.exchange.partners import DELIVERABLE_KINDS, PartnerConfig
 from fhir_kat.mapping.engine import targets
@@ -31,8 +31,8 @@ FHIR_JSON = "application/fhir+json"
 #: The identifier system of the synthetic Patient (a value no real system issues).
 SANDBOX_SYSTEM = "https://fhir-kat.example.org/fhir/sid/sandbox-check"
 #: Resources the service adds beside an artifact's own mapping (DOMAIN.md: SDC extraction of
-#: questionnaire scores into Observations; safety Flags to the care team).
-_EXTRA_TYPES = {"questionnaire-responses": {"Observation"}, "safety-flags": {"Flag"}}
+#: questionnaire scores into Observations; safety Flags to the care team, with the Patient).
+_EXTRA_TYPES = {"questionnaire-responses": {"Observation"}, "safety-flags": {"Flag", "Patient"}}
 
 
 @dataclass(frozen=True)
@@ -199,14 +199,16 @@ def _compare(
             report.add(f"type {rtype}", "fail", "not supported")
             continue
         interactions = {i.get("code") for i in spec.get("interaction", []) if isinstance(i, dict)}
-        missing = [w for w in (write,) if w not in interactions]
-        if write == "create" and spec.get("conditionalCreate") is not True:
+        # A type R4 cannot search by identifier goes by PUT with our id (bundles.py).
+        by = "update" if rtype in NO_IDENTIFIER_SEARCH else write
+        missing = [w for w in (by,) if w not in interactions]
+        if by == "create" and spec.get("conditionalCreate") is not True:
             missing.append("conditionalCreate")
-        if write == "update" and spec.get("updateCreate") is not True:
+        if by == "update" and spec.get("updateCreate") is not True:
             missing.append("updateCreate")
         if missing:
             report.add(f"type {rtype}", "fail", f"missing {', '.join(missing)}")
-        elif write == "create":
+        elif by == "create":
             report.add(f"type {rtype}", "pass", "create, conditionalCreate")
         else:
             report.add(f"type {rtype}", "pass", "update, updateCreate")

@@ -30,11 +30,20 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
+from fhir_kat.errors import Unprocessable, issue, operation_outcome
 from fhir_kat.exchange import outbox
 from fhir_kat.exchange.client import Delivered, PartnerClient, Permanent, Retryable, SendResult
 from fhir_kat.exchange.netguard import EndpointPolicy, guarded_session, policy_from_settings
-from fhir_kat.exchange.outbox import SUBSCRIPTION_PREFIX, Delivery, RetryPolicy
+from fhir_kat.exchange.outbox import (
+    ARTIFACT,
+    REFERRAL_STATUS_KIND,
+    SUBSCRIPTION_PREFIX,
+    Delivery,
+    RetryPolicy,
+)
 from fhir_kat.exchange.partners import PartnerConfig, load_partners
+from fhir_kat.exchange.plan import log_partner_plan
+from fhir_kat.exchange.routing import resolver, wire_form
 from fhir_kat.exchange.subscriptions import (
     Notification,
     mark_error,
@@ -262,6 +271,11 @@ class DeliveryWorker:
                     report,
                 )
                 return
+        payload: dict[str, Any] | None = delivery.payload
+        if notification is None and delivery.kind in (ARTIFACT, REFERRAL_STATUS_KIND):
+            payload = self._wire_form(delivery, report)
+            if payload is None:
+                return
         result: SendResult
         if notification is not None:
             result = self._hook_client(delivery.partner, notification.url).notify(
@@ -272,9 +286,8 @@ class DeliveryWorker:
                 notification.headers,
             )
         else:
-            result = self.clients[delivery.partner].send(
-                delivery.kind, delivery.payload, delivery.id
-            )
+            kind = "bundle" if delivery.kind in (ARTIFACT, REFERRAL_STATUS_KIND) else delivery.kind
+            result = self.clients[delivery.partner].send(kind, payload or {}, delivery.id)
         if isinstance(result, Delivered):
             self._record(
                 outbox.mark_delivered(self.store, delivery, result.entries, self.clock()),
@@ -294,6 +307,32 @@ class DeliveryWorker:
             if result.status != 409 and decision is not None:
                 # 409 is about this resource; everything else retryable is about the partner.
                 paused[delivery.partner] = decision
+
+    def _wire_form(self, delivery: Delivery, report: RunReport) -> dict[str, Any] | None:
+        """What this partner receives for the delivery, decided now from its configuration and
+        what is stored (a read, no network); None after dead-lettering one that cannot be put
+        in the partner's form — the clinical record it came from stays stored."""
+        partner = self.partners[delivery.partner]
+        try:
+            with self.store.read() as tx:
+                return wire_form(delivery.kind, delivery.payload, partner, resolver(tx))
+        except Unprocessable as exc:
+            lead = issue(
+                "not-supported",
+                f"not sent: partner {partner.name} cannot take this delivery in its "
+                f"configured form (write_mode = {partner.write_mode}, without_identifier = "
+                f"{partner.without_identifier}); the stored record is unchanged. Fix the "
+                "partner configuration, then retry the delivery",
+            )
+            self._record(
+                outbox.mark_dead(
+                    self.store, delivery, operation_outcome([lead, *exc.issues]), self.clock()
+                ),
+                delivery,
+                "dead",
+                report,
+            )
+            return None
 
     def _hook_client(self, partner: str, url: str) -> PartnerClient:
         known = self._hook_clients.get(partner)
@@ -444,6 +483,7 @@ def main(
         )
         return 2
     configure_logging(settings.log_level)
+    log_partner_plan(partners)
     store = Store(settings.effective_database_url)
     try:
         store.create_schema()

@@ -65,6 +65,12 @@ SURVEY = {
 NAMESPACE = uuid.UUID("6f1d3c52-7a0e-5b8e-9d4e-6b6174000002")
 
 
+def own_identifier(resource_id: str) -> list[dict[str, str]]:
+    """The business identifier of a derived resource with no natural one: its deterministic id
+    as a URI (the mapping engine's ``$id: urn``), so a partner can conditionally create it."""
+    return [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{resource_id}"}]
+
+
 @dataclass(frozen=True)
 class Score:
     total: float | None
@@ -392,10 +398,12 @@ def extract(
         item = items.get(link)
         if coding is None or item is None or not item.get("code"):
             continue  # SDC: no Observation for a skipped item
+        oid = str(uuid.uuid5(NAMESPACE, f"{qr_ref}|{link}"))
         out.append(
             {
                 "resourceType": "Observation",
-                "id": str(uuid.uuid5(NAMESPACE, f"{qr_ref}|{link}")),
+                "id": oid,
+                "identifier": own_identifier(oid),
                 **common,
                 "code": {"coding": [dict(c) for c in item["code"]], "text": item.get("text", link)},
                 "valueCodeableConcept": {"coding": [dict(coding)]},
@@ -405,10 +413,12 @@ def extract(
         band = instrument.band(result.total)
         unit = instrument.unit
         positive = instrument.positive(result.total)
+        tid = str(uuid.uuid5(NAMESPACE, f"{qr_ref}|total"))
         out.append(
             {
                 "resourceType": "Observation",
-                "id": str(uuid.uuid5(NAMESPACE, f"{qr_ref}|total")),
+                "id": tid,
+                "identifier": own_identifier(tid),
                 **common,
                 "code": {"coding": [dict(instrument.total)]},
                 "valueQuantity": {

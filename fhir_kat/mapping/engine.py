@@ -25,7 +25,10 @@ The operations (a closed set; lint refuses any other):
 - ``$cs: {system, code}`` — a Coding of a CodeSystem of ours, display included;
 - ``$ref: Target`` / ``$ref: Target[*]`` — reference(s) to another target's deterministic id;
 - ``$each: {in, do}`` — ``do`` for each item of a list (spliced into the surrounding list);
-- ``$if: {test, then, else?}`` — a condition.
+- ``$if: {test, then, else?}`` — a condition;
+- ``$id: urn`` — this resource's own deterministic id as ``urn:uuid:<id>`` (an Identifier value
+  under ``urn:ietf:rfc:3986`` for resources with no natural business identifier, so that every
+  resource can be conditionally created at a partner and re-sends match).
 
 Empty values (None, "", [], {}) are dropped, so no output carries an empty element. Every problem
 (schema, clinical, terminology) of an artifact is raised together as one ``Unprocessable``.
@@ -62,7 +65,10 @@ from fhir_kat.terminology import (
 ROOT = Path(__file__).resolve().parents[2] / "mappings"
 #: Namespace of every deterministic id (uuid5); changing it changes every id: never do that.
 NAMESPACE = uuid.UUID("6f1d3c52-7a0e-5b8e-9d4e-6b6174000001")
-OPS = ("$path", "$const", "$fn", "$map", "$cs", "$ref", "$each", "$if")
+OPS = ("$path", "$const", "$fn", "$map", "$cs", "$ref", "$each", "$if", "$id")
+#: ``$id: urn`` — the business identifier of a resource with no natural one: its own
+#: deterministic id (uuid5 of the business keys) as ``urn:uuid:``, under ``urn:ietf:rfc:3986``.
+ID_FORMS = ("urn",)
 FILE_KEYS = {"version", "resourceType", "id", "repeat", "when", "resource"}
 _PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 #: The codes the engine itself writes (into each Provenance).
@@ -119,6 +125,7 @@ class _Env:
     item: Any = None
     item_path: str = ""
     index: int = 0
+    own_id: str = ""
 
 
 def _spec_version(spec: Mapping[str, Any]) -> str:
@@ -201,6 +208,7 @@ def _build(
     for target, items in plan:
         for (i, item), rid in zip(items, env.ids[target.name], strict=True):
             _bind(env, target, item, i)
+            env.own_id = rid
             resource: dict[str, Any] = {"resourceType": target.resource_type, "id": rid}
             body = target.template(env)
             if isinstance(body, dict):
@@ -439,6 +447,8 @@ def _compile_op(op: str, arg: Any) -> Compiled:
             return out
 
         return run_each
+    if op == "$id":
+        return lambda env: f"urn:uuid:{env.own_id}" if env.own_id else None
     if op == "$if":
         test = _compile(arg["test"])
         then = _compile(arg["then"])
@@ -676,6 +686,8 @@ def _lint_op(
         return []
     if op == "$if" and (not isinstance(arg, dict) or "test" not in arg or "then" not in arg):
         return [issue("structure", "$if needs test and then", where)]
+    if op == "$id" and arg not in ID_FORMS:
+        return [issue("value", f"$id takes one of {', '.join(ID_FORMS)}", where)]
     return []
 
 
@@ -694,7 +706,7 @@ def _ops(node: Any, base: str | None) -> Iterator[tuple[str, Any, str | None]]:
                 inner = _each_base(arg.get("in"), base)
                 yield from _ops(arg.get("do"), inner)
                 return
-            if key in ("$path", "$ref", "$const"):
+            if key in ("$path", "$ref", "$const", "$id"):
                 return
             if key == "$fn" and isinstance(arg, dict):
                 for args in arg.values():

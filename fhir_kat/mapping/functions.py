@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from fhir_kat.clinical.dose import assess, dose_issues
+from fhir_kat.clinical.dose import assess, dose_issues, schedule_deviation
 from fhir_kat.clinical.protocol import ProgramProtocol
 from fhir_kat.errors import Issue, issue
 from fhir_kat.instruments.definitions import Instrument, load_catalogue
@@ -237,6 +237,47 @@ def _override_note(ctx: Any, route: Any, dose: Any, weight: Any, reason: Any) ->
     return f"{why}. Protocol {ctx.protocol.reference}. Clinician override: {reason}"
 
 
+def _schedule_deviation(ctx: Any, number: Any, route: Any) -> str | None:
+    """What the protocol's schedule says where the session departs from it (None if not)."""
+    return schedule_deviation({"session_number": number, "route": route}, ctx.protocol)
+
+
+def _deviation_note(ctx: Any, number: Any, route: Any, reason: Any) -> str | None:
+    """The human-readable record of a schedule deviation, naming the protocol version."""
+    planned = _schedule_deviation(ctx, number, route)
+    if not reason or planned is None:
+        return None
+    return f"Given off the protocol schedule: {planned}. Reason: {reason}"
+
+
+def _first(_: Any, *values: Any) -> Any:
+    """The first value given (not None): a schedule deviation's reason or clinician from
+    ``schedule_deviation``, else from the clinician override that covers it."""
+    return next((v for v in values if v is not None), None)
+
+
+def _value_set_coding(_: Any, value_set: str, code: Any) -> dict[str, str] | None:
+    """The Coding of ``code`` as a ValueSet of ``mappings/terminology/`` lists it (system and
+    display from the file): for codes of an external code system the program uses by name,
+    such as the R4 adverse-event seriousness, severity and outcome."""
+    if code is None:
+        return None
+    from fhir_kat.terminology import load_terminology
+
+    for doc in load_terminology().resources:
+        if doc["resourceType"] != "ValueSet" or doc["id"] != value_set:
+            continue
+        for include in doc["compose"]["include"]:
+            for concept in include.get("concept", []):
+                if concept["code"] == code:
+                    return {
+                        "system": include["system"],
+                        "code": code,
+                        **({"display": concept["display"]} if concept.get("display") else {}),
+                    }
+    return None  # not in the ValueSet: validate_artifact has refused the artifact already
+
+
 def _protocol_reference(ctx: Any) -> str:
     return str(ctx.protocol.reference)
 
@@ -324,6 +365,10 @@ REGISTRY: dict[str, Callable[..., Any]] = {
     "mg_per_kg": _mg_per_kg,
     "dose_check": _dose_check,
     "override_note": _override_note,
+    "schedule_deviation": _schedule_deviation,
+    "deviation_note": _deviation_note,
+    "first": _first,
+    "value_set_coding": _value_set_coding,
     "join": _join,
     "encounter_status": _encounter_status,
     "is_set": _is_set,

@@ -50,6 +50,9 @@ class ParamDef:
     paths: tuple[tuple[str, ...], ...]
     targets: frozenset[str] = frozenset()
     internal: bool = False
+    #: Canonical of our own SearchParameter, for the few parameters R4 does not define
+    #: (``definition:`` in parameters.yaml); None = the official R4 one.
+    definition: str | None = None
 
 
 @cache
@@ -75,6 +78,7 @@ def all_params() -> dict[str, dict[str, ParamDef]]:
                 paths=tuple(tuple(p.split(".")) for p in spec["path"]),
                 targets=frozenset(spec.get("target", ())),
                 internal=internal,
+                definition=spec.get("definition"),
             )
     return out
 

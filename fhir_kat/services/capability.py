@@ -90,6 +90,14 @@ def capability_statement(
             ]
             + [
                 {"name": n, "definition": f"{_SPEC}/{rtype}-{n}", "type": p.type}
+                if p.definition is None
+                else {
+                    "name": n,
+                    "definition": p.definition,
+                    "type": p.type,
+                    "documentation": f"Not an R4 parameter: {rtype}.{'.'.join(p.paths[0])} "
+                    "as a token (fhir_kat's own).",
+                }
                 for n, p in sorted(params.items())
             ],
         }

@@ -16,13 +16,15 @@ from typing import Any
 
 from fhir_kat.exchange import Delivery, PartnerConfig, enqueue_artifact
 from fhir_kat.exchange.outbox import requeue_blocked
+from fhir_kat.exchange.partners import DEFAULT_PURPOSE, purpose_for
 from fhir_kat.security.audit import AuditRecord, build_audit_event, write_audit_event
 from fhir_kat.security.consent import ConsentDecisionPoint, actor_for
 from fhir_kat.store import Store, StoredResource, Tx
 
 #: Deliveries to health-authority EHRs serve the quality-improvement project: healthcare
-#: operations (v3 PurposeOfUse HOPERAT, DOMAIN.md). A patient's sharing consent must name it.
-DELIVERY_PURPOSE = "HOPERAT"
+#: operations (v3 PurposeOfUse HOPERAT, DOMAIN.md); safety Flags are for treatment
+#: (``exchange.partners.purpose_for`` holds the policy per kind).
+DELIVERY_PURPOSE = DEFAULT_PURPOSE
 
 
 def make_consent_gate(
@@ -77,10 +79,11 @@ def queue_artifact(
     patient_id: str | None,
 ) -> dict[str, int]:
     """Queue a stored artifact for every partner that wants it, in the caller's transaction.
-    Patient data is consent-checked again at send time; data about no patient is not."""
+    Patient data for a party outside the program is consent-checked again at send time (under
+    ``purpose_for(kind)``); data about no patient, or for the program's care team, is not."""
     if not partners:
         return {}
-    purpose = DELIVERY_PURPOSE if patient_id else None
+    purpose = purpose_for(kind) if patient_id else None
     return enqueue_artifact(tx, partners, kind, resources, patient_id, consent_purpose=purpose)
 
 

@@ -44,6 +44,8 @@ WriteHook = Callable[[Tx, StoredResource, bool], None]
 #: A rule checked inside the write transaction before a version is stored: (tx, the new
 #: resource, the current version or None). It raises a FhirError to refuse the write.
 WriteRule = Callable[[Tx, dict[str, Any], StoredResource | None], None]
+#: A rule checked before a stored resource is deleted; it raises a FhirError to refuse.
+DeleteRule = Callable[[Tx, StoredResource], None]
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class FhirService:
         self.max_page_size = max_page_size
         self.write_hooks = list(write_hooks)
         self.write_rules = list(write_rules)
+        self.delete_rules: list[DeleteRule] = []
 
     # ---------------------------------------------------------------- reads
 
@@ -481,6 +484,8 @@ class FhirService:
         access = caller_of(tx)
         if access is not None and not access.may_change(tx, current):
             raise Forbidden(_not_yours(rtype))
+        for rule in self.delete_rules:
+            rule(tx, current)
         stored = tx.delete(current)
         self._after_write(tx, stored, False)
         return stored

@@ -5,8 +5,10 @@ rule: 422 naming the item), checking total-score Observations however they arriv
 a value outside the instrument's range or in another unit is 422), SDC observation-based
 extraction when a response is stored (a write hook: same transaction, so a response never
 exists without its Observations), ``$extract`` (the same Bundle, not stored — as SDC defines
-it), and safety Flags: PHQ-9 item 9 above 0, or a rise between consecutive responses (PHQ-9
-≥ 5, PCL-5 ≥ 10; instruments.yaml).
+it), and the instrument safety signals: PHQ-9 item 9 above 0, item 9 left unanswered when the
+other answers already reach the moderate band, or a rise between consecutive responses (PHQ-9
+≥ 5, PCL-5 ≥ 10; instruments.yaml, safety) — raised through ``SafetyService.raise_signal`` like
+every other safety Flag.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from fhir_kat.clinical.safety import SAFETY_SYSTEM, Signal
 from fhir_kat.errors import Issue, Unprocessable, issue
 from fhir_kat.instruments.definitions import Catalogue, Instrument
 from fhir_kat.instruments.scoring import check_response, extract, score
@@ -25,11 +28,8 @@ from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.store import StoredResource, Tx
 from fhir_kat.store.store import format_instant
 
-SAFETY = "https://fhir-kat.example.org/fhir/CodeSystem/kat-safety"
-FLAG_CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category"
+SAFETY = SAFETY_SYSTEM
 NAMESPACE = uuid.UUID("6f1d3c52-7a0e-5b8e-9d4e-6b6174000003")
-#: Called with (tx, flag) for each new Flag, inside the transaction (outbound notification).
-FlagListener = Callable[[Tx, dict[str, Any]], None]
 
 
 class InstrumentService:
@@ -39,13 +39,15 @@ class InstrumentService:
         catalogue: Catalogue,
         questionnaires: Iterable[dict[str, Any]],
         clock: Callable[[], datetime],
+        raise_signal: Callable[[Tx, Signal], bool] | None = None,
     ) -> None:
         self.fhir = fhir
         self.catalogue = catalogue
         self.questionnaires = {q["url"]: q for q in questionnaires}
         self.by_reference = {f"Questionnaire/{q['id']}": q for q in self.questionnaires.values()}
         self.clock = clock
-        self.flag_listeners: list[FlagListener] = []
+        #: ``SafetyService.raise_signal``: the one way a safety Flag is raised and delivered.
+        self.raise_signal = raise_signal
 
     def install_questionnaires(self) -> None:
         with self.fhir.write() as tx:
@@ -93,11 +95,9 @@ class InstrumentService:
             self.fhir.update_in(tx, obs, skip_if_unchanged=True)
         if observations:
             self.fhir.update_in(tx, self._provenance(qr, observations), skip_if_unchanged=True)
-        for flag in self._flags(tx, qr, instrument, result.item_values, result.total):
-            written = self.fhir.update_in(tx, flag, skip_if_unchanged=True)
-            if written.created:
-                for listener in self.flag_listeners:
-                    listener(tx, flag)
+        if self.raise_signal is not None:
+            for signal in self._signals(tx, qr, instrument, result.item_values, result.total):
+                self.raise_signal(tx, signal)
 
     def extract_bundle(self, qr: dict[str, Any]) -> dict[str, Any]:
         """``$extract``: the Observations a response yields, as a transaction Bundle. The
@@ -130,24 +130,41 @@ class InstrumentService:
 
     # ------------------------------------------------------------------ flags
 
-    def _flags(
+    def _signals(
         self,
         tx: Tx,
         qr: dict[str, Any],
         instrument: Instrument,
         items: Mapping[str, float],
         total: float | None,
-    ) -> list[dict[str, Any]]:
-        reasons = []
+    ) -> list[Signal]:
+        found: list[tuple[str, str]] = []
         item_rule = instrument.safety.get("item_positive")
         if item_rule and items.get(item_rule["link_id"], 0) > item_rule["above"]:
-            reasons.append(f"{instrument.key}-item9-positive")
+            found.append((f"{instrument.key}-item9-positive", ""))
+        unanswered = instrument.safety.get("item_unanswered")
+        if unanswered and unanswered["link_id"] not in items and items:
+            band = next(b for b in instrument.bands if b.code == unanswered["band_at_least"])
+            partial = sum(items.values())
+            if partial >= band.min:
+                found.append(
+                    (
+                        f"{instrument.key}-item9-unanswered",
+                        f"the other answers add up to {partial:g} ({band.display.lower()} or "
+                        "worse) and the suicide-risk item was not answered: ask it",
+                    )
+                )
         rise = instrument.safety.get("rise")
         if rise is not None and total is not None:
             previous = self._previous_total(tx, qr, instrument)
             if previous is not None and total - previous >= rise:
-                reasons.append(f"{instrument.key}-rise")
-        return [self._flag(qr, reason) for reason in reasons]
+                found.append(
+                    (
+                        f"{instrument.key}-rise",
+                        f"{instrument.title} total {previous:g} -> {total:g}",
+                    )
+                )
+        return [self._signal(qr, code, detail) for code, detail in found]
 
     def _previous_total(self, tx: Tx, qr: dict[str, Any], instrument: Instrument) -> float | None:
         patient = qr["subject"]["reference"].split("/")[-1]
@@ -179,24 +196,17 @@ class InstrumentService:
                 best = (when[0], float(value))
         return best[1] if best else None
 
-    def _flag(self, qr: dict[str, Any], reason: str) -> dict[str, Any]:
+    def _signal(self, qr: dict[str, Any], code: str, detail: str) -> Signal:
         from fhir_kat.terminology import load_terminology
 
-        display = load_terminology().display(SAFETY, reason) or reason
-        return {
-            "resourceType": "Flag",
-            "id": str(uuid.uuid5(NAMESPACE, f"QuestionnaireResponse/{qr['id']}|{reason}")),
-            "status": "active",
-            "category": [
-                {"coding": [{"system": FLAG_CATEGORY, "code": "clinical", "display": "Clinical"}]}
-            ],
-            "code": {
-                "coding": [{"system": SAFETY, "code": reason, "display": display}],
-                "text": display,
-            },
-            "subject": qr["subject"],
-            "period": {"start": qr["authored"]},
-        }
+        display = load_terminology().display(SAFETY, code) or code
+        return Signal(
+            code=code,
+            text=f"{display}: {detail}" if detail else display,
+            trigger=f"QuestionnaireResponse/{qr['id']}",
+            subject=qr["subject"],
+            start=qr["authored"],
+        )
 
     def _provenance(self, qr: dict[str, Any], observations: list[dict[str, Any]]) -> dict[str, Any]:
         qr_ref = f"QuestionnaireResponse/{qr['id']}"

@@ -241,10 +241,13 @@ class ReferralWorkflow:
         if sr is None:
             return
         body = sr.json()
+        task_id = str(uuid.uuid5(NAMESPACE, f"Task|ServiceRequest/{sr_id}"))
         task: dict[str, Any] = {
             "resourceType": "Task",
-            "id": str(uuid.uuid5(NAMESPACE, f"Task|ServiceRequest/{sr_id}")),
-            "identifier": body.get("identifier", []),
+            "id": task_id,
+            # The referrer's identifier when it sent one; else the Task's own, as a URI.
+            "identifier": body.get("identifier")
+            or [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{task_id}"}],
             "basedOn": [{"reference": f"ServiceRequest/{sr_id}"}],
             "status": "requested",
             "businessStatus": business_status("received"),

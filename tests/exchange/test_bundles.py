@@ -49,12 +49,25 @@ def test_identifier_query_escapes_and_encodes() -> None:
     assert identifier_query({"identifier": [{"system": "urn:x"}]}) is None
 
 
-def test_resources_without_identifier_or_id_are_refused() -> None:
+def test_resources_without_identifier_go_by_put_or_are_refused_as_configured() -> None:
     art = artifact(2)
     del art["entry"][1]["resource"]["identifier"]
+    # Default: the resource without a business identifier goes by PUT with our id, in the
+    # same transaction; the entries that refer to it use that id.
+    bundle = to_transaction(art, "conditional-create")
+    patient, obs, third = bundle["entry"]
+    assert patient["request"]["method"] == "POST"
+    assert obs["request"] == {
+        "method": "PUT",
+        "url": f"Observation/{art['entry'][1]['resource']['id']}",
+    }
+    assert obs["resource"]["id"] == art["entry"][1]["resource"]["id"]
+    assert obs["resource"]["subject"]["reference"] == patient["fullUrl"]
+    assert third["request"]["method"] == "POST"
     with pytest.raises(Unprocessable) as err:
-        to_transaction(art, "conditional-create")
+        to_transaction(art, "conditional-create", without_identifier="dead-letter")
     assert err.value.issues[0].expression == ("Bundle.entry[1].resource.identifier",)
+    assert "conditional creates only" in err.value.issues[0].diagnostics
     del art["entry"][0]["resource"]["id"]
     with pytest.raises(Unprocessable):
         to_transaction(art, "put")
@@ -92,7 +105,14 @@ def test_source_identifier_system_covers_resources_without_a_business_identifier
     )
     provenance = {"resourceType": "Provenance", "id": "prov-1", "recorded": "2026-01-01T00:00:00Z"}
     with pytest.raises(Unprocessable, match="Provenance has no identifier element"):
-        to_transaction([provenance], "conditional-create", source_identifier_system=system)
+        to_transaction(
+            [provenance],
+            "conditional-create",
+            source_identifier_system=system,
+            without_identifier="dead-letter",
+        )
+    by_put = to_transaction([provenance], "conditional-create", source_identifier_system=system)
+    assert by_put["entry"][0]["request"] == {"method": "PUT", "url": "Provenance/prov-1"}
     assert to_transaction([provenance], "put")["entry"][0]["request"]["url"] == "Provenance/prov-1"
 
 
@@ -122,3 +142,39 @@ def test_references_to_stored_resources_become_conditional_references() -> None:
     assert sent["performer"] == [{"reference": "Practitioner/unknown"}]  # not ours: as it was
     put = to_transaction([obs], "put", resolve=lambda t, i: stored.get((t, i)))
     assert put["entry"][0]["resource"]["subject"] == {"reference": "Patient/pt-0001"}
+
+
+def test_a_type_r4_cannot_search_by_identifier_goes_by_put() -> None:
+    """R4 has no AdverseEvent?identifier: a conditional create on it is refused by a conformant
+    server, so it travels under our id, and references to it stay literal."""
+    ae = {
+        "resourceType": "AdverseEvent",
+        "id": "ae-1",
+        "identifier": {
+            "system": "https://fhir-kat.example.org/fhir/sid/adverse-events",
+            "value": "A1",
+        },
+        "actuality": "actual",
+        "subject": {"reference": "Patient/pt-0001"},
+    }
+    flag = {
+        "resourceType": "Flag",
+        "id": "f-1",
+        "identifier": [
+            {"system": "https://fhir-kat.example.org/fhir/sid/safety-flags", "value": "f-1"}
+        ],
+        "extension": [
+            {
+                "url": "http://hl7.org/fhir/StructureDefinition/flag-detail",
+                "valueReference": {"reference": "AdverseEvent/ae-9"},
+            }
+        ],
+    }
+    bundle = to_transaction([ae, flag], "conditional-create", resolve=lambda t, i: {"id": i})
+    sent_ae, sent_flag = bundle["entry"]
+    assert sent_ae["request"] == {"method": "PUT", "url": "AdverseEvent/ae-1"}
+    assert sent_flag["request"]["method"] == "POST"
+    detail = sent_flag["resource"]["extension"][0]["valueReference"]
+    assert detail == {"reference": "AdverseEvent/ae-9"}  # not AdverseEvent?identifier=…
+    with pytest.raises(Unprocessable, match="no identifier search parameter"):
+        to_transaction([ae], "conditional-create", without_identifier="dead-letter")

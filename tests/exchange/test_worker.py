@@ -215,3 +215,36 @@ def test_main_refuses_a_bad_configuration(
     # Without partners the worker still has Subscriptions to serve, unless told not to.
     assert main(["--once", "--no-subscriptions"]) == 2
     assert "nothing to deliver" in capsys.readouterr().err
+
+
+def test_the_wire_form_is_decided_when_sent_and_an_impossible_one_is_dead_lettered(
+    store: Store, clock: ManualClock, rsps: responses.RequestsMock
+) -> None:
+    """Outbound never vetoes inbound: a resource without a business identifier is queued like
+    any other; at send time it goes by PUT with our id (default), or — for a partner that takes
+    conditional creates only — the delivery is dead-lettered with a reason naming the resource
+    and the setting, and nothing is sent."""
+    from fhir_kat.exchange.routing import enqueue_artifact
+
+    art = artifact(1)
+    del art["entry"][1]["resource"]["identifier"]
+    partners = {
+        "ehr": make_partner(),
+        "strict": make_partner("strict", without_identifier="dead-letter"),
+    }
+    with store.write() as tx:
+        queued = enqueue_artifact(tx, partners, "screenings", art, "pt-1")
+    rsps.add_callback(responses.POST, BASE, callback=ok_response)
+    w = DeliveryWorker(store, partners, lambda _c: True, clock, lambda _s: None, worker_id="t")
+    report = w.run_once()
+    assert (report.delivered, report.dead) == (1, 1)
+    sent = json.loads(rsps.calls[0].request.body)
+    methods = [e["request"]["method"] for e in sent["entry"]]
+    assert methods == ["POST", "PUT", "POST"]
+    dead = ob.get_delivery(store, queued["strict"])
+    assert dead.status == "dead" and dead.last_error is not None
+    first, second = dead.last_error["issue"][:2]
+    assert "partner strict cannot take this delivery" in first["diagnostics"]
+    assert "the stored record is unchanged" in first["diagnostics"]
+    assert second["expression"] == ["Bundle.entry[1].resource.identifier"]
+    assert len(rsps.calls) == 1  # nothing went to the strict partner

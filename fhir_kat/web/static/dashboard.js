@@ -100,13 +100,18 @@
   async function flags() {
     const table = document.getElementById("flags");
     if (!table) return;
-    const bundle = await Kat.api("GET", "/fhir/Flag?status=active&_count=100");
+    // The open safety Flags (Flag?status and ?category are fhir_kat's own search parameters:
+    // R4 has none for Flag). Acknowledged ones say so; resolving goes through the API.
+    const category = encodeURIComponent("http://terminology.hl7.org/CodeSystem/flag-category|safety");
+    const bundle = await Kat.api("GET", "/fhir/Flag?status=active&category=" + category + "&_count=100");
     const body = table.querySelector("tbody");
     body.replaceChildren();
     for (const e of bundle.entry || []) {
       const f = e.resource;
       const tr = document.createElement("tr");
-      for (const text of [(f.subject || {}).reference || "", Kat.codingText(f.code), (f.period || {}).start || ""]) {
+      const acknowledged = (f.extension || []).some((x) => (x.url || "").endsWith("/flag-acknowledgement"));
+      const what = ((f.code || {}).text || Kat.codingText(f.code)) + (acknowledged ? " (acknowledged)" : "");
+      for (const text of [(f.subject || {}).reference || "", what, (f.period || {}).start || ""]) {
         tr.append(Kat.el("td", text));
       }
       body.append(tr);
