@@ -49,6 +49,14 @@ def run(c: FlaskClient, name: str, case: dict[str, Any]) -> dict[str, Any]:
             "source_id": f"S-{name}-{step}",
         }
         post(c, "screenings", screening)
+    treatment = example("consents") | {
+        "source_id": f"TREAT-{name}",
+        "patient_phn": phn,
+        "kind": "treatment",
+    }
+    treatment.pop("permitted_party")
+    treatment.pop("purposes")
+    post(c, "consents", treatment)
     if case.get("consent"):
         system, value = CLINIC_ORG.split("|")
         consent = example("consents") | {
@@ -111,12 +119,24 @@ def _end(c: FlaskClient, number: str, case: dict[str, Any]) -> None:
 
 
 def _resolve_flags(c: FlaskClient, pid: str, when: str) -> None:
-    """Staff resolve the participant's safety Flags (status inactive, period.end)."""
+    """Staff resolve the participant's safety Flags on ``when`` (status inactive, period.end,
+    who and when in the flag-resolution extension — by a FHIR PUT, so the date is the
+    scenario's rather than today's as ``$resolve`` would record)."""
     for entry in c.get(f"/fhir/Flag?patient=Patient/{pid}").get_json().get("entry", []):
         flag = entry["resource"]
         flag.pop("meta")
         flag["status"] = "inactive"
         flag["period"] = dict(flag["period"], end=when)
+        flag["extension"] = [
+            *flag.get("extension", []),
+            {
+                "url": "https://fhir-kat.example.org/fhir/StructureDefinition/flag-resolution",
+                "extension": [
+                    {"url": "by", "valueReference": {"display": "Program psychiatrist"}},
+                    {"url": "at", "valueDateTime": when},
+                ],
+            },
+        ]
         r = c.put(f"/fhir/Flag/{flag['id']}", data=json.dumps(flag), content_type=FHIR)
         assert r.status_code == 200, r.get_json()
 
