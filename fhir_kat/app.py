@@ -42,6 +42,7 @@ from fhir_kat.services.messaging import MessagingService
 from fhir_kat.services.outcomes import OutcomeService
 from fhir_kat.services.referrals import ReferralWorkflow, task_transition_rule
 from fhir_kat.services.subscriptions import SubscriptionService
+from fhir_kat.services.v2_referrals import V2ReferralService, load_senders
 from fhir_kat.settings import Settings, SettingsError, load_settings
 from fhir_kat.store import Store, Tx
 
@@ -80,6 +81,7 @@ def create_app(
     partners = load_partners(settings)
     endpoint_policy = policy_from_settings(settings)
     clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
+    v2_senders = load_senders(settings.extra.get("v2_senders", {}), clients)
     program = settings.extra.get("program", {})
     catalogue = load_catalogue(program.get("instruments", {}))
     protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
@@ -151,6 +153,17 @@ def create_app(
             "subscriptions": subscriptions,
             "messaging": MessagingService(fhir, now, id_namespace),
             "feedback": feedback,
+            # HL7 v2 referrals over MLLP (``fhir-kat mllp``, fhir_kat/api/mllp.py)
+            "v2": V2ReferralService(
+                artifacts,
+                clients,
+                consent,
+                v2_senders,
+                now,
+                processing_ids=tuple(
+                    p.strip() for p in settings.mllp_processing_ids.split(",") if p.strip()
+                ),
+            ),
         },
     )
 
