@@ -351,22 +351,26 @@ def test_tls_with_a_client_certificate(app: Flask, tmp_path: Path) -> None:
         client_ctx = ssl.create_default_context(cafile=files["ca.pem"])
         client_ctx.load_cert_chain(files["client.pem"], files["client.key"])
         message = referral_message(native(), "TLS-1")
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw_sock:
-            with client_ctx.wrap_socket(raw_sock, server_hostname="127.0.0.1") as sock:
-                sock.sendall(b"\x0b" + message.encode() + b"\x1c\r")
-                reply = b""
-                while not reply.endswith(b"\x1c\r"):
-                    chunk = sock.recv(65536)
-                    assert chunk
-                    reply += chunk
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=30) as raw_sock,
+            client_ctx.wrap_socket(raw_sock, server_hostname="127.0.0.1") as sock,
+        ):
+            sock.sendall(b"\x0b" + message.encode() + b"\x1c\r")
+            reply = b""
+            while not reply.endswith(b"\x1c\r"):
+                chunk = sock.recv(65536)
+                assert chunk
+                reply += chunk
         assert b"MSA|AA|TLS-1" in reply, reply
         # Without a client certificate the handshake fails: no message is read at all.
         bare = ssl.create_default_context(cafile=files["ca.pem"])
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw_sock:
-            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-                with bare.wrap_socket(raw_sock, server_hostname="127.0.0.1") as sock:
-                    sock.sendall(b"\x0b" + message.encode() + b"\x1c\r")
-                    assert sock.recv(65536)
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=30) as raw_sock,
+            pytest.raises((ssl.SSLError, ConnectionError, OSError)),
+            bare.wrap_socket(raw_sock, server_hostname="127.0.0.1") as sock,
+        ):
+            sock.sendall(b"\x0b" + message.encode() + b"\x1c\r")
+            assert sock.recv(65536)
     assert task(client_as(app, "staff"), "R-7781")["status"] == "accepted"
 
 

@@ -338,9 +338,18 @@ FHIR_DATE_TIME = validate.Regexp(
 )
 
 
+#: A system URI as v2 universal ids give them: a URL, or an OID / UUID URN.
+SYSTEM_URI = validate.Regexp(r"^(https?://\S+|urn:oid:[0-2](\.\d+)+|urn:uuid:[0-9a-f-]{36})$")
+
+
+class V2IdentifierSchema(_Strict):
+    system = fields.String(required=True, validate=SYSTEM_URI)
+    value = fields.String(required=True, validate=ONE_LINE)
+
+
 class CodingSchema(_Strict):
     #: absent for a coding system the receiver does not know (triage never classifies it)
-    system = fields.Url(schemes={"http", "https", "urn"}, require_tld=False)
+    system = fields.String(validate=SYSTEM_URI)
     code = fields.String(required=True, validate=ONE_LINE)
     display = fields.String(validate=FREE_TEXT)
 
@@ -356,7 +365,7 @@ class CodedSchema(_Strict):
 class LooseIdentifierSchema(_Strict):
     """A v2 CX/EI kept as sent: a system only when the message gives a universal id."""
 
-    system = fields.Url(schemes={"http", "https", "urn"}, require_tld=False)
+    system = fields.String(validate=SYSTEM_URI)
     value = fields.String(required=True, validate=ONE_LINE)
     type = fields.String(validate=validate.Length(min=1, max=20))
     assigner = fields.String(validate=ONE_LINE)
@@ -382,7 +391,7 @@ class V2AllergySchema(CodedSchema):
 class QuantitySchema(_Strict):
     value = fields.Float(required=True, allow_nan=False)
     unit = fields.String(validate=ONE_LINE)
-    system = fields.Url(schemes={"http", "https"}, require_tld=False)
+    system = fields.String(validate=SYSTEM_URI)
     code = fields.String(validate=ONE_LINE)
 
 
@@ -414,7 +423,7 @@ class V2EncounterSchema(_Strict):
 class V2ReferralSchema(_Strict):
     source_id = fields.String(required=True, validate=ONE_LINE)
     event = fields.String(required=True, validate=validate.OneOf(["I12", "I13"]))
-    referral_identifier = fields.Nested(IdentifierSchema, required=True)
+    referral_identifier = fields.Nested(V2IdentifierSchema, required=True)
     other_referral_identifiers = fields.List(
         fields.Nested(LooseIdentifierSchema), load_default=list
     )

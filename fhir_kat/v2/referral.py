@@ -134,7 +134,7 @@ class Read:
 
 def decode(raw: bytes) -> str:
     """The message text in the character set MSH-18 names (ASCII when it names none)."""
-    head = raw[:1024].split(b"\r", 1)[0]
+    head = raw[:1024].split(b"\r", 1)[0].split(b"\n", 1)[0]
     parts = head.split(head[3:4]) if head.startswith(b"MSH") and len(head) > 3 else []
     declared = (
         parts[17].split(b"^")[0].decode("ascii", "replace").strip() if len(parts) > 17 else ""

@@ -66,10 +66,11 @@ def referral_message(
     segments = [
         f"MSH|^~\\&|{application}|{facility}|FHIR_KAT|KAT_PROGRAM|{ts(native['authored_on'])}||"
         f"{structure}|{control_id}|{processing_id}|{version}",
+        # RF1-1 status, -2 priority, -3 type, -6 referral id, -7 effective date, -10 reason
         "RF1|P^Pending^HL70283|"
-        f"{PRIORITY[native.get('urgency', 'routine')]}^^HL70280|Psy^Psychiatric^HL70281||"
-        + (f"O^{esc(native['reason'])}^HL70336" if native.get("reason") else "")
-        + f"|{esc(ref['value'])}^^{esc(ref['system'])}^URI|{ts(native['authored_on'])}",
+        f"{PRIORITY[native.get('urgency', 'routine')]}^^HL70280|Psy^Psychiatric^HL70281|||"
+        f"{esc(ref['value'])}^^{esc(ref['system'])}^URI|{ts(native['authored_on'])}|||"
+        + (f"O^{esc(native['reason'])}^HL70336" if native.get("reason") else ""),
         f"PRD|RP^Referring Provider^HL70286|{esc(referrer['family_name'])}^"
         + "^".join(esc(g) for g in referrer.get("given_names", [])[:2])
         + f"|||||{esc(referrer['licence_number'])}^MD^CPSBC",
