@@ -430,3 +430,58 @@ def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def test_the_mllp_command(tmp_path: Path) -> None:
+    """``fhir-kat mllp`` as an operator starts it: settings from FHIR_KAT_CONFIG, a sender,
+    a message answered AA, stopped by a signal (bounded waits throughout)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import TEST_CLIENTS, TEST_V2_SENDERS
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    referrer = TEST_CLIENTS["referrer"]
+    sender = TEST_V2_SENDERS["clinic7-emr"]
+    config = tmp_path / "kat.toml"
+    config.write_text(
+        "[clients.referrer]\n"
+        'role = "referrer"\nscopes = ["system/*.cruds"]\n'
+        f'secret_hash = "{referrer["secret_hash"]}"\n'
+        f'organization = "{referrer["organization"]}"\n'
+        "[v2_senders.clinic7-emr]\n"
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in sender.items())
+    )
+    env = dict(os.environ, FHIR_KAT_CONFIG=str(config), FHIR_KAT_DATA_DIR=str(tmp_path / "var"))
+    env.pop("FHIR_KAT_DATABASE_URL", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fhir_kat.cli", "mllp", "--port", str(free)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", free), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                time.sleep(0.2)
+        ack = send(free, referral_message(native(), "CLI-1"))
+        assert ack_code(ack) == "AA", str(ack)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            _, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+    assert "listening for HL7 v2 referrals (MLLP)" in err
+    assert process.returncode == 130
