@@ -432,6 +432,26 @@ def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def test_python_hl7s_mllp_send_command(app: Flask, port: int, tmp_path: Path) -> None:
+    """The sender-side command docs/integrators.md shows: mllp_send --loose with a file."""
+    import subprocess
+    import sys
+
+    text = (GOLDEN / "eligible.hl7").read_bytes().replace(b"\r", b"\r\n")
+    (tmp_path / "referral.hl7").write_bytes(text)
+    mllp_send = Path(sys.executable).with_name("mllp_send")
+    done = subprocess.run(
+        [str(mllp_send), "--loose", "--port", str(port), "--file", "referral.hl7", "127.0.0.1"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"MSA|AA|MSG00001" in done.stdout
+    assert task(client_as(app, "staff"), "R-7781")["status"] == "accepted"
+
+
 def test_the_mllp_command(tmp_path: Path) -> None:
     """``fhir-kat mllp`` as an operator starts it: settings from FHIR_KAT_CONFIG, a sender,
     a message answered AA, stopped by a signal (bounded waits throughout)."""
