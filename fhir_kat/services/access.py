@@ -176,14 +176,6 @@ class Access:
             self.role == "referrer" and rtype in REFERRER_OWNED
         )
 
-    def visible_patients(self, tx: Tx, rtype: str) -> set[str] | None:
-        """None = no restriction; otherwise the patients all of whose ``rtype`` data may be
-        shown (consent opening only a slice of a patient's data does not count)."""
-        scope = self.scope(tx, rtype)
-        if scope.patients is None:
-            return None if scope.readable else set()
-        return set(scope.patients)
-
     # ------------------------------------------------------------------ ownership
 
     def owner_references(self, tx: Tx) -> list[tuple[str, str]]:
