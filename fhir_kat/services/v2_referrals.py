@@ -17,7 +17,6 @@ Must not: parse MLLP framing (``fhir_kat.api.mllp``) or read v2 fields (``fhir_k
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import time
 import uuid
@@ -27,8 +26,6 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import insert, select
-
 from fhir_kat.errors import Conflict, FhirError, Forbidden, Issue
 from fhir_kat.security.audit import AuditRecord, build_audit_event, write_audit_event_in
 from fhir_kat.security.clients import ClientRegistry
@@ -37,7 +34,7 @@ from fhir_kat.security.policy import area_allowed
 from fhir_kat.security.tokens import Principal
 from fhir_kat.services.access import Access
 from fhir_kat.services.artifacts import ArtifactService, SubmitResult
-from fhir_kat.services.messaging import message_inbox
+from fhir_kat.services.messaging import record_answer, recorded_answer
 from fhir_kat.settings import SettingsError
 from fhir_kat.store import Tx
 from fhir_kat.v2 import (
@@ -222,7 +219,7 @@ class V2ReferralService:
         key = f"v2|{sender.name}|{header.control_id}"[:200]
         if header.control_id:
             with self.store.read() as tx:
-                seen = _recorded(tx, key)
+                seen = recorded_answer(tx, key)
             if seen is not None:
                 return self._finish_replay(seen, sender, started)
         try:
@@ -241,10 +238,10 @@ class V2ReferralService:
 
         def record(tx: Tx, result: SubmitResult) -> None:
             tx.lock(f"message|{key}")
-            again = _recorded(tx, key)
+            again = recorded_answer(tx, key)
             if again is not None:  # a parallel copy of the same message won the race
                 raise _AlreadyAnswered(again)
-            _record(tx, key, ack, "AA", self.clock())
+            record_answer(tx, key, {"ack": ack, "code": "AA"}, self.clock())
             status = 201 if result.created else 200
             entities = [
                 e.fields["response"]["location"].split("/_history")[0]
@@ -362,8 +359,8 @@ class V2ReferralService:
     def _record_alone(self, key: str, ack: str, code: str) -> None:
         with self.store.write() as tx:
             tx.lock(f"message|{key}")
-            if _recorded(tx, key) is None:
-                _record(tx, key, ack, code, self.clock())
+            if recorded_answer(tx, key) is None:
+                record_answer(tx, key, {"ack": ack, "code": code}, self.clock())
 
     def _logged(self, result: V2Result, sender: V2Sender | None, started: float) -> V2Result:
         # Never message content: the sender's configured name, the outcome, the time.
@@ -421,23 +418,3 @@ def _where(problem: Issue, locations: Mapping[str, Location]) -> Location | None
         if found is not None:
             return found
     return None
-
-
-def _recorded(tx: Tx, key: str) -> dict[str, Any] | None:
-    row = tx.conn.execute(
-        select(message_inbox.c.response).where(message_inbox.c.message_key == key)
-    ).first()
-    if row is None:
-        return None
-    loaded: dict[str, Any] = json.loads(row[0])
-    return loaded
-
-
-def _record(tx: Tx, key: str, ack: str, code: str, now: datetime) -> None:
-    tx.conn.execute(
-        insert(message_inbox).values(
-            message_key=key,
-            response=json.dumps({"ack": ack, "code": code}, separators=(",", ":")),
-            received_at=now.replace(tzinfo=None),
-        )
-    )
