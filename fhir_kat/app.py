@@ -4,6 +4,7 @@ blueprints. State lives in ``app.extensions["fhir_kat"]``, never in module globa
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -47,6 +48,8 @@ from fhir_kat.settings import Settings, SettingsError, load_settings
 from fhir_kat.store import Store, Tx
 
 log = logging.getLogger("fhir_kat.http")
+#: A client-sent ``X-Request-Id`` worth keeping; anything else is replaced by a new UUID.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass
@@ -101,11 +104,13 @@ def create_app(
         lifetime_seconds=settings.token_lifetime_seconds,
         store=store,
         clock=now,
+        clients=clients,
     )
 
     app = Flask("fhir_kat")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["KAT_MAX_JSON_DEPTH"] = settings.max_json_depth
+    app.config["KAT_MAX_BUNDLE_ENTRIES"] = settings.max_bundle_entries
     app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
     outcomes = OutcomeService(store, catalogue, now, settings.min_cell_size)
     outcomes.install_measure()
@@ -141,7 +146,9 @@ def create_app(
         tokens=tokens,
         consent=consent,
         rate_limiter=RateLimiter(settings.rate_limit_per_minute),
-        auth_failures=FailureLimiter(settings.auth_failure_limit),
+        auth_failures=FailureLimiter(
+            settings.auth_failure_limit, source_failures=settings.auth_failure_source_limit
+        ),
         export=ExportService(
             store, Path(settings.export_dir or settings.data_dir / "exports"), now
         ),
@@ -192,6 +199,9 @@ def create_app(
     app.register_blueprint(health_bp)
     register_error_handlers(app)
     _install_request_logging(app)
+    from fhir_kat.api import inputs
+
+    inputs.install(app)  # before the session and bearer checks: unusable input is a 400 first
     # The web pages' session check (fhir_kat/web) must run before auth.install's bearer check.
     from fhir_kat.web import register as register_web
 
@@ -233,7 +243,9 @@ def _install_request_logging(app: Flask) -> None:
     @app.before_request
     def _start() -> None:
         g.kat_started = time.perf_counter()
-        g.kat_request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        # A client's own id is kept only in a safe, bounded form: it is logged and echoed.
+        sent = request.headers.get("X-Request-Id", "")
+        g.kat_request_id = sent if REQUEST_ID.fullmatch(sent) else str(uuid.uuid4())
 
     @app.after_request
     def _finish(response: Response) -> Response:

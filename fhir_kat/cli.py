@@ -26,7 +26,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from fhir_kat.settings import SettingsError, load_settings
+from fhir_kat.settings import SettingsError, host_derived_urls_problem, load_settings
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -40,6 +40,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port:
         overrides["port"] = args.port
     settings = load_settings(**overrides)
+    problem = host_derived_urls_problem(settings, settings.host)
+    if problem is not None:
+        raise SettingsError(problem)
+    if not settings.public_base_url and settings.allow_host_derived_urls:
+        print(
+            "fhir-kat: WARNING: FHIR_KAT_PUBLIC_BASE_URL is not set; links, the token URL and "
+            "the accepted client-assertion aud follow each request's Host header",
+            file=sys.stderr,
+        )
     from fhir_kat.security.clients import ensure_local_clients
 
     notes = ensure_local_clients(  # before create_app loads the registry
@@ -54,8 +63,37 @@ def _serve(args: argparse.Namespace) -> int:
     )
     for line in notes:
         print(line, file=sys.stderr)
-    app.run(host=settings.host, port=settings.port, threaded=True, use_reloader=False)
+    from werkzeug.serving import make_server
+
+    server = make_server(
+        settings.host, settings.port, app, threaded=True, request_handler=_private_handler()
+    )
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
     return 0
+
+
+def _private_handler() -> Any:
+    """Werkzeug's development-server handler without its own log lines: they quote the request
+    line (the query string: PHNs, names) and, for a malformed request, whatever was sent. The
+    service logs every request itself (JSON, the route pattern only: ``fhir_kat.logging``)."""
+    import logging
+
+    from werkzeug.serving import WSGIRequestHandler
+
+    log = logging.getLogger("fhir_kat.http")
+
+    class PrivateRequestHandler(WSGIRequestHandler):
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            pass
+
+        def log(self, type: str, message: str, *args: Any) -> None:
+            if type == "error":  # the arguments can quote the request: never logged
+                log.warning("http server refused a malformed request")
+
+    return PrivateRequestHandler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -602,7 +640,7 @@ def _demo(args: argparse.Namespace) -> int:
     import threading
 
     import requests
-    from werkzeug.serving import WSGIRequestHandler, make_server
+    from werkzeug.serving import make_server
 
     from fhir_kat.app import create_app
     from fhir_kat.instruments.chart import outcome_chart_svg, outcome_table
@@ -622,7 +660,7 @@ def _demo(args: argparse.Namespace) -> int:
     secret = _credential_from_file(data_dir / LOCAL_CREDENTIALS, "local-staff")
     app = create_app(settings)
 
-    class QuietHandler(WSGIRequestHandler):
+    class QuietHandler(_private_handler()):  # type: ignore[misc]
         protocol_version = "HTTP/1.1"  # keep-alive: one connection for the whole run
 
         def log(self, type: str, message: str, *args: Any) -> None:

@@ -25,7 +25,7 @@ from fhir_kat.security.audit import (
     write_audit_event,
     write_audit_event_in,
 )
-from fhir_kat.security.clients import Client
+from fhir_kat.security.clients import Client, check_secret
 from fhir_kat.security.discovery import AUTH
 from fhir_kat.security.scopes import Scope, covered_by, parse_scopes
 from fhir_kat.security.tokens import ASSERTION_TYPE, OAuthError
@@ -125,17 +125,19 @@ def token() -> Response:
     record.security = True
     record.interaction = "operation"
     limiter = _state().auth_failures
-    key = failure_key(_presented_client_id())
-    wait = limiter.wait(key)
+    presented = _presented_client_id()
+    wait = limiter.wait(request.remote_addr, presented)
     if wait:
         record.detail = "token refused: too many failed attempts"
+        record.presented_client_id = presented
         return _too_many_failures(wait)
     try:
         client, scopes = _authenticate_client()
     except OAuthError as exc:
         record.detail = f"token refused: {exc.error}"
+        record.presented_client_id = presented
         if exc.status == 401:  # wrong credentials (a malformed request is not a guess)
-            limiter.failed(key)
+            limiter.failed(request.remote_addr, presented)
         return _oauth_error(exc)
     record.client_id, record.role = client.client_id, client.role
     access_token, expires_in = _state().tokens.issue(client, scopes)
@@ -150,11 +152,6 @@ def token() -> Response:
     )
     response.headers["Pragma"] = "no-cache"
     return response
-
-
-def failure_key(client_id: str) -> str:
-    """Who is failing to sign in: the source address and the client id it presents."""
-    return f"{request.remote_addr or ''}|{client_id[:128]}"
 
 
 def _too_many_failures(wait: float) -> Response:
@@ -223,10 +220,11 @@ def _authenticate_client() -> tuple[Client, tuple[Scope, ...]]:
         client_id = form.get("client_id") or _assertion_issuer(assertion)
         if client_id is None:
             raise OAuthError("invalid_client", "client_assertion is not a JWT", 401)
-        client = registry.get(str(client_id))
-        if client is None:
-            raise OAuthError("invalid_client", "unknown client", 401)
-        _state().tokens.verify_assertion(assertion, client, token_url())
+        # An unknown client id is checked against a key nobody holds: the same work and the
+        # same answer as a forged assertion for a registered one (client ids stay unknowable).
+        client = _state().tokens.verify_assertion(
+            assertion, registry.get(str(client_id)), token_url()
+        )
     else:
         if method == "basic":
             credentials = _basic_credentials(header)
@@ -236,7 +234,7 @@ def _authenticate_client() -> tuple[Client, tuple[Scope, ...]]:
         else:
             client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
         client = registry.get(client_id)
-        if client is None or not client.check_secret(secret):
+        if not check_secret(client, secret) or client is None:
             raise OAuthError("invalid_client", "unknown client or wrong secret", 401)
     return client, _grant_scopes(client, form.get("scope"))
 

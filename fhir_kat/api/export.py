@@ -135,4 +135,5 @@ def export_file(job_id: str, name: str) -> Response:
     record.interaction = "operation"
     record.detail = f"$export file {name}"
     path = _service().file(job_id, name, current_access())
+    record.patients.update(_service().file_patients(path))  # whose data leaves with the file
     return send_file(path, mimetype="application/fhir+ndjson", conditional=False, etag=False)

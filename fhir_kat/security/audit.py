@@ -57,6 +57,8 @@ class AuditRecord:
     query: str | None = None
     status: int = 200
     detail: str | None = None  # e.g. "token issued", "denied: no token"
+    #: The client id a refused sign-in presented (never its secret): who was tried.
+    presented_client_id: str | None = None
     security: bool = False  # authentication event (token endpoint, rejected token)
     #: The status already audited inside the request's own committed transaction (None:
     #: not yet). The response-time audit is skipped only when the response has this status.
@@ -86,6 +88,11 @@ def build_audit_event(record: AuditRecord, recorded: datetime) -> dict[str, Any]
         agent["who"] = {"identifier": {"system": CLIENT_SYSTEM, "value": record.client_id}}
         if record.role:
             agent["who"]["display"] = f"{record.client_id} ({record.role})"
+    elif record.presented_client_id and (presented := _printable(record.presented_client_id)):
+        agent["who"] = {
+            "identifier": {"system": CLIENT_SYSTEM, "value": presented},
+            "display": "presented client id (not authenticated)",
+        }
     else:
         agent["who"] = {"display": "unauthenticated client"}
     if record.address:
@@ -136,6 +143,15 @@ def build_audit_event(record: AuditRecord, recorded: datetime) -> dict[str, Any]
     if entities:
         event["entity"] = entities
     return event
+
+
+def _printable(text: str, limit: int = 128) -> str:
+    """``text`` as a FHIR string: control characters and unpaired surrogates dropped, at most
+    ``limit`` characters, no surrounding whitespace (a presented id is whatever was sent)."""
+    kept = "".join(
+        c for c in text[: limit * 2] if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF
+    )
+    return kept[:limit].strip()
 
 
 def _unique(items: Iterable[str]) -> list[str]:

@@ -50,6 +50,9 @@ HEARTBEAT_EVERY = timedelta(seconds=10)  # well inside STALE_AFTER
 NOT_EXPORTED = frozenset({"AuditEvent", "Subscription"})
 OUTPUT_FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
 STALE_AFTER = timedelta(minutes=2)
+#: Beside each ``<type>.ndjson``: the patient ids it holds (never served; read for the audit).
+PATIENTS_SUFFIX = ".patients.json"
+
 #: RFC 6750 §3.1: a token that lacks the scope says so (as every other scope refusal).
 INSUFFICIENT_SCOPE = {"WWW-Authenticate": 'Bearer realm="fhir_kat", error="insufficient_scope"'}
 
@@ -247,9 +250,23 @@ class ExportService:
         if row.status != "completed":
             raise NotFound(issue("not-found", "the export is not complete", "job"))
         path = (self.export_dir / job_id / name).resolve()
-        if path.parent != (self.export_dir / job_id).resolve() or not path.is_file():
+        if (
+            path.parent != (self.export_dir / job_id).resolve()
+            or not name.endswith(".ndjson")
+            or not path.is_file()
+        ):
             raise NotFound(issue("not-found", "no such export file", "file"))
         return path
+
+    def file_patients(self, path: Path) -> list[str]:
+        """The patients whose data the export file at ``path`` (from ``file``) holds: the
+        download's AuditEvent lists them (what left, about whom)."""
+        listed = path.with_name(path.name.removesuffix(".ndjson") + PATIENTS_SUFFIX)
+        try:
+            patients: list[str] = json.loads(listed.read_text())
+        except FileNotFoundError:
+            return []
+        return patients
 
     # ------------------------------------------------------------------ runner
 
@@ -285,6 +302,7 @@ class ExportService:
             queries = filters.get(rtype) or [SearchQuery(rtype)]
             count = 0
             path = folder / f"{rtype}.ndjson"
+            disclosed: set[str] = set()  # whose data the file holds, for the download's audit
             with path.open("w", encoding="utf-8") as out:
                 for query in queries:  # _typeFilter queries are OR-ed, duplicates dropped
                     count += self._write_type(
@@ -296,11 +314,13 @@ class ExportService:
                         params["level"],
                         job_id,
                         seen=set() if len(queries) > 1 else None,
+                        disclosed=disclosed,
                     )
             if count:
                 output.append(
                     {"type": rtype, "url": f"{base}/{job_id}/{rtype}.ndjson", "count": count}
                 )
+                (folder / f"{rtype}{PATIENTS_SUFFIX}").write_text(json.dumps(sorted(disclosed)))
             else:
                 path.unlink()
             self._update(job_id, progress=f"{index + 1} of {len(types)} types")
@@ -335,6 +355,7 @@ class ExportService:
         level: str,
         job_id: str,
         seen: set[int] | None,
+        disclosed: set[str] | None = None,
     ) -> int:
         """Stream one query's rows to ``out``: one read transaction and one query per type
         (``Tx.scan_batches``), written a batch of ``BATCH`` rows at a time (one join, one
@@ -342,6 +363,7 @@ class ExportService:
         every ``HEARTBEAT_EVERY``. The caller's scope is taken once, at the query's start, from
         the same snapshot the rows come from."""
         count = 0
+        disclosed = set() if disclosed is None else disclosed  # patient ids written
         last_beat = self.clock()
         with self.store.read(viewer=access) as tx:
             # The caller's transaction: consent, ownership and shaping (a cohort Group's
@@ -351,6 +373,7 @@ class ExportService:
                 for batch in batches:
                     if seen is None and level == "system":  # the common case: every row
                         lines = [row[1] for row in batch]
+                        disclosed.update(row[2] for row in batch if row[2] is not None)
                     else:
                         lines = []
                         for seq, content, patient_id in batch:
@@ -361,6 +384,8 @@ class ExportService:
                                     continue
                                 seen.add(seq)
                             lines.append(content)
+                            if patient_id is not None:
+                                disclosed.add(patient_id)
                     if lines:
                         out.write("\n".join(lines))
                         out.write("\n")
