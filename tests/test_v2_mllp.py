@@ -190,6 +190,12 @@ REFUSALS: dict[str, tuple[Any, str, str, str]] = {
         "RF1^1^6",
         "101",
     ),
+    "control-character": (
+        lambda m: _spoil(m, "Testcase^Avery", "Test\x07case^Avery"),
+        "AE",
+        "PID^1^5",
+        "102",
+    ),
     "bad-sex": (lambda m: _spoil(m, "|19840302|F|", "|19840302|X|"), "AE", "PID^1^8", "103"),
     "bad-birth-date": (
         lambda m: _spoil(m, "|19840302|", "|1984|"),

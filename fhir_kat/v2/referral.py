@@ -42,6 +42,9 @@ ISSUE_CODES = {
 #: checked against ValueSet kat-referral-flag by the artifact schema.
 PRIOR_FAILURE = "prior-treatment-failure"
 _SEGMENT_ID = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+#: What FHIR text may not hold (as on the HTTP routes, docs/adr/0010-hostile-input.md): a NUL
+#: or another control character; tab is allowed, CR separates segments, LF is tolerated there.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TS = re.compile(
     r"^(?P<y>\d{4})(?P<mo>\d{2})?(?P<d>\d{2})?(?P<h>\d{2})?(?P<mi>\d{2})?(?P<s>\d{2})?"
     r"(?:\.(?P<f>\d{1,4}))?(?P<tz>[+-]\d{4})?$"
@@ -393,6 +396,17 @@ class _Reader:
                 continue
             counts[name] = counts.get(name, 0) + 1
             seg = _Seg(self.message, segment, counts[name])
+            for n in range(1, len(segment)):
+                found = _CONTROL.search(str(segment[n]))
+                if found is not None:
+                    self.problems.append(
+                        Problem(
+                            "102",
+                            f"control character U+{ord(found.group()):04X} (refused, never "
+                            "cleaned)",
+                            seg.loc(n),
+                        )
+                    )
             if index > 0 and name == "MSH":
                 self.problems.append(
                     Problem("100", "one message per MLLP frame (MSH once)", Location(name, 2))
