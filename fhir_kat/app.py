@@ -46,6 +46,7 @@ from fhir_kat.services.outcomes import OutcomeService
 from fhir_kat.services.referrals import ReferralWorkflow, task_transition_rule
 from fhir_kat.services.safety import SafetyService
 from fhir_kat.services.subscriptions import SubscriptionService
+from fhir_kat.services.v2_referrals import V2ReferralService, load_senders
 from fhir_kat.settings import Settings, SettingsError, load_settings
 from fhir_kat.store import Store
 
@@ -87,6 +88,7 @@ def create_app(
     log_partner_plan(partners)
     endpoint_policy = policy_from_settings(settings)
     clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
+    v2_senders = load_senders(settings.extra.get("v2_senders", {}), clients)
     program = settings.extra.get("program", {})
     catalogue = load_catalogue(program.get("instruments", {}))
     protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
@@ -171,6 +173,17 @@ def create_app(
             "messaging": MessagingService(fhir, now, id_namespace),
             "feedback": feedback,
             "safety": safety,
+            # HL7 v2 referrals over MLLP (``fhir-kat mllp``, fhir_kat/api/mllp.py)
+            "v2": V2ReferralService(
+                artifacts,
+                clients,
+                consent,
+                v2_senders,
+                now,
+                processing_ids=tuple(
+                    p.strip() for p in settings.mllp_processing_ids.split(",") if p.strip()
+                ),
+            ),
         },
     )
 

@@ -76,6 +76,18 @@ class Settings:
     #: Aggregates leaving the program withhold counts of fewer people than this (small-cell
     #: protection: docs/security.md); 1 withholds nothing.
     min_cell_size: int = 5
+    #: The HL7 v2 MLLP listener (``fhir-kat mllp``): where it listens, TLS (a certificate and
+    #: key; with a client CA, senders must present a certificate it signed), the MSH-11
+    #: processing ids taken (comma-separated), an idle connection's lifetime and the largest
+    #: message. Senders are ``[v2_senders.<name>]`` tables (docs/integrators.md).
+    mllp_host: str = "127.0.0.1"
+    mllp_port: int = 2575
+    mllp_tls_cert_file: str = ""
+    mllp_tls_key_file: str = ""
+    mllp_tls_client_ca_file: str = ""
+    mllp_processing_ids: str = "P"
+    mllp_idle_timeout_seconds: int = 300
+    mllp_max_message_bytes: int = 1024 * 1024
     #: Raw ``[clients.*]``/``[partners.*]`` tables from the TOML file, validated by their owners.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -103,9 +115,12 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "auth_failure_source_limit": (1, 1_000_000),
     "proxy_hops": (0, 10),
     "min_cell_size": (1, 1000),
+    "mllp_port": (0, 65535),
+    "mllp_idle_timeout_seconds": (1, 86_400),
+    "mllp_max_message_bytes": (1024, 64 * 1024 * 1024),
 }
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
-_SECTIONS = {"clients", "partners", "program", "security", "exchange"}
+_SECTIONS = {"clients", "partners", "program", "security", "exchange", "v2_senders"}
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
