@@ -4,6 +4,7 @@ blueprints. State lives in ``app.extensions["fhir_kat"]``, never in module globa
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -30,7 +31,9 @@ from fhir_kat.security.identity import (
     install_namespace,
     load_id_secret,
 )
+from fhir_kat.security.oidc import OpenIdClient, load_providers
 from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
+from fhir_kat.security.sessions import SessionStore
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
 from fhir_kat.services.delivery import queue_artifact, requeue_on_consent
@@ -66,6 +69,9 @@ class KatState:
     partners: dict[str, PartnerConfig]
     capability_security: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: Browser sessions (web pages) and the OpenID Providers people sign in through.
+    sessions: SessionStore | None = None
+    identity_providers: dict[str, OpenIdClient] = field(default_factory=dict)
 
 
 def create_app(
@@ -81,6 +87,10 @@ def create_app(
     partners = load_partners(settings)
     endpoint_policy = policy_from_settings(settings)
     clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
+    identity_providers = {
+        pid: OpenIdClient(provider)
+        for pid, provider in load_providers(settings.extra.get("oidc", {}), os.environ).items()
+    }
     program = settings.extra.get("program", {})
     catalogue = load_catalogue(program.get("instruments", {}))
     protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
@@ -154,6 +164,12 @@ def create_app(
             "messaging": MessagingService(fhir, now, id_namespace),
             "feedback": feedback,
         },
+        sessions=SessionStore(
+            store,
+            idle_seconds=settings.session_idle_seconds,
+            absolute_seconds=settings.session_absolute_seconds,
+        ),
+        identity_providers=identity_providers,
     )
 
     from fhir_kat.api import auth
