@@ -184,7 +184,9 @@ def audit_details(app: Flask) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------- the happy path
 
 
-def test_authorization_request_uses_pkce_s256_a_nonce_and_state(app: Flask, idp: FakeProvider) -> None:
+def test_authorization_request_uses_pkce_s256_a_nonce_and_state(
+    app: Flask, idp: FakeProvider
+) -> None:
     web = app.test_client()
     query = begin(web, idp)
     assert query["response_type"] == "code" and query["client_id"] == CLIENT_ID
@@ -276,7 +278,12 @@ def test_a_referrer_person_gets_no_more_than_a_referrer_client(
     web, _ = sign_in(app, idp)
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(app, 'referrer')}"
-    for path in ("/fhir/Patient", "/fhir/Observation", "/app/questionnaires/phq-9", "/app/dashboard"):
+    for path in (
+        "/fhir/Patient",
+        "/fhir/Observation",
+        "/app/questionnaires/phq-9",
+        "/app/dashboard",
+    ):
         assert web.get(path).status_code == client.get(path).status_code == 403, path
     assert web.get("/app/referrals/new").status_code == 200
     assert 'value="CLINIC-7"' in web.get("/app/referrals/new").get_data(as_text=True)
@@ -311,9 +318,12 @@ def test_state_must_be_this_browsers_unused_and_recent(app: Flask, idp: FakeProv
         state.clock = real
     assert len(idp.token_requests) == 1  # no refused callback reached the token endpoint
     details = [e.get("outcomeDesc", "") for e in audit_details(app)]
-    assert details.count(
-        "browser sign-in refused: state unknown, used, expired or begun in another browser"
-    ) == 5
+    assert (
+        details.count(
+            "browser sign-in refused: state unknown, used, expired or begun in another browser"
+        )
+        == 5
+    )
 
 
 def test_a_callback_on_another_providers_path_is_refused(app: Flask, idp: FakeProvider) -> None:
