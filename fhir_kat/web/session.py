@@ -197,6 +197,7 @@ def authenticate_from_cookie() -> Response | None:
     # The bearer check below reads the header from the WSGI environ, as for any client.
     request.environ["HTTP_AUTHORIZATION"] = f"Bearer {token}"
     g.kat_browser_session = session
+    g.kat_session_now = now  # the use is recorded at the moment it was checked
     return None
 
 
@@ -209,7 +210,7 @@ def renew_cookie(response: Response) -> Response:
     elif (
         session is not None
         and not g.get("kat_session_ended")
-        and sessions().touch(session, _state().clock())
+        and sessions().touch(session, g.kat_session_now)
     ):
         set_cookie(response, request.cookies[COOKIE])
     return response

@@ -289,6 +289,24 @@ def test_a_referrer_person_gets_no_more_than_a_referrer_client(
     assert 'value="CLINIC-7"' in web.get("/app/referrals/new").get_data(as_text=True)
 
 
+def test_a_person_creates_no_subscription(app: Flask, idp: FakeProvider) -> None:
+    idp.groups = ["clinic7-referrers"]  # referrers' clients may create Subscriptions
+    web, csrf = sign_in(app, idp)
+    r = web.post(
+        "/fhir/Subscription",
+        json={
+            "resourceType": "Subscription",
+            "status": "requested",
+            "reason": "test",
+            "criteria": "Observation?code=http://loinc.org|44261-6",
+            "channel": {"type": "rest-hook", "endpoint": "https://emr.example.org/hook"},
+        },
+        headers={"X-CSRF-Token": csrf, "Sec-Fetch-Site": "same-origin"},
+    )
+    assert r.status_code == 403, r.get_data(as_text=True)
+    assert "registered client, not a person" in r.get_data(as_text=True)
+
+
 # ---------------------------------------------------------------------------- refusals
 
 
