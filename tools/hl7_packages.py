@@ -26,8 +26,8 @@ first name, ``hl7_packages``, so that branches importing it keep working.)
   22) with its dependencies: a package with dependencies is installed with
   ``npm ci --ignore-scripts`` from the lockfile in ``tools/npm/<name>/`` (every tarball's
   sha512 is in the lockfile, and npm refuses one that differs; the main package's integrity
-  is pinned here too, so an edited lockfile cannot swap it), into ``$FHIR_KAT_CACHE/npm/<name>-<lockfile sha256>/``. The
-  tests start it on loopback as the identity provider people sign in through
+  is pinned here too, so an edited lockfile cannot swap it), into
+  ``$FHIR_KAT_CACHE/npm/<name>-<lockfile sha256>/``. The tests start it on loopback as the identity provider people sign in through
   (tests/oidc/provider.mjs).
 """
 
