@@ -22,13 +22,13 @@ first name, ``hl7_packages``, so that branches importing it keep working.)
 - ``axe-core`` 4.14.1: Deque's accessibility engine (MPL-2.0, no dependencies); the browser
   tests inject its ``axe.min.js`` into the pages and require no WCAG 2.1 A/AA violation.
 - ``oidc-provider`` 8.8.1 (panva's OpenID Certified OpenID Provider for Node.js; the last
-  line whose own runtime check accepts Node.js 20, the LTS on these machines — 9.x asks for
-  22) with its dependencies: a package with dependencies is installed with
-  ``npm ci --ignore-scripts`` from the lockfile in ``tools/npm/<name>/`` (every tarball's
-  sha512 is in the lockfile, and npm refuses one that differs; the main package's integrity
-  is pinned here too, so an edited lockfile cannot swap it), into
-  ``$FHIR_KAT_CACHE/npm/<name>-<lockfile sha256>/``. The tests start it on loopback as the identity provider people sign in through
-  (tests/oidc/provider.mjs).
+  line whose own runtime check accepts Node.js 20, the LTS on these machines; 9.x asks for
+  22), with its dependencies. A package with dependencies is installed with
+  ``npm ci --ignore-scripts`` from the lockfile in ``tools/npm/<name>/``: every tarball's
+  sha512 is in the lockfile and npm refuses one that differs; the main package's integrity
+  is pinned here too, so an edited lockfile cannot swap it. It goes into
+  ``$FHIR_KAT_CACHE/npm/<name>-<lockfile sha256>/``; the tests start it on loopback as the
+  identity provider people sign in through (tests/oidc/provider.mjs).
 """
 
 from __future__ import annotations
