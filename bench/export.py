@@ -29,16 +29,20 @@ from bench.data import load, observations
 from fhir_kat.search import SearchQuery
 from fhir_kat.services.export import ExportService
 from fhir_kat.store import Store
+from fhir_kat.store.view import EVERYTHING, ReadScope
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 5  # export/raw pairs per size and database
 
 
 class _AllVisible:
-    """The access of a program-staff caller: no consent restriction."""
+    """The access of a program-staff caller (a ``Viewer``): no restriction, nothing reshaped."""
 
-    def visible_patients(self, _tx: Any, _rtype: str) -> None:
-        return None
+    def scope(self, _tx: Any, _rtype: str) -> ReadScope:
+        return EVERYTHING
+
+    def shape(self, _tx: Any, stored: Any) -> Any:
+        return stored
 
 
 def _child(url: str, mode: str, out: str) -> dict[str, float]:

@@ -103,6 +103,7 @@ def service_env(database_url: str, tmp: Path) -> dict[str, str]:
         "FHIR_KAT_DATA_DIR": str(tmp / "var"),
         "FHIR_KAT_LOG_LEVEL": "WARNING",
         "FHIR_KAT_RATE_LIMIT_PER_MINUTE": "0",
+        "FHIR_KAT_ALLOW_HOST_DERIVED_URLS": "1",  # loopback, port chosen later
     }
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from fhir_kat.security.identity import (
     install_namespace,
     load_id_secret,
 )
-from fhir_kat.security.oidc import OpenIdClient, load_providers
+from fhir_kat.security.oidc import OpenIdClient, grant_configured, load_providers
 from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.sessions import SessionStore
 from fhir_kat.security.tokens import TokenService, load_signing_key
@@ -49,6 +51,8 @@ from fhir_kat.settings import Settings, SettingsError, load_settings
 from fhir_kat.store import Store, Tx
 
 log = logging.getLogger("fhir_kat.http")
+#: A client-sent ``X-Request-Id`` worth keeping; anything else is replaced by a new UUID.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass
@@ -67,7 +71,6 @@ class KatState:
     artifacts: ArtifactService
     instruments: InstrumentService
     partners: dict[str, PartnerConfig]
-    capability_security: dict[str, Any] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     #: Browser sessions (web pages) and the OpenID Providers people sign in through.
     sessions: SessionStore | None = None
@@ -110,11 +113,14 @@ def create_app(
         lifetime_seconds=settings.token_lifetime_seconds,
         store=store,
         clock=now,
+        clients=clients,
     )
+    tokens.person_grant_configured = partial(grant_configured, identity_providers)
 
     app = Flask("fhir_kat")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["KAT_MAX_JSON_DEPTH"] = settings.max_json_depth
+    app.config["KAT_MAX_BUNDLE_ENTRIES"] = settings.max_bundle_entries
     app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
     outcomes = OutcomeService(store, catalogue, now, settings.min_cell_size)
     outcomes.install_measure()
@@ -150,7 +156,9 @@ def create_app(
         tokens=tokens,
         consent=consent,
         rate_limiter=RateLimiter(settings.rate_limit_per_minute),
-        auth_failures=FailureLimiter(settings.auth_failure_limit),
+        auth_failures=FailureLimiter(
+            settings.auth_failure_limit, source_failures=settings.auth_failure_source_limit
+        ),
         export=ExportService(
             store, Path(settings.export_dir or settings.data_dir / "exports"), now
         ),
@@ -158,7 +166,6 @@ def create_app(
         artifacts=artifacts,
         instruments=instruments,
         partners=partners,
-        capability_security=_capability_security(),
         extras={
             "subscriptions": subscriptions,
             "messaging": MessagingService(fhir, now, id_namespace),
@@ -197,6 +204,9 @@ def create_app(
     app.register_blueprint(health_bp)
     register_error_handlers(app)
     _install_request_logging(app)
+    from fhir_kat.api import inputs
+
+    inputs.install(app)  # before the session and bearer checks: unusable input is a 400 first
     # The web pages' session check (fhir_kat/web) must run before auth.install's bearer check.
     from fhir_kat.web import register as register_web
 
@@ -234,28 +244,13 @@ def _id_namespace(settings: Settings, store: Store) -> uuid.UUID:
     return namespace
 
 
-def _capability_security() -> dict[str, Any]:
-    return {
-        "service": [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                        "code": "SMART-on-FHIR",
-                    }
-                ]
-            }
-        ],
-        "description": "SMART Backend Services (client credentials; private_key_jwt or client "
-        "secret). Discovery: /.well-known/smart-configuration.",
-    }
-
-
 def _install_request_logging(app: Flask) -> None:
     @app.before_request
     def _start() -> None:
         g.kat_started = time.perf_counter()
-        g.kat_request_id = request.headers.get("X-Request-Id") or str(uuid.uuid4())
+        # A client's own id is kept only in a safe, bounded form: it is logged and echoed.
+        sent = request.headers.get("X-Request-Id", "")
+        g.kat_request_id = sent if REQUEST_ID.fullmatch(sent) else str(uuid.uuid4())
 
     @app.after_request
     def _finish(response: Response) -> Response:

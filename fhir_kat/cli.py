@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 from collections.abc import Callable, Sequence
+from datetime import date
 from pathlib import Path
 from typing import Any
 
-from fhir_kat.settings import SettingsError, load_settings
+from fhir_kat.settings import SettingsError, host_derived_urls_problem, load_settings
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -38,6 +40,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port:
         overrides["port"] = args.port
     settings = load_settings(**overrides)
+    problem = host_derived_urls_problem(settings, settings.host)
+    if problem is not None:
+        raise SettingsError(problem)
+    if not settings.public_base_url and settings.allow_host_derived_urls:
+        print(
+            "fhir-kat: WARNING: FHIR_KAT_PUBLIC_BASE_URL is not set; links, the token URL and "
+            "the accepted client-assertion aud follow each request's Host header",
+            file=sys.stderr,
+        )
     from fhir_kat.security.clients import ensure_local_clients
 
     notes = ensure_local_clients(  # before create_app loads the registry
@@ -52,8 +63,37 @@ def _serve(args: argparse.Namespace) -> int:
     )
     for line in notes:
         print(line, file=sys.stderr)
-    app.run(host=settings.host, port=settings.port, threaded=True, use_reloader=False)
+    from werkzeug.serving import make_server
+
+    server = make_server(
+        settings.host, settings.port, app, threaded=True, request_handler=_private_handler()
+    )
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
     return 0
+
+
+def _private_handler() -> Any:
+    """Werkzeug's development-server handler without its own log lines: they quote the request
+    line (the query string: PHNs, names) and, for a malformed request, whatever was sent. The
+    service logs every request itself (JSON, the route pattern only: ``fhir_kat.logging``)."""
+    import logging
+
+    from werkzeug.serving import WSGIRequestHandler
+
+    log = logging.getLogger("fhir_kat.http")
+
+    class PrivateRequestHandler(WSGIRequestHandler):
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            pass
+
+        def log(self, type: str, message: str, *args: Any) -> None:
+            if type == "error":  # the arguments can quote the request: never logged
+                log.warning("http server refused a malformed request")
+
+    return PrivateRequestHandler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validates each file (a resource or a Bundle) with the R4B models and the "
         "required bindings of HL7's R4 definitions. Exit 1 when any file is refused; the "
         "OperationOutcome of each refused file goes to stderr.",
-        epilog="Example: fhir-kat validate examples/*.json",
+        epilog="Example: fhir-kat map referrals docs/examples/referrals.json > bundle.json "
+        "&& fhir-kat validate bundle.json",
     )
     validate.add_argument("files", nargs="+", help="FHIR R4 JSON files")
     validate.set_defaults(func=_validate)
@@ -230,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--type", action="append", default=[], help="resource types (repeat or comma-separate)"
     )
-    export.add_argument("--since", help="only resources changed since this FHIR instant")
+    export.add_argument(
+        "--since",
+        type=_since_instant,
+        help="only resources changed since this FHIR instant, or a date (its start, UTC)",
+    )
     export.add_argument("--type-filter", action="append", default=[], help="_typeFilter query")
     export.add_argument("--group", help="export one Group's members (Group/<id>/$export)")
     export.add_argument("--client-id", help="OAuth client id (default FHIR_KAT_CLIENT_ID)")
@@ -547,7 +592,7 @@ def _demo(args: argparse.Namespace) -> int:
     import threading
 
     import requests
-    from werkzeug.serving import WSGIRequestHandler, make_server
+    from werkzeug.serving import make_server
 
     from fhir_kat.app import create_app
     from fhir_kat.instruments.chart import outcome_chart_svg, outcome_table
@@ -567,7 +612,7 @@ def _demo(args: argparse.Namespace) -> int:
     secret = _credential_from_file(data_dir / LOCAL_CREDENTIALS, "local-staff")
     app = create_app(settings)
 
-    class QuietHandler(WSGIRequestHandler):
+    class QuietHandler(_private_handler()):  # type: ignore[misc]
         protocol_version = "HTTP/1.1"  # keep-alive: one connection for the whole run
 
         def log(self, type: str, message: str, *args: Any) -> None:
@@ -972,6 +1017,22 @@ def _hash_secret(args: argparse.Namespace) -> int:
         return 2
     print(hash_secret(secret))
     return 0
+
+
+def _since_instant(text: str) -> str:
+    """``--since``: a FHIR instant as given, or a date (YYYY-MM-DD) as its first instant in UTC
+    (Bulk Data's ``_since`` takes instants only)."""
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        try:
+            date.fromisoformat(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a date: {text}") from None
+        return f"{text}T00:00:00Z"
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})", text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"--since takes a date (2026-01-01) or an instant (2026-01-01T00:00:00Z), not {text}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

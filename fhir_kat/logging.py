@@ -1,7 +1,8 @@
 """Structured (JSON lines) logging with no PHI.
 
-Owns: the log format. Callers log ids, routes, statuses and issue codes as ``extra`` fields —
-never names, PHNs, birth dates, addresses, free text, request bodies or query strings.
+Owns: the log format, and keeping the WSGI server's own log lines free of what clients sent.
+Callers log ids, routes, statuses and issue codes as ``extra`` fields — never names, PHNs, birth
+dates, addresses, free text, request bodies or query strings.
 """
 
 from __future__ import annotations
@@ -53,6 +54,28 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+class _ServerLogFilter(logging.Filter):
+    """The WSGI server's own log lines, without what a client sent.
+
+    gunicorn's error log quotes a malformed request line or header ("Invalid request from
+    ip=…: Invalid HTTP Version: 'HTTP/1.1 <anything>'") and the URI of a request that failed in
+    the server; its access log, when an operator turns it on, holds every request line with its
+    query string. The service logs every request itself (route pattern only), so access lines
+    are dropped and the others keep their first words only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "gunicorn.access":
+            return False
+        message = record.getMessage()
+        for prefix in ("Invalid request from", "Error handling request"):
+            if message.startswith(prefix):
+                head, _, rest = message.partition(": ")
+                kind = rest.split(":", 1)[0].split("'", 1)[0].split('"', 1)[0].strip()
+                record.msg = f"{head}: {kind}" if kind and prefix[0] == "I" else prefix
+                record.args = ()
+        return True
+
+
 def configure_logging(level: str = "INFO") -> None:
     logger = logging.getLogger("fhir_kat")
     logger.setLevel(level)
@@ -61,3 +84,7 @@ def configure_logging(level: str = "INFO") -> None:
         handler.setFormatter(JsonFormatter())
         logger.addHandler(handler)
     logger.propagate = False
+    for name in ("gunicorn.error", "gunicorn.access"):
+        server_logger = logging.getLogger(name)
+        if not any(isinstance(f, _ServerLogFilter) for f in server_logger.filters):
+            server_logger.addFilter(_ServerLogFilter())

@@ -9,6 +9,7 @@ Precedence: environment variable > TOML file named by ``FHIR_KAT_CONFIG`` > defa
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -29,12 +30,20 @@ class Settings:
     data_dir: Path = Path("var")
     host: str = "127.0.0.1"
     port: int = 8080
-    #: Public base URL of the FHIR endpoint (e.g. behind a reverse proxy). Empty = from the request.
+    #: Public base URL of the FHIR endpoint (e.g. behind a reverse proxy). Empty = from the
+    #: request's Host header, which a client chooses: allowed only for a server bound to
+    #: loopback or with ``allow_host_derived_urls`` (``host_derived_urls_problem``).
     public_base_url: str = ""
+    #: Serve without ``public_base_url`` on a non-loopback address anyway (a test rig behind a
+    #: trusted proxy that fixes Host): links, the token URL and the client-assertion ``aud``
+    #: accepted then follow each request's Host header.
+    allow_host_derived_urls: bool = False
     #: Largest request body accepted, in bytes (413 above it).
     max_body_bytes: int = 8 * 1024 * 1024
     #: Deepest JSON nesting accepted (FHIR resources rarely exceed 15; 400 above it).
     max_json_depth: int = 48
+    #: Most entries a Bundle in a request may hold (transaction, batch, message; 413 above).
+    max_bundle_entries: int = 1000
     default_page_size: int = 50
     max_page_size: int = 1000
     #: Program protocol (sessions, routes, dose ranges). Empty = the shipped default.
@@ -50,8 +59,11 @@ class Settings:
     #: Requests per minute per client before 429 (per process); 0 disables the limit.
     rate_limit_per_minute: int = 1200
     #: Failed sign-ins (token endpoint, browser) per source address and client id in 10
-    #: minutes before 429 (per process); 0 disables the limit.
+    #: minutes before 429 (per process); 0 disables both failure limits.
     auth_failure_limit: int = 10
+    #: Failed sign-ins per source address (an IPv6 /64) in 10 minutes, whatever client ids it
+    #: presents, before 429: spraying client ids is limited too.
+    auth_failure_source_limit: int = 50
     #: Reverse proxies in front of the service that append to ``X-Forwarded-For`` (0: none, the
     #: peer address is the client's). Only the client address is taken from the header.
     proxy_hops: int = 0
@@ -87,11 +99,13 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "port": (1, 65535),
     "max_body_bytes": (1024, 1024 * 1024 * 1024),
     "max_json_depth": (8, 1000),
+    "max_bundle_entries": (1, 100_000),
     "default_page_size": (1, 10_000),
     "max_page_size": (1, 100_000),
     "token_lifetime_seconds": (30, 300),
     "rate_limit_per_minute": (0, 1_000_000),
     "auth_failure_limit": (0, 1_000_000),
+    "auth_failure_source_limit": (1, 1_000_000),
     "proxy_hops": (0, 10),
     "min_cell_size": (1, 1000),
     "session_idle_seconds": (60, 24 * 60 * 60),
@@ -189,9 +203,48 @@ def _coerce(name: str, value: Any) -> Any:
         if mode not in _CLIENT_SIGN_IN:
             raise ValueError(f"must be one of {', '.join(_CLIENT_SIGN_IN)}, got {value!r}")
         return mode
+    if name == "allow_host_derived_urls":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("", "0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected 1/true or 0/false, got {value!r}")
     if name == "public_base_url":
         url = str(value).rstrip("/")
         if url and not url.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL")
         return url
     return str(value)
+
+
+def host_derived_urls_problem(settings: Settings, bound_host: str | None) -> str | None:
+    """Why a server bound to ``bound_host`` (None: unknown, e.g. under gunicorn) must not take
+    its public URLs from the request's Host header, or None when it may.
+
+    Without ``public_base_url`` the token URL — the only client-assertion ``aud`` accepted —
+    links and ``Location`` headers follow whatever Host a client sends, so an assertion made
+    for another server could be replayed here with that server's name in Host. That is fine on
+    loopback (local development: only this machine can connect) and nowhere else."""
+    if settings.public_base_url or settings.allow_host_derived_urls:
+        return None
+    if bound_host is not None and _is_loopback(bound_host):
+        return None
+    where = f"on {bound_host}" if bound_host else "under a WSGI server"
+    return (
+        f"FHIR_KAT_PUBLIC_BASE_URL is not set and the service would listen {where}: set it to "
+        "the external https://.../fhir URL (links, the token URL and the accepted client-"
+        "assertion aud must not follow the request's Host header), or bind to 127.0.0.1 for "
+        "local use, or set FHIR_KAT_ALLOW_HOST_DERIVED_URLS=1 if a trusted proxy fixes Host"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 from werkzeug.serving import BaseWSGIServer, make_server
 
@@ -29,6 +30,12 @@ from fhir_kat.settings import Settings, load_settings
 from fhir_kat.store.schema import metadata
 
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+# Property tests (hypothesis): CI runs the same examples every time, so a red run is
+# reproducible and never a coin toss; a developer's run explores new ones.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -51,6 +51,7 @@ def gunicorn_url(postgres_url: str, tmp_path: Path) -> str:
         "FHIR_KAT_CONFIG": str(config),
         "FHIR_KAT_DATA_DIR": str(tmp_path / "var"),
         "FHIR_KAT_LOG_LEVEL": "WARNING",
+        "FHIR_KAT_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}/fhir",
     }
     proc = subprocess.Popen(
         [

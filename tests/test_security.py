@@ -781,23 +781,21 @@ class FakeMonotonic:
         return self.now
 
 
-def test_failure_limiter_counts_failures_in_a_sliding_window_and_stays_bounded() -> None:
+def test_failure_limiter_counts_failures_in_a_sliding_window() -> None:
     clock = FakeMonotonic()
-    limiter = FailureLimiter(3, 600, clock=clock, max_keys=2)
+    limiter = FailureLimiter(3, 600, clock=clock)
     for _ in range(3):
-        assert limiter.wait("a") == 0
-        limiter.failed("a")
+        assert limiter.wait("192.0.2.1", "a") == 0
+        limiter.failed("192.0.2.1", "a")
         clock.now += 100
-    assert limiter.wait("a") == 300  # the first failure (t=1000) leaves the window at 1600
+    assert limiter.wait("192.0.2.1", "a") == 300  # the first failure (t=1000) leaves at 1600
+    assert limiter.wait("192.0.2.2", "a") == 0  # the same client id from elsewhere
     clock.now = 1600
-    assert limiter.wait("a") == 0
-    limiter.failed("b")
-    limiter.failed("c")  # a third key: the least recently failed ("a") is dropped
-    assert limiter.wait("a") == 0 and set(limiter._failures) == {"b", "c"}
+    assert limiter.wait("192.0.2.1", "a") == 0
     off = FailureLimiter(0, clock=clock)
     for _ in range(50):
-        off.failed("a")
-    assert off.wait("a") == 0
+        off.failed("192.0.2.1", "a")
+    assert off.wait("192.0.2.1", "a") == 0
 
 
 def _throttled_app(app: Flask) -> FakeMonotonic:

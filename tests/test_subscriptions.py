@@ -6,6 +6,7 @@ consent-blocked deliveries released by a later Consent."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -820,6 +821,41 @@ def test_the_worker_never_connects_to_an_address_its_policy_refuses(
     (dead,) = ob.list_deliveries(store_of(app), partner=f"subscription:{sid}")
     assert dead.status == "dead"
     assert "private or reserved address" in json.dumps(dead.last_error)
+
+
+def test_an_open_and_a_closed_internal_port_end_alike_and_unconnected(
+    app: Flask, world: dict[str, Any], subscriber: Subscriber
+) -> None:
+    """What the worker records for a refused address says nothing about the port: the open
+    subscriber port and a closed one end dead with the same error, and neither is connected."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    ha, staff = world["ha"], world["staff"]
+    open_sid = created(ha, "/fhir/Subscription", subscription("Observation", subscriber.url))["id"]
+    closed_url = f"http://127.1:{closed}/hook"  # a short form of the same loopback address
+    closed_sid = created(ha, "/fhir/Subscription", subscription("Observation", closed_url))["id"]
+    created(staff, "/fhir/Observation", observation(world["shared"]))
+    state = app.extensions["fhir_kat"]
+    clock = Clock()
+    strict = DeliveryWorker(
+        state.store,
+        {},
+        make_consent_gate(state.store, state.consent, clock),
+        clock,
+        lambda _s: None,
+        worker_id="strict",
+    )
+    try:
+        report = strict.run_once()
+    finally:
+        strict.close()
+    assert report.dead == 2 and report.retried == 0 and subscriber.received == []
+    errors = [
+        ob.list_deliveries(store_of(app), partner=f"subscription:{sid}")[0].last_error
+        for sid in (open_sid, closed_sid)
+    ]
+    assert errors[0] == errors[1]
 
 
 def test_a_dead_notification_puts_the_subscription_in_error_until_its_owner_resumes_it(

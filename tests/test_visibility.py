@@ -110,6 +110,16 @@ def observation(patient: str, when: str = "2026-02-01", value: int = 12) -> dict
     return {
         "resourceType": "Observation",
         "status": "final",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "survey",
+                    }
+                ]
+            }
+        ],
         "code": {"coding": [PHQ9_TOTAL]},
         "subject": {"reference": f"Patient/{patient}"},
         "effectiveDateTime": when,

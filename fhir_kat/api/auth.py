@@ -25,7 +25,8 @@ from fhir_kat.security.audit import (
     write_audit_event,
     write_audit_event_in,
 )
-from fhir_kat.security.clients import Client
+from fhir_kat.security.clients import Client, check_secret
+from fhir_kat.security.discovery import AUTH
 from fhir_kat.security.scopes import Scope, covered_by, parse_scopes
 from fhir_kat.security.tokens import ASSERTION_TYPE, OAuthError
 from fhir_kat.services.access import Access
@@ -97,26 +98,7 @@ def current_access() -> Access:
 
 
 def _smart_configuration() -> Response:
-    return jsonify(
-        {
-            "issuer": _state().tokens.issuer,
-            "token_endpoint": token_url(),
-            "token_endpoint_auth_methods_supported": [
-                "private_key_jwt",
-                "client_secret_basic",
-                "client_secret_post",
-            ],
-            "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-            "grant_types_supported": ["client_credentials"],
-            "scopes_supported": ["system/*.rs", "system/*.cruds", "system/*.read"],
-            "capabilities": [
-                "client-confidential-asymmetric",
-                "client-confidential-symmetric",
-                "permission-v2",
-                "permission-v1",
-            ],
-        }
-    )
+    return jsonify(AUTH.smart_configuration(token_url()))
 
 
 @bp.get("/.well-known/smart-configuration")
@@ -146,17 +128,19 @@ def token() -> Response:
     record.security = True
     record.interaction = "operation"
     limiter = _state().auth_failures
-    key = failure_key(_presented_client_id())
-    wait = limiter.wait(key)
+    presented = _presented_client_id()
+    wait = limiter.wait(request.remote_addr, presented)
     if wait:
         record.detail = "token refused: too many failed attempts"
+        record.presented_client_id = presented
         return _too_many_failures(wait)
     try:
         client, scopes = _authenticate_client()
     except OAuthError as exc:
         record.detail = f"token refused: {exc.error}"
+        record.presented_client_id = presented
         if exc.status == 401:  # wrong credentials (a malformed request is not a guess)
-            limiter.failed(key)
+            limiter.failed(request.remote_addr, presented)
         return _oauth_error(exc)
     record.client_id, record.role = client.client_id, client.role
     access_token, expires_in = _state().tokens.issue(client, scopes)
@@ -171,11 +155,6 @@ def token() -> Response:
     )
     response.headers["Pragma"] = "no-cache"
     return response
-
-
-def failure_key(client_id: str) -> str:
-    """Who is failing to sign in: the source address and the client id it presents."""
-    return f"{request.remote_addr or ''}|{client_id[:128]}"
 
 
 def _too_many_failures(wait: float) -> Response:
@@ -244,10 +223,11 @@ def _authenticate_client() -> tuple[Client, tuple[Scope, ...]]:
         client_id = form.get("client_id") or _assertion_issuer(assertion)
         if client_id is None:
             raise OAuthError("invalid_client", "client_assertion is not a JWT", 401)
-        client = registry.get(str(client_id))
-        if client is None:
-            raise OAuthError("invalid_client", "unknown client", 401)
-        _state().tokens.verify_assertion(assertion, client, token_url())
+        # An unknown client id is checked against a key nobody holds: the same work and the
+        # same answer as a forged assertion for a registered one (client ids stay unknowable).
+        client = _state().tokens.verify_assertion(
+            assertion, registry.get(str(client_id)), token_url()
+        )
     else:
         if method == "basic":
             credentials = _basic_credentials(header)
@@ -257,15 +237,25 @@ def _authenticate_client() -> tuple[Client, tuple[Scope, ...]]:
         else:
             client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
         client = registry.get(client_id)
-        if client is None or not client.check_secret(secret):
+        if not check_secret(client, secret) or client is None:
             raise OAuthError("invalid_client", "unknown client or wrong secret", 401)
     return client, _grant_scopes(client, form.get("scope"))
 
 
+#: Scopes of a user-facing launch that mean nothing to client credentials; a backend-services
+#: request that carries them (fhirclient adds ``launch/patient`` by default) is granted the
+#: rest, as OAuth lets a server grant less than asked (RFC 6749 §3.3), instead of refused.
+NOT_FOR_BACKEND = frozenset(
+    {"launch", "launch/patient", "launch/encounter", "openid", "fhirUser", "profile"}
+    | {"offline_access", "online_access"}
+)
+
+
 def _grant_scopes(client: Client, requested: str | None) -> tuple[Scope, ...]:
-    if not requested:
+    wanted = [s for s in (requested or "").split() if s not in NOT_FOR_BACKEND]
+    if not wanted:
         return client.scopes
-    scopes, bad = parse_scopes(requested.split())
+    scopes, bad = parse_scopes(wanted)
     if bad:
         raise OAuthError("invalid_scope", f"not a SMART system scope: {' '.join(bad)}")
     too_wide = [s.text for s in scopes if not covered_by(s, client.scopes)]

@@ -1,13 +1,93 @@
-"""Reading request bodies as FHIR JSON, within the configured size and depth limits."""
+"""Reading request bodies as FHIR JSON, within the configured limits (size, depth, Bundle
+entries), and refusing what JSON allows but FHIR and the databases do not: NaN and Infinity,
+numbers too long to be one, and strings holding a NUL or another control character (R4 strings
+allow tab, CR and LF only; PostgreSQL cannot store NUL) or an unpaired surrogate (not Unicode
+text: it cannot be stored or sent on). Each is a 400 naming where it is, never a 500."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Request, current_app
 
-from fhir_kat.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, issue
+from fhir_kat.errors import BadRequest, Issue, PayloadTooLarge, UnsupportedMediaType, issue
+
+#: Longest number literal accepted: a FHIR decimal needs far fewer digits (R4 asks for 18).
+MAX_NUMBER_CHARS = 64
+#: Escapes that can decode to what ``bad_text`` refuses (``\u`` controls and surrogates,
+#: ``\b``, ``\f``): only a body holding one is walked string by string.
+_SUSPECT_ESCAPE = re.compile(rb"\\(?:u(?:00[01][0-9a-fA-F]|[dD][89a-fA-F][0-9a-fA-F]{2})|[bf])")
+_BAD_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+MAX_ISSUES = 10
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def bad_text(text: str) -> str | None:
+    """What is wrong with ``text`` as FHIR text, or None: a NUL or other control character
+    (tab, CR and LF are allowed) or an unpaired surrogate."""
+    found = _BAD_CHARACTER.search(text)
+    if found is None:
+        return None
+    code = ord(found.group())
+    if code == 0:
+        return "a NUL character"
+    if code < 32:
+        return f"control character U+{code:04X}"
+    return f"an unpaired surrogate (U+{code:04X}), not Unicode text"
+
+
+def _integer(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _BadNumber(f"a number with more than {MAX_NUMBER_CHARS} characters")
+    return int(text)
+
+
+def _number(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise _BadNumber(f"a number with more than {MAX_NUMBER_CHARS} characters")
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadNumber("a number too large to be a decimal")
+    return value
+
+
+def _constant(name: str) -> Any:
+    raise _BadNumber(f"{name} (JSON has no NaN or Infinity)")
+
+
+def text_issues(document: Any, root: str) -> list[Issue]:
+    """One issue per string (or object key) of ``document`` that ``bad_text`` refuses."""
+    problems = []
+    for where, problem in _bad_strings(document, root):
+        problems.append(issue("value", f"the body holds {problem}", where))
+        if len(problems) >= MAX_ISSUES:
+            break
+    return problems
+
+
+def _bad_strings(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    stack: list[tuple[Any, str]] = [(node, path)]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if (problem := bad_text(value)) is not None:
+                yield where, problem
+        elif isinstance(value, dict):
+            for key, child in value.items():
+                if (problem := bad_text(key)) is not None:
+                    yield where, f"{problem} in a property name"
+                    continue
+                stack.append((child, f"{where}.{key}"))
+        elif isinstance(value, list):
+            stack.extend((child, f"{where}[{i}]") for i, child in enumerate(value))
+
 
 JSON_TYPES = ("application/fhir+json", "application/json", "application/json+fhir")
 FHIR_JSON = "application/fhir+json; charset=utf-8"
@@ -32,7 +112,9 @@ def read_json(request: Request) -> Any:
     if not raw.strip():
         raise BadRequest(issue("required", "the request body is empty"))
     try:
-        document = json.loads(raw)
+        document = json.loads(
+            raw, parse_int=_integer, parse_float=_number, parse_constant=_constant
+        )
     except RecursionError:
         raise BadRequest(issue("structure", "JSON nesting is too deep")) from None
     except UnicodeDecodeError:
@@ -41,10 +123,34 @@ def read_json(request: Request) -> Any:
         # Position only: the message of JSONDecodeError can quote the document.
         where = f" at line {exc.lineno} column {exc.colno}"
         raise BadRequest(issue("structure", f"the body is not valid JSON{where}")) from None
+    except _BadNumber as exc:
+        raise BadRequest(issue("value", f"the body holds {exc}")) from None
     max_depth: int = current_app.config["KAT_MAX_JSON_DEPTH"]
     if json_depth(document, max_depth) > max_depth:
         raise BadRequest(issue("structure", f"JSON nesting deeper than {max_depth} levels"))
+    root = document.get("resourceType") if isinstance(document, dict) else None
+    root = root if isinstance(root, str) and not bad_text(root) else "$"
+    if _SUSPECT_ESCAPE.search(raw) and (problems := text_issues(document, root)):
+        raise BadRequest(problems)
+    _check_bundle_size(document)
     return document
+
+
+def _check_bundle_size(document: Any) -> None:
+    """A Bundle (transaction, batch, message) holds at most ``max_bundle_entries`` entries:
+    each is a write, a validation and index rows, all in one request."""
+    if not isinstance(document, dict) or document.get("resourceType") != "Bundle":
+        return
+    entries = document.get("entry")
+    limit: int = current_app.config["KAT_MAX_BUNDLE_ENTRIES"]
+    if isinstance(entries, list) and len(entries) > limit:
+        raise PayloadTooLarge(
+            issue(
+                "too-costly",
+                f"a Bundle may hold at most {limit} entries; send it in parts",
+                "Bundle.entry",
+            )
+        )
 
 
 def json_depth(document: Any, stop_at: int) -> int:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import Blueprint, Response, current_app, g, request
 
-from fhir_kat.api.auth import audit_in, audit_record, current_access
+from fhir_kat.api.auth import audit_in, audit_record, current_access, token_url
 from fhir_kat.api.body import FHIR_JSON, read_json
-from fhir_kat.errors import NotAcceptable, issue
+from fhir_kat.errors import BadRequest, NotAcceptable, issue
+from fhir_kat.security.discovery import AUTH
 from fhir_kat.services.bundles import RawBundle
 from fhir_kat.services.capability import capability_statement
 from fhir_kat.services.fhir_rest import FhirService, WriteResult
@@ -30,10 +32,13 @@ def fhir_base() -> str:
     return configured or request.host_url.rstrip("/") + "/fhir"
 
 
-def _prefer(name: str) -> str | None:
+def prefer(name: str) -> str | None:
+    """The value of preference ``name`` in the ``Prefer`` headers (RFC 7240: preferences are
+    comma-separated, each may carry ``;``-separated parameters), e.g.
+    ``Prefer: respond-async, handling=lenient``."""
     for header in request.headers.getlist("Prefer"):
-        for part in header.split(";"):
-            key, _, value = part.strip().partition("=")
+        for preference in header.split(","):
+            key, _, value = preference.split(";", 1)[0].strip().partition("=")
             if key.strip() == name:
                 return value.strip().strip('"')
     return None
@@ -91,7 +96,7 @@ def write_response(result: WriteResult) -> Response:
     headers = _version_headers(stored)
     headers["Location"] = f"{fhir_base()}/{stored.type}/{stored.id}/_history/{stored.version_id}"
     status = 201 if result.created else 200
-    preference = _prefer("return")
+    preference = prefer("return")
     if preference == "minimal" or not result.disclose:
         return Response(status=status, headers=headers)
     if preference == "OperationOutcome":
@@ -110,12 +115,13 @@ def write_response(result: WriteResult) -> Response:
 
 
 def _strict() -> bool:
-    return _prefer("handling") == "strict"
+    return prefer("handling") == "strict"
 
 
 @bp.get("/metadata")
 def metadata() -> Response:
-    security = current_app.extensions["fhir_kat"].capability_security
+    # One description of the authorization server feeds this and the SMART configuration.
+    security = AUTH.capability_security(token_url())
     return json_response(dumps(capability_statement(fhir_base(), security)))
 
 
@@ -194,12 +200,29 @@ def create(rtype: str) -> Response:
     _audit("create")
     body: Any = read_json(request)
     result = service().create(
-        rtype,
-        body,
-        if_none_exist=request.headers.get("If-None-Exist"),
-        access=current_access(),
+        rtype, body, if_none_exist=_create_criteria(), access=current_access()
     )
     return _audited_write(result, "create")
+
+
+def _create_criteria() -> str | None:
+    """A create's conditions: ``If-None-Exist``, or — a compatibility convenience for clients
+    that send their search on the create itself, as fhirpy's ``get_or_create`` does
+    (``POST /Patient?identifier=…``) — the query string, read the same way. A query is never
+    ignored: both at once is ambiguous (400)."""
+    header = request.headers.get("If-None-Exist")
+    query = [(k, v) for k, v in request.args.items(multi=True) if k != "_format"]
+    if not query:
+        return header
+    if header is not None:
+        raise BadRequest(
+            issue(
+                "invalid",
+                "conditions both in If-None-Exist and in the query string: send one",
+                "If-None-Exist",
+            )
+        )
+    return urlencode(query)
 
 
 @bp.get("/<rtype>/<rid>")
@@ -245,4 +268,4 @@ def vread(rtype: str, rid: str, vid: str) -> Response:
     return resource_response(stored)
 
 
-__all__ = ["bp", "bundle_response", "fhir_base", "format_instant", "json_response"]
+__all__ = ["bp", "bundle_response", "fhir_base", "format_instant", "json_response", "prefer"]

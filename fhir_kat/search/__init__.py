@@ -409,6 +409,16 @@ class SearchQuery:
         return out
 
 
+#: Most query parameters one search takes (also the most any request takes: api/inputs.py),
+#: and most comma-separated values one parameter takes: a search past them is refused (400)
+#: rather than sent to the database as a query too deep to plan (SQLite's expression depth).
+MAX_PARAMETERS = 100
+MAX_OR_VALUES = 100
+#: ``_count`` and ``_cursor`` above this many digits cannot be rows of this store.
+_MAX_DIGITS = 18
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+
+
 def _split_values(text: str) -> list[str]:
     parts = re.split(r"(?<!\\),", text)
     return [p.replace("\\,", ",") for p in parts]
@@ -435,14 +445,31 @@ def parse_search(
     summary_count = False
     cursor: int | None = None
 
+    pairs = list(pairs)
+    if len(pairs) > MAX_PARAMETERS:
+        raise BadRequest(
+            issue("too-costly", f"a search takes at most {MAX_PARAMETERS} parameters", "url")
+        )
     for key, value in pairs:
+        if _CONTROL.search(key) or _CONTROL.search(value):
+            # NUL, other control characters, unpaired surrogates: never a value to search for.
+            where = "a parameter name" if _CONTROL.search(key) else f'parameter "{key[:64]}"'
+            problems.append(
+                issue("value", f"{where} holds a control character or is not Unicode", "url")
+            )
+            continue
         name, _, modifier = key.partition(":")
         raw = f"{key}={value}"
+        if value.count(",") >= MAX_OR_VALUES and len(_split_values(value)) > MAX_OR_VALUES:
+            problems.append(
+                issue("too-costly", f"{name} takes at most {MAX_OR_VALUES} values", key)
+            )
+            continue
         if name == "_count":
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 problems.append(issue("value", "_count must be a non-negative integer", "_count"))
             else:
-                count = min(int(value), max_count)
+                count = max_count if len(value) > _MAX_DIGITS else min(int(value), max_count)
         elif name == "_sort":
             if value in ("_lastUpdated", "-_lastUpdated"):
                 sort_desc = value.startswith("-")
@@ -464,7 +491,7 @@ def parse_search(
             elif value != "false":
                 problems.append(issue("not-supported", "only _summary=count is supported", name))
         elif name == "_cursor":
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()) or len(value) > _MAX_DIGITS:
                 problems.append(issue("value", "invalid paging cursor", "_cursor"))
             else:
                 cursor = int(value)

@@ -66,6 +66,8 @@ class AuditRecord:
     query: str | None = None
     status: int = 200
     detail: str | None = None  # e.g. "token issued", "denied: no token"
+    #: The client id a refused sign-in presented (never its secret): who was tried.
+    presented_client_id: str | None = None
     security: bool = False  # authentication event (token endpoint, rejected token)
     #: The person acting through the client (a web-page sign-in), and the access token's id.
     person: Person | None = None
@@ -98,6 +100,11 @@ def build_audit_event(record: AuditRecord, recorded: datetime) -> dict[str, Any]
         agent["who"] = {"identifier": {"system": CLIENT_SYSTEM, "value": record.client_id}}
         if record.role:
             agent["who"]["display"] = f"{record.client_id} ({record.role})"
+    elif record.presented_client_id and (presented := _printable(record.presented_client_id)):
+        agent["who"] = {
+            "identifier": {"system": CLIENT_SYSTEM, "value": presented},
+            "display": "presented client id (not authenticated)",
+        }
     else:
         agent["who"] = {"display": "unauthenticated client"}
     if record.address:
@@ -188,6 +195,15 @@ def _app_agent(client_agent: dict[str, Any]) -> dict[str, Any]:
             "display": f"fhir_kat web pages (sign-in through {provider})",
         }
     return agent
+
+
+def _printable(text: str, limit: int = 128) -> str:
+    """``text`` as a FHIR string: control characters and unpaired surrogates dropped, at most
+    ``limit`` characters, no surrounding whitespace (a presented id is whatever was sent)."""
+    kept = "".join(
+        c for c in text[: limit * 2] if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF
+    )
+    return kept[:limit].strip()
 
 
 def _unique(items: Iterable[str]) -> list[str]:

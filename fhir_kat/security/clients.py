@@ -8,18 +8,22 @@ Secrets are never stored in clear: ``secret_hash`` (from ``fhir-kat hash-secret`
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
+import secrets
 import stat
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from fhir_kat.security.policy import ROLES
 from fhir_kat.security.scopes import Scope, parse_scopes
-from fhir_kat.security.secrets import hash_secret, new_secret, verify_secret
+from fhir_kat.security.secrets import ITERATIONS, hash_secret, new_secret, verify_secret
 from fhir_kat.settings import SettingsError
 
 #: v3 PurposeOfUse codes a client may act under (DOMAIN.md, "Consent purposes").
@@ -46,14 +50,44 @@ class Client:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def check_secret(self, secret: str) -> bool:
-        return self.secret_hash is not None and _verify_cached(secret, self.secret_hash)
+        return check_secret(self, secret)
 
 
-@lru_cache(maxsize=256)
-def _verify_cached(secret: str, stored: str) -> bool:
-    # PBKDF2 is slow on purpose; remembering verified pairs (in memory only) keeps token
-    # requests fast for registered clients without weakening the stored form.
-    return verify_secret(secret, stored)
+#: What an unknown client id (or a client without a secret) is checked against: a stored form
+#: of the same scheme and cost as a real one that no secret matches (a random salt and digest,
+#: nobody computed it), so a wrong guess costs the same time whether the client id exists or
+#: not and client ids cannot be told apart by the answer's timing.
+_NO_SECRET = (
+    f"pbkdf2_sha256${ITERATIONS}${base64.b64encode(secrets.token_bytes(16)).decode()}$"
+    f"{base64.b64encode(secrets.token_bytes(32)).decode()}"
+)
+#: Secrets verified lately (digests of secret and stored form, bounded; per process): PBKDF2
+#: is slow on purpose, and a registered client asks for a token every few minutes. Only
+#: successes are remembered, so every failure costs a full PBKDF2 — for known and unknown
+#: client ids alike — and a spray of wrong secrets cannot push real clients out.
+_VERIFIED_SIZE = 256
+_verified: OrderedDict[bytes, None] = OrderedDict()
+_verified_lock = threading.Lock()
+
+
+def check_secret(client: Client | None, secret: str) -> bool:
+    """Does ``secret`` belong to ``client``? The same work for an unknown client (None) or one
+    with no secret (a ``private_key_jwt`` client) as for a wrong secret of a real one."""
+    stored = client.secret_hash if client is not None and client.secret_hash else _NO_SECRET
+    key = hashlib.blake2b(
+        secret.encode("utf-8", "surrogatepass"), key=stored.encode()[-64:]
+    ).digest()
+    with _verified_lock:
+        if key in _verified:
+            _verified.move_to_end(key)
+            return stored is not _NO_SECRET
+    if not verify_secret(secret, stored) or stored is _NO_SECRET:
+        return False
+    with _verified_lock:
+        _verified[key] = None
+        while len(_verified) > _VERIFIED_SIZE:
+            _verified.popitem(last=False)
+    return True
 
 
 class ClientRegistry:

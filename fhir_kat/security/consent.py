@@ -4,8 +4,11 @@ Deny by default for disclosure outside the program. Only ``active`` Consents who
 ``patient-privacy`` count; a Consent decides when its base provision applies to the request
 (period covers now; actor, purpose and class match when given), and nested provisions that
 apply override their parent (FHIR R4 Consent, "provision" exceptions). Across several Consents
-of one patient a deny wins over a permit. The same function serves reads, searches, _include,
-$export, outbound deliveries and referrer feedback.
+of one patient a deny wins over a permit. Permits narrowed by ``data`` (instances) or
+``dataPeriod`` open a slice of the patient's data (``Grant``); restrictions not evaluated here
+make a permit open nothing and a deny apply in full (docs/security.md, "Consent features"). The
+same functions serve every read path (through ``Access.scope``), outbound deliveries and
+referrer feedback.
 
 Consents are read once and cached until a Consent is written again (the cache key is the
 newest Consent version's write sequence and the count), so a revocation takes effect on the next
@@ -303,11 +306,6 @@ class ConsentDecisionPoint:
         self, tx: Tx, patient_id: str, actor: Actor, purpose: str, rtype: str, now: datetime
     ) -> bool:
         return decide(self._consents(tx).get(patient_id, []), actor, purpose, rtype, now)
-
-    def visible_patients(
-        self, tx: Tx, actor: Actor, purpose: str, rtype: str, now: datetime
-    ) -> set[str]:
-        return self.grants(tx, actor, purpose, rtype, now)[0]
 
     def grants(
         self, tx: Tx, actor: Actor, purpose: str, rtype: str, now: datetime

@@ -37,7 +37,8 @@ from joserfc.jws import JWSRegistry
 
 from fhir_kat.security.clients import DEFAULT_PURPOSE, PURPOSES
 from fhir_kat.security.policy import ROLES
-from fhir_kat.security.scopes import Scope, parse_scopes
+from fhir_kat.security.scopes import Scope, covered_by, parse_scopes
+from fhir_kat.security.tokens import Principal
 from fhir_kat.settings import SettingsError
 
 #: Signature algorithms accepted on ID tokens: asymmetric only. ``none`` is never accepted,
@@ -611,3 +612,21 @@ def _metadata_problems(doc: Mapping[str, Any], issuer: str) -> list[str]:
 
 
 ClientFactory = Callable[[Provider], OpenIdClient]
+
+
+def grant_configured(clients: Mapping[str, OpenIdClient], principal: Principal) -> bool:
+    """Is ``principal`` (a person's) a grant its provider's mapping still gives? Asked on
+    every use of a person's access token (``TokenService.person_grant_configured``)."""
+    person = principal.person
+    if person is None or not principal.client_id.startswith(CLIENT_PREFIX):
+        return False
+    oidc = clients.get(principal.client_id.removeprefix(CLIENT_PREFIX))
+    if oidc is None or person.issuer != oidc.provider.issuer:
+        return False
+    return any(
+        grant.role == principal.role
+        and grant.organization == principal.organization
+        and grant.purpose == principal.purpose
+        and all(covered_by(scope, grant.scopes) for scope in principal.scopes)
+        for grant in oidc.provider.roles.values()
+    )

@@ -27,7 +27,10 @@ def verify_secret(secret: str, stored: str) -> bool:
     if scheme != "pbkdf2_sha256":
         return False
     digest = hashlib.pbkdf2_hmac(
-        "sha256", secret.encode(), base64.b64decode(salt_b64), int(iterations)
+        "sha256",
+        secret.encode("utf-8", "surrogatepass"),
+        base64.b64decode(salt_b64),
+        int(iterations),
     )
     return hmac.compare_digest(digest, base64.b64decode(digest_b64))
 

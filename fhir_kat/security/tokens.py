@@ -8,6 +8,7 @@ cryptography is PyJWT's and ``cryptography``'s; nothing here is hand-rolled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,12 +25,12 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 
-from fhir_kat.security.clients import Client
-from fhir_kat.security.scopes import Scope, parse_scopes
+from fhir_kat.security.clients import Client, ClientRegistry
+from fhir_kat.security.scopes import Scope, covered_by, parse_scopes
 from fhir_kat.store import Store
 from fhir_kat.store.schema import auth_jti
 
@@ -37,6 +38,11 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_ALGORITHMS = ("RS384", "ES384")
 MAX_ASSERTION_LIFETIME = timedelta(minutes=5)
 ACCESS_ALGORITHM = "ES256"
+#: Every failure before an assertion's signature is verified (unknown client, unregistered key,
+#: bad signature) gets this one answer, so the answer does not tell whether a client id exists.
+INVALID_ASSERTION = (
+    "client_assertion is invalid: unknown client, no registered key for it, or a bad signature"
+)
 #: Access tokens verified lately (per process): a client sends the same token with every
 #: request for up to its lifetime, and a signature check costs more than a small search.
 VERIFIED_CACHE_SIZE = 4096
@@ -120,6 +126,7 @@ class TokenService:
         lifetime_seconds: int,
         store: Store,
         clock: Callable[[], datetime],
+        clients: ClientRegistry,
     ) -> None:
         self.key = key
         self.public_key = key.public_key()
@@ -127,8 +134,16 @@ class TokenService:
         self.lifetime = lifetime_seconds
         self.store = store
         self.clock = clock
+        #: Asked on every use of a token (``verify``), whatever the cache holds.
+        self.clients = clients
+        #: For a person's token (minted by a browser session): does its provider's role
+        #: mapping still give exactly this grant? Set by the app (``security/oidc.py``); until
+        #: then no person's token is accepted.
+        self.person_grant_configured: Callable[[Principal], bool] = lambda _principal: False
         self._verified: OrderedDict[bytes, tuple[Principal, int]] = OrderedDict()
         self._verified_lock = threading.Lock()
+        self._unheld: dict[str, dict[str, Any]] = {}
+        self._unheld_lock = threading.Lock()  # not the cache's: making an RSA key takes a while
 
     # ------------------------------------------------------------------ access tokens
 
@@ -170,9 +185,11 @@ class TokenService:
 
         A token found valid before is not checked again: its principal is remembered (by
         digest, bounded) with its ``exp``, which is still enforced on every use exactly as
-        PyJWT does (expired once ``now >= exp``). Tokens cannot be revoked before ``exp``
-        (they live ≤ 300 s), so nothing else about a verified token can change. Only
-        successes are remembered; every failure is a fresh check."""
+        PyJWT does (expired once ``now >= exp``). Only successes are remembered; every failure
+        is a fresh check. The client registry is asked on every use, cached or not
+        (``_still_registered``): a client removed, or registered with another role,
+        organisation, purpose or narrower scopes — in this process or before a restart with
+        the same signing key — loses its tokens at once."""
         key = hashlib.blake2b(token.encode(), digest_size=20).digest()
         with self._verified_lock:
             known = self._verified.get(key)
@@ -182,13 +199,31 @@ class TokenService:
             principal, exp = known
             if exp <= time.time():
                 raise jwt.ExpiredSignatureError("Signature has expired")
-            return principal
-        principal, exp = self._decode(token)
-        with self._verified_lock:
-            self._verified[key] = (principal, exp)
-            while len(self._verified) > VERIFIED_CACHE_SIZE:
-                self._verified.popitem(last=False)
+        else:
+            principal, exp = self._decode(token)
+            with self._verified_lock:
+                self._verified[key] = (principal, exp)
+                while len(self._verified) > VERIFIED_CACHE_SIZE:
+                    self._verified.popitem(last=False)
+        self._still_registered(principal)
         return principal
+
+    def _still_registered(self, principal: Principal) -> None:
+        if principal.person is not None:
+            # A person acts through the web pages' registration at its provider, not through
+            # a registered client: its grant must still be one the provider's mapping gives.
+            if not self.person_grant_configured(principal):
+                raise jwt.InvalidTokenError("the person's grant is no longer configured")
+            return
+        client = self.clients.get(principal.client_id)
+        if (
+            client is None
+            or client.role != principal.role
+            or client.organization != principal.organization
+            or client.purpose != principal.purpose
+            or not all(covered_by(scope, client.scopes) for scope in principal.scopes)
+        ):
+            raise jwt.InvalidTokenError("the token's client is not registered as it says")
 
     def _decode(self, token: str) -> tuple[Principal, int]:
         claims = jwt.decode(
@@ -221,9 +256,14 @@ class TokenService:
 
     # ------------------------------------------------------------------ client assertions
 
-    def verify_assertion(self, assertion: str, client: Client, token_url: str) -> None:
-        if not client.jwks:
-            raise OAuthError("invalid_client", "client has no registered JWKS", 401)
+    def verify_assertion(self, assertion: str, client: Client | None, token_url: str) -> Client:
+        """The client a ``private_key_jwt`` assertion authenticates; ``OAuthError`` otherwise.
+
+        Until the signature is verified every failure gives one answer: an unknown client id
+        (None), a client without a JWKS, a ``kid`` it has not registered and a bad signature all
+        run one signature check (against a key nobody holds when there is no registered one)
+        and answer "client_assertion is invalid". Only the key holder learns more (expired,
+        ``aud``, replayed ``jti``)."""
         try:
             header = jwt.get_unverified_header(assertion)
         except jwt.PyJWTError:
@@ -231,9 +271,14 @@ class TokenService:
         alg = header.get("alg")
         if alg not in ASSERTION_ALGORITHMS:
             raise OAuthError("invalid_client", "client_assertion must be RS384 or ES384", 401)
-        key = _find_key(client.jwks, header.get("kid"), alg)
-        if key is None:
-            raise OAuthError("invalid_client", "no registered key matches the assertion kid", 401)
+        key = None
+        if client is not None and client.jwks:
+            key = _find_key(client.jwks, header.get("kid"), alg)
+        if client is None or key is None:
+            # The same key lookup and signature check a registered key costs; cannot succeed.
+            with contextlib.suppress(jwt.PyJWTError):
+                jwt.decode(assertion, _find_key(self._unheld_jwks(alg), None, alg), [alg])
+            raise OAuthError("invalid_client", INVALID_ASSERTION, 401)
         try:
             claims = jwt.decode(
                 assertion,
@@ -243,6 +288,8 @@ class TokenService:
                 issuer=client.client_id,
                 options={"require": ["exp", "jti", "iss", "sub", "aud"]},
             )
+        except jwt.InvalidSignatureError:
+            raise OAuthError("invalid_client", INVALID_ASSERTION, 401) from None
         except jwt.ExpiredSignatureError:
             raise OAuthError("invalid_client", "client_assertion has expired", 401) from None
         except jwt.InvalidAudienceError:
@@ -260,6 +307,21 @@ class TokenService:
                 "invalid_client", "client_assertion exp is more than 5 minutes ahead", 401
             )
         self._remember_jti(str(claims["jti"]), client.client_id, expires, now)
+        return client
+
+    def _unheld_jwks(self, alg: str) -> dict[str, Any]:
+        """A JWKS of one public key of ``alg``'s type whose private half was discarded."""
+        with self._unheld_lock:
+            jwks = self._unheld.get(alg)
+            if jwks is None:
+                if alg.startswith("RS"):
+                    private: Any = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
+                else:
+                    private = ec.generate_private_key(ec.SECP384R1())
+                    jwk = jwt.algorithms.ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
+                jwks = self._unheld[alg] = {"keys": [{**jwk, "alg": alg}]}
+        return jwks
 
     def _remember_jti(self, jti: str, client_id: str, expires: datetime, now: datetime) -> None:
         naive_now = now.replace(tzinfo=None)

@@ -11,6 +11,7 @@ referrer may write at all (``fhir_kat.services.write_policy``). Must not: parse 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from datetime import datetime
@@ -27,7 +28,7 @@ from fhir_kat.security.consent import (
     organization_ids,
 )
 from fhir_kat.security.policy import OUTSIDE_PROGRAM, role_allows
-from fhir_kat.security.scopes import allows
+from fhir_kat.security.scopes import allows, parse_scopes
 from fhir_kat.security.tokens import Principal
 from fhir_kat.store import StoredResource, Tx
 from fhir_kat.store.store import dumps
@@ -94,6 +95,14 @@ class Access:
     def can(self, rtype: str, letter: str) -> bool:
         p = self.principal
         return role_allows(p.role, rtype, letter) and allows(p.scopes, rtype, letter)
+
+    def for_group_membership(self) -> Access:
+        """This caller as it reads a cohort Group to export its members' data: the role's
+        right to read Groups counts without a Group scope (``ExportService._group_members``);
+        consent still shapes the members it sees."""
+        scopes, _ = parse_scopes(["system/Group.rs"])
+        principal = dataclasses.replace(self.principal, scopes=(*self.principal.scopes, *scopes))
+        return Access(principal, self.consent, self.clock)
 
     # ------------------------------------------------------------------ the Viewer
 
@@ -166,14 +175,6 @@ class Access:
         return self.role in OUTSIDE_PROGRAM and not (
             self.role == "referrer" and rtype in REFERRER_OWNED
         )
-
-    def visible_patients(self, tx: Tx, rtype: str) -> set[str] | None:
-        """None = no restriction; otherwise the patients all of whose ``rtype`` data may be
-        shown (consent opening only a slice of a patient's data does not count)."""
-        scope = self.scope(tx, rtype)
-        if scope.patients is None:
-            return None if scope.readable else set()
-        return set(scope.patients)
 
     # ------------------------------------------------------------------ ownership
 

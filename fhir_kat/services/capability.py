@@ -1,5 +1,7 @@
 """The CapabilityStatement: exactly what this server implements, derived from the same tables
-the code runs on (supported types, search parameters), so it cannot drift from the behaviour."""
+the code runs on (supported types, search parameters, the roles' rights, the authorization
+server's description), so it cannot drift from the behaviour: an interaction no role may
+perform is not listed."""
 
 from __future__ import annotations
 
@@ -7,10 +9,21 @@ from typing import Any
 
 from fhir_kat import FHIR_VERSION, __version__
 from fhir_kat.search import params_for
+from fhir_kat.security.policy import ROLES, role_allows
 from fhir_kat.services.messaging import supported_events
 from fhir_kat.validation.resource import SUPPORTED_TYPES
 
 _SPEC = "http://hl7.org/fhir/SearchParameter"
+BULK_DATA_SERVER = "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+#: Role letters (``security.policy``) -> the interactions they allow, in the listed order.
+INTERACTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("r", ("read", "vread")),
+    ("u", ("update",)),
+    ("d", ("delete",)),
+    ("r", ("history-instance",)),
+    ("c", ("create",)),
+    ("s", ("search-type",)),
+)
 #: An operation the server implements: (name, canonical definition, resource type or None).
 Operation = tuple[str, str, str | None]
 BULK_EXPORT = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition"
@@ -39,17 +52,22 @@ def capability_statement(
     resources = []
     for rtype in SUPPORTED_TYPES:
         params = params_for(rtype)
-        interactions = ["read", "vread", "update", "history-instance", "create", "search-type"]
-        if rtype != "AuditEvent":
-            interactions.insert(3, "delete")
+        letters = {
+            letter for role in ROLES for letter in "cruds" if role_allows(role, rtype, letter)
+        }
+        interactions = [
+            code for letter, codes in INTERACTIONS for code in codes if letter in letters
+        ]
+        if not interactions:
+            continue  # no role may do anything with it
         entry: dict[str, Any] = {
             "type": rtype,
             "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
             "interaction": [{"code": code} for code in interactions],
             "versioning": "versioned-update",
-            "readHistory": True,
-            "updateCreate": True,
-            "conditionalCreate": True,
+            "readHistory": "r" in letters,
+            "updateCreate": "u" in letters,
+            "conditionalCreate": "c" in letters,
             "conditionalRead": "not-supported",
             "conditionalUpdate": False,
             "conditionalDelete": "not-supported",
@@ -93,6 +111,9 @@ def capability_statement(
         rest["security"] = security
     statement: dict[str, Any] = {
         "resourceType": "CapabilityStatement",
+        # The Bulk Data Access IG's server CapabilityStatement, whose $export operations
+        # (system, Patient, Group) this server implements.
+        "instantiates": [BULK_DATA_SERVER],
         "status": "active",
         "date": "2026-11-22",
         "publisher": "fhir_kat",

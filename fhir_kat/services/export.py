@@ -35,6 +35,7 @@ from sqlalchemy import insert, select, update
 
 from fhir_kat.errors import BadRequest, Forbidden, NotFound, ServerError, issue
 from fhir_kat.search import SearchQuery, parse_date_range, parse_search, utc_naive
+from fhir_kat.security.policy import role_allows
 from fhir_kat.services.access import Access
 from fhir_kat.store import Store
 from fhir_kat.store.schema import export_jobs
@@ -49,6 +50,25 @@ HEARTBEAT_EVERY = timedelta(seconds=10)  # well inside STALE_AFTER
 NOT_EXPORTED = frozenset({"AuditEvent", "Subscription"})
 OUTPUT_FORMATS = ("application/fhir+ndjson", "application/ndjson", "ndjson")
 STALE_AFTER = timedelta(minutes=2)
+#: Beside each ``<type>.ndjson``: the patient ids it holds (never served; read for the audit).
+PATIENTS_SUFFIX = ".patients.json"
+
+#: RFC 6750 §3.1: a token that lacks the scope says so (as every other scope refusal).
+INSUFFICIENT_SCOPE = {"WWW-Authenticate": 'Bearer realm="fhir_kat", error="insufficient_scope"'}
+
+
+def _skipped_outcome(skipped: dict[str, str]) -> dict[str, Any]:
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {
+                "severity": "warning",
+                "code": skipped["code"],
+                "diagnostics": f"{skipped['text']}: left out (Prefer: handling=lenient)",
+                "expression": ["_type"],
+            }
+        ],
+    }
 
 
 @dataclass(frozen=True)
@@ -86,8 +106,12 @@ class ExportService:
         access: Access,
         request_url: str,
         file_base: str,
+        lenient: bool = False,
     ) -> str:
-        params = self._parse(level, pairs, access)
+        """Start an export; ``lenient`` (``Prefer: handling=lenient``): ``_type`` values that
+        cannot be exported (not held, or not readable by the caller) are left out and reported
+        in the manifest's ``error`` file instead of refusing the request."""
+        params = self._parse(level, pairs, access, lenient=lenient)
         if level == "group":
             params["group"] = group_id
             self._group_members(group_id or "", access)  # 404/403 now, not later
@@ -110,7 +134,7 @@ class ExportService:
         return job_id
 
     def _parse(
-        self, level: str, pairs: Iterable[tuple[str, str]], access: Access
+        self, level: str, pairs: Iterable[tuple[str, str]], access: Access, *, lenient: bool
     ) -> dict[str, Any]:
         problems = []
         types: list[str] | None = None
@@ -131,14 +155,22 @@ class ExportService:
             else:
                 problems.append(issue("not-supported", f"unsupported $export parameter {key}", key))
         allowed = [t for t in SUPPORTED_TYPES if t not in NOT_EXPORTED and access.can(t, "r")]
+        skipped: list[dict[str, str]] = []
+        by_scope = False  # a refusal because a granted scope lacks a type (insufficient_scope)
+        for t in types or []:
+            if t not in SUPPORTED_TYPES or t in NOT_EXPORTED:
+                found = issue("not-supported", f"_type {t} cannot be exported", "_type")
+            elif not access.can(t, "r"):
+                found = issue("forbidden", f"you may not read {t}", "_type")
+                by_scope = by_scope or role_allows(access.role, t, "r")
+            else:
+                continue
+            if lenient:
+                skipped.append({"type": t, "code": found.code, "text": found.diagnostics})
+            else:
+                problems.append(found)
         if types is not None:
-            for t in types:
-                if t not in SUPPORTED_TYPES or t in NOT_EXPORTED:
-                    problems.append(
-                        issue("not-supported", f"_type {t} cannot be exported", "_type")
-                    )
-                elif not access.can(t, "r"):
-                    problems.append(issue("forbidden", f"you may not read {t}", "_type"))
+            types = [t for t in types if t not in {s["type"] for s in skipped}]
         for f in filters:
             rtype, _, query = f.partition("?")
             if rtype not in SUPPORTED_TYPES or not query:
@@ -149,17 +181,31 @@ class ExportService:
             except BadRequest as exc:
                 problems.extend(exc.issues)
         if problems:
-            raise (Forbidden if all(p.code == "forbidden" for p in problems) else BadRequest)(
-                problems
-            )
-        return {"level": level, "types": types or allowed, "since": since, "filters": filters}
+            if all(p.code == "forbidden" for p in problems):
+                raise Forbidden(problems, headers=INSUFFICIENT_SCOPE if by_scope else {})
+            raise BadRequest(problems)
+        return {
+            "level": level,
+            "types": types if types is not None else allowed,
+            "since": since,
+            "filters": filters,
+            "skipped": skipped,
+        }
 
     def _group_members(self, group_id: str, access: Access) -> set[str]:
         """The Group's active Patient members, as far as ``access`` may see them (a cohort
-        Group read by a party outside the program lists only consenting members)."""
-        if not access.can("Group", "r"):
-            raise Forbidden(issue("forbidden", "you may not read Groups", "Group"))
-        with self.store.read(viewer=access) as tx:
+        Group read by a party outside the program lists only consenting members).
+
+        A Group export needs the *role's* right to read Groups, not a Group scope: the Group
+        only selects whose data is exported, and every exported type is checked against the
+        granted scopes (SMART Fetch and cumulus-etl ask for the types they export, and cannot
+        add ``system/Group.rs``). The Group resource itself leaves only when ``_type`` names
+        it and a scope covers it (docs/integrators.md, "Bulk export")."""
+        if not role_allows(access.role, "Group", "r"):
+            raise Forbidden(
+                issue("forbidden", f"role {access.role} may not export Groups", "Group")
+            )
+        with self.store.read(viewer=access.for_group_membership()) as tx:
             group = tx.get("Group", group_id)
             if group is None or group.deleted:
                 raise NotFound(issue("not-found", "no such Group", "Group"))
@@ -204,9 +250,23 @@ class ExportService:
         if row.status != "completed":
             raise NotFound(issue("not-found", "the export is not complete", "job"))
         path = (self.export_dir / job_id / name).resolve()
-        if path.parent != (self.export_dir / job_id).resolve() or not path.is_file():
+        if (
+            path.parent != (self.export_dir / job_id).resolve()
+            or not name.endswith(".ndjson")
+            or not path.is_file()
+        ):
             raise NotFound(issue("not-found", "no such export file", "file"))
         return path
+
+    def file_patients(self, path: Path) -> list[str]:
+        """The patients whose data the export file at ``path`` (from ``file``) holds: the
+        download's AuditEvent lists them (what left, about whom)."""
+        listed = path.with_name(path.name.removesuffix(".ndjson") + PATIENTS_SUFFIX)
+        try:
+            patients: list[str] = json.loads(listed.read_text())
+        except FileNotFoundError:
+            return []
+        return patients
 
     # ------------------------------------------------------------------ runner
 
@@ -242,6 +302,7 @@ class ExportService:
             queries = filters.get(rtype) or [SearchQuery(rtype)]
             count = 0
             path = folder / f"{rtype}.ndjson"
+            disclosed: set[str] = set()  # whose data the file holds, for the download's audit
             with path.open("w", encoding="utf-8") as out:
                 for query in queries:  # _typeFilter queries are OR-ed, duplicates dropped
                     count += self._write_type(
@@ -253,22 +314,33 @@ class ExportService:
                         params["level"],
                         job_id,
                         seen=set() if len(queries) > 1 else None,
+                        disclosed=disclosed,
                     )
             if count:
                 output.append(
                     {"type": rtype, "url": f"{base}/{job_id}/{rtype}.ndjson", "count": count}
                 )
+                (folder / f"{rtype}{PATIENTS_SUFFIX}").write_text(json.dumps(sorted(disclosed)))
             else:
                 path.unlink()
             self._update(job_id, progress=f"{index + 1} of {len(types)} types")
         with self.store.read() as tx:
             row = tx.conn.execute(select(export_jobs).where(export_jobs.c.id == job_id)).one()
+        errors = []
+        if params.get("skipped"):
+            # Prefer: handling=lenient: what was asked for and left out, as OperationOutcomes.
+            path = folder / "OperationOutcome.ndjson"
+            path.write_text(
+                "".join(json.dumps(_skipped_outcome(s)) + "\n" for s in params["skipped"]),
+                encoding="utf-8",
+            )
+            errors.append({"type": "OperationOutcome", "url": f"{base}/{job_id}/{path.name}"})
         manifest = {
             "transactionTime": row.transaction_time,
             "request": row.request_url,
             "requiresAccessToken": True,
             "output": output,
-            "error": [],
+            "error": errors,
         }
         if not self._is_cancelled(job_id):
             self._finish(job_id, "completed", manifest=manifest)
@@ -283,6 +355,7 @@ class ExportService:
         level: str,
         job_id: str,
         seen: set[int] | None,
+        disclosed: set[str] | None = None,
     ) -> int:
         """Stream one query's rows to ``out``: one read transaction and one query per type
         (``Tx.scan_batches``), written a batch of ``BATCH`` rows at a time (one join, one
@@ -290,6 +363,7 @@ class ExportService:
         every ``HEARTBEAT_EVERY``. The caller's scope is taken once, at the query's start, from
         the same snapshot the rows come from."""
         count = 0
+        disclosed = set() if disclosed is None else disclosed  # patient ids written
         last_beat = self.clock()
         with self.store.read(viewer=access) as tx:
             # The caller's transaction: consent, ownership and shaping (a cohort Group's
@@ -299,6 +373,7 @@ class ExportService:
                 for batch in batches:
                     if seen is None and level == "system":  # the common case: every row
                         lines = [row[1] for row in batch]
+                        disclosed.update(row[2] for row in batch if row[2] is not None)
                     else:
                         lines = []
                         for seq, content, patient_id in batch:
@@ -309,6 +384,8 @@ class ExportService:
                                     continue
                                 seen.add(seq)
                             lines.append(content)
+                            if patient_id is not None:
+                                disclosed.add(patient_id)
                     if lines:
                         out.write("\n".join(lines))
                         out.write("\n")

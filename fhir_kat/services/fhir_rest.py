@@ -74,7 +74,7 @@ def parse_etag(value: str) -> int:
     if text.startswith("W/"):
         text = text[2:]
     text = text.strip('"')
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise BadRequest(issue("value", 'If-Match must be an ETag like W/"3"', "If-Match"))
     return int(text)
 
@@ -138,7 +138,7 @@ class FhirService:
     ) -> StoredResource:
         require_type(rtype)
         require_access(access, rtype, "read")
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit()) or len(version) > 18:
             raise NotFound(issue("not-found", "no such version", f"{rtype}.meta.versionId"))
         with self.store.read(transaction=False, viewer=access) as tx:
             found = tx.vread(rtype, rid, int(version))

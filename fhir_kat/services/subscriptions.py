@@ -160,7 +160,7 @@ def _check_rest_hook(channel: dict[str, Any], policy: EndpointPolicy) -> list[Is
                 "Subscription.channel.endpoint",
             )
         )
-    elif (refused := policy.literal_problem(str(endpoint))) is not None:
+    elif (refused := policy.endpoint_problem(str(endpoint))) is not None:
         problems.append(issue("value", refused, "Subscription.channel.endpoint"))
     payload = channel.get("payload")
     if payload is not None and payload != FULL_RESOURCE:

@@ -27,9 +27,10 @@ from flask import (
 )
 from werkzeug.wrappers import Response
 
-from fhir_kat.api.auth import audit_record, current_access, failure_key
+from fhir_kat.api.auth import audit_record, current_access
 from fhir_kat.artifacts import json_schema
 from fhir_kat.errors import FhirError, Forbidden, NotFound, issue
+from fhir_kat.security.clients import check_secret
 from fhir_kat.security.oidc import OpenIdClient, SignInError
 from fhir_kat.security.policy import area_allowed
 from fhir_kat.security.sessions import SIGNIN_SECONDS
@@ -207,16 +208,17 @@ def login_submit() -> Response | tuple[str, int] | tuple[str, int, dict[str, str
         return _login_page(target, "Sign-in refused."), 403
     client_id = request.form.get("client_id", "")
     limiter = _state().auth_failures
-    key = failure_key(client_id)
-    wait = limiter.wait(key)
+    wait = limiter.wait(request.remote_addr, client_id)
     if wait:
         record.detail = "browser sign-in refused: too many failed attempts"
+        record.presented_client_id = client_id
         message = f"Too many failed sign-ins. Try again in {int(wait)} seconds."
         return _login_page(target, message), 429, {"Retry-After": str(int(wait))}
     client = _state().clients.get(client_id)
-    if client is None or not client.check_secret(request.form.get("client_secret", "")):
-        limiter.failed(key)
+    if not check_secret(client, request.form.get("client_secret", "")) or client is None:
+        limiter.failed(request.remote_addr, client_id)
         record.detail = "browser sign-in refused: unknown client or wrong secret"
+        record.presented_client_id = client_id
         return _login_page(target, "Unknown client or wrong secret."), 401
     record.client_id, record.role = client.client_id, client.role
     record.detail = "browser sign-in"
