@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--full", action="store_true", help="the large sizes and longer loads")
     parser.add_argument(
-        "--only", help=f"comma-separated sections of {', '.join(SECTIONS)}, delivery"
+        "--only", help=f"comma-separated sections of {', '.join(SECTIONS)}, delivery, v2"
     )
     parser.add_argument(
         "--postgres",
@@ -255,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         "--delivery",
         action="store_true",
         help="add outbox deliveries per second (bench/delivery.py)",
+    )
+    parser.add_argument(
+        "--v2",
+        action="store_true",
+        help="add HL7 v2 referrals per second over MLLP vs the native route (bench/v2.py)",
     )
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else set(SECTIONS)
@@ -301,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench.delivery import bench_delivery
 
             section("Delivery: outbox to a loopback partner", bench_delivery())
+        if args.v2 or "v2" in only:
+            from bench.v2 import bench_v2
+
+            section("HL7 v2 referrals: MLLP vs the native route", bench_v2())
     report = "\n".join(lines)
     if args.out:
         Path(args.out).write_text(report)

@@ -4,12 +4,14 @@ blueprints. State lives in ``app.extensions["fhir_kat"]``, never in module globa
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,9 @@ from fhir_kat.security.identity import (
     install_namespace,
     load_id_secret,
 )
+from fhir_kat.security.oidc import OpenIdClient, grant_configured, load_providers
 from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
+from fhir_kat.security.sessions import SessionStore
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
 from fhir_kat.services.delivery import requeue_on_consent
@@ -51,6 +55,7 @@ from fhir_kat.services.referrals import (
 )
 from fhir_kat.services.safety import SafetyService
 from fhir_kat.services.subscriptions import SubscriptionService
+from fhir_kat.services.v2_referrals import V2ReferralService, load_senders
 from fhir_kat.settings import Settings, SettingsError, load_settings
 from fhir_kat.store import Store
 from fhir_kat.workflow.triage import triage_settings
@@ -77,6 +82,9 @@ class KatState:
     instruments: InstrumentService
     partners: dict[str, PartnerConfig]
     extras: dict[str, Any] = field(default_factory=dict)
+    #: Browser sessions (web pages) and the OpenID Providers people sign in through.
+    sessions: SessionStore | None = None
+    identity_providers: dict[str, OpenIdClient] = field(default_factory=dict)
 
 
 def create_app(
@@ -93,6 +101,11 @@ def create_app(
     log_partner_plan(partners)
     endpoint_policy = policy_from_settings(settings)
     clients = load_clients(settings.extra.get("clients", {}), settings.data_dir)
+    v2_senders = load_senders(settings.extra.get("v2_senders", {}), clients)
+    identity_providers = {
+        pid: OpenIdClient(provider)
+        for pid, provider in load_providers(settings.extra.get("oidc", {}), os.environ).items()
+    }
     program = settings.extra.get("program", {})
     catalogue = load_catalogue(program.get("instruments", {}), outcomes=program.get("outcomes"))
     try:
@@ -125,6 +138,7 @@ def create_app(
         clock=now,
         clients=clients,
     )
+    tokens.person_grant_configured = partial(grant_configured, identity_providers)
 
     app = Flask("fhir_kat")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -196,7 +210,24 @@ def create_app(
             "messaging": MessagingService(fhir, now, id_namespace),
             "feedback": feedback,
             "safety": safety,
+            # HL7 v2 referrals over MLLP (``fhir-kat mllp``, fhir_kat/api/mllp.py)
+            "v2": V2ReferralService(
+                artifacts,
+                clients,
+                consent,
+                v2_senders,
+                now,
+                processing_ids=tuple(
+                    p.strip() for p in settings.mllp_processing_ids.split(",") if p.strip()
+                ),
+            ),
         },
+        sessions=SessionStore(
+            store,
+            idle_seconds=settings.session_idle_seconds,
+            absolute_seconds=settings.session_absolute_seconds,
+        ),
+        identity_providers=identity_providers,
     )
 
     from fhir_kat.api import auth

@@ -215,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(func=_worker)
 
+    mllp = sub.add_parser(
+        "mllp",
+        help="run the HL7 v2 MLLP listener (REF^I12/I13 referrals)",
+        description="Listen for HL7 v2 referrals (REF^I12 new, REF^I13 modified; v2.3-2.5.1) "
+        "over MLLP, optionally TLS, from the senders configured as [v2_senders.<name>]; "
+        "answer each with an original-mode ACK. Settings: FHIR_KAT_MLLP_* and FHIR_KAT_CONFIG "
+        "(docs/integrators.md).",
+        epilog="Example: FHIR_KAT_CONFIG=kat.toml fhir-kat mllp --port 2575",
+    )
+    mllp.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    mllp.add_argument("--port", type=int, help="port (default 2575)")
+    mllp.set_defaults(func=_mllp)
+
     generate = sub.add_parser(
         "generate",
         help="write a reproducible synthetic program as artifact JSON files",
@@ -343,6 +356,41 @@ def _worker(args: argparse.Namespace) -> int:
         )
     finally:
         store.dispose()
+
+
+def _mllp(args: argparse.Namespace) -> int:
+    from fhir_kat.api.mllp import MllpListener, config_from_settings
+    from fhir_kat.app import create_app
+
+    overrides: dict[str, Any] = {}
+    if args.host:
+        overrides["mllp_host"] = args.host
+    if args.port is not None:
+        overrides["mllp_port"] = args.port
+    settings = load_settings(**overrides)
+    config = config_from_settings(settings)
+    app = create_app(settings)
+    state = app.extensions["fhir_kat"]
+    service = state.extras["v2"]
+    if not service.senders:
+        print(
+            "fhir-kat: no [v2_senders.*] configured: every message would be refused (AR)",
+            file=sys.stderr,
+        )
+    listener = MllpListener(config, service.receive)
+    host, port = listener.address
+    scheme = "MLLP over TLS" if config.ssl_context else "MLLP"
+    print(
+        f"fhir_kat listening for HL7 v2 referrals ({scheme}) on {host}:{port}; "
+        f"{len(service.senders)} sender(s)",
+        file=sys.stderr,
+    )
+    try:
+        listener.serve_forever()
+    finally:
+        listener.stop()
+        state.store.dispose()
+    return 0
 
 
 def _deliveries(args: argparse.Namespace) -> int:

@@ -76,6 +76,26 @@ class Settings:
     #: Aggregates leaving the program withhold counts of fewer people than this (small-cell
     #: protection: docs/security.md); 1 withholds nothing.
     min_cell_size: int = 5
+    #: The HL7 v2 MLLP listener (``fhir-kat mllp``): where it listens, TLS (a certificate and
+    #: key; with a client CA, senders must present a certificate it signed), the MSH-11
+    #: processing ids taken (comma-separated), an idle connection's lifetime and the largest
+    #: message. Senders are ``[v2_senders.<name>]`` tables (docs/integrators.md).
+    mllp_host: str = "127.0.0.1"
+    mllp_port: int = 2575
+    mllp_tls_cert_file: str = ""
+    mllp_tls_key_file: str = ""
+    mllp_tls_client_ca_file: str = ""
+    mllp_processing_ids: str = "P"
+    mllp_idle_timeout_seconds: int = 300
+    mllp_max_message_bytes: int = 1024 * 1024
+    #: The web pages' client-secret sign-in (``/app/login``), meant for local development:
+    #: "auto" = offered only while no ``[oidc.*]`` identity provider is configured, "on" =
+    #: offered beside them, "off" = never (docs/security.md, "Browser sessions").
+    client_sign_in: str = "auto"
+    #: A browser session ends after this many seconds without a request ...
+    session_idle_seconds: int = 30 * 60
+    #: ... and this many seconds after sign-in, whatever happens.
+    session_absolute_seconds: int = 8 * 60 * 60
     #: Raw ``[clients.*]``/``[partners.*]`` tables from the TOML file, validated by their owners.
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -103,9 +123,15 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "auth_failure_source_limit": (1, 1_000_000),
     "proxy_hops": (0, 10),
     "min_cell_size": (1, 1000),
+    "mllp_port": (0, 65535),
+    "mllp_idle_timeout_seconds": (1, 86_400),
+    "mllp_max_message_bytes": (1024, 64 * 1024 * 1024),
+    "session_idle_seconds": (60, 24 * 60 * 60),
+    "session_absolute_seconds": (5 * 60, 7 * 24 * 60 * 60),
 }
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
-_SECTIONS = {"clients", "partners", "program", "security", "exchange"}
+_SECTIONS = {"clients", "partners", "program", "security", "exchange", "v2_senders", "oidc"}
+_CLIENT_SIGN_IN = ("auto", "on", "off")
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -159,6 +185,10 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     settings = replace(Settings(), **values, extra=extra)
     if settings.default_page_size > settings.max_page_size:
         raise SettingsError("invalid settings:\n  default_page_size exceeds max_page_size")
+    if settings.session_idle_seconds > settings.session_absolute_seconds:
+        raise SettingsError(
+            "invalid settings:\n  session_idle_seconds exceeds session_absolute_seconds"
+        )
     return settings
 
 
@@ -186,6 +216,11 @@ def _coerce(name: str, value: Any) -> Any:
         if url.startswith("postgresql://") or url.startswith("postgresql+psycopg2"):
             raise ValueError("use the psycopg 3 driver: postgresql+psycopg://...")
         return url
+    if name == "client_sign_in":
+        mode = str(value).lower()
+        if mode not in _CLIENT_SIGN_IN:
+            raise ValueError(f"must be one of {', '.join(_CLIENT_SIGN_IN)}, got {value!r}")
+        return mode
     if name == "allow_host_derived_urls":
         if isinstance(value, bool):
             return value

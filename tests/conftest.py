@@ -132,11 +132,39 @@ TEST_CLIENTS: dict[str, dict[str, Any]] = {
     "staff-readonly": _registration("program-staff", ["system/Patient.rs"], "ro-secret"),
 }
 
+#: HL7 v2 senders (``fhir-kat mllp``, tests/test_v2_mllp.py): each writes as a test client.
+TEST_V2_SENDERS: dict[str, dict[str, Any]] = {
+    "clinic7-emr": {
+        "client": "referrer",
+        "sending_application": "OSCAR",
+        "sending_facility": "CLINIC7",
+        "addresses": ["127.0.0.1"],
+        "organization_name": "Example Family Practice",
+        "timezone": "America/Vancouver",
+    },
+    "clinic8-emr": {
+        "client": "other-referrer",
+        "sending_application": "OTHEREMR",
+        "sending_facility": "CLINIC8",
+        "addresses": ["127.0.0.1"],
+        "organization_name": "Other Family Practice",
+        "timezone": "America/Vancouver",
+    },
+    # Registered, but for another network (documentation range): loopback is not it.
+    "clinic7-remote": {
+        "client": "referrer",
+        "sending_application": "REMOTE",
+        "sending_facility": "CLINIC7",
+        "addresses": ["192.0.2.0/24"],
+        "organization_name": "Example Family Practice",
+    },
+}
+
 
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
     base = load_settings({}, database_url=database_url, data_dir=str(tmp_path / "var"))
-    return replace(base, extra={"clients": TEST_CLIENTS})
+    return replace(base, extra={"clients": TEST_CLIENTS, "v2_senders": TEST_V2_SENDERS})
 
 
 @pytest.fixture

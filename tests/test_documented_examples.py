@@ -35,6 +35,8 @@ NOT_RUN = re.compile(r"^<!-- example: not run — (.+) -->$")
 HELP_NOT_RUN = {
     "serve": "it is the service: started by the fixture, as ./run.sh serve",
     "worker": "runs until stopped, against a deployment's partner configuration",
+    "mllp": "runs until stopped, against a deployment's [v2_senders.*] (tests/test_v2_mllp.py "
+    "starts it and sends to it)",
     "sandbox-check": "needs a configured partner FHIR server (tests/exchange/test_cli_sandbox.py)",
     "deliveries": "needs a dead delivery with id 42 (tests/test_cli.py covers the commands)",
 }

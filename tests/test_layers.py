@@ -31,6 +31,7 @@ LAYERS = {
     "logging": 0,
     "wsgi": 8,
     "synthetic": 2,
+    "v2": 2,
 }
 PURE = {
     "mapping",
@@ -43,6 +44,7 @@ PURE = {
     "workflow",
     "instruments",
     "synthetic",
+    "v2",
 }
 FORBIDDEN_IN_PURE = {"flask", "requests", "sqlalchemy", "fhir_kat.store", "fhir_kat.api"}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fhir_kat.artifacts import KINDS
+from fhir_kat.artifacts import MAPPED_SCHEMAS
 from fhir_kat.mapping import lint_mappings, mapping_versions
 
 MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
@@ -41,7 +41,7 @@ def test_mapping_versions_name_every_file() -> None:
     assert all(isinstance(v, str) and v for v in versions.values())
     assert set(versions) == {
         f"mappings/{kind}/{path.name}"
-        for kind in KINDS
+        for kind in MAPPED_SCHEMAS
         for path in (MAPPINGS / kind).glob("*.yaml")
     }
 

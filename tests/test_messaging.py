@@ -1,5 +1,5 @@
-"""FHIR messaging ($process-message) for referrals, and the same triage outcome on all three
-entry routes (FHIR REST transaction, FHIR message, native JSON)."""
+"""FHIR messaging ($process-message) for referrals, and the same triage outcome on all four
+entry routes (FHIR REST transaction, FHIR message, native JSON, HL7 v2 REF^I12 over MLLP)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from fhir_kat.api.mllp import ListenerConfig, MllpListener
 from fhir_kat.artifacts import bc_phn_check_digit
 from tests.conftest import client_as
 from tests.support.conformance import assert_conformant
+from tests.support.v2_messages import ack_code, referral_message, send
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 EVENTS = "https://fhir-kat.example.org/fhir/CodeSystem/kat-message-event"
@@ -165,10 +167,17 @@ SCENARIOS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-def test_the_three_routes_triage_identically(app: Flask) -> None:
-    """One app for every scenario (a setup per scenario would cost more than the scenario)."""
+def test_the_four_routes_triage_identically(app: Flask) -> None:
+    """One app for every scenario (a setup per scenario would cost more than the scenario).
+    The HL7 v2 route goes through a live MLLP listener, sent by python-hl7's client."""
     staff = client_as(app, "staff")
     referrer = client_as(app, "referrer")
+    v2 = app.extensions["fhir_kat"].extras["v2"]
+    with MllpListener(ListenerConfig(port=0, idle_timeout=30), v2.receive) as listener:
+        _four_routes(staff, referrer, listener.address[1])
+
+
+def _four_routes(staff: FlaskClient, referrer: FlaskClient, port: int) -> None:
     for n, (name, (change, expected)) in enumerate(SCENARIOS.items()):
         native = referral(change, f"N-{n}", own_patient=True)
         r = staff.post(
@@ -186,9 +195,13 @@ def test_the_three_routes_triage_identically(app: Flask) -> None:
         assert header["response"]["code"] == "ok", (name, answer)
         assert header["response"]["identifier"] == message["entry"][0]["resource"]["id"]
         assert answer["entry"][1]["resource"]["status"] == expected, name  # triage in the answer
-        results = {route: outcome(task_of(staff, f"{route}-{n}")) for route in ("N", "T", "M")}
+        v2 = referral(change, f"V-{n}", own_patient=True)
+        ack = send(port, referral_message(v2, f"PARITY-{n}"))
+        assert ack_code(ack) == "AA", (name, str(ack))
+        routes = ("N", "T", "M", "V")
+        results = {route: outcome(task_of(staff, f"{route}-{n}")) for route in routes}
         assert results["N"][0] == expected, (name, results)
-        assert results["N"] == results["T"] == results["M"], (name, results)
+        assert results["N"] == results["T"] == results["M"] == results["V"], (name, results)
         if expected != "received":
             assert results["M"][2], name  # the reason is named
 

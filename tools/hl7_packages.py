@@ -19,12 +19,23 @@ first name, ``hl7_packages``, so that branches importing it keep working.)
   the stylesheet and the R4 FHIR support library), so it runs from the cache with no install
   step and no network: tests/web/test_browser.py renders the service's Questionnaires with it.
   NLM's terms (``package/LICENSE.md``) allow this use; it is not redistributed.
+- ``axe-core`` 4.14.1: Deque's accessibility engine (MPL-2.0, no dependencies); the browser
+  tests inject its ``axe.min.js`` into the pages and require no WCAG 2.1 A/AA violation.
+- ``oidc-provider`` 8.8.1 (panva's OpenID Certified OpenID Provider for Node.js; the last
+  line whose own runtime check accepts Node.js 20, the LTS on these machines; 9.x asks for
+  22), with its dependencies. A package with dependencies is installed with
+  ``npm ci --ignore-scripts`` from the lockfile in ``tools/npm/<name>/``: every tarball's
+  sha512 is in the lockfile and npm refuses one that differs; the main package's integrity
+  is pinned here too, so an edited lockfile cannot swap it. It goes into
+  ``$FHIR_KAT_CACHE/npm/<name>-<lockfile sha256>/``; the tests start it on loopback as the
+  identity provider people sign in through (tests/oidc/provider.mjs).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -70,7 +81,7 @@ LFORMS_FILES = {
     ),
 }
 
-PACKAGES: dict[str, Package] = {
+PACKAGES: dict[str, Package] = {  # closed after the axe-core entry below
     "hl7.fhir.r4.examples": Package(
         spec="hl7.fhir.r4.examples@4.0.1",
         tgz="hl7.fhir.r4.examples-4.0.1.tgz",
@@ -88,8 +99,43 @@ PACKAGES: dict[str, Package] = {
         sha256="288cff4360e8a90a44e994a01422d2cf970170000ce915b5739ccc383097edd9",
         files=LFORMS_FILES,
     ),
+    "axe-core": Package(
+        spec="axe-core@4.14.1",
+        tgz="axe-core-4.14.1.tgz",
+        sha256="e6b0ce02b84d892e2e33e403485e7f3d6c29e2be6df65daf44d89ba564139745",
+        files={"axe.min.js": "29348999450cdf2849a8e70b7912fc2da85a849da39c0d0d5394f51d4a9ed95c"},
+    ),
 }
 NPM_TIMEOUT_S = 600
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class NodeTree:
+    """An npm package installed with its dependencies from a lockfile in the repository."""
+
+    name: str
+    lock_dir: Path  # holds package.json and package-lock.json
+    main: str  # the package the tests use: node_modules/<main>
+    integrity: str  # the main package's pinned sha512 (as in the lockfile)
+
+    @property
+    def folder(self) -> str:
+        """Named by the lockfile's hash: a new lockfile never reuses an old installation."""
+        return f"{self.name}-{sha256_of(self.lock_dir / 'package-lock.json')[:12]}"
+
+
+NODE_TREES: dict[str, NodeTree] = {
+    "oidc-provider": NodeTree(
+        name="oidc-provider",
+        lock_dir=REPO / "tools" / "npm" / "oidc-provider",
+        main="oidc-provider",
+        integrity=(
+            "sha512-qVChpayTwojUREJxLkFofUSK8kiSRIdzPrVSsoGibqRHl/YO60ege94OZS8vh7zaK+zxcG/Gu8UMaYB"
+            "5ulohCQ=="
+        ),
+    ),
+}
 
 
 class PackageError(RuntimeError):
@@ -178,6 +224,67 @@ def _tarball(pkg: Package, root: Path) -> Path:
     return tgz
 
 
+@functools.cache
+def ensure_tree(name: str) -> Path:
+    """The folder whose ``node_modules/`` holds the pinned tree ``name``, installed if missing
+    (parallel-safe like ``ensure``: installed in a private folder, renamed into place)."""
+    try:
+        tree = NODE_TREES[name]
+    except KeyError:
+        raise PackageError(f"unknown package tree {name!r}; pinned: {sorted(NODE_TREES)}") from None
+    lock = json.loads((tree.lock_dir / "package-lock.json").read_text(encoding="utf-8"))
+    pinned = lock.get("packages", {}).get(f"node_modules/{tree.main}", {}).get("integrity")
+    if pinned != tree.integrity:
+        raise PackageError(
+            f"{tree.lock_dir / 'package-lock.json'}: {tree.main}'s integrity is not the pinned "
+            f"{tree.integrity}"
+        )
+    root = cache_dir()
+    target = root / tree.folder
+    if (target / "node_modules" / tree.main / "package.json").is_file():
+        return target
+    npm = shutil.which("npm")
+    if npm is None:
+        raise PackageError(
+            f"npm is not on PATH; it is needed to install {tree.name}. "
+            "Install Node.js with npm (Debian: apt-get install npm)"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{tree.name}-"))
+    try:
+        staging.chmod(0o755)
+        for file in ("package.json", "package-lock.json"):
+            shutil.copyfile(tree.lock_dir / file, staging / file)
+        try:
+            result = subprocess.run(
+                [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
+                cwd=staging,
+                capture_output=True,
+                text=True,
+                timeout=NPM_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise PackageError(
+                f"npm ci for {tree.name} did not finish in {NPM_TIMEOUT_S} s: is the npm "
+                "registry reachable (`npm config get registry`, proxy settings)?"
+            ) from None
+        if result.returncode != 0:
+            raise PackageError(
+                f"npm ci for {tree.name} failed (exit {result.returncode}); npm said: "
+                f"{_npm_message(result.stderr or result.stdout)}"
+            )
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "node_modules" / tree.main / "package.json").is_file():
+                raise
+            # Another worker installed the identical tree first; keep theirs.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def _npm_message(output: str) -> str:
     """npm's first few error lines, without its stack trace."""
     lines = [line for line in output.splitlines() if line.strip() and " at " not in line]
@@ -209,6 +316,8 @@ def main(argv: list[str]) -> int:
     try:
         for name in PACKAGES:
             print(f"{name}: {ensure(name)}")
+        for name in NODE_TREES:
+            print(f"{name}: {ensure_tree(name)}")
     except PackageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

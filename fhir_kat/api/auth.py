@@ -45,6 +45,8 @@ PUBLIC = {
     "web.login",  # browser sign-in (fhir_kat/web/session.py) and the pages' static files
     "web.login_submit",
     "web.static",
+    "web.login_provider",  # signing in through an OpenID Provider: its start and callback
+    "web.callback",
 }
 #: Public endpoints that leave no audit record (discovery and health checks disclose nothing).
 UNAUDITED = {
@@ -55,6 +57,7 @@ UNAUDITED = {
     "static",
     "web.login",
     "web.static",
+    "web.login_provider",  # only sends the browser on; the callback is audited
 }
 REALM = 'Bearer realm="fhir_kat"'
 
@@ -288,7 +291,8 @@ def install(app: Flask) -> None:
             principal.role,
             principal.purpose,
         )
-        wait = state.rate_limiter.check(principal.client_id)
+        record.person, record.token_id = principal.person, principal.token_id
+        wait = state.rate_limiter.check(principal.actor)
         if wait:
             record.detail = "denied: rate limit"
             return outcome_response(

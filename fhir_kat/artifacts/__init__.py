@@ -8,6 +8,7 @@ code-shaped codes only).
 
 from fhir_kat.artifacts.schemas import (
     KINDS,
+    MAPPED_SCHEMAS,
     PHN_SYSTEMS,
     SCHEMAS,
     Validated,
@@ -21,6 +22,7 @@ from fhir_kat.artifacts.schemas import (
 
 __all__ = [
     "KINDS",
+    "MAPPED_SCHEMAS",
     "PHN_SYSTEMS",
     "SCHEMAS",
     "Validated",

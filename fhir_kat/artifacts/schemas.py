@@ -423,6 +423,128 @@ SCHEMAS: dict[str, type[Schema]] = {
 KINDS: tuple[str, ...] = tuple(SCHEMAS)
 
 
+# ---------------------------------------------------------------------------- HL7 v2 referrals
+# The "v2" kind: a REF^I12/I13 message as ``fhir_kat.v2.referral`` reads it, mapped by
+# ``mappings/v2/*.yaml``. Built by the MLLP receiver, never posted to /api/v1. It shares the
+# native referral's fields where v2 says the same thing (so both map to the same ids), and
+# carries coded data as sent (system + code): triage classifies it, or sends it to review.
+
+
+#: A FHIR dateTime as v2 gives one: a date, or a date and time with offset.
+FHIR_DATE_TIME = validate.Regexp(
+    r"^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}:\d{2}(\.\d+)?([+-]\d{2}:\d{2}|Z))?$"
+)
+
+
+#: A system URI as v2 universal ids give them: a URL, or an OID / UUID URN.
+SYSTEM_URI = validate.Regexp(r"^(https?://\S+|urn:oid:[0-2](\.\d+)+|urn:uuid:[0-9a-f-]{36})$")
+
+
+class V2IdentifierSchema(_Strict):
+    system = fields.String(required=True, validate=SYSTEM_URI)
+    value = fields.String(required=True, validate=ONE_LINE)
+
+
+class CodingSchema(_Strict):
+    #: absent for a coding system the receiver does not know (triage never classifies it)
+    system = fields.String(validate=SYSTEM_URI)
+    code = fields.String(required=True, validate=ONE_LINE)
+    display = fields.String(validate=FREE_TEXT)
+
+
+class CodedSchema(_Strict):
+    """A v2 CE/CWE: its codings in known systems, its text; ``key`` names it in ids."""
+
+    key = fields.String(required=True, validate=ONE_LINE)
+    codings = fields.List(fields.Nested(CodingSchema), load_default=list)
+    text = fields.String(validate=FREE_TEXT)
+
+
+class LooseIdentifierSchema(_Strict):
+    """A v2 CX/EI kept as sent: a system only when the message gives a universal id."""
+
+    system = fields.String(validate=SYSTEM_URI)
+    value = fields.String(required=True, validate=ONE_LINE)
+    type = fields.String(validate=validate.Length(min=1, max=20))
+    assigner = fields.String(validate=ONE_LINE)
+
+
+class V2PatientSchema(PatientSchema):
+    other_identifiers = fields.List(fields.Nested(LooseIdentifierSchema), load_default=list)
+
+
+class V2ReferrerSchema(ReferrerSchema):
+    #: CTD of the referring provider: contact for this referral at the clinic
+    role_contact = fields.Nested(ContactSchema)
+
+
+class V2ConditionSchema(CodedSchema):
+    recorded = fields.String(validate=FHIR_DATE_TIME)
+
+
+class V2AllergySchema(CodedSchema):
+    category = fields.String(validate=validate.OneOf(["food", "medication", "environment"]))
+
+
+class QuantitySchema(_Strict):
+    value = fields.Float(required=True, allow_nan=False)
+    unit = fields.String(validate=ONE_LINE)
+    system = fields.String(validate=SYSTEM_URI)
+    code = fields.String(validate=ONE_LINE)
+
+
+class V2ObservationSchema(CodedSchema):
+    # FHIR observation-status codes the receiver maps v2 table 0085 onto
+    status = fields.String(
+        required=True,
+        validate=validate.OneOf(["final", "corrected", "amended", "preliminary"]),
+    )
+    value_quantity = fields.Nested(QuantitySchema)
+    value_string = fields.String(validate=FREE_TEXT)
+    value_coded = fields.Nested(CodedSchema)
+    value_date_time = fields.AwareDateTime()
+    effective = fields.String(validate=FHIR_DATE_TIME)
+    notes = fields.List(fields.String(validate=FREE_TEXT), load_default=list)
+
+
+class EncounterClassSchema(_Strict):
+    code = fields.String(required=True, validate=ONE_LINE)
+    display = fields.String(validate=ONE_LINE)
+
+
+class V2EncounterSchema(_Strict):
+    patient_class = fields.Nested(EncounterClassSchema, required=True)
+    identifier = fields.Nested(LooseIdentifierSchema)
+    start = fields.String(validate=FHIR_DATE_TIME)
+
+
+class V2ReferralSchema(_Strict):
+    source_id = fields.String(required=True, validate=ONE_LINE)
+    event = fields.String(required=True, validate=validate.OneOf(["I12", "I13"]))
+    referral_identifier = fields.Nested(V2IdentifierSchema, required=True)
+    other_referral_identifiers = fields.List(
+        fields.Nested(LooseIdentifierSchema), load_default=list
+    )
+    authored_on = fields.AwareDateTime(required=True)
+    patient = fields.Nested(V2PatientSchema, required=True)
+    referrer = fields.Nested(V2ReferrerSchema, required=True)
+    reason = fields.String(validate=FREE_TEXT)
+    conditions = fields.List(fields.Nested(V2ConditionSchema), load_default=list)
+    allergies = fields.List(fields.Nested(V2AllergySchema), load_default=list)
+    prior_treatment_failure = fields.Boolean(allow_none=True, load_default=None)
+    flags = fields.List(fields.Nested(FlagSchema), load_default=list)
+    observations = fields.List(fields.Nested(V2ObservationSchema), load_default=list)
+    encounter = fields.Nested(V2EncounterSchema)
+    urgency = fields.String(
+        load_default="routine", validate=validate.OneOf(["routine", "urgent", "asap", "stat"])
+    )
+    notes = fields.List(fields.String(validate=FREE_TEXT), load_default=list)
+
+
+#: Every kind the mapping engine maps: the native five and those built by receivers.
+MAPPED_SCHEMAS: dict[str, type[Schema]] = {**SCHEMAS, "v2": V2ReferralSchema}
+
+
 # ---------------------------------------------------------------------------- validation
 
 
@@ -459,7 +581,7 @@ def validate_artifact(kind: str, payload: Any) -> Validated:
 def _schema(kind: str) -> Schema:
     """One instance per kind: loading keeps no state on the instance, and building one costs
     more than loading a typical artifact."""
-    return SCHEMAS[kind]()
+    return MAPPED_SCHEMAS[kind]()
 
 
 def load_artifact(kind: str, payload: Any) -> dict[str, Any]:

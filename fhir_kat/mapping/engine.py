@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from fhir_kat.artifacts import SCHEMAS, validate_artifact
+from fhir_kat.artifacts import MAPPED_SCHEMAS, validate_artifact
 from fhir_kat.clinical.protocol import ProgramProtocol, load_protocol
 from fhir_kat.errors import Issue, Unprocessable, issue
 from fhir_kat.instruments.definitions import load_catalogue
@@ -155,7 +155,7 @@ def targets(kind: str) -> tuple[Target, ...]:
 
 def mapping_versions() -> dict[str, str]:
     """``{"mappings/referrals/Patient.yaml": "1", ...}`` for every mapping file."""
-    return {t.file: t.version for kind in SCHEMAS for t in targets(kind)}
+    return {t.file: t.version for kind in MAPPED_SCHEMAS for t in targets(kind)}
 
 
 def deterministic_id(*parts: Any, namespace: uuid.UUID = NAMESPACE) -> str:
@@ -166,7 +166,7 @@ def deterministic_id(*parts: Any, namespace: uuid.UUID = NAMESPACE) -> str:
 def map_artifact(kind: str, payload: Mapping[str, Any], ctx: MappingContext) -> dict[str, Any]:
     """The FHIR transaction Bundle an artifact becomes (PUT entries with deterministic ids), or
     one ``Unprocessable`` listing every problem: schema, then clinical, then terminology."""
-    if kind not in SCHEMAS:
+    if kind not in MAPPED_SCHEMAS:
         raise Unprocessable(issue("not-supported", f"unknown artifact kind {kind}", "kind"))
     if ctx.now.tzinfo is None:
         raise ValueError("MappingContext.now must be timezone-aware (FHIR instants need one)")
@@ -573,7 +573,7 @@ def lint_mappings(root: Path | None = None) -> list[Issue]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         problems.append(issue("invalid", f"protocol: {exc}", "mappings/program/protocol.yaml"))
     problems += _lint_questionnaires(folder / "questionnaires", term)
-    for kind, schema in SCHEMAS.items():
+    for kind, schema in MAPPED_SCHEMAS.items():
         files = sorted((folder / kind).glob("*.yaml"))
         if not files:
             problems.append(issue("required", f"no mapping files for {kind}", f"mappings/{kind}"))

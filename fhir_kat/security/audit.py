@@ -1,6 +1,9 @@
 """AuditEvents for every access, following the IHE Basic Audit Log Patterns (BALP).
 
-Owns: building the AuditEvent of one request and writing it. Audit records hold who (client),
+Owns: building the AuditEvent of one request and writing it. Audit records hold who (the
+client; for a person signed in through an OpenID Provider, the person as the requestor — BALP's
+user agent, identified by the provider's issuer and ``sub``, with the name it gave — and the
+web pages as the application agent),
 what (resource references, the search query), which patient(s), when and the outcome; they live
 in the protected store (admins only) and are never changed or deleted through the API. They are
 the one place where a search query is kept (base64, as BALP asks); logs never hold one.
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from fhir_kat.security.tokens import Person
 from fhir_kat.store import Store, Tx
 from fhir_kat.store.store import format_instant
 
@@ -26,6 +30,11 @@ OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
 SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
 PURPOSE = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
 CLIENT_SYSTEM = "urn:fhir-kat:client-id"
+PARTICIPATION = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+#: BALP's user agent: the recipient of what is read or searched, the author of what is
+#: written (its DataSources value set).
+USER_READS = {"code": "IRCP", "display": "information recipient"}
+USER_WRITES = {"code": "AUT", "display": "author (originator)"}
 
 #: interaction -> BALP action code (C/R/U/D/E)
 ACTIONS = {
@@ -60,6 +69,9 @@ class AuditRecord:
     #: The client id a refused sign-in presented (never its secret): who was tried.
     presented_client_id: str | None = None
     security: bool = False  # authentication event (token endpoint, rejected token)
+    #: The person acting through the client (a web-page sign-in), and the access token's id.
+    person: Person | None = None
+    token_id: str | None = None
     #: The status already audited inside the request's own committed transaction (None:
     #: not yet). The response-time audit is skipped only when the response has this status.
     audited_status: int | None = None
@@ -99,6 +111,8 @@ def build_audit_event(record: AuditRecord, recorded: datetime) -> dict[str, Any]
         agent["network"] = {"address": record.address, "type": "2"}
     if record.purpose:
         agent["purposeOfUse"] = [{"coding": [{"system": PURPOSE, "code": record.purpose}]}]
+    person = record.person
+    agents = [agent] if person is None else [_user_agent(record, person), _app_agent(agent)]
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": str(uuid.uuid4()),
@@ -107,7 +121,7 @@ def build_audit_event(record: AuditRecord, recorded: datetime) -> dict[str, Any]
         "action": ACTIONS.get(record.interaction, "E"),
         "recorded": format_instant(recorded),
         "outcome": outcome_code(record.status),
-        "agent": [agent],
+        "agent": agents,
         "source": {
             "observer": {"display": "fhir_kat"},
             "type": [{"system": SOURCE_TYPE, "code": "4", "display": "Application Server"}],
@@ -143,6 +157,44 @@ def build_audit_event(record: AuditRecord, recorded: datetime) -> dict[str, Any]
     if entities:
         event["entity"] = entities
     return event
+
+
+def _user_agent(record: AuditRecord, person: Person) -> dict[str, Any]:
+    """BALP's user (OAUTHaccessTokenUse.Comprehensive ``oUser``): the person, identified as
+    its provider identifies it (``who.identifier``: system = the issuer, value = ``sub``),
+    the requestor, with its role and purpose of use in this service."""
+    kind = USER_WRITES if ACTIONS.get(record.interaction) in ("C", "U", "D") else USER_READS
+    agent: dict[str, Any] = {
+        "type": {"coding": [{"system": PARTICIPATION, **kind}]},
+        "who": {
+            "identifier": {"system": person.issuer, "value": person.subject},
+            "display": person.name,
+        },
+        "name": person.name,
+        "requestor": True,
+    }
+    if record.role:
+        agent["role"] = [{"text": record.role}]
+    if record.token_id:
+        agent["policy"] = [f"urn:ietf:params:oauth:jti:{record.token_id}"]
+    if record.purpose:
+        agent["purposeOfUse"] = [{"coding": [{"system": PURPOSE, "code": record.purpose}]}]
+    return agent
+
+
+def _app_agent(client_agent: dict[str, Any]) -> dict[str, Any]:
+    """BALP's ``oClient``: the application the person used (the web pages as registered at
+    the person's provider), with the network address; the person is the requestor."""
+    agent = {k: v for k, v in client_agent.items() if k != "purposeOfUse"}
+    agent["requestor"] = False
+    who = agent.get("who", {})
+    if "identifier" in who:
+        provider = who["identifier"]["value"].split(":", 1)[-1]
+        agent["who"] = {
+            "identifier": who["identifier"],
+            "display": f"fhir_kat web pages (sign-in through {provider})",
+        }
+    return agent
 
 
 def _printable(text: str, limit: int = 128) -> str:

@@ -57,6 +57,17 @@ class OAuthError(Exception):
 
 
 @dataclass(frozen=True)
+class Person:
+    """A person signed in through an OpenID Provider (``security/oidc.py``): who the provider
+    says it is (``issuer`` + ``subject``: the provider's own stable identifier) and the name it
+    gave. A person acts with exactly the grant its provider's role mapping gave at sign-in."""
+
+    issuer: str
+    subject: str
+    name: str
+
+
+@dataclass(frozen=True)
 class Principal:
     client_id: str
     role: str
@@ -64,6 +75,18 @@ class Principal:
     organization: str | None
     purpose: str
     token_id: str
+    #: The person acting through ``client_id`` (a web-page sign-in through an OpenID
+    #: Provider); None for a client acting for itself.
+    person: Person | None = None
+
+    @property
+    def actor(self) -> str:
+        """Whose requests these are, for what is kept per caller (rate limits, export jobs):
+        the client, or the person within the client (by a digest of the provider's id)."""
+        if self.person is None:
+            return self.client_id
+        digest = hashlib.sha256(f"{self.person.issuer}\n{self.person.subject}".encode())
+        return f"{self.client_id}#{digest.hexdigest()[:24]}"
 
 
 def load_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -113,6 +136,10 @@ class TokenService:
         self.clock = clock
         #: Asked on every use of a token (``verify``), whatever the cache holds.
         self.clients = clients
+        #: For a person's token (minted by a browser session): does its provider's role
+        #: mapping still give exactly this grant? Set by the app (``security/oidc.py``); until
+        #: then no person's token is accepted.
+        self.person_grant_configured: Callable[[Principal], bool] = lambda _principal: False
         self._verified: OrderedDict[bytes, tuple[Principal, int]] = OrderedDict()
         self._verified_lock = threading.Lock()
         self._unheld: dict[str, dict[str, Any]] = {}
@@ -121,19 +148,36 @@ class TokenService:
     # ------------------------------------------------------------------ access tokens
 
     def issue(self, client: Client, scopes: tuple[Scope, ...]) -> tuple[str, int]:
+        return self.issue_grant(
+            client.client_id, client.role, scopes, client.organization, client.purpose
+        )
+
+    def issue_grant(
+        self,
+        subject: str,
+        role: str,
+        scopes: tuple[Scope, ...],
+        organization: str | None,
+        purpose: str,
+        person: Person | None = None,
+    ) -> tuple[str, int]:
+        """An access token for ``subject`` (a client id) with exactly this grant; with
+        ``person``, for a person acting through it (minted only by the browser session)."""
         now = self.clock()
-        claims = {
+        claims: dict[str, Any] = {
             "iss": self.issuer,
             "aud": self.issuer,
-            "sub": client.client_id,
+            "sub": subject,
             "iat": int(now.timestamp()),
             "exp": int(now.timestamp()) + self.lifetime,
             "jti": str(uuid.uuid4()),
             "scope": " ".join(s.text for s in scopes),
-            "role": client.role,
-            "org": client.organization,
-            "pou": client.purpose,
+            "role": role,
+            "org": organization,
+            "pou": purpose,
         }
+        if person is not None:
+            claims["usr"] = {"iss": person.issuer, "sub": person.subject, "name": person.name}
         return jwt.encode(claims, self.key, algorithm=ACCESS_ALGORITHM), self.lifetime
 
     def verify(self, token: str) -> Principal:
@@ -165,6 +209,12 @@ class TokenService:
         return principal
 
     def _still_registered(self, principal: Principal) -> None:
+        if principal.person is not None:
+            # A person acts through the web pages' registration at its provider, not through
+            # a registered client: its grant must still be one the provider's mapping gives.
+            if not self.person_grant_configured(principal):
+                raise jwt.InvalidTokenError("the person's grant is no longer configured")
+            return
         client = self.clients.get(principal.client_id)
         if (
             client is None
@@ -187,6 +237,12 @@ class TokenService:
             # PyJWT checks exp against the real clock; our clock matters for tests only
         )
         scopes, _ = parse_scopes(str(claims.get("scope", "")).split())
+        user = claims.get("usr")
+        person = (
+            Person(str(user["iss"]), str(user["sub"]), str(user.get("name") or ""))
+            if isinstance(user, dict)
+            else None
+        )
         principal = Principal(
             client_id=claims["sub"],
             role=claims["role"],
@@ -194,6 +250,7 @@ class TokenService:
             organization=claims.get("org"),
             purpose=claims.get("pou", "TREAT"),
             token_id=claims["jti"],
+            person=person,
         )
         return principal, int(claims["exp"])
 

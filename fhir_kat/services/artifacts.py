@@ -70,11 +70,13 @@ class ArtifactService:
         submitter: str,
         access: Access | None = None,
         audit: Callable[[Tx, SubmitResult], None] | None = None,
+        deliver_as: str | None = None,
     ) -> SubmitResult:
         """Store the artifact as one transaction; with ``access``, as that caller (a referrer
         never overwrites what is not its organisation's: ``Access.may_change``). ``audit``
         runs inside that transaction with the result, so the audit record commits with the
-        data it describes."""
+        data it describes. ``deliver_as``: the kind partners receive it as (an HL7 v2
+        referral is a ``referrals`` delivery), ``kind`` by default."""
         payload = _require_object(payload)
         if access is not None and access.role == "referrer":
             _require_own_organisation(kind, payload, access)
@@ -114,7 +116,9 @@ class ArtifactService:
                     (r.stored.patient_id for _, r in results if r.stored.patient_id), None
                 )
                 # The outbox row commits with the artifact, or neither does (ADR 0004).
-                queue_artifact(tx, self.partners, kind, [e["resource"] for e in entries], patient)
+                queue_artifact(
+                    tx, self.partners, deliver_as or kind, [e["resource"] for e in entries], patient
+                )
             result = self._result(results, changed)
             if audit is not None:
                 audit(tx, result)
@@ -236,7 +240,7 @@ def _reads_patients(access: Access | None) -> bool:
 def _require_own_organisation(kind: str, payload: dict[str, Any], access: Access) -> None:
     """A referrer refers in its registered organisation's name, always (before anything is
     looked up, so a refusal says nothing about what is stored)."""
-    if kind != "referrals":
+    if kind not in ("referrals", "v2"):
         return
     referrer = payload.get("referrer")
     organisation = referrer.get("organization") if isinstance(referrer, dict) else None

@@ -121,7 +121,7 @@ class ExportService:
             tx.conn.execute(
                 insert(export_jobs).values(
                     id=job_id,
-                    client_id=access.principal.client_id,
+                    client_id=access.principal.actor,
                     status="accepted",
                     request_url=request_url,
                     params=json.dumps(params),
@@ -223,7 +223,7 @@ class ExportService:
             row = tx.conn.execute(select(export_jobs).where(export_jobs.c.id == job_id)).first()
         if row is None or row.status == "cancelled":
             raise NotFound(issue("not-found", "no such export job", "job"))
-        if row.client_id != access.principal.client_id:
+        if row.client_id != access.principal.actor:
             raise Forbidden(issue("forbidden", "this export belongs to another client", "job"))
         return row
 

@@ -407,6 +407,11 @@ def _record(tx: Tx, key: str, response: dict[str, Any], now: datetime) -> None:
     )
 
 
+#: The inbox's read and write, shared with the HL7 v2 receiver (``services/v2_referrals``).
+recorded_answer = _recorded
+record_answer = _record
+
+
 def _code_of(response: dict[str, Any]) -> str:
     code: str = response["entry"][0]["resource"]["response"]["code"]
     return code
@@ -417,5 +422,7 @@ __all__ = [
     "MessagingService",
     "message_inbox",
     "message_rules",
+    "record_answer",
+    "recorded_answer",
     "supported_events",
 ]

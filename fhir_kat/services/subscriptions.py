@@ -210,6 +210,12 @@ class SubscriptionService:
             raise Forbidden(
                 issue("forbidden", "Subscriptions are created by a client through /fhir")
             )
+        if caller.person is not None:
+            # A Subscription outlives the browser session that would create it, and its
+            # notifications go to a registered client's endpoint: people do not own them.
+            raise Forbidden(
+                issue("forbidden", "Subscriptions are created by a registered client, not a person")
+            )
         rtype, _ = parse_criteria(body["criteria"])  # type: ignore[misc]  # checked above
         access = Access(caller, self.consent, self.clock)
         if not (access.can(rtype, "s") and access.can(rtype, "r")):

@@ -9,6 +9,7 @@ this client see. Must not: read or write patient data itself, or log request val
 
 from __future__ import annotations
 
+import logging
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from flask import (
     Flask,
     current_app,
     g,
+    make_response,
     redirect,
     render_template,
     request,
@@ -29,11 +31,15 @@ from fhir_kat.api.auth import audit_record, current_access
 from fhir_kat.artifacts import json_schema
 from fhir_kat.errors import FhirError, Forbidden, NotFound, issue
 from fhir_kat.security.clients import check_secret
+from fhir_kat.security.oidc import OpenIdClient, SignInError
 from fhir_kat.security.policy import area_allowed
+from fhir_kat.security.sessions import SIGNIN_SECONDS
+from fhir_kat.security.tokens import Person
 from fhir_kat.terminology import BASE
 from fhir_kat.web import session as browser
 from fhir_kat.web.forms import referral_fields
 
+log = logging.getLogger("fhir_kat.web")
 HERE = Path(__file__).resolve().parent
 bp = Blueprint(
     "web",
@@ -45,7 +51,14 @@ bp = Blueprint(
 )
 
 #: Endpoints reachable without a session (auth.PUBLIC lists them for the bearer check too).
-PUBLIC_ENDPOINTS = frozenset({"web.login", "web.login_submit", "web.static"})
+PUBLIC_ENDPOINTS = frozenset(
+    {"web.login", "web.login_submit", "web.static", "web.login_provider", "web.callback"}
+)
+#: Sign-in routes that check their own origin, state or credentials before any session.
+SIGN_IN_ENDPOINTS = frozenset({"web.login_submit", "web.login_provider", "web.callback"})
+#: Paths a browser lands on first: it is sent to the pages (and so to sign-in) rather than
+#: given an API client's 401 OperationOutcome.
+LANDING_PATHS = frozenset({"/", "/app"})
 #: Questionnaires a page is offered for (ids of the installed instrument Questionnaires).
 QUESTIONNAIRES = ("phq-9", "gad-7", "pcl-5", "b-ipf")
 CSP = (
@@ -61,8 +74,10 @@ def _state() -> Any:
 @bp.before_app_request
 def _session_first() -> Response | None:
     """Runs before the bearer check (app.py registers this blueprint before ``auth.install``)."""
-    if request.endpoint in ("web.login_submit", "web.static"):
-        return None  # signing in checks its own origin; static files need no session
+    if request.endpoint == "web.static" or request.endpoint in SIGN_IN_ENDPOINTS:
+        return None  # signing in checks its own origin or state; static files need no session
+    if request.path in LANDING_PATHS and request.method == "GET" and _wants_html():
+        return redirect("/app/", 303)
     refused = browser.authenticate_from_cookie()
     if refused is not None:
         return refused
@@ -96,6 +111,7 @@ def _page_error(exc: FhirError) -> tuple[str, int]:
         messages=[i.diagnostics for i in exc.issues],
         role=access.principal.role if access else "",
         client_id=access.principal.client_id if access else "",
+        person_name=access.principal.person.name if access and access.principal.person else "",
         csrf=session.csrf if session else "",
     )
     return page, exc.status
@@ -105,6 +121,11 @@ def _require_area(area: str, what: str) -> None:
     role = current_access().principal.role
     if not area_allowed(role, area):
         raise Forbidden(issue("forbidden", f"your role ({role}) may not {what}"))
+
+
+def _wants_html() -> bool:
+    """A browser navigating (it names text/html), not an API client (``*/*`` or JSON)."""
+    return any(value == "text/html" for value, _ in request.accept_mimetypes)
 
 
 def _local_next(value: str | None) -> str:
@@ -120,13 +141,49 @@ def _local_next(value: str | None) -> str:
 def _page(template: str, **context: Any) -> str:
     access = current_access()
     session = browser.current_session()
+    person = access.principal.person
     return render_template(
         template,
         role=access.principal.role,
         client_id=access.principal.client_id,
+        person_name=person.name if person else "",
         csrf=session.csrf if session else "",
         **context,
     )
+
+
+def _providers() -> dict[str, OpenIdClient]:
+    providers: dict[str, OpenIdClient] = _state().identity_providers
+    return providers
+
+
+def client_sign_in_enabled() -> bool:
+    """The client-secret form is for local development: on by default only while no
+    identity provider is configured (``client_sign_in``, settings.py)."""
+    mode = _state().settings.client_sign_in
+    return mode == "on" or (mode == "auto" and not _providers())
+
+
+def _login_page(target: str, error: str = "") -> str:
+    return render_template(
+        "login.html",
+        next=target,
+        error=error,
+        providers=[c.provider for c in _providers().values()],
+        client_form=client_sign_in_enabled(),
+    )
+
+
+def _app_base() -> str:
+    """This service's public origin: the redirect URIs registered at the providers."""
+    base: str = current_app.config.get("KAT_PUBLIC_BASE_URL") or ""
+    if base:
+        return base.rsplit("/fhir", 1)[0]
+    return request.host_url.rstrip("/")
+
+
+def redirect_uri(provider_id: str) -> str:
+    return f"{_app_base()}/app/auth/{provider_id}/callback"
 
 
 # ---------------------------------------------------------------------------- sign-in
@@ -134,7 +191,7 @@ def _page(template: str, **context: Any) -> str:
 
 @bp.get("/login")
 def login() -> str:
-    return render_template("login.html", next=_local_next(request.args.get("next")), error="")
+    return _login_page(_local_next(request.args.get("next")))
 
 
 @bp.post("/login")
@@ -143,9 +200,12 @@ def login_submit() -> Response | tuple[str, int] | tuple[str, int, dict[str, str
     record.security = True
     record.interaction = "operation"
     target = _local_next(request.form.get("next"))
+    if not client_sign_in_enabled():
+        record.detail = "browser sign-in refused: client sign-in is off"
+        return _login_page(target, "Sign in through your organisation instead."), 403
     if not browser.same_origin():
         record.detail = "browser sign-in refused: cross-site"
-        return render_template("login.html", next=target, error="Sign-in refused."), 403
+        return _login_page(target, "Sign-in refused."), 403
     client_id = request.form.get("client_id", "")
     limiter = _state().auth_failures
     wait = limiter.wait(request.remote_addr, client_id)
@@ -153,25 +213,118 @@ def login_submit() -> Response | tuple[str, int] | tuple[str, int, dict[str, str
         record.detail = "browser sign-in refused: too many failed attempts"
         record.presented_client_id = client_id
         message = f"Too many failed sign-ins. Try again in {int(wait)} seconds."
-        page = render_template("login.html", next=target, error=message)
-        return page, 429, {"Retry-After": str(int(wait))}
+        return _login_page(target, message), 429, {"Retry-After": str(int(wait))}
     client = _state().clients.get(client_id)
     if not check_secret(client, request.form.get("client_secret", "")) or client is None:
         limiter.failed(request.remote_addr, client_id)
         record.detail = "browser sign-in refused: unknown client or wrong secret"
         record.presented_client_id = client_id
-        message = "Unknown client or wrong secret."
-        return render_template("login.html", next=target, error=message), 401
+        return _login_page(target, "Unknown client or wrong secret."), 401
     record.client_id, record.role = client.client_id, client.role
     record.detail = "browser sign-in"
     response = redirect(target, 303)
-    browser.set_cookie(response, browser.ticket_for(client))
+    browser.set_cookie(response, browser.start_client_session(client))
+    return response
+
+
+@bp.get("/login/<provider_id>")
+def login_provider(provider_id: str) -> Response | tuple[str, int]:
+    """Begin signing in through ``provider_id``: to its authorization endpoint with a fresh
+    state, nonce and PKCE challenge, remembered server-side and bound to this browser."""
+    oidc = _providers().get(provider_id)
+    if oidc is None:
+        raise NotFound(issue("not-found", "no such sign-in provider", "provider"))
+    target = _local_next(request.args.get("next"))
+    try:
+        authorization = oidc.begin(redirect_uri(provider_id))
+    except SignInError as exc:
+        # Nothing was disclosed and nobody is signed in: a log line for the operator.
+        log.warning("sign-in provider unusable", extra={"provider": provider_id, "why": exc.reason})
+        return _login_page(target, exc.message), exc.status
+    binding = browser.sessions().begin_signin(
+        _state().clock(),
+        state=authorization.state,
+        provider=provider_id,
+        nonce=authorization.nonce,
+        code_verifier=authorization.code_verifier,
+        next_path=target,
+    )
+    response = redirect(authorization.url, 303)
+    browser.set_signin_cookie(response, binding, SIGNIN_SECONDS)
+    return response
+
+
+@bp.get("/auth/<provider_id>/callback")
+def callback(provider_id: str) -> Response:
+    """The provider's answer: matched to the sign-in this browser began (once), the code
+    exchanged with the PKCE verifier, the ID token validated, the person's claims mapped to
+    a role; then a new session. Every outcome is audited; a refusal names no token or claim."""
+    record = audit_record()
+    record.security, record.interaction = True, "operation"
+    oidc = _providers().get(provider_id)
+    if oidc is None:
+        raise NotFound(issue("not-found", "no such sign-in provider", "provider"))
+    provider = oidc.provider
+    record.client_id = provider.principal_client_id
+    state = _state()
+    now = state.clock()
+    pending = browser.sessions().take_signin(
+        request.args.get("state", ""), request.cookies.get(browser.SIGNIN_COOKIE, ""), now
+    )
+    try:
+        if pending is None or pending.provider != provider_id:
+            raise SignInError(
+                "state unknown, used, expired or begun in another browser",
+                "This sign-in link is not valid any more. Please sign in again.",
+                400,
+            )
+        identity = oidc.finish(
+            request.args,
+            redirect_uri=redirect_uri(provider_id),
+            nonce=pending.nonce,
+            code_verifier=pending.code_verifier,
+            now=int(now.timestamp()),
+        )
+        record.person = Person(identity.issuer, identity.subject, identity.name)
+        grant = provider.grant_for(identity.role_values)
+    except SignInError as exc:
+        record.detail = f"browser sign-in refused: {exc.reason}"
+        target = pending.next_path if pending else "/app/"
+        response = make_response(_login_page(target, exc.message), exc.status)
+        browser.clear_signin_cookie(response)
+        return response
+    person = Person(identity.issuer, identity.subject, identity.name)
+    cookie, _ = browser.sessions().create(
+        now,
+        client_id=provider.principal_client_id,
+        role=grant.role,
+        scopes=tuple(s.text for s in grant.scopes),
+        organization=grant.organization,
+        purpose=grant.purpose,
+        person=person,
+        grant_source=tuple(v for v in identity.role_values if v in provider.roles),
+    )
+    record.role, record.purpose = grant.role, grant.purpose
+    record.detail = "browser sign-in"
+    # A page, not a redirect: after a cross-site redirect chain (the provider's) the browser
+    # would not send the new SameSite=Strict cookie; a same-site navigation from this page does.
+    page = render_template(
+        "signed_in.html", next=pending.next_path, person_name=person.name, role=grant.role
+    )
+    response = make_response(page, 200)
+    browser.set_cookie(response, cookie)
+    browser.clear_signin_cookie(response)
     return response
 
 
 @bp.post("/logout")
 def logout() -> Response:
     audit_record().detail = "browser sign-out"
+    session = browser.current_session()
+    if session is not None:
+        # Ended in the database: every process refuses the cookie from now on, copies too.
+        browser.sessions().end(session.key, _state().clock(), "sign-out")
+        g.kat_session_ended = True
     response = redirect("/app/login", 303)
     browser.clear_cookie(response)
     return response

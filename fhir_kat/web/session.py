@@ -1,63 +1,59 @@
-"""Browser sessions on top of the client registry (docs/security.md, "Browser sessions").
+"""Browser sessions for the web pages (docs/security.md, "Browser sessions").
 
-A person signs in with a registered client's id and secret (the same credentials a program system
-uses at ``/auth/token``); the server answers with an HttpOnly, SameSite=Strict cookie holding a
-*session ticket*: an ES256 JWT signed with the token-signing key whose audience
-(``<issuer>#browser-session``) no bearer check accepts. On every request that carries the cookie
-and no ``Authorization`` header, the ticket is checked and a fresh short-lived access token is
-minted for that client and put in front of the ordinary bearer check — so pages and the APIs they
-call get exactly the role, scopes, consent filtering, rate limit and audit of that client.
+A person signs in through their organisation's OpenID Provider (``security/oidc.py``; the
+routes are in ``pages.py``) — or, for local development, with a registered client's id and
+secret. Either way the server keeps a session row (``security/sessions.py``) and the browser an
+HttpOnly, SameSite=Strict cookie holding only a random session id. On every request that
+carries the cookie and no ``Authorization`` header, the row is looked up and a fresh
+short-lived access token is minted with exactly the session's grant (for a person: the role,
+organisation and scopes its provider's mapping gave at sign-in, and the person's name and
+provider identifier; for a client: its current registration) and put in front of the ordinary
+bearer check — so pages and the APIs they call get exactly the access rules, rate limit and
+audit of an API client of that grant, naming the person.
 
-Unsafe methods (anything but GET/HEAD/OPTIONS) authenticated by the cookie also need the ticket's
-CSRF token in ``X-CSRF-Token`` (or the ``csrf_token`` form field) and, when the browser sends
-one, an ``Origin`` of this host. Tickets expire after ``IDLE_SECONDS`` without use and
-``ABSOLUTE_SECONDS`` after sign-in; a removed client or a changed secret ends its sessions.
-Must not: log or echo credentials.
+Unsafe methods (anything but GET/HEAD/OPTIONS) authenticated by the cookie also need the
+session's CSRF token in ``X-CSRF-Token`` (or the ``csrf_token`` form field) and must not come
+from another site. A session ends at sign-out, after the idle timeout, at the absolute timeout,
+and when what granted it changes (the client removed or its secret rotated; the provider or its
+role mapping changed). Must not: log or echo credentials or session ids.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
-from dataclasses import dataclass
 from typing import Any
 
-import jwt
 from flask import current_app, g, request
 from werkzeug.wrappers import Response
 
 from fhir_kat.api.errors import outcome_response
 from fhir_kat.errors import Issue
 from fhir_kat.security.clients import Client
+from fhir_kat.security.oidc import CLIENT_PREFIX, SignInError
+from fhir_kat.security.scopes import parse_scopes
+from fhir_kat.security.sessions import TOUCH_AFTER_SECONDS, BrowserSession, SessionStore
 
 COOKIE = "kat_session"
+#: Binds an OpenID Connect sign-in under way to the browser that began it (SameSite=Lax: the
+#: provider's redirect back is a cross-site top-level navigation, which Strict would strip).
+SIGNIN_COOKIE = "kat_signin"
+SIGNIN_COOKIE_PATH = "/app/auth/"
 CSRF_HEADER = "X-CSRF-Token"
+#: Defaults of ``session_idle_seconds`` / ``session_absolute_seconds`` (settings.py).
 IDLE_SECONDS = 30 * 60
 ABSOLUTE_SECONDS = 8 * 60 * 60
-RENEW_AFTER_SECONDS = 5 * 60
-ALGORITHM = "ES256"
+RENEW_AFTER_SECONDS = TOUCH_AFTER_SECONDS
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-@dataclass(frozen=True)
-class BrowserSession:
-    client_id: str
-    csrf: str
-    issued_at: int
-    auth_time: int
 
 
 def _state() -> Any:
     return current_app.extensions["fhir_kat"]
 
 
-def _audience() -> str:
-    return f"{_state().tokens.issuer}#browser-session"
-
-
-def _now() -> int:
-    return int(_state().clock().timestamp())
+def sessions() -> SessionStore:
+    store: SessionStore = _state().sessions
+    return store
 
 
 def credential_fingerprint(client: Client) -> str:
@@ -66,53 +62,18 @@ def credential_fingerprint(client: Client) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
-def ticket_for(client: Client, *, csrf: str | None = None, auth_time: int | None = None) -> str:
-    now = _now()
-    auth_time = auth_time or now
-    claims = {
-        "iss": _state().tokens.issuer,
-        "aud": _audience(),
-        "sub": client.client_id,
-        "iat": now,
-        "exp": min(now + IDLE_SECONDS, auth_time + ABSOLUTE_SECONDS),
-        "auth_time": auth_time,
-        "csrf": csrf or secrets.token_urlsafe(32),
-        "cfp": credential_fingerprint(client),
-    }
-    return jwt.encode(claims, _state().tokens.key, algorithm=ALGORITHM)
-
-
-def read_ticket(ticket: str) -> tuple[BrowserSession, Client] | None:
-    """The session and its client, or None for anything expired, forged or revoked."""
-    state = _state()
-    try:
-        claims = jwt.decode(
-            ticket,
-            state.tokens.public_key,
-            algorithms=[ALGORITHM],
-            audience=_audience(),
-            issuer=state.tokens.issuer,
-            # Times are checked below against the service's clock, like everything else.
-            options={
-                "require": ["exp", "iat", "sub", "auth_time", "csrf", "cfp"],
-                "verify_exp": False,
-                "verify_iat": False,
-            },
-        )
-    except jwt.PyJWTError:
-        return None
-    now = _now()
-    if int(claims["exp"]) <= now or int(claims["auth_time"]) + ABSOLUTE_SECONDS < now:
-        return None
-    client: Client | None = state.clients.get(str(claims["sub"]))
-    if client is None or not hmac.compare_digest(
-        str(claims["cfp"]), credential_fingerprint(client)
-    ):
-        return None
-    session = BrowserSession(
-        client.client_id, str(claims["csrf"]), int(claims["iat"]), int(claims["auth_time"])
+def start_client_session(client: Client) -> str:
+    """A session for a registered client (the local-development sign-in); the cookie value."""
+    cookie, _ = sessions().create(
+        _state().clock(),
+        client_id=client.client_id,
+        role=client.role,
+        scopes=tuple(s.text for s in client.scopes),
+        organization=client.organization,
+        purpose=client.purpose,
+        credential=credential_fingerprint(client),
     )
-    return session, client
+    return cookie
 
 
 def _secure() -> bool:
@@ -121,11 +82,11 @@ def _secure() -> bool:
     return request.is_secure or base.startswith("https://")
 
 
-def set_cookie(response: Response, ticket: str) -> None:
+def set_cookie(response: Response, value: str) -> None:
     response.set_cookie(
         COOKIE,
-        ticket,
-        max_age=IDLE_SECONDS,
+        value,
+        max_age=_state().settings.session_idle_seconds,
         path="/",
         secure=_secure(),
         httponly=True,
@@ -135,6 +96,24 @@ def set_cookie(response: Response, ticket: str) -> None:
 
 def clear_cookie(response: Response) -> None:
     response.delete_cookie(COOKIE, path="/", secure=_secure(), httponly=True, samesite="Strict")
+
+
+def set_signin_cookie(response: Response, value: str, max_age: int) -> None:
+    response.set_cookie(
+        SIGNIN_COOKIE,
+        value,
+        max_age=max_age,
+        path=SIGNIN_COOKIE_PATH,
+        secure=_secure(),
+        httponly=True,
+        samesite="Lax",
+    )
+
+
+def clear_signin_cookie(response: Response) -> None:
+    response.delete_cookie(
+        SIGNIN_COOKIE, path=SIGNIN_COOKIE_PATH, secure=_secure(), httponly=True, samesite="Lax"
+    )
 
 
 def same_origin() -> bool:
@@ -155,16 +134,58 @@ def current_session() -> BrowserSession | None:
     return session
 
 
+def _access_token(session: BrowserSession) -> str | None:
+    """An access token with exactly the session's grant; None when what granted it is gone."""
+    state = _state()
+    if session.person is None:
+        client: Client | None = state.clients.get(session.client_id)
+        if client is None or not hmac.compare_digest(
+            session.credential or "", credential_fingerprint(client)
+        ):
+            return None
+        token: str = state.tokens.issue(client, client.scopes)[0]
+        return token
+    oidc = state.identity_providers.get(session.client_id.removeprefix(CLIENT_PREFIX))
+    if oidc is None:
+        return None  # the provider is no longer configured
+    try:
+        grant = oidc.provider.grant_for(session.grant_source)
+    except SignInError:
+        return None
+    if (grant.role, grant.organization, grant.scope_text, grant.purpose) != (
+        session.role,
+        session.organization,
+        " ".join(session.scopes),
+        session.purpose,
+    ):
+        return None  # the mapping changed since sign-in: sign in again to get the new one
+    scopes, _ = parse_scopes(list(session.scopes))
+    token = state.tokens.issue_grant(
+        session.client_id,
+        session.role,
+        tuple(scopes),
+        session.organization,
+        session.purpose,
+        person=session.person,
+    )[0]
+    return token
+
+
 def authenticate_from_cookie() -> Response | None:
-    """Before the bearer check: turn a valid session cookie into a bearer token for this
+    """Before the bearer check: turn a live session cookie into a bearer token for this
     request. Returns a response only to refuse a cross-site or CSRF-less unsafe request."""
     if request.headers.get("Authorization") or COOKIE not in request.cookies:
         return None
-    found = read_ticket(request.cookies[COOKIE])
-    if found is None:
+    now = _state().clock()
+    session = sessions().find(request.cookies[COOKIE], now)
+    if session is None:
         g.kat_clear_session = True
         return None
-    session, client = found
+    token = _access_token(session)
+    if token is None:
+        sessions().end(session.key, now, "grant changed")
+        g.kat_clear_session = True
+        return None
     if request.method not in SAFE_METHODS:
         sent = request.headers.get(CSRF_HEADER, "")
         if not sent and request.mimetype == "application/x-www-form-urlencoded":
@@ -173,20 +194,23 @@ def authenticate_from_cookie() -> Response | None:
             return outcome_response(
                 403, [Issue("forbidden", "cross-site request refused: reload the page")]
             )
-    token, _ = _state().tokens.issue(client, client.scopes)
     # The bearer check below reads the header from the WSGI environ, as for any client.
     request.environ["HTTP_AUTHORIZATION"] = f"Bearer {token}"
     g.kat_browser_session = session
+    g.kat_session_now = now  # the use is recorded at the moment it was checked
     return None
 
 
 def renew_cookie(response: Response) -> Response:
-    """Slide the idle expiry (never past the absolute one); drop a dead cookie."""
+    """Record the use (sliding the idle expiry, never past the absolute one); drop a dead
+    cookie."""
     session = current_session()
     if g.get("kat_clear_session"):
         clear_cookie(response)
-    elif session is not None and _now() - session.issued_at >= RENEW_AFTER_SECONDS:
-        client = _state().clients.get(session.client_id)
-        if client is not None:
-            set_cookie(response, ticket_for(client, csrf=session.csrf, auth_time=session.auth_time))
+    elif (
+        session is not None
+        and not g.get("kat_session_ended")
+        and sessions().touch(session, g.kat_session_now)
+    ):
+        set_cookie(response, request.cookies[COOKIE])
     return response
