@@ -31,13 +31,32 @@ BATCH = 50_000
 
 
 def observations(participants: int, seed: int = 1) -> Iterator[dict[str, Any]]:
-    """Per participant: the Patient, then a baseline and a 90-day total score per instrument
-    (9 resources per participant with the four shipped instruments)."""
+    """Per participant: the Patient, the referral Task whose executionPeriod is the program
+    (from the day after the baseline to day 85, completed), then a baseline and a 90-day total
+    score per instrument derived from a response (10 resources per participant with the four
+    shipped instruments)."""
     rng = random.Random(seed)
     instruments = list(load_catalogue().instruments.values())
+    program = {
+        "start": (T0 + timedelta(days=1)).date().isoformat(),
+        "end": (T0 + timedelta(days=85)).date().isoformat(),
+    }
     for i in range(participants):
         pid = f"p{i}"
         yield {"resourceType": "Patient", "id": pid}
+        yield {
+            "resourceType": "Task",
+            "id": f"referral-{pid}",
+            "status": "completed",
+            "intent": "order",
+            "code": {
+                "coding": [
+                    {"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}
+                ]
+            },
+            "for": {"reference": f"Patient/{pid}"},
+            "executionPeriod": program,
+        }
         for inst in instruments:
             for j, days in enumerate((0, 90)):
                 when = T0 + timedelta(days=days, minutes=rng.randrange(600))
@@ -49,6 +68,7 @@ def observations(participants: int, seed: int = 1) -> Iterator[dict[str, Any]]:
                     "subject": {"reference": f"Patient/{pid}"},
                     "effectiveDateTime": when.isoformat(),
                     "valueQuantity": {"value": round(rng.uniform(inst.min, inst.max), 1)},
+                    "derivedFrom": [{"reference": f"QuestionnaireResponse/{pid}-{inst.key}-{j}"}],
                 }
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import Boolean, DateTime, Float, Integer, String, bindparam, tex
 
 from bench.data import load, observations
 from fhir_kat.instruments.definitions import load_catalogue
-from fhir_kat.instruments.outcomes import Fold, ScorePoint
+from fhir_kat.instruments.outcomes import Fold, ScorePoint, Timeline
 from fhir_kat.search import EFFECTIVE_DATETIME, VALUE_INTEGER, parse_date_range
 from fhir_kat.services.outcomes import FINAL, OutcomeService
 from fhir_kat.store import Store, Tx
@@ -37,14 +37,15 @@ class JsonPathOutcomes(OutcomeService):
     """``_folds`` reading each total score's stored JSON (main at 880df51)."""
 
     def _folds(
-        self, tx: Tx, low: datetime, high: datetime, members: set[str] | None
+        self, tx: Tx, low: datetime, high: datetime, timelines: dict[str, Timeline]
     ) -> dict[str, Fold]:
         folds = {}
+        members = set(timelines)
         for inst in self.catalogue.instruments.values():
-            fold = folds[inst.key] = Fold()
+            fold = folds[inst.key] = Fold(timelines, self.catalogue.measure)
             rows = tx.by_token("Observation", "code", inst.total["system"], inst.total["code"])
             for _, content, patient in rows:
-                if members is not None and patient not in members:
+                if patient not in members:
                     continue
                 obs = json.loads(content)
                 if obs.get("status") not in FINAL:
@@ -87,18 +88,19 @@ ORDER BY r.seq, c.system, c.code, v.param DESC
 
 
 class IndexJoinOutcomes(OutcomeService):
-    """``_folds`` through the five-way index join (main at ddd8b3a; no cohort filter: the
-    benchmark evaluates everyone)."""
+    """``_folds`` through the five-way index join (main at ddd8b3a; the participants counted
+    are filtered while reading). Neither historical path checks ``derivedFrom``: every score
+    the benchmark loads is derived from a response, so all three read the same scores."""
 
     def _folds(
-        self, tx: Tx, low: datetime, high: datetime, members: set[str] | None
+        self, tx: Tx, low: datetime, high: datetime, timelines: dict[str, Timeline]
     ) -> dict[str, Fold]:
-        assert members is None
         folds: dict[tuple[str, str], Fold] = {}
         by_key = {}
+        members = set(timelines)
         for inst in self.catalogue.instruments.values():
             key = (inst.total["system"], inst.total["code"])
-            by_key[inst.key] = folds[key] = Fold()
+            by_key[inst.key] = folds[key] = Fold(timelines, self.catalogue.measure)
         stmt = (
             _JOIN.bindparams(
                 codes=sorted({code for _, code in folds}),
@@ -119,6 +121,8 @@ class IndexJoinOutcomes(OutcomeService):
             if fold is None or (seq, system, code) == previous:
                 continue
             previous = (seq, system, code)
+            if patient not in members:
+                continue
             fold.add(ScorePoint(patient, start, float(number)))
         return by_key
 

@@ -24,6 +24,7 @@ from fhir_kat.clinical.safety import SafetyRulesError, load_safety_rules
 from fhir_kat.exchange import PartnerConfig, load_partners
 from fhir_kat.exchange.netguard import policy_from_settings
 from fhir_kat.exchange.plan import log_partner_plan
+from fhir_kat.exchange.terminology import TerminologyServer
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.logging import configure_logging
 from fhir_kat.mapping.functions import all_questionnaires
@@ -47,12 +48,17 @@ from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.services.instruments import InstrumentService
 from fhir_kat.services.messaging import MessagingService
 from fhir_kat.services.outcomes import OutcomeService
-from fhir_kat.services.referrals import ReferralWorkflow, task_transition_rule
+from fhir_kat.services.referrals import (
+    ReferralWorkflow,
+    referrer_request_rule,
+    task_transition_rule,
+)
 from fhir_kat.services.safety import SafetyService
 from fhir_kat.services.subscriptions import SubscriptionService
 from fhir_kat.services.v2_referrals import V2ReferralService, load_senders
 from fhir_kat.settings import Settings, SettingsError, load_settings
 from fhir_kat.store import Store
+from fhir_kat.workflow.triage import triage_settings
 
 log = logging.getLogger("fhir_kat.http")
 #: A client-sent ``X-Request-Id`` worth keeping; anything else is replaced by a new UUID.
@@ -101,7 +107,11 @@ def create_app(
         for pid, provider in load_providers(settings.extra.get("oidc", {}), os.environ).items()
     }
     program = settings.extra.get("program", {})
-    catalogue = load_catalogue(program.get("instruments", {}))
+    catalogue = load_catalogue(program.get("instruments", {}), outcomes=program.get("outcomes"))
+    try:
+        triage_config = triage_settings(program.get("triage", {}))
+    except ValueError as exc:
+        raise SettingsError(f"invalid settings:\n  {exc}") from None
     protocol = load_protocol(Path(settings.program_protocol) if settings.program_protocol else None)
     try:
         safety_rules = load_safety_rules(
@@ -137,9 +147,24 @@ def create_app(
     app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
     outcomes = OutcomeService(store, catalogue, now, settings.min_cell_size)
     outcomes.install_measure()
-    fhir.write_hooks.append(ReferralWorkflow(fhir).on_write)
+    workflow = ReferralWorkflow(
+        fhir,
+        clock=now,
+        minimum_age=triage_config.minimum_age,
+        oracle=(
+            TerminologyServer(triage_config.terminology_server)
+            if triage_config.terminology_server
+            else None
+        ),
+    )
+    fhir.write_rules.append(workflow.acceptance_rule)
+    fhir.write_rules.append(referrer_request_rule)
+    fhir.write_hooks.append(workflow.on_write)
     consent = ConsentDecisionPoint()
-    feedback = ReferrerFeedback(fhir, partners, consent, catalogue, now)
+    feedback = ReferrerFeedback(
+        fhir, partners, consent, catalogue, now, timelines=outcomes.timelines
+    )
+    fhir.write_rules.append(feedback.check_rule)
     fhir.write_hooks.append(feedback.on_write)
     # Safety signals (docs/safety.md): every path that stores a fact passes FhirService._put,
     # so the rules and the Flag (with its delivery to the care team) are the same for all.

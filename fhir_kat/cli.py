@@ -516,7 +516,8 @@ def _outcomes(args: argparse.Namespace) -> int:
     settings = load_settings()
     store = Store(settings.effective_database_url)
     program = settings.extra.get("program", {})
-    service = OutcomeService(store, load_catalogue(program.get("instruments", {})), _now)
+    catalogue = load_catalogue(program.get("instruments", {}), outcomes=program.get("outcomes"))
+    service = OutcomeService(store, catalogue, _now)
     try:
         store.create_schema()  # the measure reads the search index: bring it up to date first
         results = service.results(
@@ -750,6 +751,7 @@ def _run_demo(
     artifacts = list(program.artifacts())
     progress = Progress(len(artifacts), "sending artifacts")
     patient_ids: dict[str, str] = {}  # PHN -> Patient id, from each referral's response
+    task_ids: dict[str, str] = {}  # PHN -> referral Task id
     for artifact in artifacts:
         url = f"{base}/api/v1/{artifact.kind}"
         response = session.post(url, json=artifact.payload, timeout=60)
@@ -764,15 +766,43 @@ def _run_demo(
         if artifact.kind == "referrals":
             for entry in response.json().get("entry", []):
                 location = entry.get("response", {}).get("location", "")
+                phn = artifact.payload["patient"]["phn"]
                 if location.startswith("Patient/"):
-                    patient_ids[artifact.payload["patient"]["phn"]] = location.split("/")[1]
+                    patient_ids[phn] = location.split("/")[1]
+                elif location.startswith("Task/"):
+                    task_ids[phn] = location.split("/")[1]
         progress.advance(note=artifact.kind)
     progress.finish()
 
-    cohorts: dict[int, list[str]] = {}
+    # The program as it ran: staff end each started referral (on the day it ended), and each
+    # cohort Group records its members' program periods — the outcome measure's timeline.
+    for p in program.participants:
+        if p.ended is None or p.phn not in task_ids:
+            continue
+        r = session.post(
+            f"{base}/api/v1/referrals/{task_ids[p.phn]}/$end",
+            json={
+                "outcome": p.ended,
+                "date": p.program_end.isoformat(),
+                **({"reason": "Synthetic: left the program"} if p.ended != "completed" else {}),
+            },
+            timeout=60,
+        )
+        if r.status_code != 200:
+            print(f"ending referral {p.number}: HTTP {r.status_code}", file=sys.stderr)
+            print(r.text[:2000], file=sys.stderr)
+            return 1
+    cohorts: dict[int, list[dict[str, Any]]] = {}
     for p in program.participants:
         if p.phn in patient_ids:
-            cohorts.setdefault(p.cohort, []).append(patient_ids[p.phn])
+            member: dict[str, Any] = {"entity": {"reference": f"Patient/{patient_ids[p.phn]}"}}
+            if p.program_start is not None:
+                member["period"] = {"start": p.program_start.isoformat()}
+                if p.program_end is not None:
+                    member["period"]["end"] = p.program_end.isoformat()
+                if p.ended == "cancelled":
+                    member["inactive"] = True
+            cohorts.setdefault(p.cohort, []).append(member)
     for number, members in sorted(cohorts.items()):
         group = {
             "resourceType": "Group",
@@ -781,7 +811,7 @@ def _run_demo(
             "actual": True,
             "name": f"Synthetic cohort {number}",
             "quantity": len(members),
-            "member": [{"entity": {"reference": f"Patient/{pid}"}} for pid in members],
+            "member": members,
         }
         r = session.put(
             f"{base}/fhir/Group/demo-cohort-{number}",
@@ -837,6 +867,7 @@ def _run_demo(
 _SUMMARY = (
     ("Patient", None),
     ("Task", "requested"),
+    ("Task", "received"),
     ("Task", "accepted"),
     ("Task", "on-hold"),
     ("Task", "rejected"),

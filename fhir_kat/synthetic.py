@@ -8,12 +8,16 @@ always gives the same artifacts (one ``random.Random(seed)``, no clock, no globa
 
 Realism, by design and only as far as a demo needs: baseline scores mostly above the screen
 cut-offs, most participants improving after the program and a few worsening; some referrals
-excluded at triage (a coded contraindication) or declined at intake; some drop-outs; missing
-post responses and skipped items; common adverse events (dissociation, nausea, occasional
-vomiting or a blood-pressure rise). Names are invented; PHNs come from the ``9999…`` range the
-project's examples use, with a valid Mod 11 check digit so they pass validation. No PHN range is
-officially reserved for testing (none was found), so these are kept to one narrow range and must
-never be sent to a production system.
+excluded at triage (a coded contraindication) or declined at intake; some drop-outs (who often
+improved mid-program, and sometimes answer once more after leaving); mid-program responses and
+late follow-ups (neither of which is a baseline or post score); missing post responses and
+skipped items; common adverse events (dissociation, nausea, occasional vomiting or a
+blood-pressure rise). Each participant who starts has a program period (``program_start``,
+``program_end``, ``ended``: completed or cancelled): not an artifact, so the demo records it as
+the cohort Group's member period and ends the referral with ``$end``. Names are invented; PHNs
+come from the ``9999…`` range the project's examples use, with a valid Mod 11 check digit so
+they pass validation. No PHN range is officially reserved for testing (none was found), so
+these are kept to one narrow range and must never be sent to a production system.
 
 Must not: invent clinical codes (every code comes from the ValueSets, the shipped
 Questionnaires and the protocol), store, call HTTP or read the clock.
@@ -139,6 +143,9 @@ P_SKIPPED_ITEM = 0.04  # one PHQ-9/GAD-7 item left blank: stored, no total (no p
 P_WORSE = 0.08
 P_SUICIDAL_ITEM = 0.12  # PHQ-9 item 9 above 0 at baseline
 P_BIPF_NA = 0.25  # per response: one domain "not applicable" (e.g. no partner)
+P_MID = 0.5  # a mid-program response (week 6) per instrument
+P_FOLLOW_UP = 0.3  # a follow-up 3-6 months after the end, per completer
+P_DROPOUT_EXIT = 0.4  # a drop-out answers once more within two weeks of leaving
 P_AE = {"dissociation": 0.35, "nausea": 0.15, "vomiting": 0.04, "hypertension": 0.04}
 
 
@@ -156,6 +163,10 @@ class Participant:
     phn: str
     outcome: str  # completed | dropped-out | excluded | declined
     artifacts: list[Artifact] = field(default_factory=list)
+    #: The program as it ran (None for referrals that never started).
+    program_start: date | None = None
+    program_end: date | None = None
+    ended: str | None = None  # completed | cancelled (the referral's end, POST …/$end)
 
 
 @dataclass
@@ -342,25 +353,52 @@ def _participant(
     for inst in INSTRUMENTS:
         add(_response(rng, tag, "03-baseline", phn, inst, baseline_day, severity[inst], suicidal))
 
+    weeks = proto.weeks or 12
+    person.program_start = cohort_start
     weight = round(rng.uniform(52.0, 110.0), 1)
     last_session = len(proto.sessions) if outcome == "completed" else rng.randint(1, 2)
+    last_day = cohort_start
     for number_, rule in sorted(proto.sessions.items()):
         if number_ > last_session:
             break
         week = rule.typical_week or (3 + number_)
         session_day = cohort_start + timedelta(weeks=week - 1, days=rng.randint(0, 2))
+        last_day = session_day
         add(_session(rng, proto, tag, phn, number_, rule.routes[0], session_day, weight))
+    # Mid-program (week 6): often already better — never a post score.
+    mid_day = cohort_start + timedelta(weeks=5, days=rng.randint(0, 4))
+    if outcome == "completed" or mid_day < last_day + timedelta(days=7):
+        for inst in ("phq9", "gad7"):
+            if rng.random() < P_MID:
+                score = (severity[inst] + _post(rng, inst, severity[inst], False)) / 2
+                add(_response(rng, tag, "04-mid", phn, inst, mid_day, score, False))
     if outcome != "completed":
+        person.program_end = last_day + timedelta(days=rng.randint(7, 10))
+        person.ended = "cancelled"
+        if rng.random() < P_DROPOUT_EXIT:
+            exit_day = person.program_end + timedelta(days=rng.randint(1, 10))
+            for inst in ("phq9", "gad7"):
+                score = _post(rng, inst, severity[inst], rng.random() < 0.3)
+                add(_response(rng, tag, "05-exit", phn, inst, exit_day, score, False))
         return person
 
-    weeks = proto.weeks or 12
-    post_day = cohort_start + timedelta(weeks=weeks, days=rng.randint(7, 14))
+    person.program_end = cohort_start + timedelta(weeks=weeks)
+    person.ended = "completed"
+    post_day = person.program_end + timedelta(days=rng.randint(7, 14))
     worse = rng.random() < P_WORSE
+    post_scores = {}
     for inst in INSTRUMENTS:
         if rng.random() < P_MISSING_POST:
             continue  # the participant did not return this questionnaire
-        score = _post(rng, inst, severity[inst], worse)
+        post_scores[inst] = _post(rng, inst, severity[inst], worse)
+        score = post_scores[inst]
         add(_response(rng, tag, "05-post", phn, inst, post_day, score, suicidal and worse))
+    if rng.random() < P_FOLLOW_UP:
+        follow_day = person.program_end + timedelta(days=rng.randint(90, 180))
+        for inst, post in sorted(post_scores.items()):
+            # Some keep their gains, some drift back: never the post score either way.
+            score = _post(rng, inst, severity[inst], False) if rng.random() < 0.6 else post
+            add(_response(rng, tag, "06-follow-up", phn, inst, follow_day, score, False))
     return person
 
 

@@ -57,8 +57,21 @@ def test_outcomes_table_and_chart(
                     "subject": {"reference": f"Patient/{pid}"},
                     "effectiveDateTime": when,
                     "valueQuantity": {"value": score},
+                    "derivedFrom": [{"reference": f"QuestionnaireResponse/{pid}-{when}"}],
                 },
             )
+    program = {"start": "2026-01-12", "end": "2026-03-30"}  # 12 weeks
+    service.update(
+        "Group",
+        "cohort",
+        {
+            "resourceType": "Group",
+            "id": "cohort",
+            "type": "person",
+            "actual": True,
+            "member": [{"entity": {"reference": f"Patient/{p}"}, "period": program} for p in "abc"],
+        },
+    )
     app.extensions["fhir_kat"].store.dispose()
     monkeypatch.setenv("FHIR_KAT_DATABASE_URL", url)
     chart = tmp_path / "chart.svg"

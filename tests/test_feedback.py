@@ -88,21 +88,85 @@ def complete(c: FlaskClient, t: dict[str, Any]) -> dict[str, Any]:
     return task(c)
 
 
+def draft(c: FlaskClient) -> dict[str, Any]:
+    """The feedback document of the (only) referral."""
+    bundle = c.get("/fhir/Composition").get_json()
+    assert bundle["total"] == 1, bundle
+    found: dict[str, Any] = bundle["entry"][0]["resource"]
+    return found
+
+
+CLINICIAN = {
+    "resourceType": "Practitioner",
+    "id": "dr-program",
+    "name": [{"family": "Doctorperson"}],
+}
+
+
+def attest(c: FlaskClient, plan: str = "Continue the alumni community of practice.") -> Any:
+    """A program clinician writes the plan and attests the document: final."""
+    c.put(
+        "/fhir/Practitioner/dr-program",
+        data=json.dumps(CLINICIAN),
+        content_type="application/fhir+json",
+    )
+    doc = draft(c)
+    doc.pop("meta", None)
+    for section in doc["section"]:
+        if section["code"]["coding"][0]["code"] == "18776-5":
+            section.pop("emptyReason")
+            section["text"] = {
+                "status": "additional",
+                "div": f'<div xmlns="http://www.w3.org/1999/xhtml"><p>{plan}</p></div>',
+            }
+    doc["status"] = "final"
+    doc["attester"] = [
+        {
+            "mode": "professional",
+            "time": "2026-05-01T10:00:00Z",
+            "party": {"reference": "Practitioner/dr-program"},
+        }
+    ]
+    return c.put(
+        f"/fhir/Composition/{doc['id']}", data=json.dumps(doc), content_type="application/fhir+json"
+    )
+
+
 def test_completion_with_consent_writes_a_valid_feedback_document(app: Flask) -> None:
     staff = client_as(app, "staff")
     t = participating(staff)
     share_with_referrer(staff)
-    qr = example("questionnaire-responses")
+    qr = example("questionnaire-responses") | {"authored": "2026-01-20T10:00:00-08:00"}
     post(staff, "questionnaire-responses", qr)
+    r = end(staff, t["id"], {"outcome": "completed", "date": "2026-04-14"})
+    assert r.status_code == 200, r.get_json()
+    assert "output" not in task(staff)  # a draft is neither linked nor sent
+    assert draft(staff)["status"] == "preliminary"
     later = qr | {"source_id": "QR-POST", "authored": "2026-04-20T10:00:00-07:00"}
     later["answers"] = [
         a | {"answer": "LA6568-5"} if a["item"] != "phq9-difficulty" else a for a in qr["answers"]
     ]
-    post(staff, "questionnaire-responses", later)
-    done = complete(staff, t)
+    post(staff, "questionnaire-responses", later)  # the draft follows the new score
+    # Final only attested, with the plan written.
+    unattested = draft(staff) | {"status": "final"}
+    unattested.pop("meta")
+    r = staff.put(
+        f"/fhir/Composition/{unattested['id']}",
+        data=json.dumps(unattested),
+        content_type="application/fhir+json",
+    )
+    assert r.status_code == 422
+    assert {tuple(i["expression"]) for i in r.get_json()["issue"]} == {
+        ("Composition.attester",),
+        ("Composition.section[5]",),
+    }
+    r = attest(staff)
+    assert r.status_code == 200, r.get_json()
+    done = task(staff)
     ref = done["output"][0]["valueReference"]["reference"]
     assert ref.startswith("Composition/")
     composition = staff.get(f"/fhir/{ref}").get_json()
+    assert composition["status"] == "final"
     assert not validate_resource(composition, "Composition")  # the service's own validation
     assert_conformant(composition)
     r = staff.get(f"/fhir/{ref}/$document")
@@ -121,19 +185,33 @@ def test_completion_with_consent_writes_a_valid_feedback_document(app: Flask) ->
     ]
     assert refs and all(r in urls for r in refs)
     sections = {s["title"]: s for s in comp["section"]}
-    assert set(sections) == {
+    assert list(sections) == [
+        "Reason for referral and diagnoses",
         "Attendance",
         "KaT sessions",
         "Baseline and post scores",
         "Safety events",
-    }
+        "Recommendations and plan",
+    ]
+    codes = [s["code"]["coding"][0]["code"] for s in comp["section"]]
+    assert codes == ["42349-1", "46240-8", "29549-3", "outcome-scores", "safety-events", "18776-5"]
+    reason = sections["Reason for referral and diagnoses"]["text"]["div"]
+    assert "Treatment-resistant PTSD after two SSRIs" in reason and "SNOMED CT 47505003" in reason
     assert "KaT sessions given: 1" in sections["Attendance"]["text"]["div"]
+    assert "2026-02-10 to 2026-04-14" in sections["Attendance"]["text"]["div"]
     assert len(sections["KaT sessions"]["entry"]) == 1
+    assert "84 mg (1.20 mg/kg at 70 kg)" in sections["KaT sessions"]["text"]["div"]
     scores = sections["Baseline and post scores"]["text"]["div"]
-    assert "PHQ-9" in scores and "baseline" in scores and "post 0" in scores
+    assert "PHQ-9: baseline 13" in scores and "post 0" in scores and "improved" in scores
+    assert "PHQ-9 item 9" in scores and "2026-01-20: Not at all" in scores
     assert len(sections["Baseline and post scores"]["entry"]) == 2
+    assert "alumni community of practice" in sections["Recommendations and plan"]["text"]["div"]
+    assert (
+        comp["attester"][0]["party"]["reference"]
+        == "urn:uuid:" + comp["attester"][0]["party"]["reference"].split(":")[-1]
+    )
     assert "9999999998" not in json.dumps(comp)  # the summary text carries no identifiers
-    # Completing again changes nothing; the document is written once.
+    # Ending again changes nothing; the document is written once.
     assert put_task(staff, done).status_code == 200
     assert staff.get("/fhir/Composition").get_json()["total"] == 1
 
@@ -142,7 +220,8 @@ def test_without_consent_the_referrer_sees_the_status_alone(app: Flask) -> None:
     staff = client_as(app, "staff")
     done = complete(staff, participating(staff))
     assert done["status"] == "completed" and "output" not in done
-    assert staff.get("/fhir/Composition").get_json()["total"] == 0
+    assert attest(staff).status_code == 200  # the program's own record, final
+    assert "output" not in task(staff)  # but neither linked nor sent
     seen = client_as(app, "referrer").get(TASK_Q).get_json()
     assert seen["entry"][0]["resource"]["status"] == "completed"
 
@@ -151,14 +230,18 @@ def test_a_consent_for_another_purpose_does_not_share(app: Flask) -> None:
     staff = client_as(app, "staff")
     t = participating(staff)
     share_with_referrer(staff, purposes=["HRESCH"])
-    assert "output" not in complete(staff, t)
+    complete(staff, t)
+    assert attest(staff).status_code == 200
+    assert "output" not in task(staff)
 
 
 def test_who_reads_the_document(app: Flask) -> None:
     staff = client_as(app, "staff")
     t = participating(staff)
     share_with_referrer(staff)
-    ref = complete(staff, t)["output"][0]["valueReference"]["reference"]
+    complete(staff, t)
+    assert attest(staff).status_code == 200
+    ref = task(staff)["output"][0]["valueReference"]["reference"]
     assert client_as(app, "referrer").get(f"/fhir/{ref}/$document").status_code == 200
     r = client_as(app, "other-referrer").get(f"/fhir/{ref}/$document")
     # Not its referral: for it the document does not exist (the answer for an unknown id).
@@ -206,8 +289,10 @@ def test_program_end_only_along_valid_transitions(
     r = put_task(staff, body)
     assert r.status_code == 200, r.get_json()
     assert task(staff)["status"] == status
-    if status != "completed":
-        assert "output" not in task(staff)  # only a completed program gets a document
+    # Every end gets a draft document (withdrawal and discontinuation too); none is linked
+    # before a clinician attests it.
+    assert "output" not in task(staff)
+    assert draft(staff)["status"] == "preliminary"
 
 
 def test_a_referrer_cannot_complete_its_own_referral_into_a_document(app: Flask) -> None:
@@ -317,5 +402,6 @@ def test_the_native_program_end_endpoint(app: Flask) -> None:
     assert done["status"] == "completed"
     assert done["businessStatus"]["coding"][0]["code"] == "program-completed"
     assert done["statusReason"]["text"] == "Finished all 12 weeks"
-    assert done["output"][0]["valueReference"]["reference"].startswith("Composition/")
+    assert attest(staff).status_code == 200
+    assert task(staff)["output"][0]["valueReference"]["reference"].startswith("Composition/")
     assert end(staff, t["id"], {"outcome": "failed", "reason": "x"}).status_code == 409

@@ -36,8 +36,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
 #: Statements one referral artifact costs once the process is warm (SQLite 41, PostgreSQL 40
 #: when this was written; 81 plus a second transaction for the AuditEvent before). A change
-#: that adds round trips to the ingest path must raise this on purpose.
-REFERRAL_STATEMENTS = 42
+#: that adds round trips to the ingest path must raise this on purpose. Issue 17 did (SQLite
+#: 46): triage reads every Condition and AllergyIntolerance of the patient, not only those the
+#: ServiceRequest references — two searches.
+REFERRAL_STATEMENTS = 47
 
 
 def _obs(i: int, code: str, patient: str) -> dict[str, Any]:
@@ -49,7 +51,14 @@ def _obs(i: int, code: str, patient: str) -> dict[str, Any]:
         "subject": {"reference": f"Patient/{patient}"},
         "effectiveDateTime": f"2026-01-{i % 28 + 1:02d}T10:00:00Z",
         # Even ones have a total-score shape (they get observation_values rows too).
-        **({"valueQuantity": {"value": i}} if i % 2 == 0 else {"valueString": f"value {i}"}),
+        **(
+            {
+                "valueQuantity": {"value": i},
+                "derivedFrom": [{"reference": f"QuestionnaireResponse/qr{i}"}],
+            }
+            if i % 2 == 0
+            else {"valueString": f"value {i}"}
+        ),
     }
 
 

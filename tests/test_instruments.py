@@ -112,16 +112,47 @@ def test_incomplete_responses_and_not_applicable() -> None:
     phq = CAT.instruments["phq9"]
     partial = {"item": [{"linkId": "phq9-1", "answer": [{"valueCoding": {"code": "LA6571-9"}}]}]}
     assert score(partial, questionnaire("phq9"), phq).total is None  # no prorating
-    bipf = CAT.instruments["bipf"]
-    qr = {
+    finished = {
+        "status": "completed",
         "item": [
-            {"linkId": "bipf-1", "answer": [{"valueCoding": {"code": "bipf-3"}}]},
-            {"linkId": "bipf-2", "answer": [{"valueCoding": {"code": "bipf-na"}}]},
-            {"linkId": "bipf-3", "answer": [{"valueCoding": {"code": "bipf-6"}}]},
-        ]
+            {"linkId": f"phq9-{i}", "answer": [{"valueCoding": {"code": "LA6569-3"}}]}
+            for i in range(1, 10)
+        ],
     }
-    result = score(qr, questionnaire("bipf"), bipf)
-    assert result.total == 75.0 and result.answered == 2  # (3 + 6) / (6 x 2) x 100
+    assert score(finished, questionnaire("phq9"), phq).total == 9
+    in_progress = finished | {"status": "in-progress"}  # every item, but not finished
+    assert score(in_progress, questionnaire("phq9"), phq).total is None
+    bipf = CAT.instruments["bipf"]
+
+    def answers(*codes: str | None) -> dict[str, object]:
+        return {
+            "status": "completed",
+            "item": [
+                {"linkId": f"bipf-{i}", "answer": [{"valueCoding": {"code": code}}]}
+                for i, code in enumerate(codes, start=1)
+                if code is not None
+            ],
+        }
+
+    # NCPTSD IPF method: "not applicable" leaves the denominator.
+    result = score(
+        answers("bipf-3", "bipf-na", "bipf-6", "bipf-na", "bipf-na", "bipf-na", "bipf-3"),
+        questionnaire("bipf"),
+        bipf,
+    )
+    assert result.total == 66.7 and result.answered == 3 and result.not_applicable == 4  # 12/18
+    # A skipped domain is not "not applicable": no total.
+    skipped = score(
+        answers("bipf-3", None, "bipf-6", "bipf-na", "bipf-na", "bipf-na", "bipf-3"),
+        questionnaire("bipf"),
+        bipf,
+    )
+    assert skipped.total is None and skipped.unanswered == 1
+    # Fewer domains with a value than the minimum (3 by default, configurable): no total.
+    thin = answers("bipf-6", "bipf-na", "bipf-na", "bipf-na", "bipf-na", "bipf-na", "bipf-6")
+    assert score(thin, questionnaire("bipf"), bipf).total is None
+    two = load_catalogue({"bipf": {"min_answered": 2}}).instruments["bipf"]
+    assert score(thin, questionnaire("bipf"), two).total == 100.0
 
 
 def test_extraction_on_store(client: FlaskClient) -> None:
@@ -242,9 +273,10 @@ def test_measure_from_responses_sent_over_http(app: Flask) -> None:
     rng = random.Random(7)
     staff = client_as(app, "staff")
     truth = {"phq9": [0, 0, 0], "pcl5": [0, 0, 0]}
+    members = []
     for i in range(24):
         phn = PHNS[i]
-        patient(staff, phn)
+        members.append(patient(staff, phn))
         for inst, n, top in (("phq9", 9, 3), ("pcl5", 20, 4)):
             before = [rng.randint(0, top) for _ in range(n)]
             after = [max(0, v - rng.randint(0, 2)) for v in before]
@@ -270,6 +302,25 @@ def test_measure_from_responses_sent_over_http(app: Flask) -> None:
                 if has_post:
                     truth[inst][1] += 1
                     truth[inst][2] += int(definition.improved(sum(before), sum(after)))
+    # The cohort's program: baseline (01-10) within a month before its start, post (04-10)
+    # within two weeks after its end.
+    cohort = {
+        "resourceType": "Group",
+        "id": "cohort-http",
+        "type": "person",
+        "actual": True,
+        "member": [
+            {
+                "entity": {"reference": f"Patient/{pid}"},
+                "period": {"start": "2026-01-20", "end": "2026-04-05"},
+            }
+            for pid in members
+        ],
+    }
+    r = staff.put(
+        "/fhir/Group/cohort-http", data=json.dumps(cohort), content_type="application/fhir+json"
+    )
+    assert r.status_code == 201
     report = staff.get(  # program staff: the exact counts (small cells are theirs to see)
         "/fhir/Measure/kat-program-outcomes/$evaluate-measure?periodStart=2026-01-01"
         "&periodEnd=2026-12-31"

@@ -1,14 +1,18 @@
 """The outcome measure read from the ``observation_values`` covering rows gives, byte for byte,
 the MeasureReport of a straightforward reading of the stored JSON.
 
-The reference below parses every current Observation and applies the measure's definition
-directly (status final/amended/corrected, a Patient subject, the instrument's total code,
-``effectiveDateTime`` meeting the period, ``valueQuantity.value`` else ``valueInteger``;
-baseline = earliest, post = latest, of equal times the first written), on cohorts with every
-kind of write the covering rows must follow: bulk and single creates, updates that move an
-Observation in or out of the measure or to another patient or instrument, deletions,
-re-creation after a deletion, several versions in one transaction. Also: existing databases
-get the rows at start-up, and ``value_rows`` on its own. No timings here (docs/benchmarks.md).
+The reference below parses every current Observation, Task and Group and applies the measure's
+definition directly (status final/amended/corrected, derived from a QuestionnaireResponse, a
+Patient subject, the instrument's total code, ``effectiveDateTime``, ``valueQuantity.value``
+else ``valueInteger``; each participant's program from the Group's ``member.period``, else the
+referral Task's ``executionPeriod`` or last update; counted when the program ended in the
+period; baseline = the latest response within 31 days before the start, post = the first
+within 14 days after the end, of equal times the first written; completers headline, both
+strata), on cohorts with every kind of write the covering rows must follow: bulk and single
+creates, updates that move an Observation in or out of the measure or to another patient or
+instrument, deletions, re-creation after a deletion, several versions in one transaction.
+Also: existing databases get the rows at start-up, and ``value_rows`` on its own. No timings
+here (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import pytest
 from sqlalchemy import delete, false, func, select, update
 
 from fhir_kat.instruments.definitions import Catalogue, load_catalogue
-from fhir_kat.instruments.outcomes import GroupResult, measure_report
+from fhir_kat.instruments.outcomes import Counts, GroupResult, measure_report
 from fhir_kat.search import extract_index, index_fingerprint, parse_date_range, split_reference
 from fhir_kat.services import outcomes
 from fhir_kat.services.outcomes import FINAL, OutcomeService
@@ -42,15 +46,22 @@ CATALOGUE = load_catalogue()
 REPORT_DATE = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 PERIODS = [
     ("2026-01-01", "2026-12-31"),
-    ("2026-01-10", "2026-04-10"),  # cuts through the day-, month- and zone-shifted values
-    ("2026-03", "2026-03"),
-    ("2026-01-10", "2026-01-10"),  # one day: baseline and post at equal times
+    ("2026-01-10", "2026-04-10"),
+    ("2026-02", "2026-02"),  # only the drop-outs' programs end in February
+    ("2026-04-05", "2026-04-05"),  # one day: the completers' end
+    ("2026-03", "2026-03"),  # nobody's
 ]
 T0 = datetime(2026, 1, 10, 9, 30, tzinfo=UTC)
+#: Programs start at noon UTC on T0's day: a score at T0 (09:30Z) is before it, the same wall
+#: time at -08:00 (17:30Z) after it. Completers end on 04-05 (the +90-day scores are post),
+#: drop-outs on 02-15 (the +45-day scores are post).
+PROGRAM_START = "2026-01-10T12:00:00Z"
+COMPLETED_END, DROPPED_END = "2026-04-05", "2026-02-15T00:00:00Z"
+TASK = {"system": "http://hl7.org/fhir/CodeSystem/task-code", "code": "fulfill"}
 
 
 def _when(rng: random.Random) -> str:
-    moment = T0 + timedelta(days=rng.choice((-20, 0, 0, 0, 45, 45, 90, 90, 400)))
+    moment = T0 + timedelta(days=rng.choice((-20, 0, 0, 0, 45, 45, 90, 90, 90, 90, 400)))
     shape = rng.random()
     if shape < 0.1:
         return moment.date().isoformat()
@@ -96,20 +107,61 @@ def _observation(rng: random.Random, rid: str, pid: str, key: str) -> dict[str, 
         obs["effectiveDateTime"] = _when(rng)
     score = rng.randint(int(inst.min), int(inst.max))
     set_score_value(obs, score, rng, none_above=0.96, offsets=(0, 0, 0.5, 0.25, 0.1, -score))
+    if rng.random() < 0.9:  # else typed in by hand: never a program score
+        kind = "QuestionnaireResponse" if rng.random() < 0.97 else "Observation"
+        obs["derivedFrom"] = [{"reference": f"{kind}/q-{rid}"}]
     return obs
 
 
 def _cohort(participants: int, seed: int) -> Iterator[dict[str, Any]]:
-    """Patients with 0-4 scores per instrument: some with a baseline only, some with none."""
+    """Patients with 0-4 scores per instrument (some with a baseline only, some with none),
+    and a program each: in the cohort Group (completed, or inactive: dropped out), through a
+    referral Task (completed, cancelled, in progress, or ended without an executionPeriod.end)
+    or none."""
     rng = random.Random(seed)
     n = 0
+    members = []
     for i in range(participants):
         pid = f"p{i}"
         yield {"resourceType": "Patient", "id": pid}
+        how = rng.random()
+        if how < 0.55:
+            dropped = rng.random() < 0.25
+            members.append(
+                {
+                    "entity": {"reference": f"Patient/{pid}"},
+                    "period": {
+                        "start": PROGRAM_START,
+                        "end": DROPPED_END if dropped else COMPLETED_END,
+                    },
+                    **({"inactive": True} if dropped else {}),
+                }
+            )
+        elif how < 0.95:
+            status = rng.choice(("completed", "completed", "cancelled", "failed", "in-progress"))
+            period = {"start": PROGRAM_START}
+            if status != "in-progress" and rng.random() < 0.9:
+                period["end"] = COMPLETED_END if status == "completed" else DROPPED_END
+            yield {
+                "resourceType": "Task",
+                "id": f"t{i}",
+                "status": status,
+                "intent": "order",
+                "code": {"coding": [dict(TASK)]},
+                "for": {"reference": f"Patient/{pid}"},
+                "executionPeriod": period,
+            }
         for key in CATALOGUE.instruments:
-            for _ in range(rng.choice((0, 1, 1, 2, 2, 2, 3, 4))):
+            for _ in range(rng.choice((0, 1, 2, 2, 3, 3, 3, 4, 4))):
                 n += 1
                 yield _observation(rng, f"o{n}", pid, key)
+    yield {
+        "resourceType": "Group",
+        "id": "program",
+        "type": "person",
+        "actual": True,
+        "member": members,
+    }
 
 
 def _store(database_url: str, participants: int, seed: int) -> Store:
@@ -129,6 +181,8 @@ def _store(database_url: str, participants: int, seed: int) -> Store:
     observations = [o["id"] for o in items if o["resourceType"] == "Observation"]
     totals = [inst.total for inst in CATALOGUE.instruments.values()]
     edits: list[Any] = [
+        lambda o: o.pop("derivedFrom", None),
+        lambda o: o.update(derivedFrom=[{"reference": "QuestionnaireResponse/later"}]),
         lambda o: o.update(status="entered-in-error"),
         lambda o: o.update(status="amended"),
         lambda o: o.update(status="corrected"),
@@ -175,68 +229,138 @@ def _store(database_url: str, participants: int, seed: int) -> Store:
     return store
 
 
+def _day(text: Any) -> tuple[datetime, datetime] | None:
+    return parse_date_range(text) if isinstance(text, str) and text else None
+
+
+def _reference_timelines(
+    docs: list[dict[str, Any]],
+) -> dict[str, tuple[tuple[datetime, datetime], tuple[datetime, datetime] | None, bool]]:
+    """(start, end, completed) per patient, read from the stored Tasks and Groups as the
+    definition says (Group period first; the Task's end status decides completion)."""
+    ended = {"completed": True, "cancelled": False, "failed": False}
+    tasks: dict[str, Any] = {}
+    groups: dict[str, Any] = {}
+    for doc in docs:
+        if doc["resourceType"] == "Task":
+            codes = [
+                (c.get("system"), c.get("code")) for c in doc.get("code", {}).get("coding", [])
+            ]
+            ref = doc.get("for", {}).get("reference", "")
+            if (TASK["system"], TASK["code"]) not in codes or not ref.startswith("Patient/"):
+                continue
+            status = doc.get("status")
+            period = doc.get("executionPeriod", {})
+            end = _day(period.get("end") or doc["meta"]["lastUpdated"]) if status in ended else None
+            tasks[ref[8:]] = (_day(period.get("start")), end, ended.get(status))
+        elif doc["resourceType"] == "Group":
+            for m in doc.get("member", []):
+                ref = m["entity"]["reference"]
+                period = m.get("period", {})
+                if ref.startswith("Patient/") and _day(period.get("start")):
+                    groups[ref[8:]] = (
+                        _day(period["start"]),
+                        _day(period.get("end")),
+                        m.get("inactive", False),
+                    )
+    out = {}
+    for pid in set(tasks) | set(groups):
+        t_start, t_end, t_done = tasks.get(pid, (None, None, None))
+        g_start, g_end, g_inactive = groups.get(pid, (None, None, False))
+        start = g_start or t_start
+        if start is not None:
+            out[pid] = (start, g_end or t_end, t_done if t_done is not None else not g_inactive)
+    return out
+
+
 def _reference_results(
     store: Store, catalogue: Catalogue, start: str, end: str, members: set[str] | None
 ) -> list[GroupResult]:
-    """The measure's definition applied to every current Observation's stored JSON."""
+    """The measure's definition applied to every current resource's stored JSON."""
     low, high = parse_date_range(start), parse_date_range(end)
     assert low is not None and high is not None
     with store.read() as tx:
         rows = tx.conn.execute(
             select(resources.c.seq, resources.c.content)
-            .where(resources.c.res_type == "Observation", resources.c.deleted == false())
+            .where(
+                resources.c.res_type.in_(["Observation", "Task", "Group"]),
+                resources.c.deleted == false(),
+            )
             .order_by(resources.c.seq)
         ).all()
-    scores: dict[str, dict[str, list[tuple[datetime, int, float]]]] = {
+    docs = [json.loads(content) for _, content in rows]
+    timelines = {
+        pid: line
+        for pid, line in _reference_timelines(docs).items()
+        if line[1] is not None
+        and low[0] <= line[1][0] <= high[1]
+        and (members is None or pid in members)
+    }
+    scores: dict[str, dict[str, list[tuple[datetime, float]]]] = {
         key: {} for key in catalogue.instruments
     }
-    for seq, content in rows:
-        obs = json.loads(content)
-        if obs.get("status") not in FINAL:
+    for obs in docs:
+        if obs["resourceType"] != "Observation" or obs.get("status") not in FINAL:
+            continue
+        if not any(
+            d.get("reference", "").startswith("QuestionnaireResponse/")
+            for d in obs.get("derivedFrom", [])
+        ):
             continue
         subject = split_reference(obs.get("subject", {}).get("reference", ""))
-        if subject is None or subject[0] != "Patient":
+        if subject is None or subject[0] != "Patient" or subject[1] not in timelines:
             continue
-        patient = subject[1]
-        if members is not None and patient not in members:
-            continue
-        effective = obs.get("effectiveDateTime")
-        when = parse_date_range(effective) if isinstance(effective, str) else None
-        if when is None or when[1] < low[0] or when[0] > high[1]:
-            continue
+        when = _day(obs.get("effectiveDateTime"))
         value = obs.get("valueQuantity", {}).get("value", obs.get("valueInteger"))
-        if value is None:
+        if when is None or value is None:
             continue
         codings = {(c.get("system"), c.get("code")) for c in obs.get("code", {}).get("coding", [])}
         for key, inst in catalogue.instruments.items():
             if (inst.total["system"], inst.total["code"]) in codings:
-                scores[key].setdefault(patient, []).append((when[0], seq, float(value)))
+                scores[key].setdefault(subject[1], []).append((when[0], float(value)))
+    rules = catalogue.measure
     results = []
     for key, inst in catalogue.instruments.items():
-        initial = denominator = numerator = 0
-        baseline_sum = post_sum = 0.0
-        for points in scores[key].values():  # patients in the order first written
-            baseline = min(points, key=lambda p: (p[0], p[1]))
-            latest = max(p[0] for p in points)
-            post = min((p for p in points if p[0] == latest), key=lambda p: p[1])
-            if not inst.positive(baseline[2]):
+        tallies = {"completed": [0, 0, 0, 0.0, 0.0], "dropped-out": [0, 0, 0, 0.0, 0.0]}
+        for pid in sorted(timelines):
+            (s_low, s_high), (e_low, e_high), completed = timelines[pid]
+            points = scores[key].get(pid, [])  # in write order
+            before = [p for p in points if s_low - timedelta(days=31) <= p[0] <= s_high]
+            after = [p for p in points if e_low <= p[0] <= e_high + timedelta(days=14)]
+            if not before:
                 continue
-            initial += 1
-            if post[0] <= baseline[0]:
+            latest = max(p[0] for p in before)
+            baseline = next(p for p in before if p[0] == latest)  # of equal times, the first
+            if not inst.positive(baseline[1]):
                 continue
-            denominator += 1
-            baseline_sum += baseline[2]
-            post_sum += post[2]
-            if inst.improved(baseline[2], post[2]):
-                numerator += 1
+            tally = tallies["completed" if completed else "dropped-out"]
+            tally[0] += 1
+            if not after:
+                continue
+            earliest = min(p[0] for p in after)
+            post = next(p for p in after if p[0] == earliest)
+            tally[1] += 1
+            tally[3] += baseline[1]
+            tally[4] += post[1]
+            tally[2] += int(inst.improved(baseline[1], post[1]))
+
+        def counts(t: list[Any]) -> Counts:
+            d = t[1]
+            return Counts(
+                t[0], d, t[2], round(t[3] / d, 2) if d else None, round(t[4] / d, 2) if d else None
+            )
+
+        assert rules.population == "completers"
+        head = counts(tallies["completed"])
         results.append(
             GroupResult(
                 inst,
-                initial,
-                denominator,
-                numerator,
-                round(baseline_sum / denominator, 2) if denominator else None,
-                round(post_sum / denominator, 2) if denominator else None,
+                head.initial_population,
+                head.denominator,
+                head.numerator,
+                head.mean_baseline,
+                head.mean_post,
+                {name: counts(t) for name, t in tallies.items()},
             )
         )
     return results
@@ -288,6 +412,7 @@ def test_measure_report_equals_the_reference_reading(
                     },
                     current=None,
                 )
+            members.add("p1")  # an inactive member is in the cohort: a drop-out, reported
             subject = "Group/cohort"
         with store.read() as tx:
             stored = tx.conn.execute(select(func.count()).select_from(observation_values))
@@ -298,7 +423,15 @@ def test_measure_report_equals_the_reference_reading(
         # The cohort exercises the arithmetic: people in every population, and some left out.
         full = json.loads(_service_report(store, *PERIODS[0], subject))
         counts = [p["count"] for g in full["group"] for p in g["population"]]
-        assert all(counts[i] > counts[i + 1] > 0 for i in range(0, len(counts), 3))
+        assert all(counts[i] > counts[i + 1] > 0 for i in range(0, len(counts), 3)), counts
+        dropped = [
+            p["count"]
+            for g in full["group"]
+            for st in g["stratifier"][0]["stratum"]
+            if st["value"]["coding"][0]["code"] == "dropped-out"
+            for p in st["population"]
+        ]
+        assert sum(dropped) > 0
     finally:
         store.drop_schema()
         store.dispose()
@@ -333,6 +466,7 @@ def test_rows_written_in_the_same_transaction_are_read(database_url: str) -> Non
                     "subject": {"reference": "Patient/p"},
                     "effectiveDateTime": "2026-02-01",
                     "valueInteger": 12,
+                    "derivedFrom": [{"reference": "QuestionnaireResponse/q"}],
                 },
                 current=None,
             )
@@ -412,6 +546,7 @@ def test_value_rows() -> None:
         "effectiveDateTime": "2026-02-01T10:00:00-08:00",
         "valueQuantity": {"value": 5.5, "unit": "{score}"},
         "valueInteger": 9,
+        "derivedFrom": [{"reference": "QuestionnaireResponse/q"}],
     }
     rows = _rows(obs)
     assert [(r["system"], r["code"]) for r in rows] == [
@@ -431,8 +566,10 @@ def test_value_rows() -> None:
         "value": 5.5,  # the quantity wins
     }
     assert _rows({**obs, "valueQuantity": {"unit": "{score}"}})[0]["value"] == 9.0
-    for missing in ("status", "effectiveDateTime", "subject", "code"):
+    for missing in ("status", "effectiveDateTime", "subject", "code", "derivedFrom"):
         assert _rows({k: v for k, v in obs.items() if k != missing}) == []
+    # Derived from something else than a response: typed in, not a program score.
+    assert _rows({**obs, "derivedFrom": [{"reference": "Observation/o2"}]}) == []
     assert _rows({k: v for k, v in obs.items() if not k.startswith("value")}) == []
     assert _rows({**obs, "subject": {"reference": "Group/g"}}) == []
     assert _rows({**obs, "effectiveDateTime": None, "effectivePeriod": {"start": "2026"}}) == []
@@ -456,6 +593,7 @@ def test_truncated_codes_store_once(database_url: str) -> None:
                     "subject": {"reference": "Patient/p"},
                     "effectiveDateTime": "2026-02-01",
                     "valueInteger": 1,
+                    "derivedFrom": [{"reference": "QuestionnaireResponse/q"}],
                 },
                 current=None,
             )

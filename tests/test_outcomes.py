@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from fhir_kat.instruments.definitions import load_catalogue
-from fhir_kat.instruments.outcomes import ScorePoint, evaluate
+from fhir_kat.instruments.definitions import MeasureRules, load_catalogue
+from fhir_kat.instruments.outcomes import Fold, ScorePoint, Timeline, evaluate_fold
+from fhir_kat.search import parse_date_range
 from fhir_kat.security.disclosure import suppress_small_cells
+from fhir_kat.services.outcomes import suppress_small_strata
 from tests.conftest import client_as
 
 CAT = load_catalogue()
@@ -59,6 +61,8 @@ def test_improvement_definitions() -> None:
     assert not phq.improved(14, 10)  # 4 points, same band
     pcl = CAT.instruments["pcl5"]
     assert pcl.improved(60, 32) and not pcl.improved(40, 33)
+    bipf = CAT.instruments["bipf"]  # no milder category: crossing 33.3 % is not improvement
+    assert not bipf.improved(35.7, 31.0) and bipf.improved(40.0, 35.0)
 
 
 def test_cut_offs_are_configuration() -> None:
@@ -70,21 +74,62 @@ def test_cut_offs_are_configuration() -> None:
         load_catalogue({"phq8": {"positive_at": 10}})
 
 
-def test_evaluate_counts_and_means() -> None:
-    t0, t1, t2 = datetime(2026, 1, 1), datetime(2026, 3, 1), datetime(2026, 4, 1)
-    points = [
-        ScorePoint("a", t0, 15),
-        ScorePoint("a", t2, 8),  # positive, improved
-        ScorePoint("b", t0, 12),
-        ScorePoint("b", t1, 11),  # positive, not improved
-        ScorePoint("c", t0, 16),  # positive, no post: left out of the denominator
-        ScorePoint("d", t0, 4),
-        ScorePoint("d", t2, 1),  # negative at baseline
-        ScorePoint("a", t1, 20),  # a middle response is neither baseline nor post
-    ]
-    r = evaluate(CAT.instruments["phq9"], points)
-    assert (r.initial_population, r.denominator, r.numerator) == (3, 2, 1)
+def _range(text: str) -> tuple[datetime, datetime]:
+    found = parse_date_range(text)
+    assert found is not None
+    return found
+
+
+def test_evaluate_on_the_program_timeline() -> None:
+    rules = MeasureRules()  # 31 days before the start, 0-14 days after the end, completers
+    t = {
+        "2025-11": datetime(2025, 11, 1),
+        "jan": datetime(2026, 1, 20),
+        "mid": datetime(2026, 3, 1),
+        "post": datetime(2026, 5, 1),
+        "late": datetime(2026, 9, 1),
+    }
+    timeline = Timeline(_range("2026-02-02"), _range("2026-04-27"), completed=True)
+    dropout = Timeline(_range("2026-02-02"), _range("2026-03-01"), completed=False)
+    lines = {"a": timeline, "b": timeline, "c": timeline, "d": timeline, "e": dropout}
+    fold = Fold(lines, rules)
+    for p in [
+        ScorePoint("a", t["jan"], 15),
+        ScorePoint("a", t["mid"], 3),  # mid-program: neither baseline nor post
+        ScorePoint("a", t["post"], 8),  # improved
+        ScorePoint("a", t["late"], 20),  # a follow-up: not the post score
+        ScorePoint("b", t["jan"], 12),
+        ScorePoint("b", t["post"], 11),  # positive, not improved
+        ScorePoint("c", t["2025-11"], 16),  # outside the baseline window: no baseline
+        ScorePoint("c", t["post"], 1),
+        ScorePoint("d", t["jan"], 4),  # negative at baseline
+        ScorePoint("d", t["post"], 1),
+        ScorePoint("e", t["jan"], 18),  # a drop-out who improved mid-program
+        ScorePoint("e", datetime(2026, 2, 20), 2),
+    ]:
+        fold.add(p)
+    r = evaluate_fold(CAT.instruments["phq9"], fold, lines, rules)
+    assert (r.initial_population, r.denominator, r.numerator) == (2, 2, 1)
     assert r.score == 0.5 and r.mean_baseline == 13.5 and r.mean_post == 9.5
+    assert r.strata["dropped-out"].initial_population == 1
+    assert r.strata["dropped-out"].denominator == 0
+    everyone = evaluate_fold(CAT.instruments["phq9"], fold, lines, MeasureRules(population="all"))
+    assert everyone.initial_population == 3 and everyone.denominator == 2
+
+
+def test_measure_rules_are_configuration() -> None:
+    cat = load_catalogue(
+        outcomes={"baseline_days_before_start": 60, "post_days_after_end": [7, 14]}
+    )
+    assert cat.measure == MeasureRules(60, (7, 14), "completers")
+    for bad in (
+        {"baseline_days_before_start": -1},
+        {"post_days_after_end": [14, 7]},
+        {"population": "everyone"},
+        {"window": 3},
+    ):
+        with pytest.raises(ValueError, match=r"\[program.outcomes\]"):
+            load_catalogue(outcomes=bad)
 
 
 def _obs(pid: str, inst: str, when: str, score: float) -> dict[str, Any]:
@@ -106,6 +151,8 @@ def _obs(pid: str, inst: str, when: str, score: float) -> dict[str, Any]:
         "subject": {"reference": f"Patient/{pid}"},
         "effectiveDateTime": when,
         "valueQuantity": {"value": score, "unit": CAT.instruments[inst].unit},
+        # Scores count only as the program's: derived from a QuestionnaireResponse.
+        "derivedFrom": [{"reference": f"QuestionnaireResponse/{pid}-{inst}-{when}"}],
     }
 
 
@@ -129,7 +176,7 @@ def test_evaluate_measure_over_a_synthetic_cohort(app: Flask) -> None:
         for key, inst in CAT.instruments.items():
             baseline = round(rng.uniform(inst.min, inst.max))
             has_post = rng.random() < 0.8
-            post = round(max(inst.min, baseline - rng.uniform(-3, 15)))
+            post = round(min(inst.max, max(inst.min, baseline - rng.uniform(-3, 15))))
             entries.append(
                 {
                     "resource": _obs(pid, key, "2026-01-10", baseline),
@@ -161,7 +208,15 @@ def test_evaluate_measure_over_a_synthetic_cohort(app: Flask) -> None:
                 "id": "cohort-1",
                 "type": "person",
                 "actual": True,
-                "member": [{"entity": {"reference": f"Patient/{m}"}} for m in members],
+                # The program ran 2026-01-15 to 04-15: baselines (01-10) within a month
+                # before, posts (04-20) within two weeks after.
+                "member": [
+                    {
+                        "entity": {"reference": f"Patient/{m}"},
+                        "period": {"start": "2026-01-15", "end": "2026-04-15"},
+                    }
+                    for m in members
+                ],
             },
             "request": {"method": "PUT", "url": "Group/cohort-1"},
         }
@@ -181,7 +236,8 @@ def test_evaluate_measure_over_a_synthetic_cohort(app: Flask) -> None:
     # The health authority gets the same aggregate over every member (no consent needed for
     # counts), with its small cells withheld.
     seen_by_ha = client_as(app, "ha").get(query).get_json()
-    expected_ha = suppress_small_cells(report, app.extensions["fhir_kat"].settings.min_cell_size)
+    min_cell = app.extensions["fhir_kat"].settings.min_cell_size
+    expected_ha = suppress_small_strata(suppress_small_cells(report, min_cell), min_cell)
     for body in (seen_by_ha, expected_ha):
         body.pop("id"), body.pop("date")
     assert seen_by_ha == expected_ha

@@ -28,9 +28,22 @@ def put(c: FlaskClient, body: dict[str, Any], **headers: str) -> Any:
     )
 
 
+OVERRIDE = {
+    "businessStatus": {
+        "coding": [
+            {
+                "system": "https://fhir-kat.example.org/fhir/CodeSystem/kat-referral-status",
+                "code": "intake-override",
+            }
+        ]
+    },
+    "statusReason": {"text": "Accepted by the program lead: intake records on paper"},
+}
+
+
 def test_valid_and_invalid_transitions(client: FlaskClient) -> None:
     assert put(client, task("requested", id="ref-1")).status_code == 201
-    assert put(client, task("accepted", id="ref-1")).status_code == 200
+    assert put(client, task("accepted", id="ref-1", **OVERRIDE)).status_code == 200
     r = put(client, task("completed", id="ref-1"))
     assert r.status_code == 409
     body = r.get_json()
@@ -46,6 +59,23 @@ def test_valid_and_invalid_transitions(client: FlaskClient) -> None:
         "accepted",
         "requested",
     ]
+
+
+def test_accepted_for_dosing_only_after_the_intake_or_by_an_explicit_override(
+    client: FlaskClient,
+) -> None:
+    """Principle 4 (issue 16): no intake on record → 422 naming the missing steps; an override
+    needs its reason; a new Task cannot skip the gate by starting as accepted or in progress."""
+    put(client, task("requested", id="ref-4"))
+    r = put(client, task("accepted", id="ref-4"))
+    assert r.status_code == 422
+    text = r.get_json()["issue"][0]["diagnostics"]
+    assert "nurse-intake" in text and "intake-override" in text
+    no_reason = dict(task("accepted", id="ref-4", **OVERRIDE))
+    no_reason.pop("statusReason")
+    assert put(client, no_reason).status_code == 422
+    assert put(client, task("in-progress", id="ref-5")).status_code == 422
+    assert put(client, task("accepted", id="ref-4", **OVERRIDE)).status_code == 200
 
 
 def test_rejection_needs_a_reason(client: FlaskClient) -> None:

@@ -32,7 +32,7 @@ def task(c: FlaskClient) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("change", "status", "business", "reason"),
     [
-        ({}, "accepted", "eligible", None),
+        ({}, "received", "eligible", None),
         ({"contraindications": [{"code": "pregnancy"}]}, "rejected", "ineligible", "pregnancy"),
         ({"ketamine_hypersensitivity": True}, "rejected", "ineligible", "hypersensitivity"),
         (
@@ -98,20 +98,24 @@ def test_fhir_rest_referral_gets_a_task_and_triage(client: FlaskClient) -> None:
     ).get_json()
     assert tasks["total"] == 1  # the service created the Task the referrer did not send
     t = tasks["entry"][0]["resource"]
-    assert t["status"] == "accepted" and t["focus"]["reference"].startswith("ServiceRequest/")
+    assert t["status"] == "received" and t["focus"]["reference"].startswith("ServiceRequest/")
 
 
 def test_intake_steps_and_first_session_move_the_task(client: FlaskClient) -> None:
     send(client, "referrals", example("referrals"))
     screening = example("screenings")
     assert send(client, "screenings", screening).status_code == 201
-    assert task(client)["businessStatus"]["coding"][0]["code"] == "nurse-intake-cleared"
+    t = task(client)
+    assert (t["status"], t["businessStatus"]["coding"][0]["code"]) == (
+        "received",
+        "nurse-intake-cleared",
+    )
     for step in ("psychiatrist-clearance", "contraindication-check"):
         s = copy.deepcopy(screening) | {"step": step, "source_id": f"S-{step}"}
         assert send(client, "screenings", s).status_code == 201
     t = task(client)
-    assert t["status"] == "accepted"
-    assert t["businessStatus"]["coding"][0]["code"] == "contraindications-cleared"
+    assert t["status"] == "accepted"  # accepted for dosing only now, the intake complete
+    assert t["businessStatus"]["coding"][0]["code"] == "intake-complete"
     assert (
         send(
             client, "medication-administrations", example("medication-administrations")

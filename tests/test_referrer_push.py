@@ -25,6 +25,7 @@ from fhir_kat.services.delivery import make_consent_gate, make_delivery_audit
 from fhir_kat.settings import Settings
 from tests.conftest import CLINIC_ORG, TEST_CLIENTS, client_as
 from tests.support.conformance import assert_conformant
+from tests.test_feedback import attest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 TASK_Q = "/fhir/Task?identifier=https://emr.example-clinic.ca/referrals|R-7781"
@@ -205,7 +206,7 @@ def drive_to_completion(kat: Flask, emr: Emr, consent: bool) -> FlaskClient:
                 "purposes": ["TREAT"],
             },
         )
-    post(staff, "questionnaire-responses", qr("QR-BASE", "2026-01-05T10:00:00-08:00", "LA6571-9"))
+    post(staff, "questionnaire-responses", qr("QR-BASE", "2026-01-20T10:00:00-08:00", "LA6571-9"))
     screening = example("screenings")
     post(staff, "screenings", screening)
     for step in ("psychiatrist-clearance", "contraindication-check"):
@@ -215,7 +216,6 @@ def drive_to_completion(kat: Flask, emr: Emr, consent: bool) -> FlaskClient:
     emr.stop()  # the EMR goes down: what happens now must wait, in order, and not be lost
     post(staff, "medication-administrations", example("medication-administrations"))
     assert task(staff)["status"] == "in-progress"
-    post(staff, "questionnaire-responses", qr("QR-POST", "2026-04-20T10:00:00-07:00", "LA6568-5"))
     done = task(staff) | {
         "status": "completed",
         "businessStatus": {
@@ -226,9 +226,14 @@ def drive_to_completion(kat: Flask, emr: Emr, consent: bool) -> FlaskClient:
                 }
             ]
         },
+        "executionPeriod": task(staff)["executionPeriod"] | {"end": "2026-04-14"},
     }
     r = put_task(staff, done)
     assert r.status_code == 200, r.get_json()
+    # The post-program response arrives after the end; the draft follows it, and a clinician
+    # attests the document: only then is it linked and sent (with the consent).
+    post(staff, "questionnaire-responses", qr("QR-POST", "2026-04-20T10:00:00-07:00", "LA6568-5"))
+    assert attest(staff).status_code == 200
     down = run_worker(kat, attempts=5)
     assert down["delivered"] == 0 and down["failed"] >= 1
     emr.start()
@@ -246,10 +251,10 @@ def test_every_status_change_reaches_the_referrer_in_order(
     ]
     expected = [
         ("requested", "received", False),
-        ("accepted", "eligible", False),
-        ("accepted", "nurse-intake-cleared", False),
-        ("accepted", "psychiatrist-cleared", False),
-        ("accepted", "contraindications-cleared", False),
+        ("received", "eligible", False),
+        ("received", "nurse-intake-cleared", False),
+        ("received", "psychiatrist-cleared", False),
+        ("accepted", "intake-complete", False),
         ("in-progress", "participating", False),
         ("completed", "program-completed", False),
     ]
@@ -333,7 +338,8 @@ def test_consent_withdrawn_before_sending_blocks_the_document_not_the_status(
         },
     }
     assert put_task(staff, done).status_code == 200
-    assert "output" in task(staff)  # consent permitted at completion: the document exists
+    assert attest(staff).status_code == 200
+    assert "output" in task(staff)  # consent permitted at attestation: the document is linked
     # A refused move queues nothing (nothing half-stored).
     admin = client_as(kat, "admin")
     queued = len(admin.get("/api/v1/deliveries").get_json()["deliveries"])

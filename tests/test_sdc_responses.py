@@ -228,7 +228,8 @@ def test_renderer_and_hand_built_responses_score_alike_on_every_path(
 @pytest.mark.parametrize("path", ["POST", "transaction-POST", "$extract"])
 def test_a_partial_response_has_a_total_on_neither_side(client: FlaskClient, path: str) -> None:
     """PHQ-9, GAD-7 and PCL-5 need every item (the Questionnaires' calculatedExpressions yield
-    nothing either); B-IPF counts the items answered with a score."""
+    nothing either); B-IPF needs every domain answered (a score or "not applicable") and at least
+    the configured number answered with a score (issue 17)."""
     write = PATHS[path]
     for instrument in SCALES:
         n, _ = SCALES[instrument]
@@ -254,7 +255,10 @@ def test_a_partial_response_has_a_total_on_neither_side(client: FlaskClient, pat
     pid = new_patient(client)
     all_na = response("bipf", [NA] * 7, pid, total=0.0)
     assert_total_refused(
-        write(client, all_na), all_na, 0, "no total: no item is answered with a score"
+        write(client, all_na),
+        all_na,
+        0,
+        "no total: 0 domain(s) answered with a score, and a score needs at least 3",
     )
     outcome = write(client, response("bipf", [NA] * 7, pid))
     assert outcome.status in (200, 201) and stored_total(client, "bipf", outcome) is None
@@ -278,7 +282,7 @@ def test_the_questionnaire_as_responses_name_it(client: FlaskClient) -> None:
     r = via_post(client, response("phq9", values, pid, questionnaire_ref=f"{q['url']}|99"))
     assert r.status == 422
     assert [i["expression"] for i in r.body["issue"]] == [["QuestionnaireResponse.questionnaire"]]
-    assert "publishes versions 1, 2 of" in r.body["issue"][0]["diagnostics"]
+    assert "publishes versions 1, 2, 3 of" in r.body["issue"][0]["diagnostics"]
     assert stored_responses(client, pid) == 0
 
 

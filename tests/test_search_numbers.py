@@ -30,13 +30,14 @@ def weights(client: FlaskClient) -> dict[str, str]:
         "lb": {"value": 100, "unit": "lb", "system": "urn:other", "code": "[lb_av]"},
         "score": {"value": 12.25, "unit": "{score}"},
     }.items():
-        obs = observation(f"Patient/{pid}")
+        # Body weight, not a total score: a total in kg would be refused (issue 17).
+        obs = observation(f"Patient/{pid}", code="29463-7")
         del obs["valueInteger"]
         obs["valueQuantity"] = quantity
         r = post(client, "/fhir/Observation", obs)
         assert r.status_code == 201, r.data
         made[key] = r.get_json()["id"]
-    r = post(client, "/fhir/Observation", observation(f"Patient/{pid}"))  # valueInteger 12
+    r = post(client, "/fhir/Observation", observation(f"Patient/{pid}", code="29463-7"))  # 12
     made["integer"] = r.get_json()["id"]
     return made
 

@@ -27,7 +27,7 @@ from sqlalchemy import delete, event, or_, select, update
 from bench import data as bench_data
 from fhir_kat.cli import main as cli_main
 from fhir_kat.instruments.definitions import Catalogue, Instrument, load_catalogue
-from fhir_kat.instruments.outcomes import ScorePoint, evaluate
+from fhir_kat.instruments.outcomes import Fold, ScorePoint, counted, evaluate_fold, read_range
 from fhir_kat.search import (
     EFFECTIVE_DATETIME,
     VALUE_INTEGER,
@@ -65,6 +65,22 @@ def _cohort(catalogue: Catalogue, participants: int, seed: int) -> Iterator[dict
     rng = random.Random(seed)
     t0 = datetime(2026, 1, 10, tzinfo=UTC)
     n = 0
+    # Everyone's program ran from the day after t0 to t0 + 85 days: the -20/0-day scores are
+    # baselines, the +90-day ones posts (a few completers dropped out instead).
+    yield {
+        "resourceType": "Group",
+        "id": "program",
+        "type": "person",
+        "actual": True,
+        "member": [
+            {
+                "entity": {"reference": f"Patient/p{i}"},
+                "period": {"start": "2026-01-11", "end": "2026-04-05"},
+                **({"inactive": True} if i % 7 == 3 else {}),
+            }
+            for i in range(participants)
+        ],
+    }
     for i in range(participants):
         pid = f"p{i}"
         yield {"resourceType": "Patient", "id": pid}
@@ -101,6 +117,8 @@ def _cohort(catalogue: Catalogue, participants: int, seed: int) -> Iterator[dict
                     obs["effectiveDateTime"] = when.isoformat()
                 score = rng.randint(int(inst.min), int(inst.max))
                 set_score_value(obs, score, rng, none_above=0.95, offsets=(0, 0, 0.5, 0.25, -score))
+                if rng.random() < 0.92:  # else typed in by hand: not a program score
+                    obs["derivedFrom"] = [{"reference": f"QuestionnaireResponse/q{n}"}]
                 yield obs
 
 
@@ -124,6 +142,11 @@ def _reference_points(
             if patient is None:
                 continue
             obs = json.loads(content)
+            if not any(
+                d.get("reference", "").startswith("QuestionnaireResponse/")
+                for d in obs.get("derivedFrom", [])
+            ):
+                continue
             value = obs.get("valueQuantity", {}).get("value", obs.get("valueInteger"))
             when = obs.get("effectiveDateTime")
             parsed = parse_date_range(when) if isinstance(when, str) else None
@@ -178,10 +201,15 @@ def test_measure_matches_the_search_based_reading(
             low, high = parse_date_range(start), parse_date_range(end)
             assert low is not None and high is not None
             with store.read() as tx:
-                want = [
-                    evaluate(inst, _reference_points(tx, inst, low[0], high[1], members))
-                    for inst in catalogue.instruments.values()
-                ]
+                lines = counted(service.timelines(tx, members), low[0], high[1])
+                span = read_range(lines.values(), catalogue.measure)
+                assert span is not None
+                want = []
+                for inst in catalogue.instruments.values():
+                    fold = Fold(lines, catalogue.measure)
+                    for point in _reference_points(tx, inst, span[0], span[1], set(lines)):
+                        fold.add(point)
+                    want.append(evaluate_fold(inst, fold, lines, catalogue.measure))
             assert got == want
             assert any(r.denominator for r in got)  # the cohort exercises the arithmetic
     finally:
@@ -593,6 +621,7 @@ def test_observation_values_reads_each_element_as_the_json_reading_did(database_
             "subject": {"reference": "Patient/p"},
             "effectiveDateTime": "2026-02-01T10:00:00-08:00",
             "valueQuantity": {"value": 5},
+            "derivedFrom": [{"reference": "QuestionnaireResponse/q"}],
         }
         base.update(extra)
         return {k: v for k, v in base.items() if v is not None}
@@ -609,6 +638,7 @@ def test_observation_values_reads_each_element_as_the_json_reading_did(database_
                 obs("preliminary", status="preliminary"),
                 obs("no-value", valueQuantity=None),
                 obs("late", effectiveDateTime="2027-01-01"),
+                obs("typed-in", derivedFrom=None),  # not derived from a response
             ):
                 tx.put(resource, current=None)
         with store.read() as tx:

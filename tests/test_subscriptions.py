@@ -729,10 +729,10 @@ def test_the_referrer_hears_every_status_change_of_its_referral_in_order(
     assert subscriber.paths() == [f"PUT /hook/Task/{task['id']}"] * (len(versions) - 1)
     assert got == versions[1:]
     assert [(t["status"], t["businessStatus"]["coding"][0]["code"]) for t in got] == [
-        ("accepted", "eligible"),
-        ("accepted", "nurse-intake-cleared"),
-        ("accepted", "psychiatrist-cleared"),
-        ("accepted", "contraindications-cleared"),
+        ("received", "eligible"),
+        ("received", "nurse-intake-cleared"),
+        ("received", "psychiatrist-cleared"),
+        ("accepted", "intake-complete"),
         ("in-progress", "participating"),
     ]
     assert queued(app, other["id"]) == []

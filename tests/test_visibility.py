@@ -23,6 +23,7 @@ from fhir_kat.artifacts.schemas import bc_phn_check_digit
 from fhir_kat.mapping.engine import deterministic_id
 from fhir_kat.security.identity import PUBLIC_NAMESPACE
 from tests.conftest import client_as
+from tests.support.responses import response
 
 FHIR = "application/fhir+json"
 ORG_SYSTEM = "https://fhir-kat.example.org/fhir/sid/organization"
@@ -317,6 +318,27 @@ def test_a_cohort_group_lists_only_members_who_consented(world: World) -> None:
 
 
 def test_small_cells_are_withheld_from_the_health_authority(world: World) -> None:
+    # The measure counts program timelines and totals derived from program responses (issue
+    # 17): both participants in a 12-week cohort, positive at baseline, responding after.
+    members = [
+        {
+            "entity": {"reference": f"Patient/{p}"},
+            "period": {"start": "2026-03-02", "end": "2026-05-25"},
+        }
+        for p in world.patient.values()
+    ]
+    group = {"resourceType": "Group", "id": "cohort", "type": "person", "actual": True}
+    r = fhir(world.staff, "PUT", "/fhir/Group/cohort", group | {"member": members, "quantity": 2})
+    assert r.status_code == 200, r.get_json()
+    for p in world.patient.values():
+        for when, total in (("2026-02-20", 15), ("2026-05-30", 5)):
+            r = fhir(
+                world.staff,
+                "POST",
+                "/fhir/QuestionnaireResponse",
+                response("phq9", p, when, total=total),
+            )
+            assert r.status_code == 201, r.get_json()
     query = (
         "/fhir/Measure/kat-program-outcomes/$evaluate-measure?periodStart=2026-01-01"
         "&periodEnd=2026-12-31&subject=Group/cohort"
@@ -437,7 +459,9 @@ def test_a_referrer_cannot_forge_consent(world: World) -> None:
     consents = world.staff.get("/fhir/Consent?_summary=count").get_json()["total"]
     requests = world.staff.get("/fhir/ServiceRequest?_summary=count").get_json()["total"]
     # A permit opening A to another party; a deny cutting the authority off; a permit for
-    # itself hung on a ServiceRequest that is not a program referral.
+    # itself hung on a ServiceRequest that is not a program referral (refused before the
+    # Consent is looked at: a referrer's ServiceRequest must carry the program's service code,
+    # issue 17 — 422 naming the code to send).
     deny_all = consent_for(a, "HA-ISLAND", type="deny")
     deny_all["provision"].pop("actor")
     for consent, program in (
@@ -446,7 +470,9 @@ def test_a_referrer_cannot_forge_consent(world: World) -> None:
         (consent_for(a, "CLINIC-8"), False),
     ):
         r = fhir(world.other, "POST", "/fhir", _sr_and_consent(world, a, consent, program))
-        assert r.status_code == 403, r.get_json()
+        assert r.status_code == (403 if program else 422), r.get_json()
+        if not program:
+            assert "kat-service|kat-program" in r.get_json()["issue"][0]["diagnostics"]
     assert world.staff.get("/fhir/Consent?_summary=count").get_json()["total"] == consents
     assert world.staff.get("/fhir/ServiceRequest?_summary=count").get_json()["total"] == requests
     assert world.ha.get(f"/fhir/Patient/{a}").status_code == 200  # A's real consent holds

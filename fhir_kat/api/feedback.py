@@ -32,11 +32,19 @@ def end(task_id: str) -> Response:
     body: Any = read_json(request)
     if not isinstance(body, dict):
         raise BadRequest(issue("structure", "the body must be a JSON object"))
-    unknown = sorted(set(body) - {"outcome", "reason"})
+    unknown = sorted(set(body) - {"outcome", "reason", "date"})
     if unknown:
         raise BadRequest([issue("structure", f"unknown field {u}", u) for u in unknown])
     state = current_app.extensions["fhir_kat"]
-    result = end_referral(state.fhir, task_id, body.get("outcome"), body.get("reason"), access)
+    result = end_referral(
+        state.fhir,
+        task_id,
+        body.get("outcome"),
+        body.get("reason"),
+        access,
+        date=body.get("date"),
+        now=state.clock(),
+    )
     if result.stored.patient_id:
         record.patients.add(result.stored.patient_id)
     return json_response(result.stored.content)

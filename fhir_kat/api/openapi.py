@@ -173,6 +173,11 @@ OPERATIONS: dict[str, Op] = {
             "properties": {
                 "outcome": {"enum": list(machine()["program_end"])},
                 "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+                "date": {
+                    "type": "string",
+                    "description": "when the program ended (FHIR date or dateTime; default now): "
+                    "Task.executionPeriod.end, the outcome measure's program end",
+                },
             },
         },
         tags=("referrals",),

@@ -125,6 +125,40 @@ class ContraindicationSchema(_Strict):
     code = local_code("kat-contraindication", required=True)
 
 
+#: Code systems a referrer's other coded conditions may use, with the shape of their codes:
+#: what triage's criterion ValueSets classify (mappings/terminology/criteria/).
+CONDITION_SYSTEMS = {
+    "http://snomed.info/sct": re.compile(r"^[1-9][0-9]{5,17}$"),
+    "http://hl7.org/fhir/sid/icd-10": re.compile(r"^[A-Z][0-9]{2}(\.[0-9A-Z]{1,4})?$"),
+    "http://hl7.org/fhir/sid/icd-10-ca": re.compile(r"^[A-Z][0-9]{2}(\.[0-9A-Z]{1,4})?$"),
+}
+
+
+class CodedConditionSchema(_Strict):
+    """A condition from the referrer's problem list, coded as its EMR holds it."""
+
+    system = fields.String(required=True, validate=validate.OneOf(sorted(CONDITION_SYSTEMS)))
+    code = fields.String(required=True, validate=validate.Length(min=1, max=40))
+    display = fields.String(validate=ONE_LINE)
+    # HL7 condition-clinical and condition-ver-status codes (FHIR's own, not local codes).
+    clinical_status = fields.String(
+        load_default="active",
+        validate=validate.OneOf(
+            ["active", "recurrence", "relapse", "inactive", "remission", "resolved"]
+        ),
+    )
+    verification_status = fields.String(
+        load_default="confirmed",
+        validate=validate.OneOf(["confirmed", "unconfirmed", "provisional", "differential"]),
+    )
+
+    @validates_schema(skip_on_field_errors=False)  # reads only valid fields
+    def _code_shape(self, data: Mapping[str, Any], **_: Any) -> None:
+        shape = CONDITION_SYSTEMS.get(data.get("system", ""))
+        if shape is not None and "code" in data and not shape.match(data["code"]):
+            raise ValidationError("is not a code of that system", "code")
+
+
 class FlagSchema(_Strict):
     code = local_code("kat-referral-flag", required=True)
     value = fields.Boolean(required=True)
@@ -140,6 +174,7 @@ class ReferralSchema(_Strict):
     diagnoses = fields.List(fields.Nested(DiagnosisSchema), load_default=list)
     prior_treatment_failure = fields.Boolean(allow_none=True, load_default=None)
     contraindications = fields.List(fields.Nested(ContraindicationSchema), load_default=list)
+    conditions = fields.List(fields.Nested(CodedConditionSchema), load_default=list)
     ketamine_hypersensitivity = fields.Boolean(allow_none=True, load_default=None)
     flags = fields.List(fields.Nested(FlagSchema), load_default=list)
     # FHIR request-priority codes (ServiceRequest.priority's required binding), not local codes.

@@ -1,5 +1,6 @@
 """Instrument definitions loaded from ``mappings/instruments/instruments.yaml``, with
-configuration overrides for cut-offs and change thresholds."""
+configuration overrides for cut-offs, change thresholds, the B-IPF's minimum of answered domains
+and the outcome measure's timeline (windows and the population counted)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,37 @@ from typing import Any
 import yaml
 
 FILE = Path(__file__).resolve().parents[2] / "mappings" / "instruments" / "instruments.yaml"
-OVERRIDABLE = {"positive_at", "min_drop"}
+OVERRIDABLE = {"positive_at", "min_drop", "min_answered"}
+MEASURE_KEYS = {"baseline_days_before_start", "post_days_after_end", "population"}
+POPULATIONS = ("completers", "all")
+
+
+@dataclass(frozen=True)
+class MeasureRules:
+    """The outcome measure's timeline (``instruments.yaml`` ``measure``, overridden by
+    ``[program.outcomes]``): windows in days around each participant's program start and end,
+    and whether only completers or everyone who started is counted."""
+
+    baseline_days_before_start: int = 31
+    post_days_after_end: tuple[int, int] = (0, 14)
+    population: str = "completers"
+
+    def describe(self) -> str:
+        low, high = self.post_days_after_end
+        who = (
+            "participants who completed the program (drop-outs are reported as their own stratum)"
+            if self.population == "completers"
+            else "every participant whose program ended, completed or not (also stratified)"
+        )
+        return (
+            f"Baseline = the response closest before the participant's program start, at most "
+            f"{self.baseline_days_before_start} days before it; post = the first response "
+            f"{low} to {high} days after the program end. Program start and end: the cohort "
+            "Group's member.period, else the referral Task's executionPeriod (first KaT "
+            "session; completed, cancelled or failed). Counted: "
+            f"{who}, in the reporting period in which their program ended. Only total scores "
+            "derived from the program's QuestionnaireResponses count."
+        )
 
 
 @dataclass(frozen=True)
@@ -43,6 +74,8 @@ class Instrument:
     #: earlier ones with the same items, options and scores, checked against the served one.
     questionnaire_versions: tuple[str, ...] = ()
     score_partial: bool = False
+    #: Partially scored instruments (B-IPF): domains that must have a value for a total.
+    min_answered: int = 1
 
     def band(self, score: float) -> Band:
         chosen = self.bands[0]
@@ -71,6 +104,7 @@ class Catalogue:
     version: int
     local_system: str
     instruments: Mapping[str, Instrument]
+    measure: MeasureRules = MeasureRules()
 
     def by_questionnaire(self, canonical: str) -> Instrument | None:
         url = canonical.split("|")[0]
@@ -84,10 +118,38 @@ class Catalogue:
 
 
 def load_catalogue(
-    overrides: Mapping[str, Mapping[str, Any]] | None = None, path: Path = FILE
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    path: Path = FILE,
+    *,
+    outcomes: Mapping[str, Any] | None = None,
 ) -> Catalogue:
-    """``overrides``: ``{"pcl5": {"positive_at": 31}}`` from ``[program.instruments.pcl5]``."""
-    return _build(_read(path), _freeze(overrides or {}))
+    """``overrides``: ``{"pcl5": {"positive_at": 31}}`` from ``[program.instruments.pcl5]``;
+    ``outcomes``: the ``[program.outcomes]`` table (the measure's windows and population)."""
+    data = _read(path)
+    catalogue = _build(data, _freeze(overrides or {}))
+    measure = _measure({**data.get("measure", {}), **(outcomes or {})})
+    return Catalogue(catalogue.version, catalogue.local_system, catalogue.instruments, measure)
+
+
+def _measure(raw: Mapping[str, Any]) -> MeasureRules:
+    problems = [f"[program.outcomes].{k}: unknown setting" for k in sorted(set(raw) - MEASURE_KEYS)]
+    before = raw.get("baseline_days_before_start", 31)
+    if isinstance(before, bool) or not isinstance(before, int) or not 0 <= before <= 366:
+        problems.append("[program.outcomes].baseline_days_before_start: whole days, 0-366")
+    post = raw.get("post_days_after_end", [0, 14])
+    if (
+        not isinstance(post, list | tuple)
+        or len(post) != 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in post)
+        or not 0 <= post[0] <= post[1] <= 366
+    ):
+        problems.append("[program.outcomes].post_days_after_end: [first, last] whole days, 0-366")
+    population = raw.get("population", "completers")
+    if population not in POPULATIONS:
+        problems.append(f"[program.outcomes].population: one of {', '.join(POPULATIONS)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return MeasureRules(before, (int(post[0]), int(post[1])), str(population))
 
 
 @cache
@@ -138,5 +200,6 @@ def _build(
             questionnaire=spec.get("questionnaire", ""),
             questionnaire_versions=tuple(str(v) for v in spec.get("questionnaire_versions", ())),
             score_partial=bool(spec.get("score_partial", False)),
+            min_answered=int(over.get("min_answered", spec.get("min_answered", 1))),
         )
-    return Catalogue(int(data["version"]), data["local_system"], instruments)
+    return Catalogue(int(data["version"]), data["local_system"], instruments, MeasureRules())

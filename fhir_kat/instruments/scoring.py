@@ -2,12 +2,16 @@
 observation-based extraction.
 
 Scores come from the Questionnaire itself (each answer option's ``ordinalValue``), so the
-numbers live in one place. Rules for incomplete responses: PHQ-9, GAD-7 and PCL-5 are scored
-only when every scored item is answered (no prorating); B-IPF is scored from the items answered
-with a value ("not applicable" and skipped items leave the denominator, the NCPTSD IPF method).
+numbers live in one place. Rules for incomplete responses: a response still ``in-progress``
+gets no total at all (never a final total from a partial response); PHQ-9, GAD-7 and PCL-5 are
+scored only when every scored item is answered (no prorating); B-IPF from the domains answered
+with a value ("not applicable" leaves the denominator, the NCPTSD IPF method), but only when no
+domain is left unanswered ("not answered" is not "not applicable") and at least the
+instrument's ``min_answered`` domains have a value (issue 17).
 Each Questionnaire's total item carries an SDC ``calculatedExpression`` that computes the same
-(tests/web/test_browser.py proves it in a real renderer): a response may carry that answer, and it
-is checked against the service's own total, never trusted in its place.
+(tests/web/test_browser.py proves it in a real renderer, tests/test_questionnaire_forms.py with
+fhirpathpy): a response may carry that answer, and it is checked against the service's own
+total, never trusted in its place.
 Extraction follows SDC's observation-based rules: status final, effective = authored, one
 Observation per answered coded item (none for skipped items), plus the total with its band and
 screen result as interpretation, each ``derivedFrom`` the QuestionnaireResponse.
@@ -70,13 +74,23 @@ def own_identifier(resource_id: str) -> list[dict[str, str]]:
 @dataclass(frozen=True)
 class Score:
     total: float | None
-    answered: int
+    answered: int  # scored items answered with a value
     scored_items: int
     item_values: Mapping[str, float]  # linkId -> ordinal of the chosen option
+    not_applicable: int = 0  # scored items answered "not applicable" (an option without a score)
+    #: The total the answers give were the response finished (``total`` is None while it is
+    #: ``in-progress``): what a renderer's calculated item may show meanwhile.
+    provisional: float | None = None
+    min_answered: int = 1
 
     @property
     def complete(self) -> bool:
         return self.answered == self.scored_items
+
+    @property
+    def unanswered(self) -> int:
+        """Scored items with no answer at all (skipped), as opposed to "not applicable"."""
+        return self.scored_items - self.answered - self.not_applicable
 
 
 def _items(questionnaire: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -141,16 +155,27 @@ def total_issue(
     and both values. The values are scores, not anything a person typed, and go back only to
     the sender: a renderer and the service disagreeing about a suicide-risk score must be seen,
     never stored silently."""
-    own = result.total
+    # While a response is in progress the service stores no total, but a renderer's calculated
+    # item may show what the answers give so far: compared with that, not refused for it.
+    own = result.provisional
     if own is not None and round(sent, REPORTED_DECIMALS) == own:
         return None
     if own is None:
-        why = (
-            "no item is answered with a score"
-            if instrument.score_partial
-            else f"{result.answered} of {result.scored_items} scored items answered, and a "
-            f"total needs all {result.scored_items} (no prorating)"
-        )
+        if not instrument.score_partial:
+            why = (
+                f"{result.answered} of {result.scored_items} scored items answered, and a "
+                f"total needs all {result.scored_items} (no prorating)"
+            )
+        elif result.unanswered:
+            why = (
+                f"{result.unanswered} domain(s) left unanswered (not answered is not "
+                '"not applicable")'
+            )
+        else:
+            why = (
+                f"{result.answered} domain(s) answered with a score, and a score needs at "
+                f"least {result.min_answered}"
+            )
         ours = f"no total: {why}"
     else:
         ours = f"{_number(own)} from its answers"
@@ -321,6 +346,7 @@ def score(qr: Mapping[str, Any], questionnaire: Mapping[str, Any], instrument: I
         and any(_ordinal(o) is not None for o in item.get("answerOption", []))
     ]
     values: dict[str, float] = {}
+    not_applicable: set[str] = set()
     for answered in qr.get("item", []):
         link = answered.get("linkId")
         coding = _answer_coding(answered)
@@ -337,13 +363,19 @@ def score(qr: Mapping[str, Any], questionnaire: Mapping[str, Any], instrument: I
         value = _ordinal(option) if option else None
         if value is not None:
             values[link] = value
-    total: float | None = None
+        elif option is not None:
+            not_applicable.add(link)
+    provisional: float | None = None
+    minimum = max(instrument.min_answered, 1)
     if instrument.score_partial:
-        if values:
-            total = round(sum(values.values()) * 100 / (6 * len(values)), REPORTED_DECIMALS)
+        every_domain = len(values) + len(not_applicable) == len(scored)
+        if every_domain and len(values) >= minimum:
+            top = max(_ordinal(o) or 0.0 for o in items[scored[0]]["answerOption"])
+            provisional = round(sum(values.values()) * 100 / (top * len(values)), REPORTED_DECIMALS)
     elif len(values) == len(scored):
-        total = sum(values.values())
-    return Score(total, len(values), len(scored), values)
+        provisional = sum(values.values())
+    total = provisional if qr.get("status") != "in-progress" else None
+    return Score(total, len(values), len(scored), values, len(not_applicable), provisional, minimum)
 
 
 def extract(

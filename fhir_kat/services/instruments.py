@@ -1,12 +1,14 @@
 """Instrument responses become scores, Observations and safety Flags.
 
 Owns: serving the shipped Questionnaires, checking QuestionnaireResponses against them (a write
-rule: 422 naming the item), SDC observation-based extraction when a response is stored (a write
-hook: same transaction, so a response never exists without its Observations), ``$extract``
-(the same Bundle, not stored — as SDC defines it), and the instrument safety signals: PHQ-9
-item 9 above 0, item 9 left unanswered when the other answers already reach the moderate band,
-or a rise between consecutive responses (PHQ-9 ≥ 5, PCL-5 ≥ 10; instruments.yaml, safety) —
-raised through ``SafetyService.raise_signal`` like every other safety Flag.
+rule: 422 naming the item), checking total-score Observations however they arrive (a write rule:
+a value outside the instrument's range or in another unit is 422), SDC observation-based
+extraction when a response is stored (a write hook: same transaction, so a response never
+exists without its Observations), ``$extract`` (the same Bundle, not stored — as SDC defines
+it), and the instrument safety signals: PHQ-9 item 9 above 0, item 9 left unanswered when the
+other answers already reach the moderate band, or a rise between consecutive responses (PHQ-9
+≥ 5, PCL-5 ≥ 10; instruments.yaml, safety) — raised through ``SafetyService.raise_signal`` like
+every other safety Flag.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from fhir_kat.clinical.safety import SAFETY_SYSTEM, Signal
-from fhir_kat.errors import Unprocessable
+from fhir_kat.errors import Issue, Unprocessable, issue
 from fhir_kat.instruments.definitions import Catalogue, Instrument
 from fhir_kat.instruments.scoring import check_response, extract, score
 from fhir_kat.search import Criterion, SearchQuery, parse_date_range
@@ -65,6 +67,11 @@ class InstrumentService:
     # ------------------------------------------------------------------ write rule and hook
 
     def check_rule(self, tx: Tx, body: dict[str, Any], current: StoredResource | None) -> None:
+        if body.get("resourceType") == "Observation":
+            problems = total_score_problems(body, self.catalogue)
+            if problems:
+                raise Unprocessable(problems)
+            return
         if body.get("resourceType") != "QuestionnaireResponse":
             return
         found = self._questionnaire(body)
@@ -233,3 +240,67 @@ class InstrumentService:
             ],
             "entity": [{"role": "source", "what": {"reference": qr_ref}}],
         }
+
+
+UCUM = "http://unitsofmeasure.org"
+
+
+def total_score_problems(obs: Mapping[str, Any], catalogue: Catalogue) -> list[Issue]:
+    """Problems of an Observation carrying an instrument's total-score code: the value must be
+    a number within the instrument's range (``valueQuantity``, or ``valueInteger`` for whole-
+    number totals) in the instrument's unit (UCUM ``{score}`` or ``%``) — a PHQ-9 total of 99,
+    or one in kg, would otherwise become somebody's baseline. No value (a dataAbsentReason) is
+    not checked."""
+    instruments = [
+        i
+        for c in obs.get("code", {}).get("coding", [])
+        if isinstance(c, dict)
+        for i in [catalogue.by_total_code(str(c.get("system")), str(c.get("code")))]
+        if i is not None
+    ]
+    if not instruments:
+        return []
+    inst = instruments[0]
+    problems: list[Issue] = []
+    value: Any = None
+    where = "Observation.valueQuantity"
+    if "valueQuantity" in obs:
+        quantity = obs["valueQuantity"]
+        value = quantity.get("value")
+        ucum = quantity.get("code") if quantity.get("system") in (None, UCUM) else None
+        if quantity.get("system") not in (None, UCUM) or (ucum is not None and ucum != inst.unit):
+            problems.append(
+                issue(
+                    "value",
+                    f"a {inst.title} total is in UCUM '{inst.unit}'",
+                    f"{where}.code",
+                )
+            )
+        elif quantity.get("unit") not in (None, inst.unit) and ucum is None:
+            problems.append(
+                issue("value", f"a {inst.title} total is in '{inst.unit}'", f"{where}.unit")
+            )
+        where = f"{where}.value"
+    elif "valueInteger" in obs:
+        value, where = obs["valueInteger"], "Observation.valueInteger"
+    else:
+        other = next((k for k in obs if k.startswith("value")), None)
+        if other is not None:
+            problems.append(
+                issue(
+                    "value",
+                    f"a {inst.title} total is a valueQuantity in '{inst.unit}'",
+                    f"Observation.{other}",
+                )
+            )
+        return problems
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if number and not inst.min <= value <= inst.max:
+        problems.append(
+            issue(
+                "value",
+                f"a {inst.title} total lies between {inst.min:g} and {inst.max:g}",
+                where,
+            )
+        )
+    return problems

@@ -3,12 +3,14 @@
 Owns: building an Observation's ``observation_values`` rows from its index rows (``value_rows``,
 called wherever index rows are written: ``Tx.put``/``create_many``, the reindex, the benchmarks'
 loader) and reading them back for the outcome measure (``observation_values``): per current
-Observation with one of the given codes and a given status, its patient, the start of its
-``effectiveDateTime`` and its value (``valueQuantity.value``, else ``valueInteger``). Must not:
-parse stored JSON or know any instrument — the rows are built from the search parameters
-``code``, ``status``, ``internal:effective-datetime``, ``value-quantity`` and
-``internal:value-integer`` alone, so they hold exactly what the five-way index join they
-replace read (issue 9, benchmark 5; docs/adr/0008-observation-values.md).
+Observation *derived from a QuestionnaireResponse* with one of the given codes and a given
+status, its patient, the start of its ``effectiveDateTime`` and its value
+(``valueQuantity.value``, else ``valueInteger``). Must not: parse stored JSON or know any
+instrument — the rows are built from the search parameters ``code``, ``status``,
+``derived-from``, ``internal:effective-datetime``, ``value-quantity`` and
+``internal:value-integer`` alone (issue 9, benchmark 5; docs/adr/0008-observation-values.md).
+Only scores derived from a response count in the measure (issue 17: a total typed in by hand
+is not a program score), so only those get rows (FORMAT 2).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ if TYPE_CHECKING:  # store.py builds rows with ``value_rows`` at import
     from fhir_kat.store.store import Tx
 
 VALUE_QUANTITY = "value-quantity"
+DERIVED_FROM = "derived-from"
 #: Bumped when ``value_rows`` changes what it writes: part of Observation's index fingerprint
 #: (``reindex.current_fingerprints``), so existing databases get their rows rebuilt at start-up.
-FORMAT = 1
+FORMAT = 2
 
 
 def value_rows(
@@ -35,13 +38,16 @@ def value_rows(
 ) -> list[dict[str, Any]]:
     """The ``observation_values`` rows of resource ``rtype/rid`` stored as ``seq`` with index
     rows ``rows``: one per distinct ``code`` token (truncated as ``search_token`` stores it)
-    when it is an Observation in ``patient_id``'s compartment with a ``status``, an
-    ``effectiveDateTime`` and a value; none otherwise.
+    when it is an Observation in ``patient_id``'s compartment, ``derivedFrom`` a
+    QuestionnaireResponse, with a ``status``, an ``effectiveDateTime`` and a value; none
+    otherwise.
 
     The value is ``valueQuantity.value``, else ``valueInteger`` (one Observation has at most
     one ``value[x]``; should both exist, the quantity wins, as ``.get(…, fallback)`` on the JSON
     did). ``status`` and ``effectiveDateTime`` are 0..1, so each has at most one index row."""
     if rtype != "Observation" or patient_id is None:
+        return []
+    if not any(p == DERIVED_FROM and t == "QuestionnaireResponse" for p, t, _ in rows.references):
         return []
     status = effective = quantity = integer = None
     for param, _, code in rows.tokens:

@@ -391,7 +391,11 @@ def questionnaire(name: str) -> str:
     return _page(
         "questionnaire.html",
         q=q,
-        items=[i for i in q.get("item", []) if not i.get("readOnly")],
+        # The instrument's own instructions and stem (display items), then its questions.
+        instructions=[i for i in q.get("item", []) if i.get("type") == "display"],
+        items=[
+            i for i in q.get("item", []) if not i.get("readOnly") and i.get("type") != "display"
+        ],
         total_codes=[
             c["code"] for i in q.get("item", []) if i.get("readOnly") for c in i.get("code", [])
         ],

@@ -37,6 +37,20 @@ def business_status(code: str) -> dict[str, Any]:
     }
 
 
+def intake() -> dict[str, Any]:
+    """The three-step intake (``referral-task.yaml``, ``intake``): steps in the paper's order
+    with their roles and businessStatus codes, the completion and override codes."""
+    data: dict[str, Any] = machine()["intake"]
+    return data
+
+
+def step_display(step: str) -> str:
+    """``contraindication-check`` → "contraindication check (physician specialised in …)"."""
+    role = intake()["steps"].get(step, {}).get("role")
+    name = step.replace("-", " ")
+    return f"{name} ({role})" if role else name
+
+
 def referrer_may_set(current: str) -> list[str]:
     """The statuses a referrer may give its own referral from ``current`` (withdrawing it)."""
     return list(machine().get("referrer_may", {}).get(current, []))

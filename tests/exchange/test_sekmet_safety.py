@@ -55,7 +55,13 @@ def test_artifacts_and_safety_flags_reach_a_real_fhir_server_once(
             assert r.status_code == 201, r.get_json()
         flags = client.get("/fhir/Flag?category=safety").get_json()
         raised = sorted(e["resource"]["code"]["coding"][0]["code"] for e in flags["entry"])
-        assert raised == ["dosing-without-treatment-consent", "systolic-bp-high"]
+        # No intake steps and no treatment consent before this session (the referral waits in
+        # "received" until nurse, psychiatrist and physician have cleared it — issue 16).
+        assert raised == [
+            "dosing-intake-incomplete",
+            "dosing-without-treatment-consent",
+            "systolic-bp-high",
+        ]
 
         worker = DeliveryWorker(state.store, state.partners, lambda _c: True, batch_size=50)
         for _ in range(20):

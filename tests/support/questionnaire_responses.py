@@ -25,12 +25,20 @@ NA = "na"  # B-IPF "not applicable": an answer without a score
 Values = list[int | str | None]  # per item: its score, NA, or None (skipped)
 
 
+#: Issue 17: a B-IPF needs at least this many domains with a score (the program's default).
+BIPF_MIN_ANSWERED = 3
+
+
 def oracle_total(instrument: str, values: Values) -> float | None:
     """DOMAIN.md: PHQ-9/GAD-7/PCL-5 sum every item (no total unless all are answered); B-IPF
-    sum / (6 x items answered with a score) x 100, to one decimal."""
+    sum / (6 x items answered with a score) x 100, to one decimal — and (issue 17) only when
+    no domain is left unanswered ("not applicable" is an answer, a skipped domain is not) and at
+    least three have a score."""
     scored = [v for v in values if isinstance(v, int)]
     if instrument == "bipf":
-        return round(sum(scored) * 100 / (6 * len(scored)), 1) if scored else None
+        if any(v is None for v in values) or len(scored) < BIPF_MIN_ANSWERED:
+            return None
+        return round(sum(scored) * 100 / (6 * len(scored)), 1)
     return float(sum(scored)) if len(scored) == SCALES[instrument][0] else None
 
 

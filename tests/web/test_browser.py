@@ -192,7 +192,7 @@ def test_referral_form_submits_and_follows_the_status(pages: Pages, app: Flask) 
     page.get_by_role("button", name="Send referral").click()
     page.wait_for_url("**/app/referrals/*?submitted=1")
     expect(page.locator("#status-live")).to_have_text(
-        "Referral status: Accepted — Eligible - intake can start"
+        "Referral status: Received by the program (intake under way) — Eligible - intake can start"
     )
     task_id = page.url.split("/app/referrals/")[1].split("?")[0]
 
@@ -219,6 +219,20 @@ def test_referral_form_submits_and_follows_the_status(pages: Pages, app: Flask) 
         },
     ).get_json()
     task = staff.get(f"/fhir/Task/{task_id}").get_json()
+    # Accepted for dosing before the intake is on record: only as an explicit staff override.
+    task["status"] = "accepted"
+    task["businessStatus"] = {
+        "coding": [
+            {
+                "system": "https://fhir-kat.example.org/fhir/CodeSystem/kat-referral-status",
+                "code": "intake-override",
+            }
+        ]
+    }
+    task["statusReason"] = {"text": "Intake records on paper"}
+    r = staff.put(f"/fhir/Task/{task_id}", json=task)
+    assert r.status_code == 200, r.data[:300]
+    task = staff.get(f"/fhir/Task/{task_id}").get_json()
     task["status"] = "in-progress"
     task["output"] = [
         {
@@ -240,12 +254,13 @@ def test_referral_form_submits_and_follows_the_status(pages: Pages, app: Flask) 
 def test_a_referrer_reads_its_feedback_document_when_consent_permits(
     pages: Pages, app: Flask
 ) -> None:
-    from tests.test_feedback import complete, participating, share_with_referrer
+    from tests.test_feedback import attest, complete, participating, share_with_referrer
 
     staff = client_as(app, "staff")
     task = participating(staff)
     share_with_referrer(staff)
     done = complete(staff, task)
+    assert attest(staff).status_code == 200  # a clinician attests: linked and readable
     page = pages.open(f"/app/referrals/{done['id']}", "referrer")
     expect(page.locator("#task-status")).to_have_text("Completed")
     expect(page.locator("#task-outputs h3")).to_have_count(1)
@@ -285,10 +300,47 @@ def _cohort(app: Flask) -> None:
                             "subject": {"reference": f"Patient/{pid}"},
                             "effectiveDateTime": when,
                             "valueQuantity": {"value": value, "unit": "{score}"},
+                            "derivedFrom": [
+                                {"reference": f"QuestionnaireResponse/{pid}-{code}-{when}"}
+                            ],
                         },
                         "request": {"method": "POST", "url": "Observation"},
                     }
                 )
+    # Everyone's program (cohort A's in its Group, the others' on their referral Task):
+    # baselines (01-10) within a month before its start, posts (04-20) within two weeks after.
+    program = {"start": "2026-01-20", "end": "2026-04-10"}
+    for pid in ("p5", "p6"):
+        entries.append(
+            {
+                "resource": {
+                    "resourceType": "Task",
+                    "id": f"referral-{pid}",
+                    "status": "completed",
+                    "intent": "order",
+                    "code": {
+                        "coding": [
+                            {
+                                "system": "http://hl7.org/fhir/CodeSystem/task-code",
+                                "code": "fulfill",
+                            }
+                        ]
+                    },
+                    "for": {"reference": f"Patient/{pid}"},
+                    "businessStatus": {
+                        "coding": [
+                            {
+                                "system": "https://fhir-kat.example.org/fhir/CodeSystem/kat-referral-status",
+                                "code": "intake-override",
+                            }
+                        ]
+                    },
+                    "statusReason": {"text": "seeded"},
+                    "executionPeriod": program,
+                },
+                "request": {"method": "PUT", "url": f"Task/referral-{pid}"},
+            }
+        )
     entries.append(
         {
             "resource": {
@@ -297,7 +349,10 @@ def _cohort(app: Flask) -> None:
                 "name": "Cohort A",
                 "type": "person",
                 "actual": True,
-                "member": [{"entity": {"reference": f"Patient/p{i}"}} for i in (1, 2, 3, 4)],
+                "member": [
+                    {"entity": {"reference": f"Patient/p{i}"}, "period": program}
+                    for i in (1, 2, 3, 4)
+                ],
             },
             "request": {"method": "PUT", "url": "Group/cohort-a"},
         }

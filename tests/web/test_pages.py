@@ -195,7 +195,9 @@ def test_questionnaire_page_renders_the_services_questionnaire(app: Flask) -> No
 def test_every_instrument_has_its_form(app: Flask, name: str) -> None:
     web, _ = signed_in(app, "staff", "staff-secret")
     questionnaire = web.get(f"/fhir/Questionnaire/{name}").get_json()
-    asked = [i for i in questionnaire["item"] if not i.get("readOnly")]
+    asked = [
+        i for i in questionnaire["item"] if not i.get("readOnly") and i.get("type") != "display"
+    ]
     page = web.get(f"/app/questionnaires/{name}").get_data(as_text=True)
     assert page.count('class="question"') == len(asked)
     options = sum(len(i["answerOption"]) for i in asked)

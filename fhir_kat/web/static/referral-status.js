@@ -10,8 +10,8 @@
   const POLL_MS = 3000;
   const MAX_POLLS = 400; // about 20 minutes, then the page asks for a reload
   const STATUS_TEXT = {
-    draft: "Draft", requested: "Requested", received: "Received by the program",
-    accepted: "Accepted", rejected: "Not accepted", ready: "Ready", cancelled: "Cancelled",
+    draft: "Draft", requested: "Requested", received: "Received by the program (intake under way)",
+    accepted: "Accepted for KaT sessions", rejected: "Not accepted", ready: "Ready", cancelled: "Cancelled",
     "in-progress": "In progress", "on-hold": "On hold (clinician review)", failed: "Failed",
     completed: "Completed", "entered-in-error": "Entered in error",
   };
