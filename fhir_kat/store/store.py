@@ -44,7 +44,6 @@ from sqlalchemy import (
     select,
     text,
     true,
-    tuple_,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -214,13 +213,13 @@ class Store:
         of waiting for the busy timeout."""
         if self.is_sqlite:
             with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
-                metadata.create_all(conn)
+                _create_missing(conn)
                 _reindex_stale(conn)
             return
         with self.engine.connect() as conn:
             conn.execute(text("SELECT pg_advisory_lock(7301)"))
             try:
-                metadata.create_all(conn)
+                _create_missing(conn)
                 _reindex_stale(conn)
                 conn.commit()
             finally:
@@ -395,6 +394,15 @@ def _ping_when_idle(engine: Engine) -> None:
             raise DisconnectionError() from exc
 
 
+def _create_missing(conn: Connection) -> None:
+    """Missing tables, and the indexes added to existing tables since a database was created
+    (``create_all`` creates an existing table's new index only with the table)."""
+    metadata.create_all(conn)
+    for table in metadata.sorted_tables:
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+            index.create(conn, checkfirst=True)
+
+
 def _reindex_stale(conn: Connection) -> None:
     rebuilt = bring_up_to_date(conn)
     if rebuilt:
@@ -415,6 +423,23 @@ def _use_wal(cursor: Any, attempts: int = 300) -> None:
             if "locked" not in str(exc) or attempt == attempts - 1:
                 raise
             time.sleep(0.1)
+
+
+def _keys_clause(keys: Sequence[tuple[str, str]]) -> ColumnElement[bool]:
+    """``resources`` rows of ``keys`` as an OR, per type, of ``res_type = t AND res_id IN
+    (…)``: both databases plan each branch as lookups in the primary key. The row-value form
+    ``(res_type, res_id) IN (VALUES …)`` is planned by SQLite 3.40 as a scan of the whole
+    primary key (issue 25; docs/adr/0016-statement-plans-and-statistics.md), and
+    tests/test_statement_plans.py holds every statement to an index lookup."""
+    by_type: dict[str, list[str]] = {}
+    for rtype, rid in keys:
+        by_type.setdefault(rtype, []).append(rid)
+    return or_(
+        *(
+            and_(resources.c.res_type == rtype, resources.c.res_id.in_(ids))
+            for rtype, ids in sorted(by_type.items())
+        )
+    )
 
 
 def _version_of(row: Any, *, compartment: bool = False) -> StoredResource:
@@ -630,11 +655,8 @@ class Tx:
         )
         if not wanted:
             return
-        stmt = (
-            select(resources)
-            .where(tuple_(resources.c.res_type, resources.c.res_id).in_(wanted))
-            .order_by(resources.c.res_type, resources.c.res_id)
-        )
+        stmt = select(resources).where(_keys_clause(wanted))
+        stmt = stmt.order_by(resources.c.res_type, resources.c.res_id)
         if lock:
             stmt = stmt.with_for_update()
         found = {(r.res_type, r.res_id): _row_to_stored(r) for r in self.conn.execute(stmt)}
