@@ -76,6 +76,7 @@ from fhir_kat.store.schema import (
     search_token,
     store_meta,
 )
+from fhir_kat.store.statistics import TABLES, Statistics, analyze
 from fhir_kat.store.view import EVERYTHING, PatientSlice, ReadScope, Viewer
 
 Clock = Callable[[], datetime]
@@ -174,9 +175,7 @@ class Store:
         self.clock: Clock = clock or (lambda: datetime.now(UTC))
         self.is_sqlite = url.startswith("sqlite")
         self.engine: Engine = self._make_engine(url)
-        self._writes = 0
-        self._next_analyze = 64
-        self._stats_lock = threading.Lock()
+        self.statistics = Statistics(self.engine, is_sqlite=self.is_sqlite)
         self._writer = _SqliteWriterQueue(url) if self.is_sqlite else None
 
     def _make_engine(self, url: str) -> Engine:
@@ -215,6 +214,7 @@ class Store:
             with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
                 _create_missing(conn)
                 _reindex_stale(conn)
+            self.statistics.refresh()
             return
         with self.engine.connect() as conn:
             conn.execute(text("SELECT pg_advisory_lock(7301)"))
@@ -225,6 +225,8 @@ class Store:
             finally:
                 conn.execute(text("SELECT pg_advisory_unlock(7301)"))
                 conn.commit()
+        # A database restored, bulk-loaded or reindexed while no process watched.
+        self.statistics.refresh()
 
     def claim_id_namespace(self, fingerprint: str) -> str:
         """The fingerprint of the id namespace this database's deterministic ids come from:
@@ -267,35 +269,18 @@ class Store:
             yield tx
             tx.run_deferred()
             tx.flush()
-        self._after_commit()
+        # Statistics are checked by stored versions, so a large import counts for its size.
+        self.statistics.wrote(tx._s.written)
 
     def _writer_turn(self) -> Any:
         return self._writer.turn() if self._writer is not None else _NO_QUEUE
 
-    def _after_commit(self) -> None:
-        """Both databases plan the search joins from table statistics (which criterion to
-        start from, which index to probe). A new database has none (PostgreSQL's autovacuum
-        runs its first ANALYZE a minute or more later; SQLite never does), and meanwhile picks
-        scans that grow with the data. So, while a process's write count doubles from 64 up
-        to 65,536, it refreshes them itself; after that the shape of the data is known."""
-        with self._stats_lock:
-            self._writes += 1
-            due = self._writes >= self._next_analyze and self._next_analyze <= 65_536
-            if due:
-                self._next_analyze *= 2
-        if due:
-            self.analyze()
-
     def analyze(self) -> None:
-        """Refresh the planner's statistics (after a bulk load, say). On SQLite a sampled
-        ANALYZE (``analysis_limit``): milliseconds, whatever the size of the database."""
+        """Refresh the planner's statistics of every table the store plans from (after a bulk
+        load, say); the store also does so itself when they are missing or stale
+        (``fhir_kat.store.statistics``). On SQLite a sampled ANALYZE: milliseconds."""
         with self.engine.connect() as conn:
-            if self.is_sqlite:
-                conn.exec_driver_sql("PRAGMA analysis_limit=1000")
-                conn.exec_driver_sql("ANALYZE")
-            else:
-                tables = ", ".join(t.name for t in INDEX_TABLES)
-                conn.execute(text(f"ANALYZE resources, {tables}"))
+            analyze(conn, TABLES, is_sqlite=self.is_sqlite)
             conn.commit()
 
     @contextmanager
@@ -490,6 +475,8 @@ class _TxState:
         # Current rows read ahead by ``preload`` (and whether row-locked): ``get`` answers
         # from here until the resource is written in this transaction.
         self.preloaded: dict[tuple[str, str], tuple[StoredResource | None, bool]] = {}
+        #: Versions written (``Store.statistics`` counts them after the commit).
+        self.written = 0
         #: Each viewer's scope per type, until the transaction writes again.
         self.scopes: dict[tuple[Viewer, str], ReadScope] = {}
 
@@ -808,6 +795,7 @@ class Tx:
             ],
         )
         seqs = [int(s) for s in result.scalars()]
+        self._s.written += len(seqs)
         stored: list[StoredResource] = []
         current_rows: list[dict[str, Any]] = []
         index: list[tuple[Any, dict[str, Any]]] = []
@@ -855,6 +843,7 @@ class Tx:
     def _insert_version(
         self, rtype: str, rid: str, vid: int, when: datetime, method: str, content: str | None
     ) -> int:
+        self._s.written += 1
         result = self.conn.execute(
             _INSERT_VERSION,
             {
