@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 from sqlalchemy import Connection, Engine, select, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from fhir_kat.store.schema import INDEX_TABLES, resource_versions, resources
 
@@ -57,9 +60,16 @@ _LOCK = 7303  # advisory lock key (7301: schema, 7302: id namespace)
 class Statistics:
     """When the statistics of one store's tables are due for a check, and the check."""
 
-    def __init__(self, engine: Engine, *, is_sqlite: bool) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        is_sqlite: bool,
+        writer_turn: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    ) -> None:
         self.engine = engine
         self.is_sqlite = is_sqlite
+        self._writer_turn = writer_turn
         self._lock = threading.Lock()
         self._written = 0
         self._next_check = FIRST_CHECK
@@ -78,18 +88,33 @@ class Statistics:
                 while self._next_check <= self._written:
                     self._next_check += step
         if due:
-            self.refresh()
+            try:
+                self.refresh()
+            except SQLAlchemyError as exc:
+                # The write is committed: a missed refresh only waits for the next check.
+                log.warning("statistics refresh failed", extra={"error": type(exc).__name__})
 
     def refresh(self) -> list[str]:
         """ANALYZE the tables whose statistics are missing or stale; returns their names."""
-        with self.engine.connect() as conn:
-            if self.is_sqlite:
+        if self.is_sqlite:
+            # A writer like any other: its turn in the queue and BEGIN IMMEDIATE (a deferred
+            # transaction that read first and then writes gets "database is locked" at once
+            # when another process wrote meanwhile).
+            with (
+                self._writer_turn(),
+                self.engine.connect().execution_options(kat_write=True) as conn,
+                conn.begin(),
+            ):
                 stale = self._stale_sqlite(conn)
                 if stale:
                     analyze(conn, stale, is_sqlite=True)
                     with self._lock:
                         self._since_analyze = 0
-            elif conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK}).scalar():
+            if stale:
+                log.info("statistics refreshed", extra={"tables": stale})
+            return stale
+        with self.engine.connect() as conn:
+            if conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK}).scalar():
                 try:
                     stale = self._stale_postgres(conn)
                     if stale:

@@ -175,8 +175,10 @@ class Store:
         self.clock: Clock = clock or (lambda: datetime.now(UTC))
         self.is_sqlite = url.startswith("sqlite")
         self.engine: Engine = self._make_engine(url)
-        self.statistics = Statistics(self.engine, is_sqlite=self.is_sqlite)
         self._writer = _SqliteWriterQueue(url) if self.is_sqlite else None
+        self.statistics = Statistics(
+            self.engine, is_sqlite=self.is_sqlite, writer_turn=self._writer_turn
+        )
 
     def _make_engine(self, url: str) -> Engine:
         if not self.is_sqlite:
@@ -271,6 +273,18 @@ class Store:
             tx.flush()
         # Statistics are checked by stored versions, so a large import counts for its size.
         self.statistics.wrote(tx._s.written)
+
+    def after_fork(self) -> None:
+        """In a child process (``fhir_kat.prefork``): the parent's pooled connections are left
+        to the parent (``close=False``: closing would end the parent's sessions), and the
+        SQLite writer queue opens its own lock file (``flock`` locks belong to the open file,
+        which a shared descriptor would share between processes)."""
+        self.engine.dispose(close=False)
+        self.statistics = Statistics(
+            self.engine, is_sqlite=self.is_sqlite, writer_turn=self._writer_turn
+        )
+        if self._writer is not None:
+            self._writer = _SqliteWriterQueue(self.url)
 
     def _writer_turn(self) -> Any:
         return self._writer.turn() if self._writer is not None else _NO_QUEUE
