@@ -353,22 +353,30 @@ def _profiled_referrals(url: str, data_dir: str, referrals: int) -> None:
             assert r.status_code == 201, r.get_data(as_text=True)[:400]
 
 
-def summarise(collapsed: Path, top: int = 25) -> str:
-    """Inclusive share of the samples per function (``name (file)``) within the requests
-    (``full_dispatch_request`` frames), from py-spy's collapsed stacks."""
+def summarise(collapsed: Path, top: int = 30) -> str:
+    """Inclusive share of the samples per function (``name (file)``) within the measured
+    referrals (the warm-up's samples left out), from py-spy's collapsed stacks."""
     total = 0
     inclusive: dict[str, int] = {}
     for line in collapsed.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         frames = stack.split(";")
-        if not any("full_dispatch_request" in f for f in frames):
+        if not any("full_dispatch_request" in f for f in frames) or any(
+            "Subject.ingest" in f for f in frames
+        ):
             continue
         count = int(count_text)
         total += count
-        for name in {f.split(":")[0].strip() for f in frames}:
+        for name in {f.rsplit(":", 1)[0].strip() + ")" for f in frames}:
             inclusive[name] = inclusive.get(name, 0) + count
-    ranked = sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]
-    lines = [f"{total} samples in requests", "| function | share of request time |", "|---|---:|"]
+    ranked = sorted(inclusive.items(), key=lambda kv: -kv[1])
+    ranked = [kv for kv in ranked if kv[1] < total][:top]  # the frames every request passes
+    lines = [
+        f"{total} samples in the measured referrals",
+        "",
+        "| function (file) | share of request time |",
+        "|---|---:|",
+    ]
     lines += [f"| `{name}` | {100 * n / total:.1f} % |" for name, n in ranked]
     return "\n".join(lines)
 

@@ -494,11 +494,9 @@ def test_read_paths_only_look_up(kat: tuple[Flask, Recorder], database_url: str)
 def test_the_audit_sees_a_scan(tmp_path: Path) -> None:
     """The checker itself: the row-value preload form issue 25 measured, and an unindexed
     predicate, are reported as scans on SQLite; the preload's form today is not."""
-    from sqlalchemy import select
 
     from fhir_kat.store import Store
-    from fhir_kat.store.schema import resources
-    from fhir_kat.store.store import _keys_clause
+    from fhir_kat.store.store import _preload_statement
 
     store = Store(f"sqlite:///{tmp_path / 'plans.sqlite3'}")
     store.create_schema()
@@ -512,12 +510,10 @@ def test_the_audit_sees_a_scan(tmp_path: Path) -> None:
         )
         assert sqlite_scans(conn, old, ("Task", "t1", "Patient", "p1"))
         assert sqlite_scans(conn, "SELECT * FROM resources WHERE content LIKE ?", ("%x%",))
-        keys = [("Task", "t1"), ("Task", "t2"), ("Patient", "p1")]
-        compiled = (
-            select(resources)
-            .where(_keys_clause(keys))
-            .compile(store.engine, compile_kwargs={"literal_binds": True})
+        stmt = _preload_statement(2, False).params(
+            k_type_0="Task", k_ids_0=["t1", "t2"], k_type_1="Patient", k_ids_1=["p1"]
         )
+        compiled = stmt.compile(store.engine, compile_kwargs={"literal_binds": True})
         assert not sqlite_scans(conn, str(compiled), ())
     finally:
         conn.close()

@@ -424,21 +424,39 @@ def _use_wal(cursor: Any, attempts: int = 300) -> None:
             time.sleep(0.1)
 
 
-def _keys_clause(keys: Sequence[tuple[str, str]]) -> ColumnElement[bool]:
-    """``resources`` rows of ``keys`` as an OR, per type, of ``res_type = t AND res_id IN
-    (…)``: both databases plan each branch as lookups in the primary key. The row-value form
-    ``(res_type, res_id) IN (VALUES …)`` is planned by SQLite 3.40 as a scan of the whole
-    primary key (issue 25; docs/adr/0016-statement-plans-and-statistics.md), and
-    tests/test_statement_plans.py holds every statement to an index lookup."""
-    by_type: dict[str, list[str]] = {}
-    for rtype, rid in keys:
-        by_type.setdefault(rtype, []).append(rid)
-    return or_(
-        *(
-            and_(resources.c.res_type == rtype, resources.c.res_id.in_(ids))
-            for rtype, ids in sorted(by_type.items())
+_PRELOADS: dict[tuple[int, bool], Select[Any]] = {}
+
+
+def _preload_statement(types: int, lock: bool) -> Select[Any]:
+    """``Tx.preload``'s statement for keys of ``types`` resource types: an OR, per type, of
+    ``res_type = :k_type_<i> AND res_id IN :k_ids_<i>`` (expanding), so both databases plan
+    each branch as lookups in the primary key. The row-value form ``(res_type, res_id) IN
+    (VALUES …)`` is planned by SQLite 3.40 as a scan of the whole primary key (issue 25;
+    docs/adr/0016-statement-plans-and-statistics.md; tests/test_statement_plans.py holds every
+    statement to an index lookup). Built once per number of types, so SQLAlchemy's compiled
+    cache serves every call (building it per call cost more than running it)."""
+    key = (types, lock)
+    stmt = _PRELOADS.get(key)
+    if stmt is None:
+        stmt = (
+            select(resources)
+            .where(
+                or_(
+                    *(
+                        and_(
+                            resources.c.res_type == bindparam(f"k_type_{i}"),
+                            resources.c.res_id.in_(bindparam(f"k_ids_{i}", expanding=True)),
+                        )
+                        for i in range(types)
+                    )
+                )
+            )
+            .order_by(resources.c.res_type, resources.c.res_id)
         )
-    )
+        if lock:
+            stmt = stmt.with_for_update()
+        _PRELOADS[key] = stmt
+    return stmt
 
 
 def _version_of(row: Any, *, compartment: bool = False) -> StoredResource:
@@ -656,11 +674,14 @@ class Tx:
         )
         if not wanted:
             return
-        stmt = select(resources).where(_keys_clause(wanted))
-        stmt = stmt.order_by(resources.c.res_type, resources.c.res_id)
-        if lock:
-            stmt = stmt.with_for_update()
-        found = {(r.res_type, r.res_id): _row_to_stored(r) for r in self.conn.execute(stmt)}
+        by_type: dict[str, list[str]] = {}
+        for rtype, rid in wanted:
+            by_type.setdefault(rtype, []).append(rid)
+        params: dict[str, Any] = {}
+        for i, (rtype, ids) in enumerate(by_type.items()):
+            params[f"k_type_{i}"], params[f"k_ids_{i}"] = rtype, ids
+        stmt = _preload_statement(len(by_type), lock)
+        found = {(r.res_type, r.res_id): _row_to_stored(r) for r in self.conn.execute(stmt, params)}
         for key in wanted:
             self._s.preloaded[key] = (found.get(key), lock)
 
