@@ -1,5 +1,5 @@
 """Every statement the service runs on its write and read paths is an index lookup, on SQLite and
-PostgreSQL (issue 25, docs/adr/0016-statement-plans-and-statistics.md).
+PostgreSQL (issue 25, docs/adr/0017-statement-plans-and-statistics.md).
 
 The paths a user hits run against a database that already holds data (a bulk-loaded cohort,
 statistics refreshed), with every SQL statement they send recorded (SQLAlchemy's

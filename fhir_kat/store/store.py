@@ -9,6 +9,7 @@ one transaction, so a search never sees a half-written resource.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import fcntl
@@ -432,7 +433,7 @@ def _preload_statement(types: int, lock: bool) -> Select[Any]:
     ``res_type = :k_type_<i> AND res_id IN :k_ids_<i>`` (expanding), so both databases plan
     each branch as lookups in the primary key. The row-value form ``(res_type, res_id) IN
     (VALUES …)`` is planned by SQLite 3.40 as a scan of the whole primary key (issue 25;
-    docs/adr/0016-statement-plans-and-statistics.md; tests/test_statement_plans.py holds every
+    docs/adr/0017-statement-plans-and-statistics.md; tests/test_statement_plans.py holds every
     statement to an index lookup). Built once per number of types, so SQLAlchemy's compiled
     cache serves every call (building it per call cost more than running it)."""
     key = (types, lock)
@@ -562,8 +563,12 @@ class Tx:
     def defer(self, key: str, action: Callable[[Tx], None]) -> None:
         """Run ``action`` once, at the end of this transaction, before it commits: for rules
         that need every entry of a transaction Bundle written first (referral triage). It
-        runs on ``system``: a deferred rule decides for the service, not as the caller."""
-        self._s.deferred.setdefault(key, action)
+        runs on ``system``: a deferred rule decides for the service, not as the caller. It
+        runs in the context it was deferred in (``contextvars``), so whoever deferred it is
+        still the one acting when it runs (the write pipeline's step, a request's state)."""
+        if key not in self._s.deferred:
+            context = contextvars.copy_context()
+            self._s.deferred[key] = lambda tx: context.run(action, tx)
 
     def run_deferred(self) -> None:
         while self._s.deferred:
