@@ -77,4 +77,6 @@ def transform(kind: str) -> Response:
 def schema(kind: str) -> Response:
     if kind not in KINDS:
         raise NotFound(issue("not-found", "unknown artifact kind", "kind"))
-    return Response(json.dumps(json_schema(kind), indent=2), content_type="application/schema+json")
+    # The schedule rule is the running program's protocol (configuration), not the shipped one.
+    body = json_schema(kind, _service().protocol)
+    return Response(json.dumps(body, indent=2), content_type="application/schema+json")
