@@ -102,6 +102,8 @@ def _guard(fld: fields.Field[Any]) -> None:
     )
     if rule is not None and rule not in fld.validators:
         fld.validators.append(rule)
+
+
 #: BC PHN check-digit weights for digits 2-9 (powers of 2 mod 11). Source: BC Ministry of
 #: Health, Professional and Software Conformance Standards, Vol. 4B (client registry), as
 #: implemented by python-stdnum ``stdnum.ca.bc_phn`` (2023). The first digit is always 9.
@@ -906,9 +908,7 @@ def _instrument_rules() -> list[dict[str, Any]]:
                 answer = {"enum": [o["valueCoding"]["code"] for o in item["answerOption"]]}
             else:
                 answer = {"type": "integer" if item["type"] == "integer" else "number"}
-            answers.append(
-                {"properties": {"item": {"const": item["linkId"]}, "answer": answer}}
-            )
+            answers.append({"properties": {"item": {"const": item["linkId"]}, "answer": answer}})
         rules.append(
             {
                 "if": {"properties": {"instrument": {"const": key}}, "required": ["instrument"]},
@@ -924,7 +924,9 @@ def _schedule_rule(protocol: ProgramProtocol) -> dict[str, Any]:
     (``mappings/program/protocol.yaml``: configuration, so it is read, never copied)."""
     return {
         "if": {
-            "not": {"anyOf": [{"required": ["schedule_deviation"]}, {"required": ["dose_override"]}]}
+            "not": {
+                "anyOf": [{"required": ["schedule_deviation"]}, {"required": ["dose_override"]}]
+            }
         },
         "then": {
             "anyOf": [
