@@ -33,6 +33,7 @@ from tests.support.conformance import assert_conformant
 pytestmark = pytest.mark.hl7
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 STORED_PHN = "9999999998"  # the example referral's patient (docs/examples)
+TOTALS = {"phq9-total", "gad7-total", "pcl5-total", "bipf-score"}  # the read-only items
 FUZZ = settings(
     max_examples=12,
     deadline=None,
@@ -93,6 +94,11 @@ def artifacts(draw: st.DrawFn, kind: str) -> dict[str, Any]:
         artifact["patient_phn"] = phn
     if stored and kind == "screenings":
         artifact["referral_identifier"] = example("referrals")["referral_identifier"]
+    if kind == "questionnaire-responses" and draw(st.booleans()):
+        # Half of them as a partial response a form would save: each item once, no total
+        # (a generated total is never the service's own). Still valid against the schema.
+        once = {a["item"]: a for a in artifact["answers"] if a["item"] not in TOTALS}
+        artifact |= {"status": "in-progress", "answers": list(once.values())}
     return artifact
 
 
@@ -141,7 +147,9 @@ def test_generated_artifacts_map_to_conformant_fhir_or_are_refused(app: Flask, k
             assert_conformant(staff.get(f"/fhir/{location}").get_json())
 
     check()
-    assert seen["mapped"] + seen["refused"] > 0
+    # Not vacuous: some artifacts of every kind reach the mapping and the store (the examples
+    # are the same every run: derandomized).
+    assert seen["mapped"] > 0, seen
 
 
 # ------------------------------------------------------------------ named refusals
