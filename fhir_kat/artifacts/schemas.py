@@ -44,7 +44,7 @@ _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 #: and ECMA-262 read it alike, so the published JSON Schemas carry it as their ``pattern``):
 #: - C0 controls but tab, LF and CR: R4 datatypes.html#string, "Strings SHALL NOT contain
 #:   Unicode character points below 32, except for u0009 (horizontal tab), u0010 (carriage
-#:   return) and u0013 (line feed)";
+#:   return) and u0013 (line feed)" (decimal 10 and 13 meant: U+000A and U+000D);
 #: - DEL and the C1 controls (U+007F-U+009F): control codes, never text; XML 1.0 (the FHIR
 #:   XML format) discourages them and NEL (U+0085) is whitespace to the schema below;
 #: - whitespace other than space, tab, LF and CR (ECMA-262 ``\s``: VT, FF, NBSP, U+1680,
