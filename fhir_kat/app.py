@@ -28,6 +28,7 @@ from fhir_kat.exchange.terminology import TerminologyServer
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.logging import configure_logging
 from fhir_kat.mapping.functions import all_questionnaires
+from fhir_kat.security.cds_clients import CdsRequestVerifier, load_cds_hooks
 from fhir_kat.security.clients import ClientRegistry, load_clients
 from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.security.identity import (
@@ -41,6 +42,7 @@ from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.sessions import SessionStore
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
+from fhir_kat.services.cds_hooks import CdsHooksService
 from fhir_kat.services.delivery import requeue_on_consent
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.feedback import ReferrerFeedback
@@ -106,6 +108,7 @@ def create_app(
         pid: OpenIdClient(provider)
         for pid, provider in load_providers(settings.extra.get("oidc", {}), os.environ).items()
     }
+    cds_hooks = load_cds_hooks(settings.extra.get("cds_hooks", {}))
     program = settings.extra.get("program", {})
     catalogue = load_catalogue(program.get("instruments", {}), outcomes=program.get("outcomes"))
     try:
@@ -221,6 +224,9 @@ def create_app(
                     p.strip() for p in settings.mllp_processing_ids.split(",") if p.strip()
                 ),
             ),
+            # CDS Hooks (api/cds_hooks.py): cards from the referral workflow's own triage
+            "cds_hooks": CdsHooksService(workflow, outcomes.catalogue, cds_hooks, now),
+            "cds_verifier": CdsRequestVerifier(cds_hooks, store),
         },
         sessions=SessionStore(
             store,
@@ -232,6 +238,7 @@ def create_app(
 
     from fhir_kat.api import auth
     from fhir_kat.api.artifacts import bp as artifacts_bp
+    from fhir_kat.api.cds_hooks import bp as cds_hooks_bp
     from fhir_kat.api.deliveries import bp as deliveries_bp
     from fhir_kat.api.export import bp as export_bp
     from fhir_kat.api.feedback import bp as feedback_bp
@@ -255,6 +262,7 @@ def create_app(
     app.register_blueprint(instruments_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)
+    app.register_blueprint(cds_hooks_bp)
     register_error_handlers(app)
     _install_request_logging(app)
     from fhir_kat.api import inputs
