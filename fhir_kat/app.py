@@ -41,7 +41,7 @@ from fhir_kat.security.oidc import OpenIdClient, grant_configured, load_provider
 from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.sessions import SessionStore
 from fhir_kat.security.tokens import TokenService, load_signing_key
-from fhir_kat.services.artifacts import ArtifactService
+from fhir_kat.services.artifacts import ArtifactService, install_referral_form
 from fhir_kat.services.cds_hooks import CdsHooksService
 from fhir_kat.services.delivery import requeue_on_consent
 from fhir_kat.services.export import ExportService
@@ -181,6 +181,7 @@ def create_app(
     fhir.write_hooks.append(instruments.on_write)
     fhir.write_hooks.append(safety.on_write)
     instruments.install_questionnaires()
+    install_referral_form(fhir)  # Questionnaire/kat-referral, the referral as an SDC form
     artifacts = ArtifactService(fhir, protocol, now, partners, id_namespace)
     # R4 rest-hook Subscriptions: checked on write, notified through the outbox in the same
     # transaction; a Consent write releases the deliveries that waited for it.
