@@ -1,8 +1,9 @@
 """The referral as an SDC form (issue 21): ``Questionnaire/kat-referral`` served with the
 program's ValueSets, ``$populate`` from the launch context, and a submitted response read back
 into the same referral as the native route — golden parity (``tests/golden/referrals-sdc/``:
-``<case>.qr.json`` and ``<case>.native.json`` map to one ``<case>.expected.json``), the same
-bundle over HTTP (``POST /api/v1/referrals``, ``$extract``), and every refusal naming the item."""
+``<case>.input.json``, the response, and ``<case>.native.json``, the same answers as a native
+referral, map to one ``<case>.expected.json``), the same bundle over HTTP
+(``POST /api/v1/referrals``, ``$extract``), and every refusal naming the item."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from fhir_kat.terminology import load_terminology
 from tests.test_golden import CONTEXT
 
 GOLDEN = Path(__file__).parent / "golden" / "referrals-sdc"
-CASES = sorted(p.name.removesuffix(".qr.json") for p in GOLDEN.glob("*.qr.json"))
+CASES = sorted(p.name.removesuffix(".input.json") for p in GOLDEN.glob("*.input.json"))
 KS = "https://fhir-kat.example.org/fhir/CodeSystem/"
 
 
@@ -36,7 +37,9 @@ def _load(name: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("case", CASES)
 def test_golden_parity_with_the_native_route(case: str, request: pytest.FixtureRequest) -> None:
-    from_form = map_artifact("referrals", referral_from_response(_load(f"{case}.qr.json")), CONTEXT)
+    from_form = map_artifact(
+        "referrals", referral_from_response(_load(f"{case}.input.json")), CONTEXT
+    )
     native = map_artifact("referrals", _load(f"{case}.native.json"), CONTEXT)
     assert from_form == native
     expected = GOLDEN / f"{case}.expected.json"
@@ -129,7 +132,7 @@ def _bad(qr: dict[str, Any]) -> list[str]:
 
 
 def test_refusals_name_each_item() -> None:
-    qr = _load("complete.qr.json")
+    qr = _load("complete.input.json")
     assert _bad({**qr, "identifier": None, "authored": None, "status": "in-progress"}) == [
         "QuestionnaireResponse.authored",
         "QuestionnaireResponse.identifier",
@@ -145,7 +148,7 @@ def test_refusals_name_each_item() -> None:
 
 
 def test_submitted_response_is_the_same_referral_over_http(client: FlaskClient) -> None:
-    qr = _load("complete.qr.json")
+    qr = _load("complete.input.json")
     native = _load("complete.native.json")
     via_form = _unclocked(client.post("/api/v1/referrals/$transform", json=qr).get_json())
     via_native = _unclocked(client.post("/api/v1/referrals/$transform", json=native).get_json())
@@ -175,7 +178,7 @@ def _unclocked(bundle: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_refusal_over_http_is_422_naming_the_item(client: FlaskClient) -> None:
-    qr = _load("complete.qr.json")
+    qr = _load("complete.input.json")
     qr["item"][0]["item"][0]["answer"] = [{"valueString": "123"}]  # not a PHN
     response = client.post("/api/v1/referrals", json=qr)
     assert response.status_code == 422
