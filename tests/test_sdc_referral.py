@@ -213,7 +213,7 @@ USER = {
 
 
 def _condition(
-    code: str, system: str = "http://snomed.info/sct", clinical: str = "active"
+    code: str, display: str, system: str = "http://snomed.info/sct", clinical: str = "active"
 ) -> dict[str, Any]:
     return {
         "resourceType": "Condition",
@@ -225,7 +225,7 @@ def _condition(
                 }
             ]
         },
-        "code": {"coding": [{"system": system, "code": code}]},
+        "code": {"coding": [{"system": system, "code": code, "display": display}]},
         "subject": {"reference": "Patient/ehr-avery"},
     }
 
@@ -234,10 +234,16 @@ CONDITIONS = {
     "resourceType": "Bundle",
     "type": "searchset",
     "entry": [
-        {"resource": _condition("47505003")},
-        {"resource": _condition("F17.2", "http://hl7.org/fhir/sid/icd-10-ca")},
-        {"resource": _condition("69322001", clinical="resolved")},  # not active: not prefilled
-        {"resource": _condition("X1", "http://example.org/local")},  # not a system the form takes
+        {"resource": _condition("47505003", "Posttraumatic stress disorder")},
+        {
+            "resource": _condition(
+                "F17.2", "Nicotine dependence", "http://hl7.org/fhir/sid/icd-10-ca"
+            )
+        },
+        # not active: not prefilled
+        {"resource": _condition("69322001", "Psychotic disorder", clinical="resolved")},
+        # not a system the form takes
+        {"resource": _condition("X1", "Local code", "http://example.org/local")},
     ],
 }
 
@@ -262,7 +268,7 @@ def test_populate_prefills_from_the_launch_context() -> None:
     assert answers["patient.phn"] == [{"valueString": "9999999998"}]
     assert answers["patient.given_names[]"] == [{"valueString": "Avery"}, {"valueString": "Q"}]
     assert answers["patient.birth_date"] == [{"valueDate": "1984-03-02"}]
-    assert answers["patient.sex"][0]["valueCoding"]["code"] == "female"
+    assert "patient.sex" not in answers  # Patient.gender is a code, not a Coding: asked
     assert answers["patient.contact.phone"] == [{"valueString": "250-555-0100"}]
     assert answers["referrer.licence_number"] == [{"valueString": "99001"}]
     assert [a["valueCoding"]["code"] for a in answers["conditions[]"]] == ["47505003", "F17.2"]
@@ -271,7 +277,6 @@ def test_populate_prefills_from_the_launch_context() -> None:
         assert link not in answers
     # Without a launch context nothing is guessed.
     assert _answers(populate({})) == {}
-    assert "patient.sex" not in _answers(populate({"patient": {**PATIENT, "gender": "x"}}))
 
 
 def test_populate_operation_then_completion_is_a_referral(client: FlaskClient) -> None:
@@ -320,6 +325,13 @@ def test_populate_operation_then_completion_is_a_referral(client: FlaskClient) -
             "answer": [{"valueString": "CLINIC-7"}],
         },
     ]
+    [patient] = [group for group in qr["item"] if group["linkId"] == "patient"]
+    patient["item"].append(
+        {
+            "linkId": "patient.sex",
+            "answer": [{"valueCoding": {"system": KS + "kat-sex", "code": "female"}}],
+        }
+    )
     [referral] = [group for group in qr["item"] if group["linkId"] == "referral"]
     assert [i["linkId"] for i in referral["item"]] == ["conditions[]"]  # from %conditions
     referral["item"] += [

@@ -167,17 +167,15 @@ def _initial(item: Mapping[str, Any], env: Mapping[str, Any]) -> list[dict[str, 
 
 
 def _as_coding(item: Mapping[str, Any], value: Any) -> dict[str, Any] | None:
-    options = _options(item)
-    if isinstance(value, str):
-        # A code string (Patient.gender): only when it is exactly one of the item's codes.
-        hits = [o for o in options if o["code"] == value]
-        return dict(hits[0]) if len(hits) == 1 else None
-    if isinstance(value, dict) and value.get("system") and value.get("code"):
-        coding = {k: value[k] for k in ("system", "code", "display") if value.get(k)}
-        if item["type"] == "open-choice" or any(
-            (o["system"], o["code"]) == (coding["system"], coding["code"]) for o in options
-        ):
-            return coding
+    """A Coding the item can take: any for an open-choice item, else one of its options. A
+    plain string (a code without its system) is not a Coding and is never made one."""
+    if not (isinstance(value, dict) and value.get("system") and value.get("code")):
+        return None
+    coding = {k: value[k] for k in ("system", "code", "display") if value.get(k)}
+    if item["type"] == "open-choice" or any(
+        (o["system"], o["code"]) == (coding["system"], coding["code"]) for o in _options(item)
+    ):
+        return coding
     return None
 
 
