@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,18 @@ import responses
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from flask import Flask
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from jsonschema.validators import validator_for
 
 from fhir_kat.app import create_app
-from fhir_kat.security.cds_clients import load_cds_hooks
+from fhir_kat.instruments.definitions import load_catalogue
+from fhir_kat.security.cds_clients import CdsClient, CdsHooksConfig, load_cds_hooks
+from fhir_kat.services.cds_hooks import CdsHooksService
+from fhir_kat.services.referrals import ReferralWorkflow
 from fhir_kat.settings import Settings, SettingsError
+from fhir_kat.terminology.criteria import load_criteria
 from fhir_kat.workflow.chart import age_on, chart_facts
 from fhir_kat.workflow.triage import SNOMED, triage
 from tests.conftest import client_as
@@ -607,3 +614,82 @@ def test_feedback_is_recorded_in_the_audit_trail(cds_app: Flask) -> None:
         "feedback[0].outcome",
         "feedback[0].outcomeTimestamp",
     ]
+
+
+# ---------------------------------------------------------------------------- the class
+
+
+def _pool() -> list[tuple[str, str]]:
+    """Codes of every criterion ValueSet (what the rules recognise) and codes they do not."""
+    known = sorted(
+        {(s, c) for vs in load_criteria().values() for s, c in vs.include.codes if s == SNOMED}
+    )
+    return [*known[::7], (SNOMED, DIABETES), (SNOMED, "840539006"), ("urn:local", "X1")]
+
+
+POOL = _pool()
+CHARTS = st.lists(
+    st.tuples(
+        st.sampled_from(POOL),
+        st.sampled_from(["active", "resolved", "remission"]),
+        st.sampled_from(["confirmed", "unconfirmed", "refuted"]),
+    ),
+    max_size=5,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    chart=CHARTS,
+    with_ptsd=st.booleans(),
+    birth=st.sampled_from(["1980-04-02", "2015-01-01", None]),
+)
+def test_every_card_is_triages_decision(
+    chart: list[tuple[tuple[str, str], str, str]], with_ptsd: bool, birth: str | None
+) -> None:
+    """For generated charts: a card exactly when triage finds an inclusion diagnosis met and
+    does not reject; "needs clinician review" exactly when triage holds for anything but what
+    only the referrer can state; the card's lines are triage's own texts."""
+    resources = [
+        {
+            **condition(f"c{i}", code, system, clinical),
+            "verificationStatus": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                        "code": verification,
+                    }
+                ]
+            },
+        }
+        for i, ((system, code), clinical, verification) in enumerate(chart)
+    ]
+    if with_ptsd:
+        resources.append(condition("ptsd", PTSD))
+    patient = {"resourceType": "Patient", "id": "p1", **({"birthDate": birth} if birth else {})}
+    now = datetime(2026, 12, 7, tzinfo=UTC)
+    workflow = ReferralWorkflow(None)  # type: ignore[arg-type]  # judge() reads no store
+    service = CdsHooksService(workflow, load_catalogue(), CdsHooksConfig({}), lambda: now)
+    body = {
+        "hook": "patient-view",
+        "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+        "context": {"userId": "Practitioner/dr-1", "patientId": "p1"},
+        "prefetch": {**prefetch(*resources, patient=patient)},
+    }
+    client = CdsClient("t", ISSUER, {"keys": []})
+    answer = service.call(PATIENT_VIEW, body, client, "https://kat.example.org/app/referrals/new")
+    check("response", answer)
+    decision = triage(chart_facts(resources, (), age_on(birth or "", now.date())))
+    diagnosis_met = any(m.criterion == "diagnosis" for m in decision.met)
+    if not diagnosis_met or decision.outcome == "rejected":
+        assert answer["cards"] == []
+        return
+    [card] = answer["cards"]
+    statements = {"prior-treatment-failure"}
+    review = [f for f in decision.findings if f.criterion not in statements]
+    assert card["summary"].endswith("(needs clinician review)") == bool(review)
+    lines = card["detail"].splitlines()
+    for finding in [*decision.met, *decision.findings]:
+        assert f"- {finding.text}" in lines
+    if any(f.kind == "unclassified" for f in decision.findings):
+        assert review  # unknown means review, never a plain "may be eligible"
