@@ -291,6 +291,13 @@ def test_no_data_or_no_inclusion_gets_no_card(
     assert cards(cds_app, hook_request(prefetch=prefetch(*chart))) == []
 
 
+def test_a_prefetch_of_another_patient_is_refused(cds_app: Flask) -> None:
+    other = {**PATIENT, "id": "someone-else"}
+    response = call(cds_app, hook_request(prefetch=prefetch(condition("c1", PTSD), patient=other)))
+    assert response.status_code == 412
+    assert response.get_json()["issue"][0]["expression"] == ["prefetch.patient"]
+
+
 def test_card_ids_follow_the_hook_instance(cds_app: Flask) -> None:
     body = hook_request(prefetch=prefetch(condition("c1", PTSD)))
     first, again = cards(cds_app, body), cards(cds_app, body)

@@ -163,8 +163,14 @@ class CdsHooksService:
         patient_id = str(context["patientId"])
         chart = self._chart(request, client, patient_id)
         patient = chart["patient"]
-        if patient.get("resourceType") != "Patient":
-            raise PreconditionFailed(issue("not-found", "the prefetch 'patient' is not a Patient"))
+        if patient.get("resourceType") != "Patient" or patient.get("id", patient_id) != patient_id:
+            raise PreconditionFailed(
+                issue(
+                    "invalid",
+                    "'patient' is not the Patient context.patientId names",
+                    "prefetch.patient",
+                )
+            )
         resources = [r for key in ("conditions", "allergies") for r in chart[key]]
         facts = chart_facts(
             resources, (), age_on(str(patient.get("birthDate", "")), self.clock().date())
