@@ -26,7 +26,7 @@ bp = Blueprint("cds_hooks", __name__, url_prefix="/cds-services")
 
 
 def _service() -> CdsHooksService:
-    service: CdsHooksService = current_app.extensions["fhir_kat"].extras["cds_hooks"]
+    service: CdsHooksService = current_app.extensions["fhir_kat"].services.cds_hooks
     return service
 
 
@@ -47,7 +47,7 @@ def _authenticate(service_id: str) -> CdsClient:
     """The EHR that signed this request; the JWT's ``aud`` is the service's URL (CDS Hooks 2.0
     — the feedback endpoint is that service's too)."""
     record = audit_record()
-    verifier: CdsRequestVerifier = current_app.extensions["fhir_kat"].extras["cds_verifier"]
+    verifier: CdsRequestVerifier = current_app.extensions["fhir_kat"].cds_verifier
     try:
         client = verifier.verify(
             request.headers.get("Authorization", ""), f"{_root()}/cds-services/{service_id}"
