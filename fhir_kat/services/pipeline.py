@@ -43,9 +43,11 @@ from fhir_kat.exchange.netguard import EndpointPolicy
 from fhir_kat.exchange.terminology import TerminologyServer
 from fhir_kat.instruments.definitions import Catalogue
 from fhir_kat.mapping.functions import all_questionnaires
+from fhir_kat.security.cds_clients import CdsHooksConfig
 from fhir_kat.security.clients import ClientRegistry
 from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.services.artifacts import ArtifactService
+from fhir_kat.services.cds_hooks import CdsHooksService
 from fhir_kat.services.delivery import requeue_on_consent
 from fhir_kat.services.feedback import ReferrerFeedback
 from fhir_kat.services.fhir_rest import DeleteRule, FhirService, WriteHook, WriteRule
@@ -113,6 +115,8 @@ class Services:
     subscriptions: SubscriptionService
     messaging: MessagingService
     v2: V2ReferralService
+    #: CDS Hooks cards, from the referral workflow's own triage (ADR 0019).
+    cds_hooks: CdsHooksService
 
 
 @dataclass(frozen=True)
@@ -267,6 +271,7 @@ def build_services(
     id_namespace: uuid.UUID,
     v2_senders: Mapping[str, V2Sender],
     mllp_processing_ids: tuple[str, ...],
+    cds_hooks: CdsHooksConfig,
 ) -> Services:
     """Construct the services; no service depends on construction order for what it does."""
     fhir = FhirService(store, default_page_size=default_page_size, max_page_size=max_page_size)
@@ -298,6 +303,7 @@ def build_services(
         v2=V2ReferralService(
             artifacts, clients, consent, v2_senders, clock, processing_ids=mllp_processing_ids
         ),
+        cds_hooks=CdsHooksService(workflow, outcomes.catalogue, cds_hooks, clock),
     )
 
 
