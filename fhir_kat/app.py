@@ -41,7 +41,7 @@ from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.sessions import SessionStore
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
-from fhir_kat.services.delivery import requeue_on_consent
+from fhir_kat.services.delivery import PartnerCopies, requeue_on_consent
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.feedback import ReferrerFeedback
 from fhir_kat.services.fhir_rest import FhirService
@@ -185,6 +185,9 @@ def create_app(
     fhir.write_rules.append(subscriptions.check_rule)
     fhir.write_hooks.append(subscriptions.on_write)
     fhir.write_hooks.append(requeue_on_consent)
+    # Last: a later version of anything a partner was sent is queued for it too (at the end
+    # of the transaction, after the steps above wrote theirs), so its copy converges.
+    fhir.write_hooks.append(PartnerCopies(partners).on_write)
 
     app.extensions["fhir_kat"] = KatState(
         settings=settings,
