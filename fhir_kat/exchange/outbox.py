@@ -626,25 +626,85 @@ def cancel(store: Store, delivery_id: int, now: datetime | None = None) -> Deliv
     )
 
 
-def requeue(store: Store, delivery_id: int, now: datetime | None = None) -> DeliveryInfo:
-    """Send a dead, consent-blocked or cancelled delivery again, from attempt 0, now."""
+def requeue(
+    store: Store, delivery_id: int, now: datetime | None = None, *, force: bool = False
+) -> DeliveryInfo:
+    """Send a dead, consent-blocked or cancelled delivery again, from attempt 0, now.
+
+    Refused (409) when a later delivery of the same partner and patient was delivered since
+    (``superseded``): sending the older content now would replace the newer one at the
+    partner (a ``PUT``, or the conditional update that carries a later version). ``force``
+    sends it anyway."""
+    if not force:
+        with store.read() as tx:
+            if superseded(tx, [delivery_id]):
+                raise Conflict(
+                    f"delivery {delivery_id} is older than a delivery of the same patient that "
+                    "the partner already received: sent now, its content would replace the "
+                    "newer one there. Check what the partner holds, then retry with force"
+                )
     return _transition(
         store, delivery_id, (DEAD, BLOCKED_CONSENT, CANCELLED), PENDING, "requeue", now
     )
 
 
-def retry_dead(store: Store, *, partner: str | None = None, now: datetime | None = None) -> int:
-    """Requeue every dead delivery (of one partner); returns how many."""
+@dataclass(frozen=True)
+class RetryDeadResult:
+    requeued: int
+    #: Dead deliveries left dead: a later one of the same partner and patient was delivered.
+    superseded: list[int]
+
+
+def retry_dead(
+    store: Store,
+    *,
+    partner: str | None = None,
+    now: datetime | None = None,
+    force: bool = False,
+) -> RetryDeadResult:
+    """Requeue every dead delivery (of one partner), except — unless ``force`` — those a later
+    delivery of the same partner and patient has superseded (``superseded``): they stay dead
+    and are named, so an operator looks before older content replaces newer at the partner."""
     moment = _naive(now) if now is not None else _now(store)
-    stmt = (
-        update(outbox)
-        .where(outbox.c.status == DEAD)
-        .values(status=PENDING, attempts=0, next_attempt_at=moment, updated_at=moment)
-    )
-    if partner is not None:
-        stmt = stmt.where(outbox.c.partner == partner)
     with store.write() as tx:
-        return int(tx.conn.execute(stmt).rowcount)
+        stmt = select(outbox.c.id).where(outbox.c.status == DEAD)
+        if partner is not None:
+            stmt = stmt.where(outbox.c.partner == partner)
+        dead = [int(r.id) for r in tx.conn.execute(stmt)]
+        skipped = [] if force else superseded(tx, dead)
+        chosen = sorted(set(dead) - set(skipped))
+        count = 0
+        for start in range(0, len(chosen), 500):
+            count += int(
+                tx.conn.execute(
+                    update(outbox)
+                    .where(outbox.c.id.in_(chosen[start : start + 500]), outbox.c.status == DEAD)
+                    .values(status=PENDING, attempts=0, next_attempt_at=moment, updated_at=moment)
+                ).rowcount
+            )
+    return RetryDeadResult(count, skipped)
+
+
+def superseded(tx: Tx, ids: Collection[int]) -> list[int]:
+    """Those of ``ids`` for which a later delivery of the same partner and patient was
+    delivered: the partner holds newer content than theirs."""
+    if not ids:
+        return []
+    row, later = outbox.alias("o"), outbox.alias("later")
+    newer = exists().where(
+        later.c.partner == row.c.partner,
+        later.c.patient_key == row.c.patient_key,
+        later.c.id > row.c.id,
+        later.c.status == DELIVERED,
+    )
+    found: list[int] = []
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), 500):
+        stmt = select(row.c.id).where(
+            row.c.id.in_(ordered[start : start + 500]), row.c.patient_key.is_not(None), newer
+        )
+        found += [int(r.id) for r in tx.conn.execute(stmt)]
+    return sorted(found)
 
 
 def requeue_blocked(tx: Tx, patient_id: str) -> int:
@@ -831,6 +891,7 @@ __all__ = [
     "Delivery",
     "DeliveryInfo",
     "OutboxStats",
+    "RetryDeadResult",
     "RetryDecision",
     "RetryPolicy",
     "backoff_delay",
@@ -855,5 +916,6 @@ __all__ = [
     "requeue_blocked",
     "retry_dead",
     "stats",
+    "superseded",
     "waits_behind",
 ]
