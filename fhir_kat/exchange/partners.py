@@ -413,6 +413,56 @@ def _text(
     return value.strip()
 
 
+#: ``[exchange]`` keys for R4 rest-hook Subscription notifications (the subscriber's
+#: endpoint is the client's choice, its retry policy and timeout the operator's).
+SUBSCRIPTION_KEYS = (
+    "subscription_max_attempts",
+    "subscription_backoff_base_seconds",
+    "subscription_backoff_cap_seconds",
+    "subscription_timeout_seconds",
+)
+
+
+@dataclass(frozen=True)
+class SubscriptionDelivery:
+    """How rest-hook notifications are retried (the partners' defaults unless set)."""
+
+    max_attempts: int = 12
+    backoff_base_seconds: float = 2.0
+    backoff_cap_seconds: float = 3600.0
+    #: None: the longest partner timeout (10 s without partners).
+    timeout_seconds: float | None = None
+
+
+def subscription_delivery(exchange: Mapping[str, Any]) -> SubscriptionDelivery:
+    """The ``subscription_*`` keys of the ``[exchange]`` table, with the ranges a partner's
+    own keys have; ``SettingsError`` names every bad one."""
+    problems: list[str] = []
+    where = "[exchange]"
+    attempts = _number(
+        exchange, "subscription_max_attempts", 12, 1, 1000, where, problems, whole=True
+    )
+    base = _number(
+        exchange, "subscription_backoff_base_seconds", 2.0, 0.01, 86_400.0, where, problems
+    )
+    cap = _number(
+        exchange, "subscription_backoff_cap_seconds", 3600.0, 0.01, 7 * 86_400.0, where, problems
+    )
+    if cap < base:
+        problems.append(
+            f"{where}.subscription_backoff_cap_seconds: must not be below "
+            "subscription_backoff_base_seconds"
+        )
+    timeout: float | None = None
+    if "subscription_timeout_seconds" in exchange:
+        timeout = _number(
+            exchange, "subscription_timeout_seconds", 10.0, 0.1, 600.0, where, problems
+        )
+    if problems:
+        raise SettingsError("\n".join(problems))
+    return SubscriptionDelivery(int(attempts), base, cap, timeout)
+
+
 def _number(
     table: Mapping[str, Any],
     key: str,

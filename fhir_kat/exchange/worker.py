@@ -41,7 +41,7 @@ from fhir_kat.exchange.outbox import (
     Delivery,
     RetryPolicy,
 )
-from fhir_kat.exchange.partners import PartnerConfig, load_partners
+from fhir_kat.exchange.partners import PartnerConfig, load_partners, subscription_delivery
 from fhir_kat.exchange.plan import log_partner_plan
 from fhir_kat.exchange.routing import resolver, wire_form
 from fhir_kat.exchange.subscriptions import (
@@ -536,6 +536,7 @@ def main(
         settings = load_settings()
         partners = load_partners(settings)
         endpoint_policy = policy_from_settings(settings)
+        hooks = subscription_delivery(settings.extra.get("exchange", {}))
     except SettingsError as exc:
         print(f"fhir-kat worker: {exc}", file=sys.stderr)
         return 2
@@ -562,6 +563,10 @@ def main(
             on_outcome=on_outcome,
             subscriptions=not args.no_subscriptions,
             endpoint_policy=endpoint_policy,
+            subscription_policy=RetryPolicy(
+                hooks.max_attempts, hooks.backoff_base_seconds, hooks.backoff_cap_seconds
+            ),
+            subscription_timeout_seconds=hooks.timeout_seconds,
         )
     except ValueError as exc:
         store.dispose()
