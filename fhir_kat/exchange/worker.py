@@ -510,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: max(120, 3 x the longest partner timeout + 2))",
     )
     parser.add_argument("--idle-seconds", type=float, default=2.0, help="pause when nothing is due")
+    parser.add_argument(
+        "--recheck-blocked-seconds",
+        type=float,
+        default=300.0,
+        help="ask the consent gate again about consent-blocked deliveries this often "
+        "(the safety net behind a Consent's own requeue; 0: never)",
+    )
     parser.add_argument("--worker-id", default=None, help="name in claims and logs")
     parser.add_argument(
         "--no-subscriptions",
@@ -567,6 +574,7 @@ def main(
                 hooks.max_attempts, hooks.backoff_base_seconds, hooks.backoff_cap_seconds
             ),
             subscription_timeout_seconds=hooks.timeout_seconds,
+            recheck_blocked_seconds=args.recheck_blocked_seconds,
         )
     except ValueError as exc:
         store.dispose()
