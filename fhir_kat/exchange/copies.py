@@ -66,13 +66,17 @@ def record(
     for res in resources:
         rtype, rid = res.get("resourceType"), res.get("id")
         if isinstance(rtype, str) and isinstance(rid, str) and rid:
+            version = version_of(res)
+            if version == 0:  # queued without its meta: the version stored now is the one sent
+                stored = tx.get(rtype, rid)
+                version = stored.version_id if stored is not None else 0
             rows[(rtype, rid)] = {
                 "partner": partner,
                 "resource_type": rtype,
                 "resource_id": rid,
                 "artifact_kind": artifact_kind,
                 "patient_key": patient_key,
-                "version_id": version_of(res),
+                "version_id": version,
             }
     if not rows:
         return
