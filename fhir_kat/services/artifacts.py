@@ -28,7 +28,7 @@ from fhir_kat.search import iter_references, split_reference
 from fhir_kat.security.identity import PUBLIC_NAMESPACE
 from fhir_kat.services.access import Access
 from fhir_kat.services.bundles import RawBundle, RawEntry
-from fhir_kat.services.delivery import queue_artifact
+from fhir_kat.services.delivery import derived_of, queue_artifact
 from fhir_kat.services.fhir_rest import FhirService, WriteResult
 from fhir_kat.services.referrals import keep_workflow_state
 from fhir_kat.store import Tx
@@ -137,9 +137,17 @@ class ArtifactService:
                 patient = next(
                     (r.stored.patient_id for _, r in results if r.stored.patient_id), None
                 )
-                # The outbox row commits with the artifact, or neither does (ADR 0004).
+                # The outbox row commits with the artifact, or neither does (ADR 0004). It
+                # carries the resources as stored (their versions: a later one replaces the
+                # partner's copy) and what was derived from them (score Observations).
+                stored = [r.stored for _, r in results]
                 queue_artifact(
-                    tx, self.partners, deliver_as or kind, [e["resource"] for e in entries], patient
+                    tx,
+                    self.partners,
+                    deliver_as or kind,
+                    [s.json() for s in stored],
+                    patient,
+                    derived=derived_of(tx, [f"{s.type}/{s.id}" for s in stored]),
                 )
             result = self._result(results, changed)
             if audit is not None:

@@ -48,7 +48,7 @@ from fhir_kat.security.clients import ClientRegistry
 from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.services.artifacts import ArtifactService
 from fhir_kat.services.cds_hooks import CdsHooksService
-from fhir_kat.services.delivery import requeue_on_consent
+from fhir_kat.services.delivery import PartnerCopies, requeue_on_consent
 from fhir_kat.services.feedback import ReferrerFeedback
 from fhir_kat.services.fhir_rest import DeleteRule, FhirService, WriteHook, WriteRule
 from fhir_kat.services.instruments import InstrumentService
@@ -117,6 +117,8 @@ class Services:
     v2: V2ReferralService
     #: CDS Hooks cards, from the referral workflow's own triage (ADR 0019).
     cds_hooks: CdsHooksService
+    #: What each partner was sent, so later versions follow (docs/exchange.md).
+    copies: PartnerCopies
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,14 @@ def write_pipeline(s: Services) -> WritePipeline:
                 requeue_on_consent,
                 queues="releases consent-blocked deliveries",
             ),
+            Step(
+                "partner copies",
+                "a later version of a resource a partner was sent (a Task status change, a "
+                "resolved Flag, a correction) is queued for it at the end of the transaction, "
+                "so its copy converges to the record (docs/exchange.md)",
+                s.copies.on_write,
+                queues="later versions for the partners sent earlier ones",
+            ),
         ),
     )
 
@@ -304,6 +314,7 @@ def build_services(
             artifacts, clients, consent, v2_senders, clock, processing_ids=mllp_processing_ids
         ),
         cds_hooks=CdsHooksService(workflow, outcomes.catalogue, cds_hooks, clock),
+        copies=PartnerCopies(partners),
     )
 
 
