@@ -443,7 +443,7 @@ def block_unless_consented(
 
     Without the lock a Consent that commits between the gate's answer and the block would
     release nothing (the delivery was in flight, not blocked) and the block would stay for
-    good; see ``docs/adr/0017-partner-copies-converge.md``."""
+    good; see ``docs/adr/0018-partner-copies-converge.md``."""
     moment = _naive(now) if now is not None else _now(store)
     patient = (delivery.consent_check or {}).get("patient")
     with store.write() as tx:
