@@ -105,7 +105,7 @@ class ArtifactService:
                     current = tx.system.get("Task", resource["id"])
                     if current is not None and not current.deleted:
                         resource = keep_workflow_state(current.json(), resource)
-                written = self.fhir.update_in(tx, resource, skip_if_unchanged=True)
+                written = self.fhir.update_in(tx, resource)
                 results.append((entry, written))
             changed = any(r.changed for _, r in results)
             if changed:  # an identical re-send leaves no new trace and sends nothing again

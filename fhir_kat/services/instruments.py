@@ -53,7 +53,7 @@ class InstrumentService:
         with self.fhir.write() as tx:
             tx.lock("install-definitions")  # processes starting together take turns
             for q in self.questionnaires.values():
-                self.fhir.update_in(tx, dict(q), skip_if_unchanged=True)
+                self.fhir.update_in(tx, dict(q))
 
     def _questionnaire(self, qr: dict[str, Any]) -> tuple[dict[str, Any], Instrument] | None:
         """The program Questionnaire a response answers: named by its canonical URL (with or
@@ -92,9 +92,9 @@ class InstrumentService:
         result = score(qr, questionnaire, instrument)
         observations = extract(qr, questionnaire, instrument, result)
         for obs in observations:
-            self.fhir.update_in(tx, obs, skip_if_unchanged=True)
+            self.fhir.update_in(tx, obs)
         if observations:
-            self.fhir.update_in(tx, self._provenance(qr, observations), skip_if_unchanged=True)
+            self.fhir.update_in(tx, self._provenance(qr, observations))
         if self.raise_signal is not None:
             for signal in self._signals(tx, qr, instrument, result.item_values, result.total):
                 self.raise_signal(tx, signal)
