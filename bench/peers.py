@@ -208,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
                             url, shape, _token(target, url), c, args.seconds, offset * 10**9
                         )
                         results.setdefault((shape, target, c), []).append(r)
+                        print(f"{shape} {target} {c}: {r['rps']:.1f}/s", file=sys.stderr)
+            # Written after every round: a run cut short still leaves its table.
+            table = _table(results, list(urls), shapes, clients, args)
+            if args.out:
+                args.out.write_text(table + "\n")
         table = _table(results, list(urls), shapes, clients, args)
     print(table)
     if args.out:

@@ -31,7 +31,14 @@ from fhir_kat.errors import (
     Unprocessable,
     issue,
 )
-from fhir_kat.search import SearchQuery, iter_references, parse_search, split_reference
+from fhir_kat.search import (
+    Criterion,
+    SearchQuery,
+    extract_index,
+    iter_references,
+    parse_search,
+    split_reference,
+)
 from fhir_kat.security.policy import role_allows
 from fhir_kat.services.access import Access
 from fhir_kat.services.bundles import RawBundle, RawEntry
@@ -351,23 +358,61 @@ class FhirService:
         or revealed: for the caller it does not exist, so its request creates. A type it may
         write but not read (a referrer's Patient) is matched among what it may change: its
         re-sends stay idempotent, and the answer names the match without its content."""
-        pairs = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
-        if not pairs:
-            raise BadRequest(issue("value", f"{where} has no search criteria", where))
-        query = parse_search(
-            rtype, pairs, strict=True, default_count=2, max_count=2
-        )  # unknown criteria would match everything: always strict here
+        query = _conditional_query(rtype, criteria, where)
         # Serialise conditional creates with the same criteria (PostgreSQL advisory lock):
-        # without it two parallel requests both see "no match" and both create.
-        # Conditional updates take the same lock: one may create what the other matches.
-        tx.lock(f"conditional-create|{rtype}|{sorted(query.self_params())}")
-        rows = self.match(tx, query)
-        if len(rows) > 1:
-            # Never how many: a count of what the criteria match is a value oracle.
-            raise PreconditionFailed(
-                issue("multiple-matches", f"{where} matched more than one {rtype}", where)
-            )
-        return rows[0] if rows else None
+        # without it two parallel requests both see "no match" and both create. Conditional
+        # updates take the same lock: one may create what the other matches.
+        tx.lock(_lock_key(query))
+        return _the_one(self.match(tx, query), rtype, where)
+
+    def _conditional_matches(
+        self, tx: Tx, wanted: Sequence[tuple[str, str, str]]
+    ) -> list[StoredResource | None]:
+        """``_conditional_match`` of each (type, criteria, where) of a transaction, the same
+        answers in fewer queries: every criteria that is one ``system|code`` token (the
+        ``identifier=system|value`` loaders and partner deliveries send) is looked up with
+        the others of its type and parameter, up to 100 in one query through the same
+        ``match`` (the caller's view); any other criteria on its own. Locks: all at once."""
+        queries = [_conditional_query(*w) for w in wanted]
+        tx.lock_many([_lock_key(q) for q in queries])
+        found: list[StoredResource | None] = [None] * len(queries)
+        groups: dict[tuple[str, str], list[tuple[int, tuple[str, str]]]] = {}
+        access = caller_of(tx)
+        for i, query in enumerate(queries):
+            token = _single_token(query)
+            # A type the caller writes but cannot read is matched among what it may change,
+            # filtered after the query: one by one, so no match hides behind others' rows.
+            if token is None or (access is not None and not access.can(query.resource_type, "r")):
+                found[i] = _the_one(self.match(tx, query), query.resource_type, wanted[i][2])
+            else:
+                key = (query.resource_type, query.criteria[0].name)
+                groups.setdefault(key, []).append((i, token))
+        for (rtype, param), members in groups.items():
+            for start in range(0, len(members), _MAX_TOGETHER):
+                chunk = members[start : start + _MAX_TOGETHER]
+                codes = sorted({code for _, (_, code) in chunk})
+                limit = 2 * len(codes) + 1
+                # By code alone (``code IN (…)`` on the token index, where ``(system, code)``
+                # pairs OR-ed scan every row of the parameter); the systems are compared below.
+                together = SearchQuery(
+                    rtype,
+                    criteria=(
+                        Criterion(param, "token", "", tuple((None, c, False) for c in codes), ""),
+                    ),
+                    count=limit,
+                )
+                rows = self.match(tx, together)
+                if len(rows) >= limit:  # more matches than can be told apart: one by one
+                    for i, _ in chunk:
+                        found[i] = _the_one(self.match(tx, queries[i]), rtype, wanted[i][2])
+                    continue
+                holders: dict[tuple[str, str], list[StoredResource]] = {}
+                for row in rows:
+                    for token in _tokens_of(row, param):
+                        holders.setdefault(token, []).append(row)
+                for i, token in chunk:
+                    found[i] = _the_one(holders.get(token, []), rtype, wanted[i][2])
+        return found
 
     def match(self, tx: Tx, query: SearchQuery) -> list[StoredResource]:
         """The first matches (up to ``query.count``) of ``query`` for an idempotent write by
@@ -614,10 +659,30 @@ class FhirService:
 
     def _assign_ids(self, tx: Tx, plans: list[_EntryPlan]) -> dict[str, str]:
         id_map: dict[str, str] = {}
+        conditional = [
+            p for p in plans if p.method == "POST" and p.resource is not None and p.if_none_exist
+        ]
+        matches = dict(
+            zip(
+                (p.index for p in conditional),
+                self._conditional_matches(
+                    tx,
+                    [
+                        (
+                            p.rtype,
+                            p.if_none_exist or "",
+                            f"Bundle.entry[{p.index}].request.ifNoneExist",
+                        )
+                        for p in conditional
+                    ],
+                ),
+                strict=True,
+            )
+        )
         for plan in plans:
             if plan.method == "POST" and plan.resource is not None:
                 if plan.if_none_exist:
-                    match = self._conditional_match(tx, plan.rtype, plan.if_none_exist)
+                    match = matches[plan.index]
                     if match is not None:
                         plan.existing = match
                         if plan.full_url:
@@ -839,6 +904,56 @@ def _unknown(tx: Tx, rtype: str, rid: str, text: str) -> NotFound:
 def _not_yours(rtype: str) -> Issue:
     # Names the type only: never the id, the patient or anything from the content.
     return issue("forbidden", f"this {rtype} is not yours to change", rtype)
+
+
+#: Tokens looked up in one query by ``_conditional_matches`` (a search's own limit too).
+_MAX_TOGETHER = 100
+#: What the token index keeps of a system or code (``store._index_params``).
+_TOKEN_CHARS = 255
+
+
+def _conditional_query(rtype: str, criteria: str, where: str) -> SearchQuery:
+    pairs = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
+    if not pairs:
+        raise BadRequest(issue("value", f"{where} has no search criteria", where))
+    # Unknown criteria would match everything: always strict here.
+    return parse_search(rtype, pairs, strict=True, default_count=2, max_count=2)
+
+
+def _lock_key(query: SearchQuery) -> str:
+    return f"conditional-create|{query.resource_type}|{sorted(query.self_params())}"
+
+
+def _the_one(rows: Sequence[StoredResource], rtype: str, where: str) -> StoredResource | None:
+    if len(rows) > 1:
+        # Never how many: a count of what the criteria match is a value oracle.
+        raise PreconditionFailed(
+            issue("multiple-matches", f"{where} matched more than one {rtype}", where)
+        )
+    return rows[0] if rows else None
+
+
+def _single_token(query: SearchQuery) -> tuple[str, str] | None:
+    """(system, code) when ``query`` is exactly one ``param=system|code`` token criterion,
+    both non-empty and short enough that the index holds them whole; else None."""
+    if len(query.criteria) != 1 or query.includes or query.summary_count:
+        return None
+    c = query.criteria[0]
+    if c.type != "token" or c.modifier or len(c.values) != 1:
+        return None
+    system, code, has_pipe = c.values[0]
+    if not (has_pipe and system and code) or max(len(system), len(code)) > _TOKEN_CHARS:
+        return None
+    return system, code
+
+
+def _tokens_of(stored: StoredResource, param: str) -> set[tuple[str, str]]:
+    """The (system, code) tokens of ``param`` the index holds for ``stored``."""
+    return {
+        (system[:_TOKEN_CHARS], code[:_TOKEN_CHARS])
+        for name, system, code in extract_index(stored.json()).tokens
+        if name == param
+    }
 
 
 def _conditional_id(match: StoredResource | None, given: Any, where: str) -> str:
