@@ -6,7 +6,8 @@ one query per type, parameter and 100 tokens) or one by one (as before: one pars
 query per entry), interleaved in one run. Run it under py-spy for the profile:
 
     python -m bench.conditional_inprocess -n 30
-    py-spy record --format raw -o /tmp/cond.txt -- python -m bench.conditional_inprocess -n 30
+    py-spy record --format raw -o /tmp/cond.txt -- \
+        python -m bench.conditional_inprocess -n 30 --only together
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _mode(mode: str) -> AbstractContextManager[object]:
     return mock.patch.object(fhir_rest, "_single_token", lambda _query: None)
 
 
-def run(n: int, database_url: str | None) -> dict[str, list[float]]:
+def run(n: int, database_url: str | None, modes: tuple[str, ...]) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(
             {},
@@ -68,7 +69,7 @@ def run(n: int, database_url: str | None) -> dict[str, list[float]]:
             times.setdefault(label, []).append(dt)
 
         for i in range(n + 3):  # 3 warm-up rounds, not counted
-            for mode in ("together", "one by one"):
+            for mode in modes:
                 _, body = conditional_100(i * 2 + (mode == "together"))
                 with _mode(mode):
                     post(f"{mode}, new", body)
@@ -82,12 +83,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=30)
     parser.add_argument("--database-url", help="PostgreSQL instead of a new SQLite file")
+    parser.add_argument(
+        "--only", choices=["together", "one by one"], help="one mode (for a profile of it)"
+    )
     args = parser.parse_args()
     if args.database_url:
         from fhir_kat.store import Store
 
         Store(args.database_url).drop_schema()
-    times = run(args.n, args.database_url)
+    modes = (args.only,) if args.only else ("together", "one by one")
+    times = run(args.n, args.database_url, modes)
     print("| lookups | transaction | p50 ms | resources/s |")
     print("|---|---|---:|---:|")
     for label, ts in times.items():

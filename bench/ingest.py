@@ -173,7 +173,8 @@ def _observation(n: int, i: int, shape: str) -> dict[str, object]:
         "identifier": [{"system": "urn:bench:obs", "value": f"{shape}-{n}-{i}"}],
         "status": "final",
         "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
-        "subject": {"reference": "Patient/bench"},
+        # One patient per request: a per-patient hook never grows with the run.
+        "subject": {"reference": f"Patient/bench-{n}"},
         "effectiveDateTime": "2026-02-01T10:00:00Z",
         "valueQuantity": {
             "value": 60 + i % 40,
