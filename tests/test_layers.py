@@ -30,6 +30,7 @@ LAYERS = {
     "settings": 0,
     "logging": 0,
     "wsgi": 8,
+    "prefork": 7,
     "synthetic": 2,
     "v2": 2,
 }

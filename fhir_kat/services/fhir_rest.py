@@ -126,6 +126,9 @@ class FhirService:
         self.write_hooks = list(write_hooks)
         self.write_rules = list(write_rules)
         self.delete_rules: list[DeleteRule] = []
+        #: Called with each body before its rules: the write pipeline's guard on what the
+        #: running step may store (fhir_kat/services/pipeline.py).
+        self.write_guard: Callable[[dict[str, Any]], None] | None = None
 
     # ---------------------------------------------------------------- reads
 
@@ -337,9 +340,12 @@ class FhirService:
         method: str,
     ) -> tuple[StoredResource, bool]:
         """The one path every version takes: rules (as the caller: ``tx.viewer``, None for the
-        service's own writes), store, hooks (as the service: ``tx.system``). An update that
-        changes nothing writes nothing (``Tx.put``) and runs no hook: no version, no
-        workflow, no delivery — the caller's audit record still names it."""
+        service's own writes), store, hooks (as the service: ``tx.system``) — the write
+        pipeline, fhir_kat/services/pipeline.py. An update that changes nothing writes nothing
+        (``Tx.put``) and runs no hook: no version, no workflow, no delivery — the caller's
+        audit record still names it (ADR 0018)."""
+        if self.write_guard is not None:
+            self.write_guard(body)
         for rule in self.write_rules:
             rule(tx, body, current)
         stored, changed = tx.put(body, current=current, method=method)
