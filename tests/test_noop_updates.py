@@ -353,7 +353,7 @@ def test_a_resent_fhir_message_writes_nothing_and_is_audited(app: Flask) -> None
 
 @pytest.fixture
 def mllp_port(app: Flask) -> Iterator[int]:
-    service = app.extensions["fhir_kat"].extras["v2"]
+    service = app.extensions["fhir_kat"].services.v2
     with MllpListener(ListenerConfig(port=0, idle_timeout=30), service.receive) as listener:
         yield listener.address[1]
 
