@@ -127,7 +127,7 @@ class ArtifactService:
                     current = tx.system.get("Task", resource["id"])
                     if current is not None and not current.deleted:
                         resource = keep_workflow_state(current.json(), resource)
-                written = self.fhir.update_in(tx, resource, skip_if_unchanged=True)
+                written = self.fhir.update_in(tx, resource)
                 results.append((entry, written))
             changed = any(r.changed for _, r in results)
             if changed:  # an identical re-send leaves no new trace and sends nothing again
@@ -276,7 +276,7 @@ def install_referral_form(fhir: FhirService) -> None:
     """Store ``Questionnaire/kat-referral`` (unchanged ones are left alone) at start-up."""
     with fhir.write() as tx:
         tx.lock("install-definitions")  # processes starting together take turns
-        fhir.update_in(tx, referral_questionnaire(), skip_if_unchanged=True)
+        fhir.update_in(tx, referral_questionnaire())
 
 
 def _reads_patients(access: Access | None) -> bool:

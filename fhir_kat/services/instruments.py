@@ -54,7 +54,7 @@ class InstrumentService:
         with self.fhir.write() as tx:
             tx.lock("install-definitions")  # processes starting together take turns
             for q in self.questionnaires.values():
-                self.fhir.update_in(tx, dict(q), skip_if_unchanged=True)
+                self.fhir.update_in(tx, dict(q))
 
     def _questionnaire(self, qr: dict[str, Any]) -> tuple[dict[str, Any], Instrument] | None:
         """The program Questionnaire a response answers: named by its canonical URL (with or
@@ -92,15 +92,10 @@ class InstrumentService:
         questionnaire, instrument = found
         result = score(qr, questionnaire, instrument)
         observations = extract(qr, questionnaire, instrument, result)
-        derived = [
-            self.fhir.update_in(tx, obs, skip_if_unchanged=True).stored.json()
-            for obs in observations
-        ]
+        derived = [self.fhir.update_in(tx, obs).stored.json() for obs in observations]
         if observations:
             provenance = self._provenance(qr, observations)
-            derived.append(
-                self.fhir.update_in(tx, provenance, skip_if_unchanged=True).stored.json()
-            )
+            derived.append(self.fhir.update_in(tx, provenance).stored.json())
         # Partners that receive the response receive its scores with it (docs/exchange.md).
         note_derived(tx, f"QuestionnaireResponse/{stored.id}", derived)
         if self.raise_signal is not None:
