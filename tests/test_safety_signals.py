@@ -884,3 +884,46 @@ def test_session_1_given_im_with_a_clinician_override_is_recorded_and_flagged(
     mid = did("MedicationAdministration", body["source_id"])
     flag = assert_signal(app, client, "schedule-deviation", f"MedicationAdministration/{mid}")
     assert "Recorded reason: lozenge not tolerated" in flag["code"]["text"]
+
+
+def test_what_the_service_writes_carries_a_true_narrative(
+    client: FlaskClient, raised: dict[str, Any]
+) -> None:
+    """R4 dom-6 on the service's own writes (the Task, score Observations, their Provenance,
+    the Flag), and the narrative follows the resource when the service changes it: a resolved
+    Flag's narrative says inactive."""
+    from fhir_kat.mapping.narrative import narrative
+
+    def generated(resource: dict[str, Any]) -> bool:
+        body = {k: v for k, v in resource.items() if k not in ("text", "meta")}
+        return resource.get("text") == narrative(dict(body, meta=resource.get("meta")))
+
+    for rtype in ("Task", "Observation", "Provenance", "Flag", "QuestionnaireResponse"):
+        found = client.get(f"/fhir/{rtype}?_count=100").get_json()
+        assert found["total"] > 0, rtype
+        for entry in found["entry"]:
+            resource = entry["resource"]
+            assert resource.get("text", {}).get("status") == "generated", rtype
+            assert "<table>" in resource["text"]["div"] or rtype == "QuestionnaireResponse"
+    assert generated(client.get(f"/fhir/Flag/{raised['id']}").get_json())
+    assert "<td>active</td>" in raised["text"]["div"]
+    done = client.post(
+        f"/api/v1/flags/{raised['id']}/$resolve",
+        data=json.dumps({"by": STAFF, "note": "safety plan in place"}),
+        content_type="application/json",
+    ).get_json()
+    assert (
+        "<td>inactive</td>" in done["text"]["div"] and "<td>active</td>" not in done["text"]["div"]
+    )
+    assert generated(done)
+    # A client's own narrative is never replaced.
+    mine = {"status": "additional", "div": '<div xmlns="http://www.w3.org/1999/xhtml">mine</div>'}
+    patient = client.get("/fhir/Patient?_count=1").get_json()["entry"][0]["resource"]
+    patient.pop("meta")
+    kept = client.put(
+        f"/fhir/Patient/{patient['id']}",
+        data=json.dumps(dict(patient, text=mine, gender="unknown")),
+        content_type="application/fhir+json",
+    )
+    assert kept.status_code == 200, kept.get_json()
+    assert kept.get_json()["text"] == mine

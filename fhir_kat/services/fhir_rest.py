@@ -31,6 +31,7 @@ from fhir_kat.errors import (
     Unprocessable,
     issue,
 )
+from fhir_kat.mapping.narrative import narrative
 from fhir_kat.search import (
     Criterion,
     SearchQuery,
@@ -348,6 +349,7 @@ class FhirService:
             self.write_guard(body)
         for rule in self.write_rules:
             rule(tx, body, current)
+        body = _narrated(tx, body, current)
         stored, changed = tx.put(body, current=current, method=method)
         if changed:
             access = caller_of(tx)
@@ -916,6 +918,31 @@ def _not_yours(rtype: str) -> Issue:
 _MAX_TOGETHER = 100
 #: What the token index keeps of a system or code (``store._index_params``).
 _TOKEN_CHARS = 255
+
+
+def _narrated(tx: Tx, body: dict[str, Any], current: StoredResource | None) -> dict[str, Any]:
+    """R4 dom-6, kept true: what the service writes itself carries a generated narrative of its
+    own elements (``mapping.narrative``), and a narrative the service generated is generated
+    again when its resource changes (a Flag resolved, a Task updated) — unless the writer sent
+    a narrative of its own. A client's narrative is never touched."""
+    text = body.get("text")
+    if text is None and caller_of(tx) is None:
+        return {**body, "text": narrative(body)}
+    if text is None or current is None or current.deleted:
+        return body
+    before = current.json()
+    if text != before.get("text") or not _generated_here(before):
+        return body
+    fresh = narrative({k: v for k, v in body.items() if k != "text"})
+    return body if fresh == text else {**body, "text": fresh}
+
+
+def _generated_here(resource: dict[str, Any]) -> bool:
+    """Is ``resource``'s narrative the one the service generates for its elements?"""
+    text = resource.get("text")
+    return isinstance(text, dict) and text == narrative(
+        {k: v for k, v in resource.items() if k != "text"}
+    )
 
 
 def _conditional_query(rtype: str, criteria: str, where: str) -> SearchQuery:
