@@ -357,7 +357,8 @@ def _instrument_info() -> list[dict[str, Any]]:
         else:
             parts = []
             if inst.min_drop is not None:
-                parts.append(f"a total {inst.min_drop:g} or more points lower")
+                points = "percentage points" if inst.unit == "%" else "points"
+                parts.append(f"a total {inst.min_drop:g} or more {points} lower")
             if inst.milder_band:
                 parts.append("a milder severity band")
             improved = " or ".join(parts) + " at follow-up"

@@ -169,7 +169,13 @@ def test_referrers_are_refused_the_program_teams_pages(pages: Pages, app: Flask)
         app, "other-referrer", referral("R-OTHER-2", "Hidden", "Kim", phn(31), "CLINIC-8")
     )
     page = pages.open("/app/", "referrer")
-    for path in ("/app/safety", "/app/worklist", "/app/participants/anyone", "/app/dashboard"):
+    for path in (
+        "/app/safety",
+        "/app/worklist",
+        "/app/participants/anyone",
+        "/app/dashboard",
+        "/app/questionnaires/phq-9",
+    ):
         page.goto(pages.server.url + path)
         expect(page.locator("h1")).to_have_text("Not allowed")
         assert "Hidden" not in page.content()
@@ -250,6 +256,8 @@ def test_a_nurse_is_told_on_the_spot_and_resolves_the_flag_in_the_inbox(
     expect(chart).to_contain_text("cut-off 10")
     expect(chart).to_contain_text("Moderate depression")
     check_page(page, "participant")
+    page.goto(pages.server.url + "/app/dashboard")
+    check_page(page, "dashboard-staff")
 
 
 def test_the_analyst_downloads_the_figures_as_evaluate_measure_gives_them(

@@ -15,7 +15,7 @@ window.KatChart = (function () {
   /* A score over time: points = [{when: Date, value: number, label}], inst = the instrument's
      range, unit, bands and positive_at (the cut-off). */
   function timeSeries(id, inst, points) {
-    const W = 640, H = 280, L = 56, R = 150, T = 16, B = 44;
+    const W = 700, H = 280, L = 56, R = 210, T = 16, B = 44;
     const root = svg("svg", { viewBox: "0 0 " + W + " " + H, width: W, height: H, role: "img", "aria-labelledby": id + "-title " + id + "-desc" });
     root.append(svg("title", { id: id + "-title" }, inst.title + " total score over time"));
     const y = (v) => T + (H - T - B) * (1 - (v - inst.min) / (inst.max - inst.min));

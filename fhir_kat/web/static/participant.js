@@ -11,6 +11,7 @@
   const status = document.getElementById("participant-status");
   const summary = document.getElementById("error-summary");
   const ref = "Patient/" + encodeURIComponent(pid);
+  const INTAKE_STEPS = ["nurse-intake", "psychiatrist-clearance", "contraindication-check"];
   const VITALS = { "85354-9": "Blood pressure", "8867-4": "Heart rate", "59408-5": "SpO2", "2708-6": "SpO2", "9279-1": "Respiratory rate", "29463-7": "Body weight" };
 
   function code(concept) { return (((concept || {}).coding || [])[0] || {}).code || ""; }
@@ -23,7 +24,12 @@
 
   function observationText(o) {
     const c = code(o.code);
-    if (steps[c]) return "Intake: " + steps[c] + " — " + Kat.codingText(o.valueCodeableConcept);
+    if (INTAKE_STEPS.includes(c)) return "Intake: " + steps[c] + " — " + Kat.codingText(o.valueCodeableConcept);
+    if (steps[c]) {
+      // A fact the referral stated (kat-intake: prior treatment failure, …).
+      const value = o.valueBoolean === true ? "yes" : o.valueBoolean === false ? "no" : Kat.codingText(o.valueCodeableConcept) || "recorded";
+      return steps[c] + ": " + value;
+    }
     if (c === "85354-9") {
       const part = (k) => ((o.component || []).find((x) => code(x.code) === k) || {}).valueQuantity;
       return "Blood pressure " + ((part("8480-6") || {}).value ?? "?") + "/" + ((part("8462-4") || {}).value ?? "?") + " mm[Hg]";
@@ -81,7 +87,8 @@
       }
       for (const o of observations) {
         const text = observationText(o);
-        if (text) items.push(item(o.effectiveDateTime || (o.effectivePeriod || {}).start, steps[code(o.code)] ? "Intake" : "Measurement", text, "Observation-" + o.id));
+        const kind = INTAKE_STEPS.includes(code(o.code)) ? "Intake" : steps[code(o.code)] ? "Referral" : "Measurement";
+        if (text) items.push(item(o.effectiveDateTime || (o.effectivePeriod || {}).start || o.issued, kind, text, "Observation-" + o.id));
       }
       for (const m of doses) items.push(item((m.effectivePeriod || {}).start || m.effectiveDateTime, "KaT session", doseText(m, weights), "MedicationAdministration-" + m.id));
       for (const e of events) {
