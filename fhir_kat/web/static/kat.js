@@ -170,6 +170,13 @@ window.Kat = (function () {
   }
 
   // The PHN systems the service accepts (artifacts.schemas.PHN_SYSTEMS, given by the page).
+  /* A search's _include'd Patients by reference ("Patient/<id>"), and its matches. */
+  function split(entries, type) {
+    const patients = new Map();
+    for (const e of entries) if (e.resource.resourceType === "Patient") patients.set("Patient/" + e.resource.id, e.resource);
+    return { patients, matches: entries.map((e) => e.resource).filter((r) => r.resourceType === type) };
+  }
+
   const PHN_SYSTEMS = (document.body.dataset.phnSystems || "").split(" ").filter(Boolean);
 
   function patientName(patient) {
@@ -194,5 +201,5 @@ window.Kat = (function () {
   }
 
   return { api, ApiError, el, showErrors, clearErrors, focusField, validate, nowWithOffset, codingText, csrf,
-    searchAll, patientName, patientPhn, when, PHN_SYSTEMS };
+    searchAll, split, patientName, patientPhn, when, PHN_SYSTEMS };
 })();

@@ -23,9 +23,7 @@
   async function load() {
     try {
       const entries = await Kat.searchAll("/fhir/Task?code=" + encodeURIComponent(TASK_CODE) + "&_include=Task:patient&_count=100", 20);
-      const patients = new Map();
-      for (const e of entries) if (e.resource.resourceType === "Patient") patients.set("Patient/" + e.resource.id, e.resource);
-      const tasks = entries.map((e) => e.resource).filter((r) => r.resourceType === "Task");
+      const { patients, matches: tasks } = Kat.split(entries, "Task");
       tasks.sort((a, b) => String(b.authoredOn || "").localeCompare(String(a.authoredOn || "")));
       rows = tasks.map((task) => {
         const patient = patients.get(patientRef(task));

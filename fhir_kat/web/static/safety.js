@@ -97,9 +97,7 @@
   async function load(keepStatus) {
     try {
       const entries = await Kat.searchAll("/fhir/Flag?status=active&category=" + encodeURIComponent(CATEGORY) + "&_include=Flag:patient&_count=100", 20);
-      const patients = new Map();
-      for (const e of entries) if (e.resource.resourceType === "Patient") patients.set("Patient/" + e.resource.id, e.resource);
-      const flags = entries.map((e) => e.resource).filter((r) => r.resourceType === "Flag");
+      const { patients, matches: flags } = Kat.split(entries, "Flag");
       flags.sort((a, b) => (ORDER[tier(a).key] - ORDER[tier(b).key]) || String((a.period || {}).start || "").localeCompare(String((b.period || {}).start || "")));
       inbox.replaceChildren(...flags.map((f) => card(f, patients.get((f.subject || {}).reference || ""))));
       if (!flags.length) inbox.replaceChildren(Kat.el("p", "No open safety flags."));

@@ -48,9 +48,7 @@
   async function load() {
     try {
       const entries = await Kat.searchAll("/fhir/Task?code=" + encodeURIComponent(TASK_CODE) + "&status=requested,received,on-hold,accepted,in-progress&_include=Task:patient&_count=100", 20);
-      const patients = new Map();
-      for (const e of entries) if (e.resource.resourceType === "Patient") patients.set("Patient/" + e.resource.id, e.resource);
-      const tasks = entries.map((e) => e.resource).filter((r) => r.resourceType === "Task");
+      const { patients, matches: tasks } = Kat.split(entries, "Task");
       tasks.sort((a, b) => String(a.authoredOn || "").localeCompare(String(b.authoredOn || "")));
       const stepObs = (await Kat.searchAll("/fhir/Observation?code=" + encodeURIComponent(STEP_ORDER.map((s) => INTAKE + "|" + s).join(",")) + "&_count=200", 20)).map((e) => e.resource);
       const cleared = new Map();
