@@ -9,6 +9,7 @@ one transaction, so a search never sees a half-written resource.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import fcntl
@@ -518,8 +519,12 @@ class Tx:
     def defer(self, key: str, action: Callable[[Tx], None]) -> None:
         """Run ``action`` once, at the end of this transaction, before it commits: for rules
         that need every entry of a transaction Bundle written first (referral triage). It
-        runs on ``system``: a deferred rule decides for the service, not as the caller."""
-        self._s.deferred.setdefault(key, action)
+        runs on ``system``: a deferred rule decides for the service, not as the caller. It
+        runs in the context it was deferred in (``contextvars``), so whoever deferred it is
+        still the one acting when it runs (the write pipeline's step, a request's state)."""
+        if key not in self._s.deferred:
+            context = contextvars.copy_context()
+            self._s.deferred[key] = lambda tx: context.run(action, tx)
 
     def run_deferred(self) -> None:
         while self._s.deferred:
