@@ -22,6 +22,7 @@ import contextlib
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--participants", type=int, default=30, help="default 30")
     demo.add_argument("--seed", type=int, default=1, help="default 1")
     demo.add_argument("--data-dir", help="keep the database here (default: a temporary folder)")
-    demo.add_argument("--chart", help="SVG file to write (default: <data-dir>/outcomes.svg)")
+    demo.add_argument(
+        "--chart", help="SVG file to write (default: <data-dir>/outcomes.svg when it is kept)"
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary folder (database, local credentials); --data-dir is always kept",
+    )
     demo.set_defaults(func=_demo)
 
     export = sub.add_parser(
@@ -604,6 +612,7 @@ class Progress:
             self.stream.write(
                 f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
                 f"{self.done}/{self.total} {note}".rstrip()
+                + "\033[K"  # clear what a longer earlier line left on the right
             )
             self.stream.flush()
             return
@@ -683,7 +692,27 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import shutil
     import tempfile
+
+    if not 1 <= args.participants <= 500:
+        print("fhir-kat: --participants must be between 1 and 500", file=sys.stderr)
+        return 2
+    temporary = not args.data_dir
+    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="fhir-kat-demo-"))
+    if (data_dir / "fhir_kat.sqlite3").exists():
+        print(f"fhir-kat: {data_dir} already holds a database; give a new folder", file=sys.stderr)
+        return 2
+    try:
+        return _demo_in(args, data_dir, keep=args.keep or not temporary)
+    finally:
+        if temporary and not args.keep:
+            # It holds the local clients' secrets: nothing of it stays behind.
+            shutil.rmtree(data_dir, ignore_errors=True)
+            print(f"fhir-kat demo: removed {data_dir} (--keep keeps it)", file=sys.stderr)
+
+
+def _demo_in(args: argparse.Namespace, data_dir: Path, *, keep: bool) -> int:
     import threading
 
     import requests
@@ -692,17 +721,22 @@ def _demo(args: argparse.Namespace) -> int:
     from fhir_kat.app import create_app
     from fhir_kat.instruments.chart import outcome_chart_svg, outcome_table
     from fhir_kat.security.clients import LOCAL_CREDENTIALS, ensure_local_clients
-    from fhir_kat.synthetic import generate_program
+    from fhir_kat.synthetic import CLINICS, ORG_SYSTEM, generate_program
 
-    if not 1 <= args.participants <= 500:
-        print("fhir-kat: --participants must be between 1 and 500", file=sys.stderr)
-        return 2
-    data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="fhir-kat-demo-"))
-    if (data_dir / "fhir_kat.sqlite3").exists():
-        print(f"fhir-kat: {data_dir} already holds a database; give a new folder", file=sys.stderr)
-        return 2
+    # The clinics' EMRs, on loopback: every status change of their referrals is pushed there.
+    emr = _DemoEmr()
+    partners = {
+        f"demo-{clinic[4].lower()}-emr": {
+            "base_url": f"{emr.url}/{clinic[4]}/fhir",
+            "organization": f"{ORG_SYSTEM}|{clinic[4]}",
+            "artifact_kinds": ["referral-status"],
+            "timeout_seconds": 10,
+        }
+        for clinic in CLINICS
+    }
     # The embedded default, whatever FHIR_KAT_* says: the demo never touches a real database.
     settings = load_settings({}, data_dir=str(data_dir), log_level="WARNING")
+    settings = replace(settings, extra={**settings.extra, "partners": partners})
     ensure_local_clients(data_dir)
     secret = _credential_from_file(data_dir / LOCAL_CREDENTIALS, "local-staff")
     app = create_app(settings)
@@ -727,16 +761,19 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         program = generate_program(args.participants, args.seed)
         authorize()
-        return _run_demo(
+        code = _run_demo(
             session,
             base,
             program,
-            data_dir,
+            data_dir if keep else None,
             args.chart,
             outcome_table,
             outcome_chart_svg,
             authorize,
         )
+        if code == 0:
+            code = _push_statuses(app, emr)
+        return code
     except PermissionError as exc:
         print(f"fhir-kat: {exc}", file=sys.stderr)
         return 1
@@ -752,13 +789,98 @@ def _demo(args: argparse.Namespace) -> int:
         thread.join(timeout=10)
         app.extensions["fhir_kat"].export.shutdown()
         app.extensions["fhir_kat"].store.dispose()
+        emr.stop()
+
+
+class _DemoEmr:
+    """The referring clinics' EMRs for the demo: one loopback HTTP server that answers every
+    transaction like a FHIR server and counts, per clinic, the status updates and feedback
+    documents it was sent."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.tasks: dict[str, int] = {}
+        self.documents: dict[str, int] = {}
+        self.lock = threading.Lock()
+        emr = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                import json
+
+                clinic = self.path.strip("/").split("/")[0]
+                bundle = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                kinds = [e.get("resource", {}).get("resourceType") for e in bundle["entry"]]
+                with emr.lock:
+                    emr.tasks[clinic] = emr.tasks.get(clinic, 0) + kinds.count("Task")
+                    emr.documents[clinic] = emr.documents.get(clinic, 0) + kinds.count("Bundle")
+                reply = json.dumps(
+                    {
+                        "resourceType": "Bundle",
+                        "type": "transaction-response",
+                        "entry": [{"response": {"status": "200 OK"}} for _ in bundle["entry"]],
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def _push_statuses(app: Any, emr: _DemoEmr, rounds: int = 400) -> int:
+    """Send what the outbox holds for the clinics' EMRs (bounded), and say what arrived."""
+    from fhir_kat.exchange.worker import DeliveryWorker
+    from fhir_kat.services.delivery import make_consent_gate, make_delivery_audit
+
+    state = app.extensions["fhir_kat"]
+    worker = DeliveryWorker(
+        state.store,
+        state.partners,
+        make_consent_gate(state.store, state.consent, state.clock),
+        sleep=lambda _: None,
+        on_outcome=make_delivery_audit(state.store, state.clock),
+        batch_size=50,
+    )
+    delivered = blocked = 0
+    for _ in range(rounds):
+        report = worker.run_once()
+        delivered += report.delivered
+        blocked += report.blocked
+        if not report.claimed:
+            break
+    tasks, documents = sum(emr.tasks.values()), sum(emr.documents.values())
+    print(
+        f"\nstatus pushes: {tasks} referral status updates and {documents} feedback documents "
+        f"delivered to {len(emr.tasks)} clinics' EMRs"
+        + (f"; {blocked} held back for want of the participant's consent" if blocked else "")
+    )
+    return 0
 
 
 def _run_demo(
     session: Any,
     base: str,
     program: Any,
-    data_dir: Path,
+    data_dir: Path | None,
     chart: str | None,
     outcome_table: Callable[..., str],
     outcome_chart_svg: Callable[..., str],
@@ -793,6 +915,31 @@ def _run_demo(
                     task_ids[phn] = location.split("/")[1]
         progress.advance(note=artifact.kind)
     progress.finish()
+
+    # Participants who finished agree that the program shares its feedback with their
+    # referring clinic (a sharing consent naming the clinic, purpose TREAT): their feedback
+    # documents reach the clinic; a participant who withdrew gave no such consent.
+    clinics = {
+        a.payload["patient"]["phn"]: a.payload["referrer"]["organization"]
+        for a in artifacts
+        if a.kind == "referrals"
+    }
+    for p in program.participants:
+        if p.ended != "completed" or p.phn not in clinics or p.program_start is None:
+            continue
+        consent = {
+            "source_id": f"DEMO-share-referrer-{p.phn}",
+            "patient_phn": p.phn,
+            "kind": "share-referrer",
+            "signed_at": f"{p.program_start.isoformat()}T10:00:00-08:00",
+            "permitted_party": clinics[p.phn],
+            "purposes": ["TREAT"],
+        }
+        r = session.post(f"{base}/api/v1/consents", json=consent, timeout=60)
+        if r.status_code not in (200, 201):
+            print(f"sharing consent {p.number}: HTTP {r.status_code}", file=sys.stderr)
+            print(r.text[:2000], file=sys.stderr)
+            return 1
 
     # The program as it ran: staff end each started referral (on the day it ended), and each
     # cohort Group records its members' program periods — the outcome measure's timeline.
@@ -843,6 +990,9 @@ def _run_demo(
             print(f"Group for cohort {number}: HTTP {r.status_code}", file=sys.stderr)
             return 1
 
+    attested = _attest_feedback(session, base)
+    if attested < 0:
+        return 1
     print(_fhir_summary(session, base), file=sys.stderr)
     start, end = program.period()
     catalogue = load_catalogue({})
@@ -872,7 +1022,20 @@ def _run_demo(
         if subject is None:
             overall = results
         print(f"\n{title}\n{outcome_table(results)}")
-    path = Path(chart) if chart else data_dir / "outcomes.svg"
+    ended = {
+        k: sum(1 for p in program.participants if p.ended == k) for k in ("completed", "cancelled")
+    }
+    print(
+        f"\nreferrals ended: {ended['completed']} completed, {ended['cancelled']} withdrawn; "
+        f"{attested} feedback documents attested by the program clinician"
+    )
+    print("cohorts (for fhir-kat outcomes --group, fhir-kat export --group):")
+    for n in sorted(cohorts):
+        print(f"  cohort {n}: Group/demo-cohort-{n}  (--group demo-cohort-{n})")
+    if chart is None and data_dir is None:
+        print("\nchart: not written (give --chart FILE, or --keep)")
+        return 0
+    path = Path(chart) if chart else (data_dir or Path(".")) / "outcomes.svg"
     path.write_text(
         outcome_chart_svg(
             overall, f"Synthetic program: mean scores before and after ({start} to {end})"
@@ -881,6 +1044,70 @@ def _run_demo(
     )
     print(f"\nchart: {path}")
     return 0
+
+
+#: The demo's program clinician, who attests the feedback documents.
+_DEMO_CLINICIAN = {
+    "resourceType": "Practitioner",
+    "id": "demo-program-clinician",
+    "name": [{"family": "Clinician", "given": ["Demo"]}],
+}
+#: LOINC 18776-5 "Plan of care note": the feedback section a clinician writes before attesting.
+_PLAN_SECTION = "18776-5"
+
+
+def _attest_feedback(session: Any, base: str) -> int:
+    """The program clinician writes the plan into every drafted feedback document and attests
+    it (status final): then it is linked from the referral and sent where consent permits.
+    Returns how many were attested, or -1 (reported) when the service refused one."""
+    import json
+
+    headers = {"Content-Type": "application/fhir+json"}
+    r = session.put(
+        f"{base}/fhir/Practitioner/{_DEMO_CLINICIAN['id']}",
+        data=json.dumps(_DEMO_CLINICIAN),
+        headers=headers,
+        timeout=60,
+    )
+    if r.status_code not in (200, 201):
+        print(f"demo clinician: HTTP {r.status_code}", file=sys.stderr)
+        return -1
+    drafts = session.get(
+        f"{base}/fhir/Composition", params={"status": "preliminary", "_count": 500}, timeout=60
+    ).json()
+    done = 0
+    for entry in drafts.get("entry", []):
+        doc = entry["resource"]
+        doc.pop("meta", None)
+        for section in doc.get("section", []):
+            codes = [c.get("code") for c in section.get("code", {}).get("coding", [])]
+            if _PLAN_SECTION in codes:
+                section.pop("emptyReason", None)
+                section["text"] = {
+                    "status": "additional",
+                    "div": '<div xmlns="http://www.w3.org/1999/xhtml"><p>Synthetic: continue '
+                    "with the alumni community of practice; review in primary care.</p></div>",
+                }
+        doc["status"] = "final"
+        doc["attester"] = [
+            {
+                "mode": "professional",
+                "time": doc.get("date", "2027-01-01"),
+                "party": {"reference": f"Practitioner/{_DEMO_CLINICIAN['id']}"},
+            }
+        ]
+        r = session.put(
+            f"{base}/fhir/Composition/{doc['id']}",
+            data=json.dumps(doc),
+            headers=headers,
+            timeout=60,
+        )
+        if r.status_code != 200:
+            print(f"attesting a feedback document: HTTP {r.status_code}", file=sys.stderr)
+            print(r.text[:2000], file=sys.stderr)
+            return -1
+        done += 1
+    return done
 
 
 #: What the demo counts in the FHIR store afterwards (type, status filter or None).
@@ -892,6 +1119,9 @@ _SUMMARY = (
     ("Task", "on-hold"),
     ("Task", "rejected"),
     ("Task", "in-progress"),
+    ("Task", "completed"),
+    ("Task", "cancelled"),
+    ("Composition", "final"),
     ("QuestionnaireResponse", None),
     ("Observation", None),
     ("MedicationAdministration", None),

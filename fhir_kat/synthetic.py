@@ -110,6 +110,8 @@ _REFERRERS = (
     ("Mockwell", "Dana", "99004", "Island Primary Care Network (synthetic)", "CLINIC-9"),
     ("Demo", "Alex", "99005", "Valley Family Medicine (synthetic)", "CLINIC-10"),
 )
+#: The referring clinics (family, given, licence, clinic name, clinic identifier value).
+CLINICS = _REFERRERS
 _STAFF = {
     "nurse-intake": ("Nurseperson", "Sam", STAFF_SYSTEM, "RPN-0042"),
     "psychiatrist-clearance": ("Psychiatrist", "Lou", STAFF_SYSTEM, "PSY-0007"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,8 +173,73 @@ def test_demo_runs_a_program_through_the_http_api(
         store.dispose()
     assert outcome_table(results) in out.out
     assert sum(r.initial_population for r in results) > 0
+    # The program runs to its end: referrals ended, feedback attested, the cohort ids that
+    # `outcomes --group` needs, and the clinics' EMRs received the status pushes.
+    assert "referrals ended: " in out.out and "feedback documents attested" in out.out
+    assert "Group/demo-cohort-1  (--group demo-cohort-1)" in out.out
+    pushes = re.search(r"status pushes: (\d+) referral status updates and (\d+) feedback", out.out)
+    assert pushes and int(pushes.group(1)) > 0, out.out
     # A second run on the same folder is refused instead of mixing two programs.
     assert main(["demo", "--participants", "3", "--data-dir", str(data_dir)]) == 2
+
+
+def test_the_demo_removes_its_temporary_folder_unless_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The temporary folder holds the local clients' secrets: gone after the run, unless
+    --keep (a --data-dir the user named is never removed)."""
+    import tempfile
+
+    folders = iter([tmp_path / "first", tmp_path / "second"])
+
+    def mkdtemp(prefix: str = "") -> str:
+        folder = next(folders)
+        folder.mkdir()
+        return str(folder)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    assert main(["demo", "--participants", "1"]) == 0, capsys.readouterr().err
+    assert not (tmp_path / "first").exists()
+    assert "removed" in capsys.readouterr().err
+    assert main(["demo", "--participants", "1", "--keep"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "second" / "fhir_kat.sqlite3").exists()
+    assert (tmp_path / "second" / "outcomes.svg").exists()
+
+
+def _screen(written: str) -> str:
+    """What a terminal shows of the last line: a carriage return goes back to column 0,
+    characters overwrite, ESC [K clears to the end of the line."""
+    line: list[str] = []
+    col = 0
+    i = 0
+    while i < len(written):
+        if written[i] == "\r":
+            col = 0
+        elif written[i] == "\n":
+            line, col = [], 0
+        elif written.startswith("\033[K", i):
+            del line[col:]
+            i += 2
+        else:
+            if col < len(line):
+                line[col] = written[i]
+            else:
+                line.append(written[i])
+            col += 1
+        i += 1
+    return "".join(line)
+
+
+def test_the_progress_bar_leaves_no_stray_characters() -> None:
+    from fhir_kat.cli import Progress
+
+    bar = _Stream(tty=True)
+    progress = Progress(3, "sending", bar)
+    progress.advance(note="questionnaire-responses")
+    progress.advance(note="consents")
+    assert _screen(bar.getvalue()) == "sending [" + "#" * 20 + "." * 10 + "] 2/3 consents"
+    progress.status("done")
+    assert _screen(bar.getvalue()) == "sending: done"
 
 
 class _Stream(io.StringIO):
@@ -194,7 +260,7 @@ def test_progress_is_a_bar_on_a_terminal_and_tenths_otherwise() -> None:
         progress.advance(note="referrals")
     progress.finish()
     assert bar.getvalue().count("\r") == 4
-    assert "[" + "#" * 30 + "] 4/4 referrals\n" in bar.getvalue()
+    assert "[" + "#" * 30 + "] 4/4 referrals\033[K\n" in bar.getvalue()
 
     log = _Stream(tty=False)
     progress = Progress(100, "sending", log)

@@ -15,18 +15,21 @@ from typing import Any
 from fhir_kat.terminology import load_terminology
 
 #: (legend, [(path, label, widget, hint)]); widget is one of text, textarea, names, date,
-#: email, url, select, codes (checkboxes), bool3 (yes/no/unknown radios), flags.
+#: email, select, codes (checkboxes), bool3 (yes/no/unknown radios), flags, hidden (a value the
+#: page derives from the signed-in clinic: no physician types a URI), clinic (hidden when the
+#: signed-in caller belongs to a clinic, else asked).
 REFERRAL_FORM: list[tuple[str, list[tuple[str, str, str, str]]]] = [
     (
         "Referral",
         [
-            ("referral_identifier.value", "Your referral number", "text", ""),
             (
-                "referral_identifier.system",
-                "Referral numbering system (URI)",
-                "url",
-                "Identifies your EMR's referral numbers; keep the suggested value if unsure.",
+                "referral_identifier.value",
+                "Your referral number",
+                "text",
+                "The number your clinic gives this referral: it names the referral on your "
+                "referrals page.",
             ),
+            ("referral_identifier.system", "", "hidden", ""),
             ("urgency", "Urgency", "select", ""),
             ("reason", "Reason for referral", "textarea", ""),
         ],
@@ -50,14 +53,12 @@ REFERRAL_FORM: list[tuple[str, list[tuple[str, str, str, str]]]] = [
             ("referrer.given_names", "Your given names", "names", ""),
             ("referrer.licence_number", "Licence number", "text", ""),
             ("referrer.organization.name", "Clinic name", "text", ""),
-            ("referrer.organization.identifier.system", "Clinic identifier system", "url", ""),
-            ("referrer.organization.identifier.value", "Clinic identifier", "text", ""),
+            ("referrer.organization.identifier.system", "", "hidden", ""),
             (
-                "referrer.fhir_endpoint",
-                "Your EMR's FHIR endpoint (optional)",
-                "url",
-                "Recorded for program staff. Status updates reach your EMR automatically once "
-                "the program has registered your clinic's endpoint.",
+                "referrer.organization.identifier.value",
+                "Clinic number",
+                "clinic",
+                "The clinic's number in the program's list of clinics.",
             ),
             ("referrer.contact.phone", "Your phone", "text", ""),
             ("referrer.contact.email", "Your email", "email", ""),
@@ -75,6 +76,15 @@ REFERRAL_FORM: list[tuple[str, list[tuple[str, str, str, str]]]] = [
         ],
     ),
 ]
+
+
+#: FHIR request-priority codes (ServiceRequest.priority) in words a physician uses.
+URGENCY_LABELS = {
+    "routine": "Routine",
+    "urgent": "Urgent",
+    "asap": "As soon as possible",
+    "stat": "Immediately (stat)",
+}
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,8 @@ def _options(node: dict[str, Any]) -> tuple[Option, ...]:
         node = node["items"]
         node = node.get("properties", {}).get("code", node)
     codes = node.get("enum", [])
+    if set(codes) == set(URGENCY_LABELS):
+        return tuple(Option(c, URGENCY_LABELS[c]) for c in URGENCY_LABELS)
     match = re.search(r"ValueSet/([\w-]+)", node.get("description", ""))
     terminology = load_terminology()
     out = []
@@ -124,11 +136,18 @@ def _options(node: dict[str, Any]) -> tuple[Option, ...]:
     return tuple(out)
 
 
-def referral_fields(schema: dict[str, Any]) -> list[tuple[str, list[Field]]]:
+def referral_fields(
+    schema: dict[str, Any], *, clinic_known: bool = False
+) -> list[tuple[str, list[Field]]]:
+    """The form's sections; ``clinic_known``: the signed-in caller's clinic is known, so its
+    number is not asked."""
     sections = []
     for legend, specs in REFERRAL_FORM:
         fields = []
-        for path, label, widget, hint in specs:
+        for path, label, spec_widget, hint in specs:
+            widget = spec_widget
+            if widget == "clinic":
+                widget = "hidden" if clinic_known else "text"
             node, required = _sub_schema(schema, path)
             attrs: dict[str, str] = {}
             if "pattern" in node:

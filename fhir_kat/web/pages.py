@@ -29,15 +29,23 @@ from werkzeug.wrappers import Response
 
 from fhir_kat.api.auth import audit_record, current_access
 from fhir_kat.artifacts import json_schema
+from fhir_kat.artifacts.schemas import PHN_SYSTEMS
 from fhir_kat.errors import FhirError, Forbidden, NotFound, issue
 from fhir_kat.security.clients import check_secret
 from fhir_kat.security.oidc import OpenIdClient, SignInError
 from fhir_kat.security.policy import area_allowed
 from fhir_kat.security.sessions import SIGNIN_SECONDS
 from fhir_kat.security.tokens import Person
-from fhir_kat.terminology import BASE
+from fhir_kat.terminology import BASE, load_terminology
 from fhir_kat.web import session as browser
 from fhir_kat.web.forms import referral_fields
+from fhir_kat.web.wording import (
+    ACT_ON,
+    DEFAULT_ACT_ON,
+    NEXT_FOR_STATUS,
+    NEXT_STEP,
+    urgency_table,
+)
 
 log = logging.getLogger("fhir_kat.web")
 HERE = Path(__file__).resolve().parent
@@ -148,6 +156,7 @@ def _page(template: str, **context: Any) -> str:
         client_id=access.principal.client_id,
         person_name=person.name if person else "",
         csrf=session.csrf if session else "",
+        phn_systems=" ".join(PHN_SYSTEMS),
         **context,
     )
 
@@ -338,46 +347,146 @@ def home() -> str:
     return _page("home.html", questionnaires=QUESTIONNAIRES)
 
 
+def _instrument_info() -> list[dict[str, Any]]:
+    """Each instrument's range, unit, bands, cut-off and what "improved" means: definitions,
+    not patient data (mappings/instruments/instruments.yaml)."""
+    out = []
+    for inst in _state().outcomes.catalogue.instruments.values():
+        if inst.post_negative:
+            improved = f"screened negative after the program (total below {inst.positive_at:g})"
+        else:
+            parts = []
+            if inst.min_drop is not None:
+                points = "percentage points" if inst.unit == "%" else "points"
+                parts.append(f"a total {inst.min_drop:g} or more {points} lower")
+            if inst.milder_band:
+                parts.append("a milder severity band")
+            improved = " or ".join(parts) + " at follow-up"
+        out.append(
+            {
+                "key": inst.key,
+                "code": inst.panel["code"],
+                "system": inst.panel["system"],
+                "total_code": inst.total["code"],
+                "title": inst.title,
+                "min": inst.min,
+                "max": inst.max,
+                "unit": "%" if inst.unit == "%" else "points",
+                "positive_at": inst.positive_at,
+                "bands": [{"display": b.display, "min": b.min} for b in inst.bands],
+                "improved": improved,
+            }
+        )
+    return out
+
+
+def _referral_numbering() -> tuple[str, str, str]:
+    """The signed-in clinic's referral numbering system and its identifier (system, value):
+    derived, never typed. A caller without an organisation (program staff) uses the program's
+    web-form numbering under its own client id."""
+    principal = current_access().principal
+    org_system, _, org_value = (principal.organization or "").rpartition("|")
+    owner = org_value or principal.client_id
+    return f"{BASE}/sid/referral-form/{quote(owner, safe='')}", org_system, org_value
+
+
 @bp.get("/referrals/new")
 def referral_new() -> str:
     _require_area("artifacts:referrals", "send referrals")
-    organization = current_access().principal.organization or ""
-    org_system, _, org_value = organization.rpartition("|")
-    client_id = current_access().principal.client_id
+    numbering, org_system, org_value = _referral_numbering()
     return _page(
         "referral.html",
-        sections=referral_fields(json_schema("referrals")),
+        sections=referral_fields(json_schema("referrals"), clinic_known=bool(org_value)),
         defaults={
-            "referral_identifier.system": f"{BASE}/sid/referral-form/{client_id}",
-            "referrer.organization.identifier.system": org_system,
+            "referral_identifier.system": numbering,
+            "referrer.organization.identifier.system": org_system or f"{BASE}/sid/organization",
             "referrer.organization.identifier.value": org_value,
             "urgency": "routine",
         },
     )
 
 
+@bp.get("/referrals")
+def referrals() -> str:
+    """The caller's referrals (a referrer: its clinic's, as the API shows them)."""
+    _require_area("artifacts:referrals", "follow referrals")
+    return _page(
+        "referrals.html",
+        wording={"next": NEXT_STEP, "status": NEXT_FOR_STATUS},
+    )
+
+
 @bp.get("/referrals/<task_id>")
 def referral_status(task_id: str) -> str:
-    return _page("referral_status.html", task_id=task_id)
+    return _page(
+        "referral_status.html",
+        task_id=task_id,
+        wording={"next": NEXT_STEP, "status": NEXT_FOR_STATUS},
+    )
+
+
+def _acting_person() -> dict[str, Any]:
+    """Who acknowledges or resolves a Flag: the signed-in person (identified by the identity
+    provider's issuer and subject), else the staff member types their name and number."""
+    person = current_access().principal.person
+    if person is None:
+        return {"known": False, "system": f"{BASE}/sid/staff"}
+    given, _, family = person.name.rpartition(" ")
+    return {
+        "known": True,
+        "name": person.name,
+        "family": family or person.name,
+        "given": given,
+        "system": person.issuer,
+        "value": person.subject,
+    }
+
+
+def _safety_codes() -> list[str]:
+    return sorted(load_terminology().code_systems[f"{BASE}/CodeSystem/kat-safety"])
+
+
+@bp.get("/safety")
+def safety_inbox() -> str:
+    _require_area("operations:flags", "act on safety flags")
+    return _page(
+        "safety.html",
+        urgency=urgency_table(_safety_codes()),
+        actor=_acting_person(),
+    )
+
+
+@bp.get("/worklist")
+def worklist() -> str:
+    _require_area("operations:flags", "see the program's worklist")
+    return _page("worklist.html", intake_steps=_intake_steps())
+
+
+def _intake_steps() -> dict[str, str]:
+    """Intake step code -> its name (kat-intake), for holds that name the step clearing them."""
+    return dict(load_terminology().code_systems[f"{BASE}/CodeSystem/kat-intake"])
+
+
+@bp.get("/participants/<patient_id>")
+def participant(patient_id: str) -> str:
+    _require_area("operations:flags", "see a participant's record")
+    return _page(
+        "participant.html",
+        patient_id=patient_id,
+        instruments=_instrument_info(),
+        intake_steps=_intake_steps(),
+    )
 
 
 @bp.get("/dashboard")
 def dashboard() -> str:
     _require_area("operations:measure", "see program outcomes")
-    instruments = [
-        {
-            "code": inst.panel["code"],
-            "system": inst.panel["system"],
-            "title": inst.title,
-            "max": inst.max,
-        }
-        for inst in _state().outcomes.catalogue.instruments.values()
-    ]
     return _page(
         "dashboard.html",
-        instruments=instruments,
+        instruments=_instrument_info(),
         today=date.today().isoformat(),
         staff=current_access().principal.role == "program-staff",
+        min_cell=_state().settings.min_cell_size,
     )
 
 
@@ -400,6 +509,9 @@ def questionnaire(name: str) -> str:
             c["code"] for i in q.get("item", []) if i.get("readOnly") for c in i.get("code", [])
         ],
         patient=request.args.get("patient", ""),
+        act_on=ACT_ON,
+        default_act_on=DEFAULT_ACT_ON,
+        urgency=urgency_table(_safety_codes()),
     )
 
 

@@ -45,6 +45,15 @@ except ImportError:  # pragma: no cover - the dev dependencies include playwrigh
 
 STEP_MS = 15_000  # upper bound for one page step; nothing here should come near it
 RENDERER_PAGE = Path(__file__).with_name("sdc_renderer.html")
+WCAG_21_AA = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]
+#: Screenshots for a reviewer (gitignored): FHIR_KAT_SCREENSHOTS or <repo>/.screenshots.
+SCREENSHOTS = Path(
+    os.environ.get("FHIR_KAT_SCREENSHOTS") or Path(__file__).resolve().parents[2] / ".screenshots"
+)
+#: Test clients whose secret is not "<id>-secret" (tests/conftest.py).
+SECRETS = {"other-referrer": "other-secret"}
+#: Desktop and tablet widths the screenshots are taken at.
+WIDTHS = {"desktop": (1280, 900), "tablet": (768, 1024)}
 
 
 @pytest.fixture
@@ -90,12 +99,13 @@ class Pages:
         context = self.browser.new_context()
         self.contexts.append(context)
         context.set_default_timeout(STEP_MS)
+        serve_axe(context, self.server.url)
         page = context.new_page()
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
         page.goto(self.server.url + path)
         assert "/app/login" in page.url
         page.get_by_label("Client id").fill(client_id)
-        page.get_by_label("Secret").fill(f"{client_id}-secret")
+        page.get_by_label("Secret").fill(SECRETS.get(client_id, f"{client_id}-secret"))
         page.get_by_role("button", name="Sign in").click()
         page.wait_for_url(self.server.url + path.split("?")[0] + "*")
         return page
@@ -148,6 +158,42 @@ def pages(browser: Browser, app: Flask) -> Iterator[Pages]:
         for context in opened.contexts:
             context.close()
     assert not opened.errors, f"script errors on the pages: {opened.errors}"
+
+
+def serve_axe(context: Any, origin: str) -> None:
+    """axe-core (pinned npm package) served on the page's own origin, so that the pages' CSP
+    (script-src 'self') stays in force while axe runs."""
+    script = (ensure("axe-core") / "axe.min.js").read_bytes()
+    context.route(
+        f"{origin}/__axe__/axe.min.js",
+        lambda route: route.fulfill(status=200, body=script, content_type="text/javascript"),
+    )
+
+
+def check_page(page: Page, name: str) -> None:
+    """Every page the tests open: zero axe-core WCAG 2.1 A/AA violations once its data has
+    loaded, and a screenshot at desktop and tablet width for a reviewer."""
+    # Checked as a person sees it: after the page's own data has loaded.
+    page.wait_for_function(
+        "() => document.readyState === 'complete' && !document.body.innerText.includes('Loading…')"
+    )
+    if not page.evaluate("() => !!window.axe"):
+        origin = "/".join(page.url.split("/")[:3])
+        page.add_script_tag(url=f"{origin}/__axe__/axe.min.js")
+    result: dict[str, Any] = page.evaluate(
+        "tags => axe.run(document, {runOnly: {type: 'tag', values: tags}})", WCAG_21_AA
+    )
+    violations = [
+        {"id": v["id"], "nodes": [n["target"] for n in v["nodes"]]} for v in result["violations"]
+    ]
+    assert violations == [], (name, violations)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    size = page.viewport_size
+    for label, (width, height) in WIDTHS.items():
+        page.set_viewport_size({"width": width, "height": height})
+        page.screenshot(path=str(SCREENSHOTS / f"{name}-{label}.png"), full_page=True)
+    if size:
+        page.set_viewport_size(size)
 
 
 def assert_every_control_labelled(page: Page) -> None:
@@ -433,7 +479,8 @@ def test_phq9_completed_in_the_browser_is_stored_with_its_score(pages: Pages, ap
     )
     answers = [1, 2, 0, 3, 1, 0, 2, 1, 0]  # item 9 = 0: no safety flag
     # Keyboard only for the first question: Tab into the radio group, arrow to the answer.
-    page.locator("#patient").focus()
+    expect(page.locator("#participant-chosen")).to_contain_text("Answers are for:")
+    page.locator("#participant-find").focus()
     page.keyboard.press("Tab")
     expect(page.locator("#q-phq9-1 input[type=radio]").first).to_be_focused()
     page.keyboard.press("ArrowDown")

@@ -397,3 +397,29 @@ def test_the_sign_in_pages_have_no_wcag_21_aa_violations(site: Site) -> None:
     interstitial.get_by_role("button", name="Sign in at the IdP").click()
     expect(interstitial.locator("h1")).to_have_text("Signed in")
     assert _axe(site, interstitial) == []
+
+
+def test_a_physician_signs_in_at_the_provider_refers_and_sees_it_in_my_referrals(
+    site: Site,
+) -> None:
+    from tests.web.test_workspace import assert_form_asks_no_uri, fill_referral_form, phn
+
+    page = site.page()
+    site.sign_in(page, "sam", "/app/referrals/new")
+    expect(page.locator("form.signout")).to_contain_text("Dr Sam Okafor")
+    assert_form_asks_no_uri(page)
+    fill_referral_form(page, "R-OIDC-1", phn(61))
+    page.get_by_role("button", name="Send referral").click()
+    page.wait_for_url("**/app/referrals/*?submitted=1")
+    expect(page.locator("#referral-title")).to_have_text("Referral R-OIDC-1")
+    page.get_by_role("link", name="Back to my referrals").click()
+    row = page.locator("#referrals tbody tr")
+    expect(row).to_have_count(1)
+    expect(row.first).to_contain_text("R-OIDC-1")
+    # The AuditEvent of the referral names the physician (BALP).
+    creates = [
+        e
+        for e in site.audit()
+        if e.get("action") == "C" and any("Okafor" in str(a.get("who")) for a in e["agent"])
+    ]
+    assert creates, "the referral's AuditEvent names the physician"

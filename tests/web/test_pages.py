@@ -225,3 +225,63 @@ def test_pages_follow_the_roles(app: Flask) -> None:
     assert "your role (health-authority) may not send referrals" in refused.get_data(as_text=True)
     assert referrer.get("/app/dashboard").status_code == 403
     assert referrer.get("/app/referrals/new").status_code == 200
+
+
+# ---------------------------------------------------------------------------- workspace pages
+
+
+def test_every_referral_state_and_safety_signal_has_words_for_people() -> None:
+    """A new kat-referral-status code says what happens next; a new kat-safety code gets a
+    deliberate place in the safety inbox (an unplaced one is shown first, but a test asks)."""
+    from fhir_kat.terminology import BASE, load_terminology
+    from fhir_kat.web.wording import ACT_ON, NEXT_STEP, URGENCY
+
+    systems = load_terminology().code_systems
+    statuses = set(systems[f"{BASE}/CodeSystem/kat-referral-status"])
+    assert set(NEXT_STEP) == statuses
+    safety = set(systems[f"{BASE}/CodeSystem/kat-safety"])
+    placed = [code for _, _, codes in URGENCY for code in codes]
+    assert sorted(placed) == sorted(safety)  # each once, none unknown
+    assert set(ACT_ON) <= safety
+
+
+@pytest.mark.parametrize(
+    ("client_id", "secret", "allowed"),
+    [
+        (
+            "staff",
+            "staff-secret",
+            {"/app/referrals", "/app/safety", "/app/worklist", "/app/participants/x"},
+        ),
+        ("referrer", "referrer-secret", {"/app/referrals"}),
+        ("ha", "ha-secret", set()),
+    ],
+)
+def test_the_workspace_pages_follow_the_role(
+    app: Flask, client_id: str, secret: str, allowed: set[str]
+) -> None:
+    web, _ = signed_in(app, client_id, secret)
+    for path in ("/app/referrals", "/app/safety", "/app/worklist", "/app/participants/x"):
+        r = web.get(path)
+        assert r.status_code == (200 if path in allowed else 403), (path, r.status_code)
+        page = r.get_data(as_text=True)
+        assert "<script" not in page or "static/" in page
+    # The pages' own HTML carries no patient data: the scripts ask the API for it.
+    page = web.get("/app/referrals").get_data(as_text=True) if "/app/referrals" in allowed else ""
+    assert "Patient/" not in page
+
+
+def test_the_referral_form_asks_no_uri_and_numbers_referrals_from_the_clinic(app: Flask) -> None:
+    web, _ = signed_in(app, "referrer", "referrer-secret")
+    page = web.get("/app/referrals/new").get_data(as_text=True)
+    assert 'type="url"' not in page and "URI" not in page
+    assert re.search(
+        r'name="referral_identifier.system"[^>]*value="https://fhir-kat.example.org/fhir/sid/'
+        r'referral-form/CLINIC-7"',
+        page,
+    ), "the numbering system is the signed-in clinic's"
+    assert 'type="hidden" id="f-referrer-organization-identifier-value"' in page
+    assert ">As soon as possible</option>" in page
+    staff, _ = signed_in(app, "staff", "staff-secret")
+    page = staff.get("/app/referrals/new").get_data(as_text=True)
+    assert '<label for="f-referrer-organization-identifier-value">Clinic number' in page

@@ -52,37 +52,70 @@
     return node;
   }
 
-  /* Same layout as fhir_kat/instruments/chart.py: bars scaled to each instrument's maximum. */
+  /* Bars scaled to each instrument's range (as fhir_kat/instruments/chart.py), with a y axis
+     in % of the range, each instrument's cut-off as a dashed line, and the means in units. */
   function chart(report) {
-    const W = 640, H = 320, M = 48, BAR = 36, colours = { baseline: "#5f6f86", post: "#1d6fc2" };
+    const W = 640, H = 340, L = 56, R = 16, T = 40, B = 56, BAR = 36, colours = { baseline: "#5f6f86", post: "#1d6fc2" };
     const groups = report.group || [];
-    const slot = (W - 2 * M) / Math.max(groups.length, 1);
+    const slot = (W - L - R) / Math.max(groups.length, 1);
     const root = svg("svg", { viewBox: "0 0 " + W + " " + H, width: W, height: H, role: "img", "aria-labelledby": "chart-title chart-desc" });
     root.append(svg("title", { id: "chart-title" }, "Mean baseline vs post score per instrument"));
+    const y = (share) => H - B - (H - T - B) * share;
     const described = [];
-    root.append(svg("line", { x1: M, y1: H - M, x2: W - M, y2: H - M, stroke: "#333" }));
+    [0, 0.5, 1].forEach((share) => {
+      root.append(svg("line", { x1: L - 4, y1: y(share), x2: W - R, y2: y(share), stroke: share ? "#d5dae0" : "#333" }));
+      root.append(svg("text", { x: L - 8, y: y(share) + 4, "text-anchor": "end", "font-size": 11 }, (share * 100) + " %"));
+    });
+    root.append(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#333" }));
+    root.append(svg("text", { x: 14, y: (T + H - B) / 2, "font-size": 11, "text-anchor": "middle", transform: "rotate(-90 14 " + ((T + H - B) / 2) + ")" }, "Mean total (% of scale)"));
     groups.forEach((g, i) => {
       const inst = instrumentOf(g);
-      const x0 = M + i * slot + (slot - 2 * BAR) / 2;
+      const x0 = L + i * slot + (slot - 2 * BAR) / 2;
       const parts = [];
       [["baseline", mean(g, "mean-baseline")], ["post", mean(g, "mean-post")]].forEach(([label, value], j) => {
         if (value === null || !inst.max) return;
-        const h = (H - 2 * M) * value / inst.max;
-        const x = x0 + j * BAR, y = H - M - h;
-        const rect = svg("rect", { x: x.toFixed(1), y: y.toFixed(1), width: BAR - 4, height: h.toFixed(1), fill: colours[label] });
-        rect.append(svg("title", {}, label + " mean " + value));
-        root.append(rect, svg("text", { x: (x + (BAR - 4) / 2).toFixed(1), y: (y - 4).toFixed(1), "text-anchor": "middle", "font-size": 11 }, String(value)));
-        parts.push(label + " " + value);
+        const share = (value - (inst.min || 0)) / (inst.max - (inst.min || 0));
+        const x = x0 + j * BAR, top = y(share);
+        const rect = svg("rect", { x: x.toFixed(1), y: top.toFixed(1), width: BAR - 4, height: (H - B - top).toFixed(1), fill: colours[label] });
+        rect.append(svg("title", {}, label + " mean " + value + " " + (inst.unit || "")));
+        root.append(rect, svg("text", { x: (x + (BAR - 4) / 2).toFixed(1), y: (top - 4).toFixed(1), "text-anchor": "middle", "font-size": 11 }, String(value)));
+        parts.push(label + " " + value + " " + (inst.unit || ""));
       });
-      root.append(svg("text", { x: (M + i * slot + slot / 2).toFixed(1), y: H - M + 18, "text-anchor": "middle", "font-size": 12 }, inst.title + " (n=" + count(g, "denominator") + ")"));
-      described.push(inst.title + ": " + (parts.join(", ") || "no data"));
+      if (inst.max && inst.positive_at !== undefined) {
+        const cy = y((inst.positive_at - (inst.min || 0)) / (inst.max - (inst.min || 0)));
+        root.append(svg("line", { x1: x0 - 6, y1: cy.toFixed(1), x2: x0 + 2 * BAR + 2, y2: cy.toFixed(1), stroke: "#8a1c1c", "stroke-width": 2, "stroke-dasharray": "6 4" }));
+      }
+      root.append(svg("text", { x: (L + i * slot + slot / 2).toFixed(1), y: H - B + 18, "text-anchor": "middle", "font-size": 12 }, inst.title + " (n=" + count(g, "denominator") + ")"));
+      root.append(svg("text", { x: (L + i * slot + slot / 2).toFixed(1), y: H - B + 34, "text-anchor": "middle", "font-size": 11 }, "cut-off " + inst.positive_at + " " + (inst.unit || "")));
+      described.push(inst.title + ": " + (parts.join(", ") || "no data") + ", cut-off " + inst.positive_at);
     });
     Object.entries(colours).forEach(([label, colour], k) => {
-      root.append(svg("rect", { x: W - M - 150 + k * 80, y: 20, width: 12, height: 12, fill: colour }));
-      root.append(svg("text", { x: W - M - 134 + k * 80, y: 30, "font-size": 11 }, label));
+      root.append(svg("rect", { x: L + k * 90, y: 12, width: 12, height: 12, fill: colour }));
+      root.append(svg("text", { x: L + 16 + k * 90, y: 22, "font-size": 11 }, label + " mean"));
     });
+    root.append(svg("line", { x1: L + 190, y1: 18, x2: L + 214, y2: 18, stroke: "#8a1c1c", "stroke-width": 2, "stroke-dasharray": "6 4" }));
+    root.append(svg("text", { x: L + 220, y: 22, "font-size": 11 }, "cut-off"));
     root.append(svg("desc", { id: "chart-desc" }, described.join("; ")));
     document.getElementById("chart").replaceChildren(root);
+  }
+
+  const HEADER = ["Cohort", "Instrument", "Screened positive", "With post data", "Improved", "% improved"];
+
+  function csvCell(text) {
+    const t = String(text);
+    return /[",\n]/.test(t) ? '"' + t.replace(/"/g, '""') + '"' : t;
+  }
+
+  /* The CSV is the table's figures, which are $evaluate-measure's (the browser tests compare). */
+  function downloads(rows, reports) {
+    const lines = [HEADER, ...rows.map((tr) => [...tr.querySelectorAll("th, td")].map((c) => c.textContent))];
+    const csv = document.getElementById("download-csv");
+    csv.href = "data:text/csv;charset=utf-8," + encodeURIComponent(lines.map((l) => l.map(csvCell).join(",")).join("\r\n") + "\r\n");
+    csv.removeAttribute("aria-disabled");
+    const json = document.getElementById("download-json");
+    const body = reports.length === 1 ? reports[0] : { resourceType: "Bundle", type: "collection", entry: reports.map((r) => ({ resource: r })) };
+    json.href = "data:application/fhir+json;charset=utf-8," + encodeURIComponent(JSON.stringify(body, null, 2));
+    json.removeAttribute("aria-disabled");
   }
 
   async function funnel() {
@@ -111,9 +144,9 @@
       const tr = document.createElement("tr");
       const acknowledged = (f.extension || []).some((x) => (x.url || "").endsWith("/flag-acknowledgement"));
       const what = ((f.code || {}).text || Kat.codingText(f.code)) + (acknowledged ? " (acknowledged)" : "");
-      for (const text of [(f.subject || {}).reference || "", what, (f.period || {}).start || ""]) {
-        tr.append(Kat.el("td", text));
-      }
+      const who = Kat.el("td");
+      who.append(Kat.el("a", "Participant", { href: "/app/participants/" + encodeURIComponent(((f.subject || {}).reference || "").split("/")[1] || "") }));
+      tr.append(who, Kat.el("td", what), Kat.el("td", Kat.when((f.period || {}).start)));
       body.append(tr);
     }
     if (!body.children.length) {
@@ -126,15 +159,18 @@
   async function outcomes(start, end) {
     const base = "/fhir/Measure/kat-program-outcomes/$evaluate-measure?periodStart=" + encodeURIComponent(start) + "&periodEnd=" + encodeURIComponent(end);
     const overall = await Kat.api("GET", base);
+    const reports = [overall];
     const rows = (overall.group || []).map((g) => row("All participants", g));
     chart(overall);
     const cohorts = await Kat.api("GET", "/fhir/Group?_count=100").catch(() => ({ entry: [] }));
     for (const e of cohorts.entry || []) {
       const group = e.resource;
       const report = await Kat.api("GET", base + "&subject=" + encodeURIComponent("Group/" + group.id));
+      reports.push(report);
       rows.push(...(report.group || []).map((g) => row(group.name || "Group " + group.id, g)));
     }
     document.querySelector("#outcomes tbody").replaceChildren(...rows);
+    downloads(rows, reports);
   }
 
   async function load() {

@@ -155,5 +155,51 @@ window.Kat = (function () {
     return c ? (c.display || c.code || "") : "";
   }
 
-  return { api, ApiError, el, showErrors, clearErrors, focusField, validate, nowWithOffset, codingText, csrf };
+  /* A search's entries, following its "next" links: at most maxPages pages (a bound, so a
+     page never loops). Everything comes from the API with this session's permissions. */
+  async function searchAll(url, maxPages) {
+    const out = [];
+    let next = url;
+    for (let page = 0; next && page < (maxPages || 10); page += 1) {
+      const bundle = await api("GET", next);
+      out.push(...(bundle.entry || []));
+      const link = (bundle.link || []).find((l) => l.relation === "next");
+      next = link ? link.url.replace(/^https?:\/\/[^/]+/, "") : "";
+    }
+    return out;
+  }
+
+  // The PHN systems the service accepts (artifacts.schemas.PHN_SYSTEMS, given by the page).
+  /* A search's _include'd Patients by reference ("Patient/<id>"), and its matches. */
+  function split(entries, type) {
+    const patients = new Map();
+    for (const e of entries) if (e.resource.resourceType === "Patient") patients.set("Patient/" + e.resource.id, e.resource);
+    return { patients, matches: entries.map((e) => e.resource).filter((r) => r.resourceType === type) };
+  }
+
+  const PHN_SYSTEMS = (document.body.dataset.phnSystems || "").split(" ").filter(Boolean);
+
+  function patientName(patient) {
+    const name = ((patient || {}).name || [])[0];
+    if (!name) return "";
+    if (name.text) return name.text;
+    return [...(name.given || []), name.family || ""].join(" ").trim();
+  }
+
+  function patientPhn(patient) {
+    const id = ((patient || {}).identifier || []).find((i) => PHN_SYSTEMS.includes(i.system));
+    return id ? id.value : "";
+  }
+
+  /* "9 Dec 2026, 14:05" in the reader's own locale; a date alone stays a date. */
+  function when(value) {
+    if (!value) return "";
+    const d = new Date(value);
+    if (Number.isNaN(d.getTime())) return value;
+    if (/^\d{4}-\d{2}-\d{2}$/.test(value)) return d.toLocaleDateString(undefined, { timeZone: "UTC", day: "numeric", month: "short", year: "numeric" });
+    return d.toLocaleString(undefined, { day: "numeric", month: "short", year: "numeric", hour: "2-digit", minute: "2-digit" });
+  }
+
+  return { api, ApiError, el, showErrors, clearErrors, focusField, validate, nowWithOffset, codingText, csrf,
+    searchAll, split, patientName, patientPhn, when, PHN_SYSTEMS };
 })();

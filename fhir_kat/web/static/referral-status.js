@@ -9,12 +9,6 @@
   const summary = document.getElementById("error-summary");
   const POLL_MS = 3000;
   const MAX_POLLS = 400; // about 20 minutes, then the page asks for a reload
-  const STATUS_TEXT = {
-    draft: "Draft", requested: "Requested", received: "Received by the program (intake under way)",
-    accepted: "Accepted for KaT sessions", rejected: "Not accepted", ready: "Ready", cancelled: "Cancelled",
-    "in-progress": "In progress", "on-hold": "On hold (clinician review)", failed: "Failed",
-    completed: "Completed", "entered-in-error": "Entered in error",
-  };
   let last = "";
   let polls = 0;
   const rendered = new Map();
@@ -70,13 +64,42 @@
     outputs.replaceChildren(...rendered.values());
   }
 
+  let named = false;
+  /* Name the referral and its patient once: the patient only as far as this session may read
+     it (a referrer is shown its own referral number instead). */
+  async function about(task) {
+    if (named) return;
+    named = true;
+    const number = KatReferral.number(task);
+    set("referral-number", number);
+    set("referral-sent", Kat.when(task.authoredOn));
+    let patientText = "Not shown to you: your referral number identifies the patient in your records.";
+    const ref = (task.for || {}).reference || "";
+    // A referrer's role reads no patient records (docs/security.md): not even asked.
+    if (ref.startsWith("Patient/") && section.dataset.readsPatients === "yes") {
+      try {
+        const patient = await Kat.api("GET", "/fhir/" + ref);
+        const phn = Kat.patientPhn(patient);
+        patientText = (Kat.patientName(patient) || "Name not recorded") + (phn ? ", PHN " + phn : "");
+      } catch (e) {
+        if (e.status !== 403 && e.status !== 404) throw e;
+      }
+    }
+    set("referral-patient", patientText);
+    document.getElementById("referral-about").hidden = false;
+    const title = "Referral " + (number || "") + (patientText.startsWith("Not shown") ? "" : " — " + patientText);
+    document.getElementById("referral-title").textContent = title.trim();
+  }
+
   async function poll() {
     polls += 1;
     try {
       const task = await Kat.api("GET", "/fhir/Task/" + encodeURIComponent(taskId));
       Kat.clearErrors(summary);
       document.getElementById("status-details").hidden = false;
-      const statusText = STATUS_TEXT[task.status] || task.status;
+      const statusText = KatReferral.statusText(task);
+      await about(task);
+      set("task-next", KatReferral.next(task));
       set("task-status", statusText);
       set("task-business-status", Kat.codingText(task.businessStatus));
       set("task-status-reason", Kat.codingText(task.statusReason));
