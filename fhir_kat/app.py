@@ -242,6 +242,7 @@ def create_app(
     from fhir_kat.api.measure import bp as measure_bp
     from fhir_kat.api.messaging import bp as messaging_bp
     from fhir_kat.api.openapi import bp as openapi_bp
+    from fhir_kat.api.terminology import bp as terminology_bp
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(export_bp)
@@ -253,6 +254,7 @@ def create_app(
     app.register_blueprint(feedback_bp)
     app.register_blueprint(flags_bp)
     app.register_blueprint(instruments_bp)
+    app.register_blueprint(terminology_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)
     register_error_handlers(app)
