@@ -28,6 +28,7 @@ LAYERS = {
     "validation": 1,
     "errors": 0,
     "settings": 0,
+    "canonical": 0,
     "logging": 0,
     "wsgi": 8,
     "synthetic": 2,

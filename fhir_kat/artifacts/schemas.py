@@ -22,7 +22,7 @@ from typing import Any
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from fhir_kat.errors import Issue, Unprocessable, issue
-from fhir_kat.terminology import UnmappedCode, canonical, load_terminology, safe_code
+from fhir_kat.terminology import BASE, UnmappedCode, canonical, load_terminology, safe_code
 
 #: BC PHN issuers accepted on input; output always uses the Infoway naming system (DOMAIN.md).
 PHN_SYSTEMS = (
@@ -768,7 +768,7 @@ def json_schema(kind: str) -> dict[str, Any]:
     body = _object_schema(SCHEMAS[kind])
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": f"https://fhir-kat.example.org/api/v1/schemas/{kind}.json",
+        "$id": f"{BASE.removesuffix('/fhir')}/api/v1/schemas/{kind}.json",
         "title": f"fhir_kat {kind} artifact",
         **body,
     }

@@ -23,6 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
+from fhir_kat.canonical import read_definition
 from fhir_kat.terminology import BASE, TerminologyError
 
 FOLDER = Path(__file__).resolve().parents[2] / "mappings" / "terminology" / "criteria"
@@ -101,8 +102,7 @@ class CriterionSet:
 @cache
 def _documents(folder: Path = FOLDER) -> tuple[dict[str, Any], ...]:
     return tuple(
-        json.loads(path.read_text(encoding="utf-8"))
-        for path in sorted(folder.glob("ValueSet-*.json"))
+        json.loads(read_definition(path)) for path in sorted(folder.glob("ValueSet-*.json"))
     )
 
 

@@ -35,7 +35,7 @@ from fhir_kat.security.oidc import OpenIdClient, SignInError
 from fhir_kat.security.policy import area_allowed
 from fhir_kat.security.sessions import SIGNIN_SECONDS
 from fhir_kat.security.tokens import Person
-from fhir_kat.terminology import BASE
+from fhir_kat.terminology import BASE, IDENTIFIERS
 from fhir_kat.web import session as browser
 from fhir_kat.web.forms import referral_fields
 
@@ -348,7 +348,7 @@ def referral_new() -> str:
         "referral.html",
         sections=referral_fields(json_schema("referrals")),
         defaults={
-            "referral_identifier.system": f"{BASE}/sid/referral-form/{client_id}",
+            "referral_identifier.system": f"{IDENTIFIERS}/referral-form/{client_id}",
             "referrer.organization.identifier.system": org_system,
             "referrer.organization.identifier.value": org_value,
             "urgency": "routine",
@@ -376,6 +376,7 @@ def dashboard() -> str:
     return _page(
         "dashboard.html",
         instruments=instruments,
+        extension_base=f"{BASE}/StructureDefinition/",
         today=date.today().isoformat(),
         staff=current_access().principal.role == "program-staff",
     )
