@@ -23,7 +23,7 @@ from typing import Any
 os.environ["FHIR_KAT_CANONICAL_BASE"] = "https://fhir-kat.example.org/fhir"
 os.environ.pop("FHIR_KAT_IDENTIFIER_BASE", None)
 
-import pytest  # noqa: E402 - after the environment above
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from hypothesis import settings as hypothesis_settings
