@@ -49,6 +49,7 @@ from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.sessions import SessionStore
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
+from fhir_kat.services.conformance import profile_rule
 from fhir_kat.services.delivery import requeue_on_consent
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.feedback import ReferrerFeedback
@@ -195,6 +196,8 @@ def create_app(
     fhir.write_rules.append(subscriptions.check_rule)
     fhir.write_hooks.append(subscriptions.on_write)
     fhir.write_hooks.append(requeue_on_consent)
+    # Last: what the rules above let through is held to (and declares) its profile.
+    fhir.write_rules.append(profile_rule)
 
     app.extensions["fhir_kat"] = KatState(
         settings=settings,
@@ -242,6 +245,7 @@ def create_app(
 
     from fhir_kat.api import auth
     from fhir_kat.api.artifacts import bp as artifacts_bp
+    from fhir_kat.api.definitions import bp as definitions_bp
     from fhir_kat.api.deliveries import bp as deliveries_bp
     from fhir_kat.api.export import bp as export_bp
     from fhir_kat.api.feedback import bp as feedback_bp
@@ -265,6 +269,7 @@ def create_app(
     app.register_blueprint(flags_bp)
     app.register_blueprint(instruments_bp)
     app.register_blueprint(terminology_bp)
+    app.register_blueprint(definitions_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)
     register_error_handlers(app)
