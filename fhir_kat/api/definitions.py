@@ -18,6 +18,7 @@ from flask import Blueprint, Response
 from fhir_kat.api.auth import audit_record
 from fhir_kat.api.fhir import json_response
 from fhir_kat.errors import BadRequest, NotFound, issue
+from fhir_kat.services.capability import DEFINITION_TYPES
 from fhir_kat.services.ig import (
     IG_ID,
     PACKAGE_NAME,
@@ -27,15 +28,6 @@ from fhir_kat.services.ig import (
 )
 
 bp = Blueprint("definitions", __name__, url_prefix="/fhir")
-TYPES = (
-    "StructureDefinition",
-    "OperationDefinition",
-    "SearchParameter",
-    "CodeSystem",
-    "ValueSet",
-    "ConceptMap",
-    "ImplementationGuide",
-)
 
 
 def _dump(value: Any) -> str:
@@ -99,7 +91,7 @@ def _search(rtype: str) -> Response:
     return json_response(_dump(bundle))
 
 
-for _type in TYPES:
+for _type in DEFINITION_TYPES:
     bp.add_url_rule(
         f"/{_type}/<rid>", f"read_{_type}", lambda rid, _t=_type: _read(_t, rid), methods=["GET"]
     )
