@@ -294,3 +294,41 @@ def _now() -> Any:
     from datetime import UTC, datetime
 
     return datetime(2026, 2, 1, 12, 0, tzinfo=UTC)
+
+
+@SQLITE_ONLY
+def test_definitions_and_package_are_served(app: Flask) -> None:
+    referrer = client_as(app, "referrer")  # the least-privileged role: definitions only
+    guide = referrer.get("/fhir/ImplementationGuide/fhir-kat")
+    assert guide.status_code == 200
+    assert_conformant(guide.get_json())
+    for profile in load_profiles():
+        found = referrer.get("/fhir/StructureDefinition", query_string={"url": profile.url})
+        bundle = found.get_json()
+        assert bundle["total"] == 1 and bundle["entry"][0]["resource"]["id"] == profile.id
+        assert referrer.get(f"/fhir/StructureDefinition/{profile.id}").status_code == 200
+    assert referrer.get("/fhir/StructureDefinition/nothing").status_code == 404
+    refused = referrer.get("/fhir/StructureDefinition?name=x")
+    assert refused.status_code == 400 and refused.get_json()["issue"][0]["expression"] == ["name"]
+    ops = referrer.get("/fhir/OperationDefinition").get_json()
+    assert {e["resource"]["code"] for e in ops["entry"]} == {
+        "transform",
+        "end",
+        "extract",
+        "evaluate-measure",
+    }
+    package = referrer.get("/fhir/ImplementationGuide/fhir-kat/$package")
+    assert package.status_code == 200 and package.mimetype == "application/gzip"
+    import io
+
+    with tarfile.open(fileobj=io.BytesIO(package.data)) as tar:
+        manifest = json.load(tar.extractfile("package/package.json"))  # type: ignore[arg-type]
+        names = tar.getnames()
+    assert manifest["name"] == PACKAGE_NAME
+    assert len([n for n in names if n.startswith("package/StructureDefinition-")]) == len(
+        load_profiles()
+    )
+    assert app.test_client().get("/fhir/ImplementationGuide/fhir-kat").status_code == 401
+    metadata = referrer.get("/fhir/metadata").get_json()
+    value_set = next(r for r in metadata["rest"][0]["resource"] if r["type"] == "ValueSet")
+    assert {o["name"] for o in value_set["operation"]} == {"expand", "validate-code"}
