@@ -5,9 +5,9 @@ one base is refused, with the reason, by a service configured with another."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +22,7 @@ from fhir_kat.canonical import (
     read_definition,
 )
 from fhir_kat.settings import LOCAL_CANONICAL_BASE, SettingsError, load_settings
+from tests.support.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("fhir_kat", "mappings")
@@ -96,30 +97,8 @@ def _serve(base: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
 def test_program_under_another_base_and_a_changed_base_refused(tmp_path: Path) -> None:
     base = "https://kat.ha.test/fhir"
     data = tmp_path / "data"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fhir_kat.cli",
-            "demo",
-            "--participants",
-            "3",
-            "--data-dir",
-            str(data),
-        ],
-        env=_env(base, tmp_path / "unused"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    db = sqlite3.connect(data / "fhir_kat.sqlite3")
-    try:
-        contents = [row[0] for row in db.execute("SELECT content FROM resources")]
-        meta = dict(db.execute("SELECT name, value FROM store_meta").fetchall())
-    finally:
-        db.close()
+    stored, meta = run_demo(data, participants=3, env=_env(base, tmp_path / "unused"))
+    contents = [json.dumps(r) for r in stored]
     assert len(contents) > 100
     leaked = [c for c in contents if "example.org" in c and "fhir-kat" in c]
     assert not leaked, leaked[0][:500]

@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -33,6 +31,7 @@ from fhir_kat.profiles import by_url, declared, load_profiles, select
 from fhir_kat.services.ig import PACKAGE_NAME, examples, profile_page
 from tests.conftest import client_as
 from tests.support.conformance import assert_conformant
+from tests.support.demo import run_demo
 from tools.hl7_packages import ensure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,33 +149,7 @@ def test_package_loads_in_medplum_and_every_example_validates(built: Path) -> No
 
 
 def test_whole_synthetic_program_declares_and_conforms(tmp_path: Path, built: Path) -> None:
-    data = tmp_path / "demo"
-    env = {k: v for k, v in os.environ.items()}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fhir_kat.cli",
-            "demo",
-            "--participants",
-            "12",
-            "--seed",
-            "5",
-            "--data-dir",
-            str(data),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    db = sqlite3.connect(data / "fhir_kat.sqlite3")
-    try:
-        stored = [json.loads(row[0]) for row in db.execute("SELECT content FROM resources")]
-    finally:
-        db.close()
+    stored, _ = run_demo(tmp_path / "demo", participants=12, seed=5)
     seen: Counter[str] = Counter()
     jobs = []
     for resource in stored:

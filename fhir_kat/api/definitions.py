@@ -35,7 +35,7 @@ def _dump(value: Any) -> str:
 
 
 def _of_type(rtype: str) -> list[dict[str, Any]]:
-    return [r for r in served_resources() if r["resourceType"] == rtype and not r.get("meta")]
+    return [r for r in served_resources() if r["resourceType"] == rtype]
 
 
 @bp.get("/ImplementationGuide/<rid>/$package")

@@ -292,13 +292,26 @@ def implementation_guide(resources: Iterable[Mapping[str, Any]]) -> dict[str, An
     }
 
 
+def package_contents(
+    core: Path | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The package's definitions (the CapabilityStatement and the ImplementationGuide last)
+    and its examples."""
+    definitions = conformance_resources(core)
+    capability = capability_statement(BASE, AUTH.capability_security(f"{BASE}/auth/token"))
+    capability["id"] = "fhir-kat-server"
+    capability["url"] = f"{BASE}/CapabilityStatement/fhir-kat-server"
+    definitions.append(capability)
+    example_list = list(examples().values())
+    definitions.append(implementation_guide([*definitions, *example_list]))
+    return definitions, example_list
+
+
 @cache
 def served_resources() -> tuple[dict[str, Any], ...]:
-    """What the service serves read-only: the package's resources (differential profiles)
-    and its ImplementationGuide, examples included."""
-    resources = conformance_resources()
-    example_list = list(examples().values())
-    return (*resources, *example_list, implementation_guide([*resources, *example_list]))
+    """The definitions the service serves read-only (differential profiles); the examples
+    travel in the package."""
+    return tuple(package_contents()[0])
 
 
 def package_json() -> dict[str, Any]:
@@ -340,25 +353,28 @@ def build_package(out: Path, core: Path | None = None) -> Built:
     snapshots; without, differentials only (validators that generate snapshots load both)."""
     folder = out / "package"
     (folder / "example").mkdir(parents=True, exist_ok=True)
-    resources = conformance_resources(core)
-    capability = capability_statement(BASE, AUTH.capability_security(f"{BASE}/auth/token"))
-    capability["id"] = "fhir-kat-server"
-    capability["url"] = f"{BASE}/CapabilityStatement/fhir-kat-server"
-    resources.append(capability)
-    example_list = list(examples().values())
-    resources.append(implementation_guide([*resources, *example_list]))
-    files: dict[str, bytes] = {"package/package.json": _dump(package_json())}
-    for r in resources:
-        files[f"package/{_file_name(r)}"] = _dump(r)
-    files["package/.index.json"] = _dump(_index(resources))
-    for r in example_list:
-        files[f"package/example/{_file_name(r)}"] = _dump(r)
-    files["package/example/.index.json"] = _dump(_index(example_list))
+    definitions, example_list = package_contents(core)
+    files = _files(definitions, example_list)
     for name, data in files.items():
         (out / name).write_bytes(data)
     tarball = out / f"{PACKAGE_NAME}-{PACKAGE_VERSION}.tgz"
     tarball.write_bytes(_tgz(files))
-    return Built(folder, tarball, len(resources), len(example_list))
+    return Built(folder, tarball, len(definitions), len(example_list))
+
+
+def _files(
+    definitions: Iterable[Mapping[str, Any]], example_list: Iterable[Mapping[str, Any]]
+) -> dict[str, bytes]:
+    """The package's files by their name in the tarball (``package/...``)."""
+    definitions, example_list = list(definitions), list(example_list)
+    files: dict[str, bytes] = {"package/package.json": _dump(package_json())}
+    for r in definitions:
+        files[f"package/{_file_name(r)}"] = _dump(r)
+    files["package/.index.json"] = _dump(_index(definitions))
+    for r in example_list:
+        files[f"package/example/{_file_name(r)}"] = _dump(r)
+    files["package/example/.index.json"] = _dump(_index(example_list))
+    return files
 
 
 def _dump(value: Any) -> bytes:
@@ -378,18 +394,10 @@ def _tgz(files: Mapping[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
+@cache
 def package_tarball() -> bytes:
     """The package as the service serves it (differential profiles)."""
-    resources = list(served_resources())
-    examples_only = [r for r in resources if r.get("meta", {}).get("profile")]
-    definitions = [r for r in resources if r not in examples_only]
-    files: dict[str, bytes] = {"package/package.json": _dump(package_json())}
-    for r in definitions:
-        files[f"package/{_file_name(r)}"] = _dump(r)
-    files["package/.index.json"] = _dump(_index(definitions))
-    for r in examples_only:
-        files[f"package/example/{_file_name(r)}"] = _dump(r)
-    return _tgz(files)
+    return _tgz(_files(*package_contents()))
 
 
 # ---------------------------------------------------------------------------------- docs
@@ -466,6 +474,7 @@ __all__ = [
     "examples",
     "implementation_guide",
     "operation_definitions",
+    "package_contents",
     "package_json",
     "package_tarball",
     "profile_page",
