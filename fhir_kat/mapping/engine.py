@@ -54,6 +54,7 @@ from fhir_kat.errors import Issue, Unprocessable, issue
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.instruments.scoring import computed_by_service, is_calculated
 from fhir_kat.mapping import functions
+from fhir_kat.profiles import declare
 from fhir_kat.terminology import (
     BASE,
     IDENTIFIERS,
@@ -215,6 +216,9 @@ def _build(
             body = target.template(env)
             if isinstance(body, dict):
                 resource.update(body)
+            # What the service writes declares its profile (ADR 0021) when it conforms; one
+            # that does not stays undeclared and fails tests/test_ig.py, naming the element.
+            declare(resource)
             entries.append(resource)
     return _dedupe(entries, env.issues), env
 
