@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         "configured canonical base (ADR 0020, 0021). With --core (a folder of R4 "
         "StructureDefinition-<Type>.json files, e.g. HL7's hl7.fhir.r4.core package) the "
         "profiles carry snapshots. With --docs, also the page of each profile.",
-        epilog="Example: fhir-kat ig build --out build/ig --core ~/r4/package --docs docs/profiles",
+        epilog="Example: fhir-kat ig build --out build/ig",
     )
     ig.add_argument("action", choices=["build"])
     ig.add_argument("--out", required=True, help="folder to write (package/ and the .tgz)")
