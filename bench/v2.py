@@ -85,7 +85,7 @@ def bench_v2(n: int = 200, rounds: int = 4) -> list[str]:
         mllp_rates: list[float] = []
         native_rates: list[float] = []
         try:
-            with MllpListener(ListenerConfig(port=0), state.extras["v2"].receive) as listener:
+            with MllpListener(ListenerConfig(port=0), state.services.v2.receive) as listener:
                 port = listener.address[1]
                 url = f"http://127.0.0.1:{server.server_port}/api/v1/referrals"
                 session = requests.Session()

@@ -8,7 +8,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -32,10 +32,8 @@ from fhir_kat.clinical.safety import SafetyRulesError, load_safety_rules
 from fhir_kat.exchange import PartnerConfig, load_partners
 from fhir_kat.exchange.netguard import policy_from_settings
 from fhir_kat.exchange.plan import log_partner_plan
-from fhir_kat.exchange.terminology import TerminologyServer
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.logging import configure_logging
-from fhir_kat.mapping.functions import all_questionnaires
 from fhir_kat.security.clients import ClientRegistry, load_clients
 from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.security.identity import (
@@ -49,22 +47,13 @@ from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.sessions import SessionStore
 from fhir_kat.security.tokens import TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService
-from fhir_kat.services.conformance import profile_rule
-from fhir_kat.services.delivery import requeue_on_consent
 from fhir_kat.services.export import ExportService
-from fhir_kat.services.feedback import ReferrerFeedback
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.services.instruments import InstrumentService
-from fhir_kat.services.messaging import MessagingService
 from fhir_kat.services.outcomes import OutcomeService
-from fhir_kat.services.referrals import (
-    ReferralWorkflow,
-    referrer_request_rule,
-    task_transition_rule,
-)
-from fhir_kat.services.safety import SafetyService
-from fhir_kat.services.subscriptions import SubscriptionService
-from fhir_kat.services.v2_referrals import V2ReferralService, load_senders
+from fhir_kat.services.pipeline import Services, build_services, write_pipeline
+from fhir_kat.services.pipeline import install as install_pipeline
+from fhir_kat.services.v2_referrals import load_senders
 from fhir_kat.settings import Settings, SettingsError, load_settings
 from fhir_kat.store import Store
 from fhir_kat.workflow.triage import triage_settings
@@ -78,7 +67,8 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 class KatState:
     settings: Settings
     store: Store
-    fhir: FhirService
+    #: The domain services (typed; fhir_kat/services/pipeline.py builds them).
+    services: Services
     clock: Callable[[], datetime]
     clients: ClientRegistry
     tokens: TokenService
@@ -86,14 +76,27 @@ class KatState:
     rate_limiter: RateLimiter
     auth_failures: FailureLimiter
     export: ExportService
-    outcomes: OutcomeService
-    artifacts: ArtifactService
-    instruments: InstrumentService
-    partners: dict[str, PartnerConfig]
-    extras: dict[str, Any] = field(default_factory=dict)
+    partners: Mapping[str, PartnerConfig]
     #: Browser sessions (web pages) and the OpenID Providers people sign in through.
     sessions: SessionStore | None = None
     identity_providers: dict[str, OpenIdClient] = field(default_factory=dict)
+
+    # The services most routes use, by their short names.
+    @property
+    def fhir(self) -> FhirService:
+        return self.services.fhir
+
+    @property
+    def outcomes(self) -> OutcomeService:
+        return self.services.outcomes
+
+    @property
+    def artifacts(self) -> ArtifactService:
+        return self.services.artifacts
+
+    @property
+    def instruments(self) -> InstrumentService:
+        return self.services.instruments
 
 
 def create_app(
@@ -134,12 +137,31 @@ def create_app(
     store.create_schema()  # fhir_kat.exchange (imported above) adds the outbox table
     _claim_bases(store)
     id_namespace = _id_namespace(settings, store)
-    fhir = FhirService(
+    consent = ConsentDecisionPoint()
+    services = build_services(
         store,
+        clock=now,
         default_page_size=settings.default_page_size,
         max_page_size=settings.max_page_size,
-        write_rules=[task_transition_rule],
+        catalogue=catalogue,
+        min_cell_size=settings.min_cell_size,
+        triage=triage_config,
+        protocol=protocol,
+        safety_rules=safety_rules,
+        partners=partners,
+        clients=clients,
+        consent=consent,
+        endpoint_policy=endpoint_policy,
+        id_namespace=id_namespace,
+        v2_senders=v2_senders,
+        mllp_processing_ids=tuple(
+            p.strip() for p in settings.mllp_processing_ids.split(",") if p.strip()
+        ),
     )
+    # What a write sets off, in order: fhir_kat/services/pipeline.py.
+    install_pipeline(services.fhir, write_pipeline(services), strict=settings.pipeline_strict)
+    services.outcomes.install_measure()
+    services.instruments.install_questionnaires()
     key_path = Path(settings.signing_key_file or settings.data_dir / "token-signing-key.pem")
     tokens = TokenService(
         load_signing_key(key_path),
@@ -156,53 +178,10 @@ def create_app(
     app.config["KAT_MAX_JSON_DEPTH"] = settings.max_json_depth
     app.config["KAT_MAX_BUNDLE_ENTRIES"] = settings.max_bundle_entries
     app.config["KAT_PUBLIC_BASE_URL"] = settings.public_base_url
-    outcomes = OutcomeService(store, catalogue, now, settings.min_cell_size)
-    outcomes.install_measure()
-    workflow = ReferralWorkflow(
-        fhir,
-        clock=now,
-        minimum_age=triage_config.minimum_age,
-        oracle=(
-            TerminologyServer(triage_config.terminology_server)
-            if triage_config.terminology_server
-            else None
-        ),
-    )
-    fhir.write_rules.append(workflow.acceptance_rule)
-    fhir.write_rules.append(referrer_request_rule)
-    fhir.write_hooks.append(workflow.on_write)
-    consent = ConsentDecisionPoint()
-    feedback = ReferrerFeedback(
-        fhir, partners, consent, catalogue, now, timelines=outcomes.timelines
-    )
-    fhir.write_rules.append(feedback.check_rule)
-    fhir.write_hooks.append(feedback.on_write)
-    # Safety signals (docs/safety.md): every path that stores a fact passes FhirService._put,
-    # so the rules and the Flag (with its delivery to the care team) are the same for all.
-    safety = SafetyService(fhir, safety_rules, protocol, partners, now, id_namespace)
-    fhir.write_rules.append(safety.check_rule)
-    fhir.delete_rules.append(safety.delete_rule)
-    instruments = InstrumentService(
-        fhir, outcomes.catalogue, all_questionnaires(), now, raise_signal=safety.raise_signal
-    )
-    fhir.write_rules.append(instruments.check_rule)
-    fhir.write_hooks.append(instruments.on_write)
-    fhir.write_hooks.append(safety.on_write)
-    instruments.install_questionnaires()
-    artifacts = ArtifactService(fhir, protocol, now, partners, id_namespace)
-    # R4 rest-hook Subscriptions: checked on write, notified through the outbox in the same
-    # transaction; a Consent write releases the deliveries that waited for it.
-    subscriptions = SubscriptionService(consent, now, clients, endpoint_policy)
-    fhir.write_rules.append(subscriptions.check_rule)
-    fhir.write_hooks.append(subscriptions.on_write)
-    fhir.write_hooks.append(requeue_on_consent)
-    # Last: what the rules above let through is held to (and declares) its profile.
-    fhir.write_rules.append(profile_rule)
-
     app.extensions["fhir_kat"] = KatState(
         settings=settings,
         store=store,
-        fhir=fhir,
+        services=services,
         clock=now,
         clients=clients,
         tokens=tokens,
@@ -214,27 +193,7 @@ def create_app(
         export=ExportService(
             store, Path(settings.export_dir or settings.data_dir / "exports"), now
         ),
-        outcomes=outcomes,
-        artifacts=artifacts,
-        instruments=instruments,
         partners=partners,
-        extras={
-            "subscriptions": subscriptions,
-            "messaging": MessagingService(fhir, now, id_namespace),
-            "feedback": feedback,
-            "safety": safety,
-            # HL7 v2 referrals over MLLP (``fhir-kat mllp``, fhir_kat/api/mllp.py)
-            "v2": V2ReferralService(
-                artifacts,
-                clients,
-                consent,
-                v2_senders,
-                now,
-                processing_ids=tuple(
-                    p.strip() for p in settings.mllp_processing_ids.split(",") if p.strip()
-                ),
-            ),
-        },
         sessions=SessionStore(
             store,
             idle_seconds=settings.session_idle_seconds,

@@ -411,7 +411,7 @@ def _mllp(args: argparse.Namespace) -> int:
     config = config_from_settings(settings)
     app = create_app(settings)
     state = app.extensions["fhir_kat"]
-    service = state.extras["v2"]
+    service = state.services.v2
     if not service.senders:
         print(
             "fhir-kat: no [v2_senders.*] configured: every message would be refused (AR)",

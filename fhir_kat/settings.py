@@ -92,6 +92,10 @@ class Settings:
     #: Aggregates leaving the program withhold counts of fewer people than this (small-cell
     #: protection: docs/security.md); 1 withholds nothing.
     min_cell_size: int = 5
+    #: Fail a request when a write-pipeline step stores a type its row does not name, or a
+    #: check changes what it may not (fhir_kat/services/pipeline.py). Off: logged instead, and
+    #: the write goes on. The test suite turns it on.
+    pipeline_strict: bool = False
     #: The HL7 v2 MLLP listener (``fhir-kat mllp``): where it listens, TLS (a certificate and
     #: key; with a client CA, senders must present a certificate it signed), the MSH-11
     #: processing ids taken (comma-separated), an idle connection's lifetime and the largest

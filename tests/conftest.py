@@ -42,6 +42,9 @@ PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 hypothesis_settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
+# Every app the tests start, in this process or as a subprocess server, fails a request whose
+# write-pipeline step stores what its row does not name (fhir_kat/services/pipeline.py).
+os.environ.setdefault("FHIR_KAT_PIPELINE_STRICT", "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -169,7 +172,9 @@ TEST_V2_SENDERS: dict[str, dict[str, Any]] = {
 
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
-    base = load_settings({}, database_url=database_url, data_dir=str(tmp_path / "var"))
+    base = load_settings(
+        {}, database_url=database_url, data_dir=str(tmp_path / "var"), pipeline_strict=True
+    )
     return replace(base, extra={"clients": TEST_CLIENTS, "v2_senders": TEST_V2_SENDERS})
 
 

@@ -59,7 +59,7 @@ def test_every_example_is_stored(client: FlaskClient) -> None:
     assert len(mapped) == len(KINDS)  # one per artifact (another records the PHQ-9 extraction)
     assert prov["total"] == len(KINDS) + 1
     policies = {p for r in mapped for p in r["policy"]}
-    assert any(p.endswith("mappings/referrals/Patient.yaml#v1") for p in policies)
+    assert any(p.endswith("mappings/referrals/Patient.yaml#v2") for p in policies)
     assert {r["agent"][0]["who"]["identifier"]["value"] for r in mapped} == {"staff"}
 
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +29,7 @@ from fhir_kat.services.capability import DEFINITION_TYPES
 from fhir_kat.settings import Settings
 from tests.conftest import HA_ORG, TEST_CLIENTS, LiveServer, _registration, client_as
 from tests.test_security import _assertion, _keypair
+from tools.hl7_packages import ensure_tree
 
 FHIR = "application/fhir+json"
 LETTERS = {
@@ -131,6 +135,34 @@ def test_fhirclient_signs_in_with_backend_services_on_its_own(
         bundle = fc.server.request_json("Patient")
         assert bundle["resourceType"] == "Bundle" and bundle["total"] == 0
         assert list(FCPatient.where({"gender": "female"}).perform_resources_iter(fc.server)) == []
+
+
+def test_fhir_kit_client_finds_the_endpoints_in_every_call(live_server: LiveServer) -> None:
+    """fhir-kit-client (npm) races the SMART configuration, the CapabilityStatement and the
+    OpenID configuration and takes whichever answers first: each must name the token
+    endpoint (it once found none in 16 of 40 calls, when the CapabilityStatement won)."""
+    node = shutil.which("node")
+    assert node is not None, "node is not on PATH: the fhir-kit-client test needs Node.js 20+"
+    result = subprocess.run(
+        [
+            node,
+            str(Path(__file__).parent / "support" / "fhir_kit_discovery.mjs"),
+            str(ensure_tree("fhir-kit-client")),
+            live_server.url + "/fhir",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout)
+    assert len(found) == 40
+    token = live_server.url + "/auth/token"
+    assert [f["token"] for f in found] == [token] * 40, [f for f in found if f["token"] != token]
+    # No authorization endpoint is offered (backend services only), from any of the sources.
+    assert {f["authorize"] for f in found} == {None}
 
 
 # ------------------------------------------------------------------ conditional create

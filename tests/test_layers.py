@@ -32,6 +32,7 @@ LAYERS = {
     "profiles": 1,
     "logging": 0,
     "wsgi": 8,
+    "prefork": 7,
     "synthetic": 2,
     "v2": 2,
 }

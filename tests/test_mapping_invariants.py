@@ -26,11 +26,14 @@ from fhir_kat.exchange.bundles import identifier_query
 from fhir_kat.mapping import map_artifact
 from fhir_kat.mapping.engine import ENGINE_CODES, deterministic_id
 from fhir_kat.terminology import load_terminology
+from fhir_kat.validation.narrative import narrative_issues
 from fhir_kat.validation.resource import structure_issues
 from tests.support.conformance import assert_conformant
 from tests.test_golden import CASES, CONTEXT, GOLDEN, case_id, run
 
 MAPPED = [p for p in CASES if not p.name.startswith("refused-")]
+MAPPING_FILES = sorted((Path(__file__).resolve().parents[1] / "mappings").glob("*/*.yaml"))
+MAPPING_FILES = [f for f in MAPPING_FILES if "resourceType" in yaml.safe_load(f.read_text())]
 REFUSED = [p for p in CASES if p.name.startswith("refused-")]
 #: References that point at stored data another artifact created (by deterministic id).
 EXTERNAL = {
@@ -82,6 +85,23 @@ def _refs(node: Any) -> list[str]:
         for value in node:
             out += _refs(value)
     return out
+
+
+def _contact_points(node: Any) -> list[dict[str, Any]]:
+    if isinstance(node, list):
+        return [c for item in node for c in _contact_points(item)]
+    if not isinstance(node, dict):
+        return []
+    own = [c for c in node.get("telecom", []) if isinstance(c, dict)]
+    return own + [c for k, v in node.items() if k != "telecom" for c in _contact_points(v)]
+
+
+def test_every_emitted_resource_type_is_covered_by_a_narrative() -> None:
+    """The golden cases emit every type the mappings write, each with its narrative."""
+    emitted = {e["resource"]["resourceType"] for p in MAPPED for e in run(p)["entry"]}
+    written = {yaml.safe_load(f.read_text())["resourceType"] for f in MAPPING_FILES}
+    assert written <= emitted, written - emitted
+    assert "Provenance" in emitted
 
 
 def _empty(node: Any) -> bool:
@@ -173,6 +193,14 @@ def test_output_invariants(
         assert not structure_issues(resource), structure_issues(resource)
         assert_conformant(resource)
         assert not _empty(resource), f"empty element in {rtype}"
+        # dom-6: a generated narrative, valid XHTML under txt-1/txt-2 (validation.narrative)
+        assert resource["text"]["status"] == "generated", rtype
+        assert not narrative_issues(resource, rtype), narrative_issues(resource, rtype)
+        # no ContactPoint without a value (a bare "system: phone" tells a reader nothing)
+        for contact in _contact_points(resource):
+            assert contact.get("value"), f"telecom without a value in {rtype}"
+        if rtype == "Observation":  # bulk clients filter on it (SMART Fetch drops the rest)
+            assert resource.get("category"), f"Observation {resource['code']} has no category"
         for ref in _refs(resource):
             assert ref in keys or ref.split("/")[0] in external, f"dangling {ref}"
         if rtype != "Provenance":  # R4 Provenance has no identifier element

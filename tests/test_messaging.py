@@ -172,7 +172,7 @@ def test_the_four_routes_triage_identically(app: Flask) -> None:
     The HL7 v2 route goes through a live MLLP listener, sent by python-hl7's client."""
     staff = client_as(app, "staff")
     referrer = client_as(app, "referrer")
-    v2 = app.extensions["fhir_kat"].extras["v2"]
+    v2 = app.extensions["fhir_kat"].services.v2
     with MllpListener(ListenerConfig(port=0, idle_timeout=30), v2.receive) as listener:
         _four_routes(staff, referrer, listener.address[1])
 

@@ -178,6 +178,7 @@ def _timeless(content: str) -> str:
     resource.get("meta", {}).pop("lastUpdated", None)
     if resource.get("resourceType") == "Provenance":
         resource.pop("recorded", None)
+        resource.pop("text", None)  # its generated narrative shows `recorded` too
     return json.dumps(resource, sort_keys=True)
 
 

@@ -49,7 +49,7 @@ def native(number: str = "R-7781", **change: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def port(app: Flask) -> Iterator[int]:
-    service: V2ReferralService = app.extensions["fhir_kat"].extras["v2"]
+    service: V2ReferralService = app.extensions["fhir_kat"].services.v2
     with MllpListener(ListenerConfig(port=0, idle_timeout=30), service.receive) as listener:
         yield listener.address[1]
 
@@ -352,7 +352,7 @@ def test_tls_with_a_client_certificate(app: Flask, tmp_path: Path) -> None:
         },
         state.clients,
     )
-    base: V2ReferralService = state.extras["v2"]
+    base: V2ReferralService = state.services.v2
     service = V2ReferralService(base.artifacts, state.clients, state.consent, senders, state.clock)
     context = tls_context(files["server.pem"], files["server.key"], files["ca.pem"])
     with MllpListener(ListenerConfig(port=0, ssl_context=context), service.receive) as listener:

@@ -31,6 +31,9 @@ first name, ``hl7_packages``, so that branches importing it keep working.)
   is pinned here too, so an edited lockfile cannot swap it. It goes into
   ``$FHIR_KAT_CACHE/npm/<name>-<lockfile sha256>/``; the tests start it on loopback as the
   identity provider people sign in through (tests/oidc/provider.mjs).
+- ``fhir-kit-client`` 2.0.3 (Vermonster's FHIR client for Node.js), the same way from
+  ``tools/npm/fhir-kit-client/``: tests/test_integrators.py runs its ``smartAuthMetadata()``
+  discovery against a live server (tests/support/fhir_kit_discovery.mjs).
 """
 
 from __future__ import annotations
@@ -141,6 +144,17 @@ class NodeTree:
 
 
 NODE_TREES: dict[str, NodeTree] = {
+    # fhir-kit-client 2.0.3 (Vermonster's npm FHIR client): its smartAuthMetadata() reads the
+    # SMART endpoints from the CapabilityStatement (tests/test_integrators.py).
+    "fhir-kit-client": NodeTree(
+        name="fhir-kit-client",
+        lock_dir=REPO / "tools" / "npm" / "fhir-kit-client",
+        main="fhir-kit-client",
+        integrity=(
+            "sha512-Fz6Uuu5AmbbPCG2gY/0IJuGh5GVrdZGZuVAVWWV2KmlGwHRqbAU6JAX0swUOL9zid4r9LvmAQzsKe/jvY1"
+            "pjmQ=="
+        ),
+    ),
     "oidc-provider": NodeTree(
         name="oidc-provider",
         lock_dir=REPO / "tools" / "npm" / "oidc-provider",

@@ -49,12 +49,17 @@ def submit(kind: str) -> Response:
     def audit(tx: Tx, result: SubmitResult) -> None:
         audit_in(tx, replace(record, entities=_entities(result), status=_status(result)))
 
-    result = _service().submit(
-        kind, read_json(request), access.principal.client_id, access, audit=audit
-    )
+    result = _service().submit(kind, _artifact(), access.principal.client_id, access, audit=audit)
     record.entities.extend(_entities(result))
     record.status = record.audited_status = _status(result)
     return json_response(result.bundle.to_json(), record.status)
+
+
+def _artifact() -> object:
+    """The posted artifact. Its strings are checked by the artifact's schema, which refuses
+    every character FHIR cannot hold (control characters, other whitespace, surrogates) with
+    422 naming the field, so the body reader's coarser 400 is not applied first."""
+    return read_json(request, text_checks=False)
 
 
 def _entities(result: SubmitResult) -> list[str]:
@@ -69,7 +74,8 @@ def _status(result: SubmitResult) -> int:
 def transform(kind: str) -> Response:
     kind = _kind(kind)
     audit_record().interaction = "operation"
-    bundle = _service().transform(kind, read_json(request), current_access().principal.client_id)
+    access = current_access()
+    bundle = _service().transform(kind, _artifact(), access.principal.client_id, access)
     return json_response(json.dumps(bundle, separators=(",", ":"), ensure_ascii=False))
 
 
@@ -77,4 +83,6 @@ def transform(kind: str) -> Response:
 def schema(kind: str) -> Response:
     if kind not in KINDS:
         raise NotFound(issue("not-found", "unknown artifact kind", "kind"))
-    return Response(json.dumps(json_schema(kind), indent=2), content_type="application/schema+json")
+    # The schedule rule is the running program's protocol (configuration), not the shipped one.
+    body = json_schema(kind, _service().protocol)
+    return Response(json.dumps(body, indent=2), content_type="application/schema+json")

@@ -55,7 +55,7 @@ def document(composition_id: str) -> Response:
     record = audit_record()
     record.interaction = "operation"
     record.entities.append(f"Composition/{composition_id}")
-    service: ReferrerFeedback = current_app.extensions["fhir_kat"].extras["feedback"]
+    service: ReferrerFeedback = current_app.extensions["fhir_kat"].services.feedback
     bundle = service.document(composition_id, current_access())
     for entry in bundle["entry"]:
         if entry["resource"]["resourceType"] == "Patient":

@@ -32,7 +32,7 @@ def _act(flag_id: str, *, resolve: bool) -> Response:
         )
     require_access(access, "Flag", "update")
     body = load_flag_action(read_json(request))
-    service: SafetyService = current_app.extensions["fhir_kat"].extras["safety"]
+    service: SafetyService = current_app.extensions["fhir_kat"].services.safety
     act = service.resolve if resolve else service.acknowledge
     stored = act(flag_id, body["by"], body.get("note"), access)
     if stored.patient_id:

@@ -25,7 +25,7 @@ def process_message() -> Response:
     if request.args.get("async", "false") == "true":
         raise BadRequest(issue("not-supported", "only synchronous messaging is supported", "async"))
     body: Any = read_json(request)
-    service: MessagingService = current_app.extensions["fhir_kat"].extras["messaging"]
+    service: MessagingService = current_app.extensions["fhir_kat"].services.messaging
     result = service.process(body, fhir_base(), current_access())
     for entry in result.response["entry"][1:]:
         resource = entry.get("resource", {})

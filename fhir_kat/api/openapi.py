@@ -374,7 +374,7 @@ def build_openapi(app: Flask, server_url: str = "") -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     schemas: dict[str, Any] = dict(_COMPONENTS)
     for name in KINDS:
-        schema = json_schema(name)
+        schema = json_schema(name, app.extensions["fhir_kat"].artifacts.protocol)
         schema.pop("$schema", None)  # OpenAPI 3.1's dialect is JSON Schema 2020-12 already
         schemas[_schema_name(name)] = schema
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):

@@ -16,11 +16,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import Any, ClassVar
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
+from fhir_kat.clinical.protocol import ProgramProtocol, load_protocol
 from fhir_kat.errors import Issue, Unprocessable, issue
 from fhir_kat.terminology import BASE, UnmappedCode, canonical, load_terminology, safe_code
 
@@ -32,6 +34,76 @@ PHN_SYSTEMS = (
 ONE_LINE = validate.Length(min=1, max=200)
 FREE_TEXT = validate.Length(min=1, max=4000)
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+# ---------------------------------------------------------------------------- FHIR-safe values
+# Every string of an artifact ends up in a FHIR string (or markdown, uri, code) element, and
+# every date-time in a FHIR dateTime: what FHIR cannot hold is refused here, naming the field,
+# rather than mapped into a resource a partner's validator rejects.
+
+#: Characters no artifact string may hold, as one regular-expression class (Python's ``re``
+#: and ECMA-262 read it alike, so the published JSON Schemas carry it as their ``pattern``):
+#: - C0 controls but tab, LF and CR: R4 datatypes.html#string, "Strings SHALL NOT contain
+#:   Unicode character points below 32, except for u0009 (horizontal tab), u0010 (carriage
+#:   return) and u0013 (line feed)" (decimal 10 and 13 meant: U+000A and U+000D);
+#: - DEL and the C1 controls (U+007F-U+009F): control codes, never text; XML 1.0 (the FHIR
+#:   XML format) discourages them and NEL (U+0085) is whitespace to the schema below;
+#: - whitespace other than space, tab, LF and CR (ECMA-262 ``\s``: VT, FF, NBSP, U+1680,
+#:   U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000, U+FEFF): HL7's R4 JSON schema
+#:   types every string as ``^[ \r\n\t\S]+$``, so any other whitespace makes the resource
+#:   non-conformant;
+#: - lone surrogates (U+D800-U+DFFF, which JSON's ``\u`` escapes can carry but UTF-8 cannot)
+#:   and the non-characters U+FFFE and U+FFFF (not XML characters).
+FORBIDDEN_CHARACTERS = (
+    "[\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u00a0\\u1680"
+    "\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff\\ud800-\\udfff"
+    "\\ufffe\\uffff]"
+)
+_FORBIDDEN = re.compile(FORBIDDEN_CHARACTERS)
+#: The published JSON Schema of every string without a pattern of its own.
+FHIR_STRING_PATTERN = "^[^" + FORBIDDEN_CHARACTERS[1:-1] + "]*$"
+#: FHIR's dateTime allows offsets from -14:00 to +14:00 in whole minutes (R4 datatypes.html
+#: #dateTime, its XML Schema type and HL7's JSON schema: ``(0[0-9]|1[0-3]):[0-5][0-9]|14:00``).
+MAX_OFFSET = timedelta(hours=14)
+#: The same rule for the published JSON Schema (a ``date-time`` allows any offset up to 23:59).
+DATE_TIME_OFFSET_PATTERN = "(?:[Zz]|[+-](?:(?:0[0-9]|1[0-3]):[0-5][0-9]|14:00))$"
+
+
+def _fhir_string(value: Any) -> None:
+    """Refuses a string FHIR cannot hold, naming the first offending code point (a control
+    or space character, never part of a name or number a reader could recognise)."""
+    if isinstance(value, str) and (found := _FORBIDDEN.search(value)):
+        raise ValidationError(
+            f"holds character U+{ord(found.group()):04X} at position {found.start() + 1}: "
+            "FHIR strings take no control characters and no whitespace but space, tab, "
+            "line feed and carriage return"
+        )
+
+
+def _fhir_offset(value: Any) -> None:
+    offset = value.utcoffset() if isinstance(value, datetime) else None
+    if offset is not None and (abs(offset) > MAX_OFFSET or offset.seconds % 60):
+        raise ValidationError(
+            "has a UTC offset FHIR cannot hold: a dateTime's offset is -14:00 to +14:00, "
+            "in whole minutes"
+        )
+
+
+def _guard(fld: fields.Field[Any]) -> None:
+    """Adds the FHIR value rules to a bound field (and a list's items), once."""
+    if isinstance(fld, fields.List):
+        _guard(fld.inner)
+        return
+    rule = (
+        _fhir_string
+        if isinstance(fld, fields.String)
+        else _fhir_offset
+        if isinstance(fld, fields.DateTime)
+        else None
+    )
+    if rule is not None and rule not in fld.validators:
+        fld.validators.append(rule)
+
+
 #: BC PHN check-digit weights for digits 2-9 (powers of 2 mod 11). Source: BC Ministry of
 #: Health, Professional and Software Conformance Standards, Vol. 4B (client registry), as
 #: implemented by python-stdnum ``stdnum.ca.bc_phn`` (2023). The first digit is always 9.
@@ -77,8 +149,14 @@ def local_code(value_set: str, **kwargs: Any) -> fields.String:
 
 
 class _Strict(Schema):
+    """Unknown keys refused; every string and date-time held to what FHIR can carry (``_guard``:
+    one place, so a new field cannot forget it)."""
+
     class Meta:
         unknown = RAISE
+
+    def on_bind_field(self, field_name: str, field_obj: fields.Field[Any]) -> None:
+        _guard(field_obj)
 
 
 class IdentifierSchema(_Strict):
@@ -217,12 +295,26 @@ class PeriodSchema(_Strict):
 
 
 class AttachmentSchema(_Strict):
+    json_schema_rules: ClassVar[dict[str, Any]] = {
+        "oneOf": [{"required": ["url"]}, {"required": ["data_base64"]}]
+    }
+
     content_type = fields.String(
         required=True, validate=validate.OneOf(["application/pdf", "image/png", "image/jpeg"])
     )
     title = fields.String(validate=ONE_LINE)
     url = fields.Url(schemes={"https", "http"}, require_tld=False)
-    data_base64 = fields.String(validate=validate.Length(min=4, max=4_000_000))
+    # FHIR base64Binary (HL7's JSON schema: groups of four base64 characters); any other text
+    # would be stored as a non-conformant Attachment.data.
+    data_base64 = fields.String(
+        validate=[
+            validate.Length(min=4, max=4_000_000),
+            validate.Regexp(
+                r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$",
+                error="must be base64 (RFC 4648, groups of four characters)",
+            ),
+        ]
+    )
 
     @validates_schema
     def _one_source(self, data: Mapping[str, Any], **_: Any) -> None:
@@ -277,6 +369,13 @@ class ConsentSchema(_Strict):
 
 
 class VitalsSchema(_Strict):
+    json_schema_rules: ClassVar[dict[str, Any]] = {
+        "dependentRequired": {
+            "systolic_mmhg": ["diastolic_mmhg"],
+            "diastolic_mmhg": ["systolic_mmhg"],
+        }
+    }
+
     measured_at = fields.AwareDateTime(required=True)
     systolic_mmhg = fields.Integer(validate=validate.Range(min=40, max=300))
     diastolic_mmhg = fields.Integer(validate=validate.Range(min=20, max=200))
@@ -746,6 +845,12 @@ def _field_schema(fld: fields.Field[Any]) -> dict[str, Any]:
                 out["minimum" if v.min_inclusive else "exclusiveMinimum"] = v.min
             if v.max is not None:
                 out["maximum" if v.max_inclusive else "exclusiveMaximum"] = v.max
+    # What _guard adds to every bound field, said the way JSON Schema can.
+    if isinstance(fld, fields.DateTime):
+        out["pattern"] = DATE_TIME_OFFSET_PATTERN
+        out["description"] = "ISO 8601 with seconds and a UTC offset from -14:00 to +14:00"
+    elif out.get("type") == "string" and "pattern" not in out:
+        out["pattern"] = FHIR_STRING_PATTERN
     if fld.allow_none and "type" in out:
         out["type"] = [out["type"], "null"]
     return out
@@ -758,17 +863,80 @@ def _object_schema(schema_cls: type[Schema]) -> dict[str, Any]:
         "additionalProperties": False,
         "properties": {name: _field_schema(f) for name, f in declared.items()},
         "required": sorted(name for name, f in declared.items() if f.required),
+        # Rules across fields the schema class states itself (oneOf, dependentRequired).
+        **getattr(schema_cls, "json_schema_rules", {}),
     }
 
 
-def json_schema(kind: str) -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of a kind, derived from its marshmallow schema. It is the
-    contract for program systems; rules across fields (a dose range, a consent's party) are
-    checked on receipt and are not all expressible here."""
+def json_schema(kind: str, protocol: ProgramProtocol | None = None) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a kind, derived from its marshmallow schema, with the
+    rules of the shipped Questionnaires (each instrument's items and their answer codes) and of
+    ``protocol`` (the program's session/route pairs; the shipped protocol by default). It is
+    the contract for program systems; what it cannot say (a dose range against a body weight,
+    an item answered twice, the required items of a completed response, a total that must be
+    the service's own, a consent's party) is checked on receipt (docs/artifacts.md)."""
     body = _object_schema(SCHEMAS[kind])
+    if kind == "questionnaire-responses":
+        body["allOf"] = _instrument_rules()
+    elif kind == "medication-administrations":
+        body["allOf"] = [_schedule_rule(protocol or load_protocol())]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": f"{BASE.removesuffix('/fhir')}/api/v1/schemas/{kind}.json",
         "title": f"fhir_kat {kind} artifact",
         **body,
+    }
+
+
+def _instrument_rules() -> list[dict[str, Any]]:
+    """Per instrument (``if`` it is named, ``then``): each answer names one of its items that
+    takes an answer, with one of that item's option codes (or, for the total, a number)."""
+    # Imported here: the mapping layer imports this module (same layer, no cycle at load).
+    from fhir_kat.instruments.definitions import load_catalogue
+    from fhir_kat.instruments.scoring import takes_answers
+    from fhir_kat.mapping.functions import INSTRUMENT_FILES, questionnaire
+
+    catalogue = load_catalogue()
+    rules = []
+    for key in INSTRUMENT_FILES:
+        answers = []
+        for item in questionnaire(key)["item"]:
+            if not takes_answers(item, catalogue.instruments[key]):
+                continue
+            answer: dict[str, Any]
+            if item["type"] == "choice":
+                answer = {"enum": [o["valueCoding"]["code"] for o in item["answerOption"]]}
+            else:
+                answer = {"type": "integer" if item["type"] == "integer" else "number"}
+            answers.append({"properties": {"item": {"const": item["linkId"]}, "answer": answer}})
+        rules.append(
+            {
+                "if": {"properties": {"instrument": {"const": key}}, "required": ["instrument"]},
+                "then": {"properties": {"answers": {"items": {"anyOf": answers}}}},
+            }
+        )
+    return rules
+
+
+def _schedule_rule(protocol: ProgramProtocol) -> dict[str, Any]:
+    """Unless a ``schedule_deviation`` or a ``dose_override`` records the departure
+    (``clinical.dose``), the session number and route are one of the protocol's pairs
+    (``mappings/program/protocol.yaml``: configuration, so it is read, never copied)."""
+    return {
+        "if": {
+            "not": {
+                "anyOf": [{"required": ["schedule_deviation"]}, {"required": ["dose_override"]}]
+            }
+        },
+        "then": {
+            "anyOf": [
+                {
+                    "properties": {
+                        "session_number": {"const": number},
+                        "route": {"enum": list(routes)},
+                    }
+                }
+                for number, routes in sorted(protocol.session_routes.items())
+            ]
+        },
     }

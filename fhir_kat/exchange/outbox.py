@@ -101,6 +101,12 @@ outbox = Table(
     Column("delivered_at", DateTime, nullable=True),
     Index("ix_outbox_due", "status", "next_attempt_at"),
     Index("ix_outbox_order", "partner", "patient_key", "id"),
+    # A Consent's re-queue of what waited for it (``requeue_blocked``): one lookup per branch
+    # of its OR, whatever the size of the outbox's history (issue 25).
+    Index("ix_outbox_blocked_patient", "status", "patient_key"),
+    Index("ix_outbox_blocked_kind", "status", "kind"),
+    # The admins' list of one status, newest first: read in index order, stops at the page.
+    Index("ix_outbox_status", "status", "id"),
 )
 
 

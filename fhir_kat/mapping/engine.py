@@ -54,6 +54,7 @@ from fhir_kat.errors import Issue, Unprocessable, issue
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.instruments.scoring import computed_by_service, is_calculated
 from fhir_kat.mapping import functions
+from fhir_kat.mapping.narrative import narrative
 from fhir_kat.profiles import declare
 from fhir_kat.terminology import (
     BASE,
@@ -184,6 +185,11 @@ def map_artifact(kind: str, payload: Mapping[str, Any], ctx: MappingContext) -> 
         raise Unprocessable(problems)
     used = [t for t in targets(kind) if t.name in env.ids]
     entries.append(_provenance(kind, checked.data, entries, ctx, used))
+    # dom-6: each resource carries a narrative of exactly its own elements (narrative.py).
+    entries = [
+        {"resourceType": r["resourceType"], "id": r["id"], "text": narrative(r), **r}
+        for r in entries
+    ]
     return {
         "resourceType": "Bundle",
         "type": "transaction",

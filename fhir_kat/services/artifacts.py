@@ -56,11 +56,28 @@ class ArtifactService:
         self.partners = dict(partners or {})
         self.id_namespace = id_namespace
 
-    def transform(self, kind: str, payload: Any, submitter: str) -> dict[str, Any]:
-        """The transaction Bundle the artifact would become (dry run: nothing is stored)."""
-        bundle: dict[str, Any] = map_artifact(
-            kind, _require_object(payload), self._context(submitter)
-        )
+    def transform(
+        self, kind: str, payload: Any, submitter: str, access: Access | None = None
+    ) -> dict[str, Any]:
+        """The transaction Bundle the artifact would become: the dry run of ``submit``, with
+        its refusals — the sender's organisation, the artifact's schema, clinical and
+        terminology problems, each resource's FHIR checks, the PHN's identity and every
+        reference resolving to the artifact or to what is stored — and nothing stored. What
+        it cannot tell before writing is listed in docs/artifacts.md ("The dry run")."""
+        payload = _require_object(payload)
+        if access is not None and access.role == "referrer":
+            _require_own_organisation(kind, payload, access)
+        bundle = self._map(kind, payload, submitter)
+        entries: list[dict[str, Any]] = bundle.get("entry", [])
+        for entry in entries:
+            self.fhir.check(entry["resource"])
+        with self.fhir.store.read(viewer=access) as tx:
+            self._check_identity(tx.system, entries, named=_reads_patients(access))
+            self._check_references(tx.system, entries)
+        return bundle
+
+    def _map(self, kind: str, payload: dict[str, Any], submitter: str) -> dict[str, Any]:
+        bundle: dict[str, Any] = map_artifact(kind, payload, self._context(submitter))
         return bundle
 
     def submit(
@@ -80,7 +97,7 @@ class ArtifactService:
         payload = _require_object(payload)
         if access is not None and access.role == "referrer":
             _require_own_organisation(kind, payload, access)
-        bundle = self.transform(kind, payload, submitter)
+        bundle = self._map(kind, payload, submitter)
         entries: list[dict[str, Any]] = bundle.get("entry", [])
         for entry in entries:
             # Validated while no lock is held; ``update_in`` below finds them in the cache.

@@ -417,3 +417,10 @@ class ExportService:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def after_fork(self) -> None:
+        """In a child process: a thread pool of its own (the parent's threads do not exist
+        here, and its lock may have been held at the fork)."""
+        workers = self.executor._max_workers
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="export")
+        self._lock = threading.Lock()

@@ -119,6 +119,9 @@ class FhirService:
         self.write_hooks = list(write_hooks)
         self.write_rules = list(write_rules)
         self.delete_rules: list[DeleteRule] = []
+        #: Called with each body before its rules: the write pipeline's guard on what the
+        #: running step may store (fhir_kat/services/pipeline.py).
+        self.write_guard: Callable[[dict[str, Any]], None] | None = None
 
     # ---------------------------------------------------------------- reads
 
@@ -331,7 +334,10 @@ class FhirService:
         skip_if_unchanged: bool = False,
     ) -> tuple[StoredResource, bool]:
         """The one path every version takes: rules (as the caller: ``tx.viewer``, None for the
-        service's own writes), store, hooks (as the service: ``tx.system``)."""
+        service's own writes), store, hooks (as the service: ``tx.system``) — the write
+        pipeline, fhir_kat/services/pipeline.py."""
+        if self.write_guard is not None:
+            self.write_guard(body)
         for rule in self.write_rules:
             rule(tx, body, current)
         stored, changed = tx.put(

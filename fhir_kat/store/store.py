@@ -9,6 +9,7 @@ one transaction, so a search never sees a half-written resource.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import fcntl
@@ -44,7 +45,6 @@ from sqlalchemy import (
     select,
     text,
     true,
-    tuple_,
     update,
 )
 from sqlalchemy.engine import make_url
@@ -77,6 +77,7 @@ from fhir_kat.store.schema import (
     search_token,
     store_meta,
 )
+from fhir_kat.store.statistics import TABLES, Statistics, analyze
 from fhir_kat.store.view import EVERYTHING, PatientSlice, ReadScope, Viewer
 
 Clock = Callable[[], datetime]
@@ -175,10 +176,10 @@ class Store:
         self.clock: Clock = clock or (lambda: datetime.now(UTC))
         self.is_sqlite = url.startswith("sqlite")
         self.engine: Engine = self._make_engine(url)
-        self._writes = 0
-        self._next_analyze = 64
-        self._stats_lock = threading.Lock()
         self._writer = _SqliteWriterQueue(url) if self.is_sqlite else None
+        self.statistics = Statistics(
+            self.engine, is_sqlite=self.is_sqlite, writer_turn=self._writer_turn
+        )
 
     def _make_engine(self, url: str) -> Engine:
         if not self.is_sqlite:
@@ -214,18 +215,21 @@ class Store:
         of waiting for the busy timeout."""
         if self.is_sqlite:
             with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
-                metadata.create_all(conn)
+                _create_missing(conn)
                 _reindex_stale(conn)
+            self.statistics.refresh()
             return
         with self.engine.connect() as conn:
             conn.execute(text("SELECT pg_advisory_lock(7301)"))
             try:
-                metadata.create_all(conn)
+                _create_missing(conn)
                 _reindex_stale(conn)
                 conn.commit()
             finally:
                 conn.execute(text("SELECT pg_advisory_unlock(7301)"))
                 conn.commit()
+        # A database restored, bulk-loaded or reindexed while no process watched.
+        self.statistics.refresh()
 
     def claim_id_namespace(self, fingerprint: str) -> str:
         """The fingerprint of the id namespace this database's deterministic ids come from:
@@ -277,35 +281,30 @@ class Store:
             yield tx
             tx.run_deferred()
             tx.flush()
-        self._after_commit()
+        # Statistics are checked by stored versions, so a large import counts for its size.
+        self.statistics.wrote(tx._s.written)
+
+    def after_fork(self) -> None:
+        """In a child process (``fhir_kat.prefork``): the parent's pooled connections are left
+        to the parent (``close=False``: closing would end the parent's sessions), and the
+        SQLite writer queue opens its own lock file (``flock`` locks belong to the open file,
+        which a shared descriptor would share between processes)."""
+        self.engine.dispose(close=False)
+        self.statistics = Statistics(
+            self.engine, is_sqlite=self.is_sqlite, writer_turn=self._writer_turn
+        )
+        if self._writer is not None:
+            self._writer = _SqliteWriterQueue(self.url)
 
     def _writer_turn(self) -> Any:
         return self._writer.turn() if self._writer is not None else _NO_QUEUE
 
-    def _after_commit(self) -> None:
-        """Both databases plan the search joins from table statistics (which criterion to
-        start from, which index to probe). A new database has none (PostgreSQL's autovacuum
-        runs its first ANALYZE a minute or more later; SQLite never does), and meanwhile picks
-        scans that grow with the data. So, while a process's write count doubles from 64 up
-        to 65,536, it refreshes them itself; after that the shape of the data is known."""
-        with self._stats_lock:
-            self._writes += 1
-            due = self._writes >= self._next_analyze and self._next_analyze <= 65_536
-            if due:
-                self._next_analyze *= 2
-        if due:
-            self.analyze()
-
     def analyze(self) -> None:
-        """Refresh the planner's statistics (after a bulk load, say). On SQLite a sampled
-        ANALYZE (``analysis_limit``): milliseconds, whatever the size of the database."""
+        """Refresh the planner's statistics of every table the store plans from (after a bulk
+        load, say); the store also does so itself when they are missing or stale
+        (``fhir_kat.store.statistics``). On SQLite a sampled ANALYZE: milliseconds."""
         with self.engine.connect() as conn:
-            if self.is_sqlite:
-                conn.exec_driver_sql("PRAGMA analysis_limit=1000")
-                conn.exec_driver_sql("ANALYZE")
-            else:
-                tables = ", ".join(t.name for t in INDEX_TABLES)
-                conn.execute(text(f"ANALYZE resources, {tables}"))
+            analyze(conn, TABLES, is_sqlite=self.is_sqlite)
             conn.commit()
 
     @contextmanager
@@ -404,6 +403,15 @@ def _ping_when_idle(engine: Engine) -> None:
             raise DisconnectionError() from exc
 
 
+def _create_missing(conn: Connection) -> None:
+    """Missing tables, and the indexes added to existing tables since a database was created
+    (``create_all`` creates an existing table's new index only with the table)."""
+    metadata.create_all(conn)
+    for table in metadata.sorted_tables:
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+            index.create(conn, checkfirst=True)
+
+
 def _reindex_stale(conn: Connection) -> None:
     rebuilt = bring_up_to_date(conn)
     if rebuilt:
@@ -424,6 +432,41 @@ def _use_wal(cursor: Any, attempts: int = 300) -> None:
             if "locked" not in str(exc) or attempt == attempts - 1:
                 raise
             time.sleep(0.1)
+
+
+_PRELOADS: dict[tuple[int, bool], Select[Any]] = {}
+
+
+def _preload_statement(types: int, lock: bool) -> Select[Any]:
+    """``Tx.preload``'s statement for keys of ``types`` resource types: an OR, per type, of
+    ``res_type = :k_type_<i> AND res_id IN :k_ids_<i>`` (expanding), so both databases plan
+    each branch as lookups in the primary key. The row-value form ``(res_type, res_id) IN
+    (VALUES …)`` is planned by SQLite 3.40 as a scan of the whole primary key (issue 25;
+    docs/adr/0017-statement-plans-and-statistics.md; tests/test_statement_plans.py holds every
+    statement to an index lookup). Built once per number of types, so SQLAlchemy's compiled
+    cache serves every call (building it per call cost more than running it)."""
+    key = (types, lock)
+    stmt = _PRELOADS.get(key)
+    if stmt is None:
+        stmt = (
+            select(resources)
+            .where(
+                or_(
+                    *(
+                        and_(
+                            resources.c.res_type == bindparam(f"k_type_{i}"),
+                            resources.c.res_id.in_(bindparam(f"k_ids_{i}", expanding=True)),
+                        )
+                        for i in range(types)
+                    )
+                )
+            )
+            .order_by(resources.c.res_type, resources.c.res_id)
+        )
+        if lock:
+            stmt = stmt.with_for_update()
+        _PRELOADS[key] = stmt
+    return stmt
 
 
 def _version_of(row: Any, *, compartment: bool = False) -> StoredResource:
@@ -474,6 +517,8 @@ class _TxState:
         # Current rows read ahead by ``preload`` (and whether row-locked): ``get`` answers
         # from here until the resource is written in this transaction.
         self.preloaded: dict[tuple[str, str], tuple[StoredResource | None, bool]] = {}
+        #: Versions written (``Store.statistics`` counts them after the commit).
+        self.written = 0
         #: Each viewer's scope per type, until the transaction writes again.
         self.scopes: dict[tuple[Viewer, str], ReadScope] = {}
 
@@ -527,8 +572,12 @@ class Tx:
     def defer(self, key: str, action: Callable[[Tx], None]) -> None:
         """Run ``action`` once, at the end of this transaction, before it commits: for rules
         that need every entry of a transaction Bundle written first (referral triage). It
-        runs on ``system``: a deferred rule decides for the service, not as the caller."""
-        self._s.deferred.setdefault(key, action)
+        runs on ``system``: a deferred rule decides for the service, not as the caller. It
+        runs in the context it was deferred in (``contextvars``), so whoever deferred it is
+        still the one acting when it runs (the write pipeline's step, a request's state)."""
+        if key not in self._s.deferred:
+            context = contextvars.copy_context()
+            self._s.deferred[key] = lambda tx: context.run(action, tx)
 
     def run_deferred(self) -> None:
         while self._s.deferred:
@@ -639,14 +688,14 @@ class Tx:
         )
         if not wanted:
             return
-        stmt = (
-            select(resources)
-            .where(tuple_(resources.c.res_type, resources.c.res_id).in_(wanted))
-            .order_by(resources.c.res_type, resources.c.res_id)
-        )
-        if lock:
-            stmt = stmt.with_for_update()
-        found = {(r.res_type, r.res_id): _row_to_stored(r) for r in self.conn.execute(stmt)}
+        by_type: dict[str, list[str]] = {}
+        for rtype, rid in wanted:
+            by_type.setdefault(rtype, []).append(rid)
+        params: dict[str, Any] = {}
+        for i, (rtype, ids) in enumerate(by_type.items()):
+            params[f"k_type_{i}"], params[f"k_ids_{i}"] = rtype, ids
+        stmt = _preload_statement(len(by_type), lock)
+        found = {(r.res_type, r.res_id): _row_to_stored(r) for r in self.conn.execute(stmt, params)}
         for key in wanted:
             self._s.preloaded[key] = (found.get(key), lock)
 
@@ -795,6 +844,7 @@ class Tx:
             ],
         )
         seqs = [int(s) for s in result.scalars()]
+        self._s.written += len(seqs)
         stored: list[StoredResource] = []
         current_rows: list[dict[str, Any]] = []
         index: list[tuple[Any, dict[str, Any]]] = []
@@ -842,6 +892,7 @@ class Tx:
     def _insert_version(
         self, rtype: str, rid: str, vid: int, when: datetime, method: str, content: str | None
     ) -> int:
+        self._s.written += 1
         result = self.conn.execute(
             _INSERT_VERSION,
             {
