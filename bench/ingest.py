@@ -165,13 +165,81 @@ def ceiling(n: int) -> tuple[str, bytes]:
     return "/echo", artifact(n)[1]
 
 
-BODIES = {"artifact": artifact, "transaction": transaction, "ceiling": ceiling}
+def _observation(n: int, i: int, shape: str) -> dict[str, object]:
+    """A heart rate with a business identifier unique to (``shape``, request ``n``, entry
+    ``i``)."""
+    return {
+        "resourceType": "Observation",
+        "identifier": [{"system": "urn:bench:obs", "value": f"{shape}-{n}-{i}"}],
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        # One patient per request: a per-patient hook never grows with the run.
+        "subject": {"reference": f"Patient/bench-{n}"},
+        "effectiveDateTime": "2026-02-01T10:00:00Z",
+        "valueQuantity": {
+            "value": 60 + i % 40,
+            "unit": "/min",
+            "system": "http://unitsofmeasure.org",
+            "code": "/min",
+        },
+    }
+
+
+def observation(n: int) -> tuple[str, bytes]:
+    """A single ``POST /fhir/Observation``."""
+    return "/fhir/Observation", json.dumps(_observation(n, 0, "s")).encode()
+
+
+#: Entries of the 100-entry transactions (issue 20's shapes).
+TX_ENTRIES = 100
+
+
+def transaction_100(n: int) -> tuple[str, bytes]:
+    """A transaction of 100 plain Observation creates."""
+    entries = [
+        {"resource": _observation(n, i, "t"), "request": {"method": "POST", "url": "Observation"}}
+        for i in range(TX_ENTRIES)
+    ]
+    return "/fhir", json.dumps(
+        {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    ).encode()
+
+
+def conditional_100(n: int) -> tuple[str, bytes]:
+    """A transaction of 100 Observations, each a conditional create on its identifier (the
+    shape idempotent loaders and partner deliveries send); new identifiers: each creates."""
+    entries = [
+        {
+            "resource": _observation(n, i, "c"),
+            "request": {
+                "method": "POST",
+                "url": "Observation",
+                "ifNoneExist": f"identifier=urn:bench:obs|c-{n}-{i}",
+            },
+        }
+        for i in range(TX_ENTRIES)
+    ]
+    return "/fhir", json.dumps(
+        {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    ).encode()
+
+
+BODIES = {
+    "artifact": artifact,
+    "transaction": transaction,
+    "ceiling": ceiling,
+    "observation": observation,
+    "transaction-100": transaction_100,
+    "conditional-100": conditional_100,
+}
 
 
 def _client_process(args: tuple[str, str, str, int, float, int]) -> tuple[int, int, list[float]]:
     """One load-generator process: ``threads`` clients posting until ``seconds`` pass."""
     url, kind, token, threads, seconds, offset = args
-    content_type = "application/json" if kind != "transaction" else "application/fhir+json"
+    content_type = (
+        "application/json" if kind in ("artifact", "ceiling") else "application/fhir+json"
+    )
     headers = {"Content-Type": content_type}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -221,6 +289,9 @@ def load(
         results = pool.map(_client_process, jobs)
     latencies = sorted(x for _, _, lat in results for x in lat)
     errors = sum(e for _, e, _ in results)
+    if not latencies:  # every request refused: no latency to report
+        nan = float("nan")
+        return {"rps": 0.0, "p50": nan, "p95": nan, "p99": nan, "errors": errors}
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
     return {
         "rps": len(latencies) / seconds,

@@ -34,6 +34,7 @@ from fhir_kat.exchange.netguard import policy_from_settings
 from fhir_kat.exchange.plan import log_partner_plan
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.logging import configure_logging
+from fhir_kat.security.cds_clients import CdsRequestVerifier, load_cds_hooks
 from fhir_kat.security.clients import ClientRegistry, load_clients
 from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.security.identity import (
@@ -46,7 +47,7 @@ from fhir_kat.security.oidc import OpenIdClient, grant_configured, load_provider
 from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.sessions import SessionStore
 from fhir_kat.security.tokens import TokenService, load_signing_key
-from fhir_kat.services.artifacts import ArtifactService
+from fhir_kat.services.artifacts import ArtifactService, install_referral_form
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.services.instruments import InstrumentService
@@ -80,6 +81,8 @@ class KatState:
     #: Browser sessions (web pages) and the OpenID Providers people sign in through.
     sessions: SessionStore | None = None
     identity_providers: dict[str, OpenIdClient] = field(default_factory=dict)
+    #: Verifies the JWT of an EMR calling the CDS Hooks services (``[cds_hooks.clients.*]``).
+    cds_verifier: CdsRequestVerifier | None = None
 
     # The services most routes use, by their short names.
     @property
@@ -119,6 +122,7 @@ def create_app(
         pid: OpenIdClient(provider)
         for pid, provider in load_providers(settings.extra.get("oidc", {}), os.environ).items()
     }
+    cds_hooks = load_cds_hooks(settings.extra.get("cds_hooks", {}))
     program = settings.extra.get("program", {})
     catalogue = load_catalogue(program.get("instruments", {}), outcomes=program.get("outcomes"))
     try:
@@ -157,11 +161,13 @@ def create_app(
         mllp_processing_ids=tuple(
             p.strip() for p in settings.mllp_processing_ids.split(",") if p.strip()
         ),
+        cds_hooks=cds_hooks,
     )
     # What a write sets off, in order: fhir_kat/services/pipeline.py.
     install_pipeline(services.fhir, write_pipeline(services), strict=settings.pipeline_strict)
     services.outcomes.install_measure()
     services.instruments.install_questionnaires()
+    install_referral_form(services.fhir)  # Questionnaire/kat-referral, the referral as an SDC form
     key_path = Path(settings.signing_key_file or settings.data_dir / "token-signing-key.pem")
     tokens = TokenService(
         load_signing_key(key_path),
@@ -200,10 +206,12 @@ def create_app(
             absolute_seconds=settings.session_absolute_seconds,
         ),
         identity_providers=identity_providers,
+        cds_verifier=CdsRequestVerifier(cds_hooks, store),
     )
 
     from fhir_kat.api import auth
     from fhir_kat.api.artifacts import bp as artifacts_bp
+    from fhir_kat.api.cds_hooks import bp as cds_hooks_bp
     from fhir_kat.api.definitions import bp as definitions_bp
     from fhir_kat.api.deliveries import bp as deliveries_bp
     from fhir_kat.api.export import bp as export_bp
@@ -231,6 +239,7 @@ def create_app(
     app.register_blueprint(definitions_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)
+    app.register_blueprint(cds_hooks_bp)
     register_error_handlers(app)
     _install_request_logging(app)
     from fhir_kat.api import inputs

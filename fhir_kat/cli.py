@@ -173,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         "stats: pending, in flight, dead-lettered, consent-blocked and the oldest pending age. "
         "retry ID: send a dead, consent-blocked or cancelled delivery again from attempt 0. "
         "cancel ID: never send it. retry-dead: requeue every dead delivery (of --partner). "
-        "Exit 1 when the delivery is unknown or cannot move from its state.",
+        "Both leave a delivery dead when a later one of the same patient already reached the "
+        "partner (sent now, it would replace newer content there) unless --force. "
+        "Exit 1 when the delivery is unknown or cannot move from its state, or when "
+        "retry-dead left some dead.",
         epilog="Example: fhir-kat deliveries list --status dead && fhir-kat deliveries retry 42",
     )
     deliveries.add_argument("action", choices=["list", "stats", "retry", "cancel", "retry-dead"])
@@ -182,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     deliveries.add_argument("--partner", help="only this partner (or subscription:<id>)")
     deliveries.add_argument("--limit", type=int, default=50, help="list at most this many")
     deliveries.add_argument("--json", action="store_true", help="list as JSON lines")
+    deliveries.add_argument(
+        "--force",
+        action="store_true",
+        help="retry, retry-dead: also deliveries a later delivery of the same patient has "
+        "superseded at the partner (their older content would replace the newer)",
+    )
     deliveries.set_defaults(func=_deliveries)
 
     mappings = sub.add_parser(
@@ -463,14 +472,25 @@ def _deliveries(args: argparse.Namespace) -> int:
             print(json.dumps(outbox.stats(store, partner=args.partner).to_json(), indent=2))
             return 0
         if args.action == "retry-dead":
-            count = outbox.retry_dead(store, partner=args.partner)
-            print(f"{count} dead deliveries queued again", file=sys.stderr)
+            result = outbox.retry_dead(store, partner=args.partner, force=args.force)
+            print(f"{result.requeued} dead deliveries queued again", file=sys.stderr)
+            if result.superseded:
+                print(
+                    f"fhir-kat: left dead: {', '.join(map(str, result.superseded))} — a later "
+                    "delivery of the same patient already reached the partner, and sending "
+                    "these now would replace its newer content; check the partner, then "
+                    "retry them with --force",
+                    file=sys.stderr,
+                )
+                return 1
             return 0
         if args.id is None:
             print(f"fhir-kat: deliveries {args.action} needs a delivery id", file=sys.stderr)
             return 2
-        change = outbox.requeue if args.action == "retry" else outbox.cancel
-        info = change(store, args.id)
+        if args.action == "retry":
+            info = outbox.requeue(store, args.id, force=args.force)
+        else:
+            info = outbox.cancel(store, args.id)
         print(json.dumps(info.to_json(), indent=2))
         return 0
     except FhirError as exc:  # unknown id (404), a state that cannot move (409), bad filter

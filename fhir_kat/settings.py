@@ -158,7 +158,16 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "session_absolute_seconds": (5 * 60, 7 * 24 * 60 * 60),
 }
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
-_SECTIONS = {"clients", "partners", "program", "security", "exchange", "v2_senders", "oidc"}
+_SECTIONS = {
+    "clients",
+    "partners",
+    "program",
+    "security",
+    "exchange",
+    "v2_senders",
+    "oidc",
+    "cds_hooks",
+}
 _CLIENT_SIGN_IN = ("auto", "on", "off")
 
 

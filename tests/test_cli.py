@@ -259,3 +259,21 @@ def test_deliveries_command_lists_counts_retries_and_cancels(
     assert main(["deliveries", "retry", "999999"]) == 1  # unknown
     assert main(["deliveries", "retry"]) == 2  # no id
     assert "needs a delivery id" in capsys.readouterr().err
+
+    # A dead delivery a later one of the same patient superseded stays dead unless forced.
+    store = Store(database_url)
+    with store.write() as tx:
+        older = outbox.enqueue(tx, "ha-ehr", "bundle", {"resourceType": "Bundle"}, "p3")
+        newer = outbox.enqueue(tx, "ha-ehr", "bundle", {"resourceType": "Bundle"}, "p3")
+    (claimed,) = [d for d in outbox.claim(store, "w1", 10) if d.id == older]
+    assert outbox.mark_dead(store, claimed, "refused by the partner")
+    (claimed,) = [d for d in outbox.claim(store, "w1", 10) if d.id == newer]
+    assert outbox.mark_delivered(store, claimed)
+    store.dispose()
+    capsys.readouterr()
+    assert main(["deliveries", "retry-dead"]) == 1
+    err = capsys.readouterr().err
+    assert f"left dead: {older}" in err and "--force" in err
+    assert main(["deliveries", "retry", str(older)]) == 1  # 409: superseded
+    assert main(["deliveries", "retry-dead", "--force"]) == 0
+    assert "1 dead deliveries queued again" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
 from fhir_kat.app import create_app
+from fhir_kat.exchange import outbox
 from fhir_kat.exchange.worker import DeliveryWorker
 from fhir_kat.services.delivery import make_consent_gate, make_delivery_audit
 from fhir_kat.settings import Settings
@@ -122,9 +123,11 @@ def test_consent_decides_at_send_time(kat: Flask, receiver: Receiver) -> None:
     assert send(kat, "referrals").status_code == 201
     assert send(kat, "questionnaire-responses").status_code == 201
     queued = deliveries(kat, status="pending")
-    assert len(queued) == 2 and {q["partner"] for q in queued} == {"island-ehr"}
+    # The referral, its Task as triage left it (a later version: the partner's copy follows),
+    # and the questionnaire response.
+    assert len(queued) == 3 and {q["partner"] for q in queued} == {"island-ehr"}
     report = run_worker(kat)
-    assert report["blocked"] == 2 and receiver.bundles == []  # no consent names the authority
+    assert report["blocked"] == 3 and receiver.bundles == []  # no consent names the authority
     assert send(kat, "consents").status_code == 201  # consent to share with HA-ISLAND
     admin = client_as(kat, "admin")
     for blocked in deliveries(kat, status="blocked-consent"):
@@ -164,3 +167,42 @@ def test_unknown_partner_kind_is_a_clear_settings_error(settings: Settings) -> N
     bad = {"x": {"base_url": "https://ehr.example/fhir", "artifact_kinds": ["referal"]}}
     with pytest.raises(SettingsError, match="unknown kind 'referal'"):
         create_app(replace(settings, extra={"clients": TEST_CLIENTS, "partners": bad}))
+
+
+def _worker(app: Flask, gate: Any) -> DeliveryWorker:
+    state = app.extensions["fhir_kat"]
+    return DeliveryWorker(state.store, state.partners, gate, sleep=lambda _: None)
+
+
+def _drain(worker: DeliveryWorker) -> None:
+    for _ in range(20):
+        if not worker.run_once().claimed:
+            return
+
+
+def test_consent_committed_between_check_and_block_is_not_lost(
+    kat: Flask, receiver: Receiver
+) -> None:
+    """The interleaving the fault runs found, step by step: the worker asks the consent
+    decision point (no consent yet: no), a Consent for the patient commits (its requeue finds
+    nothing blocked: the delivery is in flight), then the worker records the block."""
+    assert send(kat, "referrals").status_code == 201
+    state = kat.extensions["fhir_kat"]
+    real = make_consent_gate(state.store, state.consent, state.clock)
+    consent_written: list[int] = []
+
+    def gate(check: dict[str, Any]) -> bool:
+        allowed = real(check)
+        if not consent_written:
+            consent_written.append(1)
+            # Commits here, after the check and before the worker records its answer.
+            assert send(kat, "consents").status_code == 201
+        return allowed
+
+    worker = _worker(kat, gate)
+    _drain(worker)
+    statuses = {d["status"] for d in deliveries(kat)}
+    assert statuses == {"delivered"}, statuses
+    assert outbox.stats(state.store).blocked_consent == 0
+    sent = [e["resource"]["resourceType"] for b in receiver.bundles for e in b["entry"]]
+    assert "Patient" in sent and "Task" in sent

@@ -72,6 +72,7 @@ def test_the_pipeline_runs_in_the_documented_order(app: Flask) -> None:
         "referrer feedback",
         "subscriptions",
         "consent re-queue",
+        "partner copies",
     ]
     fhir = services(app).fhir
     assert len(fhir.write_hooks) == len(pipeline.steps)

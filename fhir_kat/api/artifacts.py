@@ -14,6 +14,7 @@ from fhir_kat.api.body import read_json
 from fhir_kat.api.fhir import json_response
 from fhir_kat.artifacts import KINDS, json_schema
 from fhir_kat.errors import Forbidden, NotFound, issue
+from fhir_kat.security.audit import NOTHING_WRITTEN
 from fhir_kat.security.policy import area_allowed
 from fhir_kat.services.artifacts import ArtifactService, SubmitResult
 from fhir_kat.store import Tx
@@ -47,7 +48,15 @@ def submit(kind: str) -> Response:
     access = current_access()
 
     def audit(tx: Tx, result: SubmitResult) -> None:
-        audit_in(tx, replace(record, entities=_entities(result), status=_status(result)))
+        audit_in(
+            tx,
+            replace(
+                record,
+                entities=_entities(result),
+                status=_status(result),
+                detail=None if result.changed else NOTHING_WRITTEN,
+            ),
+        )
 
     result = _service().submit(kind, _artifact(), access.principal.client_id, access, audit=audit)
     record.entities.extend(_entities(result))

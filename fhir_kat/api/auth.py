@@ -47,6 +47,10 @@ PUBLIC = {
     "web.static",
     "web.login_provider",  # signing in through an OpenID Provider: its start and callback
     "web.callback",
+    # CDS Hooks: the EHR's own signed JWT, verified by the blueprint (api/cds_hooks.py)
+    "cds_hooks.discovery",
+    "cds_hooks.call",
+    "cds_hooks.feedback",
 }
 #: Public endpoints that leave no audit record (discovery and health checks disclose nothing).
 UNAUDITED = {
@@ -58,6 +62,7 @@ UNAUDITED = {
     "web.login",
     "web.static",
     "web.login_provider",  # only sends the browser on; the callback is audited
+    "cds_hooks.discovery",
 }
 REALM = 'Bearer realm="fhir_kat"'
 

@@ -57,7 +57,7 @@ def get_delivery(delivery_id: int) -> Response:
 
 @bp.post("/<int:delivery_id>/retry")
 def retry(delivery_id: int) -> Response:
-    return _json(outbox.requeue(_store(), delivery_id).to_json())
+    return _json(outbox.requeue(_store(), delivery_id, force=_force()).to_json())
 
 
 @bp.post("/<int:delivery_id>/cancel")
@@ -67,5 +67,13 @@ def cancel(delivery_id: int) -> Response:
 
 @bp.post("/retry-dead")
 def retry_dead() -> Response:
-    count = outbox.retry_dead(_store(), partner=request.args.get("partner"))
-    return json_response(json.dumps({"requeued": count}))
+    result = outbox.retry_dead(_store(), partner=request.args.get("partner"), force=_force())
+    return json_response(json.dumps({"requeued": result.requeued, "superseded": result.superseded}))
+
+
+def _force() -> bool:
+    """``?force=true``: also retry what a later delivery of the same patient superseded."""
+    value = request.args.get("force", "false")
+    if value not in ("true", "false"):
+        raise BadRequest("force must be true or false", expression="force")
+    return value == "true"

@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, g, request
 from fhir_kat.api.auth import audit_in, audit_record, current_access, token_url
 from fhir_kat.api.body import FHIR_JSON, read_json
 from fhir_kat.errors import BadRequest, NotAcceptable, issue
+from fhir_kat.security.audit import NOTHING_WRITTEN
 from fhir_kat.security.discovery import AUTH
 from fhir_kat.services.bundles import RawBundle
 from fhir_kat.services.capability import capability_statement
@@ -146,7 +147,7 @@ def _audited_write(result: WriteResult, interaction: str) -> Response:
     stored = result.stored
     _audit(interaction, f"{stored.type}/{stored.id}", patient=stored.patient_id)
     if not result.changed:
-        audit_record().detail = "nothing written: matched or unchanged"
+        audit_record().detail = NOTHING_WRITTEN
     return write_response(result)
 
 
@@ -239,6 +240,25 @@ def update(rtype: str, rid: str) -> Response:
     body: Any = read_json(request)
     result = service().update(
         rtype, rid, body, if_match=request.headers.get("If-Match"), access=current_access()
+    )
+    return _audited_write(result, "create" if result.created else "update")
+
+
+@bp.put("/<rtype>")
+def conditional_update(rtype: str) -> Response:
+    _audit("update")
+    criteria = urlencode([(k, v) for k, v in request.args.items(multi=True) if k != "_format"])
+    if not criteria:
+        raise BadRequest(
+            issue("required", "PUT needs Type/id, or Type?criteria for a conditional update")
+        )
+    body: Any = read_json(request)
+    result = service().conditional_update(
+        rtype,
+        criteria,
+        body,
+        if_match=request.headers.get("If-Match"),
+        access=current_access(),
     )
     return _audited_write(result, "create" if result.created else "update")
 

@@ -65,6 +65,11 @@ def _q(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 _PARTNER = _q("partner", {"type": "string"}, "only this partner's deliveries")
+_FORCE = _q(
+    "force",
+    {"type": "string", "enum": ["true", "false"]},
+    "also deliveries a later delivery of the same patient superseded at the partner",
+)
 
 #: Endpoint name → what it does. Every route under /api/v1 needs an entry.
 #: The body of a Flag acknowledgement or resolution (``artifacts.FlagActionSchema``).
@@ -272,9 +277,16 @@ OPERATIONS: dict[str, Op] = {
         (
             (200, "the delivery, pending again", "application/json", _DELIVERY),
             (404, "no such delivery", _FHIR_JSON, _OUTCOME),
-            (409, "the delivery is not in a state that can be retried", _FHIR_JSON, _OUTCOME),
+            (
+                409,
+                "the delivery is not in a state that can be retried, or a later delivery of "
+                "the same patient superseded it (force=true sends it anyway)",
+                _FHIR_JSON,
+                _OUTCOME,
+            ),
             *_ERRORS,
         ),
+        query=(_FORCE,),
         tags=("deliveries",),
     ),
     "deliveries.cancel": Op(
@@ -290,17 +302,25 @@ OPERATIONS: dict[str, Op] = {
     ),
     "deliveries.retry_dead": Op(
         "Requeue every dead delivery (admin)",
-        "",
+        "A dead delivery for which a later delivery of the same partner and patient was "
+        "delivered stays dead (sent now, its older content would replace the newer at the "
+        "partner) and is listed in superseded, unless force=true.",
         (
             (
                 200,
-                "how many were requeued",
+                "how many were requeued, and which were left dead",
                 _FHIR_JSON,
-                {"type": "object", "properties": {"requeued": {"type": "integer"}}},
+                {
+                    "type": "object",
+                    "properties": {
+                        "requeued": {"type": "integer"},
+                        "superseded": {"type": "array", "items": {"type": "integer"}},
+                    },
+                },
             ),
             *_ERRORS,
         ),
-        query=(_PARTNER,),
+        query=(_PARTNER, _FORCE),
         tags=("deliveries",),
     ),
     "openapi.openapi_json": Op(

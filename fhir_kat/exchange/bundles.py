@@ -6,7 +6,10 @@ identifier) into the transaction Bundle a partner receives, in the partner's ``w
 - ``conditional-create``: every entry is ``POST`` with ``ifNoneExist: identifier=<system>|<value>``
   from the resource's first identifier, ``fullUrl`` a ``urn:uuid:`` derived from our id, and
   references between entries rewritten to those ``urn:uuid:``s (the partner assigns its own ids
-  and resolves them). Sending the same Bundle twice creates nothing the second time.
+  and resolves them). Sending the same Bundle twice creates nothing the second time. A later
+  version of one of our resources (``meta.versionId`` above 1: a status change, a correction)
+  is ``PUT <Type>?identifier=<system>|<value>`` instead (R4 conditional update: it replaces the
+  partner's copy, or creates it), so the partner's copy converges to our record.
 - ``put``: every entry is ``PUT <Type>/<our id>`` (for partners that accept client ids); sending
   twice writes the same content as a new version, never a second resource.
 
@@ -86,6 +89,13 @@ def _identifiers(resource: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return []
 
 
+def version_of(resource: Mapping[str, Any]) -> int:
+    """The stored version a queued resource carries (``meta.versionId``), 0 when none."""
+    meta = resource.get("meta")
+    raw = meta.get("versionId") if isinstance(meta, Mapping) else None
+    return int(raw) if isinstance(raw, str) and raw.isdigit() else 0
+
+
 def resources_of(artifact: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The resources of a Bundle (any type) or of a plain list of resources."""
     if isinstance(artifact, Mapping):
@@ -160,7 +170,10 @@ def to_transaction(
     # First how each entry travels (its references depend on how their targets do).
     bodies: dict[tuple[str, str], dict[str, Any]] = {}
     queries: dict[tuple[str, str], str | None] = {}  # None: PUT with our id
+    later: set[tuple[str, str]] = set()  # a later version of ours: a conditional update
     for index, ((rtype, rid), res) in enumerate(kept):
+        if version_of(res) > 1:
+            later.add((rtype, rid))
         body = copy.deepcopy(res)
         body.get("meta", {}).pop("versionId", None)
         body.get("meta", {}).pop("lastUpdated", None)
@@ -226,12 +239,15 @@ def to_transaction(
         query = queries[key]
         if query is not None:
             body.pop("id", None)
+            # A later version must replace what the partner holds (its copy converges to our
+            # record): R4 conditional update, which also creates it when the partner has none.
+            request = (
+                {"method": "PUT", "url": f"{rtype}?{query}"}
+                if key in later
+                else {"method": "POST", "url": rtype, "ifNoneExist": query}
+            )
             entries.append(
-                {
-                    "fullUrl": full_url_for(rtype, rid),
-                    "resource": body,
-                    "request": {"method": "POST", "url": rtype, "ifNoneExist": query},
-                }
+                {"fullUrl": full_url_for(rtype, rid), "resource": body, "request": request}
             )
         else:
             entries.append(
@@ -396,4 +412,5 @@ __all__ = [
     "search_escape",
     "task_update_transaction",
     "to_transaction",
+    "version_of",
 ]

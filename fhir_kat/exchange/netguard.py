@@ -43,6 +43,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util.connection import allowed_gai_family, create_connection
 
+from fhir_kat.exchange.partners import SUBSCRIPTION_KEYS, subscription_delivery
 from fhir_kat.settings import Settings, SettingsError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -219,11 +220,13 @@ def checked_addresses(host: str, port: int, policy: EndpointPolicy) -> list[Addr
 
 
 def policy_from_settings(settings: Settings) -> EndpointPolicy:
-    """The policy from the ``[exchange]`` table of the configuration file."""
+    """The policy from the ``[exchange]`` table of the configuration file (the whole table is
+    checked here, the Subscription retry keys included: a bad one stops start-up)."""
     exchange = settings.extra.get("exchange", {})
-    unknown = sorted(set(exchange) - {SETTING})
+    unknown = sorted(set(exchange) - {SETTING, *SUBSCRIPTION_KEYS})
     if unknown:
         raise SettingsError("\n".join(f"[exchange].{key}: unknown setting" for key in unknown))
+    subscription_delivery(exchange)
     try:
         return load_policy(exchange)
     except ValueError as exc:

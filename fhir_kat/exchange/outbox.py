@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -421,6 +421,117 @@ def mark_blocked(
     )
 
 
+def consent_lock(patient: str) -> str:
+    """The lock that orders a consent block and a Consent's requeue for one patient: the
+    worker holds it while it records a block (after asking the gate once more), and a Consent
+    write holds it while it releases that patient's blocked deliveries. Whichever comes
+    second sees what the first committed, so no block outlives the Consent that lifts it."""
+    return f"outbox-consent:{patient}"
+
+
+def block_unless_consented(
+    store: Store,
+    delivery: Delivery,
+    reason: str,
+    recheck: Callable[[], bool],
+    now: datetime | None = None,
+) -> str:
+    """The consent gate said no: record the block under the patient's ``consent_lock``,
+    after asking ``recheck`` (the gate) once more while holding it. Returns ``BLOCKED_CONSENT``,
+    ``PENDING`` (a Consent committed since the first answer: the delivery is due again now,
+    the attempt taken back, at its place in the patient's order) or ``""`` (lease lost).
+
+    Without the lock a Consent that commits between the gate's answer and the block would
+    release nothing (the delivery was in flight, not blocked) and the block would stay for
+    good; see ``docs/adr/0018-partner-copies-converge.md``."""
+    moment = _naive(now) if now is not None else _now(store)
+    patient = (delivery.consent_check or {}).get("patient")
+    with store.write() as tx:
+        if patient:
+            tx.lock(consent_lock(str(patient)))
+        if recheck():
+            status = PENDING
+            values: dict[str, Any] = {
+                "status": PENDING,
+                "next_attempt_at": moment,
+                "attempts": outbox.c.attempts - 1,
+                "updated_at": moment,
+            }
+        else:
+            status = BLOCKED_CONSENT
+            values = {
+                "status": BLOCKED_CONSENT,
+                "last_error": _error_text(_outcome("forbidden", reason)),
+                "updated_at": moment,
+            }
+        result = tx.conn.execute(
+            update(outbox)
+            .where(
+                outbox.c.id == delivery.id,
+                outbox.c.status == IN_FLIGHT,
+                outbox.c.lease_token == delivery.lease_token,
+            )
+            .values(lease_token=None, **values)
+        )
+        return status if result.rowcount == 1 else ""
+
+
+def waits_behind(store: Store, delivery: Delivery) -> bool:
+    """Whether an earlier delivery for the same partner and patient became due again after
+    this one was claimed (a consent-blocked one released by a Consent): this one then goes
+    back unsent, so the released one keeps its place (the Patient first)."""
+    if delivery.patient_key is None:
+        return False
+    with store.read() as tx:
+        found = tx.conn.execute(
+            select(outbox.c.id)
+            .where(
+                outbox.c.partner == delivery.partner,
+                outbox.c.patient_key == delivery.patient_key,
+                outbox.c.id < delivery.id,
+                outbox.c.status.in_(ACTIVE),
+            )
+            .limit(1)
+        ).first()
+    return found is not None
+
+
+def blocked_checks(
+    store: Store, *, after_id: int = 0, limit: int = 200
+) -> list[tuple[int, str, dict[str, Any]]]:
+    """``(id, partner, consent_check)`` of consent-blocked deliveries after ``after_id``, in
+    id order: what the worker's periodic re-check asks the gate about again."""
+    stmt = (
+        select(outbox.c.id, outbox.c.partner, outbox.c.consent_check)
+        .where(
+            outbox.c.status == BLOCKED_CONSENT,
+            outbox.c.id > after_id,
+            outbox.c.consent_check.is_not(None),
+        )
+        .order_by(outbox.c.id)
+        .limit(limit)
+    )
+    with store.read() as tx:
+        return [
+            (int(r.id), str(r.partner), json.loads(r.consent_check)) for r in tx.conn.execute(stmt)
+        ]
+
+
+def release_blocked(store: Store, ids: Collection[int], now: datetime | None = None) -> int:
+    """Make these consent-blocked deliveries due again now (attempts reset; each keeps its id,
+    so its place in its patient's order); returns how many were still blocked."""
+    if not ids:
+        return 0
+    moment = _naive(now) if now is not None else _now(store)
+    with store.write() as tx:
+        result = tx.conn.execute(
+            update(outbox)
+            .where(outbox.c.id.in_(sorted(ids)), outbox.c.status == BLOCKED_CONSENT)
+            .values(status=PENDING, attempts=0, next_attempt_at=moment, updated_at=moment)
+        )
+        return int(result.rowcount)
+
+
 def mark_cancelled(
     store: Store, delivery: Delivery, reason: str, now: datetime | None = None
 ) -> bool:
@@ -521,31 +632,94 @@ def cancel(store: Store, delivery_id: int, now: datetime | None = None) -> Deliv
     )
 
 
-def requeue(store: Store, delivery_id: int, now: datetime | None = None) -> DeliveryInfo:
-    """Send a dead, consent-blocked or cancelled delivery again, from attempt 0, now."""
+def requeue(
+    store: Store, delivery_id: int, now: datetime | None = None, *, force: bool = False
+) -> DeliveryInfo:
+    """Send a dead, consent-blocked or cancelled delivery again, from attempt 0, now.
+
+    Refused (409) when a later delivery of the same partner and patient was delivered since
+    (``superseded``): sending the older content now would replace the newer one at the
+    partner (a ``PUT``, or the conditional update that carries a later version). ``force``
+    sends it anyway."""
+    if not force:
+        with store.read() as tx:
+            if superseded(tx, [delivery_id]):
+                raise Conflict(
+                    f"delivery {delivery_id} is older than a delivery of the same patient that "
+                    "the partner already received: sent now, its content would replace the "
+                    "newer one there. Check what the partner holds, then retry with force"
+                )
     return _transition(
         store, delivery_id, (DEAD, BLOCKED_CONSENT, CANCELLED), PENDING, "requeue", now
     )
 
 
-def retry_dead(store: Store, *, partner: str | None = None, now: datetime | None = None) -> int:
-    """Requeue every dead delivery (of one partner); returns how many."""
+@dataclass(frozen=True)
+class RetryDeadResult:
+    requeued: int
+    #: Dead deliveries left dead: a later one of the same partner and patient was delivered.
+    superseded: list[int]
+
+
+def retry_dead(
+    store: Store,
+    *,
+    partner: str | None = None,
+    now: datetime | None = None,
+    force: bool = False,
+) -> RetryDeadResult:
+    """Requeue every dead delivery (of one partner), except — unless ``force`` — those a later
+    delivery of the same partner and patient has superseded (``superseded``): they stay dead
+    and are named, so an operator looks before older content replaces newer at the partner."""
     moment = _naive(now) if now is not None else _now(store)
-    stmt = (
-        update(outbox)
-        .where(outbox.c.status == DEAD)
-        .values(status=PENDING, attempts=0, next_attempt_at=moment, updated_at=moment)
-    )
-    if partner is not None:
-        stmt = stmt.where(outbox.c.partner == partner)
     with store.write() as tx:
-        return int(tx.conn.execute(stmt).rowcount)
+        stmt = select(outbox.c.id).where(outbox.c.status == DEAD)
+        if partner is not None:
+            stmt = stmt.where(outbox.c.partner == partner)
+        dead = [int(r.id) for r in tx.conn.execute(stmt)]
+        skipped = [] if force else superseded(tx, dead)
+        chosen = sorted(set(dead) - set(skipped))
+        count = 0
+        for start in range(0, len(chosen), 500):
+            count += int(
+                tx.conn.execute(
+                    update(outbox)
+                    .where(outbox.c.id.in_(chosen[start : start + 500]), outbox.c.status == DEAD)
+                    .values(status=PENDING, attempts=0, next_attempt_at=moment, updated_at=moment)
+                ).rowcount
+            )
+    return RetryDeadResult(count, skipped)
+
+
+def superseded(tx: Tx, ids: Collection[int]) -> list[int]:
+    """Those of ``ids`` for which a later delivery of the same partner and patient was
+    delivered: the partner holds newer content than theirs."""
+    if not ids:
+        return []
+    row, later = outbox.alias("o"), outbox.alias("later")
+    newer = exists().where(
+        later.c.partner == row.c.partner,
+        later.c.patient_key == row.c.patient_key,
+        later.c.id > row.c.id,
+        later.c.status == DELIVERED,
+    )
+    found: list[int] = []
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), 500):
+        stmt = select(row.c.id).where(
+            row.c.id.in_(ordered[start : start + 500]), row.c.patient_key.is_not(None), newer
+        )
+        found += [int(r.id) for r in tx.conn.execute(stmt)]
+    return sorted(found)
 
 
 def requeue_blocked(tx: Tx, patient_id: str) -> int:
     """Send again, now, every delivery the consent gate blocked for ``patient_id``; returns
     how many. Runs in the transaction that writes a Consent for that patient, so a consent that
-    arrives later releases what waited for it; the worker asks the gate again at send time."""
+    arrives later releases what waited for it; the worker asks the gate again at send time.
+    Holds the patient's ``consent_lock``, so a block being recorded right now either commits
+    first (and is released here) or sees this Consent when it asks the gate again."""
+    tx.lock(consent_lock(patient_id))
     moment = _now(tx.store)
     rows = tx.conn.execute(
         select(outbox.c.id, outbox.c.consent_check).where(
@@ -723,11 +897,15 @@ __all__ = [
     "Delivery",
     "DeliveryInfo",
     "OutboxStats",
+    "RetryDeadResult",
     "RetryDecision",
     "RetryPolicy",
     "backoff_delay",
+    "block_unless_consented",
+    "blocked_checks",
     "cancel",
     "claim",
+    "consent_lock",
     "enqueue",
     "get_delivery",
     "list_deliveries",
@@ -738,9 +916,12 @@ __all__ = [
     "mark_retry",
     "outbox",
     "release",
+    "release_blocked",
     "renew",
     "requeue",
     "requeue_blocked",
     "retry_dead",
     "stats",
+    "superseded",
+    "waits_behind",
 ]

@@ -41,6 +41,8 @@ PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 AUTH_KINDS: tuple[AuthKind, ...] = ("none", "client_credentials", "smart_backend")
 WRITE_MODES: tuple[WriteMode, ...] = ("conditional-create", "put")
 WITHOUT_IDENTIFIER: tuple[WithoutIdentifier, ...] = ("put", "dead-letter")
+DerivedResources = Literal["with-source", "none"]
+DERIVED_RESOURCES: tuple[DerivedResources, ...] = ("with-source", "none")
 # SMART Backend Services allows exactly these two (SMART App Launch 2.x, "Backend Services").
 SMART_ALGORITHMS = ("RS384", "ES384")
 
@@ -67,6 +69,7 @@ _KNOWN_KEYS = {
     "source_identifier_system",
     "without_identifier",
     "care_team",
+    "derived_resources",
 }
 
 #: What a partner can ask for: the artifact kinds of /api/v1, safety Flags, and the status of
@@ -130,6 +133,10 @@ class PartnerConfig:
     #: asked. False: a party outside the program; each patient delivery asks the consent
     #: decision point at send time (``services/delivery.py`` names the purpose per kind).
     care_team: bool = False
+    #: ``with-source``: resources the program derives from what a partner receives (the score
+    #: Observations extracted from a QuestionnaireResponse, with their Provenance) travel in
+    #: the same delivery as their source; ``none``: the source alone.
+    derived_resources: DerivedResources = "with-source"
 
     def wants(self, artifact_kind: str) -> bool:
         return self.enabled and (
@@ -217,6 +224,9 @@ def _parse_one(
     enabled = table.get("enabled", True)
     if not isinstance(enabled, bool):
         problems.append(f"{where}.enabled: must be true or false")
+    derived = table.get("derived_resources", "with-source")
+    if derived not in DERIVED_RESOURCES:
+        problems.append(f"{where}.derived_resources: must be one of {list(DERIVED_RESOURCES)}")
 
     organization = table.get("organization")
     if organization is not None and (
@@ -274,6 +284,7 @@ def _parse_one(
         source_identifier_system=source_system,
         without_identifier=without_identifier,
         care_team=care_team is True,
+        derived_resources=derived,
     )
 
 
@@ -400,6 +411,56 @@ def _text(
         problems.append(f"{where}.{key}: must be a non-empty string")
         return ""
     return value.strip()
+
+
+#: ``[exchange]`` keys for R4 rest-hook Subscription notifications (the subscriber's
+#: endpoint is the client's choice, its retry policy and timeout the operator's).
+SUBSCRIPTION_KEYS = (
+    "subscription_max_attempts",
+    "subscription_backoff_base_seconds",
+    "subscription_backoff_cap_seconds",
+    "subscription_timeout_seconds",
+)
+
+
+@dataclass(frozen=True)
+class SubscriptionDelivery:
+    """How rest-hook notifications are retried (the partners' defaults unless set)."""
+
+    max_attempts: int = 12
+    backoff_base_seconds: float = 2.0
+    backoff_cap_seconds: float = 3600.0
+    #: None: the longest partner timeout (10 s without partners).
+    timeout_seconds: float | None = None
+
+
+def subscription_delivery(exchange: Mapping[str, Any]) -> SubscriptionDelivery:
+    """The ``subscription_*`` keys of the ``[exchange]`` table, with the ranges a partner's
+    own keys have; ``SettingsError`` names every bad one."""
+    problems: list[str] = []
+    where = "[exchange]"
+    attempts = _number(
+        exchange, "subscription_max_attempts", 12, 1, 1000, where, problems, whole=True
+    )
+    base = _number(
+        exchange, "subscription_backoff_base_seconds", 2.0, 0.01, 86_400.0, where, problems
+    )
+    cap = _number(
+        exchange, "subscription_backoff_cap_seconds", 3600.0, 0.01, 7 * 86_400.0, where, problems
+    )
+    if cap < base:
+        problems.append(
+            f"{where}.subscription_backoff_cap_seconds: must not be below "
+            "subscription_backoff_base_seconds"
+        )
+    timeout: float | None = None
+    if "subscription_timeout_seconds" in exchange:
+        timeout = _number(
+            exchange, "subscription_timeout_seconds", 10.0, 0.1, 600.0, where, problems
+        )
+    if problems:
+        raise SettingsError("\n".join(problems))
+    return SubscriptionDelivery(int(attempts), base, cap, timeout)
 
 
 def _number(

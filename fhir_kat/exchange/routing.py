@@ -20,9 +20,11 @@ from fhir_kat.errors import Unprocessable, issue
 from fhir_kat.exchange.bundles import (
     Resolve,
     for_partner,
+    full_url_for,
     resources_of,
     task_update_transaction,
 )
+from fhir_kat.exchange.copies import record
 from fhir_kat.exchange.outbox import ARTIFACT, REFERRAL_STATUS_KIND, enqueue
 from fhir_kat.exchange.partners import REFERRAL_STATUS, PartnerConfig
 from fhir_kat.store import Tx
@@ -35,6 +37,7 @@ def enqueue_artifact(
     artifact: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     patient_key: str | None,
     consent_purpose: str | None = None,
+    derived: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, int]:
     """Queue ``artifact`` (a Bundle or a list of resources with our ids and identifiers) for
     every enabled partner whose ``artifact_kinds`` include ``artifact_kind`` and which accepts
@@ -46,13 +49,23 @@ def enqueue_artifact(
     consent_purpose}``. A ``care_team`` partner gets none (a disclosure inside the program's
     care team, for treatment).
 
+    ``derived``: resources the program derived from the artifact (score Observations and the
+    Provenance of their extraction); they travel with it unless the partner's
+    ``derived_resources`` is ``none`` (decided at send time).
+
+    Each resource queued is recorded as the partner's copy (``copies.record``), so its later
+    versions follow it (``services/delivery.PartnerCopies``).
+
     Nothing here can refuse the artifact: the payload is the resources as stored, and their
     wire form is built when the delivery is sent (``wire_form``).
     """
     if consent_purpose is not None and patient_key is None:
         raise ValueError("a consent check needs the patient_key")
-    types = {r.get("resourceType") for r in resources_of(artifact)}
-    payload = {"artifactKind": artifact_kind, "artifact": artifact}
+    resources = resources_of(artifact)
+    types = {r.get("resourceType") for r in resources}
+    payload: dict[str, Any] = {"artifactKind": artifact_kind, "artifact": artifact}
+    if derived:
+        payload["derived"] = [dict(r) for r in derived]
     queued: dict[str, int] = {}
     for name in sorted(partners):
         partner = partners[name]
@@ -62,6 +75,7 @@ def enqueue_artifact(
             continue
         check = _consent_check(patient_key, name, partner, consent_purpose)
         queued[name] = enqueue(tx, name, ARTIFACT, payload, patient_key, check)
+        record(tx, name, artifact_kind, patient_key, [*resources, *derived])
     return queued
 
 
@@ -76,6 +90,9 @@ def wire_form(
         artifact = payload.get("artifact")
         if not isinstance(artifact, Mapping | list):
             raise Unprocessable(issue("structure", "the queued artifact is missing"))
+        derived = payload.get("derived")
+        if isinstance(derived, list) and derived and partner.derived_resources == "with-source":
+            artifact = with_derived(artifact, derived, partner)
         return for_partner(partner, artifact, resolve)
     if kind == REFERRAL_STATUS_KIND:
         task, document = payload.get("task"), payload.get("document")
@@ -85,6 +102,44 @@ def wire_form(
             task, resolve, document if isinstance(document, Mapping) else None
         )
     return dict(payload)
+
+
+def with_derived(
+    artifact: Mapping[str, Any] | list[Any],
+    derived: list[Any],
+    partner: PartnerConfig,
+) -> Mapping[str, Any] | list[Any]:
+    """The artifact followed by the derived resources this partner accepts (its
+    ``resource_types``); a derived Provenance goes only with every derived resource it is
+    about (a Provenance pointing at a resource left out would dead-letter the delivery)."""
+    offered = [r for r in derived if isinstance(r, Mapping)]
+    kept = [r for r in offered if partner.accepts_type(str(r.get("resourceType")))]
+    every = {_key(r) for r in offered}
+    names = {_key(r) for r in kept}
+    kept = [
+        r
+        for r in kept
+        if r.get("resourceType") != "Provenance"
+        or all(ref in names for ref in _targets(r) if ref in every)
+    ]
+    if not kept:
+        return artifact
+    if isinstance(artifact, Mapping):
+        extra = [{"fullUrl": full_url_for(*_key(r).split("/", 1)), "resource": r} for r in kept]
+        return {**artifact, "entry": [*artifact.get("entry", []), *extra]}
+    return [*artifact, *kept]
+
+
+def _key(resource: Mapping[str, Any]) -> str:
+    return f"{resource.get('resourceType')}/{resource.get('id')}"
+
+
+def _targets(provenance: Mapping[str, Any]) -> list[str]:
+    return [
+        str(t.get("reference"))
+        for t in provenance.get("target", [])
+        if isinstance(t, Mapping) and isinstance(t.get("reference"), str)
+    ]
 
 
 def referrer_partners(
@@ -161,4 +216,5 @@ __all__ = [
     "referrer_partners",
     "resolver",
     "wire_form",
+    "with_derived",
 ]

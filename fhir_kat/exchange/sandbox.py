@@ -1,8 +1,10 @@
 """Sandbox check: can this partner FHIR server take what fhir_kat will send it?
 
 Owns: ``check_partner`` — read the partner's CapabilityStatement and compare it with what
-fhir_kat needs for that partner (the resource types its artifact kinds map to, with the
-interaction its ``write_mode`` uses, and ``transaction`` at the system level); then a round trip
+fhir_kat needs for that partner (the resource types its artifact kinds map to, Provenance
+included, with the interactions they travel by — conditional create and, for later versions,
+conditional update; PUT with our id in put mode and for Provenance — and ``transaction`` at
+the system level); then a round trip
 with a synthetic Patient: create → search by identifier → read → delete (when the server allows
 delete; otherwise the Patient is left and named). The result is a list of checks, each pass,
 warn, skip or fail, for the command line to print.
@@ -23,7 +25,7 @@ import requests
 from fhir_kat.artifacts import KINDS
 from fhir_kat.exchange.bundles import NO_IDENTIFIER, NO_IDENTIFIER_SEARCH
 from fhir_kat.exchange.client import PartnerClient, TokenError
-from fhir_kat.exchange.partners import DELIVERABLE_KINDS, PartnerConfig
+from fhir_kat.exchange.partners import DELIVERABLE_KINDS, REFERRAL_STATUS, PartnerConfig
 from fhir_kat.mapping.engine import targets
 from fhir_kat.terminology import IDENTIFIERS
 
@@ -33,7 +35,12 @@ FHIR_JSON = "application/fhir+json"
 SANDBOX_SYSTEM = f"{IDENTIFIERS}/sandbox-check"
 #: Resources the service adds beside an artifact's own mapping (DOMAIN.md: SDC extraction of
 #: questionnaire scores into Observations; safety Flags to the care team, with the Patient).
-_EXTRA_TYPES = {"questionnaire-responses": {"Observation"}, "safety-flags": {"Flag", "Patient"}}
+_EXTRA_TYPES = {
+    "questionnaire-responses": {"Observation", "Provenance"},
+    "safety-flags": {"Flag", "Patient"},
+    # The referral Task by conditional update, and the feedback document (a Bundle).
+    "referral-status": {"Task", "Bundle"},
+}
 
 
 @dataclass(frozen=True)
@@ -60,9 +67,15 @@ class SandboxReport:
 
 
 def needed_types(partner: PartnerConfig) -> tuple[set[str], list[str]]:
-    """The resource types fhir_kat will send this partner (from the mapping files), and the
-    kinds whose types this check does not know (reported, never guessed)."""
-    kinds: Iterable[str] = partner.artifact_kinds or sorted(DELIVERABLE_KINDS)
+    """The resource types fhir_kat will send this partner (from the mapping files; the
+    Provenance of each artifact included), and the kinds it receives whose types this check
+    does not know (reported, never guessed). Only kinds the partner receives count: a partner
+    with every kind does not get ``referral-status`` unless it names it."""
+    kinds: Iterable[str] = (
+        partner.artifact_kinds
+        if partner.artifact_kinds is not None
+        else DELIVERABLE_KINDS - {REFERRAL_STATUS}
+    )
     types: set[str] = set()
     unknown: list[str] = []
     for kind in sorted(kinds):
@@ -71,7 +84,17 @@ def needed_types(partner: PartnerConfig) -> tuple[set[str], list[str]]:
         elif kind not in _EXTRA_TYPES:
             unknown.append(kind)
         types |= _EXTRA_TYPES.get(kind, set())
-    return {t for t in types - NO_IDENTIFIER if partner.accepts_type(t)}, unknown
+    return {t for t in types if partner.accepts_type(t)}, unknown
+
+
+def _how(rtype: str, partner: PartnerConfig) -> tuple[str, ...]:
+    """What the partner must declare for ``rtype`` given how it travels (bundles.py):
+    ``PUT <Type>/<our id>`` in put mode and for a type that cannot be matched by identifier
+    (Provenance, AdverseEvent); otherwise a conditional create for its first version and a
+    conditional update for later ones (a Task status change, a correction)."""
+    if partner.write_mode == "put" or rtype in NO_IDENTIFIER | NO_IDENTIFIER_SEARCH:
+        return ("update", "updateCreate")
+    return ("create", "conditionalCreate", "update", "conditionalUpdate")
 
 
 class _Unreachable(Exception):
@@ -190,7 +213,6 @@ def _compare(
             "transaction", "fail", "no system-level transaction: deliveries are transactions"
         )
 
-    write = "create" if partner.write_mode == "conditional-create" else "update"
     types, unknown = needed_types(partner)
     for kind in unknown:
         report.add(f"kind {kind}", "warn", "its resource types are not checked here")
@@ -200,24 +222,21 @@ def _compare(
             report.add(f"type {rtype}", "fail", "not supported")
             continue
         interactions = {i.get("code") for i in spec.get("interaction", []) if isinstance(i, dict)}
-        # A type R4 cannot search by identifier goes by PUT with our id (bundles.py).
-        by = "update" if rtype in NO_IDENTIFIER_SEARCH else write
-        missing = [w for w in (by,) if w not in interactions]
-        if by == "create" and spec.get("conditionalCreate") is not True:
-            missing.append("conditionalCreate")
-        if by == "update" and spec.get("updateCreate") is not True:
-            missing.append("updateCreate")
+        needed = _how(rtype, partner)
+        missing = [
+            n
+            for n in needed
+            if (n not in interactions if n in ("create", "update") else spec.get(n) is not True)
+        ]
         if missing:
             report.add(f"type {rtype}", "fail", f"missing {', '.join(missing)}")
-        elif by == "create":
-            report.add(f"type {rtype}", "pass", "create, conditionalCreate")
         else:
-            report.add(f"type {rtype}", "pass", "update, updateCreate")
+            report.add(f"type {rtype}", "pass", ", ".join(needed))
     patient = resources.get("Patient", {})
     codes = {i.get("code") for i in patient.get("interaction", []) if isinstance(i, dict)}
     absent = [n for n in ("create", "search-type", "read") if n not in codes]
-    for needed in absent:
-        report.add(f"Patient {needed}", "fail", "not in the CapabilityStatement (round trip)")
+    for code in absent:
+        report.add(f"Patient {code}", "fail", "not in the CapabilityStatement (round trip)")
     return "delete" in codes, not absent
 
 

@@ -41,7 +41,7 @@ from fhir_kat.exchange.outbox import (
     Delivery,
     RetryPolicy,
 )
-from fhir_kat.exchange.partners import PartnerConfig, load_partners
+from fhir_kat.exchange.partners import PartnerConfig, load_partners, subscription_delivery
 from fhir_kat.exchange.plan import log_partner_plan
 from fhir_kat.exchange.routing import resolver, wire_form
 from fhir_kat.exchange.subscriptions import (
@@ -106,6 +106,7 @@ class DeliveryWorker:
         subscription_policy: RetryPolicy | None = None,
         subscription_timeout_seconds: float | None = None,
         endpoint_policy: EndpointPolicy | None = None,
+        recheck_blocked_seconds: float = 300.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -136,6 +137,8 @@ class DeliveryWorker:
             )
         self.lease_seconds = lease_seconds if lease_seconds is not None else max(120.0, minimum)
         self.idle_seconds = idle_seconds
+        #: How often ``run`` asks the gate again about consent-blocked deliveries (0: never).
+        self.recheck_blocked_seconds = recheck_blocked_seconds
         self.rng = rng or random.Random()  # noqa: S311 - backoff jitter, not a secret
         epoch_clock = self._epoch
         self.on_outcome = on_outcome
@@ -169,9 +172,17 @@ class DeliveryWorker:
         sleep = self._sleep or stop_event.wait
         iterations = 0
         failures = 0
+        last_recheck: datetime | None = None
         while not stop_event.is_set() and (max_iterations is None or iterations < max_iterations):
             iterations += 1
             try:
+                now = self.clock()
+                if self.recheck_blocked_seconds > 0 and (
+                    last_recheck is None
+                    or (now - last_recheck).total_seconds() >= self.recheck_blocked_seconds
+                ):
+                    last_recheck = now
+                    self.recheck_blocked()
                 report = self.run_once()
                 failures = 0
             except Exception as exc:  # the database is down or similar: wait and try again
@@ -259,18 +270,14 @@ class DeliveryWorker:
                 )
                 return
             if not allowed:
-                self._record(
-                    outbox.mark_blocked(
-                        self.store,
-                        delivery,
-                        "consent does not permit this disclosure now",
-                        self.clock(),
-                    ),
-                    delivery,
-                    "blocked-consent",
-                    report,
-                )
+                self._block(delivery, report)
                 return
+        if outbox.waits_behind(self.store, delivery):
+            # An earlier delivery of this patient was released (a Consent arrived) after this
+            # one was claimed: it goes first, this one waits its turn again, unsent.
+            if outbox.release(self.store, delivery, self.clock(), self.clock()):
+                report.released += 1
+            return
         payload: dict[str, Any] | None = delivery.payload
         if notification is None and delivery.kind in (ARTIFACT, REFERRAL_STATUS_KIND):
             payload = self._wire_form(delivery, report)
@@ -307,6 +314,63 @@ class DeliveryWorker:
             if result.status != 409 and decision is not None:
                 # 409 is about this resource; everything else retryable is about the partner.
                 paused[delivery.partner] = decision
+
+    def _block(self, delivery: Delivery, report: RunReport) -> None:
+        """Record a consent block, ordered with any Consent written meanwhile: under the
+        patient's consent lock the gate is asked once more, so a Consent that committed
+        after the first answer releases the delivery instead of leaving it blocked."""
+        check = dict(delivery.consent_check or {})
+        try:
+            status = outbox.block_unless_consented(
+                self.store,
+                delivery,
+                "consent does not permit this disclosure now",
+                lambda: self.consent_gate(check),
+                self.clock(),
+            )
+        except Exception as exc:
+            self._retry(
+                delivery, f"consent decision unavailable: {type(exc).__name__}", None, report
+            )
+            return
+        if status == outbox.PENDING:
+            report.released += 1
+            return
+        self._record(bool(status), delivery, "blocked-consent", report)
+
+    def recheck_blocked(self) -> int:
+        """The safety net behind the Consent write's requeue: ask the gate again about every
+        consent-blocked delivery of the destinations this worker serves and release the ones
+        it now permits (each keeps its place in its patient's order); returns how many."""
+        served = list(self.partners)
+        released, after, checked = 0, 0, 0
+        answers: dict[str, bool] = {}
+        while checked < 100_000:  # bounded: a pass looks at each blocked row once
+            rows = outbox.blocked_checks(self.store, after_id=after)
+            if not rows:
+                break
+            allowed: list[int] = []
+            for delivery_id, partner, check in rows:
+                after, checked = delivery_id, checked + 1
+                if partner not in served and not (
+                    self.subscriptions and partner.startswith(SUBSCRIPTION_PREFIX)
+                ):
+                    continue
+                key = repr(sorted(check.items()))
+                if key not in answers:
+                    try:
+                        answers[key] = bool(self.consent_gate(check))
+                    except Exception:  # the decision point is unavailable: next pass
+                        answers[key] = False
+                if answers[key]:
+                    allowed.append(delivery_id)
+            released += outbox.release_blocked(self.store, allowed, self.clock())
+        if released:
+            log.info(
+                "consent-blocked deliveries released by the periodic re-check",
+                extra={"worker": self.worker_id, "count": released},
+            )
+        return released
 
     def _wire_form(self, delivery: Delivery, report: RunReport) -> dict[str, Any] | None:
         """What this partner receives for the delivery, decided now from its configuration and
@@ -446,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: max(120, 3 x the longest partner timeout + 2))",
     )
     parser.add_argument("--idle-seconds", type=float, default=2.0, help="pause when nothing is due")
+    parser.add_argument(
+        "--recheck-blocked-seconds",
+        type=float,
+        default=300.0,
+        help="ask the consent gate again about consent-blocked deliveries this often "
+        "(the safety net behind a Consent's own requeue; 0: never)",
+    )
     parser.add_argument("--worker-id", default=None, help="name in claims and logs")
     parser.add_argument(
         "--no-subscriptions",
@@ -472,6 +543,7 @@ def main(
         settings = load_settings()
         partners = load_partners(settings)
         endpoint_policy = policy_from_settings(settings)
+        hooks = subscription_delivery(settings.extra.get("exchange", {}))
     except SettingsError as exc:
         print(f"fhir-kat worker: {exc}", file=sys.stderr)
         return 2
@@ -498,6 +570,11 @@ def main(
             on_outcome=on_outcome,
             subscriptions=not args.no_subscriptions,
             endpoint_policy=endpoint_policy,
+            subscription_policy=RetryPolicy(
+                hooks.max_attempts, hooks.backoff_base_seconds, hooks.backoff_cap_seconds
+            ),
+            subscription_timeout_seconds=hooks.timeout_seconds,
+            recheck_blocked_seconds=args.recheck_blocked_seconds,
         )
     except ValueError as exc:
         store.dispose()

@@ -50,6 +50,9 @@ ACTIONS = {
     "operation": "E",
     "capabilities": "R",
 }
+#: ``outcomeDesc`` of a write that wrote nothing: a conditional create that matched, an
+#: update identical to the current version (a no-op update), a re-sent artifact.
+NOTHING_WRITTEN = "nothing written: matched or unchanged"
 
 
 @dataclass

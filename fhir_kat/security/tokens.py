@@ -273,11 +273,11 @@ class TokenService:
             raise OAuthError("invalid_client", "client_assertion must be RS384 or ES384", 401)
         key = None
         if client is not None and client.jwks:
-            key = _find_key(client.jwks, header.get("kid"), alg)
+            key = find_key(client.jwks, header.get("kid"), alg)
         if client is None or key is None:
             # The same key lookup and signature check a registered key costs; cannot succeed.
             with contextlib.suppress(jwt.PyJWTError):
-                jwt.decode(assertion, _find_key(self._unheld_jwks(alg), None, alg), [alg])
+                jwt.decode(assertion, find_key(self._unheld_jwks(alg), None, alg), [alg])
             raise OAuthError("invalid_client", INVALID_ASSERTION, 401)
         try:
             claims = jwt.decode(
@@ -324,24 +324,31 @@ class TokenService:
         return jwks
 
     def _remember_jti(self, jti: str, client_id: str, expires: datetime, now: datetime) -> None:
-        naive_now = now.replace(tzinfo=None)
-        try:
-            with self.store.write() as tx:
-                tx.conn.execute(delete(auth_jti).where(auth_jti.c.expires_at < naive_now))
-                tx.conn.execute(
-                    insert(auth_jti).values(
-                        jti=f"{client_id}:{jti}"[:255],
-                        client_id=client_id,
-                        expires_at=expires.replace(tzinfo=None),
-                    )
+        if not remember_jti(self.store, jti, client_id, expires, now):
+            raise OAuthError("invalid_client", "client_assertion jti was already used", 401)
+
+
+def remember_jti(store: Store, jti: str, client_id: str, expires: datetime, now: datetime) -> bool:
+    """Record a signed JWT's ``jti`` until it expires (shared by every process through the
+    database); False when ``client_id`` already used it (a replay)."""
+    naive_now = now.replace(tzinfo=None)
+    try:
+        with store.write() as tx:
+            tx.conn.execute(delete(auth_jti).where(auth_jti.c.expires_at < naive_now))
+            tx.conn.execute(
+                insert(auth_jti).values(
+                    jti=f"{client_id}:{jti}"[:255],
+                    client_id=client_id,
+                    expires_at=expires.replace(tzinfo=None),
                 )
-        except IntegrityError:
-            raise OAuthError(
-                "invalid_client", "client_assertion jti was already used", 401
-            ) from None
+            )
+    except IntegrityError:
+        return False
+    return True
 
 
-def _find_key(jwks: Any, kid: str | None, alg: str) -> Any:
+def find_key(jwks: Any, kid: str | None, alg: str) -> Any:
+    """The verification key of ``alg``'s type in ``jwks`` (the one with ``kid`` when given)."""
     for jwk in jwks.get("keys", []):
         if kid is not None and jwk.get("kid") != kid:
             continue

@@ -19,11 +19,16 @@ from fhir_kat.clinical.protocol import ProgramProtocol
 from fhir_kat.errors import Forbidden, Issue, Unprocessable, issue
 from fhir_kat.exchange import PartnerConfig
 from fhir_kat.mapping import MappingContext, map_artifact
+from fhir_kat.mapping.sdc_referral import (
+    is_referral_response,
+    referral_from_response,
+    referral_questionnaire,
+)
 from fhir_kat.search import iter_references, split_reference
 from fhir_kat.security.identity import PUBLIC_NAMESPACE
 from fhir_kat.services.access import Access
 from fhir_kat.services.bundles import RawBundle, RawEntry
-from fhir_kat.services.delivery import queue_artifact
+from fhir_kat.services.delivery import derived_of, queue_artifact
 from fhir_kat.services.fhir_rest import FhirService, WriteResult
 from fhir_kat.services.referrals import keep_workflow_state
 from fhir_kat.store import Tx
@@ -64,7 +69,7 @@ class ArtifactService:
         terminology problems, each resource's FHIR checks, the PHN's identity and every
         reference resolving to the artifact or to what is stored — and nothing stored. What
         it cannot tell before writing is listed in docs/artifacts.md ("The dry run")."""
-        payload = _require_object(payload)
+        payload = _require_object(as_artifact(kind, payload))
         if access is not None and access.role == "referrer":
             _require_own_organisation(kind, payload, access)
         bundle = self._map(kind, payload, submitter)
@@ -94,7 +99,7 @@ class ArtifactService:
         runs inside that transaction with the result, so the audit record commits with the
         data it describes. ``deliver_as``: the kind partners receive it as (an HL7 v2
         referral is a ``referrals`` delivery), ``kind`` by default."""
-        payload = _require_object(payload)
+        payload = _require_object(as_artifact(kind, payload))
         if access is not None and access.role == "referrer":
             _require_own_organisation(kind, payload, access)
         bundle = self._map(kind, payload, submitter)
@@ -122,7 +127,7 @@ class ArtifactService:
                     current = tx.system.get("Task", resource["id"])
                     if current is not None and not current.deleted:
                         resource = keep_workflow_state(current.json(), resource)
-                written = self.fhir.update_in(tx, resource, skip_if_unchanged=True)
+                written = self.fhir.update_in(tx, resource)
                 results.append((entry, written))
             changed = any(r.changed for _, r in results)
             if changed:  # an identical re-send leaves no new trace and sends nothing again
@@ -132,9 +137,17 @@ class ArtifactService:
                 patient = next(
                     (r.stored.patient_id for _, r in results if r.stored.patient_id), None
                 )
-                # The outbox row commits with the artifact, or neither does (ADR 0004).
+                # The outbox row commits with the artifact, or neither does (ADR 0004). It
+                # carries the resources as stored (their versions: a later one replaces the
+                # partner's copy) and what was derived from them (score Observations).
+                stored = [r.stored for _, r in results]
                 queue_artifact(
-                    tx, self.partners, deliver_as or kind, [e["resource"] for e in entries], patient
+                    tx,
+                    self.partners,
+                    deliver_as or kind,
+                    [s.json() for s in stored],
+                    patient,
+                    derived=derived_of(tx, [f"{s.type}/{s.id}" for s in stored]),
                 )
             result = self._result(results, changed)
             if audit is not None:
@@ -248,6 +261,22 @@ class ArtifactService:
                     for ref, path in missing.items()
                 ]
             )
+
+
+def as_artifact(kind: str, payload: Any) -> Any:
+    """A referral sent as the SDC form's QuestionnaireResponse (``Questionnaire/kat-referral``)
+    is read back into the native referral it answers; from there it is the same referral
+    (same mapping, checks, ids and triage). Anything else is the artifact itself."""
+    if kind == "referrals" and is_referral_response(payload):
+        return referral_from_response(payload)
+    return payload
+
+
+def install_referral_form(fhir: FhirService) -> None:
+    """Store ``Questionnaire/kat-referral`` (unchanged ones are left alone) at start-up."""
+    with fhir.write() as tx:
+        tx.lock("install-definitions")  # processes starting together take turns
+        fhir.update_in(tx, referral_questionnaire())
 
 
 def _reads_patients(access: Access | None) -> bool:

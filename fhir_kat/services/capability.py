@@ -110,7 +110,7 @@ def capability_statement(
             "updateCreate": "u" in letters,
             "conditionalCreate": "c" in letters,
             "conditionalRead": "not-supported",
-            "conditionalUpdate": False,
+            "conditionalUpdate": "u" in letters,
             "conditionalDelete": "not-supported",
             "searchInclude": sorted(
                 f"{rtype}:{n}" for n, p in params.items() if p.type == "reference"

@@ -31,7 +31,14 @@ from fhir_kat.errors import (
     Unprocessable,
     issue,
 )
-from fhir_kat.search import SearchQuery, iter_references, parse_search, split_reference
+from fhir_kat.search import (
+    Criterion,
+    SearchQuery,
+    extract_index,
+    iter_references,
+    parse_search,
+    split_reference,
+)
 from fhir_kat.security.policy import role_allows
 from fhir_kat.services.access import Access
 from fhir_kat.services.bundles import RawBundle, RawEntry
@@ -331,18 +338,17 @@ class FhirService:
         current: StoredResource | None,
         *,
         method: str,
-        skip_if_unchanged: bool = False,
     ) -> tuple[StoredResource, bool]:
         """The one path every version takes: rules (as the caller: ``tx.viewer``, None for the
         service's own writes), store, hooks (as the service: ``tx.system``) — the write
-        pipeline, fhir_kat/services/pipeline.py."""
+        pipeline, fhir_kat/services/pipeline.py. An update that changes nothing writes nothing
+        (``Tx.put``) and runs no hook: no version, no workflow, no delivery — the caller's
+        audit record still names it (ADR 0020)."""
         if self.write_guard is not None:
             self.write_guard(body)
         for rule in self.write_rules:
             rule(tx, body, current)
-        stored, changed = tx.put(
-            body, current=current, skip_if_unchanged=skip_if_unchanged, method=method
-        )
+        stored, changed = tx.put(body, current=current, method=method)
         if changed:
             access = caller_of(tx)
             if access is not None:
@@ -350,34 +356,69 @@ class FhirService:
             self._after_write(tx, stored, current is None or current.deleted)
         return stored, changed
 
-    def _conditional_match(self, tx: Tx, rtype: str, criteria: str) -> StoredResource | None:
+    def _conditional_match(
+        self, tx: Tx, rtype: str, criteria: str, where: str = "If-None-Exist"
+    ) -> StoredResource | None:
         """The one resource ``criteria`` match among those ``tx``'s caller may see (None: no
         match; 412 for several). A resource the caller may not see is never matched, counted
         or revealed: for the caller it does not exist, so its request creates. A type it may
         write but not read (a referrer's Patient) is matched among what it may change: its
         re-sends stay idempotent, and the answer names the match without its content."""
-        pairs = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
-        if not pairs:
-            raise BadRequest(
-                issue("value", "If-None-Exist has no search criteria", "If-None-Exist")
-            )
-        query = parse_search(
-            rtype, pairs, strict=True, default_count=2, max_count=2
-        )  # unknown criteria would match everything: always strict here
+        query = _conditional_query(rtype, criteria, where)
         # Serialise conditional creates with the same criteria (PostgreSQL advisory lock):
-        # without it two parallel requests both see "no match" and both create.
-        tx.lock(f"conditional-create|{rtype}|{sorted(query.self_params())}")
-        rows = self.match(tx, query)
-        if len(rows) > 1:
-            # Never how many: a count of what the criteria match is a value oracle.
-            raise PreconditionFailed(
-                issue(
-                    "multiple-matches",
-                    f"If-None-Exist matched more than one {rtype}",
-                    "If-None-Exist",
+        # without it two parallel requests both see "no match" and both create. Conditional
+        # updates take the same lock: one may create what the other matches.
+        tx.lock(_lock_key(query))
+        return _the_one(self.match(tx, query), rtype, where)
+
+    def _conditional_matches(
+        self, tx: Tx, wanted: Sequence[tuple[str, str, str]]
+    ) -> list[StoredResource | None]:
+        """``_conditional_match`` of each (type, criteria, where) of a transaction, the same
+        answers in fewer queries: every criteria that is one ``system|code`` token (the
+        ``identifier=system|value`` loaders and partner deliveries send) is looked up with
+        the others of its type and parameter, up to 100 in one query through the same
+        ``match`` (the caller's view); any other criteria on its own. Locks: all at once."""
+        queries = [_conditional_query(*w) for w in wanted]
+        tx.lock_many([_lock_key(q) for q in queries])
+        found: list[StoredResource | None] = [None] * len(queries)
+        groups: dict[tuple[str, str], list[tuple[int, tuple[str, str]]]] = {}
+        access = caller_of(tx)
+        for i, query in enumerate(queries):
+            token = _single_token(query)
+            # A type the caller writes but cannot read is matched among what it may change,
+            # filtered after the query: one by one, so no match hides behind others' rows.
+            if token is None or (access is not None and not access.can(query.resource_type, "r")):
+                found[i] = _the_one(self.match(tx, query), query.resource_type, wanted[i][2])
+            else:
+                key = (query.resource_type, query.criteria[0].name)
+                groups.setdefault(key, []).append((i, token))
+        for (rtype, param), members in groups.items():
+            for start in range(0, len(members), _MAX_TOGETHER):
+                chunk = members[start : start + _MAX_TOGETHER]
+                codes = sorted({code for _, (_, code) in chunk})
+                limit = 2 * len(codes) + 1
+                # By code alone (``code IN (…)`` on the token index, where ``(system, code)``
+                # pairs OR-ed scan every row of the parameter); the systems are compared below.
+                together = SearchQuery(
+                    rtype,
+                    criteria=(
+                        Criterion(param, "token", "", tuple((None, c, False) for c in codes), ""),
+                    ),
+                    count=limit,
                 )
-            )
-        return rows[0] if rows else None
+                rows = self.match(tx, together)
+                if len(rows) >= limit:  # more matches than can be told apart: one by one
+                    for i, _ in chunk:
+                        found[i] = _the_one(self.match(tx, queries[i]), rtype, wanted[i][2])
+                    continue
+                holders: dict[tuple[str, str], list[StoredResource]] = {}
+                for row in rows:
+                    for token in _tokens_of(row, param):
+                        holders.setdefault(token, []).append(row)
+                for i, token in chunk:
+                    found[i] = _the_one(holders.get(token, []), rtype, wanted[i][2])
+        return found
 
     def match(self, tx: Tx, query: SearchQuery) -> list[StoredResource]:
         """The first matches (up to ``query.count``) of ``query`` for an idempotent write by
@@ -396,7 +437,6 @@ class FhirService:
         resource: Any,
         *,
         if_match: str | None = None,
-        skip_if_unchanged: bool = False,
         access: Access | None = None,
     ) -> WriteResult:
         require_type(rtype)
@@ -411,7 +451,31 @@ class FhirService:
             raise _status_for(problems)(problems)
         expected = parse_etag(if_match) if if_match else None
         with self._write(access) as tx:
-            return self._update(tx, resource, expected, skip_if_unchanged)
+            return self._update(tx, resource, expected)
+
+    def conditional_update(
+        self,
+        rtype: str,
+        criteria: str,
+        resource: Any,
+        *,
+        if_match: str | None = None,
+        access: Access | None = None,
+    ) -> WriteResult:
+        """``PUT Type?criteria`` (FHIR R4 3.1.0.4.3): the one match among what the caller may
+        see is updated (an identical body writes nothing); no match creates (with the body's
+        id, else a new one); several are 412."""
+        require_type(rtype)
+        require_access(access, rtype, "update")
+        problems = validate_resource(resource, rtype)
+        if problems:
+            raise _status_for(problems)(problems)
+        expected = parse_etag(if_match) if if_match else None
+        with self._write(access) as tx:
+            body = dict(resource)
+            match = self._conditional_match(tx, rtype, criteria, "request.url")
+            body["id"] = _conditional_id(match, body.get("id"), f"{rtype}.id")
+            return self._update(tx, body, expected)
 
     def update_in(
         self,
@@ -419,13 +483,12 @@ class FhirService:
         resource: dict[str, Any],
         *,
         if_match: int | None = None,
-        skip_if_unchanged: bool = False,
     ) -> WriteResult:
         """Update (or create with its id) inside a transaction another service opened, as
         the caller that transaction was opened for (``FhirService.write(access)``; a hook's
         ``tx.system`` writes as the service)."""
         self.check(resource)
-        return self._update(tx, resource, if_match, skip_if_unchanged)
+        return self._update(tx, resource, if_match)
 
     @staticmethod
     def check(resource: dict[str, Any]) -> None:
@@ -447,12 +510,10 @@ class FhirService:
         tx: Tx,
         resource: dict[str, Any],
         expected_version: int | None,
-        skip_if_unchanged: bool,
     ) -> WriteResult:
         rtype, rid = resource["resourceType"], resource["id"]
         current = tx.system.get(rtype, rid, for_update=True)
-        if _may_only_resend(tx, caller_of(tx), current, resource):
-            skip_if_unchanged = True  # an identical re-send: answered, nothing written
+        _require_may_change(tx, caller_of(tx), current, resource)
         if expected_version is not None:
             if current is None:
                 raise PreconditionFailed(
@@ -468,9 +529,7 @@ class FhirService:
                         "If-Match",
                     )
                 )
-        stored, changed = self._put(
-            tx, resource, current, method="PUT", skip_if_unchanged=skip_if_unchanged
-        )
+        stored, changed = self._put(tx, resource, current, method="PUT")
         return WriteResult(stored, created=current is None or current.deleted, changed=changed)
 
     def delete(self, rtype: str, rid: str, access: Access | None = None) -> StoredResource | None:
@@ -606,10 +665,30 @@ class FhirService:
 
     def _assign_ids(self, tx: Tx, plans: list[_EntryPlan]) -> dict[str, str]:
         id_map: dict[str, str] = {}
+        conditional = [
+            p for p in plans if p.method == "POST" and p.resource is not None and p.if_none_exist
+        ]
+        matches = dict(
+            zip(
+                (p.index for p in conditional),
+                self._conditional_matches(
+                    tx,
+                    [
+                        (
+                            p.rtype,
+                            p.if_none_exist or "",
+                            f"Bundle.entry[{p.index}].request.ifNoneExist",
+                        )
+                        for p in conditional
+                    ],
+                ),
+                strict=True,
+            )
+        )
         for plan in plans:
             if plan.method == "POST" and plan.resource is not None:
                 if plan.if_none_exist:
-                    match = self._conditional_match(tx, plan.rtype, plan.if_none_exist)
+                    match = matches[plan.index]
                     if match is not None:
                         plan.existing = match
                         if plan.full_url:
@@ -618,40 +697,54 @@ class FhirService:
                 plan.new_id = str(uuid.uuid4())
                 if plan.full_url:
                     id_map[plan.full_url] = f"{plan.rtype}/{plan.new_id}"
-            elif plan.method == "PUT" and plan.full_url and plan.rid:
-                id_map[plan.full_url] = f"{plan.rtype}/{plan.rid}"
+            elif plan.method == "PUT" and plan.resource is not None:
+                if plan.rid is None:  # conditional update: the match, or the id it creates
+                    match = self._conditional_match(
+                        tx, plan.rtype, urlencode(plan.query or []), f"{plan.where}.request.url"
+                    )
+                    plan.rid = _conditional_id(match, plan.resource.get("id"), f"{plan.where}.id")
+                    plan.resource = {**plan.resource, "id": plan.rid}
+                if plan.full_url:
+                    id_map[plan.full_url] = f"{plan.rtype}/{plan.rid}"
         return id_map
 
     def _execute(self, tx: Tx, plan: _EntryPlan, base: str) -> dict[str, Any]:
         if plan.method == "GET":
             if plan.rid:
                 found = self._read(tx, plan.rtype, plan.rid)
-                return {"resource": found.json(), "response": _response_of(found, "200 OK")}
+                return {
+                    "resource": found.json(),
+                    "response": _response_of(found, "200 OK"),
+                    _TOUCHED: found,
+                }
             query = self.parse_query(plan.rtype, plan.query or [], strict=False)
             return {
                 "resource": self._search(tx, query, base).to_dict(),
                 "response": {"status": "200 OK"},
             }
         if plan.method == "DELETE":
-            self._delete(tx, plan.rtype, plan.rid or "")
-            return {"response": {"status": "204 No Content"}}
+            gone = self._delete(tx, plan.rtype, plan.rid or "")
+            return {"response": {"status": "204 No Content"}, _TOUCHED: gone}
         assert plan.resource is not None
         if plan.method == "POST":
             if plan.existing is not None:
-                return {"response": _response_of(plan.existing, "200 OK", base)}
+                return {
+                    "response": _response_of(plan.existing, "200 OK", base),
+                    _TOUCHED: plan.existing,
+                }
             body = dict(plan.resource)
             body["id"] = plan.new_id
             stored, _ = self._put(tx, body, None, method="POST")
-            return {"response": _response_of(stored, "201 Created", base)}
+            return {"response": _response_of(stored, "201 Created", base), _TOUCHED: stored}
         body = dict(plan.resource)
         if body.get("id") != plan.rid:
             raise BadRequest(
                 issue("value", "resource id must match request.url", f"{plan.where}.id")
             )
         expected = parse_etag(plan.if_match) if plan.if_match else None
-        result = self._update(tx, body, expected, skip_if_unchanged=False)
+        result = self._update(tx, body, expected)
         status = "201 Created" if result.created else "200 OK"
-        return {"response": _response_of(result.stored, status, base)}
+        return {"response": _response_of(result.stored, status, base), _TOUCHED: result.stored}
 
 
 class _WriteContext:
@@ -760,11 +853,19 @@ def _plan_entry(index: int, entry: Any, base: str) -> _EntryPlan:
                 f"{where}.request.url",
             )
         )
-    elif method in ("PUT", "DELETE") and (not plan.rid or qs):
+    elif method == "DELETE" and (not plan.rid or qs):
         problems.append(
             issue(
                 "not-supported",
-                f"{method} needs Type/id (conditional {method} is not supported)",
+                "DELETE needs Type/id (conditional DELETE is not supported)",
+                f"{where}.request.url",
+            )
+        )
+    elif method == "PUT" and (bool(plan.rid) == bool(qs)):
+        problems.append(
+            issue(
+                "value",
+                "PUT needs Type/id, or Type?criteria for a conditional update",
                 f"{where}.request.url",
             )
         )
@@ -811,18 +912,82 @@ def _not_yours(rtype: str) -> Issue:
     return issue("forbidden", f"this {rtype} is not yours to change", rtype)
 
 
-def _may_only_resend(
+#: Tokens looked up in one query by ``_conditional_matches`` (a search's own limit too).
+_MAX_TOGETHER = 100
+#: What the token index keeps of a system or code (``store._index_params``).
+_TOKEN_CHARS = 255
+
+
+def _conditional_query(rtype: str, criteria: str, where: str) -> SearchQuery:
+    pairs = parse_qsl(criteria.lstrip("?"), keep_blank_values=True)
+    if not pairs:
+        raise BadRequest(issue("value", f"{where} has no search criteria", where))
+    # Unknown criteria would match everything: always strict here.
+    return parse_search(rtype, pairs, strict=True, default_count=2, max_count=2)
+
+
+def _lock_key(query: SearchQuery) -> str:
+    return f"conditional-create|{query.resource_type}|{sorted(query.self_params())}"
+
+
+def _the_one(rows: Sequence[StoredResource], rtype: str, where: str) -> StoredResource | None:
+    if len(rows) > 1:
+        # Never how many: a count of what the criteria match is a value oracle.
+        raise PreconditionFailed(
+            issue("multiple-matches", f"{where} matched more than one {rtype}", where)
+        )
+    return rows[0] if rows else None
+
+
+def _single_token(query: SearchQuery) -> tuple[str, str] | None:
+    """(system, code) when ``query`` is exactly one ``param=system|code`` token criterion,
+    both non-empty and short enough that the index holds them whole; else None."""
+    if len(query.criteria) != 1 or query.includes or query.summary_count:
+        return None
+    c = query.criteria[0]
+    if c.type != "token" or c.modifier or len(c.values) != 1:
+        return None
+    system, code, has_pipe = c.values[0]
+    if not (has_pipe and system and code) or max(len(system), len(code)) > _TOKEN_CHARS:
+        return None
+    return system, code
+
+
+def _tokens_of(stored: StoredResource, param: str) -> set[tuple[str, str]]:
+    """The (system, code) tokens of ``param`` the index holds for ``stored``."""
+    return {
+        (system[:_TOKEN_CHARS], code[:_TOKEN_CHARS])
+        for name, system, code in extract_index(stored.json()).tokens
+        if name == param
+    }
+
+
+def _conditional_id(match: StoredResource | None, given: Any, where: str) -> str:
+    """The id a conditional update writes: the match's (a body id must then be the same,
+    R4 3.1.0.4.3), else the body's own (update as create), else a new one."""
+    if match is not None:
+        if given is not None and given != match.id:
+            raise BadRequest(
+                issue("value", "the resource id is not that of the resource matched", where)
+            )
+        return match.id
+    if isinstance(given, str) and given:
+        return given
+    return str(uuid.uuid4())
+
+
+def _require_may_change(
     tx: Tx, access: Access | None, current: StoredResource | None, body: dict[str, Any]
-) -> bool:
-    """False when the caller may change ``current`` (or it does not exist: creating is decided
-    elsewhere); True when it may not but ``body`` says exactly what is stored (a re-sent
-    referral naming, say, the program's Organization); otherwise 403 before any write rule
-    runs, so the answer tells nothing about the stored resource."""
+) -> None:
+    """Passes when the caller may change ``current`` (or it does not exist: creating is
+    decided elsewhere), or when it may not but ``body`` says exactly what is stored (a
+    re-sent referral naming, say, the program's Organization: a no-op update, nothing is
+    written); otherwise 403 before any write rule runs, so the answer tells nothing about
+    the stored resource."""
     if access is None or current is None or current.deleted or access.may_change(tx, current):
-        return False
-    if same_content(current.json(), body):
-        return True
-    raise Forbidden(_not_yours(current.type))
+        return
+    if not same_content(current.json(), body):
+        raise Forbidden(_not_yours(current.type))
 
 
 def _status_for(problems: Sequence[Issue]) -> type[FhirError]:
@@ -860,11 +1025,24 @@ def _response_of(stored: StoredResource, status: str, base: str = "") -> dict[st
     }
 
 
+#: The key of an entry result holding the resource the entry wrote, matched, left unchanged,
+#: read or deleted: never sent, named in the request's audit record.
+_TOUCHED = "_touched"
+
+
 def _response_bundle(btype: str, results: list[dict[str, Any] | None]) -> RawBundle:
+    """The response Bundle; its ``disclosed``/``patients`` name every resource an entry
+    touched, so the request's AuditEvent names what a transaction or batch wrote — and what
+    it left unchanged (a no-op update is audited like any update)."""
     bundle = RawBundle({"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": btype})
     for result in results:
         assert result is not None
         resource = result.pop("resource", None)
+        touched: StoredResource | None = result.pop(_TOUCHED, None)
+        if touched is not None:
+            bundle.disclosed.append(f"{touched.type}/{touched.id}")
+            if touched.patient_id:
+                bundle.patients.add(touched.patient_id)
         bundle.entries.append(RawEntry(result, resource=resource))
     return bundle
 

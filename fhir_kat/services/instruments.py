@@ -24,6 +24,7 @@ from fhir_kat.errors import Issue, Unprocessable, issue
 from fhir_kat.instruments.definitions import Catalogue, Instrument
 from fhir_kat.instruments.scoring import check_response, extract, score
 from fhir_kat.search import Criterion, SearchQuery, parse_date_range
+from fhir_kat.services.delivery import note_derived
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.store import StoredResource, Tx
 from fhir_kat.store.store import format_instant
@@ -53,7 +54,7 @@ class InstrumentService:
         with self.fhir.write() as tx:
             tx.lock("install-definitions")  # processes starting together take turns
             for q in self.questionnaires.values():
-                self.fhir.update_in(tx, dict(q), skip_if_unchanged=True)
+                self.fhir.update_in(tx, dict(q))
 
     def _questionnaire(self, qr: dict[str, Any]) -> tuple[dict[str, Any], Instrument] | None:
         """The program Questionnaire a response answers: named by its canonical URL (with or
@@ -91,10 +92,12 @@ class InstrumentService:
         questionnaire, instrument = found
         result = score(qr, questionnaire, instrument)
         observations = extract(qr, questionnaire, instrument, result)
-        for obs in observations:
-            self.fhir.update_in(tx, obs, skip_if_unchanged=True)
+        derived = [self.fhir.update_in(tx, obs).stored.json() for obs in observations]
         if observations:
-            self.fhir.update_in(tx, self._provenance(qr, observations), skip_if_unchanged=True)
+            provenance = self._provenance(qr, observations)
+            derived.append(self.fhir.update_in(tx, provenance).stored.json())
+        # Partners that receive the response receive its scores with it (docs/exchange.md).
+        note_derived(tx, f"QuestionnaireResponse/{stored.id}", derived)
         if self.raise_signal is not None:
             for signal in self._signals(tx, qr, instrument, result.item_values, result.total):
                 self.raise_signal(tx, signal)

@@ -188,7 +188,7 @@ class MessagingService:
             try:
                 # As the sender: another sender's referral or patient data is never overwritten
                 # (Access.may_change; a Forbidden leaves as HTTP 403, nothing stored).
-                self.fhir.update_in(tx, body, skip_if_unchanged=True)
+                self.fhir.update_in(tx, body)
             except FhirError as exc:
                 located = [
                     Issue(i.code, f"entry {index}: {i.diagnostics}", i.expression)

@@ -84,7 +84,7 @@ class OutcomeService:
         resource = measure_resource(self.catalogue)
         with self.store.write() as tx:
             tx.lock("install-definitions")  # processes starting together take turns
-            tx.put(resource, current=tx.get("Measure", MEASURE_ID), skip_if_unchanged=True)
+            tx.put(resource, current=tx.get("Measure", MEASURE_ID))
 
     def results(
         self,

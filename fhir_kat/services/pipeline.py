@@ -43,11 +43,13 @@ from fhir_kat.exchange.netguard import EndpointPolicy
 from fhir_kat.exchange.terminology import TerminologyServer
 from fhir_kat.instruments.definitions import Catalogue
 from fhir_kat.mapping.functions import all_questionnaires
+from fhir_kat.security.cds_clients import CdsHooksConfig
 from fhir_kat.security.clients import ClientRegistry
 from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.services.artifacts import ArtifactService
+from fhir_kat.services.cds_hooks import CdsHooksService
 from fhir_kat.services.conformance import profile_rule
-from fhir_kat.services.delivery import requeue_on_consent
+from fhir_kat.services.delivery import PartnerCopies, requeue_on_consent
 from fhir_kat.services.feedback import ReferrerFeedback
 from fhir_kat.services.fhir_rest import DeleteRule, FhirService, WriteHook, WriteRule
 from fhir_kat.services.instruments import InstrumentService
@@ -114,6 +116,10 @@ class Services:
     subscriptions: SubscriptionService
     messaging: MessagingService
     v2: V2ReferralService
+    #: CDS Hooks cards, from the referral workflow's own triage (ADR 0019).
+    cds_hooks: CdsHooksService
+    #: What each partner was sent, so later versions follow (docs/exchange.md).
+    copies: PartnerCopies
 
 
 @dataclass(frozen=True)
@@ -253,6 +259,14 @@ def write_pipeline(s: Services) -> WritePipeline:
                 requeue_on_consent,
                 queues="releases consent-blocked deliveries",
             ),
+            Step(
+                "partner copies",
+                "a later version of a resource a partner was sent (a Task status change, a "
+                "resolved Flag, a correction) is queued for it at the end of the transaction, "
+                "so its copy converges to the record (docs/exchange.md)",
+                s.copies.on_write,
+                queues="later versions for the partners sent earlier ones",
+            ),
         ),
     )
 
@@ -275,6 +289,7 @@ def build_services(
     id_namespace: uuid.UUID,
     v2_senders: Mapping[str, V2Sender],
     mllp_processing_ids: tuple[str, ...],
+    cds_hooks: CdsHooksConfig,
 ) -> Services:
     """Construct the services; no service depends on construction order for what it does."""
     fhir = FhirService(store, default_page_size=default_page_size, max_page_size=max_page_size)
@@ -306,6 +321,8 @@ def build_services(
         v2=V2ReferralService(
             artifacts, clients, consent, v2_senders, clock, processing_ids=mllp_processing_ids
         ),
+        cds_hooks=CdsHooksService(workflow, outcomes.catalogue, cds_hooks, clock),
+        copies=PartnerCopies(partners),
     )
 
 

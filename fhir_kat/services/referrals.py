@@ -28,6 +28,7 @@ from fhir_kat.services.fhir_rest import FhirService, WriteResult, caller_of, req
 from fhir_kat.store import StoredResource, Tx
 from fhir_kat.store.store import format_instant
 from fhir_kat.terminology.criteria import Subsumption
+from fhir_kat.workflow.chart import age_on, chart_facts, codings_of
 from fhir_kat.workflow.shapes import (
     INTAKE,
     SERVICE,
@@ -44,22 +45,9 @@ from fhir_kat.workflow.states import (
     needs_reason,
     referrer_may_set,
 )
-from fhir_kat.workflow.triage import Coding, Condition, Decision, Finding, ReferralFacts, triage
+from fhir_kat.workflow.triage import Decision, Finding, ReferralFacts, triage
 
 PROGRAM_CODE = "kat-program"
-CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
-CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
-ALLERGY_CLINICAL = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
-ALLERGY_VERIFICATION = "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification"
-#: Referral facts (kat-intake codes) -> the flag names eligibility.yaml reads.
-FACT_FLAGS = {
-    "prior-treatment-failure": "prior_treatment_failure",
-    "extreme-emotional-lability": "extreme_emotional_lability",
-    "recent-mood-medication-change": "recent_mood_medication_change",
-    "uncontrolled-hypertension": "uncontrolled",
-    "uncontrolled-cardiopulmonary-disease": "uncontrolled_cardiopulmonary",
-    "aneurysm": "aneurysm",
-}
 #: Statuses in which a referral has been accepted for dosing (reached only through the gate).
 DOSING = frozenset({"accepted", "in-progress", "completed"})
 #: Statuses the intake steps move a referral between.
@@ -274,11 +262,7 @@ class ReferralWorkflow:
         """What triage reads: every Condition and AllergyIntolerance of the patient (with their
         status), those the ServiceRequest references, its coded reasons, the referral facts it
         points at (kat-intake Observations), and the patient's age when the referral was
-        written."""
-        conditions: dict[str, Condition] = {}
-        uncoded: set[str] = set()
-        allergies: dict[str, Condition] = {}
-        flags: dict[str, bool | None] = {}
+        written — read by ``workflow.chart``, as the CDS Hooks service reads an EHR's chart."""
         patient = split_reference(sr.get("subject", {}).get("reference", ""))
         found: dict[str, dict[str, Any]] = {}
         if patient is not None and patient[0] == "Patient":
@@ -299,41 +283,8 @@ class ReferralWorkflow:
             referenced = tx.get(*target)
             if referenced is not None and not referenced.deleted:
                 found.setdefault(f"{referenced.type}/{referenced.id}", referenced.json())
-        for key, res in found.items():
-            codings = _codings(res.get("code"))
-            if res["resourceType"] == "Condition":
-                if codings:
-                    conditions[key] = Condition(
-                        codings,
-                        _status(res.get("clinicalStatus"), CONDITION_CLINICAL) or "active",
-                        _status(res.get("verificationStatus"), CONDITION_VERIFICATION)
-                        or "confirmed",
-                    )
-                elif _status(res.get("verificationStatus"), CONDITION_VERIFICATION) not in (
-                    "refuted",
-                    "entered-in-error",
-                ):
-                    uncoded.add(key)
-            elif res["resourceType"] == "AllergyIntolerance":
-                substances = codings + tuple(
-                    c for r in res.get("reaction", []) for c in _codings(r.get("substance"))
-                )
-                allergies[key] = Condition(
-                    substances,
-                    _status(res.get("clinicalStatus"), ALLERGY_CLINICAL) or "active",
-                    _status(res.get("verificationStatus"), ALLERGY_VERIFICATION) or "confirmed",
-                )
-            elif res["resourceType"] == "Observation":
-                for c in codings:
-                    if c.system == INTAKE and c.code in FACT_FLAGS:
-                        flags[FACT_FLAGS[c.code]] = res.get("valueBoolean")
-        reasons = [Condition(_codings(concept)) for concept in sr.get("reasonCode", [])]
-        return ReferralFacts(
-            tuple(conditions.values()) + tuple(r for r in reasons if r.codings),
-            len(uncoded),
-            tuple(allergies.values()),
-            flags,
-            self._age(tx, patient, sr, task),
+        return chart_facts(
+            found.values(), sr.get("reasonCode", []), self._age(tx, patient, sr, task)
         )
 
     def _age(
@@ -346,15 +297,18 @@ class ReferralWorkflow:
         """Whole years from Patient.birthDate to the referral's date (ServiceRequest.authoredOn,
         else the Task's, else now); None when no birth date is known."""
         stored = tx.get(*patient) if patient is not None and patient[0] == "Patient" else None
-        born = parse_date_range(stored.json().get("birthDate", "")) if stored else None
-        when = parse_date_range(str(sr.get("authoredOn") or (task or {}).get("authoredOn") or ""))
-        if born is None:
+        if stored is None:
             return None
+        when = parse_date_range(str(sr.get("authoredOn") or (task or {}).get("authoredOn") or ""))
         on: date = (
             when[0].date() if when else (self.clock() if self.clock else datetime.now()).date()
         )
-        birth = born[0].date()
-        return on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
+        return age_on(str(stored.json().get("birthDate", "")), on)
+
+    def judge(self, facts: ReferralFacts) -> Decision:
+        """Triage of ``facts`` with this installation's settings (minimum age, terminology
+        server): the one decision the referral workflow and the CDS Hooks cards share."""
+        return triage(facts, minimum_age=self.minimum_age, oracle=self.oracle)
 
     def decide(self, tx: Tx, task: dict[str, Any]) -> Decision | None:
         """Triage of the referral the Task is about (None when its ServiceRequest is gone)."""
@@ -362,9 +316,7 @@ class ReferralWorkflow:
         sr = tx.get(*focus) if focus else None
         if sr is None or sr.deleted:
             return None
-        return triage(
-            self.facts(tx, sr.json(), task), minimum_age=self.minimum_age, oracle=self.oracle
-        )
+        return self.judge(self.facts(tx, sr.json(), task))
 
     def _triage(self, tx: Tx, task_id: str) -> None:
         stored = tx.get("Task", task_id)
@@ -412,13 +364,13 @@ class ReferralWorkflow:
             step = next(
                 (
                     c.code
-                    for c in _codings(obs.get("code"))
+                    for c in codings_of(obs.get("code"))
                     if c.system == INTAKE and c.code in steps
                 ),
                 None,
             )
             value = next(
-                (c.code for c in _codings(obs.get("valueCodeableConcept")) if c.system == INTAKE),
+                (c.code for c in codings_of(obs.get("valueCodeableConcept")) if c.system == INTAKE),
                 None,
             )
             when = parse_date_range(str(obs.get("effectiveDateTime", "")))
@@ -435,7 +387,7 @@ class ReferralWorkflow:
     def _intake_step(self, tx: Tx, obs: dict[str, Any]) -> None:
         steps = intake()["steps"]
         step = next(
-            (c.code for c in _codings(obs.get("code")) if c.system == INTAKE and c.code in steps),
+            (c.code for c in codings_of(obs.get("code")) if c.system == INTAKE and c.code in steps),
             None,
         )
         if step is None:
@@ -581,22 +533,8 @@ def reason_text(label: str, findings: tuple[Finding, ...] | list[Finding]) -> st
     return f"{label}: {'; '.join(parts)}"[:1000]
 
 
-def _codings(concept: Any) -> tuple[Coding, ...]:
-    if not isinstance(concept, dict):
-        return ()
-    return tuple(
-        Coding(str(c.get("system", "")), str(c.get("code", "")))
-        for c in concept.get("coding", [])
-        if isinstance(c, dict) and c.get("code")
-    )
-
-
-def _status(concept: Any, system: str) -> str:
-    return next((c.code for c in _codings(concept) if c.system == system), "")
-
-
 def _code(concept: Any) -> str:
-    return next((c.code for c in _codings(concept)), "")
+    return next((c.code for c in codings_of(concept)), "")
 
 
 def end_referral(

@@ -369,9 +369,7 @@ class SafetyService:
                 raise Conflict(
                     issue("business-rule", f"the Flag is already {flag.get('status')}", "Flag")
                 )
-            practitioner = self.fhir.update_in(
-                tx, practitioner_of(who, self.id_namespace), skip_if_unchanged=True
-            ).stored
+            practitioner = self.fhir.update_in(tx, practitioner_of(who, self.id_namespace)).stored
             record = {
                 "url": RESOLUTION if resolve else ACKNOWLEDGEMENT,
                 "extension": [

@@ -27,7 +27,12 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fhir_kat.errors import Conflict, FhirError, Forbidden, Issue
-from fhir_kat.security.audit import AuditRecord, build_audit_event, write_audit_event_in
+from fhir_kat.security.audit import (
+    NOTHING_WRITTEN,
+    AuditRecord,
+    build_audit_event,
+    write_audit_event_in,
+)
 from fhir_kat.security.clients import ClientRegistry
 from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.security.policy import area_allowed
@@ -221,7 +226,7 @@ class V2ReferralService:
             with self.store.read() as tx:
                 seen = recorded_answer(tx, key)
             if seen is not None:
-                return self._finish_replay(seen, sender, started)
+                return self._finish_replay(seen, sender, peer, started)
         try:
             check_header(header, self.processing_ids)
             access = self._access(sender)
@@ -247,7 +252,10 @@ class V2ReferralService:
                 e.fields["response"]["location"].split("/_history")[0]
                 for e in result.bundle.entries
             ]
-            audit = self._audit_record(sender, peer, status, "HL7 v2 REF^" + header.event)
+            detail = "HL7 v2 REF^" + header.event
+            if not result.changed:
+                detail += f"; {NOTHING_WRITTEN}"
+            audit = self._audit_record(sender, peer, status, detail)
             audit.entities.extend(entities)
             write_audit_event_in(tx, build_audit_event(audit, self.clock()))
 
@@ -261,7 +269,7 @@ class V2ReferralService:
                 deliver_as="referrals",
             )
         except _AlreadyAnswered as answered:
-            return self._finish_replay(answered.recorded, sender, started)
+            return self._finish_replay(answered.recorded, sender, peer, started)
         except Forbidden as exc:
             # Who may change what is not a property of the message: not recorded (as the
             # FHIR messaging route's 403), answered AR naming only the rule.
@@ -351,9 +359,14 @@ class V2ReferralService:
         )
 
     def _finish_replay(
-        self, recorded: dict[str, Any], sender: V2Sender, started: float
+        self, recorded: dict[str, Any], sender: V2Sender, peer: Peer, started: float
     ) -> V2Result:
         result = V2Result(str(recorded["ack"]), str(recorded["code"]), replayed=True)
+        # A re-sent message is answered from the record and writes nothing, but it is an
+        # access like any other: audited (the audit trail names every request).
+        status = 200 if result.code == "AA" else 422
+        detail = f"HL7 v2 message re-sent: its recorded {result.code} again; {NOTHING_WRITTEN}"
+        self._audit_refusal(sender, peer, status, detail)
         return self._logged(result, sender, started)
 
     def _record_alone(self, key: str, ack: str, code: str) -> None:
@@ -393,6 +406,7 @@ class V2ReferralService:
         )
 
     def _audit_refusal(self, sender: V2Sender | None, peer: Peer, status: int, detail: str) -> None:
+        """An AuditEvent of its own transaction: for what wrote nothing (a refusal, a replay)."""
         event = build_audit_event(self._audit_record(sender, peer, status, detail), self.clock())
         with self.store.write() as tx:
             write_audit_event_in(tx, event)

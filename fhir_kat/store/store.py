@@ -657,9 +657,25 @@ class Tx:
         if self.store.is_sqlite:
             return
         self.need_transaction()
-        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-        number = int.from_bytes(digest, "big", signed=True)
-        self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": number})
+        self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_number(key)})
+
+    def lock_many(self, keys: Sequence[str]) -> None:
+        """``lock`` on each of ``keys``, in one statement, in a fixed order (by lock number:
+        two transactions locking overlapping sets cannot deadlock each other)."""
+        if self.store.is_sqlite or not keys:
+            return
+        if len(keys) == 1:
+            self.lock(keys[0])
+            return
+        self.need_transaction()
+        numbers = sorted({_lock_number(k) for k in keys})
+        self.conn.execute(
+            text(
+                "SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(:ks AS bigint[]))"
+                " WITH ORDINALITY AS t(k, i) ORDER BY i"
+            ),
+            {"ks": numbers},
+        )
 
     # ------------------------------------------------------------------ reads
 
@@ -769,21 +785,17 @@ class Tx:
         resource: dict[str, Any],
         *,
         current: StoredResource | None,
-        skip_if_unchanged: bool = False,
         method: str | None = None,
     ) -> tuple[StoredResource, bool]:
         """Write ``resource`` as the next version after ``current`` (None = create).
 
         Sets ``meta.versionId``/``meta.lastUpdated``. Returns the stored resource and whether a
-        new version was written (False when ``skip_if_unchanged`` found identical content).
+        new version was written: an update that says exactly what ``current`` says
+        (``same_content``) writes nothing, on every path (FHIR's no-op update, ADR 0020), and
+        ``current`` is returned as it is.
         """
         rtype, rid = resource["resourceType"], resource["id"]
-        if (
-            skip_if_unchanged
-            and current is not None
-            and not current.deleted
-            and same_content(current.json(), resource)
-        ):
+        if current is not None and not current.deleted and same_content(current.json(), resource):
             return current, False
         version_id = (current.version_id + 1) if current else 1
         now = self.store.clock()
@@ -1416,6 +1428,11 @@ class ConcurrentUpdate(Exception):
         self.rtype, self.rid = rtype, rid
 
 
+def _lock_number(key: str) -> int:
+    """The PostgreSQL advisory lock number of ``key``."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
 def _stored_form(resource: dict[str, Any], version_id: int, when: datetime) -> dict[str, Any]:
     """The JSON stored for ``resource`` as version ``version_id`` written at ``when``."""
     meta = dict(resource.get("meta", {}))
@@ -1525,8 +1542,23 @@ def _in_slice(piece: PatientSlice, stored: StoredResource) -> bool:
 
 
 def same_content(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two versions say the same thing (server-set ``meta`` aside)."""
-    return _without_server_meta(a) == _without_server_meta(b)
+    """Whether two versions say the same thing: equal JSON once the server-set
+    ``meta.versionId`` and ``meta.lastUpdated`` are left out, object keys in any order, arrays
+    in order, and each value of the same JSON type (``1`` is not ``1.0``, a decimal's
+    precision is part of its value; ``true`` is not ``1``). Every other ``meta`` element
+    (``tag``, ``security``, ``profile``, ``source``) is content: changing one is a change."""
+    return _same_json(_without_server_meta(a), _without_server_meta(b))
+
+
+def _same_json(a: Any, b: Any) -> bool:
+    # Python's == says 1 == 1.0 == True; JSON (and FHIR decimals) do not.
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_json(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def _number_clause(value: NumberValue) -> ColumnElement[bool]:

@@ -5,7 +5,9 @@ Outcome: ``rejected`` (a recognised exclusion, or an inclusion the referrer says
 each named), ``on-hold`` (a clinician decides: a hold, a review criterion, missing data, or a
 coded condition no criterion classifies — unknown means review, never a default), or
 ``eligible`` (intake can start). Nothing the rules cannot classify is ever ``eligible``.
-Every finding that holds the referral names the intake step(s) that can clear it.
+Every finding that holds the referral names the intake step(s) that can clear it. The decision
+also names the inclusion criteria the facts meet (``met``): the reasons a CDS Hooks card gives
+(``services/cds_hooks``), from this one rule set.
 
 Must not: read the store or the clock (``services/referrals`` gathers the facts), call HTTP
 (a terminology server is reached through the ``Subsumption`` oracle it is given).
@@ -92,7 +94,8 @@ class ReferralFacts:
 class Finding:
     criterion: str
     text: str
-    #: exclusion | inclusion-not-met | hold | review | missing | unclassified
+    #: exclusion | inclusion-not-met | hold | review | missing | unclassified | met (an
+    #: inclusion the facts meet: a reason, never a problem)
     kind: str
     #: intake steps whose clearance lifts this finding (kat-intake codes)
     cleared_by: tuple[str, ...] = ()
@@ -107,6 +110,8 @@ class Decision:
     outcome: str  # eligible | rejected | on-hold
     findings: tuple[Finding, ...]
     rules_version: int
+    #: The inclusion criteria the facts meet (kind ``met``), in the rules' order.
+    met: tuple[Finding, ...] = ()
 
     @property
     def business_status(self) -> str:
@@ -241,7 +246,8 @@ def triage(
             add(rule, "review")
     for value_set in rules.get("neutral", ()):
         matching(value_set)
-    _inclusions(rules, facts, conditions, known, classified, add)
+    met: list[Finding] = []
+    _inclusions(rules, facts, conditions, known, classified, add, met)
     _age(rules, facts, minimum_age, add)
     unclassified = rules["unclassified"]
     for i, condition in enumerate(conditions):
@@ -250,9 +256,10 @@ def triage(
             add(unclassified, "unclassified", f"{unclassified['text']} ({names})", "unclassified")
     if facts.uncoded_conditions:
         add(unclassified, "unclassified", "a condition given as text only", "uncoded-condition")
+    version = int(rules["version"])
     if any(f.rejects for f in findings):
-        return Decision("rejected", tuple(f for f in findings if f.rejects), int(rules["version"]))
-    return Decision("on-hold" if findings else "eligible", tuple(findings), int(rules["version"]))
+        return Decision("rejected", tuple(f for f in findings if f.rejects), version, tuple(met))
+    return Decision("on-hold" if findings else "eligible", tuple(findings), version, tuple(met))
 
 
 def _inclusions(
@@ -262,18 +269,26 @@ def _inclusions(
     known: _Classifier,
     classified: set[int],
     add: Any,
+    met: list[Finding],
 ) -> None:
     for rule in rules["inclusion"]:
         if "value_sets" in rule:
-            met = False
+            meeting: list[Coding] = []
             for i, condition in enumerate(conditions):
                 for value_set in rule["value_sets"]:
                     if not known.any_member(value_set, condition, inclusion=True):
                         continue
                     classified.add(i)  # recognised, even when its status keeps it from counting
                     if not condition.inactive and not condition.unconfirmed:
-                        met = True
-            if not met:
+                        meeting += [
+                            c
+                            for c in condition.codings
+                            if known.member(value_set, c, inclusion=True) and c not in meeting
+                        ]
+            if meeting:
+                names = ", ".join(name_code(c) for c in meeting[:3])
+                met.append(Finding(rule["id"], f"{rule['text']} ({names})", "met"))
+            else:
                 # Never "not met": the diagnosis may be one the rules do not recognise.
                 add(rule, "missing", f"no recognised {rule['text']}")
         elif "flag" in rule:
@@ -282,6 +297,16 @@ def _inclusions(
                 add(rule, "missing", f"{rule['text']} not stated")
             elif value is False:
                 add(rule, "inclusion-not-met")
+            else:
+                met.append(Finding(rule["id"], rule["text"], "met"))
+
+
+def referrer_statements(rules: Mapping[str, Any] | None = None) -> frozenset[str]:
+    """Ids of the inclusion criteria only the referrer can state (flags such as a history of
+    previous treatment failure): a chart read by CDS Hooks never carries them, the referral
+    form asks them."""
+    rules = rules or load_rules()
+    return frozenset(str(r["id"]) for r in rules["inclusion"] if "flag" in r)
 
 
 def _age(rules: Mapping[str, Any], facts: ReferralFacts, minimum: int | None, add: Any) -> None:
@@ -334,6 +359,7 @@ __all__ = [
     "TriageSettings",
     "load_rules",
     "name_code",
+    "referrer_statements",
     "triage",
     "triage_settings",
 ]

@@ -222,3 +222,33 @@ def test_needed_types_come_from_the_mappings_and_unknown_kinds_are_named() -> No
     # A kind added later (built directly: the partner parser would refuse it today).
     later = PartnerConfig("p", BASE, artifact_kinds=frozenset({"consents", "a-new-kind"}))
     assert needed_types(later)[1] == ["a-new-kind"]
+
+
+def test_provenance_is_checked_and_kinds_never_received_are_not_warned_about() -> None:
+    """Provenance travels by PUT with our id (it has no identifier); a partner with every
+    kind does not receive referral-status, so nothing is said about it; a conditional-create
+    partner needs conditional update too (later versions replace its copy)."""
+    from fhir_kat.exchange.partners import PartnerConfig
+    from fhir_kat.exchange.sandbox import SandboxReport, _compare, needed_types
+
+    every = PartnerConfig("p", BASE)
+    types, unknown = needed_types(every)
+    assert "Provenance" in types and unknown == []
+    qr = PartnerConfig("p", BASE, artifact_kinds=frozenset({"questionnaire-responses"}))
+    assert {"Provenance", "Observation", "QuestionnaireResponse"} <= needed_types(qr)[0]
+    capability = _capability(
+        "4.0.1",
+        [
+            _resource("QuestionnaireResponse", "create", "update") | {"conditionalUpdate": True},
+            _resource("Observation", "create"),  # no conditional update
+            _resource("Provenance", "create"),  # no update: cannot take PUT with our id
+        ],
+        ["transaction"],
+    )
+    report = SandboxReport("p", BASE)
+    _compare(capability, qr, report)
+    outcome = {c.name: (c.outcome, c.detail) for c in report.checks}
+    assert outcome["type QuestionnaireResponse"][0] == "pass"
+    assert outcome["type Observation"] == ("fail", "missing update, conditionalUpdate")
+    assert outcome["type Provenance"] == ("fail", "missing update, updateCreate")
+    assert not any(name.startswith("kind ") for name in outcome)

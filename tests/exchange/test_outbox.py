@@ -178,8 +178,8 @@ def test_dead_letters_keep_the_partners_outcome_and_can_be_retried(store: Store)
     assert "payload" not in dead[0].to_json()
     requeued = ob.requeue(store, ids[0])
     assert (requeued.status, requeued.attempts) == ("pending", 0)
-    assert ob.retry_dead(store, partner="nobody") == 0
-    assert ob.retry_dead(store) == 2
+    assert ob.retry_dead(store, partner="nobody") == ob.RetryDeadResult(0, [])
+    assert ob.retry_dead(store) == ob.RetryDeadResult(2, [])
     assert ob.stats(store).dead == 0 and ob.stats(store).pending == 3
 
 
@@ -280,3 +280,22 @@ def test_requeue_blocked_releases_only_that_patients_deliveries(store: Store) ->
     assert ob.get_delivery(store, ids["p1"]).status == ob.BLOCKED_CONSENT
     again = ob.get_delivery(store, ids["p2"])
     assert again.status == ob.PENDING and again.attempts == 0
+
+
+def test_retry_refuses_what_a_later_delivery_superseded_unless_forced(store: Store) -> None:
+    """Sent after a later delivery of the same patient, an older one would replace the newer
+    content at the partner (PUT, or the conditional update of a later version)."""
+    old, new, other = put(store, patient="A"), put(store, patient="A"), put(store, patient="B")
+    claimed = {d.id: d for d in ob.claim(store, "w", 5)}
+    assert set(claimed) == {old, other}  # the newer one waits behind the older
+    ob.mark_dead(store, claimed[old], "HTTP 400")
+    ob.mark_dead(store, claimed[other], "HTTP 400")
+    (d,) = ob.claim(store, "w", 5)
+    assert d.id == new
+    ob.mark_delivered(store, d)
+    with pytest.raises(Conflict, match="newer one"):
+        ob.requeue(store, old)
+    assert ob.retry_dead(store) == ob.RetryDeadResult(1, [old])  # other goes, old stays dead
+    assert ob.get_delivery(store, old).status == "dead"
+    assert ob.retry_dead(store, force=True) == ob.RetryDeadResult(1, [])
+    assert ob.get_delivery(store, old).status == "pending"

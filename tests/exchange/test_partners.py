@@ -136,3 +136,39 @@ def test_settings_table_from_toml(tmp_path: Path) -> None:
     assert partner.wants("screenings") and not partner.wants("referrals")
     assert not replace(partner, enabled=False).wants("screenings")
     assert load_partners(Settings()) == {}
+
+
+def test_subscription_retry_policy_is_set_in_the_exchange_table() -> None:
+    from fhir_kat.exchange.netguard import policy_from_settings
+    from fhir_kat.exchange.partners import SubscriptionDelivery, subscription_delivery
+
+    assert subscription_delivery({}) == SubscriptionDelivery()
+    table = {
+        "subscription_max_attempts": 30,
+        "subscription_backoff_base_seconds": 5,
+        "subscription_backoff_cap_seconds": 600,
+        "subscription_timeout_seconds": 4,
+    }
+    assert subscription_delivery(table) == SubscriptionDelivery(30, 5.0, 600.0, 4.0)
+    with pytest.raises(SettingsError) as caught:
+        subscription_delivery(
+            {
+                "subscription_max_attempts": 0,
+                "subscription_backoff_base_seconds": 60,
+                "subscription_backoff_cap_seconds": 30,
+                "subscription_timeout_seconds": "fast",
+            }
+        )
+    message = str(caught.value)
+    for key in ("max_attempts", "backoff_cap_seconds: must not be below", "timeout_seconds"):
+        assert f"subscription_{key}" in message
+    # The service and the worker read the same table at start-up: a bad value stops both.
+    settings = load_settings({}, database_url="sqlite://")
+    good = replace(settings, extra={"exchange": table})
+    assert policy_from_settings(good).allowed == ()
+    with pytest.raises(SettingsError, match="subscription_max_attempts"):
+        policy_from_settings(
+            replace(settings, extra={"exchange": {"subscription_max_attempts": -1}})
+        )
+    with pytest.raises(SettingsError, match="unknown setting"):
+        policy_from_settings(replace(settings, extra={"exchange": {"subscription_retries": 3}}))

@@ -137,11 +137,11 @@ def test_consent_gate_at_send_time(
 
     def gate(c: dict[str, Any]) -> bool:
         seen.append(c)
-        return len(seen) > 1
+        return len(seen) > 2  # no, and no again when asked under the consent lock; then yes
 
     report = worker(store, clock, gate).run_once()
     assert report == RunReport(claimed=3, delivered=2, blocked=1)
-    assert seen == [check, check]
+    assert seen == [check, check, check]
     assert ob.get_delivery(store, denied).status == "blocked-consent"
     assert ob.get_delivery(store, allowed).status == "delivered"
     assert ob.get_delivery(store, unchecked).status == "delivered"
@@ -248,3 +248,99 @@ def test_the_wire_form_is_decided_when_sent_and_an_impossible_one_is_dead_letter
     assert "the stored record is unchanged" in first["diagnostics"]
     assert second["expression"] == ["Bundle.entry[1].resource.identifier"]
     assert len(rsps.calls) == 1  # nothing went to the strict partner
+
+
+def _first_url(i: int) -> str:
+    return str(to_transaction(artifact(i), "conditional-create")["entry"][0]["fullUrl"])
+
+
+def _same_patient(store: Store, n: int, check: dict[str, Any] | None) -> list[int]:
+    """``n`` deliveries of one patient (``pt-0``) for partner ``ehr``, in order."""
+    with store.write() as tx:
+        return [
+            ob.enqueue(
+                tx,
+                "ehr",
+                "bundle",
+                to_transaction(artifact(i), "conditional-create"),
+                "pt-0",
+                consent_check=check,
+            )
+            for i in range(n)
+        ]
+
+
+def test_the_periodic_recheck_releases_what_consent_now_permits_in_order(
+    store: Store, clock: ManualClock, rsps: responses.RequestsMock
+) -> None:
+    """The safety net behind the Consent write's requeue: blocked rows the gate now permits
+    are released and go out in their original order; ones it still refuses stay blocked."""
+    check = {"patient": "pt-0", "actor": "org|HA", "purpose": "HOPERAT"}
+    ids = _same_patient(store, 3, check)
+    other = fill(store, 1, start=5, consent_check={"patient": "pt-5", "purpose": "HOPERAT"})
+    rsps.add_callback(responses.POST, BASE, callback=ok_response)
+    permitted: set[str] = set()
+    w = worker(store, clock, lambda c: c["patient"] in permitted)
+    for _ in range(5):
+        w.run_once()
+    assert {ob.get_delivery(store, i).status for i in ids + other} == {"blocked-consent"}
+    permitted.add("pt-0")  # a Consent whose own requeue was lost
+    assert w.recheck_blocked() == 3
+    assert ob.get_delivery(store, other[0]).status == "blocked-consent"
+    for _ in range(5):
+        w.run_once()
+    sent = [json.loads(c.request.body)["entry"][0]["fullUrl"] for c in rsps.calls]
+    assert sent == [_first_url(i) for i in range(3)]
+    assert [ob.get_delivery(store, i).status for i in ids] == ["delivered"] * 3
+
+
+def test_run_rechecks_blocked_rows_periodically(store: Store, clock: ManualClock) -> None:
+    import threading
+
+    check = {"patient": "pt-0", "purpose": "HOPERAT"}
+    (did,) = _same_patient(store, 1, check)
+    with store.write() as tx:
+        tx.conn.execute(
+            ob.outbox.update().where(ob.outbox.c.id == did).values(status=ob.BLOCKED_CONSENT)
+        )
+    asked: list[dict[str, Any]] = []
+
+    def gate(c: dict[str, Any]) -> bool:
+        asked.append(c)
+        return False
+
+    w = worker(store, clock, gate, recheck_blocked_seconds=60)
+    w.run(threading.Event(), max_iterations=3)  # the clock stands still: one re-check
+    assert asked == [check]
+    clock.advance(61)
+    w.run(threading.Event(), max_iterations=1)
+    assert asked == [check, check]
+
+
+def test_a_released_earlier_delivery_keeps_its_place(
+    store: Store, clock: ManualClock, rsps: responses.RequestsMock
+) -> None:
+    """The referral (with the Patient) was blocked; a later delivery of the same patient is
+    being sent when a Consent releases the referral: the later one goes back unsent, and the
+    referral goes first."""
+    check = {"patient": "pt-0", "purpose": "HOPERAT"}
+    first, later = _same_patient(store, 2, check)
+    with store.write() as tx:
+        tx.conn.execute(
+            ob.outbox.update().where(ob.outbox.c.id == first).values(status=ob.BLOCKED_CONSENT)
+        )
+    rsps.add_callback(responses.POST, BASE, callback=ok_response)
+
+    def gate(c: dict[str, Any]) -> bool:
+        # The Consent commits (and releases the referral) while the later one is in flight.
+        ob.release_blocked(store, [first])
+        return True
+
+    report = worker(store, clock, gate).run_once()
+    assert report.claimed == 1 and report.released == 1 and len(rsps.calls) == 0
+    assert ob.get_delivery(store, later).attempts == 0  # the unsent claim is taken back
+    w = worker(store, clock)
+    for _ in range(3):
+        w.run_once()
+    sent = [json.loads(c.request.body)["entry"][0]["fullUrl"] for c in rsps.calls]
+    assert sent == [_first_url(0), _first_url(1)]

@@ -582,3 +582,152 @@ def test_the_renderer_computes_every_total_as_the_service_does(pages: Pages) -> 
             assert check_response(out, q, definition) == [], out
         assert any(score(c, q, definition).total is None for c in cases)
         assert any(score(c, q, definition).total is not None for c in cases)
+
+
+def test_the_referral_form_prefills_in_lhc_forms_as_populate_does_and_refers(
+    pages: Pages, app: Flask
+) -> None:
+    """``Questionnaire/kat-referral`` in a real SDC renderer launched with a patient and user
+    in context (LHC-Forms evaluates the initialExpressions itself, and runs the %conditions
+    x-fhir-query against a real FHIR server: the service's own /fhir holding the chart): it
+    prefills exactly what the service's ``$populate`` gives for the same context. Completed
+    and exported by the renderer, the response is the same referral as the native route."""
+    from tests.test_sdc_referral import CONDITIONS, KS, PATIENT, USER, _answers, _unclocked
+
+    staff = client_as(app, "staff")
+    pid = staff.post("/fhir/Patient", json={k: v for k, v in PATIENT.items() if k != "id"})
+    assert pid.status_code == 201, pid.get_json()
+    patient = pid.get_json()
+    for entry in CONDITIONS["entry"]:
+        condition = {**entry["resource"], "subject": {"reference": f"Patient/{patient['id']}"}}
+        assert staff.post("/fhir/Condition", json=condition).status_code == 201
+    chart = staff.get(f"/fhir/Condition?patient={patient['id']}").get_json()
+    params = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "subject", "valueReference": {"reference": f"Patient/{patient['id']}"}},
+            *[
+                {
+                    "name": "context",
+                    "part": [
+                        {"name": "name", "valueString": name},
+                        {"name": "content", "resource": content},
+                    ],
+                }
+                for name, content in (("patient", patient), ("user", USER), ("conditions", chart))
+            ],
+        ],
+    }
+    populated = staff.post("/fhir/Questionnaire/kat-referral/$populate", json=params).get_json()
+    by_service = _answers(populated["parameter"][0]["resource"])
+
+    page = pages.open_renderer()
+    q = staff.get("/fhir/Questionnaire/kat-referral").get_json()
+    page.evaluate(
+        "([t, vars]) => sdc.setContext(t, vars)",
+        [pages.server.token, {"patient": patient, "user": USER}],
+    )
+    exported = page.evaluate(
+        "([q, p]) => sdc.prefilled(q, p)", [q, {"reference": f"Patient/{patient['id']}"}]
+    )
+    by_renderer = _answers(exported)
+    assert _comparable(by_renderer) == _comparable(by_service)
+    expect(page.get_by_role("textbox", name="Family name *").first).to_have_value("Testcase")
+
+    # The physician completes what the chart cannot say; the renderer's export is the referral.
+    [referrer] = [g for g in exported["item"] if g["linkId"] == "referrer"]
+    referrer["item"] += [
+        {
+            "linkId": "referrer.organization.name",
+            "answer": [{"valueString": "Example Family Practice"}],
+        },
+        {
+            "linkId": "referrer.organization.identifier.system",
+            "answer": [{"valueUri": "https://fhir-kat.example.org/fhir/sid/organization"}],
+        },
+        {
+            "linkId": "referrer.organization.identifier.value",
+            "answer": [{"valueString": "CLINIC-7"}],
+        },
+    ]
+    [referral] = [g for g in exported["item"] if g["linkId"] == "referral"]
+    referral["item"] += [
+        {
+            "linkId": "diagnoses[].code",
+            "answer": [{"valueCoding": {"system": KS + "kat-diagnosis", "code": "ptsd"}}],
+        },
+        {"linkId": "prior_treatment_failure", "answer": [{"valueBoolean": True}]},
+    ]
+    [patient_group] = [g for g in exported["item"] if g["linkId"] == "patient"]
+    patient_group["item"].append(
+        {
+            "linkId": "patient.sex",
+            "answer": [{"valueCoding": {"system": KS + "kat-sex", "code": "female"}}],
+        }
+    )
+    exported.update(
+        status="completed",
+        authored="2026-12-01T10:00:00Z",
+        identifier={"system": "https://emr.example-clinic.ca/referrals", "value": "R-LHC-1"},
+    )
+    via_renderer = staff.post("/api/v1/referrals/$transform", json=exported)
+    assert via_renderer.status_code == 200, via_renderer.get_json()
+    native = {
+        "source_id": "R-LHC-1",
+        "referral_identifier": {
+            "system": "https://emr.example-clinic.ca/referrals",
+            "value": "R-LHC-1",
+        },
+        "authored_on": "2026-12-01T10:00:00Z",
+        "patient": {
+            "phn": "9999999998",
+            "family_name": "Testcase",
+            "given_names": ["Avery", "Q"],
+            "birth_date": "1984-03-02",
+            "sex": "female",
+            "contact": {"phone": "250-555-0100"},
+        },
+        "referrer": {
+            "family_name": "Example",
+            "given_names": ["Jordan"],
+            "licence_number": "99001",
+            "organization": {
+                "name": "Example Family Practice",
+                "identifier": {
+                    "system": "https://fhir-kat.example.org/fhir/sid/organization",
+                    "value": "CLINIC-7",
+                },
+            },
+        },
+        "diagnoses": [{"code": "ptsd"}],
+        "prior_treatment_failure": True,
+        "conditions": [
+            {
+                "system": "http://snomed.info/sct",
+                "code": "47505003",
+                "display": "Posttraumatic stress disorder",
+            },
+            {
+                "system": "http://hl7.org/fhir/sid/icd-10-ca",
+                "code": "F17.2",
+                "display": "Nicotine dependence",
+            },
+        ],
+    }
+    expected = staff.post("/api/v1/referrals/$transform", json=native).get_json()
+    assert _unclocked(via_renderer.get_json()) == _unclocked(expected)
+    stored = staff.post("/api/v1/referrals", json=exported)
+    assert stored.status_code == 201, stored.get_json()
+
+
+def _comparable(answers: dict[str, list[dict[str, Any]]]) -> dict[str, list[Any]]:
+    """Answers by linkId as values (a Coding as system|code: renderers add the display)."""
+    out: dict[str, list[Any]] = {}
+    for link, values in answers.items():
+        out[link] = [
+            f"{v['valueCoding'].get('system')}|{v['valueCoding']['code']}"
+            if "valueCoding" in v
+            else next(iter(v.values()))
+            for v in values
+        ]
+    return out

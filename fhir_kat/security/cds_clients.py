@@ -1,0 +1,187 @@
+"""CDS Clients (EHRs calling the CDS Hooks services) and how their requests are trusted.
+
+Owns: the ``[cds_hooks]`` table of the TOML file (the EHRs, their JWKS and FHIR servers, the
+referral app's link, the order codes ``order-select`` answers) and verifying the JWT each
+CDS Hooks request carries, as CDS Hooks 2.0 ("Trusting CDS Clients") says: ``Authorization:
+Bearer <JWT>`` signed ES384 or RS384 by the EHR, ``iss`` a registered EHR, the key found by
+``kid`` in that EHR's registered JWKS (a ``jku`` header is never followed: the JWKS is
+exchanged out of band, here the TOML file), ``aud`` the URL of the service called, ``exp`` at
+most 5 minutes ahead, ``jti`` never reused. All cryptography is PyJWT's.
+Must not: parse HTTP or fetch anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from fhir_kat.security.tokens import find_key, remember_jti
+from fhir_kat.settings import SettingsError
+from fhir_kat.store import Store
+
+ALGORITHMS = ("ES384", "RS384")
+MAX_LIFETIME = timedelta(minutes=5)
+#: One answer for every failure before the signature is verified: the answer does not tell
+#: whether an issuer is registered.
+UNTRUSTED = (
+    "the CDS Hooks JWT is not valid: unknown issuer, no registered key for it, or a bad signature"
+)
+
+
+class CdsAuthError(Exception):
+    """A request the service does not trust (401); the text names what is wrong, no more."""
+
+
+@dataclass(frozen=True)
+class CdsClient:
+    """A registered EHR: ``[cds_hooks.clients.<name>]``."""
+
+    name: str
+    issuer: str
+    jwks: Mapping[str, Any]
+    #: FHIR base URLs the service may query with the hook's ``fhirAuthorization`` (the hook's
+    #: ``fhirServer`` must be one of them: the service never calls an address a request picks).
+    fhir_servers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CdsHooksConfig:
+    clients: Mapping[str, CdsClient]  # by issuer
+    #: The referral app a card links to; empty = the service's own ``/app/referrals/new``.
+    referral_app_url: str = ""
+    #: ``system|code`` of the orders that make ``order-select`` look at the chart (the
+    #: program's own service code always does).
+    order_codes: tuple[tuple[str, str], ...] = ()
+
+    def by_issuer(self, issuer: str) -> CdsClient | None:
+        return self.clients.get(issuer)
+
+
+def load_cds_hooks(table: Mapping[str, Any]) -> CdsHooksConfig:
+    """Validated ``[cds_hooks]``; ``SettingsError`` naming every problem."""
+    problems: list[str] = []
+    for key in sorted(set(table) - {"clients", "referral_app_url", "order_codes"}):
+        problems.append(f"[cds_hooks].{key}: unknown setting")
+    clients: dict[str, CdsClient] = {}
+    raw_clients = table.get("clients", {})
+    if not isinstance(raw_clients, Mapping):
+        problems.append("[cds_hooks.clients] must be a table of tables")
+        raw_clients = {}
+    for name, spec in raw_clients.items():
+        where = f"[cds_hooks.clients.{name}]"
+        if not isinstance(spec, Mapping):
+            problems.append(f"{where} must be a table")
+            continue
+        for key in sorted(set(spec) - {"issuer", "jwks", "jwks_file", "fhir_servers"}):
+            problems.append(f"{where}: unknown key {key}")
+        issuer = spec.get("issuer")
+        if not isinstance(issuer, str) or not issuer:
+            problems.append(f"{where}: issuer (the JWT's iss) is required")
+            continue
+        jwks: Any = None
+        if "jwks" in spec:
+            try:
+                jwks = (
+                    spec["jwks"] if isinstance(spec["jwks"], Mapping) else json.loads(spec["jwks"])
+                )
+            except ValueError:
+                problems.append(f"{where}: jwks is not JSON")
+        elif "jwks_file" in spec:
+            try:
+                jwks = json.loads(Path(str(spec["jwks_file"])).read_text())
+            except (OSError, ValueError) as exc:
+                problems.append(f"{where}: cannot read jwks_file ({type(exc).__name__})")
+        else:
+            problems.append(f"{where}: needs jwks or jwks_file (the EHR's public keys)")
+        if jwks is not None and not (
+            isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list)
+        ):
+            problems.append(f"{where}: a JWKS needs a 'keys' list")
+            jwks = None
+        servers = spec.get("fhir_servers", [])
+        if not isinstance(servers, list) or not all(
+            isinstance(s, str) and s.startswith(("https://", "http://")) for s in servers
+        ):
+            problems.append(f"{where}: fhir_servers must be a list of http(s) FHIR base URLs")
+            servers = []
+        if issuer in clients:
+            problems.append(f"{where}: issuer {issuer} is registered twice")
+        if jwks is not None:
+            clients[issuer] = CdsClient(
+                str(name), issuer, jwks, tuple(s.rstrip("/") for s in servers)
+            )
+    app_url = table.get("referral_app_url", "")
+    if not isinstance(app_url, str) or (
+        app_url and not app_url.startswith(("https://", "http://"))
+    ):
+        problems.append("[cds_hooks].referral_app_url: an http(s) URL")
+        app_url = ""
+    codes: list[tuple[str, str]] = []
+    for text in table.get("order_codes", []):
+        system, bar, code = str(text).rpartition("|")
+        if not bar or not system or not code:
+            problems.append(f"[cds_hooks].order_codes: {text!r} is not 'system|code'")
+        else:
+            codes.append((system, code))
+    if problems:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
+    return CdsHooksConfig(clients, app_url, tuple(codes))
+
+
+class CdsRequestVerifier:
+    """Verifies the JWT of one CDS Hooks request against the registered EHRs."""
+
+    def __init__(self, config: CdsHooksConfig, store: Store) -> None:
+        self.config = config
+        self.store = store  # the jti of every JWT, until it expires (one table for all hosts)
+
+    def verify(self, authorization: str, audience: str) -> CdsClient:
+        """The EHR that signed ``authorization`` (the header's value) for ``audience`` (the
+        URL of the service called); ``CdsAuthError`` otherwise."""
+        if not authorization.lower().startswith("bearer "):
+            raise CdsAuthError("a CDS Hooks request needs 'Authorization: Bearer <JWT>'")
+        token = authorization[7:].strip()
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise CdsAuthError("the bearer token is not a JWT") from None
+        alg = header.get("alg")
+        if alg not in ALGORITHMS:
+            raise CdsAuthError("the CDS Hooks JWT must be signed ES384 or RS384")
+        client = self.config.by_issuer(str(unverified.get("iss", "")))
+        key = find_key(client.jwks, header.get("kid"), alg) if client is not None else None
+        if client is None or key is None:
+            raise CdsAuthError(UNTRUSTED)
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=audience,
+                issuer=client.issuer,
+                options={"require": ["iss", "aud", "exp", "iat", "jti"]},
+            )
+        except jwt.InvalidSignatureError:
+            raise CdsAuthError(UNTRUSTED) from None
+        except jwt.ExpiredSignatureError:
+            raise CdsAuthError("the CDS Hooks JWT has expired") from None
+        except jwt.InvalidAudienceError:
+            raise CdsAuthError(
+                "the CDS Hooks JWT's aud must be the URL of the service called"
+            ) from None
+        except jwt.PyJWTError as exc:
+            raise CdsAuthError(f"the CDS Hooks JWT is not valid ({type(exc).__name__})") from None
+        now = datetime.now(UTC)
+        expires = datetime.fromtimestamp(int(claims["exp"]), UTC)
+        if expires - now > MAX_LIFETIME + timedelta(seconds=5):
+            raise CdsAuthError("the CDS Hooks JWT's exp is more than 5 minutes ahead")
+        if not remember_jti(self.store, str(claims["jti"]), f"cds:{client.name}", expires, now):
+            raise CdsAuthError("the CDS Hooks JWT's jti was already used")
+        return client
