@@ -19,6 +19,14 @@ from flask import Flask, Response, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from fhir_kat.api.errors import register_error_handlers
+from fhir_kat.canonical import (
+    LEGACY_CANONICAL_BASE,
+    LEGACY_IDENTIFIER_BASE,
+    Bases,
+    check_settings,
+    process_bases,
+    refusal,
+)
 from fhir_kat.clinical.protocol import load_protocol
 from fhir_kat.clinical.safety import SafetyRulesError, load_safety_rules
 from fhir_kat.exchange import PartnerConfig, load_partners
@@ -100,6 +108,7 @@ def create_app(
     clock: Any = None,
 ) -> Flask:
     settings = settings or load_settings()
+    check_settings(settings)
     configure_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     now: Callable[[], datetime] = clock or utcnow
@@ -130,6 +139,7 @@ def create_app(
         raise SettingsError(f"[program.safety]: {exc}") from None
     store = Store(settings.effective_database_url, clock=now)
     store.create_schema()  # fhir_kat.exchange (imported above) adds the outbox table
+    _claim_bases(store)
     id_namespace = _id_namespace(settings, store)
     consent = ConsentDecisionPoint()
     services = build_services(
@@ -202,6 +212,7 @@ def create_app(
     from fhir_kat.api import auth
     from fhir_kat.api.artifacts import bp as artifacts_bp
     from fhir_kat.api.cds_hooks import bp as cds_hooks_bp
+    from fhir_kat.api.definitions import bp as definitions_bp
     from fhir_kat.api.deliveries import bp as deliveries_bp
     from fhir_kat.api.export import bp as export_bp
     from fhir_kat.api.feedback import bp as feedback_bp
@@ -212,6 +223,7 @@ def create_app(
     from fhir_kat.api.measure import bp as measure_bp
     from fhir_kat.api.messaging import bp as messaging_bp
     from fhir_kat.api.openapi import bp as openapi_bp
+    from fhir_kat.api.terminology import bp as terminology_bp
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(export_bp)
@@ -223,6 +235,8 @@ def create_app(
     app.register_blueprint(feedback_bp)
     app.register_blueprint(flags_bp)
     app.register_blueprint(instruments_bp)
+    app.register_blueprint(terminology_bp)
+    app.register_blueprint(definitions_bp)
     app.register_blueprint(fhir_bp)
     app.register_blueprint(health_bp)
     app.register_blueprint(cds_hooks_bp)
@@ -241,6 +255,19 @@ def create_app(
         # public URLs come from public_base_url, not from forwarded host headers.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)  # type: ignore[method-assign]
     return app
+
+
+def _claim_bases(store: Store) -> None:
+    """The canonical and identifier bases this database was written with must be the ones
+    configured: both are in its resources and in the identifiers its ids derive from."""
+    current = process_bases()
+    recorded = Bases(
+        store.claim_setting("canonical_base", current.canonical, legacy=LEGACY_CANONICAL_BASE),
+        store.claim_setting("identifier_base", current.identifiers, legacy=LEGACY_IDENTIFIER_BASE),
+    )
+    problem = refusal(recorded)
+    if problem is not None:
+        raise SettingsError(problem)
 
 
 def _id_namespace(settings: Settings, store: Store) -> uuid.UUID:

@@ -342,7 +342,47 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Example: fhir-kat partners",
     )
     partners.set_defaults(func=_partners)
+
+    ig = sub.add_parser(
+        "ig",
+        help="the program's implementation guide (profiles, terminology) as a FHIR package",
+        description="build: write <out>/package/ (package.json, .index.json, one file a "
+        "StructureDefinition, OperationDefinition, SearchParameter, CodeSystem, ValueSet, "
+        "ConceptMap, Questionnaire, the Measure, CapabilityStatement and ImplementationGuide; "
+        "example/ one example per profile) and <out>/<name>-<version>.tgz, under the "
+        "configured canonical base (ADR 0020, 0021). With --core (a folder of R4 "
+        "StructureDefinition-<Type>.json files, e.g. HL7's hl7.fhir.r4.core package) the "
+        "profiles carry snapshots. With --docs, also the page of each profile.",
+        epilog="Example: fhir-kat ig build --out build/ig",
+    )
+    ig.add_argument("action", choices=["build"])
+    ig.add_argument("--out", required=True, help="folder to write (package/ and the .tgz)")
+    ig.add_argument("--core", help="folder of the R4 base StructureDefinitions (snapshots)")
+    ig.add_argument("--docs", help="folder for the generated profile pages")
+    ig.set_defaults(func=_ig)
     return parser
+
+
+def _ig(args: argparse.Namespace) -> int:
+    from fhir_kat.profiles import ProfileError
+    from fhir_kat.services.ig import build_package, write_docs
+
+    core = Path(args.core) if args.core else None
+    if core is not None and not (core / "StructureDefinition-Observation.json").is_file():
+        print(f"fhir-kat: --core {core} holds no R4 StructureDefinitions", file=sys.stderr)
+        return 2
+    try:
+        built = build_package(Path(args.out), core)
+    except ProfileError as exc:
+        print(f"fhir-kat: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{built.folder}: {built.resources} resources, {built.examples} examples; {built.tarball}"
+    )
+    if args.docs:
+        pages = write_docs(Path(args.docs))
+        print(f"{args.docs}: {len(pages)} profile pages")
+    return 0
 
 
 def _partners(args: argparse.Namespace) -> int:

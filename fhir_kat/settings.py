@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+#: The canonical base of a deployment that names none (the Quick start): a name under the
+#: reserved ``.localhost`` domain (RFC 6761), which says "this machine, published nowhere" and
+#: can never collide with a real organisation's URLs (ADR 0020).
+LOCAL_CANONICAL_BASE = "http://fhir-kat.localhost/fhir"
+#: What a base may contain: a URL without spaces, quotes or the characters that would change
+#: the meaning of the JSON and YAML files it is written into.
+_BASE_URL = re.compile(r"^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~%-]+)*$")
 
 
 class SettingsError(ValueError):
@@ -38,6 +47,13 @@ class Settings:
     #: trusted proxy that fixes Host): links, the token URL and the client-assertion ``aud``
     #: accepted then follow each request's Host header.
     allow_host_derived_urls: bool = False
+    #: The base of every canonical URL this deployment defines (CodeSystems, ValueSets,
+    #: Questionnaires, profiles: ``<base>/CodeSystem/kat-route``). Empty = ``public_base_url``,
+    #: else ``LOCAL_CANONICAL_BASE``. Fixed for a database's life (ADR 0020).
+    canonical_base: str = ""
+    #: The base of the identifier systems the service assigns (``<base>/consents``). Empty =
+    #: ``<canonical base>/sid``. Fixed for a database's life, like the canonical base.
+    identifier_base: str = ""
     #: Largest request body accepted, in bytes (413 above it).
     max_body_bytes: int = 8 * 1024 * 1024
     #: Deepest JSON nesting accepted (FHIR resources rarely exceed 15; 400 above it).
@@ -108,6 +124,14 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'fhir_kat.sqlite3').resolve()}"
+
+    @property
+    def effective_canonical_base(self) -> str:
+        return self.canonical_base or self.public_base_url or LOCAL_CANONICAL_BASE
+
+    @property
+    def effective_identifier_base(self) -> str:
+        return self.identifier_base or f"{self.effective_canonical_base}/sid"
 
     @property
     def uses_sqlite(self) -> bool:
@@ -243,6 +267,11 @@ def _coerce(name: str, value: Any) -> Any:
         if text in ("", "0", "false", "no", "off"):
             return False
         raise ValueError(f"expected 1/true or 0/false, got {value!r}")
+    if name in ("canonical_base", "identifier_base"):
+        url = str(value).rstrip("/")
+        if url and not _BASE_URL.match(url):
+            raise ValueError("must be an http(s) URL without query, fragment or spaces")
+        return url
     if name == "public_base_url":
         url = str(value).rstrip("/")
         if url and not url.startswith(("http://", "https://")):

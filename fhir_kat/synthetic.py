@@ -35,14 +35,15 @@ from typing import Any
 from fhir_kat.artifacts import bc_phn_check_digit
 from fhir_kat.clinical.protocol import ProgramProtocol, load_protocol
 from fhir_kat.mapping.functions import INSTRUMENT_FILES, questionnaire
+from fhir_kat.terminology import IDENTIFIERS
 
 #: Pacific Standard Time: the program runs on Vancouver Island (no DST shift is modelled).
 PACIFIC = timezone(timedelta(hours=-8))
 COHORTS = 3
 #: Weeks between the start of one cohort and the next.
 COHORT_SPACING_WEEKS = 16
-ORG_SYSTEM = "https://fhir-kat.example.org/fhir/sid/organization"
-STAFF_SYSTEM = "https://fhir-kat.example.org/fhir/sid/staff"
+ORG_SYSTEM = f"{IDENTIFIERS}/organization"
+STAFF_SYSTEM = f"{IDENTIFIERS}/staff"
 LICENCE_SYSTEM = "https://fhir.infoway-inforoute.ca/NamingSystem/ca-bc-license-physician"
 REFERRAL_SYSTEM = "https://emr.example-clinic.ca/referrals"
 HEALTH_AUTHORITY = {

@@ -25,6 +25,7 @@ from flask.testing import FlaskClient
 from fhir_kat.app import create_app
 from fhir_kat.cli import _since_instant
 from fhir_kat.security.policy import ROLES, role_allows
+from fhir_kat.services.capability import DEFINITION_TYPES
 from fhir_kat.settings import Settings
 from tests.conftest import HA_ORG, TEST_CLIENTS, LiveServer, _registration, client_as
 from tests.test_security import _assertion, _keypair
@@ -92,6 +93,10 @@ def test_the_capability_statement_lists_only_what_some_role_may_do(app: Flask) -
     cap = app.test_client().get("/fhir/metadata").get_json()
     for entry in cap["rest"][0]["resource"]:
         listed = {i["code"] for i in entry["interaction"]}
+        if entry["type"] in DEFINITION_TYPES:
+            # The published definitions: read-only for every signed-in caller (ADR 0021).
+            assert listed == {"read", "search-type"}, entry["type"]
+            continue
         for code, letter in LETTERS.items():
             some_role = any(role_allows(r, entry["type"], letter) for r in ROLES)
             assert (code in listed) == some_role, (entry["type"], code)

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from fhir.resources.R4B import get_fhir_model_class
 
+from fhir_kat.canonical import read_definition
 from fhir_kat.errors import Unprocessable
 from fhir_kat.exchange.bundles import identifier_query
 from fhir_kat.mapping import map_artifact
@@ -135,11 +136,11 @@ def constant_codes() -> set[tuple[str, str]]:
         for path in (root / kind).glob("*.yaml"):
             found |= {
                 (c["system"], c["code"])
-                for c in _codings(yaml.safe_load(path.read_text()))
+                for c in _codings(yaml.safe_load(read_definition(path)))
                 if isinstance(c.get("system"), str)
             }
     for path in root.glob("questionnaires/*.json"):
-        found |= {(c["system"], c["code"]) for c in _codings(json.loads(path.read_text()))}
+        found |= {(c["system"], c["code"]) for c in _codings(json.loads(read_definition(path)))}
     return found | {(c["system"], c["code"]) for c in ENGINE_CODES}
 
 

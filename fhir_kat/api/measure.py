@@ -12,6 +12,7 @@ from fhir_kat.api.auth import audit_record, current_access
 from fhir_kat.api.body import read_json
 from fhir_kat.api.fhir import json_response
 from fhir_kat.errors import BadRequest, Forbidden, issue
+from fhir_kat.profiles import declare
 from fhir_kat.security.policy import area_allowed
 from fhir_kat.services.outcomes import OutcomeService
 
@@ -58,4 +59,5 @@ def evaluate_measure(measure_id: str) -> Response:
         params.get("subject"),
         access,
     )
+    declare(report)  # the summary report's profile (kat-outcome-measurereport)
     return json_response(json.dumps(report, separators=(",", ":")))

@@ -24,7 +24,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 
 from fhir_kat.clinical.protocol import ProgramProtocol, load_protocol
 from fhir_kat.errors import Issue, Unprocessable, issue
-from fhir_kat.terminology import UnmappedCode, canonical, load_terminology, safe_code
+from fhir_kat.terminology import BASE, UnmappedCode, canonical, load_terminology, safe_code
 
 #: BC PHN issuers accepted on input; output always uses the Infoway naming system (DOMAIN.md).
 PHN_SYSTEMS = (
@@ -882,7 +882,7 @@ def json_schema(kind: str, protocol: ProgramProtocol | None = None) -> dict[str,
         body["allOf"] = [_schedule_rule(protocol or load_protocol())]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": f"https://fhir-kat.example.org/api/v1/schemas/{kind}.json",
+        "$id": f"{BASE.removesuffix('/fhir')}/api/v1/schemas/{kind}.json",
         "title": f"fhir_kat {kind} artifact",
         **body,
     }

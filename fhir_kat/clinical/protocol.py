@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from fhir_kat.canonical import read_definition
 from fhir_kat.terminology import load_terminology
 
 DEFAULT = Path(__file__).resolve().parents[2] / "mappings" / "program" / "protocol.yaml"
@@ -87,7 +88,7 @@ def load_protocol(path: Path | None = None) -> ProgramProtocol:
     """The protocol at ``path`` (default ``mappings/program/protocol.yaml``); every problem of
     the file in one ``ProtocolError``."""
     source = path or DEFAULT
-    data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    data = yaml.safe_load(read_definition(source))
     if not isinstance(data, dict):
         raise ProtocolError(f"{source}: not a YAML mapping")
     problems: list[str] = [f"unknown key '{k}'" for k in sorted(set(data) - _TOP)]

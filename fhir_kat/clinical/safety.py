@@ -25,12 +25,13 @@ from typing import Any
 
 import yaml
 
+from fhir_kat.canonical import read_definition
 from fhir_kat.search import parse_date_range
-from fhir_kat.terminology import BASE, load_terminology
+from fhir_kat.terminology import BASE, IDENTIFIERS, load_terminology
 
 DEFAULT = Path(__file__).resolve().parents[2] / "mappings" / "program" / "safety.yaml"
 SAFETY_SYSTEM = f"{BASE}/CodeSystem/kat-safety"
-FLAG_IDS = f"{BASE}/sid/safety-flags"
+FLAG_IDS = f"{IDENTIFIERS}/safety-flags"
 FLAG_CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category"
 #: Core R4 extension: "Points to the Observation, AllergyIntolerance or other record that
 #: provides additional supporting information about this flag" (0..*, valueReference).
@@ -167,7 +168,7 @@ def load_safety_rules(
 
 @cache
 def _read(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = yaml.safe_load(read_definition(path))
     if not isinstance(data, dict):
         raise SafetyRulesError(f"{path}: not a YAML mapping")
     return data

@@ -27,11 +27,12 @@ from fhir_kat.exchange.bundles import NO_IDENTIFIER, NO_IDENTIFIER_SEARCH
 from fhir_kat.exchange.client import PartnerClient, TokenError
 from fhir_kat.exchange.partners import DELIVERABLE_KINDS, REFERRAL_STATUS, PartnerConfig
 from fhir_kat.mapping.engine import targets
+from fhir_kat.terminology import IDENTIFIERS
 
 Outcome = Literal["pass", "warn", "skip", "fail"]
 FHIR_JSON = "application/fhir+json"
 #: The identifier system of the synthetic Patient (a value no real system issues).
-SANDBOX_SYSTEM = "https://fhir-kat.example.org/fhir/sid/sandbox-check"
+SANDBOX_SYSTEM = f"{IDENTIFIERS}/sandbox-check"
 #: Resources the service adds beside an artifact's own mapping (DOMAIN.md: SDC extraction of
 #: questionnaire scores into Observations; safety Flags to the care team, with the Patient).
 _EXTRA_TYPES = {

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from fhir_kat.canonical import read_definition
+
 FILE = Path(__file__).resolve().parents[2] / "mappings" / "instruments" / "instruments.yaml"
 OVERRIDABLE = {"positive_at", "min_drop", "min_answered"}
 MEASURE_KEYS = {"baseline_days_before_start", "post_days_after_end", "population"}
@@ -154,7 +156,7 @@ def _measure(raw: Mapping[str, Any]) -> MeasureRules:
 
 @cache
 def _read(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data: dict[str, Any] = yaml.safe_load(read_definition(path))
     return data
 
 

@@ -21,11 +21,12 @@ from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from fhir_kat.instruments.definitions import Catalogue, Instrument, MeasureRules
+from fhir_kat.terminology import BASE
 
 MEASURE_ID = "kat-program-outcomes"
-MEASURE_URL = "https://fhir-kat.example.org/fhir/Measure/kat-program-outcomes"
+MEASURE_URL = f"{BASE}/Measure/kat-program-outcomes"
 POPULATION = "http://terminology.hl7.org/CodeSystem/measure-population"
-STRATIFIER_SYSTEM = "https://fhir-kat.example.org/fhir/CodeSystem/kat-measure-stratum"
+STRATIFIER_SYSTEM = f"{BASE}/CodeSystem/kat-measure-stratum"
 #: The stratifier every group carries: who completed the program and who dropped out.
 COMPLETION = "program-completion"
 STRATA = ("completed", "dropped-out")
@@ -381,7 +382,7 @@ def measure_report(
         if means:
             group["extension"] = [
                 {
-                    "url": f"https://fhir-kat.example.org/fhir/StructureDefinition/{label}",
+                    "url": f"{BASE}/StructureDefinition/{label}",
                     "valueQuantity": {"value": value, "unit": r.instrument.unit},
                 }
                 for label, value in means

@@ -48,14 +48,17 @@ from typing import Any
 import yaml
 
 from fhir_kat.artifacts import MAPPED_SCHEMAS, validate_artifact
+from fhir_kat.canonical import read_definition
 from fhir_kat.clinical.protocol import ProgramProtocol, load_protocol
 from fhir_kat.errors import Issue, Unprocessable, issue
 from fhir_kat.instruments.definitions import load_catalogue
 from fhir_kat.instruments.scoring import computed_by_service, is_calculated
 from fhir_kat.mapping import functions
 from fhir_kat.mapping.narrative import narrative
+from fhir_kat.profiles import declare
 from fhir_kat.terminology import (
     BASE,
+    IDENTIFIERS,
     TerminologyError,
     UnmappedCode,
     canonical,
@@ -82,7 +85,7 @@ AUTHOR = {"system": _PARTICIPANT, "code": "author", "display": "Author"}
 ASSEMBLER = {"system": _PARTICIPANT, "code": "assembler", "display": "Assembler"}
 ENGINE_CODES = (ACTIVITY, AUTHOR, ASSEMBLER)
 #: How the submitting client is identified in Provenance.agent.who.
-CLIENT_SYSTEM = f"{BASE}/sid/api-client"
+CLIENT_SYSTEM = f"{IDENTIFIERS}/api-client"
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def targets(kind: str) -> tuple[Target, ...]:
     """The parsed mapping files of a kind, read once per process."""
     out = []
     for path in sorted((ROOT / kind).glob("*.yaml")):
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = yaml.safe_load(read_definition(path))
         out.append(
             Target(
                 name=path.stem,
@@ -219,6 +222,9 @@ def _build(
             body = target.template(env)
             if isinstance(body, dict):
                 resource.update(body)
+            # What the service writes declares its profile (ADR 0021) when it conforms; one
+            # that does not stays undeclared and fails tests/test_ig.py, naming the element.
+            declare(resource)
             entries.append(resource)
     return _dedupe(entries, env.issues), env
 
@@ -551,7 +557,7 @@ def _provenance(
             {
                 "role": "source",
                 "what": {
-                    "identifier": {"system": f"{BASE}/sid/{kind}", "value": source},
+                    "identifier": {"system": f"{IDENTIFIERS}/{kind}", "value": source},
                     "display": f"{kind} artifact",
                 },
             }
@@ -593,7 +599,7 @@ def _lint_file(
     path: Path, where: str, kind: str, schema: Any, names: set[str], term: Any
 ) -> list[Issue]:
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = yaml.safe_load(read_definition(path))
     except yaml.YAMLError:
         return [issue("structure", "not valid YAML", where)]
     if not isinstance(spec, dict):
@@ -856,7 +862,7 @@ def _lint_questionnaires(folder: Path, term: Any) -> list[Issue]:
         if not path.exists():
             out.append(issue("not-found", f"no Questionnaire for {instrument}", where))
             continue
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(read_definition(path))
         try:
             model.model_validate(doc)
         except ValueError as exc:

@@ -17,6 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from fhir_kat.canonical import read_definition
 from fhir_kat.clinical.dose import assess, dose_issues, schedule_deviation
 from fhir_kat.clinical.protocol import ProgramProtocol
 from fhir_kat.errors import Issue, issue
@@ -43,7 +44,7 @@ _ANSWER_TYPES: dict[str, tuple[type, ...]] = {
 @cache
 def questionnaire(instrument: str) -> dict[str, Any]:
     path = QUESTIONNAIRES / f"Questionnaire-{INSTRUMENT_FILES[instrument]}.json"
-    loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    loaded: dict[str, Any] = json.loads(read_definition(path))
     return loaded
 
 

@@ -25,8 +25,9 @@ from typing import Any
 
 from fhirpathpy import evaluate
 
+from fhir_kat.canonical import read_definition
 from fhir_kat.errors import Issue, Unprocessable, issue
-from fhir_kat.terminology import canonical, load_terminology
+from fhir_kat.terminology import BASE, canonical, load_terminology
 
 FILE = (
     Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ FILE = (
     / "questionnaires"
     / "Questionnaire-kat-referral.json"
 )
-URL = "https://fhir-kat.example.org/fhir/Questionnaire/kat-referral"
+URL = f"{BASE}/Questionnaire/kat-referral"
 INITIAL = "http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaire-initialExpression"
 #: The answer element of each item type (FHIR R4 QuestionnaireResponse.item.answer.value[x]).
 ANSWER = {
@@ -51,7 +52,7 @@ _JSON = {"valueString": str, "valueDate": str, "valueBoolean": bool, "valueUri":
 
 @cache
 def _served() -> dict[str, Any]:
-    q: dict[str, Any] = json.loads(FILE.read_text(encoding="utf-8"))
+    q: dict[str, Any] = json.loads(read_definition(FILE))
     terminology = load_terminology()
     contained: list[dict[str, Any]] = []
     for item in _walk(q["item"]):

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from fhir_kat.canonical import expand
 from fhir_kat.errors import BadRequest, Issue, issue
 
 PARAM_TYPES = ("token", "reference", "date", "string", "uri", "number", "quantity")
@@ -58,7 +59,7 @@ class ParamDef:
 @cache
 def all_params() -> dict[str, dict[str, ParamDef]]:
     """Every indexed parameter per resource type, internal ones included."""
-    text = resources.files("fhir_kat.search").joinpath("parameters.yaml").read_text("utf-8")
+    text = expand(resources.files("fhir_kat.search").joinpath("parameters.yaml").read_text("utf-8"))
     raw = yaml.safe_load(text)
     out: dict[str, dict[str, ParamDef]] = {}
     for rtype, params in raw.items():

@@ -44,6 +44,47 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 
 
+#: The program's published definitions (fhir_kat.api.definitions, ADR 0021): read and a
+#: search by ``url``, for any signed-in caller; the terminology operations on our own content.
+DEFINITION_TYPES = (
+    "StructureDefinition",
+    "OperationDefinition",
+    "SearchParameter",
+    "CodeSystem",
+    "ValueSet",
+    "ConceptMap",
+    "ImplementationGuide",
+)
+_HL7_OPERATION = "http://hl7.org/fhir/OperationDefinition"
+TERMINOLOGY_OPERATIONS: dict[str, tuple[tuple[str, str], ...]] = {
+    "ValueSet": (
+        ("expand", f"{_HL7_OPERATION}/ValueSet-expand"),
+        ("validate-code", f"{_HL7_OPERATION}/ValueSet-validate-code"),
+    ),
+    "CodeSystem": (("lookup", f"{_HL7_OPERATION}/CodeSystem-lookup"),),
+    "ConceptMap": (("translate", f"{_HL7_OPERATION}/ConceptMap-translate"),),
+}
+
+
+def _definition_entries() -> list[dict[str, Any]]:
+    entries = []
+    for rtype in DEFINITION_TYPES:
+        entry: dict[str, Any] = {
+            "type": rtype,
+            "profile": f"http://hl7.org/fhir/StructureDefinition/{rtype}",
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "searchParam": [
+                {"name": "url", "definition": f"{_SPEC}/conformance-url", "type": "uri"},
+                {"name": "_id", "definition": f"{_SPEC}/Resource-id", "type": "token"},
+            ],
+        }
+        ops = TERMINOLOGY_OPERATIONS.get(rtype)
+        if ops:
+            entry["operation"] = [{"name": n, "definition": d} for n, d in ops]
+        entries.append(entry)
+    return entries
+
+
 def capability_statement(
     base: str,
     security: dict[str, Any] | None = None,
@@ -112,6 +153,7 @@ def capability_statement(
         "resource": resources,
         "interaction": [{"code": "transaction"}, {"code": "batch"}],
     }
+    resources += _definition_entries()
     system_ops = [o for o in operations if o[2] is None]
     if system_ops:
         rest["operation"] = [{"name": n, "definition": d} for n, d, _ in system_ops]

@@ -46,6 +46,7 @@ from fhir_kat.services.access import Access
 from fhir_kat.services.fhir_rest import FhirService
 from fhir_kat.store import StoredResource, Tx
 from fhir_kat.store.store import format_instant
+from fhir_kat.terminology import BASE, IDENTIFIERS
 from fhir_kat.workflow.shapes import is_referral_task
 
 log = logging.getLogger("fhir_kat.feedback")
@@ -58,7 +59,7 @@ LOINC = "http://loinc.org"
 #: LOINC 34133-9 "Summary of episode note": in HL7 R4 ValueSet c80-doc-typecodes (the
 #: DocumentReference/Composition type codes), checked in hl7.fhir.r4.examples 4.0.1.
 DOCUMENT_TYPE = {"system": LOINC, "code": "34133-9", "display": "Summary of episode note"}
-SECTIONS = "https://fhir-kat.example.org/fhir/CodeSystem/kat-feedback-section"
+SECTIONS = f"{BASE}/CodeSystem/kat-feedback-section"
 #: LOINC section codes (all in HL7 R4 ValueSet doc-section-codes, hl7.fhir.r4.examples 4.0.1),
 #: as HL7 C-CDA uses them: Reason for Referral Section (IHE 1.3.6.1.4.1.19376.1.5.3.1.3.1),
 #: Encounters Section (2.16.840.1.113883.10.20.22.2.22.1), Medications Administered Section
@@ -78,8 +79,8 @@ NOT_STARTED = {
         }
     ]
 }
-SERVICE_SYSTEM = "https://fhir-kat.example.org/fhir/CodeSystem/kat-service"
-PHQ9_URL = "https://fhir-kat.example.org/fhir/Questionnaire/phq-9"
+SERVICE_SYSTEM = f"{BASE}/CodeSystem/kat-service"
+PHQ9_URL = f"{BASE}/Questionnaire/phq-9"
 ITEM9 = "phq9-9"
 #: Referral Task statuses that end the program: each gets a draft feedback document.
 ENDED = ("completed", "cancelled", "failed")
@@ -92,7 +93,7 @@ SYSTEM_NAMES = {
     "http://hl7.org/fhir/sid/icd-10": "ICD-10",
     "http://hl7.org/fhir/sid/icd-10-ca": "ICD-10-CA",
 }
-DOCUMENT_IDS = "https://fhir-kat.example.org/fhir/sid/feedback-document"
+DOCUMENT_IDS = f"{IDENTIFIERS}/feedback-document"
 EMPTY = {
     "coding": [
         {

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 from sqlalchemy import Column, DateTime, String, Table, Text, insert, select
 
+from fhir_kat.canonical import read_definition
 from fhir_kat.errors import BadRequest, Conflict, FhirError, Forbidden, Issue, issue
 from fhir_kat.search import Criterion, SearchQuery, iter_references
 from fhir_kat.services.access import Access
@@ -57,7 +58,7 @@ message_inbox = Table(
 
 @cache
 def message_rules(path: Path = FILE) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data: dict[str, Any] = yaml.safe_load(read_definition(path))
     return data
 
 

@@ -48,6 +48,7 @@ from fhir_kat.security.clients import ClientRegistry
 from fhir_kat.security.consent import ConsentDecisionPoint
 from fhir_kat.services.artifacts import ArtifactService
 from fhir_kat.services.cds_hooks import CdsHooksService
+from fhir_kat.services.conformance import profile_rule
 from fhir_kat.services.delivery import PartnerCopies, requeue_on_consent
 from fhir_kat.services.feedback import ReferrerFeedback
 from fhir_kat.services.fhir_rest import DeleteRule, FhirService, WriteHook, WriteRule
@@ -198,6 +199,13 @@ def write_pipeline(s: Services) -> WritePipeline:
                 "a Subscription with a bad criteria, channel or endpoint, or not the caller's",
                 s.subscriptions.check_rule,
                 changes="Subscription.status requested → active",
+            ),
+            Check(
+                "profiles",
+                "a resource declaring one of the program's profiles that breaks it, or a profile "
+                "of ours that does not exist (ADR 0021)",
+                profile_rule,
+                changes="meta.profile: the service's own writes declare their profile",
             ),
         ),
         delete_checks=(

@@ -235,7 +235,16 @@ class Store:
         """The fingerprint of the id namespace this database's deterministic ids come from:
         recorded by the first start (``fingerprint``), or ``"legacy"`` for a database that
         already held data then (its ids keep their namespace: re-sends stay idempotent)."""
-        key = "id-namespace"
+        return self._claim("id-namespace", fingerprint, legacy="legacy")
+
+    def claim_setting(self, name: str, value: str, *, legacy: str) -> str:
+        """The value of a setting this database's content depends on (the canonical and
+        identifier bases): recorded by the first start (``value``), or ``legacy`` — what the
+        data was written with — for a database that already held data then. The caller refuses
+        to run when what is returned is not what it is configured with."""
+        return self._claim(f"setting:{name}", value, legacy=legacy)
+
+    def _claim(self, key: str, value: str, *, legacy: str) -> str:
         with (
             self._writer_turn(),
             self.engine.connect().execution_options(kat_write=True) as conn,
@@ -247,9 +256,9 @@ class Store:
             if row is not None:
                 return str(row.value)
             held = conn.execute(select(resources.c.seq).limit(1)).first() is not None
-            value = "legacy" if held else fingerprint
-            conn.execute(insert(store_meta).values(name=key, value=value))
-            return value
+            recorded = legacy if held else value
+            conn.execute(insert(store_meta).values(name=key, value=recorded))
+            return recorded
 
     def drop_schema(self) -> None:
         metadata.drop_all(self.engine)

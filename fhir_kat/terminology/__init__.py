@@ -17,9 +17,14 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from fhir_kat.canonical import canonical_base, identifier_base, read_definition
+
 FOLDER = Path(__file__).resolve().parents[2] / "mappings" / "terminology"
-#: Canonical base of every CodeSystem, ValueSet and ConceptMap of ours (ADR 0002).
-BASE = "https://fhir-kat.example.org/fhir"
+#: Canonical base of every CodeSystem, ValueSet and ConceptMap of ours (ADR 0002): the
+#: deployment's, configured (ADR 0020).
+BASE = canonical_base()
+#: Base of the identifier systems the service assigns (``f"{IDENTIFIERS}/consents"``).
+IDENTIFIERS = identifier_base()
 
 # A value is echoed in a diagnostic only when it looks like one of our codes: one case only
 # (local codes are kebab-case, v3 codes upper case; a name is mixed case) and fewer than six
@@ -38,7 +43,7 @@ def safe_code(code: str) -> str:
 
 
 def canonical(kind: str, name: str) -> str:
-    """``kat-route`` → ``https://fhir-kat.example.org/fhir/CodeSystem/kat-route``; a full URL is
+    """``kat-route`` → ``<canonical base>/CodeSystem/kat-route``; a full URL is
     returned unchanged."""
     return name if name.startswith(("http://", "https://")) else f"{BASE}/{kind}/{name}"
 
@@ -144,7 +149,7 @@ def load_terminology(folder: Path = FOLDER) -> Terminology:
     docs: list[dict[str, Any]] = []
     files: dict[str, str] = {}
     for path in sorted(folder.glob("*.json")):
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(read_definition(path))
         if doc.get("resourceType") not in ("CodeSystem", "ValueSet", "ConceptMap"):
             raise TerminologyError(f"{path.name}: not a CodeSystem, ValueSet or ConceptMap")
         if doc["url"] in files:
@@ -229,6 +234,7 @@ def validate_code(valueset_url: str, system: str, code: str) -> bool:
 
 __all__ = [
     "BASE",
+    "IDENTIFIERS",
     "ConceptMapTable",
     "Terminology",
     "TerminologyError",

@@ -23,6 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
+from fhir_kat.canonical import read_definition
 from fhir_kat.terminology import BASE, TerminologyError
 
 FOLDER = Path(__file__).resolve().parents[2] / "mappings" / "terminology" / "criteria"
@@ -99,16 +100,27 @@ class CriterionSet:
 
 
 @cache
+def _documents(folder: Path = FOLDER) -> tuple[dict[str, Any], ...]:
+    return tuple(
+        json.loads(read_definition(path)) for path in sorted(folder.glob("ValueSet-*.json"))
+    )
+
+
+def criterion_documents() -> list[dict[str, Any]]:
+    """The criterion ValueSets as FHIR resources (terminology operations, the package)."""
+    return list(_documents())
+
+
+@cache
 def load_criteria(folder: Path = FOLDER) -> dict[str, CriterionSet]:
     """Every criterion ValueSet of ``folder`` by id, parsed once per process."""
     found: dict[str, CriterionSet] = {}
-    for path in sorted(folder.glob("ValueSet-*.json")):
-        doc = json.loads(path.read_text(encoding="utf-8"))
+    for doc in _documents(folder):
         if (
             doc.get("resourceType") != "ValueSet"
             or doc.get("url") != f"{BASE}/ValueSet/{doc['id']}"
         ):
-            raise TerminologyError(f"{path.name}: not a ValueSet of ours")
+            raise TerminologyError(f"{doc.get('id')}: not a ValueSet of ours")
         compose = doc.get("compose", {})
         found[doc["id"]] = CriterionSet(
             id=doc["id"],
@@ -138,4 +150,12 @@ def _part(url: str, rules: list[dict[str, Any]]) -> _Part:
     return _Part(frozenset(codes), frozenset(roots))
 
 
-__all__ = ["ICD10", "SNOMED", "CriterionSet", "Subsumption", "load_criteria", "normalise_icd"]
+__all__ = [
+    "ICD10",
+    "SNOMED",
+    "CriterionSet",
+    "Subsumption",
+    "criterion_documents",
+    "load_criteria",
+    "normalise_icd",
+]

@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 import hl7
 import yaml
 
+from fhir_kat.canonical import read_definition
 from fhir_kat.terminology import safe_code
 
 RULES_FILE = Path(__file__).resolve().parents[2] / "mappings" / "workflow" / "v2-referrals.yaml"
@@ -61,7 +62,7 @@ _CHARSETS = {
 
 @cache
 def rules(path: Path = RULES_FILE) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data: dict[str, Any] = yaml.safe_load(read_definition(path))
     return data
 
 

@@ -36,7 +36,7 @@ from fhir_kat.security.oidc import OpenIdClient, SignInError
 from fhir_kat.security.policy import area_allowed
 from fhir_kat.security.sessions import SIGNIN_SECONDS
 from fhir_kat.security.tokens import Person
-from fhir_kat.terminology import BASE, load_terminology
+from fhir_kat.terminology import BASE, IDENTIFIERS, load_terminology
 from fhir_kat.web import session as browser
 from fhir_kat.web.forms import referral_fields
 from fhir_kat.web.wording import (
@@ -157,6 +157,7 @@ def _page(template: str, **context: Any) -> str:
         person_name=person.name if person else "",
         csrf=session.csrf if session else "",
         phn_systems=" ".join(PHN_SYSTEMS),
+        canonical_base=BASE,  # this deployment's canonical home (ADR: canonical home)
         **context,
     )
 
@@ -387,7 +388,7 @@ def _referral_numbering() -> tuple[str, str, str]:
     principal = current_access().principal
     org_system, _, org_value = (principal.organization or "").rpartition("|")
     owner = org_value or principal.client_id
-    return f"{BASE}/sid/referral-form/{quote(owner, safe='')}", org_system, org_value
+    return f"{IDENTIFIERS}/referral-form/{quote(owner, safe='')}", org_system, org_value
 
 
 @bp.get("/referrals/new")
@@ -399,7 +400,7 @@ def referral_new() -> str:
         sections=referral_fields(json_schema("referrals"), clinic_known=bool(org_value)),
         defaults={
             "referral_identifier.system": numbering,
-            "referrer.organization.identifier.system": org_system or f"{BASE}/sid/organization",
+            "referrer.organization.identifier.system": org_system or f"{IDENTIFIERS}/organization",
             "referrer.organization.identifier.value": org_value,
             "urgency": "routine",
         },
@@ -430,7 +431,7 @@ def _acting_person() -> dict[str, Any]:
     provider's issuer and subject), else the staff member types their name and number."""
     person = current_access().principal.person
     if person is None:
-        return {"known": False, "system": f"{BASE}/sid/staff"}
+        return {"known": False, "system": f"{IDENTIFIERS}/staff"}
     given, _, family = person.name.rpartition(" ")
     return {
         "known": True,
@@ -484,6 +485,7 @@ def dashboard() -> str:
     return _page(
         "dashboard.html",
         instruments=_instrument_info(),
+        extension_base=f"{BASE}/StructureDefinition/",
         today=date.today().isoformat(),
         staff=current_access().principal.role == "program-staff",
         min_cell=_state().settings.min_cell_size,

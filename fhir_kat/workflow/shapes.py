@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from fhir_kat.terminology import BASE
+
 TASK_CODES = "http://hl7.org/fhir/CodeSystem/task-code"
-SERVICE = "https://fhir-kat.example.org/fhir/CodeSystem/kat-service"
-INTAKE = "https://fhir-kat.example.org/fhir/CodeSystem/kat-intake"
+SERVICE = f"{BASE}/CodeSystem/kat-service"
+INTAKE = f"{BASE}/CodeSystem/kat-intake"
 #: Intake steps (kat-intake codes) a program clinician records; each moves the referral.
 INTAKE_STEPS = frozenset({"nurse-intake", "psychiatrist-clearance", "contraindication-check"})
 

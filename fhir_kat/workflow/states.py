@@ -9,12 +9,14 @@ from typing import Any
 
 import yaml
 
+from fhir_kat.canonical import read_definition
+
 FILE = Path(__file__).resolve().parents[2] / "mappings" / "workflow" / "referral-task.yaml"
 
 
 @cache
 def machine(path: Path = FILE) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data: dict[str, Any] = yaml.safe_load(read_definition(path))
     return data
 
 

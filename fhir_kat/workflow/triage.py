@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from fhir_kat.canonical import read_definition
 from fhir_kat.terminology.criteria import CriterionSet, Subsumption, load_criteria
 
 RULES_FILE = Path(__file__).resolve().parents[2] / "mappings" / "workflow" / "eligibility.yaml"
@@ -125,7 +126,7 @@ class Decision:
 
 @cache
 def load_rules(path: Path = RULES_FILE) -> dict[str, Any]:
-    rules: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    rules: dict[str, Any] = yaml.safe_load(read_definition(path))
     return rules
 
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fhir_kat.canonical import read_definition
+
 QUESTIONNAIRES = Path(__file__).resolve().parents[2] / "mappings" / "questionnaires"
 AE_KINDS = "https://fhir-kat.example.org/fhir/CodeSystem/kat-adverse-event"
 SERIOUSNESS = "http://terminology.hl7.org/CodeSystem/adverse-event-seriousness"
@@ -14,7 +16,7 @@ SERIOUSNESS = "http://terminology.hl7.org/CodeSystem/adverse-event-seriousness"
 
 def phq9_response(values: list[int | None], rid: str, when: str, subject: str) -> dict[str, Any]:
     """Items 1-9 answered with the option of each value (None: skipped)."""
-    q = json.loads((QUESTIONNAIRES / "Questionnaire-phq-9.json").read_text())
+    q = json.loads(read_definition(QUESTIONNAIRES / "Questionnaire-phq-9.json"))
     items = {i["linkId"]: i for i in q["item"]}
     answered = [
         {

@@ -107,9 +107,11 @@ def _fix_fhir_version_enum(definitions: dict[str, Any]) -> None:
     codes = [c["code"] for c in cs["concept"]]
     for definition in definitions.values():
         for prop in definition.get("properties", {}).values():
-            enum = prop.get("enum")
-            if enum and "4.0.0" in enum and set(enum) < set(codes):
-                prop["enum"] = codes
+            # A repeating element (ImplementationGuide.fhirVersion) has the enum on its items.
+            for holder in (prop, prop.get("items", {})):
+                enum = holder.get("enum")
+                if enum and "4.0.0" in enum and set(enum) < set(codes):
+                    holder["enum"] = codes
 
 
 @cache

@@ -7,7 +7,8 @@
   const summary = document.getElementById("error-summary");
   const status = document.getElementById("dashboard-status");
   const POP = "http://terminology.hl7.org/CodeSystem/measure-population";
-  const EXT = "https://fhir-kat.example.org/fhir/StructureDefinition/";
+  // The deployment's canonical base (ADR 0020), handed over by the page.
+  const EXT = JSON.parse(document.getElementById("extension-base").textContent);
   const TASK_CODE = "http://hl7.org/fhir/CodeSystem/task-code|fulfill";
   const SVG = "http://www.w3.org/2000/svg";
 

@@ -10,7 +10,7 @@
   const actor = document.getElementById("actor");
   const CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category|safety";
   const DETAIL = "http://hl7.org/fhir/StructureDefinition/flag-detail";
-  const EXT = "https://fhir-kat.example.org/fhir/StructureDefinition/";
+  const EXT = JSON.parse(document.getElementById("canonical-base").textContent) + "/StructureDefinition/";
   const ORDER = { now: 0, today: 1 };
   const TRIGGER = {
     QuestionnaireResponse: "Questionnaire answers", Observation: "Measurement", AdverseEvent: "Adverse event",

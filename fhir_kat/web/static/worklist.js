@@ -8,7 +8,7 @@
   const status = document.getElementById("worklist-status");
   const summary = document.getElementById("error-summary");
   const TASK_CODE = "http://hl7.org/fhir/CodeSystem/task-code|fulfill";
-  const INTAKE = "https://fhir-kat.example.org/fhir/CodeSystem/kat-intake";
+  const INTAKE = JSON.parse(document.getElementById("canonical-base").textContent) + "/CodeSystem/kat-intake";
 
   function code(concept) { return (((concept || {}).coding || [])[0] || {}).code || ""; }
 
