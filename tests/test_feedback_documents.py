@@ -19,6 +19,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from fhir_kat.mapping.narrative import narrative
 from tests.conftest import CLINIC_ORG, client_as
 from tests.support.conformance import assert_conformant
 from tests.support.responses import response
@@ -145,9 +146,12 @@ UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}
 
 
 def _stable(composition: dict[str, Any]) -> dict[str, Any]:
-    """The document without ``meta`` and ``date``, its server-assigned ids (derived from the
+    """The document without ``meta`` and ``date`` (also shown in its generated narrative, which
+    must be the narrative of its elements), its server-assigned ids (derived from the
     installation's secret) renamed ``id-1``, ``id-2``… in order of first appearance."""
-    text = json.dumps({k: v for k, v in composition.items() if k not in ("meta", "date")})
+    elements = {k: v for k, v in composition.items() if k != "text"}
+    assert composition.get("text") == narrative(elements)
+    text = json.dumps({k: v for k, v in composition.items() if k not in ("meta", "date", "text")})
     names: dict[str, str] = {}
     for found in UUID.findall(text):
         names.setdefault(found, f"id-{len(names) + 1}")
