@@ -3,7 +3,7 @@
 the base of the identifier systems it assigns (``<identifier base>/<kind>``).
 
 Owns: the process's two bases (settings ``canonical_base`` and ``identifier_base``, read once
-through ``fhir_kat.settings``: environment, then the TOML file, then the default — ADR 0020),
+through ``fhir_kat.settings``: environment, then the TOML file, then the default — ADR 0021),
 and ``read_definition``, which every loader of ``mappings/`` uses so that the files name the
 bases symbolically (``$canonical/CodeSystem/kat-route``, ``$identifiers/consents``) and
 no file carries a deployment's address.
@@ -109,7 +109,7 @@ def refusal(recorded: Bases) -> str | None:
         f"Set FHIR_KAT_CANONICAL_BASE={recorded.canonical} and "
         f"FHIR_KAT_IDENTIFIER_BASE={recorded.identifiers} (or [service] canonical_base / "
         "identifier_base in the FHIR_KAT_CONFIG file) to keep serving this database "
-        "(ADR 0020)."
+        "(ADR 0021)."
     )
 
 

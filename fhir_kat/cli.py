@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         "StructureDefinition, OperationDefinition, SearchParameter, CodeSystem, ValueSet, "
         "ConceptMap, Questionnaire, the Measure, CapabilityStatement and ImplementationGuide; "
         "example/ one example per profile) and <out>/<name>-<version>.tgz, under the "
-        "configured canonical base (ADR 0020, 0021). With --core (a folder of R4 "
+        "configured canonical base (ADR 0021, 0022). With --core (a folder of R4 "
         "StructureDefinition-<Type>.json files, e.g. HL7's hl7.fhir.r4.core package) the "
         "profiles carry snapshots. With --docs, also the page of each profile.",
         epilog="Example: fhir-kat ig build --out build/ig",

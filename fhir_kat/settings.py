@@ -20,7 +20,7 @@ from typing import Any
 
 #: The canonical base of a deployment that names none (the Quick start): a name under the
 #: reserved ``.localhost`` domain (RFC 6761), which says "this machine, published nowhere" and
-#: can never collide with a real organisation's URLs (ADR 0020).
+#: can never collide with a real organisation's URLs (ADR 0021).
 LOCAL_CANONICAL_BASE = "http://fhir-kat.localhost/fhir"
 #: What a base may contain: a URL without spaces, quotes or the characters that would change
 #: the meaning of the JSON and YAML files it is written into.
@@ -49,7 +49,7 @@ class Settings:
     allow_host_derived_urls: bool = False
     #: The base of every canonical URL this deployment defines (CodeSystems, ValueSets,
     #: Questionnaires, profiles: ``<base>/CodeSystem/kat-route``). Empty = ``public_base_url``,
-    #: else ``LOCAL_CANONICAL_BASE``. Fixed for a database's life (ADR 0020).
+    #: else ``LOCAL_CANONICAL_BASE``. Fixed for a database's life (ADR 0021).
     canonical_base: str = ""
     #: The base of the identifier systems the service assigns (``<base>/consents``). Empty =
     #: ``<canonical base>/sid``. Fixed for a database's life, like the canonical base.

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 # The tests' canonical home, set before anything of fhir_kat is imported (the bases are read
-# once per process, ADR 0020); servers the tests start inherit it. example.org lives only here,
+# once per process, ADR 0021); servers the tests start inherit it. example.org lives only here,
 # in the tests' data and in the examples.
 os.environ["FHIR_KAT_CANONICAL_BASE"] = "https://fhir-kat.example.org/fhir"
 os.environ.pop("FHIR_KAT_IDENTIFIER_BASE", None)

@@ -1,4 +1,4 @@
-"""The deployment's canonical home (ADR 0020): one configured canonical base and identifier
+"""The deployment's canonical home (ADR 0021): one configured canonical base and identifier
 base; the shipped files name them only symbolically; a whole synthetic program run under
 another base carries that base everywhere and example.org nowhere; a database written under
 one base is refused, with the reason, by a service configured with another."""
@@ -26,7 +26,7 @@ from tests.support.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("fhir_kat", "mappings")
-#: The one place the old base may stay: what databases written before ADR 0020 hold.
+#: The one place the old base may stay: what databases written before ADR 0021 hold.
 ALLOWED = {Path("fhir_kat/canonical.py")}
 
 

@@ -1,4 +1,4 @@
-"""The program's profiles and package (ADR 0021), checked by fhir_kat and independently:
+"""The program's profiles and package (ADR 0022), checked by fhir_kat and independently:
 
 - ``fhir-kat ig build`` writes an NPM FHIR package whose every resource is R4-conformant
   (tests/support/conformance.py) and which Medplum's validator (@medplum/core, pinned in

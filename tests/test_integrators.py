@@ -94,7 +94,7 @@ def test_the_capability_statement_lists_only_what_some_role_may_do(app: Flask) -
     for entry in cap["rest"][0]["resource"]:
         listed = {i["code"] for i in entry["interaction"]}
         if entry["type"] in DEFINITION_TYPES:
-            # The published definitions: read-only for every signed-in caller (ADR 0021).
+            # The published definitions: read-only for every signed-in caller (ADR 0022).
             assert listed == {"read", "search-type"}, entry["type"]
             continue
         for code, letter in LETTERS.items():

@@ -79,7 +79,7 @@ def test_the_wsgi_app_needs_the_public_url(tmp_path: Path) -> None:
     )
     assert configured.returncode == 0, configured.stderr
     # A database of its own: the one above took its canonical base from the public URL, and
-    # a start without that URL (another base) is refused on it (ADR 0020).
+    # a start without that URL (another base) is refused on it (ADR 0021).
     allowed = _import_wsgi(
         {"FHIR_KAT_ALLOW_HOST_DERIVED_URLS": "1", "FHIR_KAT_DATA_DIR": str(tmp_path / "other")},
         tmp_path,

@@ -222,7 +222,7 @@ def _build(
             body = target.template(env)
             if isinstance(body, dict):
                 resource.update(body)
-            # What the service writes declares its profile (ADR 0021) when it conforms; one
+            # What the service writes declares its profile (ADR 0022) when it conforms; one
             # that does not stays undeclared and fails tests/test_ig.py, naming the element.
             declare(resource)
             entries.append(resource)

@@ -1,4 +1,4 @@
-"""The program's profiles (``mappings/profiles/*.yaml``, ADR 0021): which of them a resource
+"""The program's profiles (``mappings/profiles/*.yaml``, ADR 0022): which of them a resource
 falls under, whether it conforms, and each one as a FHIR StructureDefinition.
 
 Owns: loading the profile files (a closed set of constraints: ``min``, ``max``, ``fixed``,

@@ -69,17 +69,27 @@ class ArtifactService:
         terminology problems, each resource's FHIR checks, the PHN's identity and every
         reference resolving to the artifact or to what is stored — and nothing stored. What
         it cannot tell before writing is listed in docs/artifacts.md ("The dry run")."""
-        payload = _require_object(as_artifact(kind, payload))
-        if access is not None and access.role == "referrer":
-            _require_own_organisation(kind, payload, access)
-        bundle = self._map(kind, payload, submitter)
+        payload, bundle = self._prepare(kind, payload, submitter, access)
         entries: list[dict[str, Any]] = bundle.get("entry", [])
-        for entry in entries:
-            self.fhir.check(entry["resource"])
         with self.fhir.store.read(viewer=access) as tx:
             self._check_identity(tx.system, entries, named=_reads_patients(access))
             self._check_references(tx.system, entries)
         return bundle
+
+    def _prepare(
+        self, kind: str, payload: Any, submitter: str, access: Access | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What ``submit`` and its dry run check before any transaction: the artifact (an SDC
+        response read back first), the sender's organisation, the mapping, and each resource's
+        FHIR checks — spent while no lock is held; ``update_in`` later finds them in the
+        validation cache."""
+        payload = _require_object(as_artifact(kind, payload))
+        if access is not None and access.role == "referrer":
+            _require_own_organisation(kind, payload, access)
+        bundle = self._map(kind, payload, submitter)
+        for entry in bundle.get("entry", []):
+            self.fhir.check(entry["resource"])
+        return payload, bundle
 
     def _map(self, kind: str, payload: dict[str, Any], submitter: str) -> dict[str, Any]:
         bundle: dict[str, Any] = map_artifact(kind, payload, self._context(submitter))
@@ -99,14 +109,8 @@ class ArtifactService:
         runs inside that transaction with the result, so the audit record commits with the
         data it describes. ``deliver_as``: the kind partners receive it as (an HL7 v2
         referral is a ``referrals`` delivery), ``kind`` by default."""
-        payload = _require_object(as_artifact(kind, payload))
-        if access is not None and access.role == "referrer":
-            _require_own_organisation(kind, payload, access)
-        bundle = self._map(kind, payload, submitter)
+        payload, bundle = self._prepare(kind, payload, submitter, access)
         entries: list[dict[str, Any]] = bundle.get("entry", [])
-        for entry in entries:
-            # Validated while no lock is held; ``update_in`` below finds them in the cache.
-            self.fhir.check(entry["resource"])
         with self.fhir.write(access) as tx:
             # Every entry's current row in one query (each is written below, so locked now).
             tx.preload(

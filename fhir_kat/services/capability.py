@@ -44,7 +44,7 @@ OPERATIONS: tuple[Operation, ...] = (
 )
 
 
-#: The program's published definitions (fhir_kat.api.definitions, ADR 0021): read and a
+#: The program's published definitions (fhir_kat.api.definitions, ADR 0022): read and a
 #: search by ``url``, for any signed-in caller; the terminology operations on our own content.
 DEFINITION_TYPES = (
     "StructureDefinition",

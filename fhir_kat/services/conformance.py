@@ -1,4 +1,4 @@
-"""The write step that holds resources to the program's profiles (ADR 0021).
+"""The write step that holds resources to the program's profiles (ADR 0022).
 
 Owns: ``profile_rule``, the last write rule every version passes (``FhirService._put``): a
 resource declaring one of our profiles is checked against it (422, one issue per violation,

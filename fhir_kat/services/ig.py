@@ -1,4 +1,4 @@
-"""The program's implementation guide as an NPM-format FHIR package (ADR 0021).
+"""The program's implementation guide as an NPM-format FHIR package (ADR 0022).
 
 Owns: assembling every conformance resource the service defines — the profiles' Structure-
 Definitions, the OperationDefinitions and SearchParameters of its own, the CodeSystems,

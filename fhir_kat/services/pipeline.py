@@ -203,7 +203,7 @@ def write_pipeline(s: Services) -> WritePipeline:
             Check(
                 "profiles",
                 "a resource declaring one of the program's profiles that breaks it, or a profile "
-                "of ours that does not exist (ADR 0021)",
+                "of ours that does not exist (ADR 0022)",
                 profile_rule,
                 changes="meta.profile: the service's own writes declare their profile",
             ),

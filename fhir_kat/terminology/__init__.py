@@ -21,7 +21,7 @@ from fhir_kat.canonical import canonical_base, identifier_base, read_definition
 
 FOLDER = Path(__file__).resolve().parents[2] / "mappings" / "terminology"
 #: Canonical base of every CodeSystem, ValueSet and ConceptMap of ours (ADR 0002): the
-#: deployment's, configured (ADR 0020).
+#: deployment's, configured (ADR 0021).
 BASE = canonical_base()
 #: Base of the identifier systems the service assigns (``f"{IDENTIFIERS}/consents"``).
 IDENTIFIERS = identifier_base()
