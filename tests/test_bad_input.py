@@ -353,3 +353,51 @@ def test_bundles_past_the_configured_size_are_refused(settings: Settings) -> Non
     finally:
         app.extensions["fhir_kat"].export.shutdown()
         app.extensions["fhir_kat"].store.dispose()
+
+
+@pytest.mark.parametrize("char", ["\u0085", "\u00a0", "\u2028", "\u3000", "\u009c", "\ufeff"])
+def test_a_fhir_string_fhir_cannot_hold_is_refused_naming_the_field(
+    client: FlaskClient, char: str
+) -> None:
+    """The FHIR door refuses what the native door refuses (HL7's R4 JSON schema: no control
+    character, no whitespace but space/tab/LF/CR): 400 as any other invalid FHIR value, one
+    issue per field, the code point named and the text not quoted; in a transaction nothing is
+    stored."""
+    patient = {
+        "resourceType": "Patient",
+        "name": [{"family": f"Doe{char}Secretname", "given": ["Ann", f"B{char}"]}],
+    }
+    answer = client.post("/fhir/Patient", data=json.dumps(patient), content_type=FHIR)
+    assert answer.status_code == 400, answer.get_json()
+    issues = answer.get_json()["issue"]
+    assert sorted(i["expression"][0] for i in issues) == [
+        "Patient.name[0].family",
+        "Patient.name[0].given[1]",
+    ]
+    assert all(f"U+{ord(char):04X}" in i["diagnostics"] for i in issues)
+    assert "Secretname" not in answer.get_data(as_text=True)
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": {"resourceType": "Patient", "gender": "female"},
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {"resource": patient, "request": {"method": "POST", "url": "Patient"}},
+        ],
+    }
+    refused = client.post("/fhir", data=json.dumps(bundle), content_type=FHIR)
+    assert refused.status_code in (400, 422), refused.get_json()
+    assert "Bundle.entry[1].resource.name[0].family" in json.dumps(refused.get_json())
+    assert client.get("/fhir/Patient").get_json()["total"] == 0
+    # A narrative's XHTML is not a FHIR string: a no-break space there is fine.
+    ok = dict(
+        patient,
+        name=[{"family": "Doe"}],
+        text={
+            "status": "generated",
+            "div": '<div xmlns="http://www.w3.org/1999/xhtml">a\u00a0b</div>',
+        },
+    )
+    assert client.post("/fhir/Patient", data=json.dumps(ok), content_type=FHIR).status_code == 201

@@ -25,6 +25,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 from fhir_kat.clinical.protocol import ProgramProtocol, load_protocol
 from fhir_kat.errors import Issue, Unprocessable, issue
 from fhir_kat.terminology import BASE, UnmappedCode, canonical, load_terminology, safe_code
+from fhir_kat.validation.strings import FORBIDDEN, FORBIDDEN_CHARACTERS, forbidden_message
 
 #: BC PHN issuers accepted on input; output always uses the Infoway naming system (DOMAIN.md).
 PHN_SYSTEMS = (
@@ -40,25 +41,8 @@ _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # every date-time in a FHIR dateTime: what FHIR cannot hold is refused here, naming the field,
 # rather than mapped into a resource a partner's validator rejects.
 
-#: Characters no artifact string may hold, as one regular-expression class (Python's ``re``
-#: and ECMA-262 read it alike, so the published JSON Schemas carry it as their ``pattern``):
-#: - C0 controls but tab, LF and CR: R4 datatypes.html#string, "Strings SHALL NOT contain
-#:   Unicode character points below 32, except for u0009 (horizontal tab), u0010 (carriage
-#:   return) and u0013 (line feed)" (decimal 10 and 13 meant: U+000A and U+000D);
-#: - DEL and the C1 controls (U+007F-U+009F): control codes, never text; XML 1.0 (the FHIR
-#:   XML format) discourages them and NEL (U+0085) is whitespace to the schema below;
-#: - whitespace other than space, tab, LF and CR (ECMA-262 ``\s``: VT, FF, NBSP, U+1680,
-#:   U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000, U+FEFF): HL7's R4 JSON schema
-#:   types every string as ``^[ \r\n\t\S]+$``, so any other whitespace makes the resource
-#:   non-conformant;
-#: - lone surrogates (U+D800-U+DFFF, which JSON's ``\u`` escapes can carry but UTF-8 cannot)
-#:   and the non-characters U+FFFE and U+FFFF (not XML characters).
-FORBIDDEN_CHARACTERS = (
-    "[\\u0000-\\u0008\\u000b\\u000c\\u000e-\\u001f\\u007f-\\u00a0\\u1680"
-    "\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000\\ufeff\\ud800-\\udfff"
-    "\\ufffe\\uffff]"
-)
-_FORBIDDEN = re.compile(FORBIDDEN_CHARACTERS)
+#: Characters no artifact string may hold: those no FHIR string may (``validation.strings``).
+_FORBIDDEN = FORBIDDEN
 #: The published JSON Schema of every string without a pattern of its own.
 FHIR_STRING_PATTERN = "^[^" + FORBIDDEN_CHARACTERS[1:-1] + "]*$"
 #: FHIR's dateTime allows offsets from -14:00 to +14:00 in whole minutes (R4 datatypes.html
@@ -72,11 +56,7 @@ def _fhir_string(value: Any) -> None:
     """Refuses a string FHIR cannot hold, naming the first offending code point (a control
     or space character, never part of a name or number a reader could recognise)."""
     if isinstance(value, str) and (found := _FORBIDDEN.search(value)):
-        raise ValidationError(
-            f"holds character U+{ord(found.group()):04X} at position {found.start() + 1}: "
-            "FHIR strings take no control characters and no whitespace but space, tab, "
-            "line feed and carriage return"
-        )
+        raise ValidationError(forbidden_message(found))
 
 
 def _fhir_offset(value: Any) -> None:

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from fhir_kat.errors import Issue, issue
 from fhir_kat.validation.narrative import narrative_issues
+from fhir_kat.validation.strings import string_issues
 
 #: The resource types fhir_kat stores and serves (the CapabilityStatement lists exactly these).
 SUPPORTED_TYPES: tuple[str, ...] = (
@@ -227,6 +228,8 @@ def _service_rules(resource: dict[str, Any], where: str) -> list[Issue]:
     """Rules the models and HL7's machine-checkable invariants leave to us."""
     # txt-1/txt-2: the models accept any string as a narrative div (narrative.py).
     problems: list[Issue] = narrative_issues(resource, where)
+    # HL7's R4 JSON schema: no string holds a control character or non-FHIR whitespace.
+    problems += string_issues(resource, where)
     if resource["resourceType"] == "Consent":
         # R4's invariant ppc-1 ("privacy consent needs a patient") is written so it never fires:
         # check the intent ourselves. A privacy consent nobody can be matched to is unenforceable.
