@@ -7,8 +7,9 @@ artifact, a FHIR message, an HL7 v2 referral, a hook's own derived write — pas
 1. **Checks** (``CHECKS``), in order, before the version is stored. A check may refuse the
    write (a FHIR error: 403/409/422); it never stores anything, and it changes the incoming
    resource only where its row says so (one does: an accepted Subscription becomes active).
-2. **The store**: the version, its index rows; the caller's write policy
-   (``Access.after_write``).
+2. **The store**: a generated narrative where the service owns it (R4 dom-6:
+   ``FhirService._put``), the version and its index rows — none for an identical update
+   (ADR 0020); the caller's write policy (``Access.after_write``).
 3. **Steps** (``STEPS``), in order, after the version is stored, as the service
    (``tx.system``). A step may store only the resource types its row names (each such write
    passes this whole pipeline again) and queue outbox rows; work it defers (``tx.defer``)
