@@ -347,6 +347,16 @@ def _empty(value: Any) -> bool:
     return value is None or (isinstance(value, (str, list, dict)) and not value)
 
 
+_EXTENSION_KEYS = frozenset(["extension", "modifierExtension"])
+
+
+def _hollow_extension(value: Any) -> bool:
+    """An extension with neither a value[x] nor sub-extensions (only its url, perhaps an id)."""
+    return isinstance(value, dict) and not any(
+        k == "extension" or k.startswith("value") for k in value
+    )
+
+
 def _prune(value: Any) -> Any:
     """Drop empty elements from a value a function or a path produced."""
     if isinstance(value, dict):
@@ -398,6 +408,10 @@ def _compile(node: Any) -> Compiled:
             out: dict[str, Any] = {}
             for key, member in members:
                 value = member(env)
+                if key in _EXTENSION_KEYS and isinstance(value, list):
+                    # R4 ext-1: an extension whose value and sub-extensions all came out empty
+                    # is no extension at all (dropped, as any other empty element).
+                    value = [v for v in value if not _hollow_extension(v)]
                 if not _empty(value):
                     out[key] = value
             return out
