@@ -931,7 +931,9 @@ def _narrated(tx: Tx, body: dict[str, Any], current: StoredResource | None) -> d
     if text is None or current is None or current.deleted:
         return body
     before = current.json()
-    if text != before.get("text") or not _generated_here(before):
+    if text != before.get("text") or same_content(body, before):
+        return body  # a narrative of the writer's own, or nothing changed (no render needed)
+    if not _generated_here(before):
         return body
     fresh = narrative({k: v for k, v in body.items() if k != "text"})
     return body if fresh == text else {**body, "text": fresh}
