@@ -68,6 +68,7 @@ def test_the_pipeline_runs_in_the_documented_order(app: Flask) -> None:
     assert [s.name for s in pipeline.steps] == [
         "referral workflow",
         "scoring and extraction",
+        "referral form",
         "safety signals",
         "referrer feedback",
         "subscriptions",
@@ -82,7 +83,11 @@ def test_the_pipeline_runs_in_the_documented_order(app: Flask) -> None:
     positions = [text.index(f". {s.name}:") for s in pipeline.steps]
     assert positions == sorted(positions)
     # Only the checks whose row says so may change what they check.
-    assert [c.name for c in pipeline.checks if c.changes] == ["subscriptions", "profiles"]
+    assert [c.name for c in pipeline.checks if c.changes] == [
+        "referral form",
+        "subscriptions",
+        "profiles",
+    ]
 
 
 # ------------------------------------------------------------------ every path passes it

@@ -47,6 +47,9 @@ ANSWER = {
     "choice": "valueCoding",
     "open-choice": "valueCoding",
 }
+#: The statuses of a response that is a referral: ``completed``, and ``amended`` (a completed
+#: response corrected: the same referral, updated — its ids come from its identifier).
+REFERRAL_STATUSES = ("completed", "amended")
 _JSON = {"valueString": str, "valueDate": str, "valueBoolean": bool, "valueUri": str}
 
 
@@ -226,7 +229,7 @@ def referral_from_response(qr: Mapping[str, Any]) -> dict[str, Any]:
         )
     else:
         artifact["authored_on"] = qr["authored"]
-    if qr.get("status") not in ("completed", "amended"):
+    if qr.get("status") not in REFERRAL_STATUSES:
         problems.append(
             issue(
                 "value",

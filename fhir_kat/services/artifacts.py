@@ -19,7 +19,9 @@ from fhir_kat.clinical.protocol import ProgramProtocol
 from fhir_kat.errors import Forbidden, Issue, Unprocessable, issue
 from fhir_kat.exchange import PartnerConfig
 from fhir_kat.mapping import MappingContext, map_artifact
+from fhir_kat.mapping.engine import targets
 from fhir_kat.mapping.sdc_referral import (
+    REFERRAL_STATUSES,
     is_referral_response,
     referral_from_response,
     referral_questionnaire,
@@ -29,14 +31,34 @@ from fhir_kat.security.identity import PUBLIC_NAMESPACE
 from fhir_kat.services.access import Access
 from fhir_kat.services.bundles import RawBundle, RawEntry
 from fhir_kat.services.delivery import derived_of, queue_artifact
-from fhir_kat.services.fhir_rest import FhirService, WriteResult
+from fhir_kat.services.fhir_rest import FhirService, WriteResult, caller_of
 from fhir_kat.services.referrals import keep_workflow_state
-from fhir_kat.store import Tx
+from fhir_kat.store import StoredResource, Tx
 from fhir_kat.store.store import format_instant
 from fhir_kat.workflow.shapes import is_referral_task
 
 #: Demographics that identify a person: a PHN re-used with different values is a conflict.
 IDENTITY_ELEMENTS = ("birthDate", "gender")
+
+
+#: ``tx.memo`` key of a referral form checked before its response is stored, written after.
+_FORM = "referral-form"
+#: Who submits a referral form the service itself stores (no caller: a command, a hook).
+SERVICE_SUBMITTER = "fhir-kat"
+
+
+def referral_types() -> frozenset[str]:
+    """What a referral stores: the types of ``mappings/referrals/`` and its Provenance."""
+    return frozenset({t.resource_type for t in targets("referrals")} | {"Provenance"})
+
+
+@dataclass(frozen=True)
+class _CheckedForm:
+    """A ``kat-referral`` response read, checked and mapped before it is stored, and the
+    caller whose referral it is (``None``: the service's own write)."""
+
+    bundle: dict[str, Any]
+    caller: Access | None
 
 
 @dataclass(frozen=True)
@@ -110,53 +132,98 @@ class ArtifactService:
         data it describes. ``deliver_as``: the kind partners receive it as (an HL7 v2
         referral is a ``referrals`` delivery), ``kind`` by default."""
         payload, bundle = self._prepare(kind, payload, submitter, access)
-        entries: list[dict[str, Any]] = bundle.get("entry", [])
         with self.fhir.write(access) as tx:
-            # Every entry's current row in one query (each is written below, so locked now).
-            tx.preload(
-                [(e["resource"]["resourceType"], e["resource"]["id"]) for e in entries],
-                for_update=True,
-            )
-            # The service's own checks read what is stored, whoever the sender is.
-            self._check_identity(tx.system, entries, named=_reads_patients(access))
-            self._check_references(tx.system, entries)
-            results: list[tuple[dict[str, Any], WriteResult]] = []
-            provenance: list[dict[str, Any]] = []
-            for entry in entries:
-                resource = entry["resource"]
-                if resource["resourceType"] == "Provenance":
-                    provenance.append(resource)
-                    continue
-                if is_referral_task(resource):
-                    current = tx.system.get("Task", resource["id"])
-                    if current is not None and not current.deleted:
-                        resource = keep_workflow_state(current.json(), resource)
-                written = self.fhir.update_in(tx, resource)
-                results.append((entry, written))
-            changed = any(r.changed for _, r in results)
-            if changed:  # an identical re-send leaves no new trace and sends nothing again
-                for resource in provenance:
-                    written = self.fhir.update_in(tx, resource)
-                    results.append(({"resource": resource}, written))
-                patient = next(
-                    (r.stored.patient_id for _, r in results if r.stored.patient_id), None
-                )
-                # The outbox row commits with the artifact, or neither does (ADR 0004). It
-                # carries the resources as stored (their versions: a later one replaces the
-                # partner's copy) and what was derived from them (score Observations).
-                stored = [r.stored for _, r in results]
-                queue_artifact(
-                    tx,
-                    self.partners,
-                    deliver_as or kind,
-                    [s.json() for s in stored],
-                    patient,
-                    derived=derived_of(tx, [f"{s.type}/{s.id}" for s in stored]),
-                )
-            result = self._result(results, changed)
+            result = self._store(tx, bundle, deliver_as or kind, named=_reads_patients(access))
             if audit is not None:
                 audit(tx, result)
         return result
+
+    def _store(self, tx: Tx, bundle: dict[str, Any], kind: str, *, named: bool) -> SubmitResult:
+        """Write a prepared artifact's Bundle in ``tx`` (opened for the sender: its writes
+        are the sender's), or refuse it: the part of ``submit`` inside the transaction, which
+        the referral form's extraction (``on_referral_form``) shares."""
+        entries: list[dict[str, Any]] = bundle.get("entry", [])
+        # Every entry's current row in one query (each is written below, so locked now).
+        tx.preload(
+            [(e["resource"]["resourceType"], e["resource"]["id"]) for e in entries],
+            for_update=True,
+        )
+        # The service's own checks read what is stored, whoever the sender is.
+        self._check_identity(tx.system, entries, named=named)
+        self._check_references(tx.system, entries)
+        results: list[tuple[dict[str, Any], WriteResult]] = []
+        provenance: list[dict[str, Any]] = []
+        for entry in entries:
+            resource = entry["resource"]
+            if resource["resourceType"] == "Provenance":
+                provenance.append(resource)
+                continue
+            if is_referral_task(resource):
+                current = tx.system.get("Task", resource["id"])
+                if current is not None and not current.deleted:
+                    resource = keep_workflow_state(current.json(), resource)
+            written = self.fhir.update_in(tx, resource)
+            results.append((entry, written))
+        changed = any(r.changed for _, r in results)
+        if changed:  # an identical re-send leaves no new trace and sends nothing again
+            for resource in provenance:
+                written = self.fhir.update_in(tx, resource)
+                results.append(({"resource": resource}, written))
+            patient = next((r.stored.patient_id for _, r in results if r.stored.patient_id), None)
+            # The outbox row commits with the artifact, or neither does (ADR 0004). It
+            # carries the resources as stored (their versions: a later one replaces the
+            # partner's copy) and what was derived from them (score Observations).
+            stored = [r.stored for _, r in results]
+            queue_artifact(
+                tx,
+                self.partners,
+                kind,
+                [s.json() for s in stored],
+                patient,
+                derived=derived_of(tx, [f"{s.type}/{s.id}" for s in stored]),
+            )
+        return self._result(results, changed)
+
+    # ------------------------------------------------ the referral form through the FHIR door
+
+    def referral_form_rule(self, tx: Tx, body: dict[str, Any], current: Any) -> None:
+        """A ``kat-referral`` response written through ``/fhir`` (create, update, transaction
+        or batch entry) with status ``completed`` or ``amended`` is a referral: read, checked
+        and mapped here, before anything is stored, exactly as ``POST /api/v1/referrals``
+        does for the caller (``_prepare``: the answers, the sender's own organisation, each
+        resource's FHIR checks) — 422/403 and nothing stored, the response included. Its
+        ``subject`` becomes the referral's Patient (the EHR's own patient id means nothing
+        here). ``on_referral_form`` writes the referral once the response is stored."""
+        if not is_referral_response(body) or body.get("status") not in REFERRAL_STATUSES:
+            return
+        caller = caller_of(tx)
+        submitter = caller.principal.client_id if caller is not None else SERVICE_SUBMITTER
+        _, bundle = self._prepare("referrals", body, submitter, caller)
+        patient = next(
+            e["resource"]["id"]
+            for e in bundle["entry"]
+            if e["resource"]["resourceType"] == "Patient"
+        )
+        body["subject"] = {"reference": f"Patient/{patient}"}
+        tx.memo[f"{_FORM}:{body['id']}"] = _CheckedForm(bundle, caller)
+
+    def on_referral_form(self, tx: Tx, stored: StoredResource, created: bool) -> None:
+        """Write the referral a stored ``kat-referral`` response answers, in the same
+        transaction and as its sender (``_store``: same ids, identity and reference checks,
+        triage, deliveries as a ``referrals`` artifact; a referrer's writes are checked as
+        on the native route). Its Provenance names the response as a source, so
+        ``Provenance?entity=QuestionnaireResponse/<id>`` leads to the Task. The referral's
+        ids come from its identifier: a re-sent or amended response updates the same
+        referral, and one that changes nothing writes nothing (ADR 0020)."""
+        checked = tx.memo.pop(f"{_FORM}:{stored.id}", None)
+        if stored.type != "QuestionnaireResponse" or not isinstance(checked, _CheckedForm):
+            return
+        source = {"role": "source", "what": {"reference": f"QuestionnaireResponse/{stored.id}"}}
+        for entry in checked.bundle["entry"]:
+            if entry["resource"]["resourceType"] == "Provenance":
+                entry["resource"]["entity"] = [*entry["resource"].get("entity", []), source]
+        as_sender = tx.seen_by(checked.caller) if checked.caller is not None else tx
+        self._store(as_sender, checked.bundle, "referrals", named=_reads_patients(checked.caller))
 
     def _result(
         self, results: list[tuple[dict[str, Any], WriteResult]], changed: bool

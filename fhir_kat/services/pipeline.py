@@ -6,14 +6,18 @@ artifact, a FHIR message, an HL7 v2 referral, a hook's own derived write — pas
 
 1. **Checks** (``CHECKS``), in order, before the version is stored. A check may refuse the
    write (a FHIR error: 403/409/422); it never stores anything, and it changes the incoming
-   resource only where its row says so (one does: an accepted Subscription becomes active).
+   resource only where its row says so (an accepted Subscription becomes active; a referral
+   form's response is about the referral's Patient; our profiles are declared).
 2. **The store**: a generated narrative where the service owns it (R4 dom-6:
    ``FhirService._put``), the version and its index rows — none for an identical update
    (ADR 0020); the caller's write policy (``Access.after_write``).
 3. **Steps** (``STEPS``), in order, after the version is stored, as the service
    (``tx.system``). A step may store only the resource types its row names (each such write
    passes this whole pipeline again) and queue outbox rows; work it defers (``tx.defer``)
-   runs before the commit under the same limits.
+   runs before the commit under the same limits. One step writes as the caller instead: the
+   referral a ``kat-referral`` response answers is the sender's referral, written with the
+   sender's rights exactly as the native route writes it (``ArtifactService.on_referral_form``;
+   its check, run as the caller, prepared it).
 
 Deletes pass the delete checks (``DELETE_CHECKS``) and then the same steps.
 
@@ -47,7 +51,7 @@ from fhir_kat.mapping.functions import all_questionnaires
 from fhir_kat.security.cds_clients import CdsHooksConfig
 from fhir_kat.security.clients import ClientRegistry
 from fhir_kat.security.consent import ConsentDecisionPoint
-from fhir_kat.services.artifacts import ArtifactService
+from fhir_kat.services.artifacts import ArtifactService, referral_types
 from fhir_kat.services.cds_hooks import CdsHooksService
 from fhir_kat.services.conformance import profile_rule
 from fhir_kat.services.delivery import PartnerCopies, requeue_on_consent
@@ -196,6 +200,14 @@ def write_pipeline(s: Services) -> WritePipeline:
                 s.instruments.check_rule,
             ),
             Check(
+                "referral form",
+                "a completed or amended response to Questionnaire/kat-referral that is not a "
+                "referral the caller may send, exactly as POST /api/v1/referrals refuses it "
+                "(answers, own organisation, each mapped resource)",
+                s.artifacts.referral_form_rule,
+                changes="QuestionnaireResponse.subject → the referral's Patient",
+            ),
+            Check(
                 "subscriptions",
                 "a Subscription with a bad criteria, channel or endpoint, or not the caller's",
                 s.subscriptions.check_rule,
@@ -231,6 +243,15 @@ def write_pipeline(s: Services) -> WritePipeline:
                 s.instruments.on_write,
                 stores=frozenset({"Observation", "Provenance", "Flag"}),
                 queues="the safety Flag's care-team delivery",
+            ),
+            Step(
+                "referral form",
+                "a completed or amended response to Questionnaire/kat-referral becomes the "
+                "referral the native route stores, as its sender, its Provenance naming the "
+                "response; a re-sent response updates the same referral",
+                s.artifacts.on_referral_form,
+                stores=referral_types(),
+                queues="the referral for the partners receiving referrals",
             ),
             Step(
                 "safety signals",
