@@ -100,7 +100,7 @@ def test_package_layout(built: Path) -> None:
     assert files == on_disk
     kinds = Counter(f["resourceType"] for f in index["files"])
     assert kinds["StructureDefinition"] == len(load_profiles())
-    assert kinds["OperationDefinition"] == 4 and kinds["SearchParameter"] >= 2
+    assert kinds["OperationDefinition"] == 5 and kinds["SearchParameter"] >= 2
     assert kinds["ImplementationGuide"] == 1 and kinds["Measure"] == 1
     assert kinds["Questionnaire"] == 4 and kinds["ConceptMap"] >= 1 and kinds["ValueSet"] >= 1
     with tarfile.open(next(built.glob("*.tgz"))) as tar:
@@ -294,6 +294,7 @@ def test_definitions_and_package_are_served(app: Flask) -> None:
         "end",
         "extract",
         "evaluate-measure",
+        "package",
     }
     package = referrer.get("/fhir/ImplementationGuide/fhir-kat/$package")
     assert package.status_code == 200 and package.mimetype == "application/gzip"

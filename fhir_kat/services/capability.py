@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from fhir_kat import FHIR_VERSION, __version__
+from fhir_kat.canonical import canonical_base
 from fhir_kat.search import params_for
 from fhir_kat.security.policy import ROLES, role_allows
 from fhir_kat.services.messaging import supported_events
@@ -27,6 +28,7 @@ INTERACTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 #: An operation the server implements: (name, canonical definition, resource type or None).
 Operation = tuple[str, str, str | None]
 BULK_EXPORT = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition"
+SDC_OPERATION = "http://hl7.org/fhir/uv/sdc/OperationDefinition"
 OPERATIONS: tuple[Operation, ...] = (
     ("export", f"{BULK_EXPORT}/export", None),
     ("export", f"{BULK_EXPORT}/patient-export", "Patient"),
@@ -41,6 +43,11 @@ OPERATIONS: tuple[Operation, ...] = (
         "http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message",
         None,
     ),
+    ("document", "http://hl7.org/fhir/OperationDefinition/Composition-document", "Composition"),
+    # SDC's own definitions (https://hl7.org/fhir/uv/sdc/): $populate of the referral form,
+    # $extract of any response (the program's OperationDefinition kat-extract says how).
+    ("populate", f"{SDC_OPERATION}/Questionnaire-populate", "Questionnaire"),
+    ("extract", f"{SDC_OPERATION}/QuestionnaireResponse-extract", "QuestionnaireResponse"),
 )
 
 
@@ -78,7 +85,9 @@ def _definition_entries() -> list[dict[str, Any]]:
                 {"name": "_id", "definition": f"{_SPEC}/Resource-id", "type": "token"},
             ],
         }
-        ops = TERMINOLOGY_OPERATIONS.get(rtype)
+        ops = TERMINOLOGY_OPERATIONS.get(rtype, ())
+        if rtype == "ImplementationGuide":  # no HL7 definition: the program's own (ADR 0022)
+            ops = (("package", f"{canonical_base()}/OperationDefinition/kat-package"),)
         if ops:
             entry["operation"] = [{"name": n, "definition": d} for n, d in ops]
         entries.append(entry)

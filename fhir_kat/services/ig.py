@@ -154,7 +154,9 @@ def operation_definitions() -> list[dict[str, Any]]:
             "extract",
             "Extract Observations from a QuestionnaireResponse",
             "QuestionnaireResponse/$extract (SDC, as used): the total with its band and "
-            "screen result and one Observation per answered item, returned and not stored.",
+            "screen result and one Observation per answered item — for a response to "
+            "Questionnaire/kat-referral, the referral's transaction Bundle — returned and "
+            "not stored.",
             ["QuestionnaireResponse"],
             [
                 _param(
@@ -163,7 +165,13 @@ def operation_definitions() -> list[dict[str, Any]]:
                     "QuestionnaireResponse",
                     "The response (type level; instance level reads the stored one)",
                 ),
-                _param("return", "out", "Bundle", "A transaction Bundle of Observations", min_=1),
+                _param(
+                    "return",
+                    "out",
+                    "Bundle",
+                    "A transaction Bundle of Observations (or of the referral)",
+                    min_=1,
+                ),
             ],
             instance=True,
             base="http://hl7.org/fhir/uv/sdc/OperationDefinition/QuestionnaireResponse-extract",
@@ -186,6 +194,18 @@ def operation_definitions() -> list[dict[str, Any]]:
             type_=False,
             instance=True,
             base="http://hl7.org/fhir/OperationDefinition/Measure-evaluate-measure",
+        ),
+        op(
+            "kat-package",
+            "package",
+            "The implementation guide as an NPM package",
+            "ImplementationGuide/fhir-kat/$package: the program's FHIR package (package.json, "
+            "the definitions, the examples) as application/gzip, what fhir-kat ig build "
+            "writes with differential profiles (ADR 0022).",
+            ["ImplementationGuide"],
+            [_param("return", "out", "Binary", "The package (.tgz)", min_=1)],
+            type_=False,
+            instance=True,
         ),
     ]
 
