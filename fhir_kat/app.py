@@ -83,6 +83,8 @@ class KatState:
     identity_providers: dict[str, OpenIdClient] = field(default_factory=dict)
     #: Verifies the JWT of an EMR calling the CDS Hooks services (``[cds_hooks.clients.*]``).
     cds_verifier: CdsRequestVerifier | None = None
+    #: Hook calls per registered EHR (``[cds_hooks] rate_limit_per_minute``).
+    cds_rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))
 
     # The services most routes use, by their short names.
     @property
@@ -207,6 +209,7 @@ def create_app(
         ),
         identity_providers=identity_providers,
         cds_verifier=CdsRequestVerifier(cds_hooks, store),
+        cds_rate_limiter=RateLimiter(cds_hooks.rate_limit_per_minute),
     )
 
     from fhir_kat.api import auth

@@ -13,8 +13,9 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from fhir_kat.api.auth import audit_record
 from fhir_kat.api.body import read_json
-from fhir_kat.errors import NotFound, Unauthorized, issue
+from fhir_kat.errors import NotFound, TooManyRequests, Unauthorized, issue
 from fhir_kat.security.cds_clients import CdsAuthError, CdsClient, CdsRequestVerifier
+from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.services.cds_hooks import (
     SERVICES,
     CdsHooksService,
@@ -45,19 +46,42 @@ def _known(service_id: str) -> None:
 
 def _authenticate(service_id: str) -> CdsClient:
     """The EHR that signed this request; the JWT's ``aud`` is the service's URL (CDS Hooks 2.0
-    — the feedback endpoint is that service's too)."""
+    — the feedback endpoint is that service's too). Held up with 429 and Retry-After, as the
+    token endpoint does: before the JWT is checked, a source whose failed attempts spent the
+    sign-in limiter's budget (the same limiter and budget: one per source, whichever door it
+    guesses at); after, an EHR beyond ``[cds_hooks] rate_limit_per_minute``."""
     record = audit_record()
-    verifier: CdsRequestVerifier = current_app.extensions["fhir_kat"].cds_verifier
+    state = current_app.extensions["fhir_kat"]
+    verifier: CdsRequestVerifier = state.cds_verifier
+    failures: FailureLimiter = state.auth_failures
+    authorization = request.headers.get("Authorization", "")
+    presented = f"cds:{verifier.presented_issuer(authorization)}"
+    wait = failures.wait(request.remote_addr, presented)
+    if wait:
+        record.security = True
+        record.detail = "denied: too many failed attempts"
+        raise _throttled(wait, "too many failed attempts")
     try:
-        client = verifier.verify(
-            request.headers.get("Authorization", ""), f"{_root()}/cds-services/{service_id}"
-        )
+        client = verifier.verify(authorization, f"{_root()}/cds-services/{service_id}")
     except CdsAuthError as exc:
+        failures.failed(request.remote_addr, presented)
         record.security = True
         record.detail = f"denied: {exc}"
         raise Unauthorized(issue("login", str(exc))) from None
     record.client_id, record.role, record.purpose = f"cds:{client.name}", "cds-client", "TREAT"
+    limiter: RateLimiter = state.cds_rate_limiter
+    wait = limiter.check(client.name)
+    if wait:
+        record.detail = "denied: rate limit"
+        raise _throttled(wait, "too many requests")
     return client
+
+
+def _throttled(wait: float, what: str) -> TooManyRequests:
+    return TooManyRequests(
+        issue("throttled", f"{what}; retry after the seconds Retry-After gives"),
+        headers={"Retry-After": str(int(wait))},
+    )
 
 
 @bp.get("")

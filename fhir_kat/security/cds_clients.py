@@ -50,6 +50,11 @@ class CdsClient:
     fhir_servers: tuple[str, ...] = ()
 
 
+#: Hook calls per EHR per minute and process by default: an EHR fires ``patient-view`` on every
+#: chart opened, so a clinic's worth of physicians stays far below it.
+DEFAULT_RATE_LIMIT = 600
+
+
 @dataclass(frozen=True)
 class CdsHooksConfig:
     clients: Mapping[str, CdsClient]  # by issuer
@@ -58,6 +63,10 @@ class CdsHooksConfig:
     #: ``system|code`` of the orders that make ``order-select`` look at the chart (the
     #: program's own service code always does).
     order_codes: tuple[tuple[str, str], ...] = ()
+    #: Hook and feedback calls per registered EHR per minute and process (0 = off): beyond it
+    #: 429 with Retry-After. Failed authentications are held up per source by the sign-in
+    #: limiter (``FHIR_KAT_AUTH_FAILURE_LIMIT`` / ``_SOURCE_LIMIT``).
+    rate_limit_per_minute: int = DEFAULT_RATE_LIMIT
 
     def by_issuer(self, issuer: str) -> CdsClient | None:
         return self.clients.get(issuer)
@@ -66,7 +75,8 @@ class CdsHooksConfig:
 def load_cds_hooks(table: Mapping[str, Any]) -> CdsHooksConfig:
     """Validated ``[cds_hooks]``; ``SettingsError`` naming every problem."""
     problems: list[str] = []
-    for key in sorted(set(table) - {"clients", "referral_app_url", "order_codes"}):
+    known = {"clients", "referral_app_url", "order_codes", "rate_limit_per_minute"}
+    for key in sorted(set(table) - known):
         problems.append(f"[cds_hooks].{key}: unknown setting")
     clients: dict[str, CdsClient] = {}
     raw_clients = table.get("clients", {})
@@ -129,9 +139,13 @@ def load_cds_hooks(table: Mapping[str, Any]) -> CdsHooksConfig:
             problems.append(f"[cds_hooks].order_codes: {text!r} is not 'system|code'")
         else:
             codes.append((system, code))
+    rate = table.get("rate_limit_per_minute", DEFAULT_RATE_LIMIT)
+    if not isinstance(rate, int) or isinstance(rate, bool) or rate < 0:
+        problems.append("[cds_hooks].rate_limit_per_minute: a whole number, 0 or more (0 = off)")
+        rate = DEFAULT_RATE_LIMIT
     if problems:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
-    return CdsHooksConfig(clients, app_url, tuple(codes))
+    return CdsHooksConfig(clients, app_url, tuple(codes), rate)
 
 
 class CdsRequestVerifier:
@@ -140,6 +154,17 @@ class CdsRequestVerifier:
     def __init__(self, config: CdsHooksConfig, store: Store) -> None:
         self.config = config
         self.store = store  # the jti of every JWT, until it expires (one table for all hosts)
+
+    @staticmethod
+    def presented_issuer(authorization: str) -> str:
+        """The ``iss`` a request's JWT claims, unverified: what failed attempts are counted
+        against (with the source), never a reason to trust it. "" when there is none."""
+        token = authorization[7:].strip() if authorization.lower().startswith("bearer ") else ""
+        try:
+            iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError:
+            return ""
+        return iss[:128] if isinstance(iss, str) else ""
 
     def verify(self, authorization: str, audience: str) -> CdsClient:
         """The EHR that signed ``authorization`` (the header's value) for ``audience`` (the
