@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -48,20 +48,28 @@ def _config(rate: int | None) -> dict[str, Any]:
     return config
 
 
-def _app(settings: Settings, rate: int | None = None, **changes: Any) -> Flask:
-    extra = {**settings.extra, "cds_hooks": _config(rate)}
-    application = create_app(replace(settings, extra=extra, **changes))
-    state = application.extensions["fhir_kat"]
-    state.cds_rate_limiter.clock = lambda: 1000.0  # no refill while the test runs
-    return application
+@pytest.fixture
+def make_app(settings: Settings) -> Iterator[Callable[..., Flask]]:
+    """Apps with a CDS Hooks rate (and other settings changed), closed after the test."""
+    made: list[Flask] = []
+
+    def make(rate: int | None = None, **changes: Any) -> Flask:
+        extra = {**settings.extra, "cds_hooks": _config(rate)}
+        application = create_app(replace(settings, extra=extra, **changes))
+        state = application.extensions["fhir_kat"]
+        state.cds_rate_limiter.clock = lambda: 1000.0  # no refill while the test runs
+        made.append(application)
+        return application
+
+    yield make
+    for application in made:
+        application.extensions["fhir_kat"].export.shutdown()
+        application.extensions["fhir_kat"].store.dispose()
 
 
 @pytest.fixture
-def limited(settings: Settings) -> Iterator[Flask]:
-    application = _app(settings, rate=3)
-    yield application
-    application.extensions["fhir_kat"].export.shutdown()
-    application.extensions["fhir_kat"].store.dispose()
+def limited(make_app: Callable[..., Flask]) -> Flask:
+    return make_app(rate=3)
 
 
 def _call(app: Flask, token: str, path: str = f"/cds-services/{PATIENT_VIEW}") -> Any:
@@ -100,9 +108,9 @@ def test_each_ehr_has_its_own_budget(limited: Flask) -> None:
 
 
 def test_a_source_that_keeps_failing_is_refused_before_its_jwt_is_checked(
-    settings: Settings,
+    make_app: Callable[..., Flask],
 ) -> None:
-    app = _app(settings, auth_failure_limit=2, auth_failure_source_limit=3)
+    app = make_app(auth_failure_limit=2, auth_failure_source_limit=3)
     bad = sign(key=OTHER_KEY)  # claims the registered issuer, signed with another key
     assert _call(app, bad).status_code == 401
     assert _call(app, bad).status_code == 401
@@ -117,8 +125,10 @@ def test_a_source_that_keeps_failing_is_refused_before_its_jwt_is_checked(
     _throttled(_call(app, "not-a-jwt"))
 
 
-def test_failed_sign_ins_and_failed_hooks_share_the_source_budget(settings: Settings) -> None:
-    app = _app(settings, auth_failure_limit=10, auth_failure_source_limit=3)
+def test_failed_sign_ins_and_failed_hooks_share_the_source_budget(
+    make_app: Callable[..., Flask],
+) -> None:
+    app = make_app(auth_failure_limit=10, auth_failure_source_limit=3)
     client = app.test_client()
     for attempt in range(3):
         r = client.post(
@@ -130,9 +140,11 @@ def test_failed_sign_ins_and_failed_hooks_share_the_source_budget(settings: Sett
     _throttled(_call(app, sign()))
 
 
-def test_without_a_setting_the_default_applies_and_zero_turns_it_off(settings: Settings) -> None:
+def test_without_a_setting_the_default_applies_and_zero_turns_it_off(
+    make_app: Callable[..., Flask],
+) -> None:
     assert load_cds_hooks({}).rate_limit_per_minute == DEFAULT_RATE_LIMIT
-    off = _app(settings, rate=0)
+    off = make_app(rate=0)
     for _ in range(5):
         assert _call(off, sign()).status_code == 200
     with pytest.raises(SettingsError) as exc:
