@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import cache
 from typing import Any, ClassVar
 
@@ -26,6 +26,7 @@ from fhir_kat.clinical.protocol import ProgramProtocol, load_protocol
 from fhir_kat.errors import Issue, Unprocessable, issue
 from fhir_kat.terminology import BASE, UnmappedCode, canonical, load_terminology, safe_code
 from fhir_kat.validation.strings import FORBIDDEN, FORBIDDEN_CHARACTERS, forbidden_message
+from fhir_kat.validation.temporal import OFFSET_PATTERN, offset_fits
 
 #: BC PHN issuers accepted on input; output always uses the Infoway naming system (DOMAIN.md).
 PHN_SYSTEMS = (
@@ -46,10 +47,9 @@ _FORBIDDEN = FORBIDDEN
 #: The published JSON Schema of every string without a pattern of its own.
 FHIR_STRING_PATTERN = "^[^" + FORBIDDEN_CHARACTERS[1:-1] + "]*$"
 #: FHIR's dateTime allows offsets from -14:00 to +14:00 in whole minutes (R4 datatypes.html
-#: #dateTime, its XML Schema type and HL7's JSON schema: ``(0[0-9]|1[0-3]):[0-5][0-9]|14:00``).
-MAX_OFFSET = timedelta(hours=14)
-#: The same rule for the published JSON Schema (a ``date-time`` allows any offset up to 23:59).
-DATE_TIME_OFFSET_PATTERN = "(?:[Zz]|[+-](?:(?:0[0-9]|1[0-3]):[0-5][0-9]|14:00))$"
+#: #dateTime): the FHIR door's rule (``validation.temporal.offset_fits``), and the same rule
+#: for the published JSON Schema (a ``date-time`` allows any offset up to 23:59).
+DATE_TIME_OFFSET_PATTERN = OFFSET_PATTERN
 
 
 def _fhir_string(value: Any) -> None:
@@ -61,7 +61,7 @@ def _fhir_string(value: Any) -> None:
 
 def _fhir_offset(value: Any) -> None:
     offset = value.utcoffset() if isinstance(value, datetime) else None
-    if offset is not None and (abs(offset) > MAX_OFFSET or offset.seconds % 60):
+    if offset is not None and not offset_fits(offset):
         raise ValidationError(
             "has a UTC offset FHIR cannot hold: a dateTime's offset is -14:00 to +14:00, "
             "in whole minutes"

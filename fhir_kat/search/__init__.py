@@ -23,6 +23,7 @@ import yaml
 
 from fhir_kat.canonical import expand
 from fhir_kat.errors import BadRequest, Issue, issue
+from fhir_kat.validation.temporal import offset_fits
 
 PARAM_TYPES = ("token", "reference", "date", "string", "uri", "number", "quantity")
 
@@ -266,7 +267,8 @@ _INSTANT_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.(\d+))?(?:Z|[
 
 
 def parse_date_range(text: str) -> tuple[datetime, datetime] | None:
-    """A FHIR date/dateTime/instant as the inclusive UTC range its precision implies.
+    """A FHIR date/dateTime/instant as the inclusive UTC range its precision implies; None
+    for what is not one (also a UTC offset beyond ±14:00, which R4's grammar cannot write).
 
     Values without a time zone are taken as UTC (the program runs in one jurisdiction and the
     service stores UTC); the returned datetimes are naive UTC so SQLite and PostgreSQL compare
@@ -283,6 +285,8 @@ def parse_date_range(text: str) -> tuple[datetime, datetime] | None:
         except ValueError:
             return None
         offset = moment.utcoffset()
+        if offset is not None and not offset_fits(offset):
+            return None  # R4 offsets stay within ±14:00 (validation.temporal)
         low = moment.replace(tzinfo=None) - offset if offset else moment.replace(tzinfo=None)
         step = timedelta(microseconds=10 ** max(0, 6 - len(fraction))) if fraction else _SECOND
         return low, low + step - _MICROSECOND
@@ -327,6 +331,8 @@ def _parse_date_range(text: str) -> tuple[datetime, datetime] | None:
             if tz and tz != "Z":
                 sign = 1 if tz[0] == "+" else -1
                 offset = timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])) * sign
+                if not offset_fits(offset):
+                    return None  # R4 offsets stay within ±14:00 (validation.temporal)
                 low, high = low - offset, high - offset
     except ValueError:
         return None

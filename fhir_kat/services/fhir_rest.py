@@ -46,6 +46,7 @@ from fhir_kat.services.bundles import RawBundle, RawEntry
 from fhir_kat.store import Store, StoredResource, Tx, same_content
 from fhir_kat.store.store import ConcurrentUpdate, format_instant
 from fhir_kat.validation.resource import SUPPORTED_TYPES, is_valid_id, validate_resource
+from fhir_kat.validation.temporal import temporal_issues
 
 #: A hook run inside the write transaction after each stored version (outbox, workflow, ...).
 WriteHook = Callable[[Tx, StoredResource, bool], None]
@@ -586,6 +587,10 @@ class FhirService:
         entries = bundle.get("entry", [])
         if not isinstance(entries, list):
             raise BadRequest(issue("structure", "Bundle.entry must be an array", "Bundle.entry"))
+        # The Bundle's own elements (its entries' resources are checked as each is written).
+        problems = temporal_issues(bundle, "Bundle", skip_entry_resources=True)
+        if problems:
+            raise BadRequest(problems)
         if btype == "transaction":
             return self.transaction(entries, base, access, audit)
         return self.batch(entries, base, access)

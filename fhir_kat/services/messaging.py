@@ -40,6 +40,7 @@ from fhir_kat.store import Tx
 from fhir_kat.store.schema import metadata
 from fhir_kat.store.store import format_instant
 from fhir_kat.validation.resource import SUPPORTED_TYPES
+from fhir_kat.validation.temporal import temporal_issues
 
 FILE = Path(__file__).resolve().parents[2] / "mappings" / "workflow" / "messaging.yaml"
 RESPONSE_CODES = "http://hl7.org/fhir/response-code"
@@ -298,6 +299,9 @@ def _header(bundle: Any) -> _Header:
         problems.append(
             issue("required", "the MessageHeader needs an id", "Bundle.entry[0].resource.id")
         )
+    # The Bundle's own elements and its header (the other entries are checked as written).
+    problems += temporal_issues(bundle, "Bundle", skip_entry_resources=True)
+    problems += temporal_issues(mh, "Bundle.entry[0].resource")
     if problems:
         raise BadRequest(problems)
     source = mh.get("source") if isinstance(mh.get("source"), dict) else {}

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from fhir_kat.errors import Issue, issue
 from fhir_kat.validation.narrative import narrative_issues
 from fhir_kat.validation.strings import string_issues
+from fhir_kat.validation.temporal import temporal_issues
 
 #: The resource types fhir_kat stores and serves (the CapabilityStatement lists exactly these).
 SUPPORTED_TYPES: tuple[str, ...] = (
@@ -230,6 +231,8 @@ def _service_rules(resource: dict[str, Any], where: str) -> list[Issue]:
     problems: list[Issue] = narrative_issues(resource, where)
     # HL7's R4 JSON schema: no string holds a control character or non-FHIR whitespace.
     problems += string_issues(resource, where)
+    # R4's date, dateTime and instant grammar (offsets within ±14:00), every element by type.
+    problems += temporal_issues(resource, where)
     if resource["resourceType"] == "Consent":
         # R4's invariant ppc-1 ("privacy consent needs a patient") is written so it never fires:
         # check the intent ourselves. A privacy consent nobody can be matched to is unenforceable.
