@@ -20,12 +20,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from fhir_kat.api.errors import register_error_handlers
 from fhir_kat.canonical import (
-    LEGACY_CANONICAL_BASE,
-    LEGACY_IDENTIFIER_BASE,
-    Bases,
     check_settings,
-    process_bases,
-    refusal,
 )
 from fhir_kat.clinical.protocol import load_protocol
 from fhir_kat.clinical.safety import SafetyRulesError, load_safety_rules
@@ -141,7 +136,7 @@ def create_app(
         raise SettingsError(f"[program.safety]: {exc}") from None
     store = Store(settings.effective_database_url, clock=now)
     store.create_schema()  # fhir_kat.exchange (imported above) adds the outbox table
-    _claim_bases(store)
+    store.claim_bases()  # the bases it was written with are this process's (ADR 0021)
     id_namespace = _id_namespace(settings, store)
     consent = ConsentDecisionPoint()
     services = build_services(
@@ -258,19 +253,6 @@ def create_app(
         # public URLs come from public_base_url, not from forwarded host headers.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)  # type: ignore[method-assign]
     return app
-
-
-def _claim_bases(store: Store) -> None:
-    """The canonical and identifier bases this database was written with must be the ones
-    configured: both are in its resources and in the identifiers its ids derive from."""
-    current = process_bases()
-    recorded = Bases(
-        store.claim_setting("canonical_base", current.canonical, legacy=LEGACY_CANONICAL_BASE),
-        store.claim_setting("identifier_base", current.identifiers, legacy=LEGACY_IDENTIFIER_BASE),
-    )
-    problem = refusal(recorded)
-    if problem is not None:
-        raise SettingsError(problem)
 
 
 def _id_namespace(settings: Settings, store: Store) -> uuid.UUID:

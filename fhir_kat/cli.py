@@ -407,6 +407,7 @@ def _worker(args: argparse.Namespace) -> int:
     settings = load_settings()
     store = Store(settings.effective_database_url)
     try:
+        store.claim_bases()  # as the server does at start-up (ADR 0021)
         gate = make_consent_gate(store, ConsentDecisionPoint(), _now)
         return worker_main(
             args.worker_args, consent_gate=gate, on_outcome=make_delivery_audit(store, _now)
@@ -462,6 +463,7 @@ def _deliveries(args: argparse.Namespace) -> int:
     store = Store(settings.effective_database_url)
     try:
         store.create_schema()  # a new database has an empty outbox, not a missing table
+        store.claim_bases()  # as the server does at start-up (ADR 0021)
         if args.action == "list":
             rows = outbox.list_deliveries(store, args.status, args.limit, partner=args.partner)
             if args.json:
@@ -588,6 +590,7 @@ def _outcomes(args: argparse.Namespace) -> int:
     service = OutcomeService(store, catalogue, _now)
     try:
         store.create_schema()  # the measure reads the search index: bring it up to date first
+        store.claim_bases()  # as the server does at start-up (ADR 0021)
         results = service.results(
             args.start, args.end, f"Group/{args.group}" if args.group else None
         )
@@ -619,6 +622,7 @@ def _reindex(args: argparse.Namespace) -> int:
     store = Store(settings.effective_database_url)
     try:
         store.create_schema()  # also brings stale types up to date
+        store.claim_bases()  # as the server does at start-up (ADR 0021)
         with store.write() as tx:
             done = reindex(
                 tx.conn,

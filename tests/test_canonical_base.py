@@ -131,3 +131,51 @@ def test_database_from_before_the_setting_keeps_its_base(tmp_path: Path) -> None
     assert re.search(
         rf"written with canonical base {re.escape(LEGACY_CANONICAL_BASE)}", refused.stderr
     )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["worker", "--once"],
+        ["deliveries", "list"],
+        ["outcomes", "--start", "2026-01-01", "--end", "2026-12-31"],
+        ["reindex", "--type", "Organization"],
+    ],
+)
+def test_commands_that_open_the_store_refuse_another_base(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """The worker and the commands that open the database check its recorded bases as the
+    server does at start-up: under another base they would write (or count) second copies."""
+    data = tmp_path / "data"
+    data.mkdir()
+    from fhir_kat.store import Store
+
+    store = Store(f"sqlite:///{data / 'fhir_kat.sqlite3'}")
+    store.create_schema()
+    with store.write() as tx:
+        tx.put({"resourceType": "Organization", "id": "old", "name": "Held before"}, current=None)
+    store.dispose()
+    refused = subprocess.run(
+        [sys.executable, "-m", "fhir_kat.cli", *command],
+        env=_env(LOCAL_CANONICAL_BASE, data),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert re.search(
+        rf"written with canonical base {re.escape(LEGACY_CANONICAL_BASE)}", refused.stderr
+    )
+    assert "Traceback" not in refused.stderr
+    # Under the base it was written with, the same command runs.
+    accepted = subprocess.run(
+        [sys.executable, "-m", "fhir_kat.cli", *command],
+        env=_env(LEGACY_CANONICAL_BASE, data),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert accepted.returncode == 0, accepted.stderr[-2000:]

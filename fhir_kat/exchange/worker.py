@@ -559,6 +559,12 @@ def main(
     store = Store(settings.effective_database_url)
     try:
         store.create_schema()
+        store.claim_bases()  # as the server does at start-up (ADR 0021)
+    except SettingsError as exc:
+        store.dispose()
+        print(f"fhir-kat worker: {exc}", file=sys.stderr)
+        return 2
+    try:
         worker = DeliveryWorker(
             store,
             partners,

@@ -53,6 +53,13 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.expression import ClauseElement, Executable, Select
 
+from fhir_kat.canonical import (
+    LEGACY_CANONICAL_BASE,
+    LEGACY_IDENTIFIER_BASE,
+    Bases,
+    process_bases,
+    refusal,
+)
 from fhir_kat.search import (
     Criterion,
     IndexRows,
@@ -61,6 +68,7 @@ from fhir_kat.search import (
     extract_index,
     params_for,
 )
+from fhir_kat.settings import SettingsError
 from fhir_kat.store.observations import value_rows
 from fhir_kat.store.reindex import bring_up_to_date
 from fhir_kat.store.schema import (
@@ -243,6 +251,22 @@ class Store:
         data was written with — for a database that already held data then. The caller refuses
         to run when what is returned is not what it is configured with."""
         return self._claim(f"setting:{name}", value, legacy=legacy)
+
+    def claim_bases(self) -> None:
+        """Refuse (``SettingsError``, ADR 0021) to work on a database written with other
+        canonical or identifier bases than this process's: both are in its resources and in
+        the identifiers its ids derive from, so a service, a worker or a command writing under
+        another base would store second copies. A new database records the process's."""
+        current = process_bases()
+        recorded = Bases(
+            self.claim_setting("canonical_base", current.canonical, legacy=LEGACY_CANONICAL_BASE),
+            self.claim_setting(
+                "identifier_base", current.identifiers, legacy=LEGACY_IDENTIFIER_BASE
+            ),
+        )
+        problem = refusal(recorded)
+        if problem is not None:
+            raise SettingsError(problem)
 
     def _claim(self, key: str, value: str, *, legacy: str) -> str:
         with (
