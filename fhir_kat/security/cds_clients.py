@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import jwt
 
-from fhir_kat.security.tokens import find_key, remember_jti
+from fhir_kat.security.tokens import JwtRefused, SignerKey, find_key, verify_signed_jwt
 from fhir_kat.settings import SettingsError
 from fhir_kat.store import Store
 
@@ -32,6 +32,19 @@ MAX_LIFETIME = timedelta(minutes=5)
 UNTRUSTED = (
     "the CDS Hooks JWT is not valid: unknown issuer, no registered key for it, or a bad signature"
 )
+
+
+#: How a refused JWT is answered (``verify_signed_jwt``'s reasons).
+_REFUSALS = {
+    "not-jwt": "the bearer token is not a JWT",
+    "algorithm": "the CDS Hooks JWT must be signed ES384 or RS384",
+    "untrusted": UNTRUSTED,
+    "expired": "the CDS Hooks JWT has expired",
+    "audience": "the CDS Hooks JWT's aud must be the URL of the service called",
+    "invalid": "the CDS Hooks JWT is not valid ({detail})",
+    "lifetime": "the CDS Hooks JWT's exp is more than 5 minutes ahead",
+    "replayed": "the CDS Hooks JWT's jti was already used",
+}
 
 
 class CdsAuthError(Exception):
@@ -172,41 +185,29 @@ class CdsRequestVerifier:
         if not authorization.lower().startswith("bearer "):
             raise CdsAuthError("a CDS Hooks request needs 'Authorization: Bearer <JWT>'")
         token = authorization[7:].strip()
+
+        def signer(
+            alg: str, header: dict[str, Any], unverified: dict[str, Any]
+        ) -> SignerKey | None:
+            client = self.config.by_issuer(str(unverified.get("iss", "")))
+            key = find_key(client.jwks, header.get("kid"), alg) if client is not None else None
+            if client is None or key is None:
+                return None
+            return SignerKey(key, client.issuer, f"cds:{client.name}")
+
         try:
-            header = jwt.get_unverified_header(token)
-            unverified = jwt.decode(token, options={"verify_signature": False})
-        except jwt.PyJWTError:
-            raise CdsAuthError("the bearer token is not a JWT") from None
-        alg = header.get("alg")
-        if alg not in ALGORITHMS:
-            raise CdsAuthError("the CDS Hooks JWT must be signed ES384 or RS384")
-        client = self.config.by_issuer(str(unverified.get("iss", "")))
-        key = find_key(client.jwks, header.get("kid"), alg) if client is not None else None
-        if client is None or key is None:
-            raise CdsAuthError(UNTRUSTED)
-        try:
-            claims = jwt.decode(
+            claims = verify_signed_jwt(
                 token,
-                key,
-                algorithms=[alg],
+                algorithms=ALGORITHMS,
+                signer=signer,
                 audience=audience,
-                issuer=client.issuer,
-                options={"require": ["iss", "aud", "exp", "iat", "jti"]},
+                require=("iss", "aud", "exp", "iat", "jti"),
+                max_lifetime=MAX_LIFETIME,
+                store=self.store,
             )
-        except jwt.InvalidSignatureError:
-            raise CdsAuthError(UNTRUSTED) from None
-        except jwt.ExpiredSignatureError:
-            raise CdsAuthError("the CDS Hooks JWT has expired") from None
-        except jwt.InvalidAudienceError:
-            raise CdsAuthError(
-                "the CDS Hooks JWT's aud must be the URL of the service called"
-            ) from None
-        except jwt.PyJWTError as exc:
-            raise CdsAuthError(f"the CDS Hooks JWT is not valid ({type(exc).__name__})") from None
-        now = datetime.now(UTC)
-        expires = datetime.fromtimestamp(int(claims["exp"]), UTC)
-        if expires - now > MAX_LIFETIME + timedelta(seconds=5):
-            raise CdsAuthError("the CDS Hooks JWT's exp is more than 5 minutes ahead")
-        if not remember_jti(self.store, str(claims["jti"]), f"cds:{client.name}", expires, now):
-            raise CdsAuthError("the CDS Hooks JWT's jti was already used")
+        except JwtRefused as exc:
+            raise CdsAuthError(_REFUSALS[exc.reason].format(detail=exc.detail)) from None
+        client = self.config.by_issuer(str(claims["iss"]))  # the verified issuer: registered
+        if client is None:
+            raise CdsAuthError(UNTRUSTED)
         return client

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,6 +43,17 @@ ACCESS_ALGORITHM = "ES256"
 INVALID_ASSERTION = (
     "client_assertion is invalid: unknown client, no registered key for it, or a bad signature"
 )
+#: How a refused client assertion is answered (``verify_signed_jwt``'s reasons).
+_ASSERTION_REFUSALS = {
+    "not-jwt": "client_assertion is not a JWT",
+    "algorithm": "client_assertion must be RS384 or ES384",
+    "untrusted": INVALID_ASSERTION,
+    "expired": "client_assertion has expired",
+    "audience": "client_assertion aud must be the token URL",
+    "invalid": "client_assertion is invalid",
+    "lifetime": "client_assertion exp is more than 5 minutes ahead",
+    "replayed": "client_assertion jti was already used",
+}
 #: Access tokens verified lately (per process): a client sends the same token with every
 #: request for up to its lifetime, and a signature check costs more than a small search.
 VERIFIED_CACHE_SIZE = 4096
@@ -264,49 +275,28 @@ class TokenService:
         run one signature check (against a key nobody holds when there is no registered one)
         and answer "client_assertion is invalid". Only the key holder learns more (expired,
         ``aud``, replayed ``jti``)."""
-        try:
-            header = jwt.get_unverified_header(assertion)
-        except jwt.PyJWTError:
-            raise OAuthError("invalid_client", "client_assertion is not a JWT", 401) from None
-        alg = header.get("alg")
-        if alg not in ASSERTION_ALGORITHMS:
-            raise OAuthError("invalid_client", "client_assertion must be RS384 or ES384", 401)
-        key = None
-        if client is not None and client.jwks:
+
+        def signer(alg: str, header: dict[str, Any], _: dict[str, Any]) -> SignerKey | None:
+            if client is None or not client.jwks:
+                return None
             key = find_key(client.jwks, header.get("kid"), alg)
-        if client is None or key is None:
-            # The same key lookup and signature check a registered key costs; cannot succeed.
-            with contextlib.suppress(jwt.PyJWTError):
-                jwt.decode(assertion, find_key(self._unheld_jwks(alg), None, alg), [alg])
-            raise OAuthError("invalid_client", INVALID_ASSERTION, 401)
+            return SignerKey(key, client.client_id, client.client_id) if key else None
+
         try:
-            claims = jwt.decode(
+            claims = verify_signed_jwt(
                 assertion,
-                key,
-                algorithms=[alg],
+                algorithms=ASSERTION_ALGORITHMS,
+                signer=signer,
                 audience=token_url,
-                issuer=client.client_id,
-                options={"require": ["exp", "jti", "iss", "sub", "aud"]},
+                require=("exp", "jti", "iss", "sub", "aud"),
+                max_lifetime=MAX_ASSERTION_LIFETIME,
+                store=self.store,
+                decoy=lambda alg: find_key(self._unheld_jwks(alg), None, alg),
             )
-        except jwt.InvalidSignatureError:
-            raise OAuthError("invalid_client", INVALID_ASSERTION, 401) from None
-        except jwt.ExpiredSignatureError:
-            raise OAuthError("invalid_client", "client_assertion has expired", 401) from None
-        except jwt.InvalidAudienceError:
-            raise OAuthError(
-                "invalid_client", "client_assertion aud must be the token URL", 401
-            ) from None
-        except jwt.PyJWTError:
-            raise OAuthError("invalid_client", "client_assertion is invalid", 401) from None
-        if claims["sub"] != client.client_id:
+        except JwtRefused as exc:
+            raise OAuthError("invalid_client", _ASSERTION_REFUSALS[exc.reason], 401) from None
+        if client is None or claims["sub"] != client.client_id:  # (a signer implies a client)
             raise OAuthError("invalid_client", "client_assertion sub must equal iss", 401)
-        now = datetime.now(UTC)
-        expires = datetime.fromtimestamp(int(claims["exp"]), UTC)
-        if expires - now > MAX_ASSERTION_LIFETIME + timedelta(seconds=5):
-            raise OAuthError(
-                "invalid_client", "client_assertion exp is more than 5 minutes ahead", 401
-            )
-        self._remember_jti(str(claims["jti"]), client.client_id, expires, now)
         return client
 
     def _unheld_jwks(self, alg: str) -> dict[str, Any]:
@@ -323,9 +313,96 @@ class TokenService:
                 jwks = self._unheld[alg] = {"keys": [{**jwk, "alg": alg}]}
         return jwks
 
-    def _remember_jti(self, jti: str, client_id: str, expires: datetime, now: datetime) -> None:
-        if not remember_jti(self.store, jti, client_id, expires, now):
-            raise OAuthError("invalid_client", "client_assertion jti was already used", 401)
+
+class JwtRefused(Exception):
+    """Why ``verify_signed_jwt`` refused a JWT: ``reason`` is one of ``REFUSALS``, which each
+    caller words for its protocol (OAuth ``invalid_client``, CDS Hooks 401); ``detail`` the
+    PyJWT error's class name for ``invalid``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+#: not-jwt: unreadable; algorithm: not one allowed; untrusted: no registered key, or a bad
+#: signature (one reason: the answer must not tell them apart); expired; audience; invalid
+#: (a required claim missing, a wrong issuer, ...); lifetime: exp too far ahead; replayed: jti.
+REFUSALS = (
+    "not-jwt",
+    "algorithm",
+    "untrusted",
+    "expired",
+    "audience",
+    "invalid",
+    "lifetime",
+    "replayed",
+)
+
+
+@dataclass(frozen=True)
+class SignerKey:
+    """Who signed a JWT, as the caller's registry says: the key, the ``iss`` it must carry,
+    and the name its ``jti`` is remembered under."""
+
+    key: Any
+    issuer: str
+    owner: str
+
+
+def verify_signed_jwt(
+    token: str,
+    *,
+    algorithms: Collection[str],
+    signer: Callable[[str, dict[str, Any], dict[str, Any]], SignerKey | None],
+    audience: str,
+    require: Sequence[str],
+    max_lifetime: timedelta,
+    store: Store,
+    decoy: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """The claims of a JWT signed by a registered party (SMART client assertions, CDS Hooks
+    requests: the one place their PyJWT calls live); ``JwtRefused`` otherwise. ``signer``
+    finds the registered key from the algorithm, the header and the unverified claims (None:
+    not registered). ``decoy``: a key nobody holds, checked when no key is registered, so an
+    unknown party costs the same signature check as a known one."""
+    try:
+        header = jwt.get_unverified_header(token)
+        unverified = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        raise JwtRefused("not-jwt") from None
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in algorithms:
+        raise JwtRefused("algorithm")
+    found = signer(alg, header, unverified)
+    if found is None:
+        if decoy is not None:
+            with contextlib.suppress(jwt.PyJWTError):
+                jwt.decode(token, decoy(alg), [alg])
+        raise JwtRefused("untrusted")
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            found.key,
+            algorithms=[alg],
+            audience=audience,
+            issuer=found.issuer,
+            options={"require": list(require)},
+        )
+    except jwt.InvalidSignatureError:
+        raise JwtRefused("untrusted") from None
+    except jwt.ExpiredSignatureError:
+        raise JwtRefused("expired") from None
+    except jwt.InvalidAudienceError:
+        raise JwtRefused("audience") from None
+    except jwt.PyJWTError as exc:
+        raise JwtRefused("invalid", type(exc).__name__) from None
+    now = datetime.now(UTC)
+    expires = datetime.fromtimestamp(int(claims["exp"]), UTC)
+    if expires - now > max_lifetime + timedelta(seconds=5):
+        raise JwtRefused("lifetime")
+    if not remember_jti(store, str(claims["jti"]), found.owner, expires, now):
+        raise JwtRefused("replayed")
+    return claims
 
 
 def remember_jti(store: Store, jti: str, client_id: str, expires: datetime, now: datetime) -> bool:
