@@ -371,6 +371,11 @@ def sekmet(sekmet_factory: Callable[..., SekmetServer]) -> SekmetServer:
 
 def worker_env(database_url: str, config: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FHIR_KAT_")}
+    # The bases the suite writes under (tests/conftest.py): a worker under others is refused
+    # by the database, as the server would be (ADR 0021).
+    for name in ("FHIR_KAT_CANONICAL_BASE", "FHIR_KAT_IDENTIFIER_BASE"):
+        if name in os.environ:
+            env[name] = os.environ[name]
     env.update(
         FHIR_KAT_DATABASE_URL=database_url,
         FHIR_KAT_CONFIG=str(config),
