@@ -339,22 +339,20 @@ class Store:
             return
         while self._journal.backlog():
             with self._writer_turn():
-                upto, written = self._drain_in_turn(AUDIT_DRAIN_BATCH)
+                moved, written = self._drain_in_turn(AUDIT_DRAIN_BATCH)
             self.statistics.wrote(written)
-            if not upto:
-                return
+            if not moved:
+                return  # nothing left, or moved but not forgotten (logged): the next retries
 
-    def _drain_in_turn(self, limit: int) -> tuple[int, int]:
-        """(the last ``seq`` moved or 0, versions written); the caller holds the turn and
-        tells the statistics after leaving it (their refresh takes a turn of its own)."""
+    def _drain_in_turn(self, limit: int) -> tuple[bool, int]:
+        """(whether records were moved and forgotten, versions written); the caller holds
+        the turn and tells the statistics after leaving it (their refresh takes a turn)."""
         assert self._journal is not None
         with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
             tx = Tx(conn, self)
             upto = self._move_audit(tx, limit)
             tx.flush()
-        if upto:
-            self._journal_forget(upto)
-        return upto, tx._s.written
+        return bool(upto) and self._journal_forget(upto), tx._s.written
 
     def _move_audit_along(self, tx: Tx) -> int:
         """A writer takes waiting audit records along into its own commit once enough wait
@@ -396,12 +394,14 @@ class Store:
         tx.create_many(list(new.values()))
         return rows[-1].seq
 
-    def _journal_forget(self, upto: int) -> None:
+    def _journal_forget(self, upto: int) -> bool:
         assert self._journal is not None
         try:
             self._journal.forget(upto)
+            return True
         except Exception:  # moved and committed: the next move skips them by id
             log.exception("forgetting moved audit records failed")
+            return False
 
     def _writer_turn(self) -> Any:
         return self._writer.turn() if self._writer is not None else _NO_QUEUE
