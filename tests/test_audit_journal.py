@@ -32,6 +32,13 @@ from fhir_kat.store.audit_journal import AuditJournal
 from fhir_kat.store.schema import resource_versions
 from fhir_kat.store.store import AUDIT_MOVE_AT, _SqliteWriterQueue
 from tests.conftest import TEST_CLIENTS, TEST_V2_SENDERS, client_as
+from tests.support.v2_messages import ack_code, referral_message, send
+from tests.test_cds_hooks import PTSD, cds_app, condition, hook_request, prefetch
+from tests.test_cds_hooks import call as cds_call
+from tests.test_messaging import as_message, process, referral, transform
+from tests.test_noop_updates import mllp_port
+
+__all__ = ["cds_app", "mllp_port"]  # fixtures, used by name
 
 FHIR = "application/fhir+json"
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
@@ -349,3 +356,33 @@ def _append_many(url: str, k: int) -> None:
     for n in range(100):
         store.record_audit(_event(k * 1000 + n))
     store.dispose()
+
+
+# ------------------------------------------------- the paths that are not plain REST requests
+
+
+def _one_new_event(app: Flask, make: Any) -> dict[str, Any]:
+    before = set(_audit_ids(app))
+    make()
+    new = [i for i in _audit_ids(app) if i not in before]
+    assert len(new) == 1, len(new)
+    shown = client_as(app, "admin").get(f"/fhir/AuditEvent/{new[0]}")
+    assert shown.status_code == 200
+    event: dict[str, Any] = shown.get_json()
+    return event
+
+
+def test_cds_hooks_calls_leave_exactly_one_audit_event(cds_app: Flask) -> None:
+    body = hook_request(prefetch=prefetch(condition("c1", PTSD)))
+    _one_new_event(cds_app, lambda: cds_call(cds_app, body))
+    _one_new_event(cds_app, lambda: cds_call(cds_app, {"hook": "patient-view"}))  # refused
+
+
+def test_messages_and_v2_leave_exactly_one_audit_event(app: Flask, mllp_port: int) -> None:
+    staff, referrer = client_as(app, "staff"), client_as(app, "referrer")
+    message = as_message(transform(staff, referral()))
+    _one_new_event(app, lambda: process(referrer, message))
+    _one_new_event(app, lambda: process(referrer, message))  # re-sent: nothing written
+    raw = referral_message(referral(), "JOURNAL-1")
+    _one_new_event(app, lambda: ack_code(send(mllp_port, raw)))
+    _one_new_event(app, lambda: ack_code(send(mllp_port, raw)))  # answered from its ACK

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 
 from fhir_kat.store.writer_queue import SqliteWriterQueue
@@ -74,9 +75,16 @@ class AuditJournal:
                 self.path, timeout=30, isolation_level=None, check_same_thread=False
             )
             conn.execute("PRAGMA busy_timeout=30000")
-            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-                with self._queue.turn():
-                    conn.execute("PRAGMA journal_mode=WAL")
+            for attempt in range(300):  # the switch ignores the busy handler: ~30 s of retries
+                try:
+                    if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                        with self._queue.turn():
+                            conn.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or attempt == 299:
+                        raise
+                    time.sleep(0.1)
             conn.execute("PRAGMA synchronous=NORMAL")
             with self._queue.turn():
                 conn.execute(_SCHEMA)
