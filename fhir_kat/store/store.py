@@ -303,6 +303,10 @@ class Store:
         if self._writer is not None:
             self._writer = _SqliteWriterQueue(self.url)
         if self._journal is not None:
+            # The parent's journal connection is left open and unused here, as the pool's
+            # connections are: closing an SQLite connection opened in another process is
+            # what SQLite's documentation warns against.
+            _INHERITED.append(self._journal)
             self._journal = _journal_for(self.url)
 
     # ------------------------------------------------------------------ the audit trail
@@ -446,6 +450,10 @@ _NO_QUEUE = nullcontext()
 AUDIT_MOVE_AT = 64
 AUDIT_MOVE_BATCH = 256
 AUDIT_DRAIN_BATCH = 1000
+
+
+#: Audit journals opened by a parent process before it forked (kept from being closed).
+_INHERITED: list[AuditJournal] = []
 
 
 def _journal_for(url: str) -> AuditJournal | None:
