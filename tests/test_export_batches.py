@@ -143,6 +143,9 @@ class _Access:
     def shape(self, _tx: Any, stored: Any) -> Any:
         return stored
 
+    def reads(self, _rtype: str) -> bool:
+        return True
+
 
 class _Clock:
     """Moves a minute per reading: every batch is due a heartbeat."""

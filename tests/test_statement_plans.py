@@ -127,12 +127,19 @@ _EXPLAINED = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|WITH)\b", re.IGNORECA
 _DECLARE = re.compile(r"^\s*DECLARE \w+ NO SCROLL CURSOR FOR ", re.IGNORECASE)
 
 
+_PLAIN_INSERT = re.compile(r"^\s*INSERT\b(?!.*\bSELECT\b)", re.IGNORECASE | re.DOTALL)
+
+
 def _explainable(statement: str) -> str | None:
     """The statement to explain (a cursor's query for a DECLARE), or None for what reads no
-    table (transaction control, PRAGMA, SET, ANALYZE, FETCH from a declared cursor)."""
+    table (transaction control, PRAGMA, SET, ANALYZE, FETCH from a declared cursor, a plain
+    ``INSERT … VALUES`` — whose multi-row form, ``create_many``'s, SQLAlchemy sends in batches
+    whose text and parameters the recorder cannot pair)."""
     declared = _DECLARE.match(statement)
     if declared:
         return statement[declared.end() :]
+    if _PLAIN_INSERT.match(statement):
+        return None
     return statement if _EXPLAINED.match(statement) else None
 
 

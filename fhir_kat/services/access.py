@@ -96,6 +96,9 @@ class Access:
         p = self.principal
         return role_allows(p.role, rtype, letter) and allows(p.scopes, rtype, letter)
 
+    def reads(self, rtype: str) -> bool:
+        return self.can(rtype, "r")
+
     def for_group_membership(self) -> Access:
         """This caller as it reads a cohort Group to export its members' data: the role's
         right to read Groups counts without a Group scope (``ExportService._group_members``);

@@ -12,14 +12,11 @@ from __future__ import annotations
 import contextvars
 import copy
 import dataclasses
-import fcntl
 import hashlib
 import itertools
 import json
 import logging
-import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -69,6 +66,7 @@ from fhir_kat.search import (
     params_for,
 )
 from fhir_kat.settings import SettingsError
+from fhir_kat.store.audit_journal import AuditJournal
 from fhir_kat.store.observations import value_rows
 from fhir_kat.store.reindex import bring_up_to_date
 from fhir_kat.store.schema import (
@@ -87,6 +85,7 @@ from fhir_kat.store.schema import (
 )
 from fhir_kat.store.statistics import TABLES, Statistics, analyze
 from fhir_kat.store.view import EVERYTHING, PatientSlice, ReadScope, Viewer
+from fhir_kat.store.writer_queue import SqliteWriterQueue as _SqliteWriterQueue
 
 Clock = Callable[[], datetime]
 log = logging.getLogger("fhir_kat.store")
@@ -185,6 +184,7 @@ class Store:
         self.is_sqlite = url.startswith("sqlite")
         self.engine: Engine = self._make_engine(url)
         self._writer = _SqliteWriterQueue(url) if self.is_sqlite else None
+        self._journal = _journal_for(url)
         self.statistics = Statistics(
             self.engine, is_sqlite=self.is_sqlite, writer_turn=self._writer_turn
         )
@@ -225,6 +225,8 @@ class Store:
             with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
                 _create_missing(conn)
                 _reindex_stale(conn)
+            # Records a crashed or stopped process left in the audit journal (ADR 0097).
+            self.drain_audit()
             self.statistics.refresh()
             return
         with self.engine.connect() as conn:
@@ -291,6 +293,8 @@ class Store:
         self.engine.dispose()
         if self._writer is not None:
             self._writer.close()
+        if self._journal is not None:
+            self._journal.close()
 
     @contextmanager
     def write(self, *, viewer: Viewer | None = None) -> Iterator[Tx]:
@@ -304,7 +308,10 @@ class Store:
             tx = Tx(conn, self, viewer=viewer)
             yield tx
             tx.run_deferred()
+            moved = self._move_audit_along(tx)
             tx.flush()
+        if moved:
+            self._journal_forget(moved)
         # Statistics are checked by stored versions, so a large import counts for its size.
         self.statistics.wrote(tx._s.written)
 
@@ -319,6 +326,110 @@ class Store:
         )
         if self._writer is not None:
             self._writer = _SqliteWriterQueue(self.url)
+        if self._journal is not None:
+            # The parent's journal connection is left open and unused here, as the pool's
+            # connections are: closing an SQLite connection opened in another process is
+            # what SQLite's documentation warns against.
+            _INHERITED.append(self._journal)
+            self._journal = _journal_for(self.url)
+
+    # ------------------------------------------------------------------ the audit trail
+
+    def record_audit(self, event: dict[str, Any]) -> None:
+        """Store the AuditEvent of a request that wrote nothing else (a read, a search, a
+        refusal, a sign-in, a delivery), durably, before the request is answered.
+
+        PostgreSQL (and an in-memory SQLite): its own transaction. SQLite: appended to the
+        audit journal (``audit_journal``), which takes only the journal's writer turn — a read
+        never waits behind the database's writers — and moved into the store as an AuditEvent
+        (the same resource, id and content) by the next writer once enough are waiting, by an
+        idle moment, by anyone about to read AuditEvents, and at start-up (ADR 0097)."""
+        if self._journal is None:
+            with self.write() as tx:
+                tx.put(event, current=None)
+            return
+        waiting = self._journal.append(str(event["id"]), dumps(event))
+        if waiting < AUDIT_MOVE_AT or self._writer is None:
+            return
+        written = 0
+        try:  # the record is committed: nothing here may fail the request any more
+            with self._writer.try_turn() as mine:
+                if mine:  # the database's writer is idle: move them now, without waiting
+                    written = self._drain_in_turn(AUDIT_MOVE_BATCH)[1]
+        except Exception:
+            log.exception("moving the audit journal failed; the records stay in the journal")
+        self.statistics.wrote(written)
+
+    def drain_audit(self) -> None:
+        """Move every record of the audit journal into the store (waits for the writer turn):
+        before AuditEvents are read, and at start-up."""
+        if self._journal is None:
+            return
+        while self._journal.backlog():
+            with self._writer_turn():
+                moved, written = self._drain_in_turn(AUDIT_DRAIN_BATCH)
+            self.statistics.wrote(written)
+            if not moved:
+                return  # nothing left, or moved but not forgotten (logged): the next retries
+
+    def _drain_in_turn(self, limit: int) -> tuple[bool, int]:
+        """(whether records were moved and forgotten, versions written); the caller holds
+        the turn and tells the statistics after leaving it (their refresh takes a turn)."""
+        assert self._journal is not None
+        with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
+            tx = Tx(conn, self)
+            upto = self._move_audit(tx, limit)
+            tx.flush()
+        return bool(upto) and self._journal_forget(upto), tx._s.written
+
+    def _move_audit_along(self, tx: Tx) -> int:
+        """A writer takes waiting audit records along into its own commit once enough wait
+        (one commit for both). A failure here is logged and never costs the write."""
+        if self._journal is None:
+            return 0
+        try:
+            if self._journal.backlog() < AUDIT_MOVE_AT:
+                return 0
+            with tx.conn.begin_nested():
+                return self._move_audit(tx, AUDIT_MOVE_BATCH)
+        except Exception:
+            log.exception("moving the audit journal failed; the records stay in the journal")
+            return 0
+
+    def _move_audit(self, tx: Tx, limit: int) -> int:
+        """Insert the journal's oldest records as AuditEvents; returns the last ``seq`` moved
+        (0: none). Records the store already holds (a move that committed before its records
+        were forgotten: a crash in between) are skipped, so each is stored exactly once."""
+        assert self._journal is not None
+        rows = self._journal.oldest(limit)
+        if not rows:
+            return 0
+        ids = list(dict.fromkeys(r.event_id for r in rows))
+        held: set[str] = set()
+        for start in range(0, len(ids), 500):
+            held.update(
+                tx.conn.execute(
+                    select(resources.c.res_id).where(
+                        resources.c.res_type == "AuditEvent",
+                        resources.c.res_id.in_(ids[start : start + 500]),
+                    )
+                ).scalars()
+            )
+        new: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            if row.event_id not in held:
+                new.setdefault(row.event_id, json.loads(row.content))
+        tx.create_many(list(new.values()))
+        return rows[-1].seq
+
+    def _journal_forget(self, upto: int) -> bool:
+        assert self._journal is not None
+        try:
+            self._journal.forget(upto)
+            return True
+        except Exception:  # moved and committed: the next move skips them by id
+            log.exception("forgetting moved audit records failed")
+            return False
 
     def _writer_turn(self) -> Any:
         return self._writer.turn() if self._writer is not None else _NO_QUEUE
@@ -340,6 +451,10 @@ class Store:
         transaction (a cursor, an advisory lock) still opens one (``Tx.need_transaction``).
         SQLite: the same transaction in both cases (no round trips to save). ``viewer``: as
         for ``write``."""
+        if self._journal is not None and viewer is not None and viewer.reads("AuditEvent"):
+            # Whoever may read AuditEvents reads every one recorded so far: the journal's
+            # records move first (this read waits for the writer turn; other reads never do).
+            self.drain_audit()
         conn = self.engine.connect()
         autocommit = not transaction and not self.is_sqlite
         if autocommit:
@@ -354,53 +469,26 @@ class Store:
 
 _NO_QUEUE = nullcontext()
 
+#: Audit records waiting in the journal before a writer takes them along (or an idle moment
+#: moves them), and how many one move takes: moved in groups, their cost is shared (ADR 0097).
+AUDIT_MOVE_AT = 64
+AUDIT_MOVE_BATCH = 256
+AUDIT_DRAIN_BATCH = 1000
 
-class _SqliteWriterQueue:
-    """Writers to one SQLite file wait their turn here, before ``BEGIN IMMEDIATE``.
 
-    SQLite admits one writer at a time; the others' ``BEGIN IMMEDIATE`` spins in the busy
-    handler, which sleeps 1, 2, 5 … up to 100 ms between attempts and so leaves the file idle
-    while writers sleep (and lets a lucky newcomer overtake the long waiters: seconds of
-    p99 under 8 concurrent clients). Here the threads of a process queue on a lock, and the
-    processes on an exclusive ``flock`` of a lock file beside the database; both wake the next
-    writer the moment the current one commits. ``BEGIN IMMEDIATE`` and the busy timeout stay
-    as the guarantee for writers that bypass the queue (the ``sqlite3`` shell, an older
-    process). The lock file is separate from the database on purpose: closing any descriptor
-    of the database file would drop SQLite's own POSIX locks held by this process."""
+#: Audit journals opened by a parent process before it forked (kept from being closed).
+_INHERITED: list[AuditJournal] = []
 
-    def __init__(self, url: str) -> None:
-        database = make_url(url).database
-        self._path = f"{database}-writer.lock" if database and database != ":memory:" else None
-        self._threads = threading.Lock()
-        self._holder: int | None = None
-        self._fd: int | None = None
 
-    @contextmanager
-    def turn(self) -> Iterator[None]:
-        if self._holder == threading.get_ident():
-            # A write opened inside another on the same thread would wait for itself.
-            raise RuntimeError("nested write transaction on SQLite")
-        with self._threads:
-            self._holder = threading.get_ident()
-            try:
-                if self._path is None:
-                    yield
-                    return
-                if self._fd is None:
-                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)  # releases the GIL while it waits
-                try:
-                    yield
-                finally:
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)
-            finally:
-                self._holder = None
-
-    def close(self) -> None:
-        with self._threads:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+def _journal_for(url: str) -> AuditJournal | None:
+    """The audit journal of an SQLite file database (``<db>-audit``); none for PostgreSQL,
+    whose writers do not queue behind one another, nor for an in-memory database."""
+    if not url.startswith("sqlite"):
+        return None
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return AuditJournal(f"{database}-audit")
 
 
 def _ping_when_idle(engine: Engine) -> None:

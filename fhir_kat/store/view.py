@@ -74,6 +74,11 @@ class Viewer(Protocol):
         """What of ``rtype`` the caller may see; ``tx`` is the unrestricted transaction."""
         ...
 
+    def reads(self, rtype: str) -> bool:
+        """Whether the caller may read ``rtype`` at all (its role and scopes, no data): the
+        store moves the audit journal before a caller who may read AuditEvents reads."""
+        ...
+
     def shape(self, tx: Tx, stored: StoredResource) -> StoredResource:
         """``stored`` as this caller may see it (e.g. a Group without the members it may not
         see); ``stored`` itself when nothing is withheld."""
