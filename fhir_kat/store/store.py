@@ -96,6 +96,15 @@ _GET = select(resources).where(
 )
 _GET_FOR_UPDATE = _GET.with_for_update()
 _INSERT_VERSION = insert(resource_versions).returning(resource_versions.c.seq)
+# Several versions in one statement (SQLAlchemy's "insertmanyvalues": one multi-row INSERT …
+# RETURNING), their seqs in the order of the rows. PostgreSQL: SQLAlchemy orders them
+# (``sort_by_parameter_order``). SQLite: asking that makes SQLAlchemy send one INSERT per row;
+# unasked, one statement whose seqs, sorted, are in row order — ``seq`` is the rowid, which
+# SQLite assigns as the largest one plus one to each row in turn, under the single writer.
+_INSERT_VERSIONS = insert(resource_versions).returning(
+    resource_versions.c.seq, sort_by_parameter_order=True
+)
+_INSERT_VERSIONS_SQLITE = insert(resource_versions).returning(resource_versions.c.seq)
 _INSERT_CURRENT = insert(resources)
 _UPDATE_CURRENT: dict[tuple[str, ...], Any] = {
     columns: update(resources)
@@ -521,6 +530,20 @@ class _TxState:
         self.written = 0
         #: Each viewer's scope per type, until the transaction writes again.
         self.scopes: dict[tuple[Viewer, str], ReadScope] = {}
+        #: Creates (``put`` with ``current=None``) not yet sent: their version and current
+        #: rows go as one multi-row INSERT per table right before this transaction's next
+        #: statement of any kind (``Tx.conn``), so the database never sees them out of order.
+        self.pending_creates: list[_PendingCreate] = []
+
+
+@dataclass
+class _PendingCreate:
+    """A created resource whose rows are not sent yet (``Tx.put``, ``Tx._send_creates``)."""
+
+    stored: StoredResource  # as ``put`` returned it (``seq`` 0 until sent)
+    ordered: dict[str, Any]  # the stored JSON as a dict
+    rows: IndexRows
+    method: str
 
 
 class Tx:
@@ -540,13 +563,22 @@ class Tx:
         autocommit: bool = False,
         viewer: Viewer | None = None,
     ) -> None:
-        self.conn = conn
+        self._conn = conn
         self.store = store
         self.viewer = viewer
         # Everything but the viewer lives in one state object that every view of this
         # transaction (``system``, ``seen_by``) shares.
         self._s = _TxState(autocommit)
         self._system: Tx | None = None
+
+    @property
+    def conn(self) -> Connection:
+        """The transaction's connection, for a statement about to be run: creates still
+        pending (``put``) are sent first, so every statement — ours or a service's own on
+        another table — runs after the writes that came before it."""
+        if self._s.pending_creates:
+            self._send_creates()
+        return self._conn
 
     @property
     def memo(self) -> dict[str, Any]:
@@ -789,8 +821,9 @@ class Tx:
     ) -> tuple[StoredResource, bool]:
         """Write ``resource`` as the next version after ``current`` (None = create).
 
-        Sets ``meta.versionId``/``meta.lastUpdated``. Returns the stored resource and whether a
-        new version was written: an update that says exactly what ``current`` says
+        Sets ``meta.versionId``/``meta.lastUpdated``. Returns the stored resource (a create's
+        rows are sent with the creates around it, before the transaction's next statement:
+        until then its ``seq`` is 0) and whether a new version was written: an update that says exactly what ``current`` says
         (``same_content``) writes nothing, on every path (FHIR's no-op update, ADR 0020), and
         ``current`` is returned as it is.
         """
@@ -805,9 +838,17 @@ class Tx:
         method = method or ("PUT" if current else "POST")
         self._s.preloaded.pop((rtype, rid), None)
         self._forget_scopes()
-        seq = self._insert_version(rtype, rid, version_id, now_naive, method, content)
         rows = extract_index(ordered)
         patient_id = patient_of(ordered, rows)
+        if current is None:
+            # Sent with the creates around it (``_send_creates``): a transaction of 100
+            # creates costs two INSERTs, not 200 (on PostgreSQL, two round trips).
+            stored = StoredResource(rtype, rid, 1, now_naive, content, False, 0, patient_id)
+            self._s.pending_creates.append(_PendingCreate(stored, ordered, rows, method))
+            self._s.written += 1
+            self._s.preloaded[(rtype, rid)] = (stored, True)
+            return stored, True
+        seq = self._insert_version(rtype, rid, version_id, now_naive, method, content)
         values: dict[str, Any] = {
             "version_id": version_id,
             "last_updated": now_naive,
@@ -816,14 +857,59 @@ class Tx:
             "content": content,
             "patient_id": patient_id,
         }
-        if current is None:
-            self.conn.execute(_INSERT_CURRENT, {"res_type": rtype, "res_id": rid, **values})
-        else:
-            self._update_current(rtype, rid, current.version_id, values)
-            self._clear_index(rtype, rid)
+        self._update_current(rtype, rid, current.version_id, values)
+        self._clear_index(rtype, rid)
         self._write_index(ordered, rows, seq=seq, patient_id=patient_id)
         stored = StoredResource(rtype, rid, version_id, now_naive, content, False, seq, patient_id)
+        # What was just written is what a ``get`` in this transaction would read back (the
+        # write hooks read it again, deferred): answered from here, no round trip. Written
+        # rows are this transaction's own (row-locked on PostgreSQL), hence "locked".
+        self._s.preloaded[(rtype, rid)] = (stored, True)
         return stored, True
+
+    def _send_creates(self) -> None:
+        """Send the pending creates: one INSERT of their versions (RETURNING their seqs, in
+        order), one of their current rows; their index rows join the pending ones."""
+        pending, self._s.pending_creates = self._s.pending_creates, []
+        conn = self._conn
+        versions = [
+            {
+                "res_type": p.stored.type,
+                "res_id": p.stored.id,
+                "version_id": 1,
+                "last_updated": p.stored.last_updated,
+                "method": p.method,
+                "content": p.stored.content,
+            }
+            for p in pending
+        ]
+        if len(versions) == 1:  # the compiled single-row statement: cheaper on one row
+            seqs = [int(conn.execute(_INSERT_VERSION, versions[0]).scalar_one())]
+        elif self.store.is_sqlite:
+            seqs = sorted(int(s) for s in conn.execute(_INSERT_VERSIONS_SQLITE, versions).scalars())
+        else:
+            seqs = [int(s) for s in conn.execute(_INSERT_VERSIONS, versions).scalars()]
+        current_rows = []
+        for p, seq in zip(pending, seqs, strict=True):
+            stored = dataclasses.replace(p.stored, seq=seq)
+            current_rows.append(
+                {
+                    "res_type": stored.type,
+                    "res_id": stored.id,
+                    "version_id": 1,
+                    "last_updated": stored.last_updated,
+                    "seq": seq,
+                    "deleted": False,
+                    "content": stored.content,
+                    "patient_id": stored.patient_id,
+                }
+            )
+            key = (stored.type, stored.id)
+            known = self._s.preloaded.get(key)
+            if known is not None and known[0] is p.stored:
+                self._s.preloaded[key] = (stored, True)
+            self._write_index(p.ordered, p.rows, seq=seq, patient_id=stored.patient_id)
+        conn.execute(_INSERT_CURRENT, current_rows[0] if len(current_rows) == 1 else current_rows)
 
     def create_many(self, new: Sequence[dict[str, Any]]) -> list[StoredResource]:
         """Create ``new`` resources (none may exist yet) with one multi-row INSERT per table:
@@ -948,6 +1034,8 @@ class Tx:
         versions' rows, then one multi-row INSERT per index table. Every method that reads
         the index calls it first, and ``Store.write`` before the commit, so no reader (in
         this transaction or after it) sees the index lag the resources."""
+        if self._s.pending_creates:
+            self._send_creates()
         if self._s.pending_clear:
             keys = [{"k_type": t, "k_id": i} for t, i in self._s.pending_clear]
             self._s.pending_clear = {}
