@@ -823,9 +823,9 @@ class Tx:
 
         Sets ``meta.versionId``/``meta.lastUpdated``. Returns the stored resource (a create's
         rows are sent with the creates around it, before the transaction's next statement:
-        until then its ``seq`` is 0) and whether a new version was written: an update that says exactly what ``current`` says
-        (``same_content``) writes nothing, on every path (FHIR's no-op update, ADR 0020), and
-        ``current`` is returned as it is.
+        until then its ``seq`` is 0) and whether a new version was written: an update that
+        says exactly what ``current`` says (``same_content``) writes nothing, on every path
+        (FHIR's no-op update, ADR 0020), and ``current`` is returned as it is.
         """
         rtype, rid = resource["resourceType"], resource["id"]
         if current is not None and not current.deleted and same_content(current.json(), resource):
@@ -1435,7 +1435,16 @@ class Tx:
         if c.modifier == "missing":
             return table, scope
         alternatives: list[ColumnElement[bool]] = []
-        for value in c.values:
+        values = c.values
+        if c.type == "token":
+            # Codes with no system given: one ``code IN (…)`` (the same rows as OR-ed
+            # equalities, and one expression to build where a transaction's conditional
+            # creates look up 100 identifiers together: ``FhirService._conditional_matches``).
+            bare = sorted({code for _, code, has_pipe in values if code and not has_pipe})
+            if len(bare) > 1:
+                alternatives.append(search_token.c.code.in_(bare))
+                values = tuple(v for v in values if not v[1] or v[2])
+        for value in values:
             if c.type == "token":
                 system, code, has_pipe = value
                 conds = []
