@@ -478,6 +478,55 @@ def _preload_statement(types: int, lock: bool) -> Select[Any]:
     return stmt
 
 
+#: Creates sent in one statement at most on PostgreSQL (8 parameters each).
+_MAX_CREATES_TOGETHER = 3_000
+#: ``Tx._send_creates_together``'s statement; ``<versions>`` and ``<currents>`` become the
+#: rows' placeholders.
+_CREATES_TOGETHER = (
+    "WITH kat_v AS (INSERT INTO resource_versions "
+    "(res_type, res_id, version_id, last_updated, method, content) VALUES <versions> "
+    "RETURNING seq, res_type, res_id, last_updated, content) "
+    "INSERT INTO resources "
+    "(res_type, res_id, version_id, last_updated, seq, deleted, content, patient_id) "
+    "SELECT kat_v.res_type, kat_v.res_id, 1, kat_v.last_updated, kat_v.seq, false, "
+    "kat_v.content, kat_c.patient_id "
+    "FROM kat_v JOIN (VALUES <currents>) AS kat_c (res_type, res_id, patient_id) "
+    "ON kat_c.res_type = kat_v.res_type AND kat_c.res_id = kat_v.res_id "
+    "RETURNING res_type, res_id, seq"
+)
+#: Parameters of one combined index INSERT at most (PostgreSQL's limit is 65,535 per statement).
+_MAX_INDEX_PARAMETERS = 30_000
+
+
+def _index_statement(
+    by_table: dict[Any, list[dict[str, Any]]],
+) -> tuple[str, tuple[Any, ...]] | None:
+    """PostgreSQL: the rows of several index tables as one statement — each table's multi-row
+    INSERT a data-modifying CTE of the last one's (``WITH t0 AS (INSERT …), t1 AS (INSERT …)
+    INSERT …``), parameters bound by the driver as for any statement. None when the rows are
+    too many for one statement (the caller then sends one INSERT per table)."""
+    parts: list[str] = []
+    values: list[Any] = []
+    for table in INDEX_TABLES:
+        rows = by_table.get(table)
+        if not rows:
+            continue
+        columns = list(rows[0])
+        if any(len(r) != len(columns) for r in rows):
+            return None
+        one = "(" + ", ".join(["%s"] * len(columns)) + ")"
+        # Names are the schema's own (INDEX_TABLES, the rows' keys); every value is bound.
+        head = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "  # noqa: S608
+        parts.append(head + ", ".join([one] * len(rows)))
+        for r in rows:
+            values.extend(r[c] for c in columns)
+        if len(values) > _MAX_INDEX_PARAMETERS:
+            return None
+    *first, last = parts
+    ctes = ", ".join(f"kat_ix{i} AS ({part})" for i, part in enumerate(first))
+    return f"WITH {ctes} {last}", tuple(values)
+
+
 def _version_of(row: Any, *, compartment: bool = False) -> StoredResource:
     """A ``resource_versions`` row; with ``compartment``, the patient of its own content."""
     content = row.content or ""
@@ -883,6 +932,9 @@ class Tx:
             }
             for p in pending
         ]
+        if not self.store.is_sqlite and len(pending) <= _MAX_CREATES_TOGETHER:
+            self._send_creates_together(pending)
+            return
         if len(versions) == 1:  # the compiled single-row statement: cheaper on one row
             seqs = [int(conn.execute(_INSERT_VERSION, versions[0]).scalar_one())]
         elif self.store.is_sqlite:
@@ -910,6 +962,32 @@ class Tx:
                 self._s.preloaded[key] = (stored, True)
             self._write_index(p.ordered, p.rows, seq=seq, patient_id=stored.patient_id)
         conn.execute(_INSERT_CURRENT, current_rows[0] if len(current_rows) == 1 else current_rows)
+
+    def _send_creates_together(self, pending: list[_PendingCreate]) -> None:
+        """PostgreSQL: the versions and current rows of ``pending`` in one statement (one round
+        trip): the versions' INSERT a data-modifying CTE whose RETURNING feeds the current
+        rows' INSERT, which returns each resource's seq. Seqs follow the rows' order (the
+        sequence is drawn row by row as the VALUES are read)."""
+        one_version = "(%s, %s, 1, %s, %s, %s)"
+        values: list[Any] = []
+        for p in pending:
+            values += [p.stored.type, p.stored.id, p.stored.last_updated, p.method]
+            values.append(p.stored.content)
+        for p in pending:
+            values += [p.stored.type, p.stored.id, p.stored.patient_id]
+        # Only placeholders are put in: every value is bound by the driver.
+        statement = _CREATES_TOGETHER.replace(
+            "<versions>", ", ".join([one_version] * len(pending))
+        ).replace("<currents>", ", ".join(["(%s, %s, %s)"] * len(pending)))
+        result = self._conn.exec_driver_sql(statement, tuple(values))
+        seqs = {(t, i): int(seq) for t, i, seq in result}
+        for p in pending:
+            stored = dataclasses.replace(p.stored, seq=seqs[(p.stored.type, p.stored.id)])
+            key = (stored.type, stored.id)
+            known = self._s.preloaded.get(key)
+            if known is not None and known[0] is p.stored:
+                self._s.preloaded[key] = (stored, True)
+            self._write_index(p.ordered, p.rows, seq=stored.seq, patient_id=stored.patient_id)
 
     def create_many(self, new: Sequence[dict[str, Any]]) -> list[StoredResource]:
         """Create ``new`` resources (none may exist yet) with one multi-row INSERT per table:
@@ -1048,10 +1126,16 @@ class Tx:
             self._insert_index(pending)
 
     def _insert_index(self, index: Sequence[tuple[Any, dict[str, Any]]]) -> None:
-        """One multi-row INSERT per index table."""
+        """One multi-row INSERT per index table; on PostgreSQL all of them in one statement
+        (``_index_statement``): one round trip where a table each took one."""
         by_table: dict[Any, list[dict[str, Any]]] = {}
         for table, params in index:
             by_table.setdefault(table, []).append(params)
+        if not self.store.is_sqlite and len(by_table) > 1:
+            together = _index_statement(by_table)
+            if together is not None:
+                self.conn.exec_driver_sql(*together)
+                return
         for table in INDEX_TABLES:
             if table in by_table:
                 self.conn.execute(_INSERT_INDEX[table], by_table[table])
