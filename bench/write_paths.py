@@ -65,7 +65,11 @@ def _one_patient(body: bytes) -> bytes:
 
 
 def run(
-    n: int, database_url: str | None, paths: list[str], same_patient: bool
+    n: int,
+    database_url: str | None,
+    paths: list[str],
+    same_patient: bool,
+    floor_parts: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings(
@@ -109,8 +113,80 @@ def run(
                     got["wall"].append(wall * 1000)
                     got["cpu"].append(cpu * 1000)
                     got["statements"].append(statements[0])
+        if floor_parts is not None:  # the app's own mapping, for the referral's resources
+            floor_parts.update(
+                floor(
+                    n,
+                    None if database_url is None else database_url,
+                    paths,
+                    lambda data: state.artifacts.transform("referrals", data, "bench"),
+                )
+            )
         state.export.shutdown()
         state.store.dispose()
+        return out
+
+
+def floor(
+    n: int,
+    database_url: str | None,
+    paths: list[str],
+    mapped: Callable[[dict[str, Any]], dict[str, Any]],
+) -> dict[str, dict[str, float]]:
+    """The necessary parts of each path's request, measured on their own (ms, medians of
+    ``n``): parsing the body (``json.loads``), validating every resource it carries (R4B
+    models, ``validate_resource`` with its cache emptied: each request carries new content),
+    and one write transaction that inserts the resources' JSON as one row each into a scratch
+    table and commits (one round trip per statement batch: the least a durable write costs)."""
+    from sqlalchemy import Column, Integer, MetaData, Table, Text, create_engine, insert
+
+    import fhir_kat.validation.resource as validation
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = create_engine(database_url or f"sqlite:///{tmp}/floor.db")
+        meta = MetaData()
+        scratch = Table(
+            "kat_bench_floor",
+            meta,
+            Column("id", Integer, primary_key=True),
+            Column("content", Text),
+        )
+        meta.drop_all(engine)
+        meta.create_all(engine)
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        out: dict[str, dict[str, float]] = {}
+        for path in paths:
+            parse, validate, commit = [], [], []
+            for i in range(n + 3):
+                _, body = PATHS[path](i * 1000 + 11)
+                t = time.perf_counter()
+                data = json.loads(body)
+                parse.append(time.perf_counter() - t)
+                if path == "artifact":
+                    # The FHIR resources the referral maps to (what the service validates).
+                    bundle = mapped(data)
+                    resources = [e["resource"] for e in bundle.get("entry", [])]
+                else:
+                    resources = [e["resource"] for e in data.get("entry", [])] or [data]
+                validation._valid.clear()
+                t = time.perf_counter()
+                for r in resources:
+                    validation.validate_resource(r, r["resourceType"])
+                validate.append(time.perf_counter() - t)
+                rows = [{"content": json.dumps(r)} for r in resources]
+                t = time.perf_counter()
+                with engine.begin() as conn:
+                    conn.execute(insert(scratch), rows)
+                commit.append(time.perf_counter() - t)
+            out[path] = {
+                "parse": statistics.median(parse[3:]) * 1000,
+                "validate": statistics.median(validate[3:]) * 1000,
+                "commit": statistics.median(commit[3:]) * 1000,
+            }
+        meta.drop_all(engine)
+        engine.dispose()
         return out
 
 
@@ -120,12 +196,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--database-url", help="PostgreSQL instead of a new SQLite file")
     parser.add_argument("--paths", default=",".join(PATHS))
     parser.add_argument("--same-patient", action="store_true")
+    parser.add_argument(
+        "--floor", action="store_true", help="also the necessary parts, measured on their own"
+    )
     args = parser.parse_args(argv)
     if args.database_url:
         from fhir_kat.store import Store
 
         Store(args.database_url).drop_schema()
-    out = run(args.n, args.database_url, args.paths.split(","), args.same_patient)
+    parts: dict[str, dict[str, float]] | None = {} if args.floor else None
+    out = run(args.n, args.database_url, args.paths.split(","), args.same_patient, parts)
     print("| path | p50 ms | CPU p50 ms | statements | first 10 p50 ms | last 10 p50 ms |")
     print("|---|---:|---:|---:|---:|---:|")
     for path, got in out.items():
@@ -135,6 +215,17 @@ def main(argv: list[str] | None = None) -> None:
             f" | {statistics.median(got['statements']):.0f}"
             f" | {statistics.median(wall[:10]):.1f} | {statistics.median(wall[-10:]):.1f} |"
         )
+    if parts is not None:
+        print()
+        print("| path | parse ms | validate ms | one commit ms | sum ms | request p50 / sum |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for path, got in parts.items():
+            total = got["parse"] + got["validate"] + got["commit"]
+            p50 = statistics.median(out[path]["wall"]) if path in out else float("nan")
+            print(
+                f"| {path} | {got['parse']:.2f} | {got['validate']:.2f} | {got['commit']:.2f}"
+                f" | {total:.2f} | {p50 / total:.1f}x |"
+            )
 
 
 if __name__ == "__main__":

@@ -480,12 +480,14 @@ def _preload_statement(types: int, lock: bool) -> Select[Any]:
 
 #: Creates sent in one statement at most on PostgreSQL (8 parameters each).
 _MAX_CREATES_TOGETHER = 3_000
-#: ``Tx._send_creates_together``'s statement; ``<versions>`` and ``<currents>`` become the
-#: rows' placeholders.
-_CREATES_TOGETHER = (
+#: ``Tx._send_creates_together``'s statement: the versions' INSERT (a CTE) and the current
+#: rows' INSERT; ``<versions>`` and ``<currents>`` become the rows' placeholders.
+_VERSIONS_CTE = (
     "WITH kat_v AS (INSERT INTO resource_versions "
     "(res_type, res_id, version_id, last_updated, method, content) VALUES <versions> "
-    "RETURNING seq, res_type, res_id, last_updated, content) "
+    "RETURNING seq, res_type, res_id, last_updated, content)"
+)
+_CURRENTS_INSERT = (
     "INSERT INTO resources "
     "(res_type, res_id, version_id, last_updated, seq, deleted, content, patient_id) "
     "SELECT kat_v.res_type, kat_v.res_id, 1, kat_v.last_updated, kat_v.seq, false, "
@@ -505,6 +507,20 @@ def _index_statement(
     INSERT a data-modifying CTE of the last one's (``WITH t0 AS (INSERT …), t1 AS (INSERT …)
     INSERT …``), parameters bound by the driver as for any statement. None when the rows are
     too many for one statement (the caller then sends one INSERT per table)."""
+    found = _index_inserts(by_table)
+    if found is None:
+        return None
+    parts, values = found
+    *first, last = parts
+    ctes = ", ".join(f"kat_ix{i} AS ({part})" for i, part in enumerate(first))
+    return (f"WITH {ctes} {last}" if ctes else last), tuple(values)
+
+
+def _index_inserts(
+    by_table: dict[Any, list[dict[str, Any]]], budget: int = _MAX_INDEX_PARAMETERS
+) -> tuple[list[str], list[Any]] | None:
+    """Each index table's multi-row INSERT (placeholders) and their parameters, in order;
+    None beyond ``budget`` parameters."""
     parts: list[str] = []
     values: list[Any] = []
     for table in INDEX_TABLES:
@@ -520,11 +536,9 @@ def _index_statement(
         parts.append(head + ", ".join([one] * len(rows)))
         for r in rows:
             values.extend(r[c] for c in columns)
-        if len(values) > _MAX_INDEX_PARAMETERS:
+        if len(values) > budget:
             return None
-    *first, last = parts
-    ctes = ", ".join(f"kat_ix{i} AS ({part})" for i, part in enumerate(first))
-    return f"WITH {ctes} {last}", tuple(values)
+    return parts, values
 
 
 def _version_of(row: Any, *, compartment: bool = False) -> StoredResource:
@@ -976,9 +990,21 @@ class Tx:
         for p in pending:
             values += [p.stored.type, p.stored.id, p.stored.patient_id]
         # Only placeholders are put in: every value is bound by the driver.
-        statement = _CREATES_TOGETHER.replace(
-            "<versions>", ", ".join([one_version] * len(pending))
-        ).replace("<currents>", ", ".join(["(%s, %s, %s)"] * len(pending)))
+        versions = _VERSIONS_CTE.replace("<versions>", ", ".join([one_version] * len(pending)))
+        currents = _CURRENTS_INSERT.replace(
+            "<currents>", ", ".join(["(%s, %s, %s)"] * len(pending))
+        )
+        index = self._index_with_creates(pending, budget=_MAX_INDEX_PARAMETERS - len(values))
+        if index is None:
+            statement = f"{versions} {currents}"
+        else:
+            # The index rows too (only when none needs the seqs this returns): a create and
+            # its index in one round trip. Data-modifying CTEs all run, read or not.
+            parts, index_values = index
+            ctes = "".join(f", kat_ix{i} AS ({part})" for i, part in enumerate(parts))
+            statement = f"{versions}, kat_r AS ({currents}){ctes} SELECT * FROM kat_r"  # noqa: S608
+            values += index_values
+            self._s.pending_index = []
         result = self._conn.exec_driver_sql(statement, tuple(values))
         seqs = {(t, i): int(seq) for t, i, seq in result}
         for p in pending:
@@ -987,7 +1013,27 @@ class Tx:
             known = self._s.preloaded.get(key)
             if known is not None and known[0] is p.stored:
                 self._s.preloaded[key] = (stored, True)
-            self._write_index(p.ordered, p.rows, seq=stored.seq, patient_id=stored.patient_id)
+            if index is None:
+                self._write_index(p.ordered, p.rows, seq=stored.seq, patient_id=stored.patient_id)
+
+    def _index_with_creates(
+        self, pending: list[_PendingCreate], *, budget: int
+    ) -> tuple[list[str], list[Any]] | None:
+        """The index INSERTs to send with ``pending``'s rows: theirs and the transaction's
+        other pending index rows; None when that cannot be one statement — replaced rows'
+        index still to delete first, an ``observation_values`` row (it carries the seq the
+        statement returns), or too many parameters."""
+        if self._s.pending_clear:
+            return None
+        mine: list[tuple[Any, dict[str, Any]]] = []
+        for p in pending:
+            mine += _index_params(p.ordered, p.rows, seq=0, patient_id=p.stored.patient_id)
+        if any(table is observation_values for table, _ in mine):
+            return None
+        by_table: dict[Any, list[dict[str, Any]]] = {}
+        for table, params in [*self._s.pending_index, *mine]:
+            by_table.setdefault(table, []).append(params)
+        return _index_inserts(by_table, budget) if by_table else None
 
     def create_many(self, new: Sequence[dict[str, Any]]) -> list[StoredResource]:
         """Create ``new`` resources (none may exist yet) with one multi-row INSERT per table:
