@@ -36,6 +36,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import Engine, create_engine, event, insert
 from sqlalchemy.engine import make_url
+from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from bench import data as bench_data
 from fhir_kat.app import create_app
@@ -109,12 +110,16 @@ class Recorder:
         _cursor: Any,
         statement: str,
         parameters: Any,
-        _context: Any,
+        context: Any,
         executemany: bool,
     ) -> None:
         if self.path is None or statement in self.seen:
             return
-        first = parameters[0] if executemany and parameters else parameters
+        # A multi-row INSERT … RETURNING that SQLAlchemy rendered itself ("insertmanyvalues":
+        # a transaction's creates, ``Tx._send_creates``) is one statement with all its rows'
+        # parameters; an ``executemany`` repeats one statement, explained with its first row.
+        rendered = getattr(context, "execute_style", None) is ExecuteStyle.INSERTMANYVALUES
+        first = parameters[0] if executemany and parameters and not rendered else parameters
         self.seen[statement] = Recorded(self.path, statement, first)
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ HTTP, or decide consent (the delivery's consent check does, at send time).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -165,11 +166,11 @@ class SafetyService:
         if body_weight_kg(obs) is None or stored.patient_id is None:
             return None
         others = [
-            (observation_when(o), kg, row.id)
+            (when, kg, row.id)
             for row in self._search(tx, "Observation", stored.patient_id, code="29463-7")
             if row.id != stored.id
-            and usable(o := row.json())
-            and (kg := body_weight_kg(o)) is not None
+            for when, kg, fit in (_weight_reading(row.content),)
+            if fit and kg is not None
         ]
         return weight_signal(obs, stored.id, others, self.rules)
 
@@ -221,13 +222,12 @@ class SafetyService:
             return None
         best: tuple[datetime, float] | None = None
         for row in self._search(tx, "Observation", stored.patient_id, code="29463-7"):
-            obs = row.json()
-            when = parse_date_range(observation_when(obs))
-            kg = body_weight_kg(obs)
+            recorded, kg, fit = _weight_reading(row.content)
+            when = parse_date_range(recorded)
             if (
                 when
                 and kg is not None
-                and usable(obs)
+                and fit
                 and when[0] <= start[1]
                 and (best is None or when[0] > best[0])
             ):
@@ -388,6 +388,16 @@ class SafetyService:
                 flag["status"] = "inactive"
                 flag["period"] = {**flag.get("period", {}), "end": now}
             return self.fhir.update_in(tx, flag).stored
+
+
+@functools.lru_cache(maxsize=8192)
+def _weight_reading(content: str) -> tuple[str, float | None, bool]:
+    """(when, kg, usable) of a stored Observation's JSON, remembered by that JSON: the weight
+    rules read every body weight of the participant on each new weight or dosing session, and
+    parsing each again was most of a write's time for a participant with a long history (the
+    JSON is the key, so an answer can never outlive what it was read from)."""
+    obs = json.loads(content)
+    return observation_when(obs), body_weight_kg(obs), usable(obs)
 
 
 def _may_signal(stored: StoredResource) -> bool:

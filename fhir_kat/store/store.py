@@ -103,6 +103,15 @@ _GET = select(resources).where(
 )
 _GET_FOR_UPDATE = _GET.with_for_update()
 _INSERT_VERSION = insert(resource_versions).returning(resource_versions.c.seq)
+# Several versions in one statement (SQLAlchemy's "insertmanyvalues": one multi-row INSERT …
+# RETURNING), their seqs in the order of the rows. PostgreSQL: SQLAlchemy orders them
+# (``sort_by_parameter_order``). SQLite: asking that makes SQLAlchemy send one INSERT per row;
+# unasked, one statement whose seqs, sorted, are in row order — ``seq`` is the rowid, which
+# SQLite assigns as the largest one plus one to each row in turn, under the single writer.
+_INSERT_VERSIONS = insert(resource_versions).returning(
+    resource_versions.c.seq, sort_by_parameter_order=True
+)
+_INSERT_VERSIONS_SQLITE = insert(resource_versions).returning(resource_versions.c.seq)
 _INSERT_CURRENT = insert(resources)
 _UPDATE_CURRENT: dict[tuple[str, ...], Any] = {
     columns: update(resources)
@@ -581,6 +590,69 @@ def _preload_statement(types: int, lock: bool) -> Select[Any]:
     return stmt
 
 
+#: Creates sent in one statement at most on PostgreSQL (8 parameters each).
+_MAX_CREATES_TOGETHER = 3_000
+#: ``Tx._send_creates_together``'s statement: the versions' INSERT (a CTE) and the current
+#: rows' INSERT; ``<versions>`` and ``<currents>`` become the rows' placeholders.
+_VERSIONS_CTE = (
+    "WITH kat_v AS (INSERT INTO resource_versions "
+    "(res_type, res_id, version_id, last_updated, method, content) VALUES <versions> "
+    "RETURNING seq, res_type, res_id, last_updated, content)"
+)
+_CURRENTS_INSERT = (
+    "INSERT INTO resources "
+    "(res_type, res_id, version_id, last_updated, seq, deleted, content, patient_id) "
+    "SELECT kat_v.res_type, kat_v.res_id, 1, kat_v.last_updated, kat_v.seq, false, "
+    "kat_v.content, kat_c.patient_id "
+    "FROM kat_v JOIN (VALUES <currents>) AS kat_c (res_type, res_id, patient_id) "
+    "ON kat_c.res_type = kat_v.res_type AND kat_c.res_id = kat_v.res_id "
+    "RETURNING res_type, res_id, seq"
+)
+#: Parameters of one combined index INSERT at most (PostgreSQL's limit is 65,535 per statement).
+_MAX_INDEX_PARAMETERS = 30_000
+
+
+def _index_statement(
+    by_table: dict[Any, list[dict[str, Any]]],
+) -> tuple[str, tuple[Any, ...]] | None:
+    """PostgreSQL: the rows of several index tables as one statement — each table's multi-row
+    INSERT a data-modifying CTE of the last one's (``WITH t0 AS (INSERT …), t1 AS (INSERT …)
+    INSERT …``), parameters bound by the driver as for any statement. None when the rows are
+    too many for one statement (the caller then sends one INSERT per table)."""
+    found = _index_inserts(by_table)
+    if found is None:
+        return None
+    parts, values = found
+    *first, last = parts
+    ctes = ", ".join(f"kat_ix{i} AS ({part})" for i, part in enumerate(first))
+    return (f"WITH {ctes} {last}" if ctes else last), tuple(values)
+
+
+def _index_inserts(
+    by_table: dict[Any, list[dict[str, Any]]], budget: int = _MAX_INDEX_PARAMETERS
+) -> tuple[list[str], list[Any]] | None:
+    """Each index table's multi-row INSERT (placeholders) and their parameters, in order;
+    None beyond ``budget`` parameters."""
+    parts: list[str] = []
+    values: list[Any] = []
+    for table in INDEX_TABLES:
+        rows = by_table.get(table)
+        if not rows:
+            continue
+        columns = list(rows[0])
+        if any(len(r) != len(columns) for r in rows):
+            return None
+        one = "(" + ", ".join(["%s"] * len(columns)) + ")"
+        # Names are the schema's own (INDEX_TABLES, the rows' keys); every value is bound.
+        head = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "  # noqa: S608
+        parts.append(head + ", ".join([one] * len(rows)))
+        for r in rows:
+            values.extend(r[c] for c in columns)
+        if len(values) > budget:
+            return None
+    return parts, values
+
+
 def _version_of(row: Any, *, compartment: bool = False) -> StoredResource:
     """A ``resource_versions`` row; with ``compartment``, the patient of its own content."""
     content = row.content or ""
@@ -633,6 +705,20 @@ class _TxState:
         self.written = 0
         #: Each viewer's scope per type, until the transaction writes again.
         self.scopes: dict[tuple[Viewer, str], ReadScope] = {}
+        #: Creates (``put`` with ``current=None``) not yet sent: their version and current
+        #: rows go as one multi-row INSERT per table right before this transaction's next
+        #: statement of any kind (``Tx.conn``), so the database never sees them out of order.
+        self.pending_creates: list[_PendingCreate] = []
+
+
+@dataclass
+class _PendingCreate:
+    """A created resource whose rows are not sent yet (``Tx.put``, ``Tx._send_creates``)."""
+
+    stored: StoredResource  # as ``put`` returned it (``seq`` 0 until sent)
+    ordered: dict[str, Any]  # the stored JSON as a dict
+    rows: IndexRows
+    method: str
 
 
 class Tx:
@@ -652,13 +738,22 @@ class Tx:
         autocommit: bool = False,
         viewer: Viewer | None = None,
     ) -> None:
-        self.conn = conn
+        self._conn = conn
         self.store = store
         self.viewer = viewer
         # Everything but the viewer lives in one state object that every view of this
         # transaction (``system``, ``seen_by``) shares.
         self._s = _TxState(autocommit)
         self._system: Tx | None = None
+
+    @property
+    def conn(self) -> Connection:
+        """The transaction's connection, for a statement about to be run: creates still
+        pending (``put``) are sent first, so every statement — ours or a service's own on
+        another table — runs after the writes that came before it."""
+        if self._s.pending_creates:
+            self._send_creates()
+        return self._conn
 
     @property
     def memo(self) -> dict[str, Any]:
@@ -901,10 +996,11 @@ class Tx:
     ) -> tuple[StoredResource, bool]:
         """Write ``resource`` as the next version after ``current`` (None = create).
 
-        Sets ``meta.versionId``/``meta.lastUpdated``. Returns the stored resource and whether a
-        new version was written: an update that says exactly what ``current`` says
-        (``same_content``) writes nothing, on every path (FHIR's no-op update, ADR 0020), and
-        ``current`` is returned as it is.
+        Sets ``meta.versionId``/``meta.lastUpdated``. Returns the stored resource (a create's
+        rows are sent with the creates around it, before the transaction's next statement:
+        until then its ``seq`` is 0) and whether a new version was written: an update that
+        says exactly what ``current`` says (``same_content``) writes nothing, on every path
+        (FHIR's no-op update, ADR 0020), and ``current`` is returned as it is.
         """
         rtype, rid = resource["resourceType"], resource["id"]
         if current is not None and not current.deleted and same_content(current.json(), resource):
@@ -917,9 +1013,17 @@ class Tx:
         method = method or ("PUT" if current else "POST")
         self._s.preloaded.pop((rtype, rid), None)
         self._forget_scopes()
-        seq = self._insert_version(rtype, rid, version_id, now_naive, method, content)
         rows = extract_index(ordered)
         patient_id = patient_of(ordered, rows)
+        if current is None:
+            # Sent with the creates around it (``_send_creates``): a transaction of 100
+            # creates costs two INSERTs, not 200 (on PostgreSQL, two round trips).
+            stored = StoredResource(rtype, rid, 1, now_naive, content, False, 0, patient_id)
+            self._s.pending_creates.append(_PendingCreate(stored, ordered, rows, method))
+            self._s.written += 1
+            self._s.preloaded[(rtype, rid)] = (stored, True)
+            return stored, True
+        seq = self._insert_version(rtype, rid, version_id, now_naive, method, content)
         values: dict[str, Any] = {
             "version_id": version_id,
             "last_updated": now_naive,
@@ -928,14 +1032,120 @@ class Tx:
             "content": content,
             "patient_id": patient_id,
         }
-        if current is None:
-            self.conn.execute(_INSERT_CURRENT, {"res_type": rtype, "res_id": rid, **values})
-        else:
-            self._update_current(rtype, rid, current.version_id, values)
-            self._clear_index(rtype, rid)
+        self._update_current(rtype, rid, current.version_id, values)
+        self._clear_index(rtype, rid)
         self._write_index(ordered, rows, seq=seq, patient_id=patient_id)
         stored = StoredResource(rtype, rid, version_id, now_naive, content, False, seq, patient_id)
+        # What was just written is what a ``get`` in this transaction would read back (the
+        # write hooks read it again, deferred): answered from here, no round trip. Written
+        # rows are this transaction's own (row-locked on PostgreSQL), hence "locked".
+        self._s.preloaded[(rtype, rid)] = (stored, True)
         return stored, True
+
+    def _send_creates(self) -> None:
+        """Send the pending creates: one INSERT of their versions (RETURNING their seqs, in
+        order), one of their current rows; their index rows join the pending ones."""
+        pending, self._s.pending_creates = self._s.pending_creates, []
+        conn = self._conn
+        versions = [
+            {
+                "res_type": p.stored.type,
+                "res_id": p.stored.id,
+                "version_id": 1,
+                "last_updated": p.stored.last_updated,
+                "method": p.method,
+                "content": p.stored.content,
+            }
+            for p in pending
+        ]
+        if not self.store.is_sqlite and len(pending) <= _MAX_CREATES_TOGETHER:
+            self._send_creates_together(pending)
+            return
+        if len(versions) == 1:  # the compiled single-row statement: cheaper on one row
+            seqs = [int(conn.execute(_INSERT_VERSION, versions[0]).scalar_one())]
+        elif self.store.is_sqlite:
+            seqs = sorted(int(s) for s in conn.execute(_INSERT_VERSIONS_SQLITE, versions).scalars())
+        else:
+            seqs = [int(s) for s in conn.execute(_INSERT_VERSIONS, versions).scalars()]
+        current_rows = []
+        for p, seq in zip(pending, seqs, strict=True):
+            stored = dataclasses.replace(p.stored, seq=seq)
+            current_rows.append(
+                {
+                    "res_type": stored.type,
+                    "res_id": stored.id,
+                    "version_id": 1,
+                    "last_updated": stored.last_updated,
+                    "seq": seq,
+                    "deleted": False,
+                    "content": stored.content,
+                    "patient_id": stored.patient_id,
+                }
+            )
+            key = (stored.type, stored.id)
+            known = self._s.preloaded.get(key)
+            if known is not None and known[0] is p.stored:
+                self._s.preloaded[key] = (stored, True)
+            self._write_index(p.ordered, p.rows, seq=seq, patient_id=stored.patient_id)
+        conn.execute(_INSERT_CURRENT, current_rows[0] if len(current_rows) == 1 else current_rows)
+
+    def _send_creates_together(self, pending: list[_PendingCreate]) -> None:
+        """PostgreSQL: the versions and current rows of ``pending`` in one statement (one round
+        trip): the versions' INSERT a data-modifying CTE whose RETURNING feeds the current
+        rows' INSERT, which returns each resource's seq. Seqs follow the rows' order (the
+        sequence is drawn row by row as the VALUES are read)."""
+        one_version = "(%s, %s, 1, %s, %s, %s)"
+        values: list[Any] = []
+        for p in pending:
+            values += [p.stored.type, p.stored.id, p.stored.last_updated, p.method]
+            values.append(p.stored.content)
+        for p in pending:
+            values += [p.stored.type, p.stored.id, p.stored.patient_id]
+        # Only placeholders are put in: every value is bound by the driver.
+        versions = _VERSIONS_CTE.replace("<versions>", ", ".join([one_version] * len(pending)))
+        currents = _CURRENTS_INSERT.replace(
+            "<currents>", ", ".join(["(%s, %s, %s)"] * len(pending))
+        )
+        index = self._index_with_creates(pending, budget=_MAX_INDEX_PARAMETERS - len(values))
+        if index is None:
+            statement = f"{versions} {currents}"
+        else:
+            # The index rows too (only when none needs the seqs this returns): a create and
+            # its index in one round trip. Data-modifying CTEs all run, read or not.
+            parts, index_values = index
+            ctes = "".join(f", kat_ix{i} AS ({part})" for i, part in enumerate(parts))
+            statement = f"{versions}, kat_r AS ({currents}){ctes} SELECT * FROM kat_r"  # noqa: S608
+            values += index_values
+            self._s.pending_index = []
+        result = self._conn.exec_driver_sql(statement, tuple(values))
+        seqs = {(t, i): int(seq) for t, i, seq in result}
+        for p in pending:
+            stored = dataclasses.replace(p.stored, seq=seqs[(p.stored.type, p.stored.id)])
+            key = (stored.type, stored.id)
+            known = self._s.preloaded.get(key)
+            if known is not None and known[0] is p.stored:
+                self._s.preloaded[key] = (stored, True)
+            if index is None:
+                self._write_index(p.ordered, p.rows, seq=stored.seq, patient_id=stored.patient_id)
+
+    def _index_with_creates(
+        self, pending: list[_PendingCreate], *, budget: int
+    ) -> tuple[list[str], list[Any]] | None:
+        """The index INSERTs to send with ``pending``'s rows: theirs and the transaction's
+        other pending index rows; None when that cannot be one statement — replaced rows'
+        index still to delete first, an ``observation_values`` row (it carries the seq the
+        statement returns), or too many parameters."""
+        if self._s.pending_clear:
+            return None
+        mine: list[tuple[Any, dict[str, Any]]] = []
+        for p in pending:
+            mine += _index_params(p.ordered, p.rows, seq=0, patient_id=p.stored.patient_id)
+        if any(table is observation_values for table, _ in mine):
+            return None
+        by_table: dict[Any, list[dict[str, Any]]] = {}
+        for table, params in [*self._s.pending_index, *mine]:
+            by_table.setdefault(table, []).append(params)
+        return _index_inserts(by_table, budget) if by_table else None
 
     def create_many(self, new: Sequence[dict[str, Any]]) -> list[StoredResource]:
         """Create ``new`` resources (none may exist yet) with one multi-row INSERT per table:
@@ -1060,6 +1270,8 @@ class Tx:
         versions' rows, then one multi-row INSERT per index table. Every method that reads
         the index calls it first, and ``Store.write`` before the commit, so no reader (in
         this transaction or after it) sees the index lag the resources."""
+        if self._s.pending_creates:
+            self._send_creates()
         if self._s.pending_clear:
             keys = [{"k_type": t, "k_id": i} for t, i in self._s.pending_clear]
             self._s.pending_clear = {}
@@ -1072,10 +1284,16 @@ class Tx:
             self._insert_index(pending)
 
     def _insert_index(self, index: Sequence[tuple[Any, dict[str, Any]]]) -> None:
-        """One multi-row INSERT per index table."""
+        """One multi-row INSERT per index table; on PostgreSQL all of them in one statement
+        (``_index_statement``): one round trip where a table each took one."""
         by_table: dict[Any, list[dict[str, Any]]] = {}
         for table, params in index:
             by_table.setdefault(table, []).append(params)
+        if not self.store.is_sqlite and len(by_table) > 1:
+            together = _index_statement(by_table)
+            if together is not None:
+                self.conn.exec_driver_sql(*together)
+                return
         for table in INDEX_TABLES:
             if table in by_table:
                 self.conn.execute(_INSERT_INDEX[table], by_table[table])
@@ -1459,7 +1677,16 @@ class Tx:
         if c.modifier == "missing":
             return table, scope
         alternatives: list[ColumnElement[bool]] = []
-        for value in c.values:
+        values = c.values
+        if c.type == "token":
+            # Codes with no system given: one ``code IN (…)`` (the same rows as OR-ed
+            # equalities, and one expression to build where a transaction's conditional
+            # creates look up 100 identifiers together: ``FhirService._conditional_matches``).
+            bare = sorted({code for _, code, has_pipe in values if code and not has_pipe})
+            if len(bare) > 1:
+                alternatives.append(search_token.c.code.in_(bare))
+                values = tuple(v for v in values if not v[1] or v[2])
+        for value in values:
             if c.type == "token":
                 system, code, has_pipe = value
                 conds = []
