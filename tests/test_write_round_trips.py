@@ -237,10 +237,86 @@ def test_a_single_create_sends_each_table_once(client: FlaskClient, app: Any) ->
     assert r.status_code == 201
     # No SELECT of the resource just written (the safety step's read is answered in memory).
     assert not [s for s in sent if s.lstrip().startswith("SELECT resources.res_type")]
-    # Each table at most once per transaction: the Observation's, and its AuditEvent's.
+    # Each table once: the Observation and its request's AuditEvent share one transaction.
     # (PostgreSQL sends several tables' INSERTs as one statement: data-modifying CTEs.)
     tables = [t for s in sent for t in re.findall(r"INSERT INTO (\w+)", s)]
-    assert "resource_versions" in tables and max(tables.count(t) for t in tables) <= 2
+    assert "resource_versions" in tables and max(tables.count(t) for t in tables) == 1
+
+
+def _audit_events(store: Any) -> list[dict[str, Any]]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            select(resources.c.content)
+            .where(resources.c.res_type == "AuditEvent")
+            .order_by(resources.c.seq)
+        ).scalars()
+        return [json.loads(c) for c in rows]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "send", "status", "subtype", "nothing_written"),
+    [
+        ("POST", "/fhir/Observation", "new", 201, "create", False),
+        ("POST", "/fhir/Observation", "matched", 200, "create", True),
+        ("PUT", "/fhir/Observation/w1", "changed", 200, "update", False),
+        ("PUT", "/fhir/Observation/w1", "same", 200, "update", True),
+        ("PUT", "/fhir/Observation/w9", "new-id", 201, "create", False),
+        ("PUT", "/fhir/Observation?identifier=urn:test:obs|v1", "changed", 200, "update", False),
+    ],
+)
+def test_a_single_write_commits_once_with_its_audit_event(
+    client: FlaskClient,
+    app: Any,
+    method: str,
+    path: str,
+    send: str,
+    status: int,
+    subtype: str,
+    nothing_written: bool,
+) -> None:
+    """A REST create/update (plain, conditional, a no-op) is one database transaction: the
+    resource and the request's AuditEvent commit together, and exactly one AuditEvent names
+    what the request did (issue 20: one commit where there were two)."""
+    store = app.extensions["fhir_kat"].store
+    first = _observation(1, "single")
+    first["id"] = "w1"
+    client.put("/fhir/Observation/w1", data=json.dumps(first), content_type=FHIR_JSON)
+    body = dict(first)
+    headers: dict[str, str] = {}
+    if send == "changed":
+        body["valueQuantity"] = {**first["valueQuantity"], "value": 99}
+    elif send == "new-id":
+        body = _observation(9, "single")
+        body["id"] = "w9"
+    elif method == "POST":
+        del body["id"]
+        if send == "matched":
+            headers["If-None-Exist"] = "identifier=urn:test:obs|v1"
+        else:
+            body["identifier"] = [{"system": "urn:test:obs", "value": "fresh"}]
+    before = len(_audit_events(store))
+    commits: list[int] = []
+
+    def committed(_conn: Any) -> None:
+        commits.append(1)
+
+    event.listen(store.engine, "commit", committed)
+    try:
+        r = client.open(
+            path, method=method, data=json.dumps(body), content_type=FHIR_JSON, headers=headers
+        )
+    finally:
+        event.remove(store.engine, "commit", committed)
+    assert r.status_code == status, r.get_data(as_text=True)
+    stored_id = r.headers["Location"].split("/")[-3]
+    new = _audit_events(store)[before:]
+    assert len(new) == 1, new
+    (audit,) = new
+    assert audit["subtype"][0]["code"] == subtype
+    assert audit["outcome"] == "0"
+    assert f"Observation/{stored_id}" in [e["what"]["reference"] for e in audit["entity"]]
+    assert ("nothing written" in json.dumps(audit)) == nothing_written
+    assert len(commits) == 1, commits
 
 
 def test_postgres_sends_a_create_and_its_index_in_one_statement(
@@ -256,9 +332,9 @@ def test_postgres_sends_a_create_and_its_index_in_one_statement(
         r = client.post("/fhir/Observation", data=json.dumps(body), content_type=FHIR_JSON)
     assert r.status_code == 201
     writes = [s for s in sent if "INSERT INTO" in s]
-    # Per transaction (the Observation's, the AuditEvent's): one statement writing the
-    # version, the current row and every index table's rows.
-    assert len(writes) == 2, writes
+    # One transaction (the Observation with its request's AuditEvent, committed together):
+    # one statement writing both versions, their current rows and every index table's rows.
+    assert len(writes) == 1, writes
 
 
 def test_a_create_over_an_existing_id_fails_the_whole_transaction(database_url: str) -> None:

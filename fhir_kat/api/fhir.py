@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlencode
@@ -11,7 +12,7 @@ from flask import Blueprint, Response, current_app, g, request
 from fhir_kat.api.auth import audit_in, audit_record, current_access, token_url
 from fhir_kat.api.body import FHIR_JSON, read_json
 from fhir_kat.errors import BadRequest, NotAcceptable, issue
-from fhir_kat.security.audit import NOTHING_WRITTEN
+from fhir_kat.security.audit import NOTHING_WRITTEN, AuditRecord
 from fhir_kat.security.discovery import AUTH
 from fhir_kat.services.bundles import RawBundle
 from fhir_kat.services.capability import capability_statement
@@ -96,7 +97,7 @@ def write_response(result: WriteResult) -> Response:
     stored = result.stored
     headers = _version_headers(stored)
     headers["Location"] = f"{fhir_base()}/{stored.type}/{stored.id}/_history/{stored.version_id}"
-    status = 201 if result.created else 200
+    status = _write_status(result)
     preference = prefer("return")
     if preference == "minimal" or not result.disclose:
         return Response(status=status, headers=headers)
@@ -141,14 +142,53 @@ def _audited_bundle(bundle: RawBundle) -> Response:
     return bundle_response(bundle)
 
 
-def _audited_write(result: WriteResult, interaction: str) -> Response:
+def _audited_write(result: WriteResult, interaction: str, audit: _AuditWithWrite) -> Response:
     """``interaction`` is what the client asked for: a conditional create that matched is a
     create that wrote nothing, never an update."""
-    stored = result.stored
-    _audit(interaction, f"{stored.type}/{stored.id}", patient=stored.patient_id)
-    if not result.changed:
-        audit_record().detail = NOTHING_WRITTEN
+    record = audit_record()
+    _note_write(record, result, interaction)
+    # Committed with the data: the response-time audit is skipped for this status.
+    record.audited_status = audit.committed
     return write_response(result)
+
+
+def _note_write(record: AuditRecord, result: WriteResult, interaction: str) -> None:
+    stored = result.stored
+    record.interaction = interaction
+    record.entities.append(f"{stored.type}/{stored.id}")
+    if stored.patient_id:
+        record.patients.add(stored.patient_id)
+    if not result.changed:
+        record.detail = NOTHING_WRITTEN
+
+
+class _AuditWithWrite:
+    """The request's AuditEvent written inside its write's own transaction (``audit_in``): one
+    commit for the resource and its audit record. ``committed`` is the status it recorded once
+    the write returned (the commit succeeded); if the commit fails, both are gone and the
+    request is audited at response time with its real outcome."""
+
+    def __init__(self, interaction: Callable[[WriteResult], str]) -> None:
+        self.interaction = interaction
+        self.record = audit_record()
+        self.committed: int | None = None
+        self._status: int | None = None
+
+    def __call__(self, tx: Tx, result: WriteResult) -> None:
+        done = replace(
+            self.record, entities=list(self.record.entities), patients=set(self.record.patients)
+        )
+        _note_write(done, result, self.interaction(result))
+        done.status = self._status = _write_status(result)
+        audit_in(tx, done)
+
+    def returned(self) -> _AuditWithWrite:
+        self.committed = self._status
+        return self
+
+
+def _write_status(result: WriteResult) -> int:
+    return 201 if result.created else 200
 
 
 @bp.post("")
@@ -200,10 +240,15 @@ def search_post(rtype: str) -> Response:
 def create(rtype: str) -> Response:
     _audit("create")
     body: Any = read_json(request)
+    audit = _AuditWithWrite(lambda _: "create")
     result = service().create(
-        rtype, body, if_none_exist=_create_criteria(), access=current_access()
+        rtype,
+        body,
+        if_none_exist=_create_criteria(),
+        access=current_access(),
+        audit=audit,
     )
-    return _audited_write(result, "create")
+    return _audited_write(result, "create", audit.returned())
 
 
 def _create_criteria() -> str | None:
@@ -238,10 +283,16 @@ def read(rtype: str, rid: str) -> Response:
 def update(rtype: str, rid: str) -> Response:
     _audit("update", f"{rtype}/{rid}")
     body: Any = read_json(request)
+    audit = _AuditWithWrite(_put_interaction)
     result = service().update(
-        rtype, rid, body, if_match=request.headers.get("If-Match"), access=current_access()
+        rtype,
+        rid,
+        body,
+        if_match=request.headers.get("If-Match"),
+        access=current_access(),
+        audit=audit,
     )
-    return _audited_write(result, "create" if result.created else "update")
+    return _audited_write(result, _put_interaction(result), audit.returned())
 
 
 @bp.put("/<rtype>")
@@ -253,14 +304,20 @@ def conditional_update(rtype: str) -> Response:
             issue("required", "PUT needs Type/id, or Type?criteria for a conditional update")
         )
     body: Any = read_json(request)
+    audit = _AuditWithWrite(_put_interaction)
     result = service().conditional_update(
         rtype,
         criteria,
         body,
         if_match=request.headers.get("If-Match"),
         access=current_access(),
+        audit=audit,
     )
-    return _audited_write(result, "create" if result.created else "update")
+    return _audited_write(result, _put_interaction(result), audit.returned())
+
+
+def _put_interaction(result: WriteResult) -> str:
+    return "create" if result.created else "update"
 
 
 @bp.delete("/<rtype>/<rid>")

@@ -67,6 +67,16 @@ class WriteResult:
     disclose: bool = True
 
 
+#: Writes a request's audit record inside its write's own transaction (``FhirService.create``).
+WriteAudit = Callable[[Tx, WriteResult], None]
+
+
+def _audited(tx: Tx, result: WriteResult, audit: WriteAudit | None) -> WriteResult:
+    if audit is not None:
+        audit(tx, result)
+    return result
+
+
 def require_type(resource_type: str) -> None:
     if resource_type not in SUPPORTED_TYPES:
         raise NotFound(
@@ -311,14 +321,17 @@ class FhirService:
         *,
         if_none_exist: str | None = None,
         access: Access | None = None,
+        audit: WriteAudit | None = None,
     ) -> WriteResult:
+        """``audit`` runs inside the write's own database transaction with its result, so the
+        request's AuditEvent commits with the data (one commit, not two), as a transaction's."""
         require_type(rtype)
         require_access(access, rtype, "create")
         problems = validate_resource(resource, rtype)
         if problems:
             raise _status_for(problems)(problems)
         with self._write(access) as tx:
-            return self._create(tx, resource, if_none_exist)
+            return _audited(tx, self._create(tx, resource, if_none_exist), audit)
 
     def _create(self, tx: Tx, resource: dict[str, Any], if_none_exist: str | None) -> WriteResult:
         rtype = resource["resourceType"]
@@ -441,6 +454,7 @@ class FhirService:
         *,
         if_match: str | None = None,
         access: Access | None = None,
+        audit: WriteAudit | None = None,
     ) -> WriteResult:
         require_type(rtype)
         require_access(access, rtype, "update")
@@ -454,7 +468,7 @@ class FhirService:
             raise _status_for(problems)(problems)
         expected = parse_etag(if_match) if if_match else None
         with self._write(access) as tx:
-            return self._update(tx, resource, expected)
+            return _audited(tx, self._update(tx, resource, expected), audit)
 
     def conditional_update(
         self,
@@ -464,6 +478,7 @@ class FhirService:
         *,
         if_match: str | None = None,
         access: Access | None = None,
+        audit: WriteAudit | None = None,
     ) -> WriteResult:
         """``PUT Type?criteria`` (FHIR R4 3.1.0.4.3): the one match among what the caller may
         see is updated (an identical body writes nothing); no match creates (with the body's
@@ -478,7 +493,7 @@ class FhirService:
             body = dict(resource)
             match = self._conditional_match(tx, rtype, criteria, "request.url")
             body["id"] = _conditional_id(match, body.get("id"), f"{rtype}.id")
-            return self._update(tx, body, expected)
+            return _audited(tx, self._update(tx, body, expected), audit)
 
     def update_in(
         self,
