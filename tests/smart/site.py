@@ -78,6 +78,7 @@ def smart_site(
     *,
     key_file: Path | None = None,
     jwks: dict[str, Any] | None = None,
+    database_url: str | None = None,
 ) -> Iterator[SmartSite]:
     server: BaseWSGIServer = make_server("127.0.0.1", 0, _unavailable, threaded=True)
     url = f"http://127.0.0.1:{server.server_port}"
@@ -98,7 +99,7 @@ def smart_site(
                 ehrs = {"test-ehr": keyed}
             base = load_settings(
                 {},
-                database_url=f"sqlite:///{tmp_path / 'smart.sqlite3'}",
+                database_url=database_url or f"sqlite:///{tmp_path / 'smart.sqlite3'}",
                 data_dir=str(tmp_path / "v"),
                 pipeline_strict=True,
             )

@@ -42,8 +42,10 @@ def site(
     tmp_path: Path,
     sekmet_bin: Path,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
+    database_url: str,
 ) -> Iterator[SmartSite]:
-    with smart_site(tmp_path, sekmet_bin, monkeypatch) as opened:
+    """The service on both databases (sessions, sign-ins and sealed launches are rows)."""
+    with smart_site(tmp_path, sekmet_bin, monkeypatch, database_url=database_url) as opened:
         yield opened
 
 
