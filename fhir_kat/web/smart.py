@@ -208,6 +208,10 @@ def callback() -> Response:
     person = Person(launched.issuer, launched.subject, launched.name or launched.subject)
     record.person = person
     grant = ehr.grant
+    earlier = browser.current_session()
+    if earlier is not None:
+        # A launch never continues an older session (another person's, perhaps): it ends.
+        browser.sessions().end(earlier.key, now, "replaced by a launch")
     cookie, _ = browser.sessions().create(
         now,
         client_id=ehr.principal_client_id,

@@ -104,6 +104,8 @@ def sign_in_at_ehr(
     assert r.status_code == 303, r.text
     r = b.get(r.headers["Location"])
     interaction = r.headers["Location"]
+    if interaction.startswith(b.site.url):
+        return interaction  # signed in at the EHR already: straight back
     page = b.get(b.site.ehr.issuer + interaction)
     assert "Sign in at the EHR" in page.text
     form = {"username": "okafor", "password": "okafor-password", "action": action}
@@ -310,6 +312,25 @@ def test_a_tampered_state_and_a_replayed_callback_are_refused(site: SmartSite) -
     assert b2.get(callback).status_code == 200
     again = b2.get(callback)
     assert again.status_code == 400
+
+
+def test_a_launch_answered_after_ten_minutes_is_refused(site: SmartSite) -> None:
+    b = Browser(site)
+    callback = sign_in_at_ehr(b, to_ehr(b))
+    site.clock.offset = timedelta(minutes=10, seconds=1)
+    r = b.get(callback)
+    assert r.status_code == 400 and "took too long" in r.text
+    assert not b.http.cookies.get(web_session.COOKIE)
+
+
+def test_a_launch_ends_the_session_the_browser_had(site: SmartSite) -> None:
+    b = Browser(site)
+    first = launch_form(b)
+    assert first.status_code == 200
+    old_cookie = b.http.cookies.get(web_session.COOKIE)
+    assert launch_form(b).status_code == 200
+    assert b.http.cookies.get(web_session.COOKIE) != old_cookie
+    assert site.state().sessions.find(old_cookie, site.clock()) is None
 
 
 def test_a_callback_in_another_browser_is_refused(site: SmartSite) -> None:
