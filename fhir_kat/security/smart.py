@@ -30,6 +30,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 from fhir_kat.security.clients import DEFAULT_PURPOSE, PURPOSES
 from fhir_kat.security.oidc import (
+    HTTP_TIMEOUT_SECONDS,
     Authorization,
     OpenIdClient,
     Provider,
@@ -301,6 +302,26 @@ class EhrAuthorizationServer(OpenIdClient):
                 str(self.metadata()["token_endpoint"]), headers=headers, alg=self.ehr.algorithm
             )
         )
+
+    def revoke(self, access_token: str) -> bool:
+        """Ask the EHR to revoke a launch's access token (RFC 7009), when its configuration
+        names a ``revocation_endpoint``: the token is then dead at the EHR too, not only
+        forgotten here. Best effort: False when not offered or not done (the token still
+        expires at the EHR); never raises, never logs the token."""
+        try:
+            endpoint = self.metadata().get("revocation_endpoint")
+            if not isinstance(endpoint, str) or not secure_url(endpoint):
+                return False
+            with self._session("") as session:
+                response = session.revoke_token(
+                    endpoint,
+                    token=access_token,
+                    token_type_hint="access_token",  # noqa: S106 (RFC 7009 hint, not a secret)
+                    timeout=HTTP_TIMEOUT_SECONDS,
+                )
+            return bool(response.status_code == 200)
+        except Exception:  # revocation is a courtesy: the launch is forgotten here regardless
+            return False
 
     def begin_launch(self, redirect_uri: str, launch: str | None) -> Authorization:
         """An EHR launch (``launch`` given: scope ``launch``) or a standalone one (the patient

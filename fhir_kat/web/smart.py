@@ -84,7 +84,10 @@ def _refused(title: str, message: str, status: int, retry: bool = True) -> Respo
 @bp.before_app_request
 def _form_needs_a_launch() -> Response | None:
     """The form without a session (a bookmark, an expired session): a page saying to launch
-    again from the EMR, before the bearer check would answer an API client's 401."""
+    again from the EMR, before the bearer check would answer an API client's 401. Signing out
+    of a launched session revokes the EHR's token first (the row goes with the session)."""
+    if request.endpoint == "web.logout":
+        _revoke_launch()
     if request.endpoint == "smart.referral" and browser.current_session() is None:
         audit_record().detail = "denied: no browser session"
         return _refused(
@@ -107,10 +110,22 @@ def _after(response: Response) -> Response:
         and 200 <= response.status_code < 300
     ):
         # The referral is sent: the launch's token and context are of no more use.
-        session = browser.current_session()
-        if session is not None and session.client_id.startswith(CLIENT_PREFIX):
-            browser.sessions().drop_launch(session.key)
+        _revoke_launch()
     return response
+
+
+def _revoke_launch() -> None:
+    """Forget the current session's launch, asking the EHR to revoke its token first."""
+    session = browser.current_session()
+    if session is None or not session.client_id.startswith(CLIENT_PREFIX):
+        return
+    context = browser.sessions().open_launch(
+        request.cookies.get(browser.COOKIE, ""), _state().clock()
+    )
+    server = _servers().get(str((context or {}).get("ehr", "")))
+    if context is not None and server is not None and not server.revoke(context["access_token"]):
+        log.info("SMART EHR token not revoked (expires there)", extra={"ehr": server.ehr.id})
+    browser.sessions().drop_launch(session.key)
 
 
 @bp.get("/launch")

@@ -265,7 +265,8 @@ def test_ehr_launch_prefills_the_form_and_the_referral_is_sent_as_the_physician(
     assert created
     names = {a.get("who", {}).get("display") for e in created for a in e.get("agent", [])}
     assert "Dr Sam Okafor" in names
-    # Sent: the launch and its token are gone; the form says so.
+    # Sent: the launch and its token are gone (revoked at the EHR too); the form says so.
+    assert all(not site.ehr._active(t) for t in site.ehr.tokens_used)
     with site.state().store.read(transaction=False) as tx:
         assert tx.conn.execute(smart_launches.select()).first() is None
     assert b.get(f"{site.url}/smart/referral").status_code == 410
@@ -403,6 +404,7 @@ def test_an_expired_launch_and_sign_out_forget_the_ehr_token(site: SmartSite) ->
     assert expired.status_code == 410 and "This launch has ended" in expired.text
     with site.state().store.read(transaction=False) as tx:
         assert tx.conn.execute(smart_launches.select()).first() is None
+    earlier = set(site.ehr.tokens_used)
     b2 = Browser(site)
     page = launch_form(b2)
     assert page.status_code == 200
@@ -414,6 +416,8 @@ def test_an_expired_launch_and_sign_out_forget_the_ehr_token(site: SmartSite) ->
     assert out.status_code == 303
     with site.state().store.read(transaction=False) as tx:
         assert tx.conn.execute(smart_launches.select()).first() is None
+    second = site.ehr.tokens_used - earlier
+    assert second and all(not site.ehr._active(t) for t in second)  # revoked at the EHR
     assert b2.get(f"{site.url}/smart/referral").status_code == 401
 
 
