@@ -223,3 +223,87 @@ def test_the_physicians_resource_is_read_only_under_the_registered_iss(
     fhir_user: str, expected: str | None
 ) -> None:
     assert user_path(fhir_user, ISS) == expected
+
+
+# ---------------------------------------------------------------------------- the prefill
+
+
+FHIR = "https://emr.example.org/fhir"
+
+
+def _bundle(*resources: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources],
+    }
+
+
+@pytest.fixture
+def chart_server() -> Iterator[responses.RequestsMock]:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        yield rsps
+
+
+def _prefill(user: str | None) -> Any:
+    from fhir_kat.instruments.definitions import load_catalogue
+    from fhir_kat.services.smart_launch import LaunchChart
+
+    return LaunchChart(load_catalogue({})).prefill(FHIR, "at", "pt-1", user)
+
+
+def test_the_physician_behind_a_practitioner_role_prefills_the_referrer(
+    chart_server: responses.RequestsMock,
+) -> None:
+    patient = {"resourceType": "Patient", "id": "pt-1", "name": [{"family": "Doe"}]}
+    chart_server.get(f"{FHIR}/Patient/pt-1", json=patient)
+    chart_server.get(
+        f"{FHIR}/PractitionerRole/r-1",
+        json={
+            "resourceType": "PractitionerRole",
+            "id": "r-1",
+            "practitioner": {"reference": "Practitioner/dr-1"},
+        },
+    )
+    chart_server.get(
+        f"{FHIR}/Practitioner/dr-1",
+        json={"resourceType": "Practitioner", "id": "dr-1", "name": [{"family": "Okafor"}]},
+    )
+    for rtype in ("Condition", "MedicationRequest", "Observation"):
+        chart_server.get(f"{FHIR}/{rtype}", json=_bundle())
+    done = _prefill("PractitionerRole/r-1")
+    assert done.fields["referrer.family_name"] == "Okafor"
+    assert done.fields["patient.family_name"] == "Doe"
+    assert done.complete and done.conditions == [] and done.scores == []
+
+
+def test_a_role_naming_a_practitioner_elsewhere_is_not_followed(
+    chart_server: responses.RequestsMock,
+) -> None:
+    chart_server.get(f"{FHIR}/Patient/pt-1", json={"resourceType": "Patient", "id": "pt-1"})
+    chart_server.get(
+        f"{FHIR}/PractitionerRole/r-1",
+        json={
+            "resourceType": "PractitionerRole",
+            "practitioner": {"reference": "https://evil.example.org/Practitioner/x"},
+        },
+    )
+    for rtype in ("Condition", "MedicationRequest", "Observation"):
+        chart_server.get(f"{FHIR}/{rtype}", status=403)
+    done = _prefill("PractitionerRole/r-1")
+    assert "referrer.family_name" not in done.fields
+    assert not done.complete  # the page tells the physician part of the chart was not read
+    assert len(chart_server.calls) == 5  # nothing outside the EHR's FHIR base
+
+
+def test_a_chart_without_its_patient_is_unavailable(chart_server: responses.RequestsMock) -> None:
+    from fhir_kat.services.smart_launch import ChartUnavailable
+
+    chart_server.get(f"{FHIR}/Patient/pt-1", status=503)
+    with pytest.raises(ChartUnavailable):
+        _prefill(None)
+    chart_server.replace(
+        responses.GET, f"{FHIR}/Patient/pt-1", json={"resourceType": "Patient", "id": "pt-2"}
+    )
+    with pytest.raises(ChartUnavailable):  # another patient than the launch's
+        _prefill(None)

@@ -16,6 +16,7 @@ anything but the registered EHR's FHIR base.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,9 +75,9 @@ class LaunchChart:
         conditions = reader.get(f"Condition?patient={patient_id}")
         medications = reader.get(f"MedicationRequest?patient={patient_id}&status=active")
         scores = reader.get(f"Observation?patient={patient_id}&code={codes}&_sort=-date&_count=30")
-        user = reader.get(user_path) if user_path else None
         context: dict[str, Any] = {"patient": patient}
-        if _is(user, user_path.split("/")[0] if user_path else ""):
+        user = self._practitioner(reader, user_path)
+        if user is not None:
             context["user"] = user
         if isinstance(conditions, dict) and conditions.get("resourceType") == "Bundle":
             context["conditions"] = conditions
@@ -95,9 +96,27 @@ class LaunchChart:
             ),
         )
 
+    @staticmethod
+    def _practitioner(reader: EhrFhirReader, user_path: str | None) -> dict[str, Any] | None:
+        """The physician's Practitioner (``%user``): ``fhirUser`` itself, or the practitioner a
+        PractitionerRole names (a relative reference on the same server; nothing else)."""
+        if not user_path:
+            return None
+        found = reader.get(user_path)
+        if isinstance(found, dict) and found.get("resourceType") == "PractitionerRole":
+            ref = str((found.get("practitioner") or {}).get("reference") or "")
+            rtype, _, rid = ref.partition("/")
+            if rtype != "Practitioner" or not _ID.match(rid):
+                return None
+            found = reader.get(ref)
+        return found if _is(found, "Practitioner") else None
+
+
+_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # a FHIR id: a relative reference, never a URL
+
 
 def _is(resource: Any, rtype: str) -> bool:
-    return isinstance(resource, dict) and bool(rtype) and resource.get("resourceType") == rtype
+    return isinstance(resource, dict) and resource.get("resourceType") == rtype
 
 
 def _resources(bundle: Any, rtype: str) -> list[dict[str, Any]]:
