@@ -48,7 +48,9 @@ class FakeEhr:
         self.config = configuration()
         self.claims: dict[str, Any] = {"fhirUser": f"{ISS}/Practitioner/dr-1", "name": "Dr A"}
         self.token_extra: dict[str, Any] = {"patient": "pt-1"}
-        self.key: Any = KEY
+        self.key: Any = KEY  # signs the ID token
+        self.published: Any = KEY  # in the EHR's JWKS
+        self.alg = "RS256"
         self.nonce = ""
         self.token_requests: list[dict[str, str]] = []
         rsps.add_callback(
@@ -59,7 +61,11 @@ class FakeEhr:
         rsps.add_callback(
             responses.GET,
             f"{AS}/jwks",
-            callback=lambda _r: (200, {}, json.dumps(KeySet([KEY]).as_dict(private=False))),
+            callback=lambda _r: (
+                200,
+                {},
+                json.dumps(KeySet([self.published]).as_dict(private=False)),
+            ),
         )
         rsps.add_callback(responses.POST, f"{AS}/token", callback=self._token)
 
@@ -76,7 +82,9 @@ class FakeEhr:
             **self.claims,
         }
         claims = {k: v for k, v in claims.items() if v is not None}
-        id_token = jose_jwt.encode({"alg": "RS256", "kid": "k1"}, claims, self.key)
+        id_token = jose_jwt.encode(
+            {"alg": self.alg, "kid": "k1"}, claims, self.key, algorithms=[self.alg]
+        )
         answer = {
             "access_token": "ehr-at-1",
             "token_type": "Bearer",
@@ -185,6 +193,20 @@ def test_a_launch_without_a_patient_or_a_practitioner_is_refused(
     with pytest.raises(SignInError) as caught:
         launch(ehr)
     assert why in caught.value.reason
+
+
+@pytest.mark.parametrize("alg", ["RS384", "ES384"])
+def test_id_tokens_signed_with_smarts_other_algorithms_are_accepted(ehr: FakeEhr, alg: str) -> None:
+    from joserfc.jwk import ECKey
+
+    key = (
+        RSAKey.generate_key(2048, parameters={"kid": "k1"})
+        if alg.startswith("RS")
+        else ECKey.generate_key("P-384", parameters={"kid": "k1"})
+    )
+    ehr.key = ehr.published = key
+    ehr.alg = alg
+    assert launch(ehr).patient == "pt-1"
 
 
 def test_an_id_token_signed_by_another_key_is_refused(ehr: FakeEhr) -> None:

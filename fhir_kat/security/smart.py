@@ -31,6 +31,7 @@ from joserfc.jwk import ECKey, RSAKey
 from fhir_kat.security.clients import DEFAULT_PURPOSE, PURPOSES
 from fhir_kat.security.oidc import (
     HTTP_TIMEOUT_SECONDS,
+    ID_TOKEN_ALGORITHMS,
     Authorization,
     OpenIdClient,
     Provider,
@@ -264,6 +265,15 @@ class EhrAuthorizationServer(OpenIdClient):
         super().__init__(provider, http, f"{ehr.iss}/.well-known/smart-configuration")
         self.ehr = ehr
 
+    def metadata(self) -> dict[str, Any]:
+        doc = super().metadata()
+        if "id_token_signing_alg_values_supported" not in doc:
+            # A smart-configuration need not list them (OpenID discovery's default, RS256
+            # alone, would refuse an EHR signing with RS384 or ES384): every asymmetric
+            # algorithm, still checked against the EHR's own keys.
+            return {**doc, "id_token_signing_alg_values_supported": list(ID_TOKEN_ALGORITHMS)}
+        return doc
+
     def _metadata_problems(self, doc: Mapping[str, Any]) -> list[str]:
         """SMART App Launch 2.x discovery: an OpenID issuer with its keys (``sso-openid-
         connect``), both endpoints, PKCE S256, and a confidential client's capability."""
@@ -272,7 +282,8 @@ class EhrAuthorizationServer(OpenIdClient):
         if not isinstance(issuer, str) or not secure_url(issuer):
             problems.append("issuer missing or not https (needed for the physician's identity)")
         else:
-            self.provider = replace(self.provider, issuer=issuer.rstrip("/"))
+            # Exactly as named: the ID token's iss must equal it (OIDC Core 3.1.3.7).
+            self.provider = replace(self.provider, issuer=issuer)
         for key in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
             value = doc.get(key)
             if not isinstance(value, str) or not secure_url(value):
