@@ -41,7 +41,8 @@ from fhir_kat.security.identity import (
 from fhir_kat.security.oidc import OpenIdClient, grant_configured, load_providers
 from fhir_kat.security.ratelimit import FailureLimiter, RateLimiter
 from fhir_kat.security.sessions import SessionStore
-from fhir_kat.security.tokens import TokenService, load_signing_key
+from fhir_kat.security.smart import EhrAuthorizationServer, launch_grant_configured, load_ehrs
+from fhir_kat.security.tokens import Principal, TokenService, load_signing_key
 from fhir_kat.services.artifacts import ArtifactService, install_referral_form
 from fhir_kat.services.export import ExportService
 from fhir_kat.services.fhir_rest import FhirService
@@ -49,6 +50,7 @@ from fhir_kat.services.instruments import InstrumentService
 from fhir_kat.services.outcomes import OutcomeService
 from fhir_kat.services.pipeline import Services, build_services, write_pipeline
 from fhir_kat.services.pipeline import install as install_pipeline
+from fhir_kat.services.smart_launch import LaunchChart
 from fhir_kat.services.v2_referrals import load_senders
 from fhir_kat.settings import Settings, SettingsError, load_settings
 from fhir_kat.store import Store
@@ -80,6 +82,10 @@ class KatState:
     cds_verifier: CdsRequestVerifier | None = None
     #: Hook calls per registered EHR (``[cds_hooks] rate_limit_per_minute``).
     cds_rate_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(0))
+    #: EHRs that launch the referral form as a SMART app (``[smart.ehrs.*]``), by name, and
+    #: the prefill read from their charts (services/smart_launch.py).
+    smart_ehrs: dict[str, EhrAuthorizationServer] = field(default_factory=dict)
+    smart_chart: LaunchChart | None = None
 
     # The services most routes use, by their short names.
     @property
@@ -120,6 +126,10 @@ def create_app(
         for pid, provider in load_providers(settings.extra.get("oidc", {}), os.environ).items()
     }
     cds_hooks = load_cds_hooks(settings.extra.get("cds_hooks", {}))
+    smart_ehrs = {
+        name: EhrAuthorizationServer(ehr)
+        for name, ehr in load_ehrs(settings.extra.get("smart", {}), os.environ).items()
+    }
     program = settings.extra.get("program", {})
     catalogue = load_catalogue(program.get("instruments", {}), outcomes=program.get("outcomes"))
     try:
@@ -174,7 +184,9 @@ def create_app(
         clock=now,
         clients=clients,
     )
-    tokens.person_grant_configured = partial(grant_configured, identity_providers)
+    tokens.person_grant_configured = partial(
+        _person_grant_configured, identity_providers, smart_ehrs
+    )
 
     app = Flask("fhir_kat")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -205,6 +217,8 @@ def create_app(
         identity_providers=identity_providers,
         cds_verifier=CdsRequestVerifier(cds_hooks, store),
         cds_rate_limiter=RateLimiter(cds_hooks.rate_limit_per_minute),
+        smart_ehrs=smart_ehrs,
+        smart_chart=LaunchChart(catalogue),
     )
 
     from fhir_kat.api import auth
@@ -253,6 +267,16 @@ def create_app(
         # public URLs come from public_base_url, not from forwarded host headers.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops)  # type: ignore[method-assign]
     return app
+
+
+def _person_grant_configured(
+    providers: Mapping[str, OpenIdClient],
+    ehrs: Mapping[str, EhrAuthorizationServer],
+    principal: Principal,
+) -> bool:
+    """A person's grant is still what its sign-in (OpenID Provider) or launch (SMART EHR)
+    registration gives."""
+    return grant_configured(providers, principal) or launch_grant_configured(ehrs, principal)
 
 
 def _id_namespace(settings: Settings, store: Store) -> uuid.UUID:

@@ -167,6 +167,7 @@ _SECTIONS = {
     "v2_senders",
     "oidc",
     "cds_hooks",
+    "smart",
 }
 _CLIENT_SIGN_IN = ("auto", "on", "off")
 

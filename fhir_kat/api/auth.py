@@ -47,6 +47,9 @@ PUBLIC = {
     "web.static",
     "web.login_provider",  # signing in through an OpenID Provider: its start and callback
     "web.callback",
+    # The referral form's SMART launch: the registered iss, then its own state (web/smart.py)
+    "smart.launch",
+    "smart.callback",
     # CDS Hooks: the EHR's own signed JWT, verified by the blueprint (api/cds_hooks.py)
     "cds_hooks.discovery",
     "cds_hooks.call",

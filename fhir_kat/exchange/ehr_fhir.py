@@ -1,4 +1,5 @@
-"""Reads from an EHR's FHIR server with the access token a CDS Hooks request carries.
+"""Reads from an EHR's FHIR server with the access token a CDS Hooks request carries (or a
+SMART launch obtained: ``services/smart_launch.py``).
 
 Owns: ``EhrFhirReader`` — a read (``Patient/<id>``) or a search (``Condition?patient=…``)
 against the hook's ``fhirServer`` with its ``fhirAuthorization`` bearer token, answering the

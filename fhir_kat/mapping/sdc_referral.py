@@ -237,6 +237,22 @@ def referral_from_response(qr: Mapping[str, Any]) -> dict[str, Any]:
                 "QuestionnaireResponse.status",
             )
         )
+    _read_answers(qr, artifact, problems)
+    if problems:
+        raise Unprocessable(problems)
+    return artifact
+
+
+def answered_fields(qr: Mapping[str, Any]) -> dict[str, Any]:
+    """The artifact fields a response's answers give, as far as they go (``$populate``'s
+    in-progress response: a prefill, not a referral). An answer the item cannot take is left
+    out, never coerced: the physician answers it."""
+    artifact: dict[str, Any] = {}
+    _read_answers(qr, artifact, [])
+    return artifact
+
+
+def _read_answers(qr: Mapping[str, Any], artifact: dict[str, Any], problems: list[Issue]) -> None:
     for link, answers in _answers(qr.get("item"), problems):
         item = _items().get(link)
         if item is None or item["type"] == "group":
@@ -249,9 +265,6 @@ def referral_from_response(qr: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if values:
             _assign(artifact, link, values)
-    if problems:
-        raise Unprocessable(problems)
-    return artifact
 
 
 def _answers(items: Any, problems: list[Issue]) -> Iterator[tuple[str, list[dict[str, Any]]]]:

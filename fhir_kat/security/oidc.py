@@ -317,9 +317,17 @@ class Authorization:
 class OpenIdClient:
     """The web pages as a relying party of one provider (one per provider, per process)."""
 
-    def __init__(self, provider: Provider, http: requests.Session | None = None) -> None:
+    def __init__(
+        self,
+        provider: Provider,
+        http: requests.Session | None = None,
+        discovery_url: str | None = None,
+    ) -> None:
         self.provider = provider
         self.http = http or requests.Session()
+        #: Where the provider's metadata is read: OpenID Connect Discovery, or (a SMART EHR's
+        #: authorization server, ``security/smart.py``) the FHIR server's smart-configuration.
+        self.discovery_url = discovery_url or f"{provider.issuer}/.well-known/openid-configuration"
         self._lock = threading.Lock()
         self._metadata: dict[str, Any] | None = None
         self._metadata_at = 0.0
@@ -333,10 +341,8 @@ class OpenIdClient:
             fresh = time.monotonic() - self._metadata_at < METADATA_TTL_SECONDS
             if self._metadata is not None and fresh:
                 return self._metadata
-        doc = self._get_json(
-            f"{self.provider.issuer}/.well-known/openid-configuration", "discovery document"
-        )
-        problems = _metadata_problems(doc, self.provider.issuer)
+        doc = self._get_json(self.discovery_url, "discovery document")
+        problems = self._metadata_problems(doc)
         if problems:
             raise SignInError(
                 "provider metadata refused: " + "; ".join(problems),
@@ -348,6 +354,9 @@ class OpenIdClient:
             self._metadata, self._metadata_at = doc, time.monotonic()
             self._keys = None  # new metadata may name a new key set
         return doc
+
+    def _metadata_problems(self, doc: Mapping[str, Any]) -> list[str]:
+        return _metadata_problems(doc, self.provider.issuer)
 
     def _key_set(self, refresh: bool = False) -> KeySet:
         with self._lock:
@@ -397,12 +406,17 @@ class OpenIdClient:
             code_challenge_method="S256",
             token_endpoint_auth_method=self.provider.token_endpoint_auth_method,
         )
+        self._client_auth(session)
         # The provider's own TLS and proxy settings, as for every other request of ours.
         session.trust_env = self.http.trust_env
         return session
 
-    def begin(self, redirect_uri: str) -> Authorization:
-        """A new authorization request: fresh state, nonce and PKCE verifier (S256)."""
+    def _client_auth(self, session: Any) -> None:
+        """Hook for another client authentication (SMART's private_key_jwt)."""
+
+    def begin(self, redirect_uri: str, extra: Mapping[str, str] | None = None) -> Authorization:
+        """A new authorization request: fresh state, nonce and PKCE verifier (S256); ``extra``
+        parameters go along (SMART's ``aud`` and ``launch``)."""
         state = secrets.token_urlsafe(32)
         nonce = secrets.token_urlsafe(32)
         verifier = secrets.token_urlsafe(64)  # 86 characters, within RFC 7636's 43-128
@@ -412,6 +426,7 @@ class OpenIdClient:
                 state=state,
                 code_verifier=verifier,
                 nonce=nonce,
+                **dict(extra or {}),
             )
         return Authorization(str(url), state, nonce, verifier)
 
@@ -428,6 +443,22 @@ class OpenIdClient:
     ) -> Identity:
         """The person the provider signed in, from the callback's parameters (whose ``state``
         the caller has already matched to the request it made). Raises ``SignInError``."""
+        claims, _ = self.finish_with_token(
+            params, redirect_uri=redirect_uri, nonce=nonce, code_verifier=code_verifier, now=now
+        )
+        return self._identity(claims)
+
+    def finish_with_token(
+        self,
+        params: Mapping[str, str],
+        *,
+        redirect_uri: str,
+        nonce: str,
+        code_verifier: str,
+        now: int,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``finish``'s work, answering the validated claims (ID token, then UserInfo) and the
+        whole token response (a SMART EHR's carries the launch context beside the tokens)."""
         metadata = self.metadata()
         issuer_param = params.get("iss")
         if issuer_param is not None and issuer_param != self.provider.issuer:
@@ -451,7 +482,7 @@ class OpenIdClient:
         merged = dict(claims)
         if not self._has_claims(merged) and metadata.get("userinfo_endpoint"):
             merged.update(self._userinfo(str(metadata["userinfo_endpoint"]), token, claims))
-        return self._identity(merged)
+        return merged, token
 
     def _exchange(self, code: str, redirect_uri: str, code_verifier: str) -> dict[str, Any]:
         endpoint = str(self.metadata()["token_endpoint"])

@@ -9,12 +9,19 @@ its SHA-256, so a copy of the table opens no session. A session ends at sign-out
 so: a copied cookie stops working in every process at once), after ``idle_seconds`` without a
 request, and ``absolute_seconds`` after sign-in — both on the service clock.
 
+``smart_launches`` holds what a SMART launch (``security/smart.py``) needs until the referral is
+sent: the EHR, the patient in context, the physician's ``fhirUser`` and the EHR's access token,
+sealed (AES-GCM) with a key derived from the session's cookie value — which the database never
+holds — so a copy of the table reveals no EHR token and no patient id. One row per session, gone
+when the referral is sent, at sign-out, when the session ends, and when the EHR's token expires.
+
 Must not: decide what a session may do (the grant is recorded here; the bearer check and
 ``Access`` enforce it), or log a session id.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import secrets
@@ -22,6 +29,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import Column, DateTime, String, Table, Text, delete, insert, select, update
 
 from fhir_kat.search import utc_naive
@@ -70,6 +81,15 @@ browser_signins = Table(
     Column("code_verifier", String(128), nullable=False),
     Column("next_path", Text, nullable=False),
     Column("expires_at", DateTime, nullable=False, index=True),
+)
+
+
+smart_launches = Table(
+    "smart_launches",
+    metadata,
+    Column("session", String(64), primary_key=True),  # the browser session row's id
+    Column("sealed", Text, nullable=False),  # AES-GCM under a key only the cookie yields
+    Column("expires_at", DateTime, nullable=False, index=True),  # the EHR token's expiry
 )
 
 
@@ -188,6 +208,62 @@ class SessionStore:
                 .where(browser_sessions.c.id == key, browser_sessions.c.ended_at.is_(None))
                 .values(ended_at=utc_naive(now), end_reason=reason[:32])
             )
+            # A launch's EHR token never outlives the session it was given to.
+            tx.conn.execute(delete(smart_launches).where(smart_launches.c.session == key))
+
+    # ------------------------------------------------------------------ SMART launches
+
+    def keep_launch(
+        self, cookie: str, context: Mapping[str, str], expires_at: datetime, now: datetime
+    ) -> None:
+        """Keep a launch's context (the EHR token among it) for the session of ``cookie``,
+        sealed with a key derived from the cookie value; replaces an earlier launch's."""
+        key = digest(cookie)
+        nonce = secrets.token_bytes(12)
+        sealed = nonce + AESGCM(_launch_key(cookie)).encrypt(
+            nonce, json.dumps(dict(context)).encode(), key.encode()
+        )
+        with self.store.write() as tx:
+            tx.conn.execute(
+                delete(smart_launches).where(smart_launches.c.expires_at < utc_naive(now))
+            )
+            tx.conn.execute(delete(smart_launches).where(smart_launches.c.session == key))
+            tx.conn.execute(
+                insert(smart_launches).values(
+                    session=key,
+                    sealed=base64.b64encode(sealed).decode(),
+                    expires_at=utc_naive(expires_at),
+                )
+            )
+
+    def open_launch(self, cookie: str, now: datetime) -> dict[str, str] | None:
+        """The live launch of the session of ``cookie``; None when there is none, it has
+        expired (the row is removed), or it does not open with this cookie."""
+        key = digest(cookie)
+        with self.store.read(transaction=False) as tx:
+            row = tx.conn.execute(
+                select(smart_launches).where(smart_launches.c.session == key)
+            ).first()
+        if row is None:
+            return None
+        if utc_naive(now) >= row.expires_at:
+            self.drop_launch(key)
+            return None
+        raw = base64.b64decode(row.sealed)
+        try:
+            opened = AESGCM(_launch_key(cookie)).decrypt(raw[:12], raw[12:], key.encode())
+        except (InvalidTag, ValueError):
+            return None
+        context: dict[str, str] = json.loads(opened)
+        return context
+
+    def drop_launch(self, session_key: str) -> bool:
+        """Forget the launch of a session (its EHR token with it); True when there was one."""
+        with self.store.write() as tx:
+            gone = tx.conn.execute(
+                delete(smart_launches).where(smart_launches.c.session == session_key)
+            )
+        return bool(gone.rowcount)
 
     # ------------------------------------------------------------------ sign-ins under way
 
@@ -238,6 +314,14 @@ class SessionStore:
         if row.browser != digest(binding) or utc_naive(now) >= row.expires_at:
             return None
         return PendingSignIn(row.provider, row.nonce, row.code_verifier, row.next_path)
+
+
+def _launch_key(cookie: str) -> bytes:
+    """The AES key sealing a session's launch: HKDF of the cookie value (random, 256 bits),
+    which only the browser holds."""
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"fhir_kat smart launch"
+    ).derive(cookie.encode())
 
 
 def _session(row: Mapping[str, object]) -> BrowserSession:

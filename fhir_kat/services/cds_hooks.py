@@ -37,7 +37,7 @@ from fhir_kat.exchange.ehr_fhir import EhrFhirReader
 from fhir_kat.instruments.definitions import Catalogue
 from fhir_kat.security.cds_clients import CdsClient, CdsHooksConfig
 from fhir_kat.services.referrals import ReferralWorkflow
-from fhir_kat.workflow.chart import age_on, chart_facts
+from fhir_kat.workflow.chart import age_on, chart_facts, latest_totals
 from fhir_kat.workflow.shapes import SERVICE
 from fhir_kat.workflow.triage import Decision, Finding, referrer_statements
 
@@ -316,22 +316,7 @@ class CdsHooksService:
 
     def _latest(self, scores: Sequence[Mapping[str, Any]]) -> list[str]:
         """``PHQ-9: 18 (2026-11-02)`` for the latest total of each instrument in the chart."""
-        latest: dict[str, tuple[str, Any]] = {}
-        for obs in scores:
-            if obs.get("status") not in ("final", "amended", "corrected"):
-                continue
-            value = (obs.get("valueQuantity") or {}).get("value", obs.get("valueInteger"))
-            when = str(obs.get("effectiveDateTime") or "")
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                continue
-            for c in (obs.get("code") or {}).get("coding") or []:
-                title = self.totals.get(str(c.get("code"))) if c.get("system") == LOINC else None
-                if title and (title not in latest or when > latest[title][0]):
-                    latest[title] = (when, value)
-        return [
-            f"{title}: {value:g} ({when[:10] or 'date not recorded'})"
-            for title, (when, value) in sorted(latest.items())
-        ]
+        return latest_totals(scores, self.totals, LOINC)
 
 
 def _detail(

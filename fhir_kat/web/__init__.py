@@ -5,6 +5,17 @@ Plain server-rendered HTML with small hand-written scripts (``static/``); the pa
 write only through the service's own APIs, so roles, scopes, consent and audit apply unchanged.
 """
 
-from fhir_kat.web.pages import bp, register
+from flask import Flask
+
+from fhir_kat.web import pages, smart
+from fhir_kat.web.pages import bp
+
+
+def register(app: Flask) -> None:
+    """The pages, then the SMART app (its session checks run in this order, before the bearer
+    check ``api.auth.install`` adds)."""
+    pages.register(app)
+    smart.register(app)
+
 
 __all__ = ["bp", "register"]

@@ -391,20 +391,30 @@ def _referral_numbering() -> tuple[str, str, str]:
     return f"{IDENTIFIERS}/referral-form/{quote(owner, safe='')}", org_system, org_value
 
 
-@bp.get("/referrals/new")
-def referral_new() -> str:
+def referral_form(template: str = "referral.html", **context: Any) -> str:
+    """The referral form page (``template`` extends referral.html): its fields from the
+    artifact's JSON Schema, the clinic's numbering and identifier derived from the caller;
+    ``prefill`` (a SMART launch's chart, web/smart.py) adds values the physician reviews."""
     _require_area("artifacts:referrals", "send referrals")
     numbering, org_system, org_value = _referral_numbering()
+    defaults = {
+        **context.pop("prefill", {}),
+        "referral_identifier.system": numbering,
+        "referrer.organization.identifier.system": org_system or f"{IDENTIFIERS}/organization",
+        "referrer.organization.identifier.value": org_value,
+        "urgency": "routine",
+    }
     return _page(
-        "referral.html",
+        template,
         sections=referral_fields(json_schema("referrals"), clinic_known=bool(org_value)),
-        defaults={
-            "referral_identifier.system": numbering,
-            "referrer.organization.identifier.system": org_system or f"{IDENTIFIERS}/organization",
-            "referrer.organization.identifier.value": org_value,
-            "urgency": "routine",
-        },
+        defaults=defaults,
+        **context,
     )
+
+
+@bp.get("/referrals/new")
+def referral_new() -> str:
+    return referral_form()
 
 
 @bp.get("/referrals")

@@ -33,6 +33,7 @@ from fhir_kat.security.clients import Client
 from fhir_kat.security.oidc import CLIENT_PREFIX, SignInError
 from fhir_kat.security.scopes import parse_scopes
 from fhir_kat.security.sessions import TOUCH_AFTER_SECONDS, BrowserSession, SessionStore
+from fhir_kat.security.smart import CLIENT_PREFIX as SMART_PREFIX
 
 COOKIE = "kat_session"
 #: Binds an OpenID Connect sign-in under way to the browser that began it (SameSite=Lax: the
@@ -145,13 +146,20 @@ def _access_token(session: BrowserSession) -> str | None:
             return None
         token: str = state.tokens.issue(client, client.scopes)[0]
         return token
-    oidc = state.identity_providers.get(session.client_id.removeprefix(CLIENT_PREFIX))
-    if oidc is None:
-        return None  # the provider is no longer configured
-    try:
-        grant = oidc.provider.grant_for(session.grant_source)
-    except SignInError:
-        return None
+    if session.client_id.startswith(SMART_PREFIX):
+        # A physician launched from an EHR: the grant its registration names (security/smart.py).
+        server = state.smart_ehrs.get(session.client_id.removeprefix(SMART_PREFIX))
+        if server is None:
+            return None  # the EHR is no longer registered
+        grant = server.ehr.grant
+    else:
+        oidc = state.identity_providers.get(session.client_id.removeprefix(CLIENT_PREFIX))
+        if oidc is None:
+            return None  # the provider is no longer configured
+        try:
+            grant = oidc.provider.grant_for(session.grant_source)
+        except SignInError:
+            return None
     if (grant.role, grant.organization, grant.scope_text, grant.purpose) != (
         session.role,
         session.organization,

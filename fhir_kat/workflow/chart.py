@@ -93,6 +93,29 @@ def age_on(birth_date: str, on: date) -> int | None:
     return on.year - birth.year - ((on.month, on.day) < (birth.month, birth.day))
 
 
+def latest_totals(
+    scores: Iterable[Mapping[str, Any]], totals: Mapping[str, str], loinc: str
+) -> list[str]:
+    """``PHQ-9: 18 (2026-11-02)`` for the latest final total of each instrument among
+    ``scores`` (``totals``: LOINC total code → instrument title), ordered by title."""
+    latest: dict[str, tuple[str, Any]] = {}
+    for obs in scores:
+        if obs.get("status") not in ("final", "amended", "corrected"):
+            continue
+        value = (obs.get("valueQuantity") or {}).get("value", obs.get("valueInteger"))
+        when = str(obs.get("effectiveDateTime") or "")
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        for c in (obs.get("code") or {}).get("coding") or []:
+            title = totals.get(str(c.get("code"))) if c.get("system") == loinc else None
+            if title and (title not in latest or when > latest[title][0]):
+                latest[title] = (when, value)
+    return [
+        f"{title}: {value:g} ({when[:10] or 'date not recorded'})"
+        for title, (when, value) in sorted(latest.items())
+    ]
+
+
 def codings_of(concept: Any) -> tuple[Coding, ...]:
     if not isinstance(concept, dict):
         return ()

@@ -32,6 +32,15 @@
       } else if (widget === "bool3") {
         const chosen = node.querySelector("input:checked");
         if (chosen && chosen.value) setPath(artifact, path, chosen.value === "true");
+      } else if (widget === "conditions") {
+        /* Coded conditions from the EMR's problem list (a SMART launch's prefill): the ones
+           left ticked go as the EMR codes them. */
+        const conditions = [...node.querySelectorAll("input:checked")].map((i) => {
+          const c = { system: i.dataset.system, code: i.value };
+          if (i.dataset.display) c.display = i.dataset.display;
+          return c;
+        });
+        if (conditions.length) setPath(artifact, path, conditions);
       } else if (widget === "flags") {
         const flags = [];
         for (const flag of node.querySelectorAll("fieldset.flag")) {
