@@ -1,5 +1,5 @@
 """Reads under ingest, and the referral's tail under concurrent writers, against a baseline
-commit, in one run (issue 20, ADR 0097).
+commit, in one run (issue 20, ADR 0023).
 
     python -m bench.reads_under_writes                     # baseline = main's merge base
     python -m bench.reads_under_writes --baseline a2baa14 --rounds 3 --seconds 8

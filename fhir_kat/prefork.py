@@ -5,7 +5,7 @@ Owns: ``warm`` (what a first request would load lazily — the R4B model classes
 mappings, terminology — loaded now, with no database access and no clock) and
 ``fork_safe(app)`` (what must not cross a fork, renewed in each child: the database pool's
 connections, the SQLite writer queue's lock file descriptor and thread lock, the audit
-journal's connection and queue (ADR 0097), the export thread pool). Must not: write
+journal's connection and queue (ADR 0023), the export thread pool). Must not: write
 anything or start threads in the parent.
 
 The child's renewal runs from ``os.register_at_fork``, so any pre-forking server is safe, not

@@ -1,4 +1,4 @@
-"""The audit trail stays complete while reads stop taking the SQLite writer turn (ADR 0097).
+"""The audit trail stays complete while reads stop taking the SQLite writer turn (ADR 0023).
 
 On SQLite a request that writes nothing else (a read, a search, a refusal, a sign-in) commits
 its AuditEvent to the audit journal beside the database (``store.audit_journal``), which has a

@@ -200,7 +200,7 @@ def _post(client: FlaskClient, kind: str, body: dict[str, Any]) -> Any:
 
 def _audit_events(app: Flask) -> list[dict[str, Any]]:
     store: Store = app.extensions["fhir_kat"].store
-    store.drain_audit()  # a refusal's record waits in the audit journal (ADR 0097)
+    store.drain_audit()  # a refusal's record waits in the audit journal (ADR 0023)
     with store.read() as tx:
         rows, _, _ = tx.search(SearchQuery("AuditEvent", count=1000))
     return [r.json() for r in rows]

@@ -47,7 +47,7 @@ def versions(app: Flask) -> Counter[str]:
 
 
 def audit_events(app: Flask) -> list[dict[str, Any]]:
-    """Every AuditEvent, oldest first (the audit journal's records moved first, ADR 0097)."""
+    """Every AuditEvent, oldest first (the audit journal's records moved first, ADR 0023)."""
     app.extensions["fhir_kat"].store.drain_audit()
     engine = app.extensions["fhir_kat"].store.engine
     with engine.connect() as conn:

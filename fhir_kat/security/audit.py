@@ -216,7 +216,7 @@ def _unique(items: Iterable[str]) -> list[str]:
 def write_audit_event(store: Store, event: dict[str, Any]) -> None:
     """Audit writes bypass the API (no client may write AuditEvents) but not the store. The
     record of a request that wrote nothing else: committed before this returns, and on
-    SQLite without waiting for the database's writers (``Store.record_audit``, ADR 0097)."""
+    SQLite without waiting for the database's writers (``Store.record_audit``, ADR 0023)."""
     store.record_audit(event)
 
 

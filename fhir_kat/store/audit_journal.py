@@ -1,4 +1,4 @@
-"""The audit journal: where an SQLite deployment's reads leave their AuditEvent (ADR 0097).
+"""The audit journal: where an SQLite deployment's reads leave their AuditEvent (ADR 0023).
 
 Owns: a small SQLite file beside the database (``<db>-audit``), append-only, with its own
 writer queue, into which the audit records written at response time (reads, searches,

@@ -234,7 +234,7 @@ class Store:
             with self.engine.connect().execution_options(kat_write=True) as conn, conn.begin():
                 _create_missing(conn)
                 _reindex_stale(conn)
-            # Records a crashed or stopped process left in the audit journal (ADR 0097).
+            # Records a crashed or stopped process left in the audit journal (ADR 0023).
             self.drain_audit()
             self.statistics.refresh()
             return
@@ -352,7 +352,7 @@ class Store:
         audit journal (``audit_journal``), which takes only the journal's writer turn — a read
         never waits behind the database's writers — and moved into the store as an AuditEvent
         (the same resource, id and content) by the next writer once enough are waiting, by an
-        idle moment, by anyone about to read AuditEvents, and at start-up (ADR 0097)."""
+        idle moment, by anyone about to read AuditEvents, and at start-up (ADR 0023)."""
         if self._journal is None:
             with self.write() as tx:
                 tx.put(event, current=None)
@@ -479,7 +479,7 @@ class Store:
 _NO_QUEUE = nullcontext()
 
 #: Audit records waiting in the journal before a writer takes them along (or an idle moment
-#: moves them), and how many one move takes: moved in groups, their cost is shared (ADR 0097).
+#: moves them), and how many one move takes: moved in groups, their cost is shared (ADR 0023).
 AUDIT_MOVE_AT = 64
 AUDIT_MOVE_BATCH = 256
 AUDIT_DRAIN_BATCH = 1000

@@ -1,5 +1,5 @@
 """The referral form as a SMART App Launch 2.x app (``/smart``; docs/integrators.md, "SMART
-app"; ADR 0099).
+app"; ADR 0026).
 
 ``GET /smart/launch?iss=…&launch=…`` (EHR launch) or ``?iss=…`` (standalone: the patient is
 picked at the EHR) → the EHR's authorization server (``security/smart.py``: PKCE S256, ``aud``
