@@ -42,9 +42,10 @@ CLINICAL = frozenset(
 #: role -> resource type ("*" = any type not named) -> letters (c r u d s).
 FHIR_RULES: dict[str, dict[str, str]] = {
     # A referrer sends referrals (a transaction of these types) and follows the Tasks and
-    # ServiceRequests it sent (filtered to its own organisation), through reads or Subscriptions.
+    # ServiceRequests it sent (filtered to its own organisation), through reads or Subscriptions,
+    # and reads the Patients those referrals are about (ADR 0096; ``Access.referred_patients``).
     "referrer": {
-        "Patient": "cu",
+        "Patient": "crus",
         "Practitioner": "cu",
         "PractitionerRole": "cu",
         "Organization": "cu",

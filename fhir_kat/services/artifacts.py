@@ -72,7 +72,7 @@ class ArtifactService:
         payload, bundle = self._prepare(kind, payload, submitter, access)
         entries: list[dict[str, Any]] = bundle.get("entry", [])
         with self.fhir.store.read(viewer=access) as tx:
-            self._check_identity(tx.system, entries, named=_reads_patients(access))
+            self._check_identity(tx, entries)
             self._check_references(tx.system, entries)
         return bundle
 
@@ -118,7 +118,7 @@ class ArtifactService:
                 for_update=True,
             )
             # The service's own checks read what is stored, whoever the sender is.
-            self._check_identity(tx.system, entries, named=_reads_patients(access))
+            self._check_identity(tx, entries)
             self._check_references(tx.system, entries)
             results: list[tuple[dict[str, Any], WriteResult]] = []
             provenance: list[dict[str, Any]] = []
@@ -189,19 +189,22 @@ class ArtifactService:
             id_namespace=self.id_namespace,
         )
 
-    def _check_identity(self, tx: Tx, entries: list[dict[str, Any]], *, named: bool) -> None:
+    def _check_identity(self, tx: Tx, entries: list[dict[str, Any]]) -> None:
         """One PHN, one person: a Patient already stored under the artifact's PHN whose birth
         date, sex or family name differ is refused (records are never merged automatically).
-        Only a caller who may read Patients is told which element differs: to anyone else
-        the refusal is the same whatever differs, so it cannot confirm a demographic."""
+        The check reads what is stored (``tx.system``), whoever sends; only a caller who may
+        read that Patient (``tx``'s caller: program staff, the clinic that referred the
+        person) is told which element differs: to anyone else the refusal is the same
+        whatever differs, so it cannot confirm a demographic."""
         problems: list[Issue] = []
         for entry in entries:
             resource = entry["resource"]
             if resource["resourceType"] != "Patient":
                 continue
-            stored = tx.get("Patient", resource["id"])
+            stored = tx.system.get("Patient", resource["id"])
             if stored is None or stored.deleted:
                 continue
+            named = tx.admits(stored)
             known = stored.json()
             differing = [
                 element
@@ -281,10 +284,6 @@ def install_referral_form(fhir: FhirService) -> None:
     with fhir.write() as tx:
         tx.lock("install-definitions")  # processes starting together take turns
         fhir.update_in(tx, referral_questionnaire())
-
-
-def _reads_patients(access: Access | None) -> bool:
-    return access is None or access.can("Patient", "r")
 
 
 def _require_own_organisation(kind: str, payload: dict[str, Any], access: Access) -> None:
