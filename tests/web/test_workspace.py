@@ -123,7 +123,11 @@ def test_a_referrer_refers_and_follows_its_clinics_referrals_only(pages: Pages, 
     fill_referral_form(page, "R-MINE-1", phn(21))
     page.get_by_role("button", name="Send referral").click()
     page.wait_for_url("**/app/referrals/*?submitted=1")
-    expect(page.locator("#referral-title")).to_have_text("Referral R-MINE-1")
+    # The clinic reads the patient of its own referral (ADR 0096): named with the PHN.
+    expect(page.locator("#referral-title")).to_have_text(
+        f"Referral R-MINE-1 — Robin Formfilled, PHN {phn(21)}"
+    )
+    expect(page.locator("#referral-patient")).to_have_text(f"Robin Formfilled, PHN {phn(21)}")
     expect(page.locator("#task-next")).not_to_be_empty()
     check_page(page, "referral-status")
     mine = page.url.split("/app/referrals/")[1].split("?")[0]
@@ -135,6 +139,8 @@ def test_a_referrer_refers_and_follows_its_clinics_referrals_only(pages: Pages, 
     rows = page.locator("#referrals tbody tr")
     expect(rows).to_have_count(1)
     expect(rows.first).to_contain_text("R-MINE-1")
+    expect(rows.first).to_contain_text("Robin Formfilled")
+    expect(rows.first).to_contain_text(phn(21))
     expect(rows.first).to_contain_text("Received by the program")
     expect(rows.first).to_contain_text("psychiatric nurse")  # what happens next
     assert "R-OTHER-1" not in page.locator("main").inner_text()
@@ -142,6 +148,10 @@ def test_a_referrer_refers_and_follows_its_clinics_referrals_only(pages: Pages, 
     page.locator("#referral-search").fill("nothing-like-this")
     expect(rows).to_have_count(0)
     page.locator("#referral-search").fill("r-mine")
+    expect(rows).to_have_count(1)
+    page.locator("#referral-search").fill(phn(21))  # by PHN
+    expect(rows).to_have_count(1)
+    page.locator("#referral-search").fill("formfilled")  # by name
     expect(rows).to_have_count(1)
     check_page(page, "my-referrals")
 
@@ -153,12 +163,27 @@ def test_a_referrer_refers_and_follows_its_clinics_referrals_only(pages: Pages, 
     other = pages.open("/app/referrals", "other-referrer")
     expect(other.locator("#referrals tbody tr")).to_have_count(1)
     expect(other.locator("#referrals tbody tr").first).to_contain_text("R-OTHER-1")
+    expect(other.locator("#referrals tbody tr").first).to_contain_text("Jamie Otherclinic")
+    expect(other.locator("#referrals tbody tr").first).to_contain_text(phn(11))
     assert "R-MINE-1" not in other.locator("main").inner_text()
-    assert "Formfilled" not in other.content()
+    assert "Formfilled" not in other.content() and phn(21) not in other.content()
+    # Clinic B refers the same person too: it now names them on its own referral, and still
+    # sees nothing of clinic A's referral of them.
+    same = referral("R-OTHER-3", "Formfilled", "Robin", phn(21), "CLINIC-8")
+    same["patient"] |= {"birth_date": "1979-07-08", "sex": "male"}
+    shared = post_referral(app, "other-referrer", same)
+    other.goto(pages.server.url + f"/app/referrals/{shared}")
+    expect(other.locator("#referral-patient")).to_have_text(f"Robin Formfilled, PHN {phn(21)}")
+    other.goto(pages.server.url + "/app/referrals")
+    expect(other.locator("#referrals tbody tr")).to_have_count(2)
+    assert "R-MINE-1" not in other.locator("main").inner_text()
+    other.goto(pages.server.url + f"/app/referrals/{mine}")
+    expect(other.locator("#error-summary")).to_be_visible()
+    assert "R-MINE-1" not in other.content() and "Formfilled" not in other.content()
 
     # Program staff see every referral with the patient named.
     staff = pages.open("/app/referrals", "staff")
-    expect(staff.locator("#referrals tbody tr")).to_have_count(2)
+    expect(staff.locator("#referrals tbody tr")).to_have_count(3)
     expect(staff.locator("#referrals")).to_contain_text("Robin Formfilled")
     expect(staff.locator("#referrals")).to_contain_text(phn(21))
     check_page(staff, "referrals-staff")
