@@ -36,6 +36,8 @@ with contextlib.suppress(ImportError):  # test_browser.py fails loudly without p
     from playwright.sync_api import Page, expect
 
 STAFF_SYSTEM = "https://fhir-kat.example.org/fhir/sid/organization"
+#: BC PHN (DOMAIN.md).
+PHN_SYSTEM = "https://fhir.infoway-inforoute.ca/NamingSystem/ca-bc-patient-healthcare-id"
 
 
 def phn(n: int) -> str:
@@ -216,6 +218,24 @@ def test_a_nurse_is_told_on_the_spot_and_resolves_the_flag_in_the_inbox(
     post_referral(
         app, "other-referrer", referral("R-NURSE-2", "Bystander", "Lee", phn(51), "CLINIC-8")
     )
+    # An older Flag of medium priority (SpO2 below the limit): the inbox still shows the
+    # high-priority one first — the order is the priority the safety rules give each Flag.
+    staff = client_as(app, "staff")
+    morgan = staff.get(f"/fhir/Patient?identifier={PHN_SYSTEM}|{phn(41)}").get_json()
+    spo2 = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2708-6"}]},
+        "subject": {"reference": f"Patient/{morgan['entry'][0]['resource']['id']}"},
+        "effectiveDateTime": "2026-11-01T10:00:00-08:00",
+        "valueQuantity": {
+            "value": 85,
+            "unit": "%",
+            "system": "http://unitsofmeasure.org",
+            "code": "%",
+        },
+    }
+    assert staff.post("/fhir/Observation", json=spo2).status_code == 201
     page = pages.open("/app/questionnaires/phq-9", "staff")
     page.get_by_label("Find by name or PHN").fill(phn(41))
     page.get_by_role("button", name="Find").click()
@@ -236,9 +256,17 @@ def test_a_nurse_is_told_on_the_spot_and_resolves_the_flag_in_the_inbox(
     check_page(page, "questionnaire-flag-raised")
 
     alert.get_by_role("link", name="safety inbox").click()
-    card = page.locator("article.flag-card").filter(has_text="Morgan Safetycase")
+    cards = page.locator("article.flag-card").filter(has_text="Morgan Safetycase")
+    expect(cards).to_have_count(2)
+    expect(cards.nth(0)).to_contain_text("PHQ-9 item 9")
+    expect(cards.nth(0)).to_contain_text("Act now")
+    expect(cards.nth(0)).to_contain_text("Priority: High priority")
+    expect(cards.nth(1)).to_contain_text("Today")
+    expect(cards.nth(1)).to_contain_text(
+        "Priority: Medium priority (program decision awaiting clinical review)"
+    )
+    card = cards.filter(has_text="PHQ-9 item 9")
     expect(card).to_have_count(1)
-    expect(card).to_contain_text("Act now")
     expect(card).to_contain_text("PHQ-9 item 9")
     expect(card.get_by_role("link", name="Questionnaire answers")).to_be_visible()
     check_page(page, "safety-inbox")
@@ -251,12 +279,12 @@ def test_a_nurse_is_told_on_the_spot_and_resolves_the_flag_in_the_inbox(
     page.get_by_label("Your staff number").fill("N-1001")
     card.get_by_role("button", name="Acknowledge").click()
     expect(page.locator("#inbox-status")).to_contain_text("Acknowledged: Morgan Safetycase")
-    card = page.locator("article.flag-card").filter(has_text="Morgan Safetycase")
+    card = page.locator("article.flag-card").filter(has_text="PHQ-9 item 9")
     expect(card).to_contain_text("Acknowledged")
     card.get_by_label("Note").fill("Seen by the psychiatrist; no immediate risk.")
     card.get_by_role("button", name="Resolve").click()
     expect(page.locator("#inbox-status")).to_contain_text("Resolved: Morgan Safetycase")
-    expect(page.locator("article.flag-card").filter(has_text="Morgan Safetycase")).to_have_count(0)
+    expect(page.locator("article.flag-card").filter(has_text="PHQ-9 item 9")).to_have_count(0)
     flags = client_as(app, "staff").get("/fhir/Flag?status=inactive").get_json()["entry"]
     resolution = [
         x
