@@ -24,6 +24,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.conftest import client_as
+from tests.test_appointments import session_appointment
 from tests.test_visibility import (
     PHN_A,
     PHN_B,
@@ -40,7 +41,7 @@ from tests.test_visibility import (
 #: BC PHN identifier system (DOMAIN.md).
 PHN_SYSTEM = "https://fhir.infoway-inforoute.ca/NamingSystem/ca-bc-patient-healthcare-id"
 CLIENTS = ("ha", "referrer", "other-referrer", "staff")
-TYPES = ("Patient", "Observation", "Task", "ServiceRequest", "Consent", "Group")
+TYPES = ("Patient", "Observation", "Task", "ServiceRequest", "Consent", "Group", "Appointment")
 NARROWINGS: list[dict[str, Any]] = [
     {},
     {"type": "deny"},
@@ -213,7 +214,16 @@ def test_every_path_agrees_with_the_plain_search(app: Flask, seed: int) -> None:
         model.referrals.append((who, patient, task["focus"]["reference"][15:]))
     for step in range(8):
         action = rng.choice(
-            ("observation", "consent", "revoke", "move", "co-refer", "withdraw", "erase")
+            (
+                "observation",
+                "consent",
+                "revoke",
+                "move",
+                "co-refer",
+                "withdraw",
+                "erase",
+                "appointment",
+            )
         )
         patient = rng.choice(patients)
         if action == "co-refer":  # a clinic refers a person another clinic (or itself) referred
@@ -238,6 +248,10 @@ def test_every_path_agrees_with_the_plain_search(app: Flask, seed: int) -> None:
             body.pop("meta")
             r = fhir(staff, "PUT", f"/fhir/ServiceRequest/{sr}", body)
             model.erased.add(sr)
+        elif action == "appointment":  # a KaT session booked for the participant
+            when = f"2027-{rng.randint(1, 9):02d}-{rng.randint(1, 28):02d}T09:00:00-08:00"
+            booking = session_appointment(patient, when, rng.randint(1, 3))
+            r = fhir(staff, "POST", "/fhir/Appointment", booking)
         elif action == "observation":
             when = f"2026-{rng.randint(1, 9):02d}-{rng.randint(1, 28):02d}"
             r = fhir(staff, "POST", "/fhir/Observation", observation(patient, when))

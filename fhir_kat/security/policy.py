@@ -18,6 +18,7 @@ CLINICAL = frozenset(
     {
         "AdverseEvent",
         "AllergyIntolerance",
+        "Appointment",
         "ClinicalImpression",
         "Communication",
         "Composition",

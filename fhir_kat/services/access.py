@@ -48,6 +48,7 @@ SEES_ALL_SUBSCRIPTIONS = frozenset({"program-staff", "admin"})
 DATA_PERIOD_PARAMS = {
     "AdverseEvent": "date",
     "AllergyIntolerance": "date",
+    "Appointment": "date",
     "ClinicalImpression": "date",
     "Communication": "sent",
     "Composition": "date",

@@ -28,6 +28,7 @@ from fhir_kat.validation.strings import string_issues
 SUPPORTED_TYPES: tuple[str, ...] = (
     "AdverseEvent",
     "AllergyIntolerance",
+    "Appointment",
     "AuditEvent",
     "ClinicalImpression",
     "Communication",

@@ -22,6 +22,7 @@ from flask import Flask
 
 from fhir_kat.artifacts import bc_phn_check_digit
 from tests.conftest import client_as
+from tests.test_appointments import session_appointment
 from tests.web.test_browser import (  # noqa: F401 (fixtures)
     Pages,
     _cohort,
@@ -311,6 +312,41 @@ def test_a_nurse_is_told_on_the_spot_and_resolves_the_flag_in_the_inbox(
     check_page(page, "participant")
     page.goto(pages.server.url + "/app/dashboard")
     check_page(page, "dashboard-staff")
+
+
+def test_the_worklist_lists_the_sessions_booked_from_today_on(pages: Pages, app: Flask) -> None:
+    """Sessions scheduled come from FHIR Appointments (kat-service#kat-session, booked, from
+    today on), soonest first, each naming the patient, the date and time and the session
+    number; past, cancelled and non-session bookings are not listed."""
+    staff = client_as(app, "staff")
+    post_referral(app, "referrer", referral("R-BOOK-1", "Bookedcase", "Sam", phn(61), "CLINIC-7"))
+    post_referral(app, "referrer", referral("R-BOOK-2", "Latercase", "Ari", phn(71), "CLINIC-7"))
+    ids = {}
+    for n in (61, 71):
+        found = staff.get(f"/fhir/Patient?identifier={PHN_SYSTEM}|{phn(n)}").get_json()
+        ids[n] = found["entry"][0]["resource"]["id"]
+    bookings = [
+        (ids[71], "2030-05-12T13:00:00-07:00", 3, "booked", "kat-session"),
+        (ids[61], "2030-05-05T09:00:00-07:00", 2, "booked", "kat-session"),
+        (ids[61], "2020-01-06T09:00:00-08:00", 1, "booked", "kat-session"),  # past
+        (ids[61], "2030-05-19T09:00:00-07:00", 3, "cancelled", "kat-session"),
+        (ids[71], "2030-05-06T09:00:00-07:00", 1, "booked", "kat-program"),  # not a session
+    ]
+    for patient, start, number, status, service in bookings:
+        appointment = session_appointment(patient, start, number, status)
+        appointment["serviceType"][0]["coding"][0]["code"] = service
+        r = staff.post("/fhir/Appointment", json=appointment)
+        assert r.status_code == 201, r.get_json()
+    page = pages.open("/app/worklist", "staff")
+    rows = page.locator("#work-scheduled tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text(f"Sam Bookedcase (PHN {phn(61)})")
+    expect(rows.nth(0)).to_contain_text("Session 2")
+    expect(rows.nth(0)).to_contain_text("2030")
+    expect(rows.nth(0)).to_contain_text("R-BOOK-1")
+    expect(rows.nth(1)).to_contain_text("Ari Latercase")
+    expect(rows.nth(1)).to_contain_text("Session 3")
+    check_page(page, "worklist-sessions")
 
 
 def test_the_analyst_downloads_the_figures_as_evaluate_measure_gives_them(
