@@ -71,6 +71,41 @@ def test_a_booked_session_is_stored_and_found_as_the_worklist_asks(app: Flask) -
     assert staff.get("/fhir/Appointment?_summary=count").get_json()["total"] == 2
 
 
+def test_a_session_booking_names_its_patient_session_and_time_on_every_route(app: Flask) -> None:
+    """The pipeline's "KaT session bookings" check (R4 app-3 and what the worklist needs),
+    through REST, a transaction and a batch alike: 422 naming each problem, nothing stored."""
+    world = World(app)
+    staff, a = world.staff, world.patient["A"]
+    bad = session_appointment(a, "2027-03-02T09:00:00-08:00", 2)
+    bad.pop("end")
+    bad["extension"] = []
+    bad["participant"].append(
+        {"actor": {"reference": f"Patient/{world.patient['B']}"}, "status": "accepted"}
+    )
+    r = fhir(staff, "POST", "/fhir/Appointment", bad)
+    assert r.status_code == 422, r.get_json()
+    assert sorted(i["expression"][0] for i in r.get_json()["issue"]) == [
+        "Appointment.extension",
+        "Appointment.participant",
+        "Appointment.start",
+    ]
+    entry = {"resource": bad, "request": {"method": "POST", "url": "Appointment"}}
+    r = fhir(
+        staff, "POST", "/fhir", {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+    )
+    assert r.status_code == 422
+    r = fhir(staff, "POST", "/fhir", {"resourceType": "Bundle", "type": "batch", "entry": [entry]})
+    assert r.get_json()["entry"][0]["response"]["status"].startswith("422")
+    assert staff.get("/fhir/Appointment?_summary=count").get_json()["total"] == 0
+    # Proposed: no time yet is fine; any other Appointment (not a KaT session) is not ours to judge.
+    proposed = session_appointment(a, "2027-03-02T09:00:00-08:00", 2, "proposed")
+    for key in ("start", "end"):
+        proposed.pop(key)
+    assert fhir(staff, "POST", "/fhir/Appointment", proposed).status_code == 201
+    other = bad | {"serviceType": [{"text": "physiotherapy"}]}
+    assert fhir(staff, "POST", "/fhir/Appointment", other).status_code == 201
+
+
 def test_the_capability_statement_lists_the_worklists_parameters(app: Flask) -> None:
     statement = client_as(app, "staff").get("/fhir/metadata").get_json()
     (resource,) = [r for r in statement["rest"][0]["resource"] if r["type"] == "Appointment"]
