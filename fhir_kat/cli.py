@@ -763,12 +763,14 @@ def _demo_in(args: argparse.Namespace, data_dir: Path, *, keep: bool) -> int:
     from werkzeug.serving import make_server
 
     from fhir_kat.app import create_app
+
+    # The clinics' EMRs, on loopback: every status change of their referrals is pushed there.
+    from fhir_kat.exchange.standin_emr import StandInEmr
     from fhir_kat.instruments.chart import outcome_chart_svg, outcome_table
     from fhir_kat.security.clients import LOCAL_CREDENTIALS, ensure_local_clients
     from fhir_kat.synthetic import CLINICS, ORG_SYSTEM, generate_program
 
-    # The clinics' EMRs, on loopback: every status change of their referrals is pushed there.
-    emr = _DemoEmr()
+    emr = StandInEmr()
     partners = {
         f"demo-{clinic[4].lower()}-emr": {
             "base_url": f"{emr.url}/{clinic[4]}/fhir",
@@ -836,61 +838,7 @@ def _demo_in(args: argparse.Namespace, data_dir: Path, *, keep: bool) -> int:
         emr.stop()
 
 
-class _DemoEmr:
-    """The referring clinics' EMRs for the demo: one loopback HTTP server that answers every
-    transaction like a FHIR server and counts, per clinic, the status updates and feedback
-    documents it was sent."""
-
-    def __init__(self) -> None:
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.tasks: dict[str, int] = {}
-        self.documents: dict[str, int] = {}
-        self.lock = threading.Lock()
-        emr = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                import json
-
-                clinic = self.path.strip("/").split("/")[0]
-                bundle = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                kinds = [e.get("resource", {}).get("resourceType") for e in bundle["entry"]]
-                with emr.lock:
-                    emr.tasks[clinic] = emr.tasks.get(clinic, 0) + kinds.count("Task")
-                    emr.documents[clinic] = emr.documents.get(clinic, 0) + kinds.count("Bundle")
-                reply = json.dumps(
-                    {
-                        "resourceType": "Bundle",
-                        "type": "transaction-response",
-                        "entry": [{"response": {"status": "200 OK"}} for _ in bundle["entry"]],
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/fhir+json")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-
-
-def _push_statuses(app: Any, emr: _DemoEmr, rounds: int = 400) -> int:
+def _push_statuses(app: Any, emr: Any, rounds: int = 400) -> int:
     """Send what the outbox holds for the clinics' EMRs (bounded), and say what arrived."""
     from fhir_kat.exchange.worker import DeliveryWorker
     from fhir_kat.services.delivery import make_consent_gate, make_delivery_audit
@@ -911,10 +859,10 @@ def _push_statuses(app: Any, emr: _DemoEmr, rounds: int = 400) -> int:
         blocked += report.blocked
         if not report.claimed:
             break
-    tasks, documents = sum(emr.tasks.values()), sum(emr.documents.values())
+    tasks, documents = len(emr.resources("Task")), len(emr.resources("Bundle"))
     print(
         f"\nstatus pushes: {tasks} referral status updates and {documents} feedback documents "
-        f"delivered to {len(emr.tasks)} clinics' EMRs"
+        f"delivered to {len(emr.clinics())} clinics' EMRs"
         + (f"; {blocked} held back for want of the participant's consent" if blocked else "")
     )
     return 0

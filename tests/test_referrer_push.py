@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from fhir_kat.app import create_app
+from fhir_kat.exchange.standin_emr import StandInEmr
 from fhir_kat.exchange.worker import DeliveryWorker
 from fhir_kat.services.delivery import make_consent_gate, make_delivery_audit
 from fhir_kat.settings import Settings
@@ -36,73 +35,22 @@ def example(kind: str) -> dict[str, Any]:
     return loaded
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class Emr:
-    """The referrer's EMR: records every transaction it is sent and answers like a FHIR server.
-    ``stop()`` takes it off the network (connections are refused); ``start()`` brings it back on
-    the same port."""
+class Emr(StandInEmr):
+    """The referrer's EMR (the demo's stand-in, fhir_kat/exchange/standin_emr.py): records every
+    transaction it is sent and answers like a FHIR server; ``stop()`` takes it off the network,
+    ``start()`` brings it back on the same port."""
 
     def __init__(self) -> None:
-        self.received: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.port = 0
-        self.server: _Server | None = None
-        self.thread: threading.Thread | None = None
-        self.start()
-        self.url = f"http://127.0.0.1:{self.port}/fhir"
+        super().__init__()
+        self.url = f"{self.url}/fhir"
 
-    def start(self) -> None:
-        emr = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                bundle = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with emr.lock:
-                    emr.received.append(bundle)
-                reply = json.dumps(
-                    {
-                        "resourceType": "Bundle",
-                        "type": "transaction-response",
-                        "entry": [
-                            {"response": {"status": "200 OK", "location": "Task/1/_history/1"}}
-                            for _ in bundle["entry"]
-                        ],
-                    }
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/fhir+json")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-        self.server = _Server(("127.0.0.1", self.port), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        assert self.server is not None and self.thread is not None
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
-        self.server = None
+    @property
+    def bundles(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [bundle for _, bundle in self.received]
 
     def tasks(self) -> list[dict[str, Any]]:
-        return [
-            e["resource"]
-            for b in self.received
-            for e in b["entry"]
-            if e["resource"]["resourceType"] == "Task"
-        ]
+        return self.resources("Task")
 
 
 @pytest.fixture
@@ -261,7 +209,7 @@ def test_every_status_change_reaches_the_referrer_in_order(
     if consent:
         expected.append(("completed", "program-completed", True))
     assert seen == expected
-    for bundle in emr.received:
+    for bundle in emr.bundles:
         assert bundle["type"] == "transaction"
         put = bundle["entry"][-1]["request"]
         assert put == {
@@ -274,7 +222,7 @@ def test_every_status_change_reaches_the_referrer_in_order(
         assert "id" not in sent
     documents = [
         e["resource"]
-        for b in emr.received
+        for b in emr.bundles
         for e in b["entry"]
         if e["resource"]["resourceType"] == "Bundle"
     ]
@@ -288,7 +236,7 @@ def test_every_status_change_reaches_the_referrer_in_order(
     assert len(documents) == 1
     document = documents[0]
     assert_conformant(document)
-    last = emr.received[-1]["entry"]
+    last = emr.bundles[-1]["entry"]
     assert last[0]["request"]["method"] == "POST" and last[0]["request"]["ifNoneExist"]
     assert emr.tasks()[-1]["output"][0]["valueReference"]["reference"] == last[0]["fullUrl"]
     composition = document["entry"][0]["resource"]
@@ -359,7 +307,7 @@ def test_consent_withdrawn_before_sending_blocks_the_document_not_the_status(
     assert [t["status"] for t in emr.tasks()][-1] == "completed"
     assert all("output" not in t for t in emr.tasks())
     assert not any(
-        e["resource"]["resourceType"] == "Bundle" for b in emr.received for e in b["entry"]
+        e["resource"]["resourceType"] == "Bundle" for b in emr.bundles for e in b["entry"]
     )
     statuses = sorted(d["status"] for d in admin.get("/api/v1/deliveries").get_json()["deliveries"])
     assert statuses.count("blocked-consent") == 1 and set(statuses) == {

@@ -5,11 +5,17 @@ converted, unknown codes sent to review, a bad configuration refused naming ever
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from fhir_kat.clinical.safety import (
+    DEFAULT,
+    FLAG_PRIORITY,
+    FLAG_PRIORITY_SYSTEM,
+    SAFETY_SYSTEM,
     SafetyRulesError,
     adverse_event_signal,
     body_weight_kg,
@@ -21,6 +27,7 @@ from fhir_kat.clinical.safety import (
     weight_signal,
 )
 from fhir_kat.settings import Settings, SettingsError
+from fhir_kat.terminology import load_terminology
 from tests.support.clinical import adverse_event
 from tests.support.conformance import assert_conformant
 
@@ -143,9 +150,66 @@ def test_dosing_prerequisites() -> None:
 
 def test_a_flag_is_valid_r4() -> None:
     (signal,) = vital_sign_signals(obs("8480-6", 200), "o1", RULES)
-    flag = flag_for(signal, RULES.reference)
+    flag = flag_for(signal, RULES)
     assert_conformant(flag)
     assert flag["extension"][0]["valueReference"] == {"reference": "Observation/o1"}
+
+
+def test_every_flag_carries_the_priority_its_rules_give_its_code() -> None:
+    """The urgency is data (safety.yaml ``flag_priority``), carried on the Flag as the R4
+    flag-priority extension; a priority without a clinical source says it awaits review."""
+    (signal,) = vital_sign_signals(obs("8480-6", 200), "o1", RULES)
+    flag = flag_for(signal, RULES)
+    (ext,) = [e for e in flag["extension"] if e["url"] == FLAG_PRIORITY]
+    assert ext["valueCodeableConcept"]["coding"] == [
+        {"system": FLAG_PRIORITY_SYSTEM, "code": "PM", "display": "Medium priority"}
+    ]
+    assert ext["valueCodeableConcept"]["text"] == (
+        "Medium priority (program decision awaiting clinical review)"
+    )
+    # Every kat-safety code has one; the ones resting on a source cite it.
+    codes = set(load_terminology().code_systems[SAFETY_SYSTEM])
+    assert set(RULES.priorities) == codes
+    assert RULES.priorities["phq9-item9-positive"].code == "PH"
+    assert "44260-8" in (RULES.priorities["phq9-item9-positive"].source or "")
+    for code, priority in RULES.priorities.items():
+        assert priority.code in ("PN", "PL", "PM", "PH"), code
+        if priority.source:
+            assert "DOMAIN.md" in priority.source, code  # a source the project relies on
+
+
+def test_a_priority_is_required_for_every_code_and_says_where_it_comes_from(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(SafetyRulesError) as err:
+        load_safety_rules(
+            {
+                "flag_priority": {
+                    "spo2-low": {"priority": "URGENT", "review": "pending"},
+                    "heart-rate-low": {"priority": "PH", "source": "x", "review": "pending"},
+                    "levitation": {"priority": "PH", "review": "pending"},
+                }
+            }
+        )
+    text = str(err.value)
+    for part in (
+        "flag_priority.spo2-low: give priority",
+        "flag_priority.heart-rate-low: give source",
+        "flag_priority.levitation: not a code",
+    ):
+        assert part in text, part
+    # A program's own rules file: a code left out, or neither a source nor a pending review.
+    own = yaml.safe_load(DEFAULT.read_text(encoding="utf-8"))
+    own["flag_priority"].pop("schedule-deviation")
+    own["flag_priority"]["spo2-high"] = {"priority": "PH"}
+    path = tmp_path / "safety.yaml"
+    path.write_text(yaml.safe_dump(own), encoding="utf-8")
+    with pytest.raises(SafetyRulesError) as err:
+        load_safety_rules(path=path)
+    assert "flag_priority.schedule-deviation: missing" in str(err.value)
+    assert "flag_priority.spo2-high: give source" in str(err.value)
+    merged = load_safety_rules({"flag_priority": {"spo2-low": {"priority": "PL"}}})
+    assert merged.priorities["spo2-low"].code == "PL"  # merged: review: pending stays
 
 
 def test_overrides_and_every_problem_of_a_bad_configuration() -> None:

@@ -365,6 +365,10 @@ def test_vital_signs_beyond_limits(
         trigger = f"Observation/{obs['id']}"
     flag = assert_signal(app, client, code, trigger)
     assert str(value) in flag["code"]["text"]
+    # Its urgency is the rules' (safety.yaml flag_priority), carried and narrated on the Flag.
+    (priority,) = [x for x in flag["extension"] if x["url"].endswith("/flag-priority")]
+    assert priority["valueCodeableConcept"]["coding"][0]["code"] == "PM"
+    assert "Medium priority (program decision awaiting clinical review)" in flag["text"]["div"]
     # One below the limit (or at it, for "below") raises nothing more.
     assert len(flags(client, code)) == 1
 
@@ -557,7 +561,7 @@ def test_dosing_for_a_rejected_referral(app: Flask, client: FlaskClient, route: 
     assert task["status"] == "rejected"
     trigger = _dose(client, route)
     flag = assert_signal(app, client, "dosing-referral-rejected", trigger)
-    details = [e["valueReference"]["reference"] for e in flag["extension"]]
+    details = [e["valueReference"]["reference"] for e in flag["extension"] if "valueReference" in e]
     assert f"Task/{task['id']}" in details
 
 

@@ -96,10 +96,11 @@ MATRIX: list[tuple[str, str, str, Any, list[int]]] = [
     ("metadata", "GET", "/fhir/metadata", None, [200] * 8),
     ("smart-config", "GET", "/.well-known/smart-configuration", None, [200] * 8),
     ("healthz", "GET", "/healthz", None, [200] * 8),
-    ("search Patient", "GET", "/fhir/Patient", None, [401, 401, 401, 200, 403, 200, 403, 200]),
+    # A referrer searches the Patients of its own program referrals (ADR 0027): here none.
+    ("search Patient", "GET", "/fhir/Patient", None, [401, 401, 401, 200, 403, 200, 200, 200]),
     # The health authority reads Patients, but not one no consent opens to it: that one does
-    # not exist for it (404, as for an id never stored).
-    ("read Patient", "GET", "/fhir/Patient/p1", None, [401, 401, 401, 200, 403, 404, 403, 200]),
+    # not exist for it (404, as for an id never stored); nor for a referrer that did not refer it.
+    ("read Patient", "GET", "/fhir/Patient/p1", None, [401, 401, 401, 200, 403, 404, 404, 200]),
     # A referrer records patient data only with its own program referral (docs/security.md).
     ("create Patient", "POST", "/fhir/Patient", PATIENT, [401, 401, 401, 201, 403, 403, 403, 403]),
     (

@@ -43,6 +43,8 @@ def phn(seed: int) -> str:
 
 
 PHN_A, PHN_B = phn(11111111), phn(22222222)
+#: BC PHN (DOMAIN.md).
+PHN_SYSTEM = "https://fhir.infoway-inforoute.ca/NamingSystem/ca-bc-patient-healthcare-id"
 
 
 def fhir(c: FlaskClient, method: str, path: str, body: Any = None, **headers: str) -> Any:
@@ -229,6 +231,8 @@ PATHS: dict[str, Callable[[FlaskClient, str, str], Any]] = {
 #: (caller, what it may not see) — a type it may read, an instance it may not.
 HIDDEN = [
     ("ha", "Patient", "B"),
+    ("referrer", "Patient", "B"),
+    ("other-referrer", "Patient", "A"),
     ("ha", "Observation", "B"),
     ("referrer", "Task", "B"),
     ("other-referrer", "Task", "A"),
@@ -604,6 +608,99 @@ def test_ids_cannot_be_computed_from_a_phn(world: World) -> None:
     again = native(world.referrer, "referrals", referral("CLINIC-7", "A1", PHN_A))
     assert again.status_code == 200
     assert world.task(world.referrer)["for"]["reference"] == f"Patient/{world.patient['A']}"
+
+
+# ------------------------------------------------------------------ a referrer's Patients
+
+
+def test_a_referrer_reads_the_patients_of_its_own_referrals(world: World) -> None:
+    """ADR 0027: the person each of its program referrals is about, on every path; another
+    clinic referring the same person sees the same Patient and nothing of this referral."""
+    a, b = world.patient["A"], world.patient["B"]
+    mine = world.referrer.get(f"/fhir/Patient/{a}")
+    assert mine.status_code == 200
+    assert mine.get_json()["identifier"][0]["value"] == PHN_A
+    bundle = world.referrer.get("/fhir/Task?_include=Task:patient").get_json()
+    assert {e["resource"]["id"] for e in bundle["entry"] if e["search"]["mode"] == "include"} == {a}
+    found = world.referrer.get(f"/fhir/Patient?identifier={PHN_SYSTEM}|{PHN_B}").get_json()
+    assert found["total"] == 0  # B's PHN: for CLINIC-7 no such person is held
+    # CLINIC-8 refers A too: both read A, each only its own referral of A.
+    assert native(world.other, "referrals", referral("CLINIC-8", "A2", PHN_A)).status_code == 201
+    assert world.other.get(f"/fhir/Patient/{a}").status_code == 200
+    for c, other_clinic in ((world.referrer, "clinic-8"), (world.other, "clinic-7")):
+        bundle = c.get(
+            f"/fhir/Patient?_id={a}&_revinclude=ServiceRequest:subject&_revinclude=Task:patient"
+        ).get_json()
+        assert other_clinic not in json.dumps(bundle)
+        assert len([e for e in bundle["entry"] if e["search"]["mode"] == "include"]) == 2
+    # The conditional create a referral Bundle makes: its own patient is answered (200, with
+    # the Patient); a person it did not refer is not matched, and the answer shows nothing of
+    # the one held (ADR 0015).
+    for c, expected in ((world.referrer, a), (world.other, a)):
+        patient = {
+            "resourceType": "Patient",
+            "identifier": [{"system": PHN_SYSTEM, "value": PHN_A}],
+        }
+        r = fhir(c, "POST", "/fhir/Patient", patient, **{"If-None-Exist": _phn(PHN_A)})
+        assert r.status_code == 200 and r.get_json()["id"] == expected
+    # B's PHN is held, but not as CLINIC-7's: answered as a PHN never held (a Patient of
+    # nobody it referred: 403, nothing stored), through REST and a batch alike.
+    patients = world.staff.get("/fhir/Patient?_summary=count").get_json()["total"]
+    never = phn(66666666)
+    for value in (PHN_B, never):
+        body = {"resourceType": "Patient", "identifier": [{"system": PHN_SYSTEM, "value": value}]}
+        r = fhir(world.referrer, "POST", "/fhir/Patient", body, **{"If-None-Exist": _phn(value)})
+        assert r.status_code == 403 and "Testcase" not in r.get_data(as_text=True)
+        entry = {
+            "resource": body,
+            "request": {"method": "POST", "url": "Patient", "ifNoneExist": _phn(value)},
+        }
+        r = fhir(
+            world.referrer,
+            "POST",
+            "/fhir",
+            {"resourceType": "Bundle", "type": "batch", "entry": [entry]},
+        )
+        assert [e["response"]["status"][:3] for e in r.get_json()["entry"]] == ["403"]
+    assert world.staff.get("/fhir/Patient?_summary=count").get_json()["total"] == patients
+    # An identity mismatch names the differing element to the clinic that referred the person.
+    r = native(
+        world.referrer, "referrals", referral("CLINIC-7", "A3", PHN_A, birth_date="1990-01-01")
+    )
+    assert r.status_code == 422 and r.get_json()["issue"][0]["expression"] == ["Patient.birthDate"]
+    # Entered in error: that referral never was. CLINIC-8 no longer reads A; CLINIC-7 still does.
+    theirs = world.staff.get("/fhir/Task?identifier=https://emr.clinic-8.ca/r|A2").get_json()
+    sr_id = theirs["entry"][0]["resource"]["focus"]["reference"].split("/")[1]
+    sr = world.staff.get(f"/fhir/ServiceRequest/{sr_id}").get_json()
+    sr.pop("meta")
+    r = fhir(
+        world.staff, "PUT", f"/fhir/ServiceRequest/{sr_id}", sr | {"status": "entered-in-error"}
+    )
+    assert r.status_code == 200, r.get_json()
+    assert world.other.get(f"/fhir/Patient/{a}").status_code == 404
+    assert world.referrer.get(f"/fhir/Patient/{a}").status_code == 200
+    # A withdrawal keeps it: the clinic still follows its own (withdrawn) referral.
+    task = world.staff.get(f"/fhir/Task/{world.task_id['A']}").get_json()
+    task.pop("meta")
+    task |= {"status": "cancelled", "statusReason": {"text": "Patient moved away"}}
+    r = fhir(world.referrer, "PUT", f"/fhir/Task/{task['id']}", task)
+    assert r.status_code == 200, r.get_json()
+    assert world.referrer.get(f"/fhir/Patient/{a}").status_code == 200
+    # A ServiceRequest that is not the program's referral (refused anyway) and a made-up Task
+    # open nothing.
+    forged = {
+        "resourceType": "Task",
+        "status": "requested",
+        "intent": "order",
+        "for": {"reference": f"Patient/{b}"},
+        "requester": world.task(world.referrer)["requester"],
+    }
+    fhir(world.referrer, "POST", "/fhir/Task", forged)
+    assert world.referrer.get(f"/fhir/Patient/{b}").status_code == 404
+
+
+def _phn(value: str) -> str:
+    return f"identifier={PHN_SYSTEM}|{value}"
 
 
 # ------------------------------------------------------------------ narrowed consents

@@ -54,6 +54,7 @@ PACKAGE = "hl7.fhir.r4.examples"
 #: The resource types the service stores, emits or nests (Bundle, OperationOutcome,
 #: CapabilityStatement).
 SUPPORTED: tuple[str, ...] = (
+    "Appointment",
     "Patient",
     "Practitioner",
     "PractitionerRole",

@@ -36,6 +36,19 @@ FLAG_CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category"
 #: Core R4 extension: "Points to the Observation, AllergyIntolerance or other record that
 #: provides additional supporting information about this flag" (0..*, valueReference).
 FLAG_DETAIL = "http://hl7.org/fhir/StructureDefinition/flag-detail"
+#: Core R4 extension on Flag: "The alarm priority of the flag" (0..1, valueCodeableConcept), with
+#: the codes of CodeSystem flag-priority-code (FHIR R4 4.0.1, hl7.fhir.r4.core
+#: StructureDefinition-flag-priority and CodeSystem-flag-priority; checked against the package).
+FLAG_PRIORITY = "http://hl7.org/fhir/StructureDefinition/flag-priority"
+FLAG_PRIORITY_SYSTEM = "http://hl7.org/fhir/flag-priority-code"
+PRIORITY_DISPLAY = {
+    "PN": "No alarm",
+    "PL": "Low priority",
+    "PM": "Medium priority",
+    "PH": "High priority",
+}
+#: What a Flag's priority text adds when the priority is a program decision not yet reviewed.
+AWAITING_REVIEW = "program decision awaiting clinical review"
 #: Flag ids: uuid5 of the trigger and the signal code (the namespace the instrument flags have
 #: always used, so their ids do not change).
 NAMESPACE = uuid.UUID("6f1d3c52-7a0e-5b8e-9d4e-6b6174000003")
@@ -65,7 +78,14 @@ _LABELS = {
 BODY_WEIGHT = "29463-7"
 #: Units a body weight may come in (UCUM code -> kg per unit).
 WEIGHT_UNITS = {"kg": Fraction(1), "g": Fraction(1, 1000), "[lb_av]": Fraction("0.45359237")}
-_TOP = {"version", "vital_signs", "dose_ceilings", "body_weight", "adverse_events"}
+_TOP = {
+    "version",
+    "vital_signs",
+    "dose_ceilings",
+    "body_weight",
+    "adverse_events",
+    "flag_priority",
+}
 _TOP_OPTIONAL = {"dosing_prerequisites"}
 
 
@@ -86,6 +106,25 @@ class Ceiling:
 
 
 @dataclass(frozen=True)
+class Priority:
+    """How urgent a signal's Flag is: a code of flag-priority-code, and the clinical source it
+    rests on (None: a program decision awaiting clinical review)."""
+
+    code: str
+    source: str | None = None
+
+    def concept(self) -> dict[str, Any]:
+        """The ``flag-priority`` extension's value: the code, and in words whether it is
+        reviewed (the inbox and a receiving EHR show the text)."""
+        display = PRIORITY_DISPLAY[self.code]
+        text = display if self.source else f"{display} ({AWAITING_REVIEW})"
+        return {
+            "coding": [{"system": FLAG_PRIORITY_SYSTEM, "code": self.code, "display": display}],
+            "text": text,
+        }
+
+
+@dataclass(frozen=True)
 class SafetyRules:
     version: str
     vital_signs: Mapping[str, Limit]
@@ -94,6 +133,8 @@ class SafetyRules:
     flag_serious_events: bool
     flag_event_kinds: frozenset[str]
     dosing_prerequisites: bool = True
+    #: kat-safety code -> its Flag's priority (every code of the CodeSystem has one).
+    priorities: Mapping[str, Priority] = field(default_factory=dict)
 
     @property
     def reference(self) -> str:
@@ -153,6 +194,7 @@ def load_safety_rules(
     prerequisites = merged.get("dosing_prerequisites", True)
     if not isinstance(prerequisites, bool):
         problems.append("dosing_prerequisites: true or false")
+    priorities = _priorities(merged["flag_priority"], problems)
     if problems:
         raise SafetyRulesError(f"{source}: " + "; ".join(problems))
     return SafetyRules(
@@ -163,7 +205,39 @@ def load_safety_rules(
         flag_serious_events=bool(events.get("serious")),
         flag_event_kinds=frozenset(str(k) for k in kinds),
         dosing_prerequisites=bool(prerequisites),
+        priorities=priorities,
     )
+
+
+def _priorities(raw: Any, problems: list[str]) -> dict[str, Priority]:
+    """``flag_priority``: every kat-safety code -> {priority, and source (a citation) or
+    review: pending}; a code left out stops start-up (unknown means review, never a default)."""
+    out: dict[str, Priority] = {}
+    if not isinstance(raw, dict):
+        problems.append("flag_priority: a mapping of kat-safety code -> priority")
+        return out
+    known = set(load_terminology().code_systems[SAFETY_SYSTEM])
+    for code in sorted(known - set(raw)):
+        problems.append(f"flag_priority.{code}: missing (every kat-safety code has a priority)")
+    for code, spec in raw.items():
+        where = f"flag_priority.{code}"
+        if code not in known:
+            problems.append(f"{where}: not a code of CodeSystem kat-safety")
+            continue
+        if not isinstance(spec, dict) or spec.get("priority") not in PRIORITY_DISPLAY:
+            problems.append(f"{where}: give priority, one of {', '.join(PRIORITY_DISPLAY)}")
+            continue
+        source, review = spec.get("source"), spec.get("review")
+        reviewed = isinstance(source, str) and source.strip() and "review" not in spec
+        pending = review == "pending" and "source" not in spec
+        if set(spec) - {"priority", "source", "review"} or not (reviewed or pending):
+            problems.append(
+                f"{where}: give source (the clinical source it rests on) or review: pending "
+                "(a program decision awaiting clinical review), not both"
+            )
+            continue
+        out[code] = Priority(str(spec["priority"]), str(source) if reviewed else None)
+    return out
 
 
 @cache
@@ -585,19 +659,24 @@ def flag_id(trigger: str, code: str) -> str:
     return str(uuid.uuid5(NAMESPACE, f"{trigger}|{code}"))
 
 
-def flag_for(signal: Signal, rules_reference: str) -> dict[str, Any]:
+def flag_for(signal: Signal, rules: SafetyRules) -> dict[str, Any]:
     """The Flag a signal becomes: active, category safety, a business identifier, a code of
     kat-safety with the signal's words as text, ``flag-detail`` at the trigger (then any
-    supporting records), the period starting when the trigger happened."""
+    supporting records), ``flag-priority`` as the rules decide it for the code, the period
+    starting when the trigger happened."""
     fid = flag_id(signal.trigger, signal.code)
     display = load_terminology().display(SAFETY_SYSTEM, signal.code) or signal.code
+    priority = rules.priorities.get(signal.code)
     flag: dict[str, Any] = {
         "resourceType": "Flag",
         "id": fid,
         "extension": [
             {"url": FLAG_DETAIL, "valueReference": {"reference": ref}}
             for ref in (signal.trigger, *signal.details)
-        ],
+        ]
+        + (
+            [{"url": FLAG_PRIORITY, "valueCodeableConcept": priority.concept()}] if priority else []
+        ),
         "identifier": [{"system": FLAG_IDS, "value": fid}],
         "status": "active",
         "category": [
@@ -608,7 +687,7 @@ def flag_for(signal: Signal, rules_reference: str) -> dict[str, Any]:
             "text": signal.text,
         },
         "subject": dict(signal.subject),
-        "author": {"display": f"fhir_kat safety rules ({rules_reference})"},
+        "author": {"display": f"fhir_kat safety rules ({rules.reference})"},
     }
     if signal.start:
         flag["period"] = {"start": signal.start}
@@ -671,9 +750,13 @@ def references(resource: Mapping[str, Any], element: str) -> Iterable[str]:
 
 
 __all__ = [
+    "DEFAULT",
     "FLAG_DETAIL",
     "FLAG_IDS",
+    "FLAG_PRIORITY",
+    "FLAG_PRIORITY_SYSTEM",
     "SAFETY_SYSTEM",
+    "Priority",
     "SafetyRules",
     "SafetyRulesError",
     "Signal",

@@ -27,6 +27,9 @@ WORKFLOW_OWNED: dict[str, frozenset[str]] = {
         ["status", "businessStatus", "statusReason", "output", "executionPeriod", "lastModified"]
     ),
 }
+#: Extensions a reader needs, rendered under a name (the others stay machine-only): a Flag's
+#: priority (core R4 extension flag-priority; docs/safety.md, "Urgency").
+NAMED_EXTENSIONS = {"http://hl7.org/fhir/StructureDefinition/flag-priority": "priority"}
 _MAX_ROWS = 40
 _MAX_TEXT = 300
 
@@ -44,6 +47,11 @@ def narrative(resource: dict[str, Any]) -> dict[str, str]:
             rows.append(f"<tr><th>{escape(_label(name))}</th><td>{escape(shown)}</td></tr>")
         if len(rows) >= _MAX_ROWS:
             break
+    for ext in resource.get("extension") or []:
+        label = NAMED_EXTENSIONS.get(ext.get("url", "")) if isinstance(ext, dict) else None
+        value = _render(ext.get("valueCodeableConcept")) if label else ""
+        if label and value and len(rows) < _MAX_ROWS:
+            rows.append(f"<tr><th>{escape(label)}</th><td>{escape(value)}</td></tr>")
     table = f"<table>{''.join(rows)}</table>" if rows else ""
     div = f'<div xmlns="{XHTML}"><p><b>{escape(rtype)}</b></p>{table}</div>'
     return {"status": "generated", "div": div}

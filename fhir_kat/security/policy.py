@@ -18,6 +18,7 @@ CLINICAL = frozenset(
     {
         "AdverseEvent",
         "AllergyIntolerance",
+        "Appointment",
         "ClinicalImpression",
         "Communication",
         "Composition",
@@ -42,9 +43,10 @@ CLINICAL = frozenset(
 #: role -> resource type ("*" = any type not named) -> letters (c r u d s).
 FHIR_RULES: dict[str, dict[str, str]] = {
     # A referrer sends referrals (a transaction of these types) and follows the Tasks and
-    # ServiceRequests it sent (filtered to its own organisation), through reads or Subscriptions.
+    # ServiceRequests it sent (filtered to its own organisation), through reads or Subscriptions,
+    # and reads the Patients those referrals are about (ADR 0027; ``Access.referred_patients``).
     "referrer": {
-        "Patient": "cu",
+        "Patient": "crus",
         "Practitioner": "cu",
         "PractitionerRole": "cu",
         "Organization": "cu",

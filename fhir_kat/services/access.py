@@ -48,6 +48,7 @@ SEES_ALL_SUBSCRIPTIONS = frozenset({"program-staff", "admin"})
 DATA_PERIOD_PARAMS = {
     "AdverseEvent": "date",
     "AllergyIntolerance": "date",
+    "Appointment": "date",
     "ClinicalImpression": "date",
     "Communication": "sent",
     "Composition": "date",
@@ -122,6 +123,10 @@ class Access:
             if not owners:
                 return NOTHING
             owned_by = (REFERRER_OWNED[rtype], owners)
+        if self.role == "referrer" and rtype == "Patient":
+            # The people its own program referrals are about (ADR 0027), not consent-gated,
+            # like the referrals themselves; nobody else.
+            return ReadScope(ids=frozenset(self.referred_patients(tx)))
         shaped = rtype in SHAPED and self.consent_applies(rtype)
         if not self.consent_applies(rtype):
             return ReadScope(ids=ids, owned_by=owned_by) if ids or owned_by else EVERYTHING
@@ -202,6 +207,34 @@ class Access:
             )
             owners += [("PractitionerRole", r.id) for r in tx.system.matches(roles)]
         return owners
+
+    def referred_patients(self, tx: Tx) -> set[str]:
+        """The Patients a referrer may read (ADR 0027): the subject of each of its
+        organisation's **program referrals** — the program's ServiceRequest
+        (``is_program_referral``) with one of its ``owner_references`` as requester — in any
+        status but ``entered-in-error``. A withdrawn, revoked, rejected or completed referral
+        keeps the grant (the clinic still follows its own referral and must tell which person
+        it was about); one entered in error ends it (it may have named the wrong person). A
+        Task, which a referrer can make up, grants nothing; neither does any ServiceRequest
+        that is not the program's referral. Another clinic referring the same person sees the
+        same Patient, and nothing of this clinic's referral (ownership, above)."""
+        owners = tuple(self.owner_references(tx))
+        if not owners:
+            return set()
+        query = SearchQuery(
+            "ServiceRequest",
+            criteria=(Criterion("requester", "reference", "", owners, ""),),
+            count=1000,
+        )
+        referred: set[str] = set()
+        for batch in tx.system.scan_batches(query, batch=1000):
+            for _, content, patient_id in batch:
+                if patient_id is None or patient_id in referred:
+                    continue
+                body = json.loads(content)
+                if is_program_referral(body) and body.get("status") not in ERASED:
+                    referred.add(patient_id)
+        return referred
 
     def _organization_ids(self, tx: Tx) -> list[str]:
         org = self.principal.organization
@@ -370,6 +403,8 @@ class Access:
 
 #: ServiceRequest statuses that no longer make a referral (R4 request-status).
 WITHDRAWN = frozenset({"revoked", "entered-in-error"})
+#: ServiceRequest statuses after which a referral never was: it opens no Patient (ADR 0027).
+ERASED = frozenset({"entered-in-error"})
 
 
 def _requester(resource: dict[str, Any]) -> tuple[str, str] | None:

@@ -94,7 +94,7 @@ class ArtifactService:
         payload, bundle = self._prepare(kind, payload, submitter, access)
         entries: list[dict[str, Any]] = bundle.get("entry", [])
         with self.fhir.store.read(viewer=access) as tx:
-            self._check_identity(tx.system, entries, named=_reads_patients(access))
+            self._check_identity(tx, entries)
             self._check_references(tx.system, entries)
         return bundle
 
@@ -133,12 +133,12 @@ class ArtifactService:
         referral is a ``referrals`` delivery), ``kind`` by default."""
         payload, bundle = self._prepare(kind, payload, submitter, access)
         with self.fhir.write(access) as tx:
-            result = self._store(tx, bundle, deliver_as or kind, named=_reads_patients(access))
+            result = self._store(tx, bundle, deliver_as or kind)
             if audit is not None:
                 audit(tx, result)
         return result
 
-    def _store(self, tx: Tx, bundle: dict[str, Any], kind: str, *, named: bool) -> SubmitResult:
+    def _store(self, tx: Tx, bundle: dict[str, Any], kind: str) -> SubmitResult:
         """Write a prepared artifact's Bundle in ``tx`` (opened for the sender: its writes
         are the sender's), or refuse it: the part of ``submit`` inside the transaction, which
         the referral form's extraction (``on_referral_form``) shares."""
@@ -149,7 +149,7 @@ class ArtifactService:
             for_update=True,
         )
         # The service's own checks read what is stored, whoever the sender is.
-        self._check_identity(tx.system, entries, named=named)
+        self._check_identity(tx, entries)
         self._check_references(tx.system, entries)
         results: list[tuple[dict[str, Any], WriteResult]] = []
         provenance: list[dict[str, Any]] = []
@@ -223,7 +223,7 @@ class ArtifactService:
             if entry["resource"]["resourceType"] == "Provenance":
                 entry["resource"]["entity"] = [*entry["resource"].get("entity", []), source]
         as_sender = tx.seen_by(checked.caller) if checked.caller is not None else tx
-        self._store(as_sender, checked.bundle, "referrals", named=_reads_patients(checked.caller))
+        self._store(as_sender, checked.bundle, "referrals")
 
     def _result(
         self, results: list[tuple[dict[str, Any], WriteResult]], changed: bool
@@ -256,19 +256,22 @@ class ArtifactService:
             id_namespace=self.id_namespace,
         )
 
-    def _check_identity(self, tx: Tx, entries: list[dict[str, Any]], *, named: bool) -> None:
+    def _check_identity(self, tx: Tx, entries: list[dict[str, Any]]) -> None:
         """One PHN, one person: a Patient already stored under the artifact's PHN whose birth
         date, sex or family name differ is refused (records are never merged automatically).
-        Only a caller who may read Patients is told which element differs: to anyone else
-        the refusal is the same whatever differs, so it cannot confirm a demographic."""
+        The check reads what is stored (``tx.system``), whoever sends; only a caller who may
+        read that Patient (``tx``'s caller: program staff, the clinic that referred the
+        person) is told which element differs: to anyone else the refusal is the same
+        whatever differs, so it cannot confirm a demographic."""
         problems: list[Issue] = []
         for entry in entries:
             resource = entry["resource"]
             if resource["resourceType"] != "Patient":
                 continue
-            stored = tx.get("Patient", resource["id"])
+            stored = tx.system.get("Patient", resource["id"])
             if stored is None or stored.deleted:
                 continue
+            named = tx.admits(stored)
             known = stored.json()
             differing = [
                 element
@@ -348,10 +351,6 @@ def install_referral_form(fhir: FhirService) -> None:
     with fhir.write() as tx:
         tx.lock("install-definitions")  # processes starting together take turns
         fhir.update_in(tx, referral_questionnaire())
-
-
-def _reads_patients(access: Access | None) -> bool:
-    return access is None or access.can("Patient", "r")
 
 
 def _require_own_organisation(kind: str, payload: dict[str, Any], access: Access) -> None:

@@ -673,7 +673,10 @@ class FhirService:
                 with self._write(access) as tx:
                     # Each entry on its own, with the same conditional create as anywhere else.
                     self._assign_ids(tx, [plan])
-                    results.append(self._execute(tx, plan, base))
+                    result = self._execute(tx, plan, base)
+                # Answered only once committed: the checks run at the end of the transaction
+                # (a referrer's write policy) may still refuse it, and then nothing is stored.
+                results.append(result)
             except FhirError as exc:
                 results.append(
                     {

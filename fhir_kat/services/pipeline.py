@@ -63,6 +63,7 @@ from fhir_kat.services.outcomes import OutcomeService
 from fhir_kat.services.referrals import (
     ReferralWorkflow,
     referrer_request_rule,
+    session_booking_rule,
     task_transition_rule,
 )
 from fhir_kat.services.safety import SafetyService
@@ -182,6 +183,12 @@ def write_pipeline(s: Services) -> WritePipeline:
                 "referrer requests",
                 "a referrer's ServiceRequest that is not a program referral (code, intent)",
                 referrer_request_rule,
+            ),
+            Check(
+                "KaT session bookings",
+                "an Appointment booking a KaT session without one Patient, its session number, "
+                "or a start and end (R4 app-3)",
+                session_booking_rule,
             ),
             Check(
                 "feedback attestation",

@@ -33,9 +33,11 @@ from fhir_kat.workflow.shapes import (
     INTAKE,
     SERVICE,
     TASK_CODES,
+    booking_problems,
     is_intake_step,
     is_program_referral,
     is_referral_task,
+    is_session_booking,
 )
 from fhir_kat.workflow.states import (
     allowed,
@@ -57,6 +59,16 @@ NAMESPACE = uuid.UUID("6f1d3c52-7a0e-5b8e-9d4e-6b6174000001")  # the mapping eng
 
 #: A referral Task's elements that belong to the workflow (program staff and the service).
 WORKFLOW_ELEMENTS = ("status", "businessStatus", "statusReason", "output", "owner")
+
+
+def session_booking_rule(tx: Tx, body: dict[str, Any], current: StoredResource | None) -> None:
+    """A KaT session booking (an Appointment of kat-service#kat-session) names its one
+    Patient, its session number, and when (``booking_problems``); 422 naming each problem."""
+    if not is_session_booking(body):
+        return
+    problems = booking_problems(body)
+    if problems:
+        raise Unprocessable([issue("business-rule", m, f"Appointment.{e}") for m, e in problems])
 
 
 def referrer_request_rule(tx: Tx, body: dict[str, Any], current: StoredResource | None) -> None:

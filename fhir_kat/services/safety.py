@@ -97,7 +97,7 @@ class SafetyService:
         fid = flag_id(signal.trigger, signal.code)
         if tx.get("Flag", fid) is not None:
             return False
-        flag = flag_for(signal, self.rules.reference)
+        flag = flag_for(signal, self.rules)
         written = self.fhir.update_in(tx, flag)
         patient = written.stored.patient_id
         queue_artifact(tx, self.partners, "safety-flags", self._for_delivery(tx, flag), patient)
@@ -111,7 +111,8 @@ class SafetyService:
         hold our Observations or AdverseEvents for the Flag to be accepted."""
         sent = json.loads(json.dumps(flag))
         for ext in sent.get("extension", []):
-            ext["valueReference"] = self._logical(tx, ext["valueReference"]["reference"])
+            if ext.get("url") == FLAG_DETAIL:
+                ext["valueReference"] = self._logical(tx, ext["valueReference"]["reference"])
         if "encounter" in sent:
             sent["encounter"] = self._logical(tx, sent["encounter"]["reference"])
         out = [sent]

@@ -29,6 +29,7 @@ from fhir_kat.validation.temporal import temporal_issues
 SUPPORTED_TYPES: tuple[str, ...] = (
     "AdverseEvent",
     "AllergyIntolerance",
+    "Appointment",
     "AuditEvent",
     "ClinicalImpression",
     "Communication",

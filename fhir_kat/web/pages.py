@@ -44,7 +44,7 @@ from fhir_kat.web.wording import (
     DEFAULT_ACT_ON,
     NEXT_FOR_STATUS,
     NEXT_STEP,
-    urgency_table,
+    priority_words,
 )
 
 log = logging.getLogger("fhir_kat.web")
@@ -453,16 +453,12 @@ def _acting_person() -> dict[str, Any]:
     }
 
 
-def _safety_codes() -> list[str]:
-    return sorted(load_terminology().code_systems[f"{BASE}/CodeSystem/kat-safety"])
-
-
 @bp.get("/safety")
 def safety_inbox() -> str:
     _require_area("operations:flags", "act on safety flags")
     return _page(
         "safety.html",
-        urgency=urgency_table(_safety_codes()),
+        priority=priority_words(),
         actor=_acting_person(),
     )
 
@@ -523,7 +519,7 @@ def questionnaire(name: str) -> str:
         patient=request.args.get("patient", ""),
         act_on=ACT_ON,
         default_act_on=DEFAULT_ACT_ON,
-        urgency=urgency_table(_safety_codes()),
+        priority=priority_words(),
     )
 
 

@@ -1,13 +1,16 @@
 """What the pages say to people about a referral's state, a safety Flag's urgency and an intake
 step: the words a referring physician or a nurse acts on, as data.
 
-Owns: the sentences and the ordering of the safety inbox. Codes come from the program's own
-CodeSystems (kat-referral-status, kat-safety, kat-intake, mappings/terminology); a code missing
-here is shown with its CodeSystem display and, in the safety inbox, first (unknown means
-review). Must not: read data, or decide anything clinical beyond the order things are shown in.
+Owns: the sentences, and the words for each Flag priority in the safety inbox. Codes come from
+the program's own CodeSystems (kat-referral-status, kat-safety, kat-intake,
+mappings/terminology) and flag-priority-code; a code missing here is shown with its CodeSystem
+display, and a Flag without a priority first (unknown means review). Must not: read data, or
+decide anything clinical — which priority a Flag has is the safety rules' (safety.yaml).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 #: Task.businessStatus (kat-referral-status) -> what happens next, for the referring physician.
 #: The intake steps are the paper's three (DOMAIN.md, "Referral and intake").
@@ -40,57 +43,17 @@ NEXT_FOR_STATUS: dict[str, str] = {
     "cancelled": "Cancelled. Nothing further is needed from you.",
 }
 
-#: Safety inbox order (kat-safety codes): "act now" first. A program's choice of display order
-#: only — every open Flag is shown, whatever its tier; a code not named here is shown first.
-URGENCY: tuple[tuple[str, str, frozenset[str]], ...] = (
-    (
-        "now",
-        "Act now",
-        frozenset(
-            {
-                "phq9-item9-positive",
-                "phq9-item9-unanswered",
-                "adverse-event-suicidality",
-                "adverse-event-hospitalisation",
-                "adverse-event-emergency-visit",
-                "adverse-event-serious",
-                "dose-above-ceiling",
-                "dosing-intake-incomplete",
-                "dosing-referral-closed",
-                "dosing-referral-rejected",
-                "dosing-without-referral",
-                "dosing-without-treatment-consent",
-            }
-        ),
-    ),
-    (
-        "today",
-        "Today",
-        frozenset(
-            {
-                "adverse-event-worsening-symptoms",
-                "adverse-event-emergence-reaction",
-                "adverse-event-unclassified",
-                "phq9-rise",
-                "pcl5-rise",
-                "systolic-bp-high",
-                "systolic-bp-low",
-                "diastolic-bp-high",
-                "diastolic-bp-low",
-                "spo2-low",
-                "spo2-high",
-                "heart-rate-high",
-                "heart-rate-low",
-                "respiratory-rate-high",
-                "respiratory-rate-low",
-                "dose-unverifiable",
-                "body-weight-implausible",
-                "schedule-deviation",
-            }
-        ),
-    ),
-)
-UNKNOWN_URGENCY = ("now", "Act now")
+#: What the safety inbox calls each Flag priority (flag-priority-code), in its order. Which
+#: priority a Flag has is not decided here: the safety rules give it (mappings/program/safety.yaml
+#: ``flag_priority``) and the Flag carries it (extension flag-priority). A Flag without one
+#: (raised before priorities were recorded) is shown first: unknown means review.
+PRIORITY_WORDS: dict[str, dict[str, str]] = {
+    "PH": {"key": "now", "label": "Act now", "rank": "0"},
+    "PM": {"key": "today", "label": "Today", "rank": "1"},
+    "PL": {"key": "low", "label": "Low priority", "rank": "2"},
+    "PN": {"key": "info", "label": "For information", "rank": "3"},
+}
+UNKNOWN_PRIORITY = {"key": "now", "label": "Act now (priority not recorded)", "rank": "0"}
 
 #: What a nurse does on the spot when a questionnaire raises a Flag (kat-safety code).
 ACT_ON: dict[str, str] = {
@@ -108,12 +71,6 @@ ACT_ON: dict[str, str] = {
 DEFAULT_ACT_ON = "A safety flag was raised for the care team: tell the clinician on duty."
 
 
-def urgency_of(code: str) -> tuple[str, str]:
-    for key, label, codes in URGENCY:
-        if code in codes:
-            return key, label
-    return UNKNOWN_URGENCY
-
-
-def urgency_table(codes: list[str]) -> dict[str, dict[str, str]]:
-    return {c: dict(zip(("key", "label"), urgency_of(c), strict=True)) for c in codes}
+def priority_words() -> dict[str, Any]:
+    """The pages' words for Flag priorities (by flag-priority code) and for a Flag without one."""
+    return {"codes": PRIORITY_WORDS, "unknown": UNKNOWN_PRIORITY}

@@ -241,6 +241,8 @@ def test_referral_form_submits_and_follows_the_status(pages: Pages, app: Flask) 
         "Referral status: Received by the program (intake under way) — Eligible - intake can start"
     )
     task_id = page.url.split("/app/referrals/")[1].split("?")[0]
+    # The status page names the patient of the clinic's own referral (ADR 0027).
+    expect(page.locator("#referral-patient")).to_have_text("Avery Jo Testcase, PHN 9999999998")
 
     # Staff move the referral on and attach a feedback document: the open page follows.
     staff = client_as(app, "staff")

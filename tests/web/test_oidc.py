@@ -279,12 +279,16 @@ def test_a_referrer_person_gets_no_more_than_a_referrer_client(
     client = app.test_client()
     client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token_for(app, 'referrer')}"
     for path in (
-        "/fhir/Patient",
         "/fhir/Observation",
+        "/fhir/Appointment",
         "/app/questionnaires/phq-9",
         "/app/dashboard",
     ):
         assert web.get(path).status_code == client.get(path).status_code == 403, path
+    # Patients: only those of the clinic's own referrals (ADR 0027), as for its client.
+    assert web.get("/fhir/Patient").get_json() | {"id": ""} == client.get(
+        "/fhir/Patient"
+    ).get_json() | {"id": ""}
     assert web.get("/app/referrals/new").status_code == 200
     assert 'value="CLINIC-7"' in web.get("/app/referrals/new").get_data(as_text=True)
 
@@ -505,12 +509,12 @@ def test_a_role_change_applies_at_the_next_sign_in_and_a_new_mapping_ends_sessio
     app: Flask, idp: FakeProvider
 ) -> None:
     web, csrf = sign_in(app, idp)
-    assert web.get("/fhir/Patient").status_code == 200
+    assert web.get("/fhir/Observation").status_code == 200
     idp.groups = ["clinic7-referrers"]  # the IdP's administrator moves the person
-    assert web.get("/fhir/Patient").status_code == 200  # this session keeps its grant
+    assert web.get("/fhir/Observation").status_code == 200  # this session keeps its grant
     web.post("/app/logout", data={"csrf_token": csrf})
     web, _ = sign_in(app, idp)
-    assert web.get("/fhir/Patient").status_code == 403  # now a referrer
+    assert web.get("/fhir/Observation").status_code == 403  # now a referrer
     assert "(referrer)" in web.get("/app/").get_data(as_text=True)
 
     # The service's administrator narrows the mapping (and restarts): the session ends.

@@ -411,11 +411,15 @@ def test_a_physician_signs_in_at_the_provider_refers_and_sees_it_in_my_referrals
     fill_referral_form(page, "R-OIDC-1", phn(61))
     page.get_by_role("button", name="Send referral").click()
     page.wait_for_url("**/app/referrals/*?submitted=1")
-    expect(page.locator("#referral-title")).to_have_text("Referral R-OIDC-1")
+    # The physician's own referral names its patient (ADR 0027).
+    expect(page.locator("#referral-title")).to_have_text(
+        f"Referral R-OIDC-1 — Robin Formfilled, PHN {phn(61)}"
+    )
     page.get_by_role("link", name="Back to my referrals").click()
     row = page.locator("#referrals tbody tr")
     expect(row).to_have_count(1)
     expect(row.first).to_contain_text("R-OIDC-1")
+    expect(row.first).to_contain_text("Robin Formfilled")
     # The AuditEvent of the referral names the physician (BALP).
     creates = [
         e

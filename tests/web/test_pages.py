@@ -88,9 +88,11 @@ def test_the_session_calls_the_apis_as_its_client_with_csrf_for_writes(app: Flas
     ok = {"X-CSRF-Token": csrf, "Sec-Fetch-Site": "same-origin", "Origin": "null"}
     assert web.post("/fhir/Patient", data=patient, content_type=ct, headers=ok).status_code == 201
 
-    # The same role limits as the client's own tokens: a referrer may not read Patients.
+    # The same role limits as the client's own tokens: a referrer reads only the Patients of
+    # its own referrals (here none, ADR 0027), no Appointments, and no program team page.
     ref, _ = signed_in(app, "referrer", "referrer-secret")
-    assert ref.get("/fhir/Patient").status_code == 403
+    assert ref.get("/fhir/Patient").get_json()["total"] == 0
+    assert ref.get("/fhir/Appointment").status_code == 403
     assert ref.get("/app/questionnaires/phq-9").status_code == 403
 
 
@@ -231,17 +233,19 @@ def test_pages_follow_the_roles(app: Flask) -> None:
 
 
 def test_every_referral_state_and_safety_signal_has_words_for_people() -> None:
-    """A new kat-referral-status code says what happens next; a new kat-safety code gets a
-    deliberate place in the safety inbox (an unplaced one is shown first, but a test asks)."""
+    """A new kat-referral-status code says what happens next; every Flag priority the safety
+    rules can give (flag-priority-code) has its words and place in the safety inbox (which
+    priority a kat-safety code gets is the safety rules' data: test_safety_rules.py)."""
+    from fhir_kat.clinical.safety import PRIORITY_DISPLAY
     from fhir_kat.terminology import BASE, load_terminology
-    from fhir_kat.web.wording import ACT_ON, NEXT_STEP, URGENCY
+    from fhir_kat.web.wording import ACT_ON, NEXT_STEP, PRIORITY_WORDS
 
     systems = load_terminology().code_systems
     statuses = set(systems[f"{BASE}/CodeSystem/kat-referral-status"])
     assert set(NEXT_STEP) == statuses
     safety = set(systems[f"{BASE}/CodeSystem/kat-safety"])
-    placed = [code for _, _, codes in URGENCY for code in codes]
-    assert sorted(placed) == sorted(safety)  # each once, none unknown
+    assert set(PRIORITY_WORDS) == set(PRIORITY_DISPLAY)
+    assert sorted(int(w["rank"]) for w in PRIORITY_WORDS.values()) == [0, 1, 2, 3]
     assert set(ACT_ON) <= safety
 
 

@@ -22,6 +22,7 @@ from flask import Flask
 
 from fhir_kat.artifacts import bc_phn_check_digit
 from tests.conftest import client_as
+from tests.test_appointments import session_appointment
 from tests.web.test_browser import (  # noqa: F401 (fixtures)
     Pages,
     _cohort,
@@ -36,6 +37,8 @@ with contextlib.suppress(ImportError):  # test_browser.py fails loudly without p
     from playwright.sync_api import Page, expect
 
 STAFF_SYSTEM = "https://fhir-kat.example.org/fhir/sid/organization"
+#: BC PHN (DOMAIN.md).
+PHN_SYSTEM = "https://fhir.infoway-inforoute.ca/NamingSystem/ca-bc-patient-healthcare-id"
 
 
 def phn(n: int) -> str:
@@ -123,7 +126,11 @@ def test_a_referrer_refers_and_follows_its_clinics_referrals_only(pages: Pages, 
     fill_referral_form(page, "R-MINE-1", phn(21))
     page.get_by_role("button", name="Send referral").click()
     page.wait_for_url("**/app/referrals/*?submitted=1")
-    expect(page.locator("#referral-title")).to_have_text("Referral R-MINE-1")
+    # The clinic reads the patient of its own referral (ADR 0027): named with the PHN.
+    expect(page.locator("#referral-title")).to_have_text(
+        f"Referral R-MINE-1 — Robin Formfilled, PHN {phn(21)}"
+    )
+    expect(page.locator("#referral-patient")).to_have_text(f"Robin Formfilled, PHN {phn(21)}")
     expect(page.locator("#task-next")).not_to_be_empty()
     check_page(page, "referral-status")
     mine = page.url.split("/app/referrals/")[1].split("?")[0]
@@ -135,6 +142,8 @@ def test_a_referrer_refers_and_follows_its_clinics_referrals_only(pages: Pages, 
     rows = page.locator("#referrals tbody tr")
     expect(rows).to_have_count(1)
     expect(rows.first).to_contain_text("R-MINE-1")
+    expect(rows.first).to_contain_text("Robin Formfilled")
+    expect(rows.first).to_contain_text(phn(21))
     expect(rows.first).to_contain_text("Received by the program")
     expect(rows.first).to_contain_text("psychiatric nurse")  # what happens next
     assert "R-OTHER-1" not in page.locator("main").inner_text()
@@ -142,6 +151,10 @@ def test_a_referrer_refers_and_follows_its_clinics_referrals_only(pages: Pages, 
     page.locator("#referral-search").fill("nothing-like-this")
     expect(rows).to_have_count(0)
     page.locator("#referral-search").fill("r-mine")
+    expect(rows).to_have_count(1)
+    page.locator("#referral-search").fill(phn(21))  # by PHN
+    expect(rows).to_have_count(1)
+    page.locator("#referral-search").fill("formfilled")  # by name
     expect(rows).to_have_count(1)
     check_page(page, "my-referrals")
 
@@ -153,12 +166,27 @@ def test_a_referrer_refers_and_follows_its_clinics_referrals_only(pages: Pages, 
     other = pages.open("/app/referrals", "other-referrer")
     expect(other.locator("#referrals tbody tr")).to_have_count(1)
     expect(other.locator("#referrals tbody tr").first).to_contain_text("R-OTHER-1")
+    expect(other.locator("#referrals tbody tr").first).to_contain_text("Jamie Otherclinic")
+    expect(other.locator("#referrals tbody tr").first).to_contain_text(phn(11))
     assert "R-MINE-1" not in other.locator("main").inner_text()
-    assert "Formfilled" not in other.content()
+    assert "Formfilled" not in other.content() and phn(21) not in other.content()
+    # Clinic B refers the same person too: it now names them on its own referral, and still
+    # sees nothing of clinic A's referral of them.
+    same = referral("R-OTHER-3", "Formfilled", "Robin", phn(21), "CLINIC-8")
+    same["patient"] |= {"birth_date": "1979-07-08", "sex": "male"}
+    shared = post_referral(app, "other-referrer", same)
+    other.goto(pages.server.url + f"/app/referrals/{shared}")
+    expect(other.locator("#referral-patient")).to_have_text(f"Robin Formfilled, PHN {phn(21)}")
+    other.goto(pages.server.url + "/app/referrals")
+    expect(other.locator("#referrals tbody tr")).to_have_count(2)
+    assert "R-MINE-1" not in other.locator("main").inner_text()
+    other.goto(pages.server.url + f"/app/referrals/{mine}")
+    expect(other.locator("#error-summary")).to_be_visible()
+    assert "R-MINE-1" not in other.content() and "Formfilled" not in other.content()
 
     # Program staff see every referral with the patient named.
     staff = pages.open("/app/referrals", "staff")
-    expect(staff.locator("#referrals tbody tr")).to_have_count(2)
+    expect(staff.locator("#referrals tbody tr")).to_have_count(3)
     expect(staff.locator("#referrals")).to_contain_text("Robin Formfilled")
     expect(staff.locator("#referrals")).to_contain_text(phn(21))
     check_page(staff, "referrals-staff")
@@ -191,6 +219,24 @@ def test_a_nurse_is_told_on_the_spot_and_resolves_the_flag_in_the_inbox(
     post_referral(
         app, "other-referrer", referral("R-NURSE-2", "Bystander", "Lee", phn(51), "CLINIC-8")
     )
+    # An older Flag of medium priority (SpO2 below the limit): the inbox still shows the
+    # high-priority one first — the order is the priority the safety rules give each Flag.
+    staff = client_as(app, "staff")
+    morgan = staff.get(f"/fhir/Patient?identifier={PHN_SYSTEM}|{phn(41)}").get_json()
+    spo2 = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2708-6"}]},
+        "subject": {"reference": f"Patient/{morgan['entry'][0]['resource']['id']}"},
+        "effectiveDateTime": "2026-11-01T10:00:00-08:00",
+        "valueQuantity": {
+            "value": 85,
+            "unit": "%",
+            "system": "http://unitsofmeasure.org",
+            "code": "%",
+        },
+    }
+    assert staff.post("/fhir/Observation", json=spo2).status_code == 201
     page = pages.open("/app/questionnaires/phq-9", "staff")
     page.get_by_label("Find by name or PHN").fill(phn(41))
     page.get_by_role("button", name="Find").click()
@@ -211,9 +257,17 @@ def test_a_nurse_is_told_on_the_spot_and_resolves_the_flag_in_the_inbox(
     check_page(page, "questionnaire-flag-raised")
 
     alert.get_by_role("link", name="safety inbox").click()
-    card = page.locator("article.flag-card").filter(has_text="Morgan Safetycase")
+    cards = page.locator("article.flag-card").filter(has_text="Morgan Safetycase")
+    expect(cards).to_have_count(2)
+    expect(cards.nth(0)).to_contain_text("PHQ-9 item 9")
+    expect(cards.nth(0)).to_contain_text("Act now")
+    expect(cards.nth(0)).to_contain_text("Priority: High priority")
+    expect(cards.nth(1)).to_contain_text("Today")
+    expect(cards.nth(1)).to_contain_text(
+        "Priority: Medium priority (program decision awaiting clinical review)"
+    )
+    card = cards.filter(has_text="PHQ-9 item 9")
     expect(card).to_have_count(1)
-    expect(card).to_contain_text("Act now")
     expect(card).to_contain_text("PHQ-9 item 9")
     expect(card.get_by_role("link", name="Questionnaire answers")).to_be_visible()
     check_page(page, "safety-inbox")
@@ -226,12 +280,12 @@ def test_a_nurse_is_told_on_the_spot_and_resolves_the_flag_in_the_inbox(
     page.get_by_label("Your staff number").fill("N-1001")
     card.get_by_role("button", name="Acknowledge").click()
     expect(page.locator("#inbox-status")).to_contain_text("Acknowledged: Morgan Safetycase")
-    card = page.locator("article.flag-card").filter(has_text="Morgan Safetycase")
+    card = page.locator("article.flag-card").filter(has_text="PHQ-9 item 9")
     expect(card).to_contain_text("Acknowledged")
     card.get_by_label("Note").fill("Seen by the psychiatrist; no immediate risk.")
     card.get_by_role("button", name="Resolve").click()
     expect(page.locator("#inbox-status")).to_contain_text("Resolved: Morgan Safetycase")
-    expect(page.locator("article.flag-card").filter(has_text="Morgan Safetycase")).to_have_count(0)
+    expect(page.locator("article.flag-card").filter(has_text="PHQ-9 item 9")).to_have_count(0)
     flags = client_as(app, "staff").get("/fhir/Flag?status=inactive").get_json()["entry"]
     resolution = [
         x
@@ -258,6 +312,41 @@ def test_a_nurse_is_told_on_the_spot_and_resolves_the_flag_in_the_inbox(
     check_page(page, "participant")
     page.goto(pages.server.url + "/app/dashboard")
     check_page(page, "dashboard-staff")
+
+
+def test_the_worklist_lists_the_sessions_booked_from_today_on(pages: Pages, app: Flask) -> None:
+    """Sessions scheduled come from FHIR Appointments (kat-service#kat-session, booked, from
+    today on), soonest first, each naming the patient, the date and time and the session
+    number; past, cancelled and non-session bookings are not listed."""
+    staff = client_as(app, "staff")
+    post_referral(app, "referrer", referral("R-BOOK-1", "Bookedcase", "Sam", phn(61), "CLINIC-7"))
+    post_referral(app, "referrer", referral("R-BOOK-2", "Latercase", "Ari", phn(71), "CLINIC-7"))
+    ids = {}
+    for n in (61, 71):
+        found = staff.get(f"/fhir/Patient?identifier={PHN_SYSTEM}|{phn(n)}").get_json()
+        ids[n] = found["entry"][0]["resource"]["id"]
+    bookings = [
+        (ids[71], "2030-05-12T13:00:00-07:00", 3, "booked", "kat-session"),
+        (ids[61], "2030-05-05T09:00:00-07:00", 2, "booked", "kat-session"),
+        (ids[61], "2020-01-06T09:00:00-08:00", 1, "booked", "kat-session"),  # past
+        (ids[61], "2030-05-19T09:00:00-07:00", 3, "cancelled", "kat-session"),
+        (ids[71], "2030-05-06T09:00:00-07:00", 1, "booked", "kat-program"),  # not a session
+    ]
+    for patient, start, number, status, service in bookings:
+        appointment = session_appointment(patient, start, number, status)
+        appointment["serviceType"][0]["coding"][0]["code"] = service
+        r = staff.post("/fhir/Appointment", json=appointment)
+        assert r.status_code == 201, r.get_json()
+    page = pages.open("/app/worklist", "staff")
+    rows = page.locator("#work-scheduled tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text(f"Sam Bookedcase (PHN {phn(61)})")
+    expect(rows.nth(0)).to_contain_text("Session 2")
+    expect(rows.nth(0)).to_contain_text("2030")
+    expect(rows.nth(0)).to_contain_text("R-BOOK-1")
+    expect(rows.nth(1)).to_contain_text("Ari Latercase")
+    expect(rows.nth(1)).to_contain_text("Session 3")
+    check_page(page, "worklist-sessions")
 
 
 def test_the_analyst_downloads_the_figures_as_evaluate_measure_gives_them(

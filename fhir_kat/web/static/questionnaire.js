@@ -75,8 +75,12 @@
     alertBox.replaceChildren(Kat.el("h2", flags.length === 1 ? "Safety flag raised" : flags.length + " safety flags raised"));
     for (const f of flags) {
       const code = (((f.code || {}).coding || [])[0] || {}).code || "";
+      // The Flag's own priority (extension flag-priority, from the safety rules).
+      const ext = (f.extension || []).find((x) => x.url === "http://hl7.org/fhir/StructureDefinition/flag-priority");
+      const coding = (((ext || {}).valueCodeableConcept || {}).coding || [])[0] || {};
+      const label = (words.priority.codes[coding.code] || words.priority.unknown).label;
       const p = Kat.el("p");
-      p.append(Kat.el("strong", (words.urgency[code] || { label: "Act now" }).label + ": "), (words.act[code] || words.default));
+      p.append(Kat.el("strong", label + ": "), (words.act[code] || words.default));
       alertBox.append(p);
     }
     const more = Kat.el("p");

@@ -65,8 +65,9 @@
   }
 
   let named = false;
-  /* Name the referral and its patient once: the patient only as far as this session may read
-     it (a referrer is shown its own referral number instead). */
+  /* Name the referral and its patient once: the patient as far as this session may read it
+     (a referrer reads the patients of its own referrals, ADR 0096; otherwise its referral
+     number identifies the patient). */
   async function about(task) {
     if (named) return;
     named = true;
@@ -75,8 +76,7 @@
     set("referral-sent", Kat.when(task.authoredOn));
     let patientText = "Not shown to you: your referral number identifies the patient in your records.";
     const ref = (task.for || {}).reference || "";
-    // A referrer's role reads no patient records (docs/security.md): not even asked.
-    if (ref.startsWith("Patient/") && section.dataset.readsPatients === "yes") {
+    if (ref.startsWith("Patient/")) {
       try {
         const patient = await Kat.api("GET", "/fhir/" + ref);
         const phn = Kat.patientPhn(patient);

@@ -1,6 +1,6 @@
 /* "My referrals": the referral Tasks this session may see (a referrer: its clinic's; the API
-   decides, ADR 0015), with their patients where the API includes them, newest first, and a
-   search over the rows shown. */
+   decides, ADR 0015), with their patients as the API includes them (a referrer: the patients
+   of its own referrals, ADR 0096), newest first, and a search over the rows shown. */
 "use strict";
 (function () {
   const status = document.getElementById("referrals-status");

@@ -1,9 +1,12 @@
 /* The safety inbox: the open safety Flags this session may see (GET /fhir/Flag, ADR 0015), by
-   urgency (fhir_kat/web/wording.py) then age, each naming the participant and what triggered
+   the priority each Flag carries (extension flag-priority, given by the safety rules,
+   mappings/program/safety.yaml; a Flag without one first) then age, each naming the participant and what triggered
    it; acknowledge or resolve with a note (POST /api/v1/flags/<id>/$acknowledge | $resolve). */
 "use strict";
 (function () {
-  const urgency = JSON.parse(document.getElementById("urgency").textContent);
+  const priority = JSON.parse(document.getElementById("priority").textContent);
+  const PRIORITY = "http://hl7.org/fhir/StructureDefinition/flag-priority";
+  const PRIORITY_SYSTEM = "http://hl7.org/fhir/flag-priority-code";
   const status = document.getElementById("inbox-status");
   const summary = document.getElementById("error-summary");
   const inbox = document.getElementById("inbox");
@@ -11,14 +14,20 @@
   const CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category|safety";
   const DETAIL = "http://hl7.org/fhir/StructureDefinition/flag-detail";
   const EXT = JSON.parse(document.getElementById("canonical-base").textContent) + "/StructureDefinition/";
-  const ORDER = { now: 0, today: 1 };
   const TRIGGER = {
     QuestionnaireResponse: "Questionnaire answers", Observation: "Measurement", AdverseEvent: "Adverse event",
     MedicationAdministration: "Ketamine dose", Task: "Referral", Encounter: "KaT session", Consent: "Consent",
   };
 
-  function codeOf(flag) { return (((flag.code || {}).coding || [])[0] || {}).code || ""; }
-  function tier(flag) { return urgency[codeOf(flag)] || { key: "now", label: "Act now" }; }
+  /* The Flag's own priority: its words, and its text (which says when the priority is a
+     program decision awaiting clinical review). */
+  function tier(flag) {
+    const ext = (flag.extension || []).find((x) => x.url === PRIORITY);
+    const concept = (ext || {}).valueCodeableConcept || {};
+    const coding = (concept.coding || []).find((c) => c.system === PRIORITY_SYSTEM) || {};
+    const words = priority.codes[coding.code] || priority.unknown;
+    return { key: words.key, label: words.label, rank: Number(words.rank), text: concept.text || "" };
+  }
 
   function by() {
     if (actor.dataset.known === "yes") {
@@ -44,6 +53,7 @@
     const t = tier(flag);
     const art = Kat.el("article", null, { class: "flag-card urgency-" + t.key, "aria-labelledby": "flag-" + flag.id + "-title", "data-flag": flag.id });
     art.append(Kat.el("p", t.label, { class: "urgency" }));
+    if (t.text) art.append(Kat.el("p", "Priority: " + t.text, { class: "hint priority" }));
     const name = patient ? (Kat.patientName(patient) || "Participant") : "Participant";
     const phn = patient ? Kat.patientPhn(patient) : "";
     const h = Kat.el("h2", null, { id: "flag-" + flag.id + "-title" });
@@ -98,7 +108,7 @@
     try {
       const entries = await Kat.searchAll("/fhir/Flag?status=active&category=" + encodeURIComponent(CATEGORY) + "&_include=Flag:patient&_count=100", 20);
       const { patients, matches: flags } = Kat.split(entries, "Flag");
-      flags.sort((a, b) => (ORDER[tier(a).key] - ORDER[tier(b).key]) || String((a.period || {}).start || "").localeCompare(String((b.period || {}).start || "")));
+      flags.sort((a, b) => (tier(a).rank - tier(b).rank) || String((a.period || {}).start || "").localeCompare(String((b.period || {}).start || "")));
       inbox.replaceChildren(...flags.map((f) => card(f, patients.get((f.subject || {}).reference || ""))));
       if (!flags.length) inbox.replaceChildren(Kat.el("p", "No open safety flags."));
       if (!keepStatus) status.textContent = flags.length + (flags.length === 1 ? " open flag." : " open flags.");

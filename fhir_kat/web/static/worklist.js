@@ -1,6 +1,8 @@
 /* The program team's worklist: new referrals, holds needing review (the reason, and the intake
-   step that clears each), intake steps due, and participants' KaT sessions; each row names the
-   patient. Every record comes from the FHIR API with this session's permissions (ADR 0015). */
+   step that clears each), intake steps due, the KaT sessions booked from today on (FHIR
+   Appointments: date and time, session number), and the participants in the program with
+   their sessions given — accepted ones without a booking say so. Each row names the patient.
+   Every record comes from the FHIR API with this session's permissions (ADR 0015). */
 "use strict";
 (function () {
   const steps = JSON.parse(document.getElementById("intake-steps").textContent);
@@ -8,7 +10,11 @@
   const status = document.getElementById("worklist-status");
   const summary = document.getElementById("error-summary");
   const TASK_CODE = "http://hl7.org/fhir/CodeSystem/task-code|fulfill";
-  const INTAKE = JSON.parse(document.getElementById("canonical-base").textContent) + "/CodeSystem/kat-intake";
+  const BASE = JSON.parse(document.getElementById("canonical-base").textContent);
+  const INTAKE = BASE + "/CodeSystem/kat-intake";
+  // kat-service#kat-session (the program's CodeSystem): a KaT treatment session booking.
+  const SESSION = BASE + "/CodeSystem/kat-service|kat-session";
+  const SESSION_NUMBER = BASE + "/StructureDefinition/session-number";
 
   function code(concept) { return (((concept || {}).coding || [])[0] || {}).code || ""; }
 
@@ -20,6 +26,15 @@
     const text = patient ? (Kat.patientName(patient) || "Name not recorded") + (phn ? " (PHN " + phn + ")" : "") : "Participant";
     th.append(Kat.el("a", text, { href: "/app/participants/" + encodeURIComponent(pref.split("/")[1] || "") }));
     return th;
+  }
+
+  function patientOf(appointment) {
+    return (appointment.participant || []).map((p) => (p.actor || {}).reference || "").find((r) => r.startsWith("Patient/")) || "";
+  }
+
+  function sessionNumber(appointment) {
+    const ext = (appointment.extension || []).find((x) => x.url === SESSION_NUMBER);
+    return ext && Number.isInteger(ext.valueInteger) ? "Session " + ext.valueInteger : "Session number not recorded";
   }
 
   function referralCell(task) {
@@ -63,7 +78,23 @@
       const given = new Map();
       for (const m of doses) { const p = (m.subject || {}).reference; given.set(p, (given.get(p) || 0) + 1); }
 
-      const rows = { new: [], holds: [], intake: [], sessions: [] };
+      const today = new Date().toISOString().slice(0, 10);
+      const bookedEntries = await Kat.searchAll("/fhir/Appointment?status=booked&service-type=" + encodeURIComponent(SESSION) + "&date=ge" + today + "&_include=Appointment:patient&_count=100", 20);
+      const { patients: booked, matches: appointments } = Kat.split(bookedEntries, "Appointment");
+      appointments.sort((a, b) => String(a.start || "").localeCompare(String(b.start || "")));
+      const hasBooking = new Set(appointments.map(patientOf));
+      const taskOf = new Map(tasks.map((t) => [(t.for || {}).reference || "", t]));
+
+      const rows = { new: [], holds: [], intake: [], scheduled: [], sessions: [] };
+      for (const a of appointments) {
+        const pref = patientOf(a);
+        const tr = document.createElement("tr");
+        tr.dataset.appointment = a.id;
+        tr.append(patientCell({ for: { reference: pref } }, booked), Kat.el("td", Kat.when(a.start)), Kat.el("td", sessionNumber(a)));
+        const task = taskOf.get(pref);
+        tr.append(task ? referralCell(task) : Kat.el("td", "—"));
+        rows.scheduled.push(tr);
+      }
       for (const t of tasks) {
         const tr = document.createElement("tr");
         tr.dataset.task = t.id;
@@ -82,12 +113,13 @@
           tr.append(Kat.el("td", [...done].map((s) => steps[s] || s).join("; ") || "—"), Kat.el("td", due.map((s) => steps[s] || s).join("; ") || "—"));
           rows.intake.push(tr);
         } else {
-          const stage = t.status === "accepted" ? "Accepted: first KaT session to book" : "Participating";
+          const pref = (t.for || {}).reference || "";
+          const stage = t.status !== "accepted" ? "Participating" : hasBooking.has(pref) ? "Accepted: first KaT session booked" : "Accepted: first KaT session to book";
           tr.append(Kat.el("td", stage), Kat.el("td", String(given.get((t.for || {}).reference) || 0)));
           rows.sessions.push(tr);
         }
       }
-      fill("new", rows.new, 4); fill("holds", rows.holds, 4); fill("intake", rows.intake, 4); fill("sessions", rows.sessions, 4);
+      fill("new", rows.new, 4); fill("holds", rows.holds, 4); fill("intake", rows.intake, 4); fill("scheduled", rows.scheduled, 4); fill("sessions", rows.sessions, 4);
       status.textContent = tasks.length + " open referrals.";
     } catch (e) {
       status.textContent = "";
