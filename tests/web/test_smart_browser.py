@@ -85,7 +85,11 @@ def test_a_physician_launches_the_form_from_the_ehr_sees_it_prefilled_and_refers
         page.get_by_role("group", name="Prior treatment failed?").get_by_label("Yes").check()
         page.get_by_role("button", name="Send referral").click()
         page.wait_for_url("**/app/referrals/*?submitted=1")
-        expect(page.locator("#referral-title")).to_have_text("Referral EMR-B-1")
+        # The launched physician's own referral names its patient, from the EHR's chart
+        # (ADR 0027: a clinic reads the Patients of its own referrals).
+        expect(page.locator("#referral-title")).to_have_text(
+            "Referral EMR-B-1 — Avery Testcase, PHN 9999999998"
+        )
         task_id = page.url.split("/app/referrals/")[1].split("?")[0]
         task = site.api("GET", f"/fhir/Task/{task_id}").get_json()
         # Triaged by the program's rules from the EMR's PTSD and the physician's answer.
