@@ -18,7 +18,7 @@ from urllib.parse import urljoin
 
 import requests
 
-log = logging.getLogger("fhir_kat.cds_hooks")
+log = logging.getLogger("fhir_kat.ehr_fhir")  # used by CDS Hooks and SMART launches
 
 #: A CDS Hooks answer is expected within a few hundred milliseconds: each read waits this long.
 TIMEOUT = 5.0
