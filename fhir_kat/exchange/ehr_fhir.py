@@ -80,3 +80,18 @@ class EhrFhirReader:
         return (
             body if isinstance(body, dict) and isinstance(body.get("resourceType"), str) else None
         )
+
+
+def search_matches(bundle: Any, rtype: str) -> list[dict[str, Any]] | None:
+    """The ``rtype`` resources a searchset Bundle returned as matches (``_include``d ones and
+    OperationOutcomes left out); None when ``bundle`` is not a Bundle at all."""
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        return None
+    return [
+        e["resource"]
+        for e in bundle.get("entry") or []
+        if isinstance(e, dict)
+        and isinstance(e.get("resource"), dict)
+        and e["resource"].get("resourceType") == rtype
+        and (e.get("search") or {}).get("mode", "match") == "match"
+    ]

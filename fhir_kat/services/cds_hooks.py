@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Any
 
 from fhir_kat.errors import BadRequest, PreconditionFailed, issue
-from fhir_kat.exchange.ehr_fhir import EhrFhirReader
+from fhir_kat.exchange.ehr_fhir import EhrFhirReader, search_matches
 from fhir_kat.instruments.definitions import Catalogue
 from fhir_kat.security.cds_clients import CdsClient, CdsHooksConfig
 from fhir_kat.services.referrals import ReferralWorkflow
@@ -283,7 +283,7 @@ class CdsHooksService:
             if key == "patient":
                 chart[key] = data if isinstance(data, dict) else None
             else:
-                chart[key] = _resources(data, CHART[key]) if isinstance(data, dict) else None
+                chart[key] = search_matches(data, CHART[key])
             if chart[key] is None:
                 chart[key] = [] if key != "patient" else None
                 if key in REQUIRED:
@@ -343,19 +343,6 @@ def _detail(
         "referral with this data meets.",
     ]
     return "\n".join(parts)
-
-
-def _resources(bundle: Mapping[str, Any], rtype: str) -> list[dict[str, Any]] | None:
-    if bundle.get("resourceType") != "Bundle":
-        return None
-    return [
-        e["resource"]
-        for e in bundle.get("entry") or []
-        if isinstance(e, dict)
-        and isinstance(e.get("resource"), dict)
-        and e["resource"].get("resourceType") == rtype
-        and (e.get("search") or {}).get("mode", "match") == "match"
-    ]
 
 
 def _check_request(body: Any, service: CdsService) -> dict[str, Any]:

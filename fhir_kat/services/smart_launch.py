@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fhir_kat.exchange.ehr_fhir import EhrFhirReader
+from fhir_kat.exchange.ehr_fhir import EhrFhirReader, search_matches
 from fhir_kat.instruments.definitions import Catalogue
 from fhir_kat.mapping.sdc_referral import answered_fields, populate
 from fhir_kat.workflow.chart import latest_totals
@@ -86,9 +86,10 @@ class LaunchChart:
         return Prefill(
             fields=_flatten(fields),
             conditions=[c for c in found if isinstance(c, dict)],
-            scores=latest_totals(_resources(scores, "Observation"), self.totals, LOINC),
+            scores=latest_totals(search_matches(scores, "Observation") or [], self.totals, LOINC),
             medications=sorted(
-                {_medication(m) for m in _resources(medications, "MedicationRequest")} - {""}
+                {_medication(m) for m in search_matches(medications, "MedicationRequest") or []}
+                - {""}
             ),
             complete=all(
                 isinstance(b, dict) and b.get("resourceType") == "Bundle"
@@ -117,19 +118,6 @@ _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # a FHIR id: a relative reference, 
 
 def _is(resource: Any, rtype: str) -> bool:
     return isinstance(resource, dict) and resource.get("resourceType") == rtype
-
-
-def _resources(bundle: Any, rtype: str) -> list[dict[str, Any]]:
-    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-        return []
-    return [
-        e["resource"]
-        for e in bundle.get("entry") or []
-        if isinstance(e, dict)
-        and isinstance(e.get("resource"), dict)
-        and e["resource"].get("resourceType") == rtype
-        and (e.get("search") or {}).get("mode", "match") == "match"
-    ]
 
 
 def _medication(request: Mapping[str, Any]) -> str:
